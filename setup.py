@@ -1,0 +1,31 @@
+"""Build and install solar_kernels.
+
+The package is pure Python + Triton today; the CUDA C++ extension (csrc/) is added to
+``ext_modules`` when it lands. ``pip install --no-deps --no-build-isolation -e .`` works against
+whatever torch a GPU machine already has.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="solar_kernels",
+    version="0.1.0",
+    description="Fused kernels, a lean Llama/Mistral model and the SOLAR depth up-scaling recipe",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["solar_kernels", "solar_kernels.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+    ],
+    extras_require={
+        # What the test suite needs beyond the package: transformers is the parity oracle.
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2",
+            "numpy>=1.26",
+            "transformers>=4.45",
+        ],
+    },
+)

@@ -1,0 +1,18 @@
+"""solar_kernels: fused kernels, a lean Llama/Mistral model and the SOLAR depth up-scaling recipe.
+
+The ops are drop-in functions for any PyTorch model::
+
+    import solar_kernels as sk
+    y = sk.rms_norm(x, weight, eps=1e-6)
+    q2, k2 = sk.apply_rotary(q, k, cos, sin)
+    loss = sk.linear_cross_entropy(hidden, lm_head.weight, labels)
+
+Each takes ``backend=None|"torch"|"triton"|"cuda"`` (see ``solar_kernels._backend``).
+"""
+
+from ._backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend
+from .ops import *  # noqa: F401,F403
+from .ops import __all__ as _ops_all
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "BACKEND_ENV_VAR", "resolve_backend", "__version__", *_ops_all]

@@ -1,0 +1,479 @@
+"""Token log-probabilities through the LM head, without ever holding the full logits.
+
+Math, for token t with hidden state h_t [d], LM head W [V, d], optional bias b [V], label y_t:
+
+    z_t        = W h_t + b                          (logits, [V])
+    logp[t]    = z_t[y_t] - logsumexp(z_t)          (fp32; 0 where y_t == ignore_index)
+    d logp[t] / d z_t = onehot(y_t) - softmax(z_t)
+
+``linear_cross_entropy`` is ``-mean`` (or ``-sum``) of logp over the non-ignored tokens, and
+``sequence_logprobs`` its per-row sum (or mean) over a [B, T] batch: the log-likelihood DPO needs.
+Labels are already shifted by the caller (the label at position t is the token at t + 1).
+
+How: tokens are processed in chunks of ``chunk_size`` rows. For each chunk the logits [C, V] come
+from one matmul in the hidden dtype (cuBLAS on a GPU); a Triton kernel reduces each row to its
+log-sum-exp and label logit in fp32 and, when a gradient is wanted, overwrites the chunk's logits
+in place with ``g_t * (onehot - softmax)``; two more matmuls turn that into the chunk's dhidden
+and its share of dweight. Only one chunk's logits exist at a time, in forward and backward.
+
+- ``linear_logprobs`` / ``sequence_logprobs`` (a gradient per token): forward keeps only the
+  log-sum-exp per token; backward recomputes each chunk's logits (4 matmuls in all).
+- ``linear_cross_entropy`` with ``reduction="mean"|"sum"`` (a scalar loss): the gradients are
+  computed during the forward, while the logits are at hand, and only scaled in backward
+  (3 matmuls in all, the minimum).
+
+The default chunk keeps a chunk's logits about the size of the hidden states (``N * d / V`` rows)
+and always below half of the full ``[N, V]``. dweight and dbias are accumulated over chunks in
+fp32 and returned in the weight's dtype. Ignored tokens read no logits in the kernel and give
+exactly zero gradient.
+
+Shapes: hidden [N, d] or [B, T, d]; weight [V, d]; bias [V]; labels [N] or [B, T] (int64 or
+int32). Dtypes: hidden, weight and bias all fp32, fp16 or bf16 (the same); log-probs and losses
+in fp32; gradients in their input's dtype.
+
+Labels outside [0, V) other than ignore_index: on the CPU, and on a GPU when the environment
+variable ``SOLAR_KERNELS_CHECK_LABELS=1`` is set, a ``ValueError`` names the first such label
+before any work (a host sync). On a GPU without the flag there is no sync: the kernel makes that
+token's log-prob and gradient NaN, so the loss is NaN rather than silently wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import resolve_backend
+from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from ._common import as_rows, cast_to
+
+CHECK_LABELS_ENV_VAR = "SOLAR_KERNELS_CHECK_LABELS"
+_REDUCTIONS = ("mean", "sum", "none")
+# Vocabulary columns per loop step of one row: 4096 fp32 values over 8 warps, 16 per thread.
+_BLOCK_V = 4096
+_MAX_CHUNK_ROWS = 8192
+
+
+def linear_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Plain PyTorch log-probs: full logits in the hidden dtype, upcast to fp32 (as HF does)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    valid = labels != ignore_index
+    picked = logits.log_softmax(-1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1))
+    return torch.where(valid, picked.squeeze(-1), 0.0)
+
+
+def linear_cross_entropy_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy from ``linear_logprobs_ref``; "mean" divides by the non-ignored count (0 if none)."""
+    nll = -linear_logprobs_ref(hidden, weight, labels, bias, ignore_index)
+    if reduction == "none":
+        return nll
+    if reduction == "sum":
+        return nll.sum()
+    return nll.sum() / (labels != ignore_index).sum().clamp_min(1)
+
+
+def sequence_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    average: bool = False,
+) -> torch.Tensor:
+    """Per-row sum (or mean) of ``linear_logprobs_ref`` over non-ignored tokens; [B, T] -> [B]."""
+    total = linear_logprobs_ref(hidden, weight, labels, bias, ignore_index).sum(-1)
+    if average:
+        return total / (labels != ignore_index).sum(-1).clamp_min(1)
+    return total
+
+
+@triton.jit
+def _logprobs_kernel(
+    Z, LABELS, LOGP, LSE, GRAD,
+    stride_z_row, stride_grad_row,
+    n_vocab, ignore_index,
+    COMPUTE_LSE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # One program per token row of the chunk's logits Z [C, V].
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row).to(tl.int64)
+    valid = label != ignore_index
+    in_range = (label >= 0) & (label < n_vocab)
+    z_row = Z + row * stride_z_row
+    if COMPUTE_LSE:
+        # Online log-sum-exp over vocabulary tiles; ignored rows load nothing (all -inf).
+        row_max = tl.full((), float("-inf"), tl.float32)
+        sum_exp = tl.zeros((), tl.float32)
+        for start in range(0, n_vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            z = tl.load(z_row + cols, mask=(cols < n_vocab) & valid, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(z, axis=0))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
+            row_max = new_max
+        lse = row_max + tl.log(sum_exp)
+        z_label = tl.load(z_row + tl.where(valid & in_range, label, 0), mask=valid & in_range, other=0.0)
+        logp = tl.where(valid, z_label.to(tl.float32) - lse, 0.0)
+        tl.store(LOGP + row, tl.where(valid & ~in_range, float("nan"), logp))
+        lse = tl.where(valid, lse, 0.0)
+        tl.store(LSE + row, lse)
+    else:
+        lse = tl.load(LSE + row)
+    if WRITE_GRAD:
+        # Z is overwritten in place with g * (onehot(label) - softmax(z)), g = d loss / d logp[row].
+        g = tl.load(GRAD + row * stride_grad_row).to(tl.float32)
+        g = tl.where(valid, g, 0.0)
+        g = tl.where(valid & ~in_range, float("nan"), g)
+        for start in range(0, n_vocab, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            col_mask = cols < n_vocab
+            z = tl.load(z_row + cols, mask=col_mask & valid, other=float("-inf")).to(tl.float32)
+            dz = tl.where(cols == label, g, 0.0) - g * tl.exp(z - lse)
+            tl.store(z_row + cols, cast_to(dz, Z.dtype.element_ty), mask=col_mask)
+
+
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk: logits about the size of the hidden states, always < half of [N, V]."""
+    rows = min(n_rows * hidden_size // vocab_size, (n_rows - 1) // 2, _MAX_CHUNK_ROWS)
+    if rows >= 128:
+        rows -= rows % 64  # whole 64-row tiles for the matmuls
+    return max(1, rows)
+
+
+def _chunked_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+    *,
+    lse: Optional[torch.Tensor] = None,
+    grad: Optional[torch.Tensor] = None,
+    need_dhidden: bool = False,
+    need_dweight: bool = False,
+    need_dbias: bool = False,
+):
+    """One pass over token chunks of hidden [N, d] and labels [N].
+
+    Without ``lse`` it computes logp and lse [N] (fp32). With ``grad`` (d loss / d logp, [N] or
+    expanded) it also returns the gradients that were asked for (None otherwise).
+    """
+    n_rows = hidden.shape[0]
+    vocab = weight.shape[0]
+    compute_lse = lse is None
+    if compute_lse:
+        logp = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(logp)
+    else:
+        logp = lse  # not written: COMPUTE_LSE is off
+    write_grad = grad is not None
+    dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dhidden else None
+    dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dweight else None
+    dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_dbias else None
+    grad_arg = grad if write_grad else lse
+    for start in range(0, n_rows, chunk_rows):
+        end = min(start + chunk_rows, n_rows)
+        hidden_chunk = hidden[start:end]
+        logits = torch.nn.functional.linear(hidden_chunk, weight, bias)  # [C, V], hidden dtype
+        _logprobs_kernel[(end - start,)](
+            logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
+            logits.stride(0), grad_arg.stride(0),
+            vocab, ignore_index,
+            COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
+            num_warps=8,
+        )
+        if not write_grad:
+            continue
+        dlogits = logits  # overwritten in place by the kernel
+        if need_dhidden:
+            torch.mm(dlogits, weight, out=dhidden[start:end])
+        if need_dweight:
+            if weight.dtype == torch.float32:
+                dweight.addmm_(dlogits.t(), hidden_chunk)
+            else:
+                dweight.add_(dlogits.t() @ hidden_chunk)  # fp32 accumulation across chunks
+        if need_dbias:
+            dbias.add_(dlogits.sum(0, dtype=torch.float32))
+    grads = (
+        dhidden,
+        dweight.to(weight.dtype) if need_dweight else None,
+        dbias.to(weight.dtype) if need_dbias else None,
+    )
+    return logp, lse, grads
+
+
+def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("solar_kernels::linear_logprobs_fwd", mutates_args=())
+def _logprobs_fwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    ignore_index: int, chunk_rows: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows)
+    return logp, lse
+
+
+@_logprobs_fwd_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_rows):
+    rows = hidden.shape[0]
+    return hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("solar_kernels::linear_logprobs_bwd", mutates_args=())
+def _logprobs_bwd_op(
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, chunk_rows: int,
+    need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, _, (dhidden, dweight, dbias) = _chunked_pass(
+        hidden, weight, bias, labels, ignore_index, chunk_rows, lse=lse, grad=grad,
+        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias,
+    )
+    return _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
+
+
+@_logprobs_bwd_op.register_fake
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias):
+    return (
+        torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_dweight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0),
+    )
+
+
+def _logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, chunk_rows = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _logprobs_backward(ctx, grad_logp, _grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    dhidden, dweight, dbias = _logprobs_bwd_op(
+        grad_logp, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
+        need_dhidden, need_dweight, need_dbias and ctx.has_bias,
+    )
+    return (
+        dhidden if need_dhidden else None,
+        dweight if need_dweight else None,
+        dbias if need_dbias and ctx.has_bias else None,
+        None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "solar_kernels::linear_logprobs_fwd", _logprobs_backward, setup_context=_logprobs_setup_context
+)
+
+
+@torch.library.custom_op("solar_kernels::linear_cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    ignore_index: int, reduction: str, chunk_rows: int,
+    need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scalar loss and, when asked, its gradients (computed now, scaled by the upstream grad later)."""
+    if reduction == "mean":
+        scale = 1.0 / (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+    else:
+        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    wants_grad = need_dhidden or need_dweight or need_dbias
+    grad = (-scale).expand(hidden.shape[0]) if wants_grad else None  # d loss / d logp[t]
+    logp, _, (dhidden, dweight, dbias) = _chunked_pass(
+        hidden, weight, bias, labels, ignore_index, chunk_rows, grad=grad,
+        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias,
+    )
+    loss = -logp.sum() * scale
+    return loss, _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias):
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_dweight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0),
+    )
+
+
+def _cross_entropy_setup_context(ctx, inputs, output):
+    _, dhidden, dweight, dbias = output
+    ctx.save_for_backward(dhidden, dweight, dbias)
+    ctx.mark_non_differentiable(dhidden, dweight, dbias)
+
+
+def _cross_entropy_backward(ctx, grad_loss, *_unused):
+    dhidden, dweight, dbias = ctx.saved_tensors
+    need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    return (
+        dhidden * grad_loss if need_dhidden else None,
+        dweight * grad_loss if need_dweight else None,
+        dbias * grad_loss if need_dbias else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "solar_kernels::linear_cross_entropy_fwd", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
+)
+
+
+def _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(2, 3)):
+    check_float_tensor(op, "hidden", hidden, ndims=hidden_ndims)
+    check_float_tensor(op, "weight", weight, ndims=(2,))
+    check_same_device_dtype(op, "hidden", hidden, weight=weight, bias=bias)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{op}: weight must be [V, d] with d = {hidden.shape[-1]} (hidden.shape[-1]), "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None:
+        check_float_tensor(op, "bias", bias, ndims=(1,))
+        check_shape(op, "bias", bias, (weight.shape[0],), "weight.shape[0]")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
+    check_same_device(op, "hidden", hidden, labels=labels)
+    check_shape(op, "labels", labels, tuple(hidden.shape[:-1]), "hidden.shape[:-1]")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_label_values(op, labels, weight.shape[0], ignore_index)
+
+
+def _check_label_values(op, labels, vocab, ignore_index):
+    """Labels in [0, V) or ignore_index; checked where it costs no GPU sync, or when asked to."""
+    if torch.compiler.is_compiling():
+        return
+    if labels.device.type != "cpu" and os.environ.get(CHECK_LABELS_ENV_VAR) != "1":
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{op}: labels{list(position)} = {int(labels[position])} is outside [0, {vocab}) "
+            f"(vocab size from weight) and is not ignore_index ({ignore_index})"
+        )
+
+
+def _flat_inputs(hidden, labels, weight, chunk_size):
+    hidden2d = as_rows(hidden, hidden.shape[-1])
+    labels1d = labels.reshape(-1).contiguous()
+    rows = hidden2d.shape[0]
+    chunk_rows = chunk_size or default_chunk_rows(rows, hidden2d.shape[1], weight.shape[0])
+    return hidden2d, labels1d, chunk_rows
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[label] per token, fp32, shaped like ``labels``.
+
+    0 where ``labels == ignore_index``. ``chunk_size`` (rows per chunk) overrides the default.
+    """
+    op = "linear_logprobs"
+    _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
+    if resolve_backend(op, backend, hidden.device) == "torch":
+        return linear_logprobs_ref(hidden, weight, labels, bias, ignore_index)
+    hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
+    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows)
+    return logp.view(labels.shape)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Cross-entropy of the LM head's logits against ``labels``, in fp32.
+
+    ``reduction``: "mean" over non-ignored tokens (0 when every token is ignored, where PyTorch's
+    ``cross_entropy`` gives NaN), "sum", or "none" (per token, shaped like labels, 0 where ignored).
+    """
+    op = "linear_cross_entropy"
+    _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    resolved = resolve_backend(op, backend, hidden.device)
+    if resolved == "torch":
+        return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, reduction)
+    if reduction == "none":
+        return -linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                chunk_size=chunk_size, backend=resolved)
+    hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = _cross_entropy_fwd_op(
+        hidden2d, weight, bias, labels1d, ignore_index, reduction, chunk_rows,
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    return loss
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    average: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Sum (or, with ``average=True``, mean) of token log-probs per row: hidden [B, T, d] -> [B], fp32.
+
+    Only tokens whose label is not ``ignore_index`` count (prompt tokens carry -100 in DPO); a row
+    with none gives 0.
+    """
+    op = "sequence_logprobs"
+    _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(3,))
+    if resolve_backend(op, backend, hidden.device) == "torch":
+        return sequence_logprobs_ref(hidden, weight, labels, bias, ignore_index, average)
+    hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
+    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows)
+    total = logp.view(labels.shape).sum(-1)
+    if average:
+        return total / (labels != ignore_index).sum(-1).clamp_min(1)
+    return total

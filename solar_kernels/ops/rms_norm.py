@@ -1,0 +1,339 @@
+"""RMSNorm with an optional fused residual add (Hugging Face ``LlamaRMSNorm`` semantics).
+
+Math, for a row x of width d (all reductions in fp32):
+
+    rstd = rsqrt(mean(x.float() ** 2) + eps)
+    y    = weight * (x.float() * rstd).to(x.dtype)
+
+Fused residual variant (the pre-norm block's ``h = x + residual; y = norm(h)``): returns ``(y, h)``
+with ``h`` rounded to x's dtype before it is normalized, as in the unfused model.
+
+Backward, with n = x * rstd and g = dy * weight:
+
+    dx = rstd * (g - n * mean(g * n))        (+ dh for the residual variant; x and residual share it)
+    dweight = sum over rows of dy * n
+
+Shapes: x [..., d] (any leading dims), weight [d], residual like x. Rows are read through their
+stride (row-strided views are not copied); d of any size: rows up to ``_MAX_TILE`` wide are held in
+registers (one read of x per pass), wider rows loop over column tiles.
+
+Dtypes: x, residual and weight in fp32, fp16 or bf16 (weight may differ from x); y and h come out in
+x's dtype (Hugging Face promotes y to weight's dtype when they differ; we keep x's); dweight in
+weight's dtype, reduced in fp32 from per-program partial sums without atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import resolve_backend
+from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from ._common import as_rows, cast_to, persistent_programs, warps_for
+
+OP = "rms_norm"
+# Widest row held in registers by one program; 8192 fp32 values spread over 16 warps is 16 per thread.
+_MAX_TILE = 8192
+# Elements one forward program handles: narrow rows are grouped so each program moves >= 8 KB.
+_FWD_ELEMENTS = 4096
+
+
+def rms_norm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Plain PyTorch RMSNorm: the semantics every backend matches."""
+    h = x + residual if residual is not None else x
+    h32 = h.float()
+    normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    y = (weight * normed.to(h.dtype)).to(h.dtype)
+    return (y, h) if residual is not None else y
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, RES, W, Y, H, RSTD,
+    stride_x_row, stride_res_row, stride_y_row, stride_h_row,
+    n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    x_rows = X + rows[:, None] * stride_x_row
+    res_rows = RES + rows[:, None] * stride_res_row
+    y_rows = Y + rows[:, None] * stride_y_row
+    h_rows = H + rows[:, None] * stride_h_row
+    if SINGLE_TILE:
+        cols = tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            x += tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            h = cast_to(x, H.dtype.element_ty)
+            tl.store(h_rows + cols[None, :], h, mask=mask)
+            x = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        normed = cast_to(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
+        tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], Y.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: sum of squares over column tiles (writing h on the way); pass 2: normalize.
+        sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                x += tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                h = cast_to(x, H.dtype.element_ty)
+                tl.store(h_rows + cols[None, :], h, mask=mask)
+                x = h.to(tl.float32)
+            sum_sq += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(sum_sq / n_cols + eps)
+        for start in range(0, n_cols, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            if HAS_RESIDUAL:
+                x = tl.load(h_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            normed = cast_to(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
+            tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DH, DX, DW_PARTIAL,
+    stride_dy_row, stride_x_row, stride_dh_row, stride_dx_row,
+    n_rows, n_cols, rows_per_program,
+    HAS_DH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    # Each program owns a contiguous range of rows and one row of DW_PARTIAL ([programs, d], fp32).
+    pid = tl.program_id(0)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 so row * stride cannot overflow
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    partial = DW_PARTIAL + pid.to(tl.int64) * n_cols
+    if SINGLE_TILE:
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < n_cols
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for block_start in range(row_start, row_end, BLOCK_M):
+            rows = block_start + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            mask = row_mask[:, None] & col_mask[None, :]
+            dy = tl.load(DY + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+            normed = x * rstd[:, None]
+            g = dy * w[None, :]
+            mean_gn = tl.sum(g * normed, axis=1) / n_cols
+            dx = rstd[:, None] * (g - normed * mean_gn[:, None])
+            if HAS_DH:
+                dx += tl.load(DH + rows[:, None] * stride_dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows[:, None] * stride_dx_row + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
+            dw += dy * normed
+        tl.store(partial + cols, tl.sum(dw, axis=0), mask=col_mask)
+    else:
+        # Rows too wide for registers: one row at a time, two passes over column tiles; the
+        # program's DW_PARTIAL row (zero-initialized, owned by this program alone) accumulates dw.
+        for row in range(row_start, row_end):
+            rstd = tl.load(RSTD + row)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                col_mask = cols < n_cols
+                dy = tl.load(DY + row * stride_dy_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * stride_x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+                acc += dy * w * x * rstd
+            mean_gn = tl.sum(acc, axis=0) / n_cols
+            for start in range(0, n_cols, BLOCK_D):
+                cols = start + tl.arange(0, BLOCK_D)
+                col_mask = cols < n_cols
+                dy = tl.load(DY + row * stride_dy_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+                x = tl.load(X + row * stride_x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+                normed = x * rstd
+                dx = rstd * (dy * w - normed * mean_gn)
+                if HAS_DH:
+                    dx += tl.load(DH + row * stride_dh_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+                tl.store(DX + row * stride_dx_row + cols, cast_to(dx, DX.dtype.element_ty), mask=col_mask)
+                dw_row = tl.load(partial + cols, mask=col_mask, other=0.0)
+                tl.store(partial + cols, dw_row + dy * normed, mask=col_mask)
+
+
+def _tile(n_cols: int) -> Tuple[int, bool]:
+    block_d = triton.next_power_of_2(n_cols)
+    if block_d <= _MAX_TILE:
+        return block_d, True
+    return _MAX_TILE, False
+
+
+def _rms_norm_fwd(x2d, weight, residual2d, eps):
+    n_rows, n_cols = x2d.shape
+    y = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
+    h = torch.empty_like(y) if residual2d is not None else y
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+    block_d, single_tile = _tile(n_cols)
+    block_m = max(1, min(64, _FWD_ELEMENTS // block_d)) if single_tile else 1
+    res = residual2d if residual2d is not None else x2d
+    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2d, res, weight, y, h, rstd,
+        x2d.stride(0), res.stride(0), y.stride(0), h.stride(0),
+        n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual2d is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
+        num_warps=warps_for(block_m * block_d),
+    )
+    return y, h, rstd
+
+
+def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d):
+    n_rows, n_cols = h2d.shape
+    dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
+    block_d, single_tile = _tile(n_cols)
+    block_m = max(1, min(16, _FWD_ELEMENTS // block_d)) if single_tile else 1
+    programs = persistent_programs(h2d.device, triton.cdiv(n_rows, block_m))
+    rows_per_program = triton.cdiv(n_rows, programs)
+    alloc = torch.empty if single_tile else torch.zeros
+    dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=h2d.device)
+    dh = dh2d if dh2d is not None else dy2d
+    _rms_norm_bwd_kernel[(programs,)](
+        dy2d, h2d, weight, rstd, dh, dx, dw_partial,
+        dy2d.stride(0), h2d.stride(0), dh.stride(0), dx.stride(0),
+        n_rows, n_cols, rows_per_program,
+        HAS_DH=dh2d is not None,
+        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
+        num_warps=warps_for(block_m * block_d),
+    )
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, h, rstd), all 2-D/1-D over rows; h is y's storage twin (a copy of x) without residual."""
+    n_cols = x.shape[-1]
+    y, h, rstd = _rms_norm_fwd(
+        as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps
+    )
+    if residual is None:
+        h = torch.empty(0, dtype=x.dtype, device=x.device)
+    return y.view(x.shape), h.view(x.shape) if residual is not None else h, rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, residual, eps):
+    rows = x.numel() // x.shape[-1]
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        h,
+        x.new_empty(rows, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(
+    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dh: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    n_cols = h.shape[-1]
+    dx, dw = _rms_norm_bwd(
+        as_rows(dy, n_cols), as_rows(h, n_cols), weight, rstd,
+        as_rows(dh, n_cols) if dh is not None else None,
+    )
+    return dx.view(h.shape), dw
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, h, weight, rstd, dh):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, eps = inputs
+    y, h, rstd = output
+    ctx.has_residual = residual is not None
+    # Backward needs the normalized input: x itself, or h when the residual was fused in.
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward(ctx, dy, dh, _drstd):
+    normalized_input, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd_op(dy, normalized_input, weight, rstd, dh if ctx.has_residual else None)
+    return dx, dw, (dx if ctx.has_residual else None), None
+
+
+torch.library.register_autograd("solar_kernels::rms_norm_fwd", _backward, setup_context=_setup_context)
+
+
+def _check_args(x, weight, residual, eps):
+    check_float_tensor(OP, "x", x)
+    check_float_tensor(OP, "weight", weight, ndims=(1,))
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"{OP}: weight has {weight.shape[0]} elements, expected {x.shape[-1]} (x.shape[-1])"
+        )
+    check_same_device(OP, "x", x, weight=weight)
+    if residual is not None:
+        check_float_tensor(OP, "residual", residual)
+        check_same_device_dtype(OP, "x", x, residual=residual)
+        check_shape(OP, "residual", residual, tuple(x.shape), "x.shape")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"{OP}: eps must be a non-negative float, got {eps!r}")
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    residual: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """RMSNorm of ``x`` [..., d] with ``weight`` [d]; with ``residual``, returns ``(y, x + residual)``.
+
+    Out of place: neither x nor residual is written. See the module docstring for math and dtypes.
+    """
+    _check_args(x, weight, residual, eps)
+    if resolve_backend(OP, backend, x.device) == "torch":
+        return rms_norm_ref(x, weight, eps, residual)
+    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps))
+    return (y, h) if residual is not None else y
+
+
+class RMSNorm(torch.nn.Module):
+    """Drop-in for ``LlamaRMSNorm`` (same ``weight`` parameter name, ones at init).
+
+    ``forward(x)`` returns y; ``forward(x, residual)`` returns ``(y, x + residual)``.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = eps
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, backend={self.backend!r}"

@@ -1,0 +1,217 @@
+"""Rotary position embedding in Hugging Face's rotate-half convention, q and k in one launch.
+
+Math, per head vector x of width D (D even, halves x1 = x[:D/2], x2 = x[D/2:]):
+
+    rotate_half(x) = cat(-x2, x1)
+    x' = x * cos + rotate_half(x) * sin
+       = cat(x1 * cos1 - x2 * sin1,  x2 * cos2 + x1 * sin2)
+
+with cos/sin given per token (so positions that restart inside a packed row are just other rows of
+cos/sin). The backward is the transpose of that linear map,
+
+    dx = cat(g1 * cos1 + g2 * sin2,  g2 * cos2 - g1 * sin1),
+
+which is the forward with ``sin1, sin2 := -sin2, -sin1`` (for Hugging Face's cos/sin, where the two
+halves are equal, simply the forward with sin negated); the same kernel runs both.
+
+Shapes: q [B, Hq, T, D], k [B, Hkv, T, D] with Hq a multiple of Hkv (GQA); cos and sin [T, D]
+(shared by the batch) or [B, T, D]. Any strides are accepted, so the [B, T, H, D] layout is passed
+as a view, ``q.transpose(1, 2)``, without a copy; outputs keep the input's memory layout (a
+``[B, T, H, D]``-contiguous q gives a ``[B, T, H, D]``-contiguous result). cos and sin are constants:
+no gradient flows to them.
+
+Dtypes: q and k in fp32, fp16 or bf16 (the same); cos and sin in any of the three (fp32 cos/sin
+with bf16 q is the most accurate); arithmetic in fp32 with one rounding per output. The reference
+casts cos/sin to q's dtype first, as Hugging Face does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import resolve_backend
+from .._checks import check_float_tensor, check_same_device, check_same_device_dtype
+from ._common import cast_to
+
+OP = "apply_rotary"
+# Token rows per program: cos/sin for BLOCK_T tokens are loaded once and reused for every head.
+_TILE_ELEMENTS = 2048
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch rotary embedding (Hugging Face's ``apply_rotary_pos_emb``)."""
+    cos = cos.to(q.dtype).unsqueeze(-3)  # [T, D] -> [1, T, D]; [B, T, D] -> [B, 1, T, D]
+    sin = sin.to(q.dtype).unsqueeze(-3)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@triton.jit
+def _rotate_heads(
+    X, OUT, stride_x_b, stride_x_h, stride_x_t, stride_x_d,
+    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
+    batch, tokens, half_cols, mask, n_heads, half,
+    cos1, cos2, sin1, sin2,
+):
+    x_base = X + batch * stride_x_b + tokens[:, None] * stride_x_t + half_cols[None, :] * stride_x_d
+    o_base = OUT + batch * stride_o_b + tokens[:, None] * stride_o_t + half_cols[None, :] * stride_o_d
+    for head in range(n_heads):
+        x_ptr = x_base + head * stride_x_h
+        o_ptr = o_base + head * stride_o_h
+        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + half * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr, cast_to(x1 * cos1 - x2 * sin1, OUT.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + half * stride_o_d, cast_to(x2 * cos2 + x1 * sin2, OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    Q, K, COS, SIN, QO, KO,
+    stride_q_b, stride_q_h, stride_q_t, stride_q_d,
+    stride_k_b, stride_k_h, stride_k_t, stride_k_d,
+    stride_qo_b, stride_qo_h, stride_qo_t, stride_qo_d,
+    stride_ko_b, stride_ko_h, stride_ko_t, stride_ko_d,
+    stride_cos_b, stride_cos_t, stride_cos_d,
+    stride_sin_b, stride_sin_t, stride_sin_d,
+    n_tokens, n_heads_q, n_heads_k, half,
+    BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    half_cols = tl.arange(0, BLOCK_HALF)
+    mask = (tokens[:, None] < n_tokens) & (half_cols[None, :] < half)
+    cos_ptr = COS + batch * stride_cos_b + tokens[:, None] * stride_cos_t + half_cols[None, :] * stride_cos_d
+    sin_ptr = SIN + batch * stride_sin_b + tokens[:, None] * stride_sin_t + half_cols[None, :] * stride_sin_d
+    cos1 = tl.load(cos_ptr, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + half * stride_cos_d, mask=mask, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr, mask=mask, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + half * stride_sin_d, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # The transposed rotation: the forward with sin1 := -sin2 and sin2 := -sin1.
+        sin1 = -sin_hi
+        sin2 = -sin_lo
+    else:
+        sin1 = sin_lo
+        sin2 = sin_hi
+    _rotate_heads(Q, QO, stride_q_b, stride_q_h, stride_q_t, stride_q_d,
+                  stride_qo_b, stride_qo_h, stride_qo_t, stride_qo_d,
+                  batch, tokens, half_cols, mask, n_heads_q, half, cos1, cos2, sin1, sin2)
+    _rotate_heads(K, KO, stride_k_b, stride_k_h, stride_k_t, stride_k_d,
+                  stride_ko_b, stride_ko_h, stride_ko_t, stride_ko_d,
+                  batch, tokens, half_cols, mask, n_heads_k, half, cos1, cos2, sin1, sin2)
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor with x's memory layout when x is dense (a permuted view keeps its order)."""
+    return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+def _batched_strides(table: torch.Tensor) -> Tuple[int, int, int]:
+    """(batch, token, column) strides of a [T, D] (batch stride 0) or [B, T, D] cos/sin table."""
+    if table.dim() == 2:
+        return 0, table.stride(0), table.stride(1)
+    return table.stride(0), table.stride(1), table.stride(2)
+
+
+def _rotary(q, k, cos, sin, backward: bool):
+    batch, n_heads_q, n_tokens, head_dim = q.shape
+    half = head_dim // 2
+    q_out, k_out = _empty_like_layout(q), _empty_like_layout(k)
+    block_half = triton.next_power_of_2(half)
+    block_t = max(1, min(64, _TILE_ELEMENTS // block_half, triton.next_power_of_2(n_tokens)))
+    grid = (triton.cdiv(n_tokens, block_t), batch)
+    _rotary_kernel[grid](
+        q, k, cos, sin, q_out, k_out,
+        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
+        *_batched_strides(cos), *_batched_strides(sin),
+        n_tokens, n_heads_q, k.shape[1], half,
+        BACKWARD=backward, BLOCK_T=block_t, BLOCK_HALF=block_half,
+        num_warps=4,
+    )
+    return q_out, k_out
+
+
+@torch.library.custom_op("solar_kernels::apply_rotary", mutates_args=())
+def _rotary_op(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _rotary(q, k, cos, sin, backward)
+
+
+@_rotary_op.register_fake
+def _(q, k, cos, sin, backward):
+    return _empty_like_layout(q), _empty_like_layout(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward = backward
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rotary_op(dq, dk, cos, sin, not ctx.backward)
+    return dq, dk, None, None, None
+
+
+torch.library.register_autograd("solar_kernels::apply_rotary", _backward, setup_context=_setup_context)
+
+
+def _check_args(q, k, cos, sin):
+    check_float_tensor(OP, "q", q, ndims=(4,))
+    check_float_tensor(OP, "k", k, ndims=(4,))
+    check_same_device_dtype(OP, "q", q, k=k)
+    check_float_tensor(OP, "cos", cos, ndims=(2, 3))
+    check_float_tensor(OP, "sin", sin, ndims=(2, 3))
+    check_same_device(OP, "q", q, cos=cos, sin=sin)
+    batch, n_heads_q, n_tokens, head_dim = q.shape
+    if head_dim % 2:
+        raise ValueError(f"{OP}: head_dim must be even (rotate-half pairs its halves), got q.shape[-1] = {head_dim}")
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(
+            f"{OP}: k must be [B, Hkv, T, D] = [{batch}, Hkv, {n_tokens}, {head_dim}] to match q "
+            f"{tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if n_heads_q % k.shape[1]:
+        raise ValueError(
+            f"{OP}: q's head count must be a multiple of k's (GQA), got Hq = {n_heads_q}, Hkv = {k.shape[1]}"
+        )
+    for name, table in (("cos", cos), ("sin", sin)):
+        expected = [(n_tokens, head_dim), (batch, n_tokens, head_dim)]
+        if tuple(table.shape) not in expected:
+            raise ValueError(
+                f"{OP}: {name} must be [T, D] = {expected[0]} or [B, T, D] = {expected[1]}, "
+                f"got {tuple(table.shape)}"
+            )
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by per-token cos/sin ([T, D] or [B, T, D]).
+
+    Returns new tensors (q', k'). For the [B, T, H, D] layout pass ``q.transpose(1, 2)`` and
+    transpose the results back; no copy is made either way.
+    """
+    _check_args(q, k, cos, sin)
+    if resolve_backend(OP, backend, q.device) == "torch":
+        return apply_rotary_ref(q, k, cos, sin)
+    return _rotary_op(q, k, cos, sin, False)

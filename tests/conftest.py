@@ -1,0 +1,42 @@
+"""Test set-up: Triton runs through its interpreter on CPU-only machines.
+
+TRITON_INTERPRET must be set before solar_kernels (and so triton.jit) is imported; on a machine
+with a CUDA GPU the same tests run the compiled kernels on the GPU instead.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inputs are freshly drawn for every test case; the base seed makes a failure reproducible.
+BASE_SEED = int(os.environ.get("SOLAR_TEST_SEED", "0"))
+
+
+def pytest_report_header(config):
+    where = "CUDA " + torch.cuda.get_device_name() if HAS_CUDA else "CPU (TRITON_INTERPRET=1)"
+    return [f"solar_kernels tests on {where}; SOLAR_TEST_SEED={BASE_SEED}"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(BASE_SEED * 1_000_003 + sum(map(ord, request.node.nodeid)))
+
+
+@pytest.fixture
+def device():
+    """Where the Triton backend runs: the GPU when there is one, else the CPU interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+import solar_kernels as sk
+from solar_kernels.ops.rotary import apply_rotary_ref
+from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
+
+
+def rope_tables(positions, head_dim, theta=10000.0, dtype=torch.float32):
+    """SPEC §4: cos/sin [..., T, D] from integer positions [..., T]."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = positions.double()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def exact_rotary(q, k, cos, sin, dq, dk):
+    """The rotate-half formula in float64, with gradients by float64 autograd."""
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    c, s = cos.double().unsqueeze(-3), sin.double().unsqueeze(-3)
+
+    def rot(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+    q2, k2 = q64 * c + rot(q64) * s, k64 * c + rot(k64) * s
+    dq64, dk64 = torch.autograd.grad((q2, k2), (q64, k64), (dq.double(), dk.double()))
+    return q2.detach(), k2.detach(), dq64, dk64
+
+
+def run(fn, q, k, cos, sin, dq, dk):
+    ql, kl = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    q2, k2 = fn(ql, kl, cos, sin)
+    torch.autograd.backward((q2, k2), (dq, dk))
+    return q2, k2, ql.grad, kl.grad
+
+
+def check(q, k, cos, sin):
+    dtype = q.dtype
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    ours = run(lambda *a: sk.apply_rotary(*a, backend="triton"), q, k, cos, sin, dq, dk)
+    eager = run(apply_rotary_ref, q, k, cos, sin, dq, dk)
+    exact = exact_rotary(q, k, cos, sin, dq, dk)
+    for name, a, b, c in zip(("q'", "k'", "dq", "dk"), ours, eager, exact):
+        assert a.dtype == dtype
+        assert_close(name, a, b, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "batch, heads_q, heads_k, tokens, head_dim",
+    [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 32, 8, 5, 128), (1, 3, 3, 13, 6)],
+)
+def test_matches_reference(batch, heads_q, heads_k, tokens, head_dim, dtype, device):
+    q = torch.randn(batch, heads_q, tokens, head_dim, dtype=dtype, device=device)
+    k = torch.randn(batch, heads_k, tokens, head_dim, dtype=dtype, device=device)
+    cos, sin = rope_tables(torch.arange(tokens, device=device) * 37, head_dim, dtype=dtype)
+    check(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_positions_per_batch_row(dtype, device):
+    """[B, T, D] tables whose positions restart inside a row (packed documents)."""
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0], [5, 6, 7, 8, 9, 0, 1, 2, 3]], device=device)
+    cos, sin = rope_tables(positions, 64, dtype=torch.float32)
+    q = torch.randn(2, 4, 9, 64, dtype=dtype, device=device)
+    k = torch.randn(2, 2, 9, 64, dtype=dtype, device=device)
+    check(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_bthd_layout_is_a_view(dtype, device):
+    """[B, T, H, D] tensors go in transposed, without a copy, and come out in the same layout."""
+    q_bthd = torch.randn(2, 11, 4, 32, dtype=dtype, device=device)
+    k_bthd = torch.randn(2, 11, 2, 32, dtype=dtype, device=device)
+    q, k = q_bthd.transpose(1, 2), k_bthd.transpose(1, 2)
+    cos, sin = rope_tables(torch.arange(11, device=device), 32, dtype=dtype)
+    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="triton")
+    assert q2.transpose(1, 2).is_contiguous() and k2.transpose(1, 2).is_contiguous()
+    check(q, k, cos, sin)
+
+
+def test_arbitrary_strides(device):
+    base = torch.randn(3, 2, 6, 5, 16, device=device)
+    q = base[:, 0].permute(0, 2, 1, 3)[:, :, ::2]  # [B=3, H=5, T=3, D=16], every stride odd
+    k = torch.randn(3, 16, 5, 3, device=device).permute(0, 2, 3, 1)[:, :1]  # D not unit-stride
+    tables = rope_tables(torch.arange(6, device=device), 16)
+    cos, sin = (t[::2] for t in tables)
+    check(q, k, cos, sin)
+
+
+def test_general_cos_sin_halves(device):
+    """cos/sin whose halves differ: the backward must be the true transpose, not just -sin."""
+    q = torch.randn(1, 2, 5, 8, device=device)
+    k = torch.randn(1, 1, 5, 8, device=device)
+    cos, sin = torch.randn(5, 8, device=device), torch.randn(5, 8, device=device)
+    check(q, k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matches_transformers(dtype, device):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    q = torch.randn(2, 4, 9, 64, dtype=dtype, device=device)
+    k = torch.randn(2, 2, 9, 64, dtype=dtype, device=device)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(100, 109))], device=device)
+    cos, sin = rotary(q, position_ids)  # [B, T, D] in q's dtype
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
+    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="triton")
+    # HF rounds each product and the sum, we round once: judged against float64 like eager torch.
+    exact_q, exact_k, _, _ = exact_rotary(q, k, cos, sin, torch.zeros_like(q), torch.zeros_like(k))
+    assert_close("q' vs transformers", q2, hf_q, exact_q, dtype)
+    assert_close("k' vs transformers", k2, hf_k, exact_k, dtype)
+    ref_q, ref_k = apply_rotary_ref(q, k, cos, sin)
+    assert torch.equal(ref_q, hf_q) and torch.equal(ref_k, hf_k)
+
+
+def test_torch_compile_fullgraph(device):
+    q = torch.randn(2, 4, 5, 16, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
+    cos, sin = rope_tables(torch.arange(5, device=device), 16)
+
+    def f(q, k):
+        q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="triton")
+        return (q2 * q2).sum() + (k2 * 3).sum()
+
+    eager = f(q, k)
+    eager_grads = torch.autograd.grad(eager, (q, k))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k)
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(torch.autograd.grad(out, (q, k)), eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def _inputs(**overrides):
+    args = dict(q=torch.randn(2, 4, 5, 8), k=torch.randn(2, 2, 5, 8), cos=torch.randn(5, 8), sin=torch.randn(5, 8))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(q=torch.randn(4, 5, 8)), ValueError, "q must have 4 dimensions, got 3"),
+        (dict(q=torch.randn(2, 4, 5, 7), k=torch.randn(2, 2, 5, 7), cos=torch.randn(5, 7), sin=torch.randn(5, 7)), ValueError, "head_dim must be even"),
+        (dict(k=torch.randn(2, 3, 5, 8)), ValueError, "multiple of k's .* got Hq = 4, Hkv = 3"),
+        (dict(k=torch.randn(2, 2, 6, 8)), ValueError, r"k must be \[B, Hkv, T, D\]"),
+        (dict(cos=torch.randn(6, 8)), ValueError, r"cos must be \[T, D\] = \(5, 8\) or \[B, T, D\] = \(2, 5, 8\), got \(6, 8\)"),
+        (dict(sin=torch.randn(1, 5, 8, 1)), ValueError, "sin must have 2 or 3 dimensions, got 4"),
+        (dict(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype torch.float16, expected torch.float32"),
+        (dict(q=torch.ones(2, 4, 5, 8, dtype=torch.long)), TypeError, "q must be float32"),
+        (dict(cos=torch.randn(5, 8, device="meta")), ValueError, "cos is on meta"),
+        (dict(q=torch.randn(2, 4, 0, 8), k=torch.randn(2, 2, 0, 8), cos=torch.randn(0, 8), sin=torch.randn(0, 8)), ValueError, "q must not be empty"),
+    ],
+)
+def test_bad_input(overrides, error, message):
+    with pytest.raises(error, match=message):
+        sk.apply_rotary(**_inputs(**overrides))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_solar_shapes_on_gpu(dtype):
+    q = torch.randn(2, 32, 2048, 128, dtype=dtype, device="cuda")
+    k = torch.randn(2, 8, 2048, 128, dtype=dtype, device="cuda")
+    cos, sin = rope_tables(torch.arange(2048, device="cuda"), 128, dtype=dtype)
+    check(q, k, cos, sin)
