@@ -10,14 +10,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_float_tensor(op: str, name: str, tensor: object, ndims: Optional[Iterable[int]] = None) -> None:
-    """``tensor`` is a non-empty fp32/fp16/bf16 tensor with one of the ranks in ``ndims``."""
+def check_float_tensor(
+    op: str, name: str, tensor: object, ndims: Optional[Iterable[int]] = None, dtypes=FLOAT_DTYPES
+) -> None:
+    """``tensor`` is a non-empty tensor of one of ``dtypes`` with one of the ranks in ``ndims``."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: {name} must be float32, float16 or bfloat16, got {tensor.dtype}"
-        )
+    if tensor.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        expected = ", ".join(names[:-1]) + " or " + names[-1]
+        raise TypeError(f"{op}: {name} must be {expected}, got {tensor.dtype}")
     check_rank(op, name, tensor, ndims)
     if tensor.numel() == 0:
         raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(tensor.shape)}")

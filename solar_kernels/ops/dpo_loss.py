@@ -10,7 +10,7 @@ smoothing eps:
     robust   (-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)
 
 Returns the mean over pairs and the detached rewards beta (pi_c - ref_c), beta (pi_r - ref_r).
-Inputs: four tensors of one shape ([B]), float dtype, one device; the result is in their dtype.
+Inputs: four tensors of one shape ([B]), one float dtype (float64 too), one device; the result is in their dtype.
 The work is a handful of elementwise ops on B numbers, so every backend runs the same PyTorch
 code; ``backend`` is still validated so the op behaves like the others.
 """
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import resolve_backend
-from .._checks import check_float_tensor, check_same_device_dtype, check_shape
+from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device_dtype, check_shape
 
 OP = "dpo_loss"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -61,7 +61,7 @@ def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_reje
         "reference_rejected": reference_rejected,
     }
     for name, tensor in named.items():
-        check_float_tensor(OP, name, tensor)
+        check_float_tensor(OP, name, tensor, dtypes=(*FLOAT_DTYPES, torch.float64))
     others = dict(list(named.items())[1:])
     check_same_device_dtype(OP, "policy_chosen", policy_chosen, **others)
     for name, tensor in others.items():

@@ -129,7 +129,7 @@ def _logprobs_kernel(
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
             row_max = new_max
-        lse = row_max + tl.log(sum_exp)
+        lse = row_max + tl.log(tl.where(valid, sum_exp, 1.0))
         z_label = tl.load(z_row + tl.where(valid & in_range, label, 0), mask=valid & in_range, other=0.0)
         logp = tl.where(valid, z_label.to(tl.float32) - lse, 0.0)
         tl.store(LOGP + row, tl.where(valid & ~in_range, float("nan"), logp))

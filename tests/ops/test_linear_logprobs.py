@@ -1,0 +1,318 @@
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import solar_kernels as sk
+from solar_kernels.ops.linear_logprobs import (
+    default_chunk_rows,
+    linear_cross_entropy_ref,
+    linear_logprobs_ref,
+    sequence_logprobs_ref,
+)
+from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
+
+IGNORE = -100
+
+
+def make(tokens_shape, d, vocab, dtype, device, bias=False, ignore_share=0.3):
+    hidden = torch.randn(*tokens_shape, d, dtype=dtype, device=device)
+    weight = torch.randn(vocab, d, dtype=dtype, device=device) / d**0.5 * 2
+    labels = torch.randint(0, vocab, tokens_shape, device=device)
+    labels[torch.rand(tokens_shape, device=device) < ignore_share] = IGNORE
+    b = torch.randn(vocab, dtype=dtype, device=device) if bias else None
+    return hidden, weight, b, labels
+
+
+def exact_logprobs(hidden, weight, labels, bias):
+    """SPEC §4 in float64 from scratch: full logits, log-softmax, gather, 0 where ignored."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    valid = labels != IGNORE
+    picked = logp.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+def run(fn, hidden, weight, bias, labels, upstream):
+    """Output of fn and the gradients of (hidden, weight[, bias]) for the given upstream grad."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    out = fn(leaves[0], leaves[1], labels, leaves[2] if bias is not None else None)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    return out.detach(), grads
+
+
+def check(fn_ours, fn_eager, fn_exact, hidden, weight, bias, labels, upstream):
+    dtype = hidden.dtype
+    out, grads = run(fn_ours, hidden, weight, bias, labels, upstream)
+    out_eager, grads_eager = run(fn_eager, hidden, weight, bias, labels, upstream)
+    out_exact, grads_exact = run(fn_exact, hidden.double(), weight.double(),
+                                 bias.double() if bias is not None else None, labels, upstream.double())
+    assert out.dtype == torch.float32
+    assert_close("output", out, out_eager, out_exact, dtype)
+    for name, a, b, c, like in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads_exact, (hidden, weight, bias)):
+        assert a.dtype == like.dtype and a.shape == like.shape
+        assert_close(name, a, b, c, dtype)
+
+
+def check_logprobs(hidden, weight, bias, labels, **kwargs):
+    upstream = torch.randn(labels.shape, device=hidden.device)
+    check(
+        lambda h, w, y, b: sk.linear_logprobs(h, w, y, bias=b, backend="triton", **kwargs),
+        lambda h, w, y, b: linear_logprobs_ref(h, w, y, b),
+        exact_logprobs,
+        hidden, weight, bias, labels, upstream,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "tokens_shape, d, vocab",
+    [((37,), 64, 512), ((2, 9), 33, 123), ((1,), 16, 7), ((6,), 16, 32000), ((5,), 4096, 64), ((3, 4), 24, 4097)],
+)
+def test_logprobs_match_reference(tokens_shape, d, vocab, dtype, device):
+    check_logprobs(*make(tokens_shape, d, vocab, dtype, device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_logprobs_with_bias(dtype, device):
+    check_logprobs(*make((19,), 40, 300, dtype, device, bias=True))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_chunk_size_does_not_change_the_result(chunk_size, device):
+    check_logprobs(*make((23,), 32, 200, torch.float32, device), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_contiguous_inputs(dtype, device):
+    hidden, weight, bias, labels = make((2, 11), 48, 160, dtype, device, bias=True)
+    hidden = torch.randn(2, 48, 11, dtype=dtype, device=device).transpose(1, 2)  # [B, T, d] view
+    weight = weight.t().contiguous().t()  # [V, d] with column-major strides
+    labels = torch.randint(0, 160, (11, 2), device=device).t()
+    bias = torch.randn(320, dtype=dtype, device=device)[::2]
+    check_logprobs(hidden, weight, bias, labels)
+
+
+def test_int32_labels(device):
+    hidden, weight, _, labels = make((12,), 16, 50, torch.float32, device)
+    check_logprobs(hidden, weight, None, labels.int())
+
+
+def test_all_tokens_ignored(device):
+    hidden, weight, bias, labels = make((9,), 16, 40, torch.bfloat16, device, bias=True)
+    labels.fill_(IGNORE)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    logp = sk.linear_logprobs(h, w, labels, bias=b, backend="triton")
+    assert torch.equal(logp, torch.zeros(9, device=device))
+    logp.backward(torch.randn(9, device=device))
+    for grad in (h.grad, w.grad, b.grad):
+        assert torch.count_nonzero(grad) == 0
+    loss = sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton")
+    assert loss.item() == 0.0
+    assert sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend="triton").abs().sum() == 0
+
+
+def test_ignored_tokens_get_exactly_zero_gradient(device):
+    hidden, weight, _, labels = make((16,), 24, 90, torch.float32, device, ignore_share=0.5)
+    h = hidden.clone().requires_grad_()
+    sk.linear_logprobs(h, weight, labels, backend="triton").backward(torch.randn(16, device=device))
+    ignored = labels == IGNORE
+    assert ignored.any() and (~ignored).any()
+    assert torch.count_nonzero(h.grad[ignored]) == 0
+    assert (h.grad[~ignored].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy(reduction, dtype, device):
+    hidden, weight, bias, labels = make((3, 13), 40, 257, dtype, device, bias=True)
+    upstream = torch.randn(labels.shape if reduction == "none" else (), device=device)
+
+    def exact(h, w, y, b):
+        nll = -exact_logprobs(h, w, y, b)
+        if reduction == "none":
+            return nll
+        return nll.sum() / ((y != IGNORE).sum() if reduction == "mean" else 1)
+
+    check(
+        lambda h, w, y, b: sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend="triton"),
+        lambda h, w, y, b: linear_cross_entropy_ref(h, w, y, b, reduction=reduction),
+        exact, hidden, weight, bias, labels, upstream,
+    )
+
+
+def test_cross_entropy_matches_torch_and_partial_grads(device):
+    hidden, weight, _, labels = make((31,), 20, 77, torch.float32, device)
+    expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE)
+    loss = sk.linear_cross_entropy(hidden, weight, labels, backend="triton")
+    torch.testing.assert_close(loss, expected)
+    # Only the weight needs a gradient (a frozen trunk): hidden gets none.
+    w = weight.clone().requires_grad_()
+    sk.linear_cross_entropy(hidden, w, labels, backend="triton").backward()
+    expected_w = weight.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(hidden @ expected_w.t(), labels, ignore_index=IGNORE).backward()
+    torch.testing.assert_close(w.grad, expected_w.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs(average, dtype, device):
+    hidden, weight, _, labels = make((4, 10), 32, 150, dtype, device)
+    labels[:, :4] = IGNORE  # prompt tokens
+    labels[2] = IGNORE  # a row with no completion token
+
+    def exact(h, w, y, b):
+        logp = exact_logprobs(h, w, y, b).sum(-1)
+        return logp / (y != IGNORE).sum(-1).clamp_min(1) if average else logp
+
+    check(
+        lambda h, w, y, b: sk.sequence_logprobs(h, w, y, average=average, backend="triton"),
+        lambda h, w, y, b: sequence_logprobs_ref(h, w, y, b, average=average),
+        exact, hidden, weight, None, labels, torch.randn(4, device=device),
+    )
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Records the element count of every tensor an op produces (allocations included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append(t.numel())
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
+def test_full_logits_never_exist(which, dtype, device):
+    n_tokens, d, vocab = 48, 8, 1000  # N * V dwarfs every legitimate tensor (weight is V * d)
+    hidden, weight, bias, labels = make((n_tokens,), d, vocab, dtype, device, bias=True)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    recorder = _LargestAllocation()
+    with recorder:
+        if which == "logprobs":
+            out = sk.linear_logprobs(h, w, labels, bias=b, backend="triton").sum()
+        elif which == "cross_entropy":
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton")
+        else:
+            out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend="triton").sum()
+        out.backward()
+    chunk = default_chunk_rows(n_tokens, d, vocab)
+    assert chunk * vocab in recorder.sizes, "the recorder must see the chunk's logits (else it sees nothing)"
+    assert recorder.largest < n_tokens * vocab // 2, f"a tensor of {recorder.largest} elements exists"
+    assert h.grad is not None and w.grad is not None and b.grad is not None
+
+
+def test_eager_reference_does_materialize_logits(device):
+    """The recorder is able to fail: the plain reference holds all N x V logits."""
+    hidden, weight, _, labels = make((48,), 8, 1000, torch.float32, device)
+    recorder = _LargestAllocation()
+    with recorder:
+        sk.linear_logprobs(hidden, weight, labels, backend="torch")
+    assert recorder.largest >= 48 * 1000
+
+
+def test_default_chunk_rows_bounds():
+    assert default_chunk_rows(16384, 4096, 32000) == 2048  # logits chunk the size of the hidden states
+    for rows in (1, 2, 3, 10, 1000):
+        chunk = default_chunk_rows(rows, 10**6, 10)
+        assert 1 <= chunk and (rows < 3 or chunk * 2 < rows)
+
+
+@pytest.mark.parametrize("which", ["logprobs", "cross_entropy"])
+def test_torch_compile_fullgraph(which, device):
+    hidden, weight, bias, labels = make((3, 7), 16, 90, torch.float32, device, bias=True)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+
+    def f(h, w, b):
+        if which == "logprobs":
+            return (sk.linear_logprobs(h, w, labels, bias=b, backend="triton") * 1.5).sum()
+        return sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton") * 1.5
+
+    eager = f(h, w, b)
+    eager_grads = torch.autograd.grad(eager, (h, w, b))
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(h, w, b)
+    torch.testing.assert_close(out, eager)
+    for a, e in zip(torch.autograd.grad(out, (h, w, b)), eager_grads):
+        torch.testing.assert_close(a, e)
+
+
+def _args(**overrides):
+    args = dict(hidden=torch.randn(6, 8), weight=torch.randn(20, 8), labels=torch.randint(0, 20, (6,)))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(hidden=torch.randn(6)), ValueError, "hidden must have 2 or 3 dimensions, got 1"),
+        (dict(weight=torch.randn(20, 9)), ValueError, r"weight must be \[V, d\] with d = 8 .* got \(20, 9\)"),
+        (dict(weight=torch.randn(20, 8, dtype=torch.bfloat16)), TypeError, "weight has dtype torch.bfloat16, expected torch.float32"),
+        (dict(labels=torch.randint(0, 20, (5,))), ValueError, r"labels has shape \(5,\), expected \(6,\)"),
+        (dict(labels=torch.rand(6)), TypeError, "labels must be int64 or int32, got torch.float32"),
+        (dict(labels=torch.tensor([0, 1, 2, 20, 4, 5])), ValueError, r"labels\[3\] = 20 is outside \[0, 20\)"),
+        (dict(labels=torch.tensor([0, 1, -1, 2, 4, 5])), ValueError, r"labels\[2\] = -1 is outside"),
+        (dict(hidden=torch.randn(0, 8), labels=torch.zeros(0, dtype=torch.long)), ValueError, "hidden must not be empty"),
+        (dict(labels=torch.randint(0, 20, (6,), device="meta")), ValueError, "labels is on meta"),
+        (dict(bias=torch.randn(19)), ValueError, r"bias has shape \(19,\), expected \(20,\)"),
+        (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int or None, got 0"),
+        (dict(backend="cuda"), RuntimeError, "backend 'cuda' is not available"),
+        (dict(backend="jax"), ValueError, "backend must be one of None, 'torch', 'triton', 'cuda'; got 'jax'"),
+    ],
+)
+@pytest.mark.parametrize("op", ["linear_logprobs", "linear_cross_entropy"])
+def test_bad_input(op, overrides, error, message):
+    with pytest.raises(error, match=message):
+        getattr(sk, op)(**_args(**overrides))
+
+
+def test_bad_reduction_and_sequence_rank():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        sk.linear_cross_entropy(**_args(reduction="avg"))
+    with pytest.raises(ValueError, match="hidden must have 3 dimensions, got 2"):
+        sk.sequence_logprobs(**_args())
+
+
+def test_out_of_range_label_checked_before_any_work(device, monkeypatch):
+    """The check runs before any kernel (on a GPU only with SOLAR_KERNELS_CHECK_LABELS=1)."""
+    monkeypatch.setenv("SOLAR_KERNELS_CHECK_LABELS", "1")
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    calls = []
+    monkeypatch.setattr(module, "_chunked_pass", lambda *a, **k: calls.append(1))
+    labels = torch.tensor([3, IGNORE, 99])
+    with pytest.raises(ValueError, match=r"labels\[2\] = 99"):
+        sk.linear_logprobs(torch.randn(3, 4, device=device), torch.randn(10, 4, device=device),
+                           labels.to(device), backend="triton")
+    assert not calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_solar_vocab_on_gpu(dtype):
+    hidden, weight, bias, labels = make((1024,), 4096, 32000, dtype, "cuda")
+    check_logprobs(hidden, weight, None, labels)
+
+
+@pytest.mark.gpu
+def test_out_of_range_label_gives_nan_on_gpu_without_flag(monkeypatch):
+    monkeypatch.delenv("SOLAR_KERNELS_CHECK_LABELS", raising=False)
+    hidden, weight, _, labels = make((8,), 16, 50, torch.float32, "cuda", ignore_share=0)
+    labels[3] = 50
+    logp = sk.linear_logprobs(hidden, weight, labels, backend="triton")
+    assert torch.isnan(logp[3]) and torch.isfinite(logp[[0, 1, 2, 4, 5, 6, 7]]).all()
+    monkeypatch.setenv("SOLAR_KERNELS_CHECK_LABELS", "1")
+    with pytest.raises(ValueError, match=r"labels\[3\] = 50"):
+        sk.linear_logprobs(hidden, weight, labels, backend="triton")
