@@ -1,0 +1,34 @@
+# Set-up and entry points. Everything installs into .venv in the checkout from pinned versions.
+#   make test   - create .venv if missing, install the pinned test environment and the package, run pytest
+#   make demo   - the kernel self-check (the full SOLAR recipe demo replaces it with the training stages)
+#   make gpu-compile - compile every Triton kernel for sm_90/sm_80 without a GPU (part of make test)
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# On a machine without a GPU the Triton kernels run through Triton's interpreter on CPU tensors.
+CPU_TRITON := $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvidia-smi') else 'TRITON_INTERPRET=1')")
+
+.PHONY: test demo selfcheck gpu-compile clean
+
+$(STAMP): requirements/test.txt setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation \
+		-c requirements/test.txt -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(CPU_TRITON) $(PY) -m pytest -q
+
+demo: selfcheck
+
+selfcheck: $(STAMP)
+	$(CPU_TRITON) $(PY) -m solar_kernels.selfcheck
+
+gpu-compile: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) tests/ops/compile_for_gpu.py 90 80
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
