@@ -56,6 +56,27 @@ def rms_norm_ref(
 
 
 @triton.jit
+def _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL: tl.constexpr):
+    """A [rows, cols] tile of x in fp32; with a residual, h = x + residual is stored (rounded to
+    h's dtype, as the unfused model would hold it) and returned instead."""
+    x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = cast_to(x, h_rows.dtype.element_ty)
+        tl.store(h_rows + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols):
+    """y = weight * (x * rstd).to(y dtype), as Hugging Face rounds it, for one tile."""
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    normed = cast_to(x * rstd[:, None], y_rows.dtype.element_ty).to(tl.float32)
+    tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], y_rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     X, RES, W, Y, H, RSTD,
     stride_x_row, stride_res_row, stride_y_row, stride_h_row,
@@ -75,28 +96,16 @@ def _rms_norm_fwd_kernel(
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            x += tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            h = cast_to(x, H.dtype.element_ty)
-            tl.store(h_rows + cols[None, :], h, mask=mask)
-            x = h.to(tl.float32)
+        x = _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        normed = cast_to(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
-        tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], Y.dtype.element_ty), mask=mask)
+        _store_normed(x, rstd, W, y_rows, cols, mask, n_cols)
     else:
         # Pass 1: sum of squares over column tiles (writing h on the way); pass 2: normalize.
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                x += tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                h = cast_to(x, H.dtype.element_ty)
-                tl.store(h_rows + cols[None, :], h, mask=mask)
-                x = h.to(tl.float32)
+            x = _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL)
             sum_sq += tl.sum(x * x, axis=1)
         rstd = tl.rsqrt(sum_sq / n_cols + eps)
         for start in range(0, n_cols, BLOCK_D):
@@ -106,9 +115,7 @@ def _rms_norm_fwd_kernel(
                 x = tl.load(h_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            normed = cast_to(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
-            tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], Y.dtype.element_ty), mask=mask)
+            _store_normed(x, rstd, W, y_rows, cols, mask, n_cols)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 

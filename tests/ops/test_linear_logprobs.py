@@ -229,7 +229,7 @@ def test_default_chunk_rows_bounds():
         assert 1 <= chunk and (rows < 3 or chunk * 2 < rows)
 
 
-@pytest.mark.parametrize("which", ["logprobs", "cross_entropy"])
+@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
 def test_torch_compile_fullgraph(which, device):
     hidden, weight, bias, labels = make((3, 7), 16, 90, torch.float32, device, bias=True)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
@@ -237,6 +237,8 @@ def test_torch_compile_fullgraph(which, device):
     def f(h, w, b):
         if which == "logprobs":
             return (sk.linear_logprobs(h, w, labels, bias=b, backend="triton") * 1.5).sum()
+        if which == "sequence":
+            return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend="triton").pow(2).sum()
         return sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton") * 1.5
 
     eager = f(h, w, b)
