@@ -1,0 +1,295 @@
+"""Hugging Face checkpoint directories, read lazily and written atomically (SPEC §3).
+
+A checkpoint directory holds ``config.json``, optionally ``generation_config.json`` and tokenizer
+files, and the weights as one ``model.safetensors`` or as ``model-0000k-of-0000N.safetensors``
+shards plus ``model.safetensors.index.json``.
+
+- ``CheckpointReader`` validates the directory up front (every shard present, every header
+  well-formed and no shorter than the data it declares, every indexed tensor where the index says)
+  and then reads one tensor at a time; a whole checkpoint is never loaded.
+- ``ShardWriter`` writes tensors in order into shards no larger than ``max_shard_size`` (only the
+  shard being filled is held in memory), then names them and writes the index.
+- ``output_directory`` builds the result in a temporary directory beside the destination and
+  renames it into place only when complete; on any error the temporary directory is removed and the
+  destination is untouched. An existing destination is refused unless ``force=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files copied beside the weights when a checkpoint is rewritten (tokenizer and generation settings).
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as it claims, or an output that cannot be written."""
+
+
+def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).replace("torch.", "").lower()
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {name!r}")
+    return DTYPE_NAMES[key]
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+        if not match:
+            raise ValueError(f"max_shard_size must be bytes or a size like '5GB', got {size!r}")
+        units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        value = int(float(match.group(1)) * units[match.group(2)])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def read_header(path: Path) -> Dict[str, dict]:
+    """The JSON header of a safetensors file, checked against the file's size."""
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {file_size} bytes)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len <= 0 or 8 + header_len > file_size:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header (declares {header_len} header bytes, file has {file_size})"
+                )
+            header = json.loads(f.read(header_len))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if isinstance(error, FileNotFoundError):
+            raise CheckpointError(f"{path}: file is missing") from error
+        raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = file_size - 8 - header_len
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}") from error
+        if end > data_size or start > end:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name!r} ends at byte {end} of the data, the file holds {data_size}"
+            )
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for {name!r}")
+    return header
+
+
+class CheckpointReader:
+    """A Hugging Face checkpoint directory, validated on open, read one tensor at a time."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a checkpoint directory (it does not exist or is a file)")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.path}: config.json is missing")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+        self._file_of: Dict[str, Path] = {}
+        self._info: Dict[str, dict] = {}
+        index_path = self.path / INDEX_FILE
+        if index_path.is_file():
+            self._read_index(index_path)
+        elif (self.path / SINGLE_FILE).is_file():
+            header = read_header(self.path / SINGLE_FILE)
+            for name, info in header.items():
+                self._file_of[name] = self.path / SINGLE_FILE
+                self._info[name] = info
+        else:
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+        self._handles: Dict[Path, object] = {}
+
+    def _read_index(self, index_path: Path) -> None:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index_path}: not a safetensors index (needs a weight_map)") from error
+        headers: Dict[str, dict] = {}
+        for name, file_name in weight_map.items():
+            if file_name not in headers:
+                headers[file_name] = read_header(self.path / file_name)
+            if name not in headers[file_name]:
+                raise CheckpointError(f"{self.path / file_name}: tensor {name!r} listed in {INDEX_FILE} is missing")
+            self._file_of[name] = self.path / file_name
+            self._info[name] = headers[file_name][name]
+
+    def names(self) -> List[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._info[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self._info[name]["dtype"]]
+
+    def nbytes(self, name: str) -> int:
+        start, end = self._info[name]["data_offsets"]
+        return end - start
+
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(name) for name in self._file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from disk now (memory-mapped by safetensors, then copied out)."""
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not in this checkpoint")
+        from safetensors import safe_open
+
+        path = self._file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardWriter:
+    """Writes tensors, in the order given, into safetensors shards of at most ``max_shard_size``
+    bytes (a single tensor larger than that gets a shard of its own)."""
+
+    def __init__(self, directory: Path, max_shard_size: Union[int, str] = "5GB"):
+        self.directory = Path(directory)
+        self.max_shard_size = parse_size(max_shard_size)
+        self._pending: Dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: List[Tuple[str, List[str]]] = []  # (temporary file name, tensor names)
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_size:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self.total_size += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file_name = f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._pending, str(self.directory / file_name), metadata={"format": "pt"})
+        self._shards.append((file_name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> List[str]:
+        """Names the shards (one file: model.safetensors; else model-k-of-N + index); returns them."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self.directory / self._shards[0][0], self.directory / SINGLE_FILE)
+            return [SINGLE_FILE]
+        weight_map, names = {}, []
+        for k, (temporary, tensor_names) in enumerate(self._shards, start=1):
+            final = f"model-{k:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / temporary, self.directory / final)
+            names.append(final)
+            weight_map.update({tensor: final for tensor in tensor_names})
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expected_bytes: int = 0) -> Iterator[Path]:
+    """Yields a temporary directory that becomes ``dst`` when the block completes without error.
+
+    Refuses an existing ``dst`` unless ``force``; checks that the disk has ``expected_bytes`` free
+    (plus 1%) before anything is written. With ``force`` the old ``dst`` is replaced only after the
+    new one is complete.
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise CheckpointError(f"{dst} already exists (pass force=True / --force to replace it)")
+    parent = dst.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if expected_bytes and free < expected_bytes * 1.01:
+        raise CheckpointError(
+            f"not enough disk space for {dst}: needs about {expected_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = parent / f".{dst.name}.old-{os.getpid()}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src: Path, dst: Path) -> List[str]:
+    """Copies the tokenizer and generation files that exist in ``src`` into ``dst``."""
+    copied = []
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,104 @@
+"""Load and save Hugging Face checkpoint directories for ``CausalLM`` (SPEC §3).
+
+``load_pretrained`` builds the model on the meta device and fills it tensor by tensor from the
+safetensors files (read lazily by ``CheckpointReader``), so a model is allocated once, on its
+target device. ``save_pretrained`` writes config.json, generation_config.json and safetensors
+shards (plus the index when there are several) atomically; ``transformers`` loads the result.
+Tensors are written in the model's parameter order, so save -> load -> save is bitwise identical.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    ShardWriter,
+    copy_side_files,
+    output_directory,
+    parse_dtype,
+    write_json,
+)
+from .config import ModelConfig
+from .transformer import CausalLM
+
+# Buffers some older checkpoints carry that the model recomputes.
+_IGNORED_TENSORS = ("rotary_emb.inv_freq",)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def load_pretrained(
+    path: Union[str, os.PathLike],
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    backend: Optional[str] = None,
+) -> CausalLM:
+    """A ``CausalLM`` from a Hugging Face Llama/Mistral directory; ``dtype`` None keeps the checkpoint's."""
+    reader = CheckpointReader(path)
+    config = ModelConfig.from_hf_config(reader.config, backend=backend)
+    target_dtype = parse_dtype(dtype)
+    model = CausalLM.from_config(config, device="meta")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = set(params) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    present = {n for n in reader.names() if not n.endswith(_IGNORED_TENSORS)}
+    missing, unexpected = sorted(expected - present), sorted(present - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{reader.path}: tensors do not match a {config.num_layers}-layer {config.model_type} model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    with reader:
+        for name in sorted(expected):
+            shape = tuple(params[name].shape)
+            if reader.shape(name) != shape:
+                raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {reader.shape(name)}, the config implies {shape}")
+            tensor = reader.get(name).to(device=device, dtype=target_dtype or reader.dtype(name))
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=params[name].requires_grad))
+    model.tie_weights()
+    return model
+
+
+def save_pretrained(
+    model: CausalLM,
+    path: Union[str, os.PathLike],
+    *,
+    max_shard_size: Union[int, str] = "5GB",
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    force: bool = False,
+    side_files_from: Optional[Union[str, os.PathLike]] = None,
+) -> Path:
+    """Write ``model`` as a Hugging Face directory at ``path`` (atomically; refuses an existing
+    ``path`` unless ``force``). ``side_files_from`` copies tokenizer files from another checkpoint."""
+    config = model.config
+    target_dtype = parse_dtype(dtype)
+    tensors = {name: p for name, p in model.named_parameters()}
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    out_dtype = target_dtype or next(iter(tensors.values())).dtype
+    expected_bytes = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
+    hf_config = config.to_hf_config()
+    hf_config["torch_dtype"] = _DTYPE_NAMES.get(out_dtype, str(out_dtype))
+    hf_config.pop("dtype", None)
+    with output_directory(path, force=force, expected_bytes=expected_bytes) as tmp:
+        if side_files_from is not None:
+            copy_side_files(Path(side_files_from), tmp)
+        write_json(tmp / "config.json", hf_config)
+        if not (tmp / "generation_config.json").exists():
+            generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+            if config.pad_token_id is not None:
+                generation["pad_token_id"] = config.pad_token_id
+            write_json(tmp / "generation_config.json", generation)
+        writer = ShardWriter(tmp, max_shard_size)
+        for name, tensor in tensors.items():
+            writer.add(name, tensor.detach().to(out_dtype))
+        writer.finish()
+    return Path(path)
