@@ -13,6 +13,8 @@ Each takes ``backend=None|"torch"|"triton"|"cuda"`` (see ``solar_kernels._backen
 from ._backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend
 from .ops import *  # noqa: F401,F403
 from .ops import __all__ as _ops_all
+from .patch import patch_hf_model, unpatch_hf_model
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BACKEND_ENV_VAR", "resolve_backend", "__version__", *_ops_all]
+__all__ = ["BACKENDS", "BACKEND_ENV_VAR", "patch_hf_model", "resolve_backend", "unpatch_hf_model",
+           "__version__", *_ops_all]

@@ -14,8 +14,8 @@ cos/sin). The backward is the transpose of that linear map,
 which is the forward with ``sin1, sin2 := -sin2, -sin1`` (for Hugging Face's cos/sin, where the two
 halves are equal, simply the forward with sin negated); the same kernel runs both.
 
-Shapes: q [B, Hq, T, D], k [B, Hkv, T, D] with Hq a multiple of Hkv (GQA); cos and sin [T, D]
-(shared by the batch) or [B, T, D]. Any strides are accepted, so the [B, T, H, D] layout is passed
+Shapes: q [B, Hq, T, D], k [B, Hkv, T, D] with Hq a multiple of Hkv (GQA); cos and sin [T, D] or
+[1, T, D] (shared by the batch, as transformers passes them) or [B, T, D]. Any strides are accepted, so the [B, T, H, D] layout is passed
 as a view, ``q.transpose(1, 2)``, without a copy; outputs keep the input's memory layout (a
 ``[B, T, H, D]``-contiguous q gives a ``[B, T, H, D]``-contiguous result). cos and sin are constants:
 no gradient flows to them.
@@ -119,10 +119,10 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def _batched_strides(table: torch.Tensor) -> Tuple[int, int, int]:
-    """(batch, token, column) strides of a [T, D] (batch stride 0) or [B, T, D] cos/sin table."""
+    """(batch, token, column) strides of a cos/sin table; batch stride 0 for [T, D] and [1, T, D]."""
     if table.dim() == 2:
         return 0, table.stride(0), table.stride(1)
-    return table.stride(0), table.stride(1), table.stride(2)
+    return (table.stride(0) if table.shape[0] > 1 else 0), table.stride(1), table.stride(2)
 
 
 def _rotary(q, k, cos, sin, backward: bool):
@@ -190,11 +190,11 @@ def _check_args(q, k, cos, sin):
             f"{OP}: q's head count must be a multiple of k's (GQA), got Hq = {n_heads_q}, Hkv = {k.shape[1]}"
         )
     for name, table in (("cos", cos), ("sin", sin)):
-        expected = [(n_tokens, head_dim), (batch, n_tokens, head_dim)]
+        expected = [(n_tokens, head_dim), (batch, n_tokens, head_dim), (1, n_tokens, head_dim)]
         if tuple(table.shape) not in expected:
             raise ValueError(
-                f"{OP}: {name} must be [T, D] = {expected[0]} or [B, T, D] = {expected[1]}, "
-                f"got {tuple(table.shape)}"
+                f"{OP}: {name} must be [T, D] = {expected[0]} or [B, T, D] = {expected[1]} "
+                f"(B may be 1), got {tuple(table.shape)}"
             )
 
 
@@ -206,7 +206,7 @@ def apply_rotary(
     *,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by per-token cos/sin ([T, D] or [B, T, D]).
+    """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by per-token cos/sin ([T, D], [1, T, D] or [B, T, D]).
 
     Returns new tensors (q', k'). For the [B, T, H, D] layout pass ``q.transpose(1, 2)`` and
     transpose the results back; no copy is made either way.

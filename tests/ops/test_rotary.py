@@ -68,6 +68,15 @@ def test_packed_positions_per_batch_row(dtype, device):
     check(q, k, cos, sin)
 
 
+def test_batch_broadcast_tables(device):
+    """[1, T, D] tables (what transformers passes) apply to every batch row."""
+    q = torch.randn(3, 4, 6, 16, device=device)
+    k = torch.randn(3, 2, 6, 16, device=device)
+    cos, sin = rope_tables(torch.arange(6, device=device)[None], 16)
+    assert cos.shape == (1, 6, 16)
+    check(q, k, cos, sin)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_bthd_layout_is_a_view(dtype, device):
     """[B, T, H, D] tensors go in transposed, without a copy, and come out in the same layout."""
@@ -149,7 +158,7 @@ def _inputs(**overrides):
         (dict(q=torch.randn(2, 4, 5, 7), k=torch.randn(2, 2, 5, 7), cos=torch.randn(5, 7), sin=torch.randn(5, 7)), ValueError, "head_dim must be even"),
         (dict(k=torch.randn(2, 3, 5, 8)), ValueError, "multiple of k's .* got Hq = 4, Hkv = 3"),
         (dict(k=torch.randn(2, 2, 6, 8)), ValueError, r"k must be \[B, Hkv, T, D\]"),
-        (dict(cos=torch.randn(6, 8)), ValueError, r"cos must be \[T, D\] = \(5, 8\) or \[B, T, D\] = \(2, 5, 8\), got \(6, 8\)"),
+        (dict(cos=torch.randn(6, 8)), ValueError, r"cos must be \[T, D\] = \(5, 8\) or \[B, T, D\] = \(2, 5, 8\) \(B may be 1\), got \(6, 8\)"),
         (dict(sin=torch.randn(1, 5, 8, 1)), ValueError, "sin must have 2 or 3 dimensions, got 4"),
         (dict(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype torch.float16, expected torch.float32"),
         (dict(q=torch.ones(2, 4, 5, 8, dtype=torch.long)), TypeError, "q must be float32"),
