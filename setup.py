@@ -1,4 +1,4 @@
-"""Build and install solar_kernels.
+"""Build and install solar_kernels (and the `solar` command).
 
 The package is pure Python + Triton today; the CUDA C++ extension (csrc/) is added to
 ``ext_modules`` when it lands. ``pip install --no-deps --no-build-isolation -e .`` works against
@@ -18,7 +18,11 @@ setup(
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4",
     ],
+    entry_points={"console_scripts": ["solar=solar_kernels.cli:main"]},
     extras_require={
         # What the test suite needs beyond the package: transformers is the parity oracle.
         "test": [

@@ -145,7 +145,6 @@ class CheckpointReader:
                 self._info[name] = info
         else:
             raise CheckpointError(f"{self.path}: no {SINGLE_FILE} and no {INDEX_FILE}")
-        self._handles: Dict[Path, object] = {}
 
     def _read_index(self, index_path: Path) -> None:
         try:
@@ -181,24 +180,17 @@ class CheckpointReader:
         return sum(self.nbytes(name) for name in self._file_of)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from disk now (memory-mapped by safetensors, then copied out)."""
+        """One tensor, read from disk now into memory of its own.
+
+        safetensors hands out views of a memory map; copying the tensor out and closing the file
+        right away keeps the process's memory to the tensors still in use, not the files read.
+        """
         if name not in self._file_of:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not in this checkpoint")
         from safetensors import safe_open
 
-        path = self._file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
-
-    def close(self) -> None:
-        self._handles.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        with safe_open(str(self._file_of[name]), framework="pt") as f:
+            return f.get_tensor(name).clone()
 
 
 class ShardWriter:

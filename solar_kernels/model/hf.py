@@ -54,15 +54,14 @@ def load_pretrained(
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    with reader:
-        for name in sorted(expected):
-            shape = tuple(params[name].shape)
-            if reader.shape(name) != shape:
-                raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {reader.shape(name)}, the config implies {shape}")
-            tensor = reader.get(name).to(device=device, dtype=target_dtype or reader.dtype(name))
-            module_name, _, attr = name.rpartition(".")
-            module = model.get_submodule(module_name)
-            setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=params[name].requires_grad))
+    for name in sorted(expected):
+        shape = tuple(params[name].shape)
+        if reader.shape(name) != shape:
+            raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {reader.shape(name)}, the config implies {shape}")
+    for name in sorted(expected):
+        tensor = reader.get(name).to(device=device, dtype=target_dtype or reader.dtype(name))
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=params[name].requires_grad))
     model.tie_weights()
     return model
 

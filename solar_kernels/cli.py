@@ -1,0 +1,111 @@
+"""The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints.
+
+Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+UPSCALE_EXAMPLES = """examples:
+  solar upscale ./mistral-7b ./solar-base --drop 8            # 32 layers -> 48 (SOLAR 10.7B)
+  solar upscale ./mistral-7b ./custom --slices 0:24,8:32 --dtype bfloat16
+  solar upscale ./a ./ab --slices ./a:0:20,./b:12:32          # slices from two checkpoints
+  solar upscale --config dus.yml ./solar-base                 # mergekit passthrough YAML
+"""
+
+MERGE_EXAMPLES = """examples:
+  solar merge ./merged --models ./dpo-a ./dpo-b --method linear --weights 0.5 0.5
+  solar merge ./merged --models ./dpo-a ./dpo-b --method slerp --t 0.4
+  solar merge ./merged --models ./a ./b --method ties --base-model ./sft --density 0.5
+  solar merge ./merged --config merge.yml                     # mergekit linear/slerp/ties YAML
+"""
+
+
+def _upscale(args) -> None:
+    from .upscale import depth_upscale, parse_slices, upscale_from_yaml
+
+    common = dict(max_shard_size=args.max_shard_size, force=args.force, progress=args.progress)
+    if args.config:
+        if len(args.paths) != 1:
+            raise ValueError(f"with --config give only DST, got {len(args.paths)} paths")
+        if args.dtype:
+            common["dtype"] = args.dtype
+        report = upscale_from_yaml(args.config, args.paths[0], **common)
+    else:
+        if len(args.paths) != 2:
+            raise ValueError(f"expected SRC DST, got {len(args.paths)} path(s)")
+        src, dst = args.paths
+        slices = parse_slices(args.slices, src) if args.slices else None
+        report = depth_upscale(src, dst, drop=args.drop, slices=slices, dtype=args.dtype, **common)
+    print(f"wrote {report.path}: {report.num_layers} layers, {report.bytes_written / 1e9:.2f} GB "
+          f"in {report.seconds:.1f} s ({report.gb_per_second:.2f} GB/s)")
+
+
+def _merge(args) -> None:
+    from .merge import merge, merge_from_yaml
+
+    common = dict(max_shard_size=args.max_shard_size, force=args.force, progress=args.progress)
+    if args.config:
+        if args.models:
+            raise ValueError("give either --config or --models, not both")
+        path = merge_from_yaml(args.config, args.dst, **common)
+    else:
+        if not args.models:
+            raise ValueError("give --models (two or more checkpoints) or --config FILE.yml")
+        path = merge(args.models, args.dst, method=args.method, weights=args.weights, t=args.t,
+                     base_model=args.base_model, density=args.density, dtype=args.dtype, **common)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="solar", description="SOLAR depth up-scaling toolkit")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("upscale", help="depth up-scale a checkpoint (SOLAR DUS)", epilog=UPSCALE_EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("paths", nargs="+", metavar="SRC DST", help="source checkpoint directory and output directory")
+    plan = up.add_mutually_exclusive_group()
+    plan.add_argument("--drop", type=int, default=8, help="m: layers dropped at the seam of each copy (default 8)")
+    plan.add_argument("--slices", help="layer plan START:END[,...] or PATH:START:END[,...] (half-open)")
+    plan.add_argument("--config", help="mergekit passthrough YAML")
+    up.set_defaults(run=_upscale)
+
+    mg = commands.add_parser("merge", help="merge checkpoints (linear, SLERP, TIES)", epilog=MERGE_EXAMPLES,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    mg.add_argument("dst", metavar="DST", help="output directory")
+    mg.add_argument("--models", nargs="+", help="checkpoint directories to merge")
+    mg.add_argument("--config", help="mergekit YAML (linear, slerp or ties)")
+    mg.add_argument("--method", default="linear", help="linear (default), slerp or ties")
+    mg.add_argument("--weights", type=float, nargs="+", help="one weight per model (linear, ties)")
+    mg.add_argument("--t", type=float, default=0.5, help="SLERP factor: 0 gives the first model (default 0.5)")
+    mg.add_argument("--base-model", help="TIES base checkpoint")
+    mg.add_argument("--density", type=float, default=1.0, help="TIES: share of each task vector kept (default 1)")
+    mg.set_defaults(run=_merge)
+
+    for sub in (up, mg):
+        sub.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: keep)")
+        sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+        sub.add_argument("--force", action="store_true", help="replace an existing DST")
+        sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                         help="progress bar (default: when stderr is a terminal)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"solar {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from solar_kernels.checkpoint import CheckpointError, CheckpointReader
+from solar_kernels.upscale import Slice, depth_upscale, parse_slices, upscale_from_yaml
+from tests.model.conftest import hf_tiny_config
+
+
+def make_checkpoint(path, *, layers=6, seed=0, max_shard_size="30KB", kind="llama", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_tiny_config(kind, num_hidden_layers=layers, **overrides))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    return path
+
+
+def tensors(path):
+    reader = CheckpointReader(path)
+    return {name: reader.get(name) for name in reader.names()}
+
+
+@pytest.fixture
+def base(tmp_path):
+    return make_checkpoint(tmp_path / "base")
+
+
+def test_solar_layer_map(base, tmp_path):
+    """SPEC §1 with n = 6, m = 2: new[i] = base[i] for i < 4, base[i - 4 + 2] after."""
+    report = depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="40KB")
+    assert report.num_layers == 8
+    src, out = tensors(base), tensors(tmp_path / "up")
+    n, m = 6, 2
+    for i in range(2 * (n - m)):
+        j = i if i < n - m else i - (n - m) + m
+        for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(out[f"model.layers.{i}.{suffix}"], src[f"model.layers.{j}.{suffix}"])
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(out[name], src[name])
+    assert len(out) == len(src) + 2 * 9  # two more layers of 9 tensors
+    config = json.loads((tmp_path / "up" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 8
+    assert (tmp_path / "up" / "tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+    assert (tmp_path / "up" / "generation_config.json").exists()
+    assert (tmp_path / "up" / "model.safetensors.index.json").exists()
+
+
+def test_transformers_loads_and_runs_the_result(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    depth_upscale(base, tmp_path / "up", drop=2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "up")
+    assert model.config.num_hidden_layers == 8
+    logits = model(torch.randint(0, 101, (1, 7))).logits
+    assert logits.shape == (1, 7, 101) and torch.isfinite(logits).all()
+
+
+def test_bytes_are_exact_copies(base, tmp_path):
+    depth_upscale(base, tmp_path / "up", drop=2)
+    src, out = tensors(base), tensors(tmp_path / "up")
+    assert out["model.layers.4.mlp.gate_proj.weight"].numpy().tobytes() == \
+        src["model.layers.2.mlp.gate_proj.weight"].numpy().tobytes()
+    assert out["lm_head.weight"].dtype == torch.float32
+
+
+def test_dtype_conversion(base, tmp_path):
+    depth_upscale(base, tmp_path / "up", drop=1, dtype="bfloat16")
+    reader = CheckpointReader(tmp_path / "up")
+    assert {reader.dtype(n) for n in reader.names()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "up" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    src = tensors(base)
+    assert torch.equal(reader.get("model.layers.5.mlp.up_proj.weight"), src["model.layers.1.mlp.up_proj.weight"].bfloat16())  # new[5] = base[5 - 5 + 1]
+
+
+def test_slices_from_two_checkpoints(tmp_path):
+    a = make_checkpoint(tmp_path / "a", seed=1)
+    b = make_checkpoint(tmp_path / "b", seed=2)
+    depth_upscale(None, tmp_path / "ab", slices=parse_slices(f"{a}:0:3,{b}:1:6", a))
+    out, ta, tb = tensors(tmp_path / "ab"), tensors(a), tensors(b)
+    assert torch.equal(out["model.layers.2.self_attn.v_proj.weight"], ta["model.layers.2.self_attn.v_proj.weight"])
+    assert torch.equal(out["model.layers.3.self_attn.v_proj.weight"], tb["model.layers.1.self_attn.v_proj.weight"])
+    assert torch.equal(out["model.embed_tokens.weight"], ta["model.embed_tokens.weight"])  # first slice's
+    assert torch.equal(out["model.norm.weight"], tb["model.norm.weight"])  # last slice's
+    assert torch.equal(out["lm_head.weight"], tb["lm_head.weight"])
+
+
+def test_mergekit_passthrough_yaml(base, tmp_path):
+    (tmp_path / "dus.yml").write_text(
+        "slices:\n"
+        "  - sources:\n      - model: base\n        layer_range: [0, 4]\n"
+        "  - sources:\n      - model: base\n        layer_range: [2, 6]\n"
+        "merge_method: passthrough\ndtype: float16\n"
+    )
+    report = upscale_from_yaml(tmp_path / "dus.yml", tmp_path / "up")
+    assert report.num_layers == 8
+    reader = CheckpointReader(tmp_path / "up")
+    assert reader.dtype("model.layers.7.mlp.up_proj.weight") == torch.float16
+    direct = depth_upscale(base, tmp_path / "direct", drop=2, dtype="float16")
+    assert direct.num_layers == 8 and tensors(tmp_path / "up").keys() == tensors(tmp_path / "direct").keys()
+
+
+def test_parse_slices():
+    assert parse_slices("0:24,8:32", "m") == [Slice(Path("m"), 0, 24), Slice(Path("m"), 8, 32)]
+    assert parse_slices("/x/a:0:3, b:2:5", "m") == [Slice(Path("/x/a"), 0, 3), Slice(Path("b"), 2, 5)]
+    with pytest.raises(ValueError, match="expected START:END or PATH:START:END"):
+        parse_slices("0-24", "m")
+
+
+@pytest.mark.parametrize("drop, message", [(0, "got 0"), (-1, "got -1"), (3, r"0 < drop < n/2 = 3 .* got 3"), (2.5, "got 2.5")])
+def test_bad_drop(base, tmp_path, drop, message):
+    with pytest.raises(ValueError, match=message):
+        depth_upscale(base, tmp_path / "up", drop=drop)
+    assert not (tmp_path / "up").exists()
+
+
+def test_slice_out_of_range(base, tmp_path):
+    with pytest.raises(ValueError, match=r"slice 4:7 is outside the 6 layers of"):
+        depth_upscale(None, tmp_path / "up", slices=parse_slices("0:4,4:7", base))
+
+
+def test_mismatched_architectures(base, tmp_path):
+    other = make_checkpoint(tmp_path / "other", intermediate_size=64)
+    with pytest.raises(ValueError, match=r"checkpoints differ in intermediate_size: 100 in .* vs 64 in"):
+        depth_upscale(None, tmp_path / "up", slices=parse_slices(f"{base}:0:3,{other}:3:6", base))
+
+
+def test_missing_shard_and_corrupt_header(base, tmp_path):
+    shards = sorted(base.glob("model-*.safetensors"))
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    (broken / shards[-1].name).unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[-1].name}: file is missing"):
+        depth_upscale(broken, tmp_path / "up", drop=1)
+    shutil.copy(shards[-1], broken / shards[-1].name)
+    (broken / shards[0].name).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        depth_upscale(broken, tmp_path / "up", drop=1)
+    assert not (tmp_path / "up").exists()
+
+
+def test_existing_destination_and_force(base, tmp_path):
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "notes.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="already exists"):
+        depth_upscale(base, tmp_path / "up", drop=2)
+    assert (tmp_path / "up" / "notes.txt").read_text() == "keep"
+    depth_upscale(base, tmp_path / "up", drop=2, force=True)
+    assert json.loads((tmp_path / "up" / "config.json").read_text())["num_hidden_layers"] == 8
+
+
+def test_failure_midway_leaves_nothing(base, tmp_path, monkeypatch):
+    import solar_kernels.checkpoint as checkpoint
+
+    calls = {"n": 0}
+    original = checkpoint.ShardWriter.add
+
+    def failing_add(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise OSError("disk went away")
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", failing_add)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(OSError, match="disk went away"):
+        depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="10KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_not_enough_disk(base, tmp_path, monkeypatch):
+    import solar_kernels.checkpoint as checkpoint
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(CheckpointError, match=r"not enough disk space for .*up: needs about"):
+        depth_upscale(base, tmp_path / "up", drop=2)
+    assert not (tmp_path / "up").exists()
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("slices: []\nmerge_method: passthrough\n")
+    with pytest.raises(ValueError, match="slices must be a non-empty list"):
+        upscale_from_yaml(bad, tmp_path / "up")
+    bad.write_text("models: [a, b]\nmerge_method: linear\n")
+    with pytest.raises(ValueError, match="unsupported keys"):
+        upscale_from_yaml(bad, tmp_path / "up")
+    bad.write_text("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [0, 4]\nmerge_method: passthrough\n")
+    with pytest.raises(ValueError, match="exactly one source for passthrough"):
+        upscale_from_yaml(bad, tmp_path / "up")
