@@ -1,8 +1,10 @@
 """Depth up-scaling streams: peak memory stays near one output shard, whatever the model's size.
 
 Writes a synthetic Llama checkpoint of a few GB (random bf16 weights, written shard by shard),
-up-scales it with ``solar upscale`` in a child process, and reports the child's peak RSS next to
-the sizes read and written and the throughput. Results go to ``benchmarks/results/`` as JSON.
+up-scales it with ``solar upscale`` in a child process, and reports the child's peak RSS (VmHWM
+of its own address space, read from /proc at its end: getrusage would also count the memory of
+the parent it was forked from) next to the sizes read and written and the throughput, and the
+peak RSS of a child that only imports the package. Results go to ``benchmarks/results/`` as JSON.
 
     python -m benchmarks.upscale_stream [--layers 16] [--shard-size 500MB] [--workdir /tmp/dus]
 """
@@ -13,7 +15,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,15 @@ def synthetic_checkpoint(path: Path, config, shard_size: str) -> int:
     return writer.total_size
 
 
+_PEAK_RSS = "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+
+
+def child_peak_rss(code: str) -> int:
+    """Run ``code`` in a fresh Python; return the peak RSS of that process, in bytes."""
+    done = subprocess.run([sys.executable, "-c", f"{code}\n{_PEAK_RSS}"], check=True, capture_output=True, text=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -56,16 +66,13 @@ def main(argv=None) -> int:
     try:
         src, dst = work / "src", work / "dst"
         read_bytes = synthetic_checkpoint(src, config, "1GB")
+        command = ["upscale", str(src), str(dst), "--drop", str(args.drop), "--max-shard-size", args.shard_size,
+                   "--no-progress"]
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "solar_kernels.cli", "upscale", str(src), str(dst),
-                        "--drop", str(args.drop), "--max-shard-size", args.shard_size, "--no-progress"], check=True)
+        peak_rss = child_peak_rss(f"from solar_kernels.cli import main\nassert main({command!r}) == 0")
         seconds = time.perf_counter() - start
-        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
         written = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
-        baseline = subprocess.run([sys.executable, "-c", "import resource, solar_kernels.cli; "
-                                   "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-                                  check=True, capture_output=True, text=True)
-        import_rss = int(baseline.stdout)
+        import_rss = child_peak_rss("import solar_kernels.cli, solar_kernels.upscale, torch")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -79,7 +86,7 @@ def main(argv=None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{result['date']}-cpu-upscale-stream.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{result['date']}-cpu-upscale-stream-{args.layers}l-{args.shard_size}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
