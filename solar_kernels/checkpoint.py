@@ -263,6 +263,9 @@ def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expec
             f"not enough disk space for {dst}: needs about {expected_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result should follow the umask
     try:
         yield tmp
         if dst.exists():

@@ -1,0 +1,559 @@
+"""Tests for solar_kernels/merge.py: the per-tensor math against hand-computed and independent
+results, whole-checkpoint merges against the loaded state dicts, the YAML forms, the output
+directory (transformers loads it, shards, dtype, side files), atomicity and every bad input."""
+
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from solar_kernels import checkpoint
+from solar_kernels.checkpoint import CheckpointError, ShardWriter, read_header
+from solar_kernels.merge import SLERP_DOT_THRESHOLD, linear_merge, merge, merge_from_yaml, slerp, ties_merge
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _save_tiny(path, seed, max_shard_size="1GB", **overrides):
+    """A tiny random Llama checkpoint; every parameter perturbed so models differ (the norm weights
+    only slightly: like fine-tunes of one base, they stay nearly parallel across models)."""
+    config = transformers.LlamaConfig(**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * (0.01 if parameter.ndim == 1 else 0.05))
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
+
+
+def _state_dict(path):
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def _listing(directory):
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    paths = {
+        "a": _save_tiny(root / "a", seed=1, max_shard_size="10KB"),  # sharded
+        "b": _save_tiny(root / "b", seed=2),  # one model.safetensors
+        "c": _save_tiny(root / "c", seed=3, max_shard_size="16KB"),
+        "base": _save_tiny(root / "base", seed=4),
+        "wide": _save_tiny(root / "wide", seed=5, intermediate_size=48),
+        "deep": _save_tiny(root / "deep", seed=6, num_hidden_layers=3),
+    }
+    (paths["a"] / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "which": "a"}))
+    (paths["base"] / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "which": "base"}))
+    assert (paths["a"] / "model.safetensors.index.json").is_file() and (paths["b"] / "model.safetensors").is_file()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def weights(sources):
+    return {name: _state_dict(path) for name, path in sources.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-tensor math
+# ----------------------------------------------------------------------------------------------
+
+# Hand-computed TIES example: base [10, 20, 30, 40], task vectors
+#   tau_1 = [3, -1, 0.5, -2], tau_2 = [-1, -4, 2, 0.25], tau_3 = [2, 1, -3, 0.1].
+# density 0.5 keeps 2 of 4 entries: [3, 0, 0, -2], [0, -4, 2, 0], [2, 0, -3, 0].
+TIES_BASE = [10.0, 20.0, 30.0, 40.0]
+TIES_TAUS = [[3.0, -1.0, 0.5, -2.0], [-1.0, -4.0, 2.0, 0.25], [2.0, 1.0, -3.0, 0.1]]
+TIES_CASES = {
+    # equal weights: sum [5, -4, -1, -2] -> signs [+, -, -, -]; agreeing means [2.5, -4, -3, -2].
+    "equal": (dict(weights=[1, 1, 1], density=0.5), [12.5, 16.0, 27.0, 38.0]),
+    # lambda scales the merged task vector.
+    "lambda": (dict(weights=[1, 1, 1], density=0.5, lambda_=0.5), [11.25, 18.0, 28.5, 39.0]),
+    # weights [1, 2, 1]: weighted [3,0,0,-2], [0,-8,4,0], [2,0,-3,0]; sum [5,-8,1,-2] flips entry 2 to +,
+    # so only model 2 agrees there: 4 / 2 = 2. Means [(3+2)/2, -8/2, 4/2, -2/1].
+    "weighted": (dict(weights=[1, 2, 1], density=0.5), [12.5, 16.0, 32.0, 38.0]),
+    # normalize=False: plain sums of the agreeing weighted entries [5, -8, 4, -2].
+    "unnormalized": (dict(weights=[1, 2, 1], density=0.5, normalize=False), [15.0, 12.0, 34.0, 38.0]),
+    # densities [1, 0.5, 0.25]: [3,-1,0.5,-2], [0,-4,2,0], [0,0,-3,0]; sum [3,-5,-0.5,-2] -> [+,-,-,-];
+    # means [3, (-1-4)/2, -3, -2].
+    "per_model_density": (dict(weights=[1, 1, 1], density=[1.0, 0.5, 0.25]), [13.0, 17.5, 27.0, 38.0]),
+}
+
+
+@pytest.mark.parametrize("case", list(TIES_CASES))
+def test_ties_hand_computed(case):
+    kwargs, expected = TIES_CASES[case]
+    base = torch.tensor(TIES_BASE)
+    tensors = [base + torch.tensor(tau) for tau in TIES_TAUS]
+    merged = ties_merge(base, tensors, **kwargs)
+    torch.testing.assert_close(merged, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_ties_sign_edge_cases_and_dtype():
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
+    tensors = [base + torch.tensor([4.0, 0.0, 0.0, 3.0]), base + torch.tensor([-1.0, 0.0, 2.0, -3.0])]
+    merged = ties_merge(base, tensors, [1.0, 1.0], density=1.0)
+    assert merged.dtype == torch.bfloat16
+    # entry 0: sum 3 -> +, model 0 alone: 4. entry 1: no model moved, stays at the base.
+    # entry 2: model 1 alone: 2. entry 3: sum exactly 0 elects + (as mergekit), model 0 alone: 3.
+    assert merged.tolist() == [5.0, 2.0, 5.0, 7.0]
+
+
+def test_ties_trim_keeps_exactly_k_with_tied_magnitudes():
+    # density 0.4 of 5 entries keeps 2: the 2, then the earliest of the four entries tied at magnitude 1.
+    merged = ties_merge(torch.zeros(5), [torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])], [1.0], density=0.4)
+    assert merged.tolist() == [1.0, 0.0, 0.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("t, expected", [(0.5, [math.sqrt(2), math.sqrt(2)]), (1 / 3, [math.sqrt(3), 1.0])])
+def test_slerp_orthogonal_known_answer(t, expected):
+    # a and b at 90 degrees with norm 2: slerp stays on the circle of radius 2 (lerp would not).
+    merged = slerp(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0]), t)
+    torch.testing.assert_close(merged, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [2.0, -3.0], ids=["parallel", "antiparallel"])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_parallel_falls_back_to_linear(scale, t):
+    a = torch.randn(7, 5)
+    b = scale * a
+    torch.testing.assert_close(slerp(a, b, t), (1 - t) * a + t * b, rtol=1e-6, atol=1e-6)
+
+
+def test_slerp_endpoints_are_exact_and_dtype_kept():
+    a, b = torch.randn(33, 17, dtype=torch.bfloat16), torch.randn(33, 17, dtype=torch.bfloat16)
+    assert torch.equal(slerp(a, b, 0.0), a) and torch.equal(slerp(a, b, 1.0), b)
+    assert slerp(a, b, 0.4).dtype == torch.bfloat16
+
+
+def test_linear_merge_fp32_inside_cast_back():
+    a, b = torch.randn(129, dtype=torch.bfloat16), torch.randn(129, dtype=torch.bfloat16)
+    merged = linear_merge([a, b], [0.6, 0.4])
+    expected = ((0.6 * a.double() + 0.4 * b.double()) / 1.0).to(torch.bfloat16)
+    assert merged.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, expected, rtol=2**-8, atol=0)
+    torch.testing.assert_close(linear_merge([a, b], [2.0, 1.0], normalize=False).double(),
+                               2 * a.double() + b.double(), rtol=2**-7, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole checkpoints against the loaded state dicts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "models, kwargs, coefficients",
+    [
+        (("a", "b"), dict(weights=[0.6, 0.4]), [0.6, 0.4]),
+        (("a", "b", "c"), dict(), [1 / 3, 1 / 3, 1 / 3]),  # default: equal weights
+        (("a", "b"), dict(weights=[1.0, 0.5], normalize=False), [1.0, 0.5]),
+        (("a", "b"), dict(weights=[3.0, 1.0]), [0.75, 0.25]),
+    ],
+    ids=["0.6-0.4", "equal-3", "unnormalized", "normalized-3-1"],
+)
+def test_linear_checkpoint(sources, weights, tmp_path, models, kwargs, coefficients):
+    dst = merge([sources[m] for m in models], tmp_path / "out", method="linear", **kwargs)
+    merged = _state_dict(dst)
+    assert set(merged) == set(weights["a"])
+    for name, tensor in merged.items():
+        expected = sum(c * weights[m][name].double() for c, m in zip(coefficients, models))
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _slerp_expected(a, b, t):
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = float(a64 @ b64 / (a64.norm() * b64.norm()))
+    if abs(cos) > SLERP_DOT_THRESHOLD:
+        return ((1 - t) * a64 + t * b64).view(a.shape), "linear"
+    omega = math.acos(cos)
+    merged = (math.sin((1 - t) * omega) * a64 + math.sin(t * omega) * b64) / math.sin(omega)
+    return merged.view(a.shape), "spherical"
+
+
+def test_slerp_checkpoint(sources, weights, tmp_path):
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="slerp", t=0.3)
+    merged = _state_dict(dst)
+    assert set(merged) == set(weights["a"])
+    paths = set()
+    for name, tensor in merged.items():
+        expected, path = _slerp_expected(weights["a"][name], weights["b"][name], 0.3)
+        paths.add(path)
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    # The norm weights (near 1 in both) take the linear path, the random matrices the spherical one.
+    assert paths == {"linear", "spherical"}
+
+
+def test_slerp_checkpoint_parallel_falls_back_to_linear(sources, weights, tmp_path):
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    (doubled / "config.json").write_bytes((sources["a"] / "config.json").read_bytes())
+    save_file({name: 2 * tensor for name, tensor in weights["a"].items()}, str(doubled / "model.safetensors"))
+    merged = _state_dict(merge([sources["a"], doubled], tmp_path / "out", method="slerp", t=0.3))
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, 0.7 * weights["a"][name] + 0.3 * 2 * weights["a"][name],
+                                   rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("t, source", [(0.0, "a"), (1.0, "b")])
+def test_slerp_checkpoint_endpoints(sources, weights, tmp_path, t, source):
+    merged = _state_dict(merge([sources["a"], sources["b"]], tmp_path / "out", method="slerp", t=t))
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, weights[source][name]), name
+
+
+def test_slerp_base_model_is_the_t0_end(sources, weights, tmp_path):
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="slerp", t=0.0, base_model=sources["b"])
+    for name, tensor in _state_dict(dst).items():
+        assert torch.equal(tensor, weights["b"][name]), name
+
+
+def _ties_expected(base, thetas, weights, densities, lambda_=1.0):
+    """Straightforward TIES: trim by a magnitude threshold, then per-model sign checks."""
+    kept = []
+    for theta, weight, density in zip(thetas, weights, densities):
+        tau = (theta.float() - base.float()).flatten()  # the same fp32 task vector the merge sees
+        k = max(1, int(density * tau.numel() + 1e-6))
+        threshold = tau.abs().sort(descending=True).values[k - 1]
+        kept.append(weight * torch.where(tau.abs() >= threshold, tau, 0.0).double())
+    sign = torch.ones_like(kept[0])
+    sign[sum(kept) < 0] = -1
+    numerator = torch.zeros_like(kept[0])
+    denominator = torch.zeros_like(kept[0])
+    for contribution, weight in zip(kept, weights):
+        agrees = (contribution != 0) & (torch.sign(contribution) == sign)
+        numerator[agrees] += contribution[agrees]
+        denominator[agrees] += weight
+    mean = torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), 0.0)
+    return base.double() + lambda_ * mean.view(base.shape)
+
+
+def test_ties_checkpoint(sources, weights, tmp_path):
+    dst = merge([sources["a"], sources["b"], sources["c"]], tmp_path / "out", method="ties",
+                base_model=sources["base"], weights=[0.5, 0.3, 0.2], density=[0.5, 0.7, 0.3], lambda_=0.8)
+    merged = _state_dict(dst)
+    assert set(merged) == set(weights["base"])
+    for name, tensor in merged.items():
+        thetas = [weights[m][name] for m in ("a", "b", "c")]
+        expected = _ties_expected(weights["base"][name], thetas, [0.5, 0.3, 0.2], [0.5, 0.7, 0.3], 0.8)
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6, msg=name)
+    # config and tokenizer come from the base model
+    assert json.loads((dst / "tokenizer_config.json").read_text())["which"] == "base"
+
+
+def test_non_float_tensors_copied_from_first_model(tmp_path):
+    for name, step, value in (("x", 7, 1.0), ("y", 9, 3.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        tensors = {"w": torch.full((3,), value), "step": torch.tensor([step])}
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    dst = merge([tmp_path / "x", tmp_path / "y"], tmp_path / "out", method="linear", dtype="float16")
+    merged = load_file(dst / "model.safetensors")
+    assert merged["step"].dtype == torch.int64 and merged["step"].tolist() == [7]
+    assert merged["w"].dtype == torch.float16 and merged["w"].tolist() == [2.0, 2.0, 2.0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The output directory
+# ----------------------------------------------------------------------------------------------
+
+
+def test_output_loads_in_transformers_and_runs(sources, weights, tmp_path):
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", progress=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
+    reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
+    expected = {name: (weights["a"][name] + weights["b"][name]) / 2 for name in weights["a"]}
+    reference.load_state_dict(expected)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (2, 9, TINY["vocab_size"])
+
+
+def test_sharding_respects_max_shard_size(sources, weights, tmp_path):
+    limit = 8000
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", max_shard_size=limit)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (dst / "model.safetensors").exists()
+    assert sorted(p.name for p in dst.glob("*.safetensors")) == shards
+    total = 0
+    for shard in shards:
+        header = read_header(dst / shard)
+        shard_bytes = sum(end - start for start, end in (info["data_offsets"] for info in header.values()))
+        assert shard_bytes <= limit, shard
+        total += shard_bytes
+    assert index["metadata"]["total_size"] == total == sum(t.numel() * 4 for t in weights["a"].values())
+    assert set(index["weight_map"]) == set(weights["a"])
+
+
+def test_single_file_when_it_fits(sources, tmp_path):
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear")
+    assert (dst / "model.safetensors").is_file() and not (dst / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("dtype, name", [("bfloat16", "bfloat16"), (torch.float16, "float16")])
+def test_dtype_conversion(sources, weights, tmp_path, dtype, name):
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", weights=[0.6, 0.4], dtype=dtype)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["dtype"] == name
+    target = getattr(torch, name)
+    for key, tensor in _state_dict(dst).items():
+        assert tensor.dtype == target, key
+        expected = 0.6 * weights["a"][key].double() + 0.4 * weights["b"][key].double()
+        torch.testing.assert_close(tensor.double(), expected, rtol=2**-7, atol=1e-6, msg=key)
+
+
+def test_config_and_side_files_copied(sources, tmp_path):
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear")
+    assert json.loads((dst / "config.json").read_text()) == json.loads((sources["a"] / "config.json").read_text())
+    for side_file in ("generation_config.json", "tokenizer_config.json"):
+        assert (dst / side_file).read_bytes() == (sources["a"] / side_file).read_bytes(), side_file
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomicity
+# ----------------------------------------------------------------------------------------------
+
+
+def test_existing_dst_refused_unless_force(sources, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        merge([sources["a"], sources["b"]], dst, method="linear")
+    assert _listing(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
+    assert _listing(tmp_path) == ["out"]
+    merge([sources["a"], sources["b"]], dst, method="linear", force=True)
+    assert "keep.txt" not in _listing(dst) and (dst / "config.json").is_file()
+    assert _listing(tmp_path) == ["out"]
+
+
+def test_failure_midway_leaves_no_output(sources, tmp_path, monkeypatch):
+    original_add = ShardWriter.add
+    calls = []
+
+    def failing_add(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("disk on fire")
+        original_add(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", failing_add)
+    # A small shard size makes the first two adds flush a shard into the temporary directory.
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", max_shard_size=4000)
+    assert len(calls) == 3
+    assert _listing(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: raised before anything is written
+# ----------------------------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (("a", "b"), dict(method="average"), r"method must be one of 'linear', 'slerp', 'ties', got 'average'"),
+    (("a", "b"), dict(method="linear", weights=[1.0]), r"weights must have one number per model \(2\), got \[1.0\]"),
+    (("a", "b"), dict(method="linear", weights=[1.0, -0.5]), r"non-negative with normalize=True, got \[1.0, -0.5\]"),
+    (("a", "b"), dict(method="linear", weights=[0, 0]), r"must not all be zero with normalize=True, got \[0.0, 0.0\]"),
+    (("a", "b"), dict(method="ties", base_model="base", weights=[0, 0]), r"must not all be zero"),
+    (("a", "b"), dict(method="linear", weights=[1.0, "x"]), r"weights\[1\] must be a finite number, got 'x'"),
+    (("a", "b"), dict(method="slerp", t=1.5), r"t must be in \[0, 1\].*got 1.5"),
+    (("a", "b"), dict(method="slerp", t=-0.1), r"t must be in \[0, 1\].*got -0.1"),
+    (("a", "b", "c"), dict(method="slerp"), r"slerp merges exactly 2 models, got 3"),
+    (("a", "b"), dict(method="slerp", weights=[1, 1]), r"weights do not apply to slerp"),
+    (("a", "b"), dict(method="slerp", base_model="c"), r"slerp base_model must be one of the two models"),
+    (("a", "b"), dict(method="ties", base_model="base", density=0.0), r"density must be in \(0, 1\].*got 0.0"),
+    (("a", "b"), dict(method="ties", base_model="base", density=1.5), r"density must be in \(0, 1\].*got 1.5"),
+    (("a", "b"), dict(method="ties", base_model="base", density=[0.5]), r"one per model \(2\), got \[0.5\]"),
+    (("a", "b"), dict(method="ties"), r"method 'ties' needs base_model .* got None"),
+    (("a", "b"), dict(method="linear", density=0.5), r"density applies only to ties, got density=0.5"),
+    (("a", "b"), dict(method="linear", t=0.7), r"t applies only to slerp, got t=0.7"),
+    (("a", "b"), dict(method="linear", base_model="base"), r"base_model does not apply to linear merges"),
+    (("a", "b"), dict(method="linear", dtype="int8"), r"dtype must be one of float32, float16, bfloat16, got 'int8'"),
+    (("a", "b"), dict(method="linear", max_shard_size="huge"), r"max_shard_size must be .* got 'huge'"),
+]
+
+
+@pytest.mark.parametrize("models, kwargs, message", BAD_ARGUMENTS, ids=[str(i) for i in range(len(BAD_ARGUMENTS))])
+def test_bad_arguments(sources, tmp_path, models, kwargs, message):
+    if "base_model" in kwargs:
+        kwargs = {**kwargs, "base_model": sources[kwargs["base_model"]]}
+    with pytest.raises(ValueError, match=message):
+        merge([sources[m] for m in models], tmp_path / "out", **kwargs)
+    assert _listing(tmp_path) == []
+
+
+def test_mismatched_shapes_name_model_and_tensor(sources, tmp_path):
+    wide = re.escape(str(sources["wide"]))
+    message = (rf"model {wide}: tensor 'model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight' has shape "
+               rf"\[(48, 16|16, 48)\], expected \[(40, 16|16, 40)\] as in {re.escape(str(sources['a']))}")
+    with pytest.raises(CheckpointError, match=message):
+        merge([sources["a"], sources["wide"]], tmp_path / "out", method="linear")
+    assert _listing(tmp_path) == []
+
+
+def test_mismatched_tensor_names(sources, tmp_path):
+    a, deep = re.escape(str(sources["a"])), re.escape(str(sources["deep"]))
+    with pytest.raises(CheckpointError, match=rf"model {deep} has tensor 'model\.layers\.2\.[\w.]+', which {a} lacks"):
+        merge([sources["a"], sources["deep"]], tmp_path / "out", method="linear")
+    with pytest.raises(CheckpointError, match=rf"model {a} has no tensor 'model\.layers\.2\.[\w.]+', which {deep} has"):
+        merge([sources["deep"], sources["a"]], tmp_path / "out", method="slerp")
+    with pytest.raises(CheckpointError, match=rf"model {deep} has tensor"):
+        merge([sources["a"], sources["deep"]], tmp_path / "out", method="ties", base_model=sources["base"])
+    assert _listing(tmp_path) == []
+
+
+def test_missing_model_and_dst_equal_to_source(sources, tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        merge([sources["a"], tmp_path / "nowhere"], tmp_path / "out", method="linear")
+    with pytest.raises(ValueError, match="would replace the source model"):
+        merge([sources["a"], sources["b"]], sources["b"], method="linear", force=True)
+    assert _listing(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# mergekit-style YAML
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_yaml(directory, text):
+    path = directory / "merge.yml"
+    path.write_text(text)
+    return path
+
+
+def _assert_same_checkpoint(left, right):
+    left_tensors, right_tensors = _state_dict(left), _state_dict(right)
+    assert set(left_tensors) == set(right_tensors)
+    for name in left_tensors:
+        assert left_tensors[name].dtype == right_tensors[name].dtype, name
+        assert torch.equal(left_tensors[name], right_tensors[name]), name
+    assert json.loads((left / "config.json").read_text()) == json.loads((right / "config.json").read_text())
+
+
+def test_yaml_linear_relative_paths(sources, tmp_path, monkeypatch):
+    config = _write_yaml(tmp_path, f"""
+models:
+  - model: {os.path.relpath(sources['a'], tmp_path)}
+    parameters: {{weight: 0.6}}
+  - model: ./{os.path.relpath(sources['b'], tmp_path)}
+    parameters: {{weight: 0.4}}
+merge_method: linear
+parameters: {{normalize: true}}
+dtype: bfloat16
+""")
+    assert not os.path.isabs(os.path.relpath(sources["a"], tmp_path))
+    monkeypatch.chdir(sources["a"])  # relative paths resolve against the YAML file, not the working directory
+    dst = merge_from_yaml(config, tmp_path / "yaml")
+    expected = merge([sources["a"], sources["b"]], tmp_path / "api", method="linear", weights=[0.6, 0.4],
+                     dtype="bfloat16")
+    _assert_same_checkpoint(dst, expected)
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_yaml_slerp_slices(sources, tmp_path):
+    config = _write_yaml(tmp_path, f"""
+slices:
+  - sources:
+      - model: {sources['a']}
+        layer_range: [0, 2]
+      - model: {sources['b']}
+        layer_range: [0, 2]
+merge_method: slerp
+base_model: {sources['a']}
+parameters:
+  t: 0.3
+dtype: float32
+""")
+    dst = merge_from_yaml(config, tmp_path / "yaml")
+    _assert_same_checkpoint(dst, merge([sources["a"], sources["b"]], tmp_path / "api", method="slerp", t=0.3))
+
+
+def test_yaml_slerp_models_list_base_is_t0_end(sources, weights, tmp_path):
+    config = _write_yaml(tmp_path, f"""
+models:
+  - model: {sources['a']}
+  - model: {sources['b']}
+merge_method: slerp
+base_model: {sources['b']}
+parameters: {{t: 0.0}}
+""")
+    dst = merge_from_yaml(config, tmp_path / "yaml")
+    for name, tensor in _state_dict(dst).items():
+        assert torch.equal(tensor, weights["b"][name]), name
+
+
+def test_yaml_ties(sources, tmp_path):
+    config = _write_yaml(tmp_path, f"""
+models:
+  - model: {sources['base']}
+  - model: {sources['a']}
+    parameters: {{density: 0.5, weight: 0.5}}
+  - model: {sources['b']}
+    parameters: {{density: 0.3, weight: 0.5}}
+merge_method: ties
+base_model: {sources['base']}
+parameters: {{normalize: true, int8_mask: true}}
+dtype: float16
+""")
+    dst = merge_from_yaml(config, tmp_path / "yaml", max_shard_size="10KB")
+    expected = merge([sources["a"], sources["b"]], tmp_path / "api", method="ties", base_model=sources["base"],
+                     weights=[0.5, 0.5], density=[0.5, 0.3], dtype="float16")
+    _assert_same_checkpoint(dst, expected)
+    assert (dst / "model.safetensors.index.json").is_file()
+
+
+# @a and @b stand for the paths of sources a and b.
+TWO = "models: [{model: @a}, {model: @b}]\n"
+BAD_YAML = {
+    "unknown_key": (TWO + "merge_method: linear\ntokenizer_source: base\n",
+                    r"unknown top-level key 'tokenizer_source'"),
+    "passthrough": ("slices: []\nmerge_method: passthrough\n", r"'passthrough' stacks layers.*solar upscale --config"),
+    "unknown_method": (TWO + "merge_method: dare_ties\n",
+                       r"merge_method must be one of linear, slerp, ties, got 'dare_ties'"),
+    "partial_slice": ("slices:\n  - sources:\n      - {model: @a, layer_range: [0, 1]}\n"
+                      "      - {model: @b, layer_range: [0, 1]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
+                      r"layer_range \[0, 1\] is not supported: only whole-model merges are, i\.e\. \[0, 2\]"),
+    "mismatched_slice": ("slices:\n  - sources:\n      - {model: @a, layer_range: [0, 2]}\n"
+                         "      - {model: @b, layer_range: [1, 2]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
+                         r"sources\[1\]: layer_range \[1, 2\] is not supported"),
+    "two_slices": ("slices:\n  - sources: [{model: @a, layer_range: [0, 1]}, {model: @b, layer_range: [0, 1]}]\n"
+                   "  - sources: [{model: @a, layer_range: [1, 2]}, {model: @b, layer_range: [1, 2]}]\n"
+                   "merge_method: slerp\nparameters: {t: 0.5}\n", r"only one slice .* got 2 slices"),
+    "gradient_t": (TWO + "merge_method: slerp\nparameters: {t: [0, 0.5, 1]}\n",
+                   r"parameter t: \[0, 0.5, 1\]: per-layer gradients and filters are not supported"),
+    "models_and_slices": ("models: [{model: @a}]\nslices: []\nmerge_method: linear\n",
+                          r"exactly one of models or slices, got both"),
+    "slerp_without_t": (TWO + "merge_method: slerp\n", r"slerp needs parameters: \{t"),
+    "slerp_three": ("models: [{model: @a}, {model: @b}, {model: @a}]\nmerge_method: slerp\nparameters: {t: 0.5}\n",
+                    r"slerp merges exactly 2 models, got 3"),
+    "ties_without_base": (TWO + "merge_method: ties\n", r"needs base_model"),
+    "bad_model_parameter": ("models: [{model: @a, parameters: {density: 0.5}}, {model: @b}]\nmerge_method: linear\n",
+                            r"parameter 'density' does not apply to linear"),
+    "hub_model": ("models: [{model: upstage/SOLAR-10.7B-v1.0}, {model: @b}]\nmerge_method: linear\n",
+                  r"model 'upstage/SOLAR-10.7B-v1.0' resolves to .* which is not a directory"),
+    "two_documents": (TWO + "merge_method: linear\n---\nmerge_method: slerp\n",
+                      r"not a valid merge YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_YAML))
+def test_bad_yaml(sources, tmp_path, case):
+    text, message = BAD_YAML[case]
+    config = _write_yaml(tmp_path, text.replace("@a", str(sources["a"])).replace("@b", str(sources["b"])))
+    with pytest.raises(ValueError, match=message):
+        merge_from_yaml(config, tmp_path / "out")
+    assert _listing(tmp_path) == ["merge.yml"]
