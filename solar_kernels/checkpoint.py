@@ -240,6 +240,15 @@ class ShardWriter:
         return names
 
 
+def set_config_dtype(config: dict, dtype: torch.dtype) -> dict:
+    """Record ``dtype`` in a config.json dict: in whichever of ``dtype`` (transformers 5) and
+    ``torch_dtype`` (4.x) it has, else in ``torch_dtype``, which both read."""
+    name = str(dtype).replace("torch.", "")
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
+    config.update({key: name for key in keys})
+    return config
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 

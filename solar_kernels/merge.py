@@ -107,6 +107,7 @@ from .checkpoint import (
     output_directory,
     parse_dtype,
     parse_size,
+    set_config_dtype,
     write_json,
 )
 
@@ -118,7 +119,6 @@ METHODS = ("linear", "slerp", "ties")
 # Above this |cos(angle)| slerp falls back to linear interpolation: mergekit's DOT_THRESHOLD, so a
 # merge here gives mergekit's result. (Fine-tunes of one base are often this close in some tensors.)
 SLERP_DOT_THRESHOLD = 0.9995
-DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +386,7 @@ def merge(
     expected_bytes = sum(math.prod(reference.shape(n)) * out_dtype_of(n).itemsize for n in names)
     config = dict(reference.config)
     if out_dtype is not None:
-        keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
-        config.update({key: DTYPE_CONFIG_NAMES[out_dtype] for key in keys})
+        set_config_dtype(config, out_dtype)
     logger.info("%s merge of %s%s into %s (%d tensors, %.2f GB)", method, ", ".join(map(str, models)),
                 f" on base {base_model}" if base is not None else "", dst, len(names), expected_bytes / 1e9)
 

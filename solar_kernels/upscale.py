@@ -42,8 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .checkpoint import CheckpointError, CheckpointReader, ShardWriter, copy_side_files, output_directory, \
-    parse_dtype, write_json
+from .checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    ShardWriter,
+    copy_side_files,
+    output_directory,
+    parse_dtype,
+    set_config_dtype,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +61,6 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act",
                       "attention_bias", "mlp_bias", "tie_word_embeddings")
-_DTYPE_NAMES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -241,8 +248,7 @@ def depth_upscale(
     config = json.loads(json.dumps(first.config))
     config["num_hidden_layers"] = new_layer
     if target_dtype is not None:
-        config["torch_dtype"] = _DTYPE_NAMES[str(target_dtype)]
-        config.pop("dtype", None)
+        set_config_dtype(config, target_dtype)
     iterator = plan
     if progress:
         from tqdm import tqdm

@@ -19,7 +19,7 @@ def test_upscale_command(base, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("wrote") and "6 layers" in out
     config = json.loads((tmp_path / "up" / "config.json").read_text())
-    assert config["num_hidden_layers"] == 6 and config["torch_dtype"] == "bfloat16"
+    assert config["num_hidden_layers"] == 6 and config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
 def test_upscale_with_slices_and_yaml(base, tmp_path):

@@ -72,7 +72,8 @@ def test_dtype_conversion(base, tmp_path):
     depth_upscale(base, tmp_path / "up", drop=1, dtype="bfloat16")
     reader = CheckpointReader(tmp_path / "up")
     assert {reader.dtype(n) for n in reader.names()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "up" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "up" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     src = tensors(base)
     assert torch.equal(reader.get("model.layers.5.mlp.up_proj.weight"), src["model.layers.1.mlp.up_proj.weight"].bfloat16())  # new[5] = base[5 - 5 + 1]
 

@@ -22,6 +22,7 @@ from ..checkpoint import (
     copy_side_files,
     output_directory,
     parse_dtype,
+    set_config_dtype,
     write_json,
 )
 from .config import ModelConfig
@@ -29,7 +30,6 @@ from .transformer import CausalLM
 
 # Buffers some older checkpoints carry that the model recomputes.
 _IGNORED_TENSORS = ("rotary_emb.inv_freq",)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def load_pretrained(
@@ -84,9 +84,7 @@ def save_pretrained(
         tensors.pop("lm_head.weight", None)
     out_dtype = target_dtype or next(iter(tensors.values())).dtype
     expected_bytes = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
-    hf_config = config.to_hf_config()
-    hf_config["torch_dtype"] = _DTYPE_NAMES.get(out_dtype, str(out_dtype))
-    hf_config.pop("dtype", None)
+    hf_config = set_config_dtype(config.to_hf_config(), out_dtype)
     with output_directory(path, force=force, expected_bytes=expected_bytes) as tmp:
         if side_files_from is not None:
             copy_side_files(Path(side_files_from), tmp)
