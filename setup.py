@@ -28,8 +28,10 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2",
+            "pytest-benchmark>=4",
             "numpy>=1.26",
             "transformers>=4.45",
+            "matplotlib>=3.7",
         ],
     },
 )

@@ -1,0 +1,253 @@
+"""The benchmarked ops: shapes, minimum bytes and FLOPs, and every contender for each.
+
+Minimum bytes count each input read once and each output written once (b = bytes per element):
+
+| op (mode) | minimum bytes |
+|---|---|
+| rms_norm fwd | x, w read; y written: 2·N·d·b + d·b |
+| rms_norm bwd | dy, x, w read; dx, dw written: 3·N·d·b + 2·d·b |
+| rms_norm+residual fwd | x, r, w read; y, h written: 4·N·d·b + d·b |
+| rms_norm+residual bwd | dy, dh, h, w read; dx written once (dx = dr), dw: 4·N·d·b + 2·d·b |
+| apply_rotary fwd, bwd | q, k, cos, sin read; q', k' written: 2·T·(Hq+Hkv)·D·b + 2·T·D·b |
+| swiglu fwd | gate, up read; y written: 3·N·I·b |
+| swiglu bwd | dy, gate, up read; dgate, dup written: 5·N·I·b |
+
+(fwd+bwd is the sum.) The log-prob ops are matmul-bound: 2·N·d·V FLOPs for the logits, 4·N·d·V
+more for dhidden and dweight; the table counts 2·N·d·V (fwd) and 6·N·d·V (fwd+bwd), and the
+``matmul`` contender times exactly those GEMMs with ``torch.matmul``: the floor the fused op is
+held to (target: at most 1.15x its time).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import solar_kernels as sk
+from solar_kernels._backend import unavailable_reason
+
+SOLAR = {"d": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128, "vocab": 32000}
+TINY = {"d": 64, "intermediate": 160, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 512}
+GPU_TOKENS = (4096, 16384, 32768)
+CPU_TOKENS = (64,)
+RMS_SWEEP = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+SWEEP_ELEMENTS = 1 << 26  # rows x width for the width sweep: 128 MB of bf16, well beyond L2
+
+
+@dataclass
+class Case:
+    op: str
+    dtype: torch.dtype
+    shape: Dict[str, int]
+    make_inputs: Callable[[], Dict[str, torch.Tensor]]
+    # contender -> fn(inputs); the "matmul" floor takes (inputs, mode) and needs no autograd
+    contenders: Dict[str, Callable[..., object]]
+    bytes: Dict[str, int] = field(default_factory=dict)   # per mode, memory-bound ops
+    flops: Dict[str, int] = field(default_factory=dict)   # per mode, matmul-bound ops
+    grad_inputs: tuple = ()  # names of the inputs whose gradients the backward computes
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+def available_contenders(device: torch.device) -> List[str]:
+    names = ["torch", "torch_compile"]
+    for backend in ("triton", "cuda"):
+        if unavailable_reason(backend, device) is None:
+            names.append(backend)
+    if device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
+        names.append("liger")
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash_attn")
+    return names
+
+
+def _compiled(fn, device):
+    # The backward-only timing replays one graph (retain_graph=True), which compiled backwards
+    # refuse when they donate buffers; donation changes no timing here.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+    # On the CPU, inductor would spend minutes compiling tiny graphs; aot_eager checks the tracing.
+    return torch.compile(fn, backend="inductor" if device.type == "cuda" else "aot_eager")
+
+
+def _rms_norm_case(tokens, d, dtype, device, residual, contenders):
+    eps = 1e-5
+
+    def make():
+        x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+        w = (1 + 0.1 * torch.randn(d, device=device, dtype=dtype)).requires_grad_()
+        inputs = {"x": x, "w": w}
+        if residual:
+            inputs["r"] = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+        return inputs
+
+    def ours(backend):
+        if residual:
+            return lambda i: sk.rms_norm(i["x"], i["w"], eps, residual=i["r"], backend=backend)
+        return lambda i: sk.rms_norm(i["x"], i["w"], eps, backend=backend)
+
+    ref = (lambda x, w, r: sk.rms_norm_ref(x, w, eps, r)) if residual else (lambda x, w: sk.rms_norm_ref(x, w, eps))
+    compiled = _compiled(ref, device)
+    run = {
+        "torch": (lambda i: ref(i["x"], i["w"], i["r"])) if residual else (lambda i: ref(i["x"], i["w"])),
+        "torch_compile": (lambda i: compiled(i["x"], i["w"], i["r"])) if residual else (lambda i: compiled(i["x"], i["w"])),
+        "triton": ours("triton"),
+        "cuda": ours("cuda"),
+    }
+    if "liger" in contenders:
+        from liger_kernel.transformers.functional import liger_fused_add_rms_norm, liger_rms_norm
+
+        run["liger"] = ((lambda i: liger_fused_add_rms_norm(i["x"], i["r"], i["w"], eps)) if residual
+                        else (lambda i: liger_rms_norm(i["x"], i["w"], eps)))
+    if "flash_attn" in contenders:
+        from flash_attn.ops.triton.layer_norm import rms_norm_fn
+
+        run["flash_attn"] = ((lambda i: rms_norm_fn(i["x"], i["w"], None, residual=i["r"], eps=eps,
+                                                    prenorm=True)) if residual
+                             else (lambda i: rms_norm_fn(i["x"], i["w"], None, eps=eps)))
+    b = torch.empty((), dtype=dtype).element_size()
+    nd = tokens * d * b
+    fwd, bwd = (4 * nd + d * b, 4 * nd + 2 * d * b) if residual else (2 * nd + d * b, 3 * nd + 2 * d * b)
+    return Case("rms_norm+residual" if residual else "rms_norm", dtype, {"tokens": tokens, "d": d}, make,
+                {k: v for k, v in run.items() if k in contenders},
+                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
+                grad_inputs=("x", "w", "r") if residual else ("x", "w"))
+
+
+def _rotary_case(tokens, shape, dtype, device, contenders):
+    hq, hkv, hd = shape["heads"], shape["kv_heads"], shape["head_dim"]
+
+    def make():
+        positions = torch.arange(tokens, device=device)
+        inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, device=device).float() / hd)
+        emb = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)[None]  # [1, T, D], as transformers
+        return {
+            "q": torch.randn(1, hq, tokens, hd, device=device, dtype=dtype, requires_grad=True),
+            "k": torch.randn(1, hkv, tokens, hd, device=device, dtype=dtype, requires_grad=True),
+            "cos": emb.cos().to(dtype), "sin": emb.sin().to(dtype),
+        }
+
+    compiled = _compiled(sk.apply_rotary_ref, device)
+    run = {
+        "torch": lambda i: sk.apply_rotary_ref(i["q"], i["k"], i["cos"], i["sin"]),
+        "torch_compile": lambda i: compiled(i["q"], i["k"], i["cos"], i["sin"]),
+        "triton": lambda i: sk.apply_rotary(i["q"], i["k"], i["cos"], i["sin"], backend="triton"),
+        "cuda": lambda i: sk.apply_rotary(i["q"], i["k"], i["cos"], i["sin"], backend="cuda"),
+    }
+    if "liger" in contenders:
+        from liger_kernel.transformers.functional import liger_rope
+
+        run["liger"] = lambda i: liger_rope(i["q"], i["k"], i["cos"], i["sin"])
+    b = torch.empty((), dtype=dtype).element_size()
+    once = 2 * tokens * (hq + hkv) * hd * b + 2 * tokens * hd * b
+    return Case("apply_rotary", dtype, {"tokens": tokens, "heads": hq, "kv_heads": hkv, "head_dim": hd}, make,
+                {k: v for k, v in run.items() if k in contenders},
+                bytes={"fwd": once, "bwd": once, "fwd+bwd": 2 * once}, grad_inputs=("q", "k"))
+
+
+def _swiglu_case(tokens, width, dtype, device, contenders):
+    def make():
+        return {
+            "gate": (3 * torch.randn(tokens, width, device=device, dtype=dtype)).requires_grad_(),
+            "up": torch.randn(tokens, width, device=device, dtype=dtype, requires_grad=True),
+        }
+
+    compiled = _compiled(sk.swiglu_ref, device)
+    run = {
+        "torch": lambda i: sk.swiglu_ref(i["gate"], i["up"]),
+        "torch_compile": lambda i: compiled(i["gate"], i["up"]),
+        "triton": lambda i: sk.swiglu(i["gate"], i["up"], backend="triton"),
+        "cuda": lambda i: sk.swiglu(i["gate"], i["up"], backend="cuda"),
+    }
+    if "liger" in contenders:
+        from liger_kernel.transformers.functional import liger_swiglu
+
+        run["liger"] = lambda i: liger_swiglu(i["gate"], i["up"])
+    n = tokens * width * torch.empty((), dtype=dtype).element_size()
+    return Case("swiglu", dtype, {"tokens": tokens, "intermediate": width}, make,
+                {k: v for k, v in run.items() if k in contenders},
+                bytes={"fwd": 3 * n, "bwd": 5 * n, "fwd+bwd": 8 * n}, grad_inputs=("gate", "up"))
+
+
+def _logprob_case(op, tokens, shape, dtype, device, contenders):
+    d, vocab = shape["d"], shape["vocab"]
+
+    def make():
+        labels = torch.randint(0, vocab, (tokens,), device=device)
+        labels[: tokens // 4] = -100  # a prompt share, as in SFT/DPO batches
+        return {
+            "hidden": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True),
+            "weight": (torch.randn(vocab, d, device=device, dtype=dtype) / d**0.5).requires_grad_(),
+            "labels": labels,
+        }
+
+    if op == "linear_cross_entropy":
+        def ref(h, w, y):
+            return sk.linear_cross_entropy_ref(h, w, y)
+
+        def ours(backend):
+            return lambda i: sk.linear_cross_entropy(i["hidden"], i["weight"], i["labels"], backend=backend)
+    else:
+        def ref(h, w, y):
+            return sk.linear_logprobs_ref(h, w, y)
+
+        def ours(backend):
+            return lambda i: sk.linear_logprobs(i["hidden"], i["weight"], i["labels"], backend=backend)
+
+    def matmuls(i, mode):
+        """The GEMMs the op must do (takes the mode): the logits, and dhidden and dweight from a
+        logits-sized gradient."""
+        h, w = i["hidden"].detach(), i["weight"].detach()
+        if mode == "fwd":
+            return h @ w.t()
+        grad_logits = i.setdefault("_grad_logits", torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype))
+        if mode == "bwd":
+            return grad_logits @ w, grad_logits.t() @ h
+        return h @ w.t(), grad_logits @ w, grad_logits.t() @ h
+
+    compiled = _compiled(ref, device)
+    run = {
+        "torch": lambda i: ref(i["hidden"], i["weight"], i["labels"]),
+        "torch_compile": lambda i: compiled(i["hidden"], i["weight"], i["labels"]),
+        "triton": ours("triton"),
+        "cuda": ours("cuda"),
+        "matmul": matmuls,
+    }
+    if "liger" in contenders and op == "linear_cross_entropy":
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        run["liger"] = lambda i: liger_fused_linear_cross_entropy(i["hidden"], i["weight"], i["labels"])
+    flops = 2 * tokens * d * vocab
+    return Case(op, dtype, {"tokens": tokens, "d": d, "vocab": vocab}, make,
+                {k: v for k, v in run.items() if k in contenders or k == "matmul"},
+                flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops}, grad_inputs=("hidden", "weight"))
+
+
+def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: Optional[List[str]] = None,
+                sweep: bool = True) -> List[Case]:
+    contenders = available_contenders(device)
+    shape = TINY if cpu else SOLAR
+    token_counts = CPU_TOKENS if cpu else GPU_TOKENS
+    cases: List[Case] = []
+    for dtype in dtypes:
+        for tokens in token_counts:
+            cases.append(_rms_norm_case(tokens, shape["d"], dtype, device, False, contenders))
+            cases.append(_rms_norm_case(tokens, shape["d"], dtype, device, True, contenders))
+            cases.append(_rotary_case(tokens, shape, dtype, device, contenders))
+            cases.append(_swiglu_case(tokens, shape["intermediate"], dtype, device, contenders))
+            cases.append(_logprob_case("linear_cross_entropy", tokens, shape, dtype, device, contenders))
+            cases.append(_logprob_case("linear_logprobs", tokens, shape, dtype, device, contenders))
+        if sweep:
+            widths = (64, 4096) if cpu else RMS_SWEEP
+            elements = 64 * 64 if cpu else SWEEP_ELEMENTS
+            for width in widths:
+                case = _rms_norm_case(max(1, elements // width), width, dtype, device, False, contenders)
+                case.op = "rms_norm_sweep"
+                cases.append(case)
+    return [c for c in cases if ops is None or c.op in ops]
