@@ -32,6 +32,8 @@ from solar_kernels._backend import unavailable_reason
 SOLAR = {"d": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128, "vocab": 32000}
 TINY = {"d": 64, "intermediate": 160, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 512}
 GPU_TOKENS = (4096, 16384, 32768)
+# torch.compile spends 10-30 s per op and shape compiling; on the GPU it is timed at this size only.
+COMPILE_TOKENS = 16384
 CPU_TOKENS = (64,)
 RMS_SWEEP = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SWEEP_ELEMENTS = 1 << 26  # rows x width for the width sweep: 128 MB of bf16, well beyond L2
@@ -230,24 +232,27 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
 
 
 def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: Optional[List[str]] = None,
-                sweep: bool = True) -> List[Case]:
-    contenders = available_contenders(device)
+                sweep: bool = True, tokens: Optional[List[int]] = None) -> List[Case]:
+    everyone = available_contenders(device)
+    without_compile = [c for c in everyone if c != "torch_compile"]
     shape = TINY if cpu else SOLAR
-    token_counts = CPU_TOKENS if cpu else GPU_TOKENS
+    token_counts = tokens or (CPU_TOKENS if cpu else GPU_TOKENS)
     cases: List[Case] = []
     for dtype in dtypes:
-        for tokens in token_counts:
-            cases.append(_rms_norm_case(tokens, shape["d"], dtype, device, False, contenders))
-            cases.append(_rms_norm_case(tokens, shape["d"], dtype, device, True, contenders))
-            cases.append(_rotary_case(tokens, shape, dtype, device, contenders))
-            cases.append(_swiglu_case(tokens, shape["intermediate"], dtype, device, contenders))
-            cases.append(_logprob_case("linear_cross_entropy", tokens, shape, dtype, device, contenders))
-            cases.append(_logprob_case("linear_logprobs", tokens, shape, dtype, device, contenders))
+        for count in token_counts:
+            contenders = everyone if cpu or count == COMPILE_TOKENS else without_compile
+            cases.append(_rms_norm_case(count, shape["d"], dtype, device, False, contenders))
+            cases.append(_rms_norm_case(count, shape["d"], dtype, device, True, contenders))
+            cases.append(_rotary_case(count, shape, dtype, device, contenders))
+            cases.append(_swiglu_case(count, shape["intermediate"], dtype, device, contenders))
+            cases.append(_logprob_case("linear_cross_entropy", count, shape, dtype, device, contenders))
+            cases.append(_logprob_case("linear_logprobs", count, shape, dtype, device, contenders))
         if sweep:
             widths = (64, 4096) if cpu else RMS_SWEEP
             elements = 64 * 64 if cpu else SWEEP_ELEMENTS
             for width in widths:
-                case = _rms_norm_case(max(1, elements // width), width, dtype, device, False, contenders)
+                case = _rms_norm_case(max(1, elements // width), width, dtype, device, False,
+                                      everyone if cpu else without_compile)
                 case.op = "rms_norm_sweep"
                 cases.append(case)
     return [c for c in cases if ops is None or c.op in ops]

@@ -1,29 +1,35 @@
 #!/usr/bin/env bash
-# The one GPU run (see shared/BENCHMARKING.md): environment report, install against the machine's
-# own torch/triton, the gpu-marked tests, then the kernel self-check on the card.
-# The op and train-step benchmarks join this script with the benchmark suite.
-#   OUT=/some/dir bash benchmarks/gpu_check.sh     (OUT defaults to benchmarks/results/local)
+# The one GPU run (shared/BENCHMARKING.md): environment, install against the machine's own torch,
+# the gpu-marked tests, the op benchmarks (bf16, SOLAR shapes), the train-step benchmark, and the
+# combined results. Everything lands in $OUT (default benchmarks/results/local); afterwards, on the
+# development machine: python -m benchmarks.report --into benchmarks/results --readme README.md
+# (after copying $OUT/<date>-<card>.{json,csv} into benchmarks/results/).
+#   OUT=/some/dir bash benchmarks/gpu_check.sh            about 6-7 minutes on an H100/H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/local}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+status=0
+step() { echo; echo "== $1 ($(date +%T))"; }
 {
-  echo "== environment"
+  step "environment"
   nvidia-smi || true
   python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-  if [ -d .whl ]; then
+  if compgen -G ".whl/*.whl" > /dev/null; then  # pure-Python contenders (liger-kernel) brought as wheels
     pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
   fi
-  echo "== install"
+  step "install"
   MAX_JOBS=16 pip install -q --no-deps --no-build-isolation -e . || exit 1
-  echo "== gpu tests"
-  python -m pytest -m gpu -x -q -p no:cacheprovider tests
-  tests_rc=$?
-  echo "== self-check on the GPU"
-  python -m solar_kernels.selfcheck --device cuda
-  selfcheck_rc=$?
-  echo "== summary: gpu tests rc=$tests_rc, self-check rc=$selfcheck_rc"
-  [ "$tests_rc" -eq 0 ] && [ "$selfcheck_rc" -eq 0 ]
+  step "gpu tests"
+  timeout 150 python -m pytest -m gpu -x -q -p no:cacheprovider tests || status=1
+  step "op benchmarks"
+  timeout 240 python -m benchmarks.ops --out "$OUT" || status=1
+  step "train-step benchmark"
+  timeout 150 python -m benchmarks.train_step --out "$OUT" || status=1
+  step "results"
+  python -m benchmarks.report "$OUT" --into "$OUT" || status=1
+  echo "== done: status $status"
+  exit $status
 } 2>&1 | tee "$OUT/log"

@@ -5,7 +5,7 @@
     python -m benchmarks.ops --cpu           # tiny shapes on the CPU: checks the suite runs (CI)
 
 Contenders: ``torch`` (the op's ``*_ref``, eager), ``torch_compile`` (the same reference under
-``torch.compile``), our ``triton`` and ``cuda`` backends, Liger-Kernel and flash-attn's Triton
+``torch.compile``; on a GPU at 16K tokens only, since compiling costs 10-30 s per op and shape), our ``triton`` and ``cuda`` backends, Liger-Kernel and flash-attn's Triton
 RMSNorm when they are installed, and for the log-prob ops ``matmul``: the GEMMs alone.
 Per row: median ms with p20/p80, achieved GB/s (memory-bound ops, minimum bytes; see cases.py) or
 TFLOP/s (log-prob ops), the ratio to the copy bandwidth or GEMM rate measured in the same run,
@@ -113,7 +113,11 @@ def add_speedups(rows: List[Dict[str, object]]) -> None:
 
 
 def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # charts are a view of the CSV; a machine without matplotlib still gets the numbers
+        logger.warning("matplotlib is not installed: no PNG charts (benchmarks/fetch_wheels.sh brings it)")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -162,15 +166,42 @@ def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
     return written
 
 
+# Ceilings measured on the validation machines (SPEC §7), for the floors in --counts.
+SPEC_CEILINGS = {"H100": (3.0e12, 798e12), "H200": (4.3e12, 790e12)}
+
+
+def counts_table() -> str:
+    """Markdown: minimum bytes or FLOPs per SOLAR-shaped bf16 case and mode, and the floor time
+    they imply on the H100 and H200 at the copy bandwidth / GEMM rate measured there (SPEC §7)."""
+    lines = ["| op | tokens | mode | minimum | H100 floor | H200 floor |", "|---|---|---|---|---|---|"]
+    for case in build_cases(torch.device("cpu"), [torch.bfloat16], cpu=False, sweep=False):
+        for mode in MODES:
+            if case.bytes:
+                amount, unit, index = case.bytes[mode], "MB", 0
+                shown = f"{amount / 1e6:.0f} MB"
+            else:
+                amount, index = case.flops[mode], 1
+                shown = f"{amount / 1e12:.2f} TFLOP"
+            floors = [f"{amount / SPEC_CEILINGS[card][index] * 1e3:.3f} ms" for card in ("H100", "H200")]
+            lines.append(f"| {case.op} | {case.shape['tokens']} | {mode} | {shown} | {floors[0]} | {floors[1]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (checks the suite, no real numbers)")
     parser.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeatable; default bf16 (fp32 on --cpu)")
     parser.add_argument("--ops", nargs="+", help="subset of ops (default all)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the RMSNorm width sweep")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 4096 16384 32768)")
     parser.add_argument("--out", default="benchmarks/results/local", help="output folder")
+    parser.add_argument("--counts", action="store_true",
+                        help="print the minimum bytes / FLOPs of every SOLAR-shaped case and the floors they imply, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.counts:
+        print(counts_table())
+        return 0
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the CPU check")
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -180,7 +211,7 @@ def main(argv=None) -> int:
     print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "
           f"(measured now)", flush=True)
     rows: List[Dict[str, object]] = []
-    for case in build_cases(device, dtypes, cpu=args.cpu, ops=args.ops, sweep=not args.no_sweep):
+    for case in build_cases(device, dtypes, cpu=args.cpu, ops=args.ops, sweep=not args.no_sweep, tokens=args.tokens):
         print(f"{case.op} {case.label} {case.dtype}", flush=True)
         rows += run_case(case, device, ceiling)
         if device.type == "cuda":
