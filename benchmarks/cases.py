@@ -31,7 +31,7 @@ from solar_kernels._backend import unavailable_reason
 
 SOLAR = {"d": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128, "vocab": 32000}
 TINY = {"d": 64, "intermediate": 160, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 512}
-GPU_TOKENS = (4096, 16384, 32768)
+GPU_TOKENS = (16384, 32768, 4096)  # the size the targets are set at first, should a run be cut short
 # torch.compile spends 10-30 s per op and shape compiling; on the GPU it is timed at this size only.
 COMPILE_TOKENS = 16384
 CPU_TOKENS = (64,)

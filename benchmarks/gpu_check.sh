@@ -23,11 +23,11 @@ step() { echo; echo "== $1 ($(date +%T))"; }
   step "install"
   MAX_JOBS=16 pip install -q --no-deps --no-build-isolation -e . || exit 1
   step "gpu tests"
-  timeout 150 python -m pytest -m gpu -x -q -p no:cacheprovider tests || status=1
+  timeout 120 python -m pytest -m gpu -x -q -p no:cacheprovider tests || status=1
   step "op benchmarks"
-  timeout 240 python -m benchmarks.ops --out "$OUT" || status=1
+  timeout 270 python -m benchmarks.ops --out "$OUT" --budget-s 200 || status=1
   step "train-step benchmark"
-  timeout 150 python -m benchmarks.train_step --out "$OUT" || status=1
+  timeout 120 python -m benchmarks.train_step --out "$OUT" || status=1
   step "results"
   python -m benchmarks.report "$OUT" --into "$OUT" || status=1
   echo "== done: status $status"

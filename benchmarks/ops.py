@@ -19,6 +19,7 @@ import argparse
 import itertools
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -193,7 +194,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeatable; default bf16 (fp32 on --cpu)")
     parser.add_argument("--ops", nargs="+", help="subset of ops (default all)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the RMSNorm width sweep")
-    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 4096 16384 32768)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 16384 32768 4096)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new case after this many seconds (results so far are kept)")
     parser.add_argument("--out", default="benchmarks/results/local", help="output folder")
     parser.add_argument("--counts", action="store_true",
                         help="print the minimum bytes / FLOPs of every SOLAR-shaped case and the floors they imply, then exit")
@@ -211,13 +214,19 @@ def main(argv=None) -> int:
     print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "
           f"(measured now)", flush=True)
     rows: List[Dict[str, object]] = []
-    for case in build_cases(device, dtypes, cpu=args.cpu, ops=args.ops, sweep=not args.no_sweep, tokens=args.tokens):
+    out = Path(args.out)
+    start = time.perf_counter()
+    cases = build_cases(device, dtypes, cpu=args.cpu, ops=args.ops, sweep=not args.no_sweep, tokens=args.tokens)
+    for number, case in enumerate(cases):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            print(f"time budget of {args.budget_s:.0f} s spent: {len(cases) - number} cases not run", flush=True)
+            break
         print(f"{case.op} {case.label} {case.dtype}", flush=True)
         rows += run_case(case, device, ceiling)
+        add_speedups(rows)
+        write_rows(rows, env, {"ceilings": ceiling}, out, "ops")  # after every case: a cut-short run keeps its rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    add_speedups(rows)
-    out = Path(args.out)
     files = write_rows(rows, env, {"ceilings": ceiling}, out, "ops") + charts(rows, out)
     shown = [r for r in rows if r["op"] != "rms_norm_sweep" and "median_ms" in r
              and r["tokens"] == max(r2["tokens"] for r2 in rows if r2["op"] != "rms_norm_sweep")]
