@@ -1,6 +1,7 @@
 # Set-up and entry points. Everything installs into .venv in the checkout from pinned versions.
 #   make test   - create .venv if missing, install the pinned test environment and the package, run pytest
-#   make demo   - the kernel self-check (the full SOLAR recipe demo replaces it with the training stages)
+#   make demo   - set up, then the whole SOLAR recipe on embedded data (solar demo; a few minutes on a CPU)
+#   make selfcheck - the kernel self-check (every op and backend against float64)
 #   make gpu-compile - compile every Triton kernel for sm_90/sm_80 without a GPU (part of make test)
 
 PYTHON ?= python3
@@ -22,7 +23,8 @@ $(STAMP): requirements/test.txt setup.py pyproject.toml
 test: $(STAMP)
 	$(CPU_TRITON) $(PY) -m pytest -q
 
-demo: selfcheck
+demo: $(STAMP)
+	$(PY) -m solar_kernels.cli demo --out runs/demo
 
 selfcheck: $(STAMP)
 	$(CPU_TRITON) $(PY) -m solar_kernels.selfcheck

@@ -1,4 +1,5 @@
-"""The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints.
+"""The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints, and the
+training stages (``pretrain``, ``sft``, ``dpo``) of the ``training`` package next to this one.
 
 Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input.
 """
@@ -61,6 +62,27 @@ def _merge(args) -> None:
     print(f"wrote {path}")
 
 
+TRAIN_EXAMPLES = """examples:
+  solar {stage} --config training/configs/tiny_{config}.yaml
+  solar {stage} --config training/configs/tiny_{config}.yaml --optim.lr=3e-4 --train.steps=50
+  torchrun --nproc_per_node 8 -m training.{stage} --config training/configs/solar_10.7b_{config}_8gpu.yaml
+"""
+TRAIN_CONFIGS = {"pretrain": "pretrain", "sft": "sft", "dpo": "sdpo"}
+
+
+def _train(stage: str, argv: List[str]) -> int:
+    try:
+        if stage == "demo":
+            from training.demo import main as demo_main
+        else:
+            from training.stages import main as train_main
+    except ImportError as error:
+        print(f"solar {stage}: error: the training package is not importable ({error}); "
+              "run from the repository or install it with `pip install -e .[train]`", file=sys.stderr)
+        return 2
+    return demo_main(argv) if stage == "demo" else train_main(stage, argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solar", description="SOLAR depth up-scaling toolkit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -86,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--density", type=float, default=1.0, help="TIES: share of each task vector kept (default 1)")
     mg.set_defaults(run=_merge)
 
+    for stage, config in TRAIN_CONFIGS.items():
+        commands.add_parser(stage, help=f"train: {stage} (see --help)", add_help=False,
+                            epilog=TRAIN_EXAMPLES.format(stage=stage, config=config))
+    commands.add_parser("demo", help="the whole recipe on embedded data (solar demo --quick: under a minute)",
+                        add_help=False)
+
     for sub in (up, mg):
         sub.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: keep)")
         sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
@@ -96,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        return _train("demo", argv[1:])
+    if argv and argv[0] in TRAIN_CONFIGS:  # the training stages parse their own arguments
+        if any(a in ("-h", "--help") for a in argv[1:]):
+            print(f"usage: solar {argv[0]} --config FILE [--section.key=value ...]\n\n"
+                  + TRAIN_EXAMPLES.format(stage=argv[0], config=TRAIN_CONFIGS[argv[0]]))
+            return 0
+        return _train(argv[0], argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)

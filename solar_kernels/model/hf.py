@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -77,9 +77,24 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` as a Hugging Face directory at ``path`` (atomically; refuses an existing
     ``path`` unless ``force``). ``side_files_from`` copies tokenizer files from another checkpoint."""
-    config = model.config
+    tensors = dict(model.named_parameters())
+    return write_pretrained(tensors, model.config, path, max_shard_size=max_shard_size, dtype=dtype, force=force,
+                            side_files_from=side_files_from)
+
+
+def write_pretrained(
+    tensors: Dict[str, torch.Tensor],
+    config: ModelConfig,
+    path: Union[str, os.PathLike],
+    *,
+    max_shard_size: Union[int, str] = "5GB",
+    dtype: Optional[Union[str, torch.dtype]] = None,
+    force: bool = False,
+    side_files_from: Optional[Union[str, os.PathLike]] = None,
+) -> Path:
+    """``save_pretrained`` for a state dict (e.g. gathered from an FSDP-sharded model) in HF names."""
     target_dtype = parse_dtype(dtype)
-    tensors = {name: p for name, p in model.named_parameters()}
+    tensors = dict(tensors)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     out_dtype = target_dtype or next(iter(tensors.values())).dtype

@@ -1,0 +1,135 @@
+"""SFT and DPO/sDPO stages on the CPU: they run, train what they should, and DPO with precomputed
+reference log-probs equals DPO with a live reference model."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import solar_kernels as sk
+from solar_kernels.model import load_pretrained
+from tests.training.conftest import write_config
+from training import data as data_lib
+from training.config import load_config
+from training.objectives import DirectPreference
+from training.stages import run_stage
+from training.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_model(workspace, tmp_path_factory):
+    """A tiny model pretrained a few steps (the starting point of SFT and DPO)."""
+    out = tmp_path_factory.mktemp("base")
+    config = write_config(out / "c.yaml",
+                          model={"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": "float32",
+                                 "backend": "torch"},
+                          data={"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
+                          train={"steps": 4, "batch_size": 4, "output_dir": str(out / "run")})
+    run_stage("pretrain", load_config(config))
+    return out / "run" / "final"
+
+
+def stage_config(path, base_model, out, **sections):
+    merged = {"model": {"checkpoint": str(base_model), "dtype": "float32", "backend": "torch"},
+              "data": {"seq_len": 96, "max_prompt_length": 48},
+              "optim": {"lr": 1.0e-3},
+              "train": {"steps": 6, "batch_size": 4, "output_dir": str(out)}}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    return load_config(write_config(path, **merged))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft(workspace, base_model, tmp_path, packing):
+    config = stage_config(tmp_path / "sft.yaml", base_model, tmp_path / "sft",
+                          data={"train": str(workspace / "sft.jsonl"), "packing": packing}, train={"steps": 10})
+    history = run_stage("sft", config)["sft"]
+    assert len(history) == 10 and history[-1]["loss"] < history[0]["loss"]
+    assert load_pretrained(tmp_path / "sft" / "final").config.num_layers == 4
+
+
+def test_dpo_metrics_and_export(workspace, base_model, tmp_path):
+    config = stage_config(tmp_path / "dpo.yaml", base_model, tmp_path / "dpo",
+                          data={"train": str(workspace / "pairs.jsonl")}, dpo={"beta": 0.1}, train={"steps": 16})
+    history = run_stage("dpo", config)["dpo"]
+    records = metrics(tmp_path / "dpo")
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert key in records[0]
+    # The first step's policy is its reference: rewards are exactly zero, the loss exactly log 2.
+    assert records[0]["rewards/chosen"] == 0 and records[0]["rewards/margins"] == 0
+    assert records[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert sum(r["rewards/margins"] for r in history[-4:]) > 0  # it learns to prefer the chosen answers
+    assert (tmp_path / "dpo" / "final" / "config.json").exists()
+
+
+def test_precomputed_reference_equals_a_live_reference_model(workspace, base_model):
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    records = [json.loads(line) for line in (workspace / "pairs.jsonl").read_text().splitlines()][:6]
+    examples = data_lib.dpo_examples(records, tokenizer, 96, 48)
+    batch = data_lib.collate_dpo(examples, tokenizer.pad_token_id)
+    reference = load_pretrained(base_model, backend="torch").eval()
+    policy = load_pretrained(base_model, backend="torch")
+    with torch.no_grad():  # move the policy away from the reference
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    objective = DirectPreference(policy, beta=0.2, loss_type="sigmoid", label_smoothing=0.0)
+    with torch.no_grad():
+        precomputed = DirectPreference(reference, beta=0.2, loss_type="sigmoid", label_smoothing=0.0)(
+            batch["input_ids"], batch["labels"])
+    loss_sum, _ = objective(batch["input_ids"], batch["labels"], precomputed)
+    # the same loss with a reference model held in memory, evaluated on the fly
+    live_ref = sk.sequence_logprobs(reference(batch["input_ids"], return_hidden=True), reference.lm_head.weight,
+                                    batch["labels"])
+    policy_logps = sk.sequence_logprobs(policy(batch["input_ids"], return_hidden=True), policy.lm_head.weight,
+                                        batch["labels"])
+    n = len(examples)
+    live, _, _ = sk.dpo_loss(policy_logps[:n], policy_logps[n:], live_ref[:n], live_ref[n:], beta=0.2)
+    torch.testing.assert_close(loss_sum / n, live)
+
+
+def test_sdpo_stages_chain_references(workspace, base_model, tmp_path):
+    config = stage_config(tmp_path / "sdpo.yaml", base_model, tmp_path / "sdpo", train={"steps": 4},
+                          dpo={"stages": [str(workspace / "easy.jsonl"), str(workspace / "hard.jsonl")],
+                               "order_by_accuracy": True})
+    histories = run_stage("dpo", config)
+    assert list(histories) == ["dpo-stage1", "dpo-stage2"]
+    for name, history in histories.items():
+        # each stage starts from its own reference (the previous stage's end): zero rewards at step 1
+        assert history[0]["rewards/margins"] == 0 and history[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    stage2_start = metrics(tmp_path / "sdpo" / "stage2")[0]["logps/chosen"]
+    stage1_start = metrics(tmp_path / "sdpo" / "stage1")[0]["logps/chosen"]
+    assert stage1_start != stage2_start
+    assert (tmp_path / "sdpo" / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"train": "missing.jsonl"}, "missing.jsonl"),
+    ],
+)
+def test_bad_data(base_model, tmp_path, data, message):
+    config = stage_config(tmp_path / "bad.yaml", base_model, tmp_path / "bad", data=data)
+    with pytest.raises(ValueError, match=message):
+        run_stage("sft", config)
+
+
+def test_empty_dataset(base_model, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    config = stage_config(tmp_path / "bad.yaml", base_model, tmp_path / "bad", data={"train": str(tmp_path / "empty.jsonl")})
+    with pytest.raises(ValueError):
+        run_stage("sft", config)
+
+
+def test_malformed_records(base_model, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"question": "2+2?", "answer": "4"}\n')
+    config = stage_config(tmp_path / "bad.yaml", base_model, tmp_path / "bad", data={"train": str(tmp_path / "bad.jsonl")})
+    with pytest.raises(ValueError, match="prompt"):
+        run_stage("sft", config)

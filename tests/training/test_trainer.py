@@ -1,0 +1,157 @@
+"""The trainer on the CPU: stages run and export, determinism, exact resume after a killed
+process, a crash during a save, NaN handling, and 2 processes (gloo, FSDP2) == 1 process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from solar_kernels.model import load_pretrained
+from tests.tolerances import rel_err
+from tests.training.conftest import write_config
+from training.config import load_config
+from training.stages import run_stage
+from training.trainer import TrainingError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pretrain_config(workspace, out, **train):
+    return {
+        "model": {"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": "float32", "backend": "torch"},
+        "data": {"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
+        "optim": {"lr": 3.0e-3, "warmup_steps": 2},
+        "train": {"steps": 8, "batch_size": 4, "output_dir": str(out), "seed": 3, **train},
+    }
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(workspace, out, **train):
+    path = write_config(Path(str(out) + ".yaml"), **pretrain_config(workspace, out, **train))
+    return run_stage("pretrain", load_config(path))["pretrain"]
+
+
+def test_pretrain_logs_plots_and_exports(workspace, tmp_path):
+    history = run(workspace, tmp_path / "run", steps=12)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb"):
+        assert key in records[0]
+    assert sum(losses(tmp_path / "run")[-3:]) < sum(losses(tmp_path / "run")[:3])  # it learns
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    model = load_pretrained(tmp_path / "run" / "final")
+    assert model.config.vocab_size == 320 and (tmp_path / "run" / "final" / "tokenizer.json").exists()
+    assert len(history) == 12
+
+
+def test_deterministic_on_cpu(workspace, tmp_path):
+    run(workspace, tmp_path / "a", export=False)
+    run(workspace, tmp_path / "b", export=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def _stage_process(config_path, extra=()):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    return subprocess.Popen([sys.executable, "-m", "training.pretrain", "--config", str(config_path), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_a_killed_process_matches_an_uninterrupted_run(workspace, tmp_path):
+    steps = 10
+    run(workspace, tmp_path / "straight", steps=steps, export=False)
+    config = write_config(tmp_path / "killed.yaml", **pretrain_config(workspace, tmp_path / "killed", steps=steps,
+                                                                     save_every=2, export=False))
+    process = _stage_process(config)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            process.send_signal(signal.SIGKILL)  # not a clean exit
+            break
+        time.sleep(0.02)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.stdout.read()[-2000:]
+    checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert checkpoints and checkpoints[-1] < f"step-{steps:08d}"
+    resumed = _stage_process(config, ["--train.resume=true"])
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint(workspace, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    original, calls = dcp.save, {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            original(*args, **kwargs)
+            raise OSError("disk full during the second save")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dcp, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-00000002"]
+    monkeypatch.setattr(dcp, "save", original)
+    history = run(workspace, tmp_path / "run", steps=8, save_every=2, export=False, resume=True)
+    assert history[0]["step"] == 3  # continued after the last complete checkpoint
+    assert not list(checkpoints.glob(".step-*.partial"))  # the half-written one is cleaned up
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(workspace, tmp_path, monkeypatch):
+    import training.objectives as objectives
+
+    forward = objectives.LanguageModeling.forward
+    state = {"calls": 0}
+
+    def poisoned(self, *args, **kwargs):
+        state["calls"] += 1
+        loss, metrics = forward(self, *args, **kwargs)
+        return (loss * float("nan") if state["calls"] == 5 else loss), metrics
+
+    monkeypatch.setattr(objectives.LanguageModeling, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5; .* Last good checkpoint: .*step-00000004"):
+        run(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_two_processes_match_one(workspace, tmp_path):
+    single = pretrain_config(workspace, tmp_path / "one", steps=4, batch_size=4, export=True)
+    run_stage("pretrain", load_config(write_config(tmp_path / "one.yaml", **single)))
+    double = pretrain_config(workspace, tmp_path / "two", steps=4, batch_size=2, export=True)
+    config = write_config(tmp_path / "two.yaml", **double)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + os.getpid() % 1000), "-m", "training.pretrain", "--config", str(config)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one, two = load_pretrained(tmp_path / "one" / "final"), load_pretrained(tmp_path / "two" / "final")
+    # Elementwise equality is not expected: Adam's first steps move every weight by about +-lr
+    # whatever the gradient's size, so reduction-order noise on near-zero gradients flips some.
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        assert rel_err(b, a) < 1e-3, name
+
+
+def test_cli_entry_and_bad_config(workspace, tmp_path, capsys):
+    from solar_kernels.cli import main
+
+    config = write_config(tmp_path / "c.yaml", **pretrain_config(workspace, tmp_path / "cli", steps=2, export=False))
+    assert main(["pretrain", "--config", str(config), "--optim.lr=1e-3"]) == 0
+    assert len(losses(tmp_path / "cli")) == 2
+    assert main(["pretrain", "--config", str(config), "--optim.rate=1"]) == 2
+    assert "unknown key optim.rate" in capsys.readouterr().err

@@ -1,0 +1,228 @@
+"""Training configuration: nested dataclasses, a YAML/JSON file, and ``--section.key=value`` overrides.
+
+    config = load_config("training/configs/tiny_pretrain.yaml", ["--optim.lr=3e-4", "--train.steps=50"])
+
+Every field has a comment saying what it does and why its default. An unknown section or key, or
+a value of the wrong type, is a ``ValueError`` naming it and listing what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+
+@dataclass
+class ModelSection:
+    # Hugging Face checkpoint directory to start from (what `solar upscale` writes, say).
+    checkpoint: Optional[str] = None
+    # Or a solar_kernels preset ("tiny", "solar-10.7b", ...) initialized at random (pretraining from scratch).
+    preset: Optional[str] = None
+    # Tokenizer directory; None: the checkpoint's own (SPEC: tokenized with the checkpoint's tokenizer).
+    tokenizer: Optional[str] = None
+    # Kernel backend for the model's ops (None: solar_kernels decides per device).
+    backend: Optional[str] = None
+    # Parameter dtype: bfloat16 on GPUs (FSDP2 reduces gradients in float32); float32 on the CPU.
+    dtype: str = "bfloat16"
+
+
+@dataclass
+class DataSection:
+    # Local json/jsonl/parquet/text files (or a folder), or a Hugging Face hub dataset name.
+    train: Union[str, List[str]] = ""
+    # Stream the dataset instead of loading it (large hub sets); pretraining only.
+    streaming: bool = False
+    # Field with the raw text (pretraining).
+    text_field: str = "text"
+    # Tokens per row: packed rows for pretraining and packed SFT, the length limit otherwise.
+    seq_len: int = 2048
+    # SFT: pack several examples into one row (positions restart per example; no cross-example attention).
+    packing: bool = False
+    # SFT/DPO prompt format: "solar" (### User: / ### Assistant:, SPEC §2) or "chat_template".
+    prompt_format: str = "solar"
+    # DPO: tokens of prompt kept when prompt + response exceed seq_len (the prompt's end is kept).
+    max_prompt_length: int = 512
+    # Use only the first N examples (None: all); for smoke runs and the demo.
+    max_examples: Optional[int] = None
+
+
+@dataclass
+class OptimSection:
+    # Peak learning rate (AdamW). SOLAR's DPO used 5e-7 (Zephyr recipe); pretraining uses far larger.
+    lr: float = 1e-5
+    # AdamW betas, epsilon and decoupled weight decay.
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # Learning-rate shape after warmup: "cosine", "linear" or "constant".
+    schedule: str = "cosine"
+    # Warmup as a share of the steps (SPEC §5: 0.1 for DPO), or absolute steps when warmup_steps > 0.
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    # Floor of the decay, as a share of lr.
+    min_lr_ratio: float = 0.1
+    # Global gradient-norm clip (0 disables).
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    # Optimizer steps to run (per stage for sDPO).
+    steps: int = 100
+    # Rows per process per micro-batch; the global batch is batch_size * grad_accum * processes.
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    # Where metrics.jsonl, checkpoints/, the loss plot and the exported model go.
+    output_dir: str = "runs/default"
+    # Log every N steps (every step goes to metrics.jsonl regardless).
+    log_every: int = 1
+    # Checkpoint every N steps (0: only the final export); keep the last K checkpoints.
+    save_every: int = 0
+    keep_last: int = 2
+    # Continue from the newest complete checkpoint in output_dir/checkpoints.
+    resume: bool = False
+    # Recompute each block's activations in backward (memory for compute).
+    activation_checkpointing: bool = False
+    # torch.compile each block.
+    compile: bool = False
+    # "auto": cuda:LOCAL_RANK when there is a GPU, else cpu.
+    device: str = "auto"
+    # Export the final model in Hugging Face format to output_dir/final.
+    export: bool = True
+
+
+@dataclass
+class DPOSection:
+    # DPO temperature beta, loss type and label smoothing (SPEC §5; TRL's names).
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # sDPO: preference data per stage, trained in order; each stage starts from and is referenced
+    # against the model at the end of the previous one. Empty: one stage on data.train.
+    stages: List[Union[str, List[str]]] = field(default_factory=list)
+    # Order the stages easy to hard by the initial model's preference accuracy on each.
+    order_by_accuracy: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` checked (and converted where unambiguous) against a field's type annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ValueError as error:
+                errors.append(str(error))
+        raise ValueError(errors[-1] if errors else f"{where}: unsupported value {value!r}")
+    if origin in (list, List):
+        items = value if isinstance(value, (list, tuple)) else None
+        if items is None:
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(items)] if args else list(items)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(config: Config, section: str, key: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ValueError(f"config: unknown section {section!r}; sections: {', '.join(sections)}")
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if key not in hints:
+        raise ValueError(f"config: unknown key {section}.{key}; {section} has: {', '.join(hints)}")
+    setattr(target, key, _coerce(value, hints[key], f"config: {section}.{key}"))
+
+
+def _parse_override(text: str):
+    import yaml
+
+    if not text.startswith("--") or "=" not in text:
+        raise ValueError(f"config override must look like --section.key=value, got {text!r}")
+    path, raw = text[2:].split("=", 1)
+    if path.count(".") != 1:
+        raise ValueError(f"config override must name section.key, got {path!r}")
+    section, key = path.split(".")
+    return section, key, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+    """A Config from a YAML/JSON file (sections of keys), then ``--section.key=value`` overrides."""
+    config = Config()
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ValueError(f"config: cannot read {path} ({error.strerror})") from error
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config: {path} must hold a mapping of sections")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"config: section {section!r} in {path} must be a mapping, got {values!r}")
+            for key, value in values.items():
+                _apply(config, section, key, value)
+    for text in overrides:
+        _apply(config, *_parse_override(text))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if (config.model.checkpoint is None) == (config.model.preset is None):
+        raise ValueError("config: give exactly one of model.checkpoint and model.preset")
+    if config.model.dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"config: model.dtype must be bfloat16, float16 or float32, got {config.model.dtype!r}")
+    if config.optim.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"config: optim.schedule must be cosine, linear or constant, got {config.optim.schedule!r}")
+    for section, key in (("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "seq_len")):
+        if getattr(getattr(config, section), key) < 1:
+            raise ValueError(f"config: {section}.{key} must be >= 1, got {getattr(getattr(config, section), key)}")
+    if config.optim.lr <= 0:
+        raise ValueError(f"config: optim.lr must be > 0, got {config.optim.lr}")

@@ -1,0 +1,8 @@
+"""`torchrun ... -m training.dpo --config FILE [--section.key=value ...]` (same as `solar dpo`)."""
+
+import sys
+
+from .stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("dpo"))

@@ -1,0 +1,8 @@
+"""`torchrun ... -m training.pretrain --config FILE [--section.key=value ...]` (same as `solar pretrain`)."""
+
+import sys
+
+from .stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("pretrain"))

@@ -1,0 +1,8 @@
+"""`torchrun ... -m training.sft --config FILE [--section.key=value ...]` (same as `solar sft`)."""
+
+import sys
+
+from .stages import main
+
+if __name__ == "__main__":
+    sys.exit(main("sft"))

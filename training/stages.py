@@ -1,0 +1,192 @@
+"""The stages: ``pretrain`` (continued pretraining), ``sft`` (instruction tuning), ``dpo`` (DPO, or
+sDPO with ``dpo.stages``), each as ``solar <stage> --config FILE [--section.key=value ...]`` and as
+``torchrun --nproc_per_node N -m training.<stage> --config FILE ...``.
+
+A stage: build the model (from a Hugging Face checkpoint, or a preset at random), tokenize the
+data with the checkpoint's tokenizer, wrap the model in its objective, parallelize, train, and
+export the result in Hugging Face format to ``<output_dir>/final`` (with the tokenizer files).
+
+sDPO (SPEC §5): the preference data come as a list of stages; stage t starts from the model at the
+end of stage t-1 and uses it as its reference (its log-probs computed once, before the stage's
+first step). With ``dpo.order_by_accuracy`` the stages are first ordered easy to hard by the
+initial model's preference accuracy on each (the share of pairs whose chosen response has the
+higher log-prob under it, summed as the objective sums it: per-token mean for ipo).
+
+With several processes, each process tokenizes the whole dataset and takes its slice of every
+global batch; every process builds the full model before it is sharded (fine up to a model that
+fits one device; SOLAR 10.7B in bf16 is 21 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from solar_kernels.model import CausalLM, load_pretrained, preset
+from solar_kernels.model.hf import write_pretrained
+
+from . import data as data_lib
+from .config import Config, load_config
+from .tokenizer import load_tokenizer
+from .objectives import DirectPreference, LanguageModeling, flops_per_token_fn
+from .trainer import DTYPES, Trainer, TrainingError, barrier, parallelize, seed_everything, setup_distributed
+
+logger = logging.getLogger(__name__)
+STAGES = ("pretrain", "sft", "dpo")
+
+
+def build_model(config: Config, device: torch.device, tokenizer) -> CausalLM:
+    """From the checkpoint, or the preset at random with the tokenizer's vocabulary and special ids."""
+    dtype = DTYPES[config.model.dtype]
+    if config.model.checkpoint:
+        model = load_pretrained(config.model.checkpoint, device=device, dtype=dtype, backend=config.model.backend)
+        if model.config.vocab_size < len(tokenizer):
+            raise ValueError(f"model: the checkpoint's vocabulary ({model.config.vocab_size}) is smaller than the "
+                             f"tokenizer's ({len(tokenizer)})")
+        return model
+    model_config = preset(config.model.preset, backend=config.model.backend, vocab_size=len(tokenizer),
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(config.data.seq_len, 512))
+    return CausalLM.from_config(model_config, device=device, dtype=dtype)
+
+
+def tokenizer_path(config: Config) -> str:
+    path = config.model.tokenizer or config.model.checkpoint
+    if path is None:
+        raise ValueError("config: model.tokenizer is required when the model comes from a preset")
+    return path
+
+
+def _records(source, config: Config, *, streaming: bool = False, text_field: Optional[str] = None):
+    records = data_lib.load_records(source, streaming=streaming, text_field=text_field)
+    if config.data.max_examples is not None and not streaming:
+        records = records.select(range(min(config.data.max_examples, len(records))))
+    return records
+
+
+def language_modeling_examples(stage: str, config: Config, tokenizer) -> List[Dict]:
+    if stage == "pretrain":
+        rows = data_lib.pretrain_rows(_records(config.data.train, config, streaming=config.data.streaming,
+                                               text_field=config.data.text_field),
+                                      tokenizer, config.data.seq_len, text_field=config.data.text_field)
+        examples = list(rows)
+    else:
+        examples = data_lib.sft_examples(_records(config.data.train, config), tokenizer, config.data.seq_len,
+                                         prompt_format=config.data.prompt_format)
+        if config.data.packing:
+            examples = data_lib.pack_examples(examples, config.data.seq_len, pad_id=tokenizer.pad_token_id)
+    if not examples:
+        raise ValueError(f"{stage}: the data gave no training rows (fewer tokens than data.seq_len?)")
+    return examples
+
+
+def preference_examples(source, config: Config, tokenizer) -> List[Dict]:
+    examples = data_lib.dpo_examples(_records(source, config), tokenizer, config.data.seq_len,
+                                     config.data.max_prompt_length, prompt_format=config.data.prompt_format)
+    if not examples:
+        raise ValueError(f"dpo: no preference pairs in {source}")
+    return examples
+
+
+def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: int, device) -> List[Dict]:
+    """Each pair gets its reference log-probs: one no-grad pass of the current model (through the
+    objective, so a sharded model works) over the pairs, in order."""
+    size = batch_size
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(examples), size):
+            chunk = examples[i:i + size]
+            batch = data_lib.collate_dpo(chunk, pad_id)
+            logps = objective(batch["input_ids"].to(device), batch["labels"].to(device)).float().cpu()
+            for j, example in enumerate(chunk):
+                out.append({**example, "reference_chosen": float(logps[j]),
+                            "reference_rejected": float(logps[len(chunk) + j])})
+    return out
+
+
+def collate_preferences(examples: List[Dict], pad_id: int) -> Dict[str, torch.Tensor]:
+    batch = data_lib.collate_dpo(examples, pad_id)
+    batch["reference_logps"] = torch.tensor([e["reference_chosen"] for e in examples]
+                                            + [e["reference_rejected"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def preference_accuracy(objective, examples: List[Dict], pad_id: int, batch_size: int, device) -> float:
+    """Share of pairs whose chosen response has the higher log-prob (as the objective computes it)."""
+    scored = _with_reference(examples, objective, batch_size, pad_id, device)
+    return sum(e["reference_chosen"] > e["reference_rejected"] for e in scored) / len(scored)
+
+
+def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, rank: int) -> None:
+    """Gather the full state dict (from every shard) and write a Hugging Face directory on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        tensors = {name.removeprefix("model."): tensor for name, tensor in state.items()}  # objective.model.*
+        write_pretrained(tensors, model_config, path, force=True, side_files_from=tokenizer_path(config))
+    barrier()
+
+
+def run_stage(stage: str, config: Config) -> Dict[str, object]:
+    """Train one stage (every sDPO stage for ``dpo``); returns each stage's per-step history."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    rank, world, device = setup_distributed(config.train.device)
+    seed_everything(config.train.seed)
+    tokenizer = load_tokenizer(tokenizer_path(config))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = build_model(config, device, tokenizer)
+    output_dir = Path(config.train.output_dir)
+    if stage in ("pretrain", "sft"):
+        examples = language_modeling_examples(stage, config, tokenizer)
+        objective = LanguageModeling(model, packed=stage == "pretrain" or config.data.packing)
+        runs = [(stage, examples, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
+    else:
+        objective = DirectPreference(model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+                                     label_smoothing=config.dpo.label_smoothing)
+        sources = config.dpo.stages or [config.data.train]
+        chunks = [preference_examples(source, config, tokenizer) for source in sources]
+        runs = [(f"dpo-stage{i + 1}" if len(chunks) > 1 else "dpo", chunk,
+                 lambda ex: collate_preferences(ex, pad_id), output_dir / f"stage{i + 1}" if len(chunks) > 1 else output_dir)
+                for i, chunk in enumerate(chunks)]
+    objective = parallelize(objective, model.model.layers, config, world, device)
+    if stage == "dpo" and config.dpo.order_by_accuracy and len(runs) > 1:
+        accuracy = [preference_accuracy(objective, run[1], pad_id, config.train.batch_size, device) for run in runs]
+        order = sorted(range(len(runs)), key=lambda i: -accuracy[i])  # easy (high accuracy) first
+        logger.info("sDPO: initial preference accuracy per stage %s; training order %s", accuracy, order)
+        runs = [runs[i] for i in order]
+    histories: Dict[str, object] = {}
+    for name, examples, collate, stage_dir in runs:
+        if stage == "dpo":  # the model as it is now (the end of the previous stage) is the reference
+            examples = _with_reference(examples, objective, config.train.batch_size, pad_id, device)
+        stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=config.train.seed,
+                                      rank=rank, world_size=world)
+        trainer = Trainer(config, objective, objective.count, stream, rank=rank, world=world, device=device,
+                          flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name)
+        histories[name] = trainer.run()
+    if config.train.export:
+        export(config, objective, model.config, output_dir / "final", rank)
+    return histories
+
+
+def main(stage: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"solar {stage or '<stage>'}",
+                                     description="Train a stage; overrides look like --optim.lr=1e-5")
+    if stage is None:
+        parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--config", help="YAML/JSON config (training/configs/)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        config = load_config(args.config, overrides)
+        run_stage(stage or args.stage, config)
+    except (ValueError, TrainingError) as error:
+        print(f"solar {stage or args.stage}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
