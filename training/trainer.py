@@ -151,14 +151,17 @@ class Checkpointer:
 
     def load(self, path: Path, model, optimizer, scheduler, stream) -> int:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as error:
-            raise TrainingError(f"cannot resume from {path}: {error} (a checkpoint of another model shape?)") from error
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+            detail = [line for line in str(error).splitlines() if line.strip()][-1].strip()
+            raise TrainingError(f"cannot resume from {path}: it does not fit this model "
+                                f"(a checkpoint of another model shape?): {detail}") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         trainer_state = json.loads((path / "trainer.json").read_text())
         scheduler.load_state_dict(trainer_state["scheduler"])

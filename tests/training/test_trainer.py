@@ -155,3 +155,19 @@ def test_cli_entry_and_bad_config(workspace, tmp_path, capsys):
     assert len(losses(tmp_path / "cli")) == 2
     assert main(["pretrain", "--config", str(config), "--optim.rate=1"]) == 2
     assert "unknown key optim.rate" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(workspace, tmp_path):
+    run(workspace, tmp_path / "plain", steps=3, export=False)
+    run(workspace, tmp_path / "ac", steps=3, export=False, activation_checkpointing=True)
+    assert losses(tmp_path / "ac") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+
+
+def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(workspace, tmp_path, monkeypatch):
+    run(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
+    import training.stages as stages
+
+    original = stages.preset
+    monkeypatch.setattr(stages, "preset", lambda name, **kw: original(name, **{**kw, "intermediate_size": 96}))
+    with pytest.raises(TrainingError, match="cannot resume from .*step-00000002.*another model shape"):
+        run(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
