@@ -34,7 +34,8 @@ class ModelSection:
 class DataSection:
     # Local json/jsonl/parquet/text files (or a folder), or a Hugging Face hub dataset name.
     train: Union[str, List[str]] = ""
-    # Stream the dataset instead of loading it (large hub sets); pretraining only.
+    # Pretraining only: stream the dataset (large hub sets): rows are tokenized and packed on the fly,
+    # in stream order (no shuffle), never held in memory; resume re-reads and skips what was consumed.
     streaming: bool = False
     # Field with the raw text (pretraining).
     text_field: str = "text"

@@ -804,3 +804,58 @@ class BatchStream:
                 f"[0, {self.batches_per_epoch})}} (a state of a stream over other examples or batch sizes?)"
             )
         self.epoch, self.index = epoch, index
+
+
+class StreamingBatches:
+    """Batches of rows produced on the fly (``rows()`` makes a fresh iterator), for datasets too
+    large to hold: a streamed ``datasets.IterableDataset`` through ``pretrain_rows``, say.
+
+    Rows are taken in their stream order (no shuffle beyond what the source does), cut into global
+    batches of ``batch_size * world_size`` rows; rank ``r`` takes the r-th slice, as in
+    ``BatchStream``. When the stream runs out a new pass starts (the epoch counter goes up).
+    ``state_dict()`` is ``{"epoch", "index"}`` (global batches consumed in the current pass);
+    ``load_state_dict`` resumes by re-reading the stream and skipping that many global batches:
+    exact, and it costs one pass over the skipped rows (tokenization included) at resume.
+    """
+
+    def __init__(self, rows: Callable[[], Iterator[dict]], batch_size: int, collate: Callable[[list[dict]], dict],
+                 *, rank=0, world_size=1):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"StreamingBatches: batch_size={batch_size}, rank={rank}, world_size={world_size}; expected "
+                f"batch_size >= 1 and 0 <= rank < world_size"
+            )
+        self.rows, self.batch_size, self.collate = rows, batch_size, collate
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.index = 0, 0
+
+    def _global_batches(self):
+        global_batch = self.batch_size * self.world_size
+        pending: list[dict] = []
+        for row in self.rows():
+            pending.append(row)
+            if len(pending) == global_batch:
+                yield pending
+                pending = []
+
+    def __iter__(self):
+        while True:
+            produced = False
+            for number, batch in enumerate(self._global_batches()):
+                if number < self.index:  # resuming: skip what was consumed before
+                    continue
+                produced = True
+                self.index = number + 1
+                yield self.collate(batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+            if not produced and self.index == 0:
+                raise ValueError("StreamingBatches: the stream gave fewer rows than one global batch")
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state) -> None:
+        epoch, index = state.get("epoch"), state.get("index")
+        if not isinstance(epoch, int) or not isinstance(index, int) or epoch < 0 or index < 0:
+            raise ValueError(f"StreamingBatches.load_state_dict: got {state!r}, expected {{'epoch': int, 'index': int}}")
+        self.epoch, self.index = epoch, index

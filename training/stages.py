@@ -69,10 +69,19 @@ def _records(source, config: Config, *, streaming: bool = False, text_field: Opt
     return records
 
 
+def streaming_rows(config: Config, tokenizer):
+    """A function giving a fresh iterator of packed pretraining rows over the streamed dataset."""
+    records = _records(config.data.train, config, streaming=True, text_field=config.data.text_field)
+
+    def rows():
+        return data_lib.pretrain_rows(records, tokenizer, config.data.seq_len, text_field=config.data.text_field)
+
+    return rows
+
+
 def language_modeling_examples(stage: str, config: Config, tokenizer) -> List[Dict]:
     if stage == "pretrain":
-        rows = data_lib.pretrain_rows(_records(config.data.train, config, streaming=config.data.streaming,
-                                               text_field=config.data.text_field),
+        rows = data_lib.pretrain_rows(_records(config.data.train, config, text_field=config.data.text_field),
                                       tokenizer, config.data.seq_len, text_field=config.data.text_field)
         examples = list(rows)
     else:
@@ -143,7 +152,11 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = build_model(config, device, tokenizer)
     output_dir = Path(config.train.output_dir)
-    if stage in ("pretrain", "sft"):
+    if stage == "pretrain" and config.data.streaming:
+        examples = streaming_rows(config, tokenizer)
+        objective = LanguageModeling(model, packed=True)
+        runs = [(stage, examples, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
+    elif stage in ("pretrain", "sft"):
         examples = language_modeling_examples(stage, config, tokenizer)
         objective = LanguageModeling(model, packed=stage == "pretrain" or config.data.packing)
         runs = [(stage, examples, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
@@ -165,8 +178,11 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
     for name, examples, collate, stage_dir in runs:
         if stage == "dpo":  # the model as it is now (the end of the previous stage) is the reference
             examples = _with_reference(examples, objective, config.train.batch_size, pad_id, device)
-        stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=config.train.seed,
-                                      rank=rank, world_size=world)
+        if callable(examples):  # streamed rows, read in order and never held in memory
+            stream = data_lib.StreamingBatches(examples, config.train.batch_size, collate, rank=rank, world_size=world)
+        else:
+            stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=config.train.seed,
+                                          rank=rank, world_size=world)
         trainer = Trainer(config, objective, objective.count, stream, rank=rank, world=world, device=device,
                           flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name)
         histories[name] = trainer.run()

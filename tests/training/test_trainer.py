@@ -171,3 +171,31 @@ def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(workspace, tmp_
     monkeypatch.setattr(stages, "preset", lambda name, **kw: original(name, **{**kw, "intermediate_size": 96}))
     with pytest.raises(TrainingError, match="cannot resume from .*step-00000002.*another model shape"):
         run(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
+
+
+def test_streaming_pretraining_resumes_exactly(workspace, tmp_path):
+    def streamed(**train):
+        config = pretrain_config(workspace, tmp_path / "stream", export=False, **train)
+        config["data"]["streaming"] = True
+        return run_stage("pretrain", load_config(write_config(tmp_path / "s.yaml", **config)))["pretrain"]
+
+    streamed(steps=6, save_every=3)
+    first = losses(tmp_path / "stream")
+    history = streamed(steps=6, save_every=3, resume=True)
+    assert [r["step"] for r in history] == [4, 5, 6]
+    assert losses(tmp_path / "stream") == first
+
+
+def test_streaming_batches_split_ranks_and_resume():
+    from training.data import StreamingBatches
+
+    rows = lambda: iter({"i": i} for i in range(10))  # noqa: E731
+    collate = lambda batch: [r["i"] for r in batch]  # noqa: E731
+    whole = StreamingBatches(rows, 4, collate)
+    stream = iter(whole)
+    assert [next(stream) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]  # a new pass
+    ranks = [iter(StreamingBatches(rows, 2, collate, rank=r, world_size=2)) for r in (0, 1)]
+    assert [next(ranks[0]), next(ranks[1])] == [[0, 1], [2, 3]]
+    resumed = StreamingBatches(rows, 4, collate)
+    resumed.load_state_dict({"epoch": 0, "index": 1})
+    assert next(iter(resumed)) == [4, 5, 6, 7]
