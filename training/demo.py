@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 SIZES = {
     #         documents vocab seq  base cpt  sft  dpo  problems pairs held-out  batch
-    "quick": dict(documents=400, vocab=320, seq=80, base=30, cpt=12, sft=40, dpo=8, problems=200, pairs=96,
+    "quick": dict(documents=400, vocab=320, seq=112, base=30, cpt=12, sft=40, dpo=8, problems=200, pairs=96,
                   held_out=16, batch=8),
     "full": dict(documents=6000, vocab=1024, seq=128, base=600, cpt=200, sft=800, dpo=120, problems=4000,
                  pairs=1200, held_out=100, batch=16),
