@@ -13,7 +13,7 @@ CPU_TRITON := $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvi
 
 .PHONY: test demo selfcheck gpu-compile clean
 
-$(STAMP): requirements/test.txt setup.py pyproject.toml
+$(STAMP): requirements/test.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation \
@@ -33,4 +33,4 @@ gpu-compile: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) tests/ops/compile_for_gpu.py 90 80
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache solar_kernels/_C*.so

@@ -7,7 +7,9 @@ The ops are drop-in functions for any PyTorch model::
     q2, k2 = sk.apply_rotary(q, k, cos, sin)
     loss = sk.linear_cross_entropy(hidden, lm_head.weight, labels)
 
-Each takes ``backend=None|"torch"|"triton"|"cuda"`` (see ``solar_kernels._backend``).
+Each takes ``backend=None|"torch"|"triton"|"cuda"|"auto"`` (see ``solar_kernels._backend``; ``None``
+means ``"auto"``, which on a GPU with the CUDA extension picks Triton or CUDA per kernel and shape
+class as measured on that GPU, see ``solar_kernels._autotune``).
 """
 
 from ._backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend

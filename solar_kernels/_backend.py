@@ -1,14 +1,20 @@
-"""Which implementation runs an op: ``"torch"``, ``"triton"`` or ``"cuda"``.
+"""Which implementation runs an op: ``"torch"``, ``"triton"``, ``"cuda"``, or ``"auto"``.
 
-Every public op takes ``backend=None|"torch"|"triton"|"cuda"``. ``None`` is resolved once per call:
+Every public op takes ``backend=None|"torch"|"triton"|"cuda"|"auto"``. ``None`` is resolved once per
+call:
 
-1. the environment variable ``SOLAR_KERNELS_BACKEND``, when set, names the backend;
-2. otherwise the tensor's device decides: ``"triton"`` on a CUDA device, and on the CPU ``"triton"``
-   only when Triton's interpreter is on (``TRITON_INTERPRET=1``), else ``"torch"``.
+1. the environment variable ``SOLAR_KERNELS_BACKEND``, when set, names the backend (any of the four);
+2. otherwise ``"auto"``.
 
-A backend that cannot run here raises ``RuntimeError`` with the reason; an unknown name raises
-``ValueError``. ``TRITON_INTERPRET`` is read when ``solar_kernels`` is imported, because
-``triton.jit`` decides between compiled and interpreted kernels when the kernels are defined.
+``"auto"`` runs the fastest implementation that runs here: on a CUDA device with the CUDA C++
+extension built, Triton or CUDA per kernel and shape class, as measured once on this kind of GPU
+(``solar_kernels._autotune`` says how); on a CUDA device without the extension, Triton; on the CPU,
+Triton only when Triton's interpreter is on (``TRITON_INTERPRET=1``), else the PyTorch reference.
+
+A backend that cannot run here raises ``RuntimeError`` with the reason (the extension not built, a
+CPU tensor for ``"cuda"``, a GPU the build has no code for); an unknown name raises ``ValueError``.
+``TRITON_INTERPRET`` is read when ``solar_kernels`` is imported, because ``triton.jit`` decides
+between compiled and interpreted kernels when the kernels are defined.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+from . import _cuda
+
+BACKENDS = ("torch", "triton", "cuda")  # the implementations
+CHOICES = (*BACKENDS, "auto")  # what backend= and SOLAR_KERNELS_BACKEND accept
 BACKEND_ENV_VAR = "SOLAR_KERNELS_BACKEND"
 
 # Read once at import: triton.jit picks interpreted kernels from this variable when they are defined.
@@ -33,11 +42,16 @@ except ImportError as error:  # pragma: no cover - triton is an install requirem
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
-    """Why ``backend`` cannot run on ``device``, or ``None`` when it can."""
+    """Why implementation ``backend`` cannot run on ``device``, or ``None`` when it can."""
     if backend == "torch":
         return None
     if backend == "cuda":
-        return "the CUDA C++ extension solar_kernels._C is not part of this build yet"
+        error = _cuda.load_error()
+        if error is not None:
+            return error
+        if device.type != "cuda":
+            return f"the CUDA C++ kernels of solar_kernels._C run on CUDA devices only, got a {device.type} tensor"
+        return _cuda.device_error(device)
     if _TRITON_IMPORT_ERROR is not None:
         return f"triton cannot be imported ({_TRITON_IMPORT_ERROR})"
     if device.type == "cuda":
@@ -52,18 +66,35 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
+def _resolve_auto(device: torch.device) -> str:
+    """"auto" where both fast backends run (the launchers then pick per kernel), else the one that does."""
+    triton_runs = unavailable_reason("triton", device) is None
+    # Only a CUDA device ever loads the extension for this decision.
+    cuda_runs = device.type == "cuda" and unavailable_reason("cuda", device) is None
+    if triton_runs and cuda_runs:
+        return "auto"
+    if triton_runs:
+        return "triton"
+    if cuda_runs:
+        return "cuda"
+    return "torch"
+
+
 def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
-    """Turn the ``backend`` argument of ``op`` into the name of a backend that runs on ``device``."""
+    """Turn the ``backend`` argument of ``op`` into ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``
+    (the last only where both Triton and CUDA run on ``device``)."""
     source = "backend"
     if backend is None:
         backend = os.environ.get(BACKEND_ENV_VAR) or None
         source = BACKEND_ENV_VAR
     if backend is None:
-        return "triton" if unavailable_reason("triton", device) is None else "torch"
-    if backend not in BACKENDS:
+        backend = "auto"
+    if backend not in CHOICES:
         raise ValueError(
-            f"{op}: {source} must be one of None, 'torch', 'triton', 'cuda'; got {backend!r}"
+            f"{op}: {source} must be one of None, 'torch', 'triton', 'cuda', 'auto'; got {backend!r}"
         )
+    if backend == "auto":
+        return _resolve_auto(device)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"{op}: backend {backend!r} is not available on {device}: {reason}")

@@ -14,7 +14,7 @@ def test_public_names():
         assert name in sk.__all__ and hasattr(sk, name)
 
 
-def _calls(device, dtype):
+def _calls(device, dtype, backend="triton"):
     hidden = torch.randn(2, 5, 16, device=device, dtype=dtype)
     weight = torch.randn(40, 16, device=device, dtype=dtype)
     labels = torch.randint(0, 40, (2, 5), device=device)
@@ -25,19 +25,19 @@ def _calls(device, dtype):
     w = torch.randn(16, device=device, dtype=dtype)
     pairs = [torch.randn(4, device=device) for _ in range(4)]
     return [
-        ("rms_norm", lambda: sk.rms_norm(x, w, residual=r, backend="triton"), [x, r, w], dtype),
-        ("apply_rotary", lambda: sk.apply_rotary(q, k, cos, sin, backend="triton"), [q, k, cos, sin], dtype),
-        ("swiglu", lambda: sk.swiglu(x, r, backend="triton"), [x, r], dtype),
-        ("linear_logprobs", lambda: sk.linear_logprobs(hidden, weight, labels, backend="triton"), [hidden, weight, labels], torch.float32),
-        ("linear_cross_entropy", lambda: sk.linear_cross_entropy(hidden, weight, labels, backend="triton"), [hidden, weight, labels], torch.float32),
-        ("sequence_logprobs", lambda: sk.sequence_logprobs(hidden, weight, labels, backend="triton"), [hidden, weight, labels], torch.float32),
+        ("rms_norm", lambda: sk.rms_norm(x, w, residual=r, backend=backend), [x, r, w], dtype),
+        ("apply_rotary", lambda: sk.apply_rotary(q, k, cos, sin, backend=backend), [q, k, cos, sin], dtype),
+        ("swiglu", lambda: sk.swiglu(x, r, backend=backend), [x, r], dtype),
+        ("linear_logprobs", lambda: sk.linear_logprobs(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
+        ("linear_cross_entropy", lambda: sk.linear_cross_entropy(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
+        ("sequence_logprobs", lambda: sk.sequence_logprobs(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
         ("dpo_loss", lambda: sk.dpo_loss(*pairs), pairs, torch.float32),
     ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_no_input_is_written_and_dtypes(dtype, device):
-    for name, call, inputs, out_dtype in _calls(device, dtype):
+def test_no_input_is_written_and_dtypes(dtype, device, kernel_backend):
+    for name, call, inputs, out_dtype in _calls(device, dtype, backend=kernel_backend):
         before = [t.clone() for t in inputs]
         outputs = call()
         for out in outputs if isinstance(outputs, tuple) else (outputs,):

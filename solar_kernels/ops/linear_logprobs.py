@@ -11,10 +11,13 @@ Math, for token t with hidden state h_t [d], LM head W [V, d], optional bias b [
 Labels are already shifted by the caller (the label at position t is the token at t + 1).
 
 How: tokens are processed in chunks of ``chunk_size`` rows. For each chunk the logits [C, V] come
-from one matmul in the hidden dtype (cuBLAS on a GPU); a Triton kernel reduces each row to its
+from one matmul in the hidden dtype (cuBLAS on a GPU); a kernel reduces each row to its
 log-sum-exp and label logit in fp32 and, when a gradient is wanted, overwrites the chunk's logits
 in place with ``g_t * (onehot - softmax)``; two more matmuls turn that into the chunk's dhidden
-and its share of dweight. Only one chunk's logits exist at a time, in forward and backward.
+and its share of dweight. Only one chunk's logits exist at a time, in forward and backward. That
+per-row kernel is the Triton ``_logprobs_kernel`` below or its CUDA C++ twin
+(``torch.ops.solar_kernels_C.logprobs_``, csrc/logprobs.cu), with the same arguments and results:
+the chunking, the matmuls and the autograd are shared by both backends.
 
 - ``linear_logprobs`` / ``sequence_logprobs`` (a gradient per token): forward keeps only the
   log-sum-exp per token; backward recomputes each chunk's logits (4 matmuls in all).
@@ -46,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
 from ._common import as_rows, cast_to
@@ -150,6 +154,21 @@ def _logprobs_kernel(
             tl.store(z_row + cols, cast_to(dz, Z.dtype.element_ty), mask=col_mask)
 
 
+def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
+    """The per-row kernel over one chunk's logits [C, V], in place: Triton's or its CUDA twin."""
+    if backend == "cuda":
+        torch.ops.solar_kernels_C.logprobs_(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad)
+        return
+    vocab = logits.shape[1]
+    _logprobs_kernel[(logits.shape[0],)](
+        logits, labels, logp, lse, grad,
+        logits.stride(0), grad.stride(0),
+        vocab, ignore_index,
+        COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
+        num_warps=8,
+    )
+
+
 def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
     """Rows per chunk: logits about the size of the hidden states, always < half of [N, V]."""
     rows = min(n_rows * hidden_size // vocab_size, (n_rows - 1) // 2, _MAX_CHUNK_ROWS)
@@ -171,11 +190,13 @@ def _chunked_pass(
     need_dhidden: bool = False,
     need_dweight: bool = False,
     need_dbias: bool = False,
+    backend: str = "triton",
 ):
     """One pass over token chunks of hidden [N, d] and labels [N].
 
     Without ``lse`` it computes logp and lse [N] (fp32). With ``grad`` (d loss / d logp, [N] or
-    expanded) it also returns the gradients that were asked for (None otherwise).
+    expanded) it also returns the gradients that were asked for (None otherwise). ``backend`` runs
+    the per-row kernel: "triton", "cuda" or "auto" (decided once for this pass's chunk shape).
     """
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
@@ -190,16 +211,14 @@ def _chunked_pass(
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dweight else None
     dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_dbias else None
     grad_arg = grad if write_grad else lse
+    implementation = pick(backend, "logprobs", min(chunk_rows, n_rows), vocab, hidden.device)
     for start in range(0, n_rows, chunk_rows):
         end = min(start + chunk_rows, n_rows)
         hidden_chunk = hidden[start:end]
         logits = torch.nn.functional.linear(hidden_chunk, weight, bias)  # [C, V], hidden dtype
-        _logprobs_kernel[(end - start,)](
-            logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
-            logits.stride(0), grad_arg.stride(0),
-            vocab, ignore_index,
-            COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
-            num_warps=8,
+        _logprobs_rows(
+            implementation, logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
+            ignore_index, compute_lse, write_grad,
         )
         if not write_grad:
             continue
@@ -228,14 +247,14 @@ def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
 @torch.library.custom_op("solar_kernels::linear_logprobs_fwd", mutates_args=())
 def _logprobs_fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    ignore_index: int, chunk_rows: int,
+    ignore_index: int, chunk_rows: int, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows)
+    logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend)
     return logp, lse
 
 
 @_logprobs_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_rows):
+def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
     rows = hidden.shape[0]
     return hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32)
 
@@ -244,17 +263,18 @@ def _(hidden, weight, bias, labels, ignore_index, chunk_rows):
 def _logprobs_bwd_op(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, chunk_rows: int,
-    need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
         hidden, weight, bias, labels, ignore_index, chunk_rows, lse=lse, grad=grad,
-        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias,
+        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
     )
     return _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
 
 
 @_logprobs_bwd_op.register_fake
-def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias):
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias,
+      backend):
     return (
         torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_dweight else weight.new_empty(0),
@@ -263,9 +283,9 @@ def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dh
 
 
 def _logprobs_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, chunk_rows = inputs
+    hidden, weight, bias, labels, ignore_index, chunk_rows, backend = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+    ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(output[1])
 
@@ -275,13 +295,13 @@ def _logprobs_backward(ctx, grad_logp, _grad_lse):
     need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     dhidden, dweight, dbias = _logprobs_bwd_op(
         grad_logp, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
-        need_dhidden, need_dweight, need_dbias and ctx.has_bias,
+        need_dhidden, need_dweight, need_dbias and ctx.has_bias, ctx.backend,
     )
     return (
         dhidden if need_dhidden else None,
         dweight if need_dweight else None,
         dbias if need_dbias and ctx.has_bias else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 
@@ -294,7 +314,7 @@ torch.library.register_autograd(
 def _cross_entropy_fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, reduction: str, chunk_rows: int,
-    need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scalar loss and, when asked, its gradients (computed now, scaled by the upstream grad later)."""
     if reduction == "mean":
@@ -305,14 +325,15 @@ def _cross_entropy_fwd_op(
     grad = (-scale).expand(hidden.shape[0]) if wants_grad else None  # d loss / d logp[t]
     logp, _, (dhidden, dweight, dbias) = _chunked_pass(
         hidden, weight, bias, labels, ignore_index, chunk_rows, grad=grad,
-        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias,
+        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
     )
     loss = -logp.sum() * scale
     return loss, _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias):
+def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias,
+      backend):
     return (
         hidden.new_empty((), dtype=torch.float32),
         torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
@@ -334,13 +355,26 @@ def _cross_entropy_backward(ctx, grad_loss, *_unused):
         dhidden * grad_loss if need_dhidden else None,
         dweight * grad_loss if need_dweight else None,
         dbias * grad_loss if need_dbias else None,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
 torch.library.register_autograd(
     "solar_kernels::linear_cross_entropy_fwd", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
 )
+
+
+def _time(backend, rows, width, device):
+    # One chunk of rows tokens over a vocabulary of width: log-sum-exp and the in-place gradient,
+    # as the cross-entropy forward runs it.
+    logits = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, width, (rows,), device=device)
+    logp, lse = (torch.empty(rows, device=device) for _ in range(2))
+    grad = torch.full((rows,), -1.0 / rows, device=device)
+    return lambda: _logprobs_rows(backend, logits, labels, logp, lse, grad, -100, True, True)
+
+
+register_kernel("logprobs", _time)
 
 
 def _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(2, 3)):
@@ -407,10 +441,11 @@ def linear_logprobs(
     """
     op = "linear_logprobs"
     _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
-    if resolve_backend(op, backend, hidden.device) == "torch":
+    resolved = resolve_backend(op, backend, hidden.device)
+    if resolved == "torch":
         return linear_logprobs_ref(hidden, weight, labels, bias, ignore_index)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
-    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows)
+    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
     return logp.view(labels.shape)
 
 
@@ -447,6 +482,7 @@ def linear_cross_entropy(
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
+        resolved,
     )
     return loss
 
@@ -469,10 +505,11 @@ def sequence_logprobs(
     """
     op = "sequence_logprobs"
     _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(3,))
-    if resolve_backend(op, backend, hidden.device) == "torch":
+    resolved = resolve_backend(op, backend, hidden.device)
+    if resolved == "torch":
         return sequence_logprobs_ref(hidden, weight, labels, bias, ignore_index, average)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
-    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows)
+    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
     total = logp.view(labels.shape).sum(-1)
     if average:
         return total / (labels != ignore_index).sum(-1).clamp_min(1)

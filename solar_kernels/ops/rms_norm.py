@@ -20,6 +20,9 @@ registers (one read of x per pass), wider rows loop over column tiles.
 Dtypes: x, residual and weight in fp32, fp16 or bf16 (weight may differ from x); y and h come out in
 x's dtype (Hugging Face promotes y to weight's dtype when they differ; we keep x's); dweight in
 weight's dtype, reduced in fp32 from per-program partial sums without atomics.
+
+Backends: the Triton kernels below, or their CUDA C++ twins (csrc/rms_norm.cu, same math and
+roundings); the launchers switch between them, so both share the custom ops and autograd here.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
 from ._common import as_rows, cast_to, persistent_programs, warps_for
@@ -191,8 +195,12 @@ def _tile(n_cols: int) -> Tuple[int, bool]:
     return _MAX_TILE, False
 
 
-def _rms_norm_fwd(x2d, weight, residual2d, eps):
+def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton"):
+    """(y, h, rstd) for rows x2d [N, d]; h is y itself without residual."""
     n_rows, n_cols = x2d.shape
+    if pick(backend, "rms_norm_fwd", n_rows, n_cols, x2d.device) == "cuda":
+        y, h, rstd = torch.ops.solar_kernels_C.rms_norm_fwd(x2d, weight, residual2d, eps)
+        return y, (h if residual2d is not None else y), rstd
     y = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
     h = torch.empty_like(y) if residual2d is not None else y
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
@@ -210,8 +218,11 @@ def _rms_norm_fwd(x2d, weight, residual2d, eps):
     return y, h, rstd
 
 
-def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d):
+def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
+    """(dx, dweight) for rows [N, d]; dh2d (the residual variant's gradient of h) is added to dx."""
     n_rows, n_cols = h2d.shape
+    if pick(backend, "rms_norm_bwd", n_rows, n_cols, h2d.device) == "cuda":
+        return torch.ops.solar_kernels_C.rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d)
     dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
     block_d, single_tile = _tile(n_cols)
     block_m = max(1, min(16, _FWD_ELEMENTS // block_d)) if single_tile else 1
@@ -233,12 +244,13 @@ def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d):
 
 @torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, h, rstd), all 2-D/1-D over rows; h is y's storage twin (a copy of x) without residual."""
+    """Returns (y, h, rstd) shaped like x, x, [rows]; h is empty without residual. ``backend`` is
+    "triton", "cuda" or "auto" (decided per launch, forward and backward apart)."""
     n_cols = x.shape[-1]
     y, h, rstd = _rms_norm_fwd(
-        as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps
+        as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps, backend
     )
     if residual is None:
         h = torch.empty(0, dtype=x.dtype, device=x.device)
@@ -246,7 +258,7 @@ def _rms_norm_fwd_op(
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, weight, residual, eps):
+def _(x, weight, residual, eps, backend):
     rows = x.numel() // x.shape[-1]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return (
@@ -258,25 +270,27 @@ def _(x, weight, residual, eps):
 
 @torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(
-    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dh: Optional[torch.Tensor]
+    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dh: Optional[torch.Tensor],
+    backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     n_cols = h.shape[-1]
     dx, dw = _rms_norm_bwd(
         as_rows(dy, n_cols), as_rows(h, n_cols), weight, rstd,
-        as_rows(dh, n_cols) if dh is not None else None,
+        as_rows(dh, n_cols) if dh is not None else None, backend,
     )
     return dx.view(h.shape), dw
 
 
 @_rms_norm_bwd_op.register_fake
-def _(dy, h, weight, rstd, dh):
+def _(dy, h, weight, rstd, dh, backend):
     return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, eps = inputs
+    x, weight, residual, eps, backend = inputs
     y, h, rstd = output
     ctx.has_residual = residual is not None
+    ctx.backend = backend
     # Backward needs the normalized input: x itself, or h when the residual was fused in.
     ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -284,11 +298,28 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _drstd):
     normalized_input, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_bwd_op(dy, normalized_input, weight, rstd, dh if ctx.has_residual else None)
-    return dx, dw, (dx if ctx.has_residual else None), None
+    dx, dw = _rms_norm_bwd_op(dy, normalized_input, weight, rstd, dh if ctx.has_residual else None, ctx.backend)
+    return dx, dw, (dx if ctx.has_residual else None), None, None
 
 
 torch.library.register_autograd("solar_kernels::rms_norm_fwd", _backward, setup_context=_setup_context)
+
+
+def _time_fwd(backend, rows, width, device):
+    x = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(width, device=device, dtype=torch.bfloat16)
+    return lambda: _rms_norm_fwd(x, weight, None, 1e-5, backend)
+
+
+def _time_bwd(backend, rows, width, device):
+    dy, x = (torch.randn(rows, width, device=device, dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.randn(width, device=device, dtype=torch.bfloat16)
+    rstd = torch.rand(rows, device=device) + 0.5
+    return lambda: _rms_norm_bwd(dy, x, weight, rstd, None, backend)
+
+
+register_kernel("rms_norm_fwd", _time_fwd)
+register_kernel("rms_norm_bwd", _time_bwd)
 
 
 def _check_args(x, weight, residual, eps):
@@ -320,9 +351,10 @@ def rms_norm(
     Out of place: neither x nor residual is written. See the module docstring for math and dtypes.
     """
     _check_args(x, weight, residual, eps)
-    if resolve_backend(OP, backend, x.device) == "torch":
+    resolved = resolve_backend(OP, backend, x.device)
+    if resolved == "torch":
         return rms_norm_ref(x, weight, eps, residual)
-    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps))
+    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps), resolved)
     return (y, h) if residual is not None else y
 
 

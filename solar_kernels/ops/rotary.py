@@ -23,6 +23,9 @@ no gradient flows to them.
 Dtypes: q and k in fp32, fp16 or bf16 (the same); cos and sin in any of the three (fp32 cos/sin
 with bf16 q is the most accurate); arithmetic in fp32 with one rounding per output. The reference
 casts cos/sin to q's dtype first, as Hugging Face does.
+
+Backends: the Triton kernel below, or its CUDA C++ twin (csrc/rotary.cu, the same formula and the
+same transpose for the backward); ``_rotary`` switches between them under one custom op.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device, check_same_device_dtype
 from ._common import cast_to
@@ -125,8 +129,11 @@ def _batched_strides(table: torch.Tensor) -> Tuple[int, int, int]:
     return (table.stride(0) if table.shape[0] > 1 else 0), table.stride(1), table.stride(2)
 
 
-def _rotary(q, k, cos, sin, backward: bool):
+def _rotary(q, k, cos, sin, backward: bool, backend: str = "triton"):
     batch, n_heads_q, n_tokens, head_dim = q.shape
+    # Rows for the auto backend: tokens, each (Hq + Hkv) * D wide.
+    if pick(backend, "rotary", batch * n_tokens, (n_heads_q + k.shape[1]) * head_dim, q.device) == "cuda":
+        return torch.ops.solar_kernels_C.rotary(q, k, cos, sin, backward)
     half = head_dim // 2
     q_out, k_out = _empty_like_layout(q), _empty_like_layout(k)
     block_half = triton.next_power_of_2(half)
@@ -145,29 +152,41 @@ def _rotary(q, k, cos, sin, backward: bool):
 
 @torch.library.custom_op("solar_kernels::apply_rotary", mutates_args=())
 def _rotary_op(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _rotary(q, k, cos, sin, backward)
+    return _rotary(q, k, cos, sin, backward, backend)
 
 
 @_rotary_op.register_fake
-def _(q, k, cos, sin, backward):
+def _(q, k, cos, sin, backward, backend):
     return _empty_like_layout(q), _empty_like_layout(k)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, cos, sin, backward = inputs
+    q, k, cos, sin, backward, backend = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.backward = backward
+    ctx.backward, ctx.backend = backward, backend
 
 
 def _backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = _rotary_op(dq, dk, cos, sin, not ctx.backward)
-    return dq, dk, None, None, None
+    dq, dk = _rotary_op(dq, dk, cos, sin, not ctx.backward, ctx.backend)
+    return dq, dk, None, None, None, None
 
 
 torch.library.register_autograd("solar_kernels::apply_rotary", _backward, setup_context=_setup_context)
+
+
+def _time(backend, rows, width, device):
+    # rows tokens of (Hq + Hkv) * 128 columns, split evenly between q and k heads.
+    head_dim = 128 if width >= 256 else width // 2
+    heads = max(1, width // head_dim // 2)
+    q, k = (torch.randn(1, heads, rows, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    cos, sin = (torch.randn(rows, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return lambda: _rotary(q, k, cos, sin, False, backend)
+
+
+register_kernel("rotary", _time)
 
 
 def _check_args(q, k, cos, sin):
@@ -212,6 +231,7 @@ def apply_rotary(
     transpose the results back; no copy is made either way.
     """
     _check_args(q, k, cos, sin)
-    if resolve_backend(OP, backend, q.device) == "torch":
+    resolved = resolve_backend(OP, backend, q.device)
+    if resolved == "torch":
         return apply_rotary_ref(q, k, cos, sin)
-    return _rotary_op(q, k, cos, sin, False)
+    return _rotary_op(q, k, cos, sin, False, resolved)

@@ -9,6 +9,9 @@ Shapes: gate and up [..., I] of the same shape (any leading dims, I of any size;
 such as the two halves of a fused gate/up projection are read in place). Dtypes: fp32, fp16, bf16,
 gate and up alike; arithmetic in fp32, one rounding to the input dtype per output.
 
+Backends: the Triton kernels below, or their CUDA C++ twins (csrc/swiglu.cu); the launchers switch
+between them under one pair of custom ops.
+
 ``SwiGLU`` is the whole Llama MLP, ``down(swiglu(gate(x), up(x)))``, with Hugging Face's parameter
 names (``gate_proj``, ``up_proj``, ``down_proj``) so ``LlamaMLP`` state dicts load into it.
 """
@@ -21,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device_dtype, check_shape
 from ._common import as_rows, cast_to, warps_for
@@ -82,31 +86,26 @@ def _blocks(n_rows: int, n_cols: int) -> Tuple[int, int, tuple]:
     return block_m, block_n, grid
 
 
-@torch.library.custom_op("solar_kernels::swiglu_fwd", mutates_args=())
-def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    n_cols = gate.shape[-1]
-    g2d, u2d = as_rows(gate, n_cols), as_rows(up, n_cols)
-    n_rows = g2d.shape[0]
-    y = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+def _swiglu_fwd(g2d, u2d, backend="triton"):
+    """y [N, I] for rows gate, up [N, I]."""
+    n_rows, n_cols = g2d.shape
+    if pick(backend, "swiglu_fwd", n_rows, n_cols, g2d.device) == "cuda":
+        return torch.ops.solar_kernels_C.swiglu_fwd(g2d, u2d)
+    y = torch.empty((n_rows, n_cols), dtype=g2d.dtype, device=g2d.device)
     block_m, block_n, grid = _blocks(n_rows, n_cols)
     _swiglu_fwd_kernel[grid](
         g2d, u2d, y, g2d.stride(0), u2d.stride(0), y.stride(0), n_rows, n_cols,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
     )
-    return y.view(gate.shape)
+    return y
 
 
-@_swiglu_fwd_op.register_fake
-def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("solar_kernels::swiglu_bwd", mutates_args=())
-def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    n_cols = gate.shape[-1]
-    dy2d, g2d, u2d = as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols)
-    n_rows = g2d.shape[0]
-    dg = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+def _swiglu_bwd(dy2d, g2d, u2d, backend="triton"):
+    """(dgate, dup) [N, I] for rows dy, gate, up [N, I]."""
+    n_rows, n_cols = g2d.shape
+    if pick(backend, "swiglu_bwd", n_rows, n_cols, g2d.device) == "cuda":
+        return torch.ops.solar_kernels_C.swiglu_bwd(dy2d, g2d, u2d)
+    dg = torch.empty((n_rows, n_cols), dtype=g2d.dtype, device=g2d.device)
     du = torch.empty_like(dg)
     block_m, block_n, grid = _blocks(n_rows, n_cols)
     _swiglu_bwd_kernel[grid](
@@ -115,11 +114,31 @@ def _swiglu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tu
         n_rows, n_cols,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
     )
+    return dg, du
+
+
+@torch.library.custom_op("solar_kernels::swiglu_fwd", mutates_args=())
+def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    n_cols = gate.shape[-1]
+    return _swiglu_fwd(as_rows(gate, n_cols), as_rows(up, n_cols), backend).view(gate.shape)
+
+
+@_swiglu_fwd_op.register_fake
+def _(gate, up, backend):
+    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("solar_kernels::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(
+    dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    n_cols = gate.shape[-1]
+    dg, du = _swiglu_bwd(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols), backend)
     return dg.view(gate.shape), du.view(gate.shape)
 
 
 @_swiglu_bwd_op.register_fake
-def _(dy, gate, up):
+def _(dy, gate, up, backend):
     return (
         torch.empty_like(gate, memory_format=torch.contiguous_format),
         torch.empty_like(gate, memory_format=torch.contiguous_format),
@@ -127,15 +146,32 @@ def _(dy, gate, up):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    gate, up, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.backend = backend
 
 
 def _backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    return _swiglu_bwd_op(dy, gate, up)
+    dgate, dup = _swiglu_bwd_op(dy, gate, up, ctx.backend)
+    return dgate, dup, None
 
 
 torch.library.register_autograd("solar_kernels::swiglu_fwd", _backward, setup_context=_setup_context)
+
+
+def _time_fwd(backend, rows, width, device):
+    gate, up = (torch.randn(rows, width, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return lambda: _swiglu_fwd(gate, up, backend)
+
+
+def _time_bwd(backend, rows, width, device):
+    dy, gate, up = (torch.randn(rows, width, device=device, dtype=torch.bfloat16) for _ in range(3))
+    return lambda: _swiglu_bwd(dy, gate, up, backend)
+
+
+register_kernel("swiglu_fwd", _time_fwd)
+register_kernel("swiglu_bwd", _time_bwd)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -144,9 +180,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = Non
     check_float_tensor(OP, "up", up)
     check_same_device_dtype(OP, "gate", gate, up=up)
     check_shape(OP, "up", up, tuple(gate.shape), "gate.shape")
-    if resolve_backend(OP, backend, gate.device) == "torch":
+    resolved = resolve_backend(OP, backend, gate.device)
+    if resolved == "torch":
         return swiglu_ref(gate, up)
-    return _swiglu_fwd_op(gate, up)
+    return _swiglu_fwd_op(gate, up, resolved)
 
 
 class SwiGLU(torch.nn.Module):

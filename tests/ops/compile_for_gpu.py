@@ -80,8 +80,8 @@ def launches():
                 rms._rms_norm_fwd(x, w, residual, 1e-5)
                 rms._rms_norm_bwd(x, x, w, rstd, residual)
         gate = torch.randn(8, 14336, dtype=dtype)
-        swi._swiglu_fwd_op(gate, gate)
-        swi._swiglu_bwd_op(gate, gate, gate)
+        swi._swiglu_fwd(gate, gate)
+        swi._swiglu_bwd(gate, gate, gate)
         q, k = torch.randn(1, 32, 16, 128, dtype=dtype), torch.randn(1, 8, 16, 128, dtype=dtype)
         cos = torch.randn(16, 128, dtype=dtype)
         for backward in (False, True):

@@ -57,10 +57,10 @@ def check(fn_ours, fn_eager, fn_exact, hidden, weight, bias, labels, upstream):
         assert_close(name, a, b, c, dtype)
 
 
-def check_logprobs(hidden, weight, bias, labels, **kwargs):
+def check_logprobs(hidden, weight, bias, labels, backend="triton", **kwargs):
     upstream = torch.randn(labels.shape, device=hidden.device)
     check(
-        lambda h, w, y, b: sk.linear_logprobs(h, w, y, bias=b, backend="triton", **kwargs),
+        lambda h, w, y, b: sk.linear_logprobs(h, w, y, bias=b, backend=backend, **kwargs),
         lambda h, w, y, b: linear_logprobs_ref(h, w, y, b),
         exact_logprobs,
         hidden, weight, bias, labels, upstream,
@@ -72,53 +72,53 @@ def check_logprobs(hidden, weight, bias, labels, **kwargs):
     "tokens_shape, d, vocab",
     [((37,), 64, 512), ((2, 9), 33, 123), ((1,), 16, 7), ((6,), 16, 32000), ((5,), 4096, 64), ((3, 4), 24, 4097)],
 )
-def test_logprobs_match_reference(tokens_shape, d, vocab, dtype, device):
-    check_logprobs(*make(tokens_shape, d, vocab, dtype, device))
+def test_logprobs_match_reference(tokens_shape, d, vocab, dtype, device, kernel_backend):
+    check_logprobs(*make(tokens_shape, d, vocab, dtype, device), backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_logprobs_with_bias(dtype, device):
-    check_logprobs(*make((19,), 40, 300, dtype, device, bias=True))
+def test_logprobs_with_bias(dtype, device, kernel_backend):
+    check_logprobs(*make((19,), 40, 300, dtype, device, bias=True), backend=kernel_backend)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
-def test_chunk_size_does_not_change_the_result(chunk_size, device):
-    check_logprobs(*make((23,), 32, 200, torch.float32, device), chunk_size=chunk_size)
+def test_chunk_size_does_not_change_the_result(chunk_size, device, kernel_backend):
+    check_logprobs(*make((23,), 32, 200, torch.float32, device), chunk_size=chunk_size, backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_non_contiguous_inputs(dtype, device):
+def test_non_contiguous_inputs(dtype, device, kernel_backend):
     hidden, weight, bias, labels = make((2, 11), 48, 160, dtype, device, bias=True)
     hidden = torch.randn(2, 48, 11, dtype=dtype, device=device).transpose(1, 2)  # [B, T, d] view
     weight = weight.t().contiguous().t()  # [V, d] with column-major strides
     labels = torch.randint(0, 160, (11, 2), device=device).t()
     bias = torch.randn(320, dtype=dtype, device=device)[::2]
-    check_logprobs(hidden, weight, bias, labels)
+    check_logprobs(hidden, weight, bias, labels, backend=kernel_backend)
 
 
-def test_int32_labels(device):
+def test_int32_labels(device, kernel_backend):
     hidden, weight, _, labels = make((12,), 16, 50, torch.float32, device)
-    check_logprobs(hidden, weight, None, labels.int())
+    check_logprobs(hidden, weight, None, labels.int(), backend=kernel_backend)
 
 
-def test_all_tokens_ignored(device):
+def test_all_tokens_ignored(device, kernel_backend):
     hidden, weight, bias, labels = make((9,), 16, 40, torch.bfloat16, device, bias=True)
     labels.fill_(IGNORE)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    logp = sk.linear_logprobs(h, w, labels, bias=b, backend="triton")
+    logp = sk.linear_logprobs(h, w, labels, bias=b, backend=kernel_backend)
     assert torch.equal(logp, torch.zeros(9, device=device))
     logp.backward(torch.randn(9, device=device))
     for grad in (h.grad, w.grad, b.grad):
         assert torch.count_nonzero(grad) == 0
-    loss = sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton")
+    loss = sk.linear_cross_entropy(h, w, labels, bias=b, backend=kernel_backend)
     assert loss.item() == 0.0
-    assert sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend="triton").abs().sum() == 0
+    assert sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend=kernel_backend).abs().sum() == 0
 
 
-def test_ignored_tokens_get_exactly_zero_gradient(device):
+def test_ignored_tokens_get_exactly_zero_gradient(device, kernel_backend):
     hidden, weight, _, labels = make((16,), 24, 90, torch.float32, device, ignore_share=0.5)
     h = hidden.clone().requires_grad_()
-    sk.linear_logprobs(h, weight, labels, backend="triton").backward(torch.randn(16, device=device))
+    sk.linear_logprobs(h, weight, labels, backend=kernel_backend).backward(torch.randn(16, device=device))
     ignored = labels == IGNORE
     assert ignored.any() and (~ignored).any()
     assert torch.count_nonzero(h.grad[ignored]) == 0
@@ -127,7 +127,7 @@ def test_ignored_tokens_get_exactly_zero_gradient(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy(reduction, dtype, device):
+def test_cross_entropy(reduction, dtype, device, kernel_backend):
     hidden, weight, bias, labels = make((3, 13), 40, 257, dtype, device, bias=True)
     upstream = torch.randn(labels.shape if reduction == "none" else (), device=device)
 
@@ -138,20 +138,20 @@ def test_cross_entropy(reduction, dtype, device):
         return nll.sum() / ((y != IGNORE).sum() if reduction == "mean" else 1)
 
     check(
-        lambda h, w, y, b: sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend="triton"),
+        lambda h, w, y, b: sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=kernel_backend),
         lambda h, w, y, b: linear_cross_entropy_ref(h, w, y, b, reduction=reduction),
         exact, hidden, weight, bias, labels, upstream,
     )
 
 
-def test_cross_entropy_matches_torch_and_partial_grads(device):
+def test_cross_entropy_matches_torch_and_partial_grads(device, kernel_backend):
     hidden, weight, _, labels = make((31,), 20, 77, torch.float32, device)
     expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE)
-    loss = sk.linear_cross_entropy(hidden, weight, labels, backend="triton")
+    loss = sk.linear_cross_entropy(hidden, weight, labels, backend=kernel_backend)
     torch.testing.assert_close(loss, expected)
     # Only the weight needs a gradient (a frozen trunk): hidden gets none.
     w = weight.clone().requires_grad_()
-    sk.linear_cross_entropy(hidden, w, labels, backend="triton").backward()
+    sk.linear_cross_entropy(hidden, w, labels, backend=kernel_backend).backward()
     expected_w = weight.clone().requires_grad_()
     torch.nn.functional.cross_entropy(hidden @ expected_w.t(), labels, ignore_index=IGNORE).backward()
     torch.testing.assert_close(w.grad, expected_w.grad)
@@ -159,7 +159,7 @@ def test_cross_entropy_matches_torch_and_partial_grads(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("average", [False, True])
-def test_sequence_logprobs(average, dtype, device):
+def test_sequence_logprobs(average, dtype, device, kernel_backend):
     hidden, weight, _, labels = make((4, 10), 32, 150, dtype, device)
     labels[:, :4] = IGNORE  # prompt tokens
     labels[2] = IGNORE  # a row with no completion token
@@ -169,7 +169,7 @@ def test_sequence_logprobs(average, dtype, device):
         return logp / (y != IGNORE).sum(-1).clamp_min(1) if average else logp
 
     check(
-        lambda h, w, y, b: sk.sequence_logprobs(h, w, y, average=average, backend="triton"),
+        lambda h, w, y, b: sk.sequence_logprobs(h, w, y, average=average, backend=kernel_backend),
         lambda h, w, y, b: sequence_logprobs_ref(h, w, y, b, average=average),
         exact, hidden, weight, None, labels, torch.randn(4, device=device),
     )
@@ -194,18 +194,18 @@ class _LargestAllocation(TorchDispatchMode):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
-def test_full_logits_never_exist(which, dtype, device):
+def test_full_logits_never_exist(which, dtype, device, kernel_backend):
     n_tokens, d, vocab = 48, 8, 1000  # N * V dwarfs every legitimate tensor (weight is V * d)
     hidden, weight, bias, labels = make((n_tokens,), d, vocab, dtype, device, bias=True)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     recorder = _LargestAllocation()
     with recorder:
         if which == "logprobs":
-            out = sk.linear_logprobs(h, w, labels, bias=b, backend="triton").sum()
+            out = sk.linear_logprobs(h, w, labels, bias=b, backend=kernel_backend).sum()
         elif which == "cross_entropy":
-            out = sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton")
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, backend=kernel_backend)
         else:
-            out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend="triton").sum()
+            out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=kernel_backend).sum()
         out.backward()
     chunk = default_chunk_rows(n_tokens, d, vocab)
     assert chunk * vocab in recorder.sizes, "the recorder must see the chunk's logits (else it sees nothing)"
@@ -230,16 +230,16 @@ def test_default_chunk_rows_bounds():
 
 
 @pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
-def test_torch_compile_fullgraph(which, device):
+def test_torch_compile_fullgraph(which, device, kernel_backend):
     hidden, weight, bias, labels = make((3, 7), 16, 90, torch.float32, device, bias=True)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
 
     def f(h, w, b):
         if which == "logprobs":
-            return (sk.linear_logprobs(h, w, labels, bias=b, backend="triton") * 1.5).sum()
+            return (sk.linear_logprobs(h, w, labels, bias=b, backend=kernel_backend) * 1.5).sum()
         if which == "sequence":
-            return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend="triton").pow(2).sum()
-        return sk.linear_cross_entropy(h, w, labels, bias=b, backend="triton") * 1.5
+            return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend=kernel_backend).pow(2).sum()
+        return sk.linear_cross_entropy(h, w, labels, bias=b, backend=kernel_backend) * 1.5
 
     eager = f(h, w, b)
     eager_grads = torch.autograd.grad(eager, (h, w, b))
@@ -272,7 +272,7 @@ def _args(**overrides):
         (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
         (dict(chunk_size=0), ValueError, "chunk_size must be a positive int or None, got 0"),
         (dict(backend="cuda"), RuntimeError, "backend 'cuda' is not available"),
-        (dict(backend="jax"), ValueError, "backend must be one of None, 'torch', 'triton', 'cuda'; got 'jax'"),
+        (dict(backend="jax"), ValueError, "backend must be one of None, 'torch', 'triton', 'cuda', 'auto'; got 'jax'"),
     ],
 )
 @pytest.mark.parametrize("op", ["linear_logprobs", "linear_cross_entropy"])
@@ -288,7 +288,7 @@ def test_bad_reduction_and_sequence_rank():
         sk.sequence_logprobs(**_args())
 
 
-def test_out_of_range_label_checked_before_any_work(device, monkeypatch):
+def test_out_of_range_label_checked_before_any_work(device, monkeypatch, kernel_backend):
     """The check runs before any kernel (on a GPU only with SOLAR_KERNELS_CHECK_LABELS=1)."""
     monkeypatch.setenv("SOLAR_KERNELS_CHECK_LABELS", "1")
     module = importlib.import_module("solar_kernels.ops.linear_logprobs")
@@ -297,24 +297,24 @@ def test_out_of_range_label_checked_before_any_work(device, monkeypatch):
     labels = torch.tensor([3, IGNORE, 99])
     with pytest.raises(ValueError, match=r"labels\[2\] = 99"):
         sk.linear_logprobs(torch.randn(3, 4, device=device), torch.randn(10, 4, device=device),
-                           labels.to(device), backend="triton")
+                           labels.to(device), backend=kernel_backend)
     assert not calls
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_solar_vocab_on_gpu(dtype):
+def test_solar_vocab_on_gpu(dtype, kernel_backend):
     hidden, weight, bias, labels = make((1024,), 4096, 32000, dtype, "cuda")
-    check_logprobs(hidden, weight, None, labels)
+    check_logprobs(hidden, weight, None, labels, backend=kernel_backend)
 
 
 @pytest.mark.gpu
-def test_out_of_range_label_gives_nan_on_gpu_without_flag(monkeypatch):
+def test_out_of_range_label_gives_nan_on_gpu_without_flag(monkeypatch, kernel_backend):
     monkeypatch.delenv("SOLAR_KERNELS_CHECK_LABELS", raising=False)
     hidden, weight, _, labels = make((8,), 16, 50, torch.float32, "cuda", ignore_share=0)
     labels[3] = 50
-    logp = sk.linear_logprobs(hidden, weight, labels, backend="triton")
+    logp = sk.linear_logprobs(hidden, weight, labels, backend=kernel_backend)
     assert torch.isnan(logp[3]) and torch.isfinite(logp[[0, 1, 2, 4, 5, 6, 7]]).all()
     monkeypatch.setenv("SOLAR_KERNELS_CHECK_LABELS", "1")
     with pytest.raises(ValueError, match=r"labels\[3\] = 50"):
-        sk.linear_logprobs(hidden, weight, labels, backend="triton")
+        sk.linear_logprobs(hidden, weight, labels, backend=kernel_backend)

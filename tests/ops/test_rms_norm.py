@@ -36,13 +36,13 @@ def run(fn, x, weight, dy, residual=None, dh=None):
     return y, None, [leaf.grad for leaf in leaves]
 
 
-def check(x, weight, residual=None):
+def check(x, weight, residual=None, backend="triton"):
     dtype = x.dtype
     dy = torch.randn(x.shape, dtype=dtype, device=x.device)
     dh = torch.randn(x.shape, dtype=dtype, device=x.device) if residual is not None else None
-    triton_fn = lambda *a, **k: sk.rms_norm(*a, eps=EPS, backend="triton", **k)  # noqa: E731
+    ours_fn = lambda *a, **k: sk.rms_norm(*a, eps=EPS, backend=backend, **k)  # noqa: E731
     torch_fn = lambda *a, **k: rms_norm_ref(*a, eps=EPS, **k)  # noqa: E731
-    y, h, grads = run(triton_fn, x, weight, dy, residual, dh)
+    y, h, grads = run(ours_fn, x, weight, dy, residual, dh)
     y_ref, h_ref, grads_ref = run(torch_fn, x, weight, dy, residual, dh)
     y64, h64, dx64, dw64 = exact_rms_norm(x, weight, dy, residual, dh)
     assert y.dtype == dtype and y.shape == x.shape
@@ -58,24 +58,24 @@ def check(x, weight, residual=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(5, 1), (3, 7, 123), (6, 4096), (3, 4097), (2, 14336), (2, 65536)])
-def test_matches_reference(shape, dtype, device):
+def test_matches_reference(shape, dtype, device, kernel_backend):
     x = torch.randn(shape, dtype=dtype, device=device)
     weight = torch.randn(shape[-1], dtype=dtype, device=device)
-    check(x, weight)
+    check(x, weight, backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(9, 123), (2, 3, 4096), (3, 14336)])
-def test_fused_residual(shape, dtype, device):
+def test_fused_residual(shape, dtype, device, kernel_backend):
     x = torch.randn(shape, dtype=dtype, device=device)
     residual = torch.randn(shape, dtype=dtype, device=device) * 4
     weight = torch.randn(shape[-1], dtype=dtype, device=device)
-    check(x, weight, residual)
+    check(x, weight, residual, backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", ["row_slice", "transposed"])
-def test_non_contiguous(layout, dtype, device):
+def test_non_contiguous(layout, dtype, device, kernel_backend):
     d = 123
     if layout == "row_slice":  # rows of a wider buffer: read in place through the row stride
         x = torch.randn(17, 2 * d + 5, dtype=dtype, device=device)[:, 3 : 3 + d]
@@ -84,35 +84,35 @@ def test_non_contiguous(layout, dtype, device):
         x = torch.randn(d, 17, dtype=dtype, device=device).t()
         residual = torch.randn(d, 17, dtype=dtype, device=device).t()
     weight = torch.randn(2 * d, dtype=dtype, device=device)[::2]
-    check(x, weight)
-    check(x, weight, residual)
+    check(x, weight, backend=kernel_backend)
+    check(x, weight, residual, backend=kernel_backend)
 
 
-def test_mixed_weight_dtype_keeps_x_dtype(device):
+def test_mixed_weight_dtype_keeps_x_dtype(device, kernel_backend):
     x = torch.randn(4, 64, dtype=torch.bfloat16, device=device)
     weight = torch.randn(64, dtype=torch.float32, device=device)
-    check(x, weight)
-    assert sk.rms_norm(x, weight, backend="triton").dtype == torch.bfloat16
+    check(x, weight, backend=kernel_backend)
+    assert sk.rms_norm(x, weight, backend=kernel_backend).dtype == torch.bfloat16
 
 
-def test_does_not_write_inputs(device):
+def test_does_not_write_inputs(device, kernel_backend):
     x = torch.randn(8, 96, device=device)
     residual = torch.randn(8, 96, device=device)
     weight = torch.randn(96, device=device)
     saved = [t.clone() for t in (x, residual, weight)]
-    y, h = sk.rms_norm(x, weight, residual=residual, backend="triton")
+    y, h = sk.rms_norm(x, weight, residual=residual, backend=kernel_backend)
     for before, after in zip(saved, (x, residual, weight)):
         assert torch.equal(before, after)
     assert h.data_ptr() not in (x.data_ptr(), residual.data_ptr())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_matches_transformers_llama_rms_norm(dtype, device):
+def test_matches_transformers_llama_rms_norm(dtype, device, kernel_backend):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     d = 4096
     hf = LlamaRMSNorm(d, eps=EPS).to(device=device, dtype=dtype)
-    ours = sk.RMSNorm(d, eps=EPS, backend="triton", device=device, dtype=dtype)
+    ours = sk.RMSNorm(d, eps=EPS, backend=kernel_backend, device=device, dtype=dtype)
     with torch.no_grad():
         hf.weight.copy_(torch.randn(d, dtype=dtype, device=device))
     ours.load_state_dict(hf.state_dict())
@@ -121,8 +121,8 @@ def test_matches_transformers_llama_rms_norm(dtype, device):
     torch.testing.assert_close(ours(x), hf(x))
 
 
-def test_module_residual_form(device):
-    norm = sk.RMSNorm(32, eps=EPS, backend="triton", device=device)
+def test_module_residual_form(device, kernel_backend):
+    norm = sk.RMSNorm(32, eps=EPS, backend=kernel_backend, device=device)
     x, r = torch.randn(2, 32, device=device), torch.randn(2, 32, device=device)
     y, h = norm(x, r)
     y_ref, h_ref = rms_norm_ref(x, norm.weight, EPS, r)
@@ -131,13 +131,13 @@ def test_module_residual_form(device):
     assert "eps=1e-05" in repr(norm)
 
 
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(device, kernel_backend):
     x = torch.randn(4, 3, 48, device=device, requires_grad=True)
     r = torch.randn(4, 3, 48, device=device, requires_grad=True)
     w = torch.randn(48, device=device, requires_grad=True)
 
     def f(x, r, w):
-        y, h = sk.rms_norm(x, w, eps=EPS, residual=r, backend="triton")
+        y, h = sk.rms_norm(x, w, eps=EPS, residual=r, backend=kernel_backend)
         return (y * h).sum()
 
     eager = f(x, r, w)
@@ -180,11 +180,11 @@ def test_bad_residual_and_eps():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_solar_shapes_on_gpu(dtype):
+def test_solar_shapes_on_gpu(dtype, kernel_backend):
     x = torch.randn(4096, 4096, dtype=dtype, device="cuda")
     r = torch.randn_like(x)
     w = torch.randn(4096, dtype=dtype, device="cuda")
-    check(x, w)
-    check(x, w, r)
+    check(x, w, backend=kernel_backend)
+    check(x, w, r, backend=kernel_backend)
     for d in (1024, 16384, 65536):
-        check(torch.randn(64, d, dtype=dtype, device="cuda"), torch.randn(d, dtype=dtype, device="cuda"))
+        check(torch.randn(64, d, dtype=dtype, device="cuda"), torch.randn(d, dtype=dtype, device="cuda"), backend=kernel_backend)

@@ -35,10 +35,10 @@ def run(fn, q, k, cos, sin, dq, dk):
     return q2, k2, ql.grad, kl.grad
 
 
-def check(q, k, cos, sin):
+def check(q, k, cos, sin, backend="triton"):
     dtype = q.dtype
     dq, dk = torch.randn_like(q), torch.randn_like(k)
-    ours = run(lambda *a: sk.apply_rotary(*a, backend="triton"), q, k, cos, sin, dq, dk)
+    ours = run(lambda *a: sk.apply_rotary(*a, backend=backend), q, k, cos, sin, dq, dk)
     eager = run(apply_rotary_ref, q, k, cos, sin, dq, dk)
     exact = exact_rotary(q, k, cos, sin, dq, dk)
     for name, a, b, c in zip(("q'", "k'", "dq", "dk"), ours, eager, exact):
@@ -51,63 +51,63 @@ def check(q, k, cos, sin):
     "batch, heads_q, heads_k, tokens, head_dim",
     [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 32, 8, 5, 128), (1, 3, 3, 13, 6)],
 )
-def test_matches_reference(batch, heads_q, heads_k, tokens, head_dim, dtype, device):
+def test_matches_reference(batch, heads_q, heads_k, tokens, head_dim, dtype, device, kernel_backend):
     q = torch.randn(batch, heads_q, tokens, head_dim, dtype=dtype, device=device)
     k = torch.randn(batch, heads_k, tokens, head_dim, dtype=dtype, device=device)
     cos, sin = rope_tables(torch.arange(tokens, device=device) * 37, head_dim, dtype=dtype)
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_packed_positions_per_batch_row(dtype, device):
+def test_packed_positions_per_batch_row(dtype, device, kernel_backend):
     """[B, T, D] tables whose positions restart inside a row (packed documents)."""
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0], [5, 6, 7, 8, 9, 0, 1, 2, 3]], device=device)
     cos, sin = rope_tables(positions, 64, dtype=torch.float32)
     q = torch.randn(2, 4, 9, 64, dtype=dtype, device=device)
     k = torch.randn(2, 2, 9, 64, dtype=dtype, device=device)
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)
 
 
-def test_batch_broadcast_tables(device):
+def test_batch_broadcast_tables(device, kernel_backend):
     """[1, T, D] tables (what transformers passes) apply to every batch row."""
     q = torch.randn(3, 4, 6, 16, device=device)
     k = torch.randn(3, 2, 6, 16, device=device)
     cos, sin = rope_tables(torch.arange(6, device=device)[None], 16)
     assert cos.shape == (1, 6, 16)
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_bthd_layout_is_a_view(dtype, device):
+def test_bthd_layout_is_a_view(dtype, device, kernel_backend):
     """[B, T, H, D] tensors go in transposed, without a copy, and come out in the same layout."""
     q_bthd = torch.randn(2, 11, 4, 32, dtype=dtype, device=device)
     k_bthd = torch.randn(2, 11, 2, 32, dtype=dtype, device=device)
     q, k = q_bthd.transpose(1, 2), k_bthd.transpose(1, 2)
     cos, sin = rope_tables(torch.arange(11, device=device), 32, dtype=dtype)
-    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="triton")
+    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend=kernel_backend)
     assert q2.transpose(1, 2).is_contiguous() and k2.transpose(1, 2).is_contiguous()
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)
 
 
-def test_arbitrary_strides(device):
+def test_arbitrary_strides(device, kernel_backend):
     base = torch.randn(3, 2, 6, 5, 16, device=device)
     q = base[:, 0].permute(0, 2, 1, 3)[:, :, ::2]  # [B=3, H=5, T=3, D=16], every stride odd
     k = torch.randn(3, 16, 5, 3, device=device).permute(0, 2, 3, 1)[:, :1]  # D not unit-stride
     tables = rope_tables(torch.arange(6, device=device), 16)
     cos, sin = (t[::2] for t in tables)
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)
 
 
-def test_general_cos_sin_halves(device):
+def test_general_cos_sin_halves(device, kernel_backend):
     """cos/sin whose halves differ: the backward must be the true transpose, not just -sin."""
     q = torch.randn(1, 2, 5, 8, device=device)
     k = torch.randn(1, 1, 5, 8, device=device)
     cos, sin = torch.randn(5, 8, device=device), torch.randn(5, 8, device=device)
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_matches_transformers(dtype, device):
+def test_matches_transformers(dtype, device, kernel_backend):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -118,7 +118,7 @@ def test_matches_transformers(dtype, device):
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], list(range(100, 109))], device=device)
     cos, sin = rotary(q, position_ids)  # [B, T, D] in q's dtype
     hf_q, hf_k = apply_rotary_pos_emb(q, k, cos, sin)
-    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="triton")
+    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend=kernel_backend)
     # HF rounds each product and the sum, we round once: judged against float64 like eager torch.
     exact_q, exact_k, _, _ = exact_rotary(q, k, cos, sin, torch.zeros_like(q), torch.zeros_like(k))
     assert_close("q' vs transformers", q2, hf_q, exact_q, dtype)
@@ -127,13 +127,13 @@ def test_matches_transformers(dtype, device):
     assert torch.equal(ref_q, hf_q) and torch.equal(ref_k, hf_k)
 
 
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(device, kernel_backend):
     q = torch.randn(2, 4, 5, 16, device=device, requires_grad=True)
     k = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
     cos, sin = rope_tables(torch.arange(5, device=device), 16)
 
     def f(q, k):
-        q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="triton")
+        q2, k2 = sk.apply_rotary(q, k, cos, sin, backend=kernel_backend)
         return (q2 * q2).sum() + (k2 * 3).sum()
 
     eager = f(q, k)
@@ -173,8 +173,8 @@ def test_bad_input(overrides, error, message):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_solar_shapes_on_gpu(dtype):
+def test_solar_shapes_on_gpu(dtype, kernel_backend):
     q = torch.randn(2, 32, 2048, 128, dtype=dtype, device="cuda")
     k = torch.randn(2, 8, 2048, 128, dtype=dtype, device="cuda")
     cos, sin = rope_tables(torch.arange(2048, device="cuda"), 128, dtype=dtype)
-    check(q, k, cos, sin)
+    check(q, k, cos, sin, backend=kernel_backend)

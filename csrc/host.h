@@ -1,0 +1,119 @@
+// What the host functions (*_host.cpp) share: argument checks whose RuntimeError names the op and
+// the problem, the dtype dispatch onto CUDA's types, and the launch check. Lean torch headers only
+// (no torch/extension.h, no ATen/cuda/CUDAContext.h): each host file compiles in a few seconds.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+namespace solar {
+
+// TORCH_CHECK with the op's name first: "solar_kernels_C::rms_norm_fwd: weight has 7 elements, ..."
+#define SOLAR_CHECK(cond, op, ...) TORCH_CHECK(cond, op, ": ", __VA_ARGS__)
+
+inline bool is_float(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  SOLAR_CHECK(is_float(t), op, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
+  SOLAR_CHECK(t.dim() == dim, op, name, " must be ", layout, ", got ", t.dim(), " dimensions (shape ", t.sizes(), ")");
+}
+
+// Rows [N, width] of a float dtype, columns unit-stride (the layout the kernels index).
+inline void check_rows(const char* op, const char* name, const at::Tensor& t) {
+  check_float(op, name, t);
+  check_dim(op, name, t, 2, "2-D [rows, width]");
+  SOLAR_CHECK(t.stride(1) == 1 || t.size(1) <= 1, op, name, " must have unit stride along its last dimension, got strides ",
+              t.strides());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                              const at::Tensor& ref) {
+  SOLAR_CHECK(t.device() == ref.device(), op, name, " is on ", t.device(), ", expected ", ref.device(), " (the device of ",
+              ref_name, ")");
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                             const at::Tensor& ref) {
+  SOLAR_CHECK(t.scalar_type() == ref.scalar_type(), op, name, " has dtype ", t.scalar_type(), ", expected ",
+              ref.scalar_type(), " (the dtype of ", ref_name, ")");
+}
+
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                             const at::Tensor& ref) {
+  SOLAR_CHECK(t.sizes() == ref.sizes(), op, name, " has shape ", t.sizes(), ", expected ", ref.sizes(), " (the shape of ",
+              ref_name, ")");
+}
+
+// The last check before the launch: ops are registered for CPU too, so a CPU tensor gets every
+// argument check above and then this message instead of the dispatcher's.
+inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+  SOLAR_CHECK(t.is_cuda(), op, name, " is on ", t.device(), "; the CUDA kernels of solar_kernels._C run on CUDA devices only");
+}
+
+// Every kernel indexes its data through a pointer of the element type.
+inline void check_element_aligned(const char* op, const char* name, const at::Tensor& t) {
+  SOLAR_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0, op, name,
+              "'s data pointer is not aligned to its element size (", t.element_size(), " bytes)");
+}
+
+// One block per row (or per token): grid.x holds at most 2^31 - 1 blocks.
+inline void check_grid(const char* op, const char* what, int64_t blocks) {
+  SOLAR_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, what, " is ", blocks, ", more than the 2^31 - 1 a launch holds");
+}
+
+inline void check_launch(const char* op, cudaError_t error) {
+  SOLAR_CHECK(error == cudaSuccess, op, "kernel launch failed: ", cudaGetErrorString(error));
+}
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls body(Type<T>{}) with T the CUDA type of dtype: float, __half or __nv_bfloat16.
+template <typename Body>
+void dispatch_float(const char* op, at::ScalarType dtype, Body&& body) {
+  switch (dtype) {
+    case at::kFloat:
+      return body(Type<float>{});
+    case at::kHalf:
+      return body(Type<__half>{});
+    case at::kBFloat16:
+      return body(Type<__nv_bfloat16>{});
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype);
+  }
+}
+
+// A side input (RMSNorm weight, rotary cos/sin) is read in the activation dtype or in fp32; any
+// other float dtype is widened to fp32 first, which is exact.
+inline at::Tensor as_side_dtype(const at::Tensor& t, at::ScalarType activation) {
+  if (t.scalar_type() == activation || t.scalar_type() == at::kFloat) return t;
+  return t.to(at::kFloat);
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return static_cast<const T*>(t.data_ptr());
+}
+
+template <typename T>
+T* mutable_ptr(const at::Tensor& t) {
+  return static_cast<T*>(t.data_ptr());
+}
+
+}  // namespace solar

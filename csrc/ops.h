@@ -1,0 +1,45 @@
+// Host entry points of solar_kernels._C, registered in torch_bindings.cpp as torch.ops.solar_kernels_C.*
+// (schemas there; fake implementations in solar_kernels/_cuda.py). Each checks its arguments and
+// raises a RuntimeError naming the op and the problem before any kernel runs, then launches on the
+// current stream of the inputs' device. The Python ops (solar_kernels/ops/*.py) flatten inputs to
+// the row views these take. Dtypes: fp32, fp16, bf16 activations; fp32 accumulation everywhere.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace solar {
+
+// x [N, d] (row-strided, unit column stride), weight [d] (x's dtype or another float dtype),
+// residual like x or none. Returns y [N, d] in x's dtype, h [N, d] = x + residual rounded to x's
+// dtype (an empty [0] tensor without residual), rstd [N] fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& residual, double eps);
+
+// dy [N, d], h [N, d] (the normalized input: x, or h of the residual variant), weight [d],
+// rstd [N] fp32 from the forward, dh like h or none (added to dx). Returns dx [N, d] in h's dtype
+// and dweight [d] in weight's dtype.
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& weight,
+                                                const at::Tensor& rstd, const std::optional<at::Tensor>& dh);
+
+// q [B, Hq, T, D], k [B, Hkv, T, D] (any strides, one dtype), cos and sin [T, D], [1, T, D] or
+// [B, T, D] (any float dtype, any strides). Returns (q', k') with q's and k's memory layout; with
+// backward = true, the transposed rotation (the gradient).
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                          const at::Tensor& sin, bool backward);
+
+// gate, up [N, I] (row-strided, unit column stride, one dtype). Returns y [N, I].
+at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
+
+// dy, gate, up [N, I]. Returns (dgate, dup), each [N, I].
+std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up);
+
+// In place, over one chunk of logits [C, V] (unit column stride): labels [C] int32/int64;
+// logp, lse [C] fp32 contiguous (written when compute_lse; lse read otherwise); grad [C] fp32, any
+// stride (read when write_grad; logits then become grad * (onehot - softmax)).
+void logprobs_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& lse,
+               const at::Tensor& grad, int64_t ignore_index, bool compute_lse, bool write_grad);
+
+}  // namespace solar

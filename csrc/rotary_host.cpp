@@ -1,0 +1,99 @@
+// Host function of the rotary kernel (rotary.cu): checks, device guard, stream, dispatch, launch,
+// launch check.
+#include <ATen/ops/empty_like.h>
+
+#include "host.h"
+#include "launch.h"
+#include "ops.h"
+
+namespace solar {
+namespace {
+
+// A dim of size 1 is never stepped along: stride 0 there, so it cannot block the vector path.
+int64_t stride_of(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
+
+Strides4 strides4(const at::Tensor& t) { return {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2), stride_of(t, 3)}; }
+
+// [T, D] and [1, T, D] tables are shared by the batch (batch stride 0); [B, T, D] has one per row.
+Strides3 strides3(const at::Tensor& t) {
+  if (t.dim() == 2) return {0, stride_of(t, 0), stride_of(t, 1)};
+  return {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
+}
+
+void check_table(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  check_same_device(op, name, t, "q", q);
+  check_float(op, name, t);
+  const int64_t batch = q.size(0), tokens = q.size(2), head_dim = q.size(3);
+  const bool ok = (t.dim() == 2 && t.size(0) == tokens && t.size(1) == head_dim) ||
+                  (t.dim() == 3 && (t.size(0) == batch || t.size(0) == 1) && t.size(1) == tokens && t.size(2) == head_dim);
+  SOLAR_CHECK(ok, op, name, " must be [T, D] = [", tokens, ", ", head_dim, "] or [B, T, D] = [", batch, ", ", tokens, ", ",
+              head_dim, "] (B may be 1), got ", t.sizes());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                          const at::Tensor& sin, bool backward) {
+  constexpr const char* op = "solar_kernels_C::rotary";
+  check_float(op, "q", q);
+  check_dim(op, "q", q, 4, "4-D [B, Hq, T, D]");
+  check_same_device(op, "k", k, "q", q);
+  check_same_dtype(op, "k", k, "q", q);
+  check_dim(op, "k", k, 4, "4-D [B, Hkv, T, D]");
+  SOLAR_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3), op,
+              "k must be [B, Hkv, T, D] with B, T, D of q ", q.sizes(), ", got ", k.sizes());
+  SOLAR_CHECK(q.size(3) % 2 == 0, op, "head_dim must be even (rotate-half pairs its halves), got ", q.size(3));
+  check_table(op, "cos", cos, q);
+  check_table(op, "sin", sin, q);
+  check_grid(op, "batch x tokens", q.size(0) * q.size(2));
+  check_cuda(op, "q", q);
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // cos and sin are read in q's dtype or in fp32, both the same.
+  const bool tables_as_is = cos.scalar_type() == sin.scalar_type() &&
+                            (cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat);
+  const at::Tensor cos_t = tables_as_is ? cos : cos.to(at::kFloat);
+  const at::Tensor sin_t = tables_as_is ? sin : sin.to(at::kFloat);
+  check_element_aligned(op, "q", q);
+  check_element_aligned(op, "k", k);
+  check_element_aligned(op, "cos", cos_t);
+  check_element_aligned(op, "sin", sin_t);
+
+  at::Tensor q_out = at::empty_like(q, at::MemoryFormat::Preserve);
+  at::Tensor k_out = at::empty_like(k, at::MemoryFormat::Preserve);
+  dispatch_float(op, q.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    auto launch = [&](auto table_tag) {
+      using C = typename decltype(table_tag)::type;
+      Rotary<T, C> p{};
+      p.q = ptr<T>(q);
+      p.k = ptr<T>(k);
+      p.cos = ptr<C>(cos_t);
+      p.sin = ptr<C>(sin_t);
+      p.q_out = mutable_ptr<T>(q_out);
+      p.k_out = mutable_ptr<T>(k_out);
+      p.q_stride = strides4(q);
+      p.k_stride = strides4(k);
+      p.q_out_stride = strides4(q_out);
+      p.k_out_stride = strides4(k_out);
+      p.cos_stride = strides3(cos_t);
+      p.sin_stride = strides3(sin_t);
+      p.batch = q.size(0);
+      p.n_tokens = q.size(2);
+      p.n_heads_q = q.size(1);
+      p.n_heads_k = k.size(1);
+      p.half = q.size(3) / 2;
+      p.backward = backward;
+      check_launch(op, launch_rotary(p, stream));
+    };
+    if (cos_t.scalar_type() == q.scalar_type()) {
+      launch(Type<T>{});
+    } else {
+      launch(Type<float>{});
+    }
+  });
+  return {q_out, k_out};
+}
+
+}  // namespace solar

@@ -1,0 +1,119 @@
+"""The CUDA C++ extension ``solar_kernels._C``: loading it, which GPUs it has code for, and the fake
+implementations of its ops (``torch.ops.solar_kernels_C.*``, schemas in csrc/torch_bindings.cpp).
+
+``import solar_kernels`` never imports the extension: ``load_error()`` tries once, when a backend
+decision first needs it, so an install without it (pure Triton/torch, CPU builds of torch) works as
+before. The fakes let ``torch.compile`` and ``torch.library.opcheck`` trace the ops; they must live
+in this module, which the C++ library names as its Python module (torch imports it on demand).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from typing import Optional, Tuple
+
+import torch
+
+EXTENSION = "solar_kernels._C"
+_NOT_TRIED = object()
+_load_error: object = _NOT_TRIED  # None once loaded, else the reason it is not
+
+
+# Backend resolution runs inside torch.compile'd code: Dynamo calls these two at trace time and
+# keeps their result as a constant, instead of tracing an import (a graph break).
+@torch.compiler.assume_constant_result
+def load_error() -> Optional[str]:
+    """None when ``solar_kernels._C`` is loaded (ops and fakes registered), else why it is not."""
+    global _load_error
+    if _load_error is _NOT_TRIED:
+        try:
+            importlib.import_module(EXTENSION)
+        except ImportError as error:
+            _load_error = (
+                f"the CUDA C++ extension {EXTENSION} is not built in this install ({error}); setup.py "
+                "builds it when torch is a CUDA build and nvcc is found"
+            )
+        else:
+            _register_fakes()
+            _load_error = None
+    return _load_error  # type: ignore[return-value]
+
+
+def built_archs() -> Tuple[str, ...]:
+    """The targets the extension carries, e.g. ("sm_80", "sm_90a"); call after load_error() is None."""
+    return tuple(sys.modules[EXTENSION].cuda_archs.split("+"))
+
+
+def runs_on(archs, capability: Tuple[int, int]) -> bool:
+    """Whether a GPU of compute ``capability`` (major, minor) can run code built for ``archs``.
+
+    ``sm_XY`` cubins run on major X with minor >= Y; ``sm_XYa`` (arch-specific, e.g. Hopper's sm_90a)
+    only on X.Y exactly; ``compute_XY`` PTX is compiled by the driver for X.Y and anything newer.
+    """
+    major, minor = capability
+    for arch in archs:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", arch)
+        if match is None:
+            continue
+        kind, arch_major, arch_minor, suffix = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+        if suffix == "a":
+            if (major, minor) == (arch_major, arch_minor):
+                return True
+        elif kind == "compute":
+            if (major, minor) >= (arch_major, arch_minor):
+                return True
+        elif major == arch_major and minor >= arch_minor:
+            return True
+    return False
+
+
+@torch.compiler.assume_constant_result
+def device_error(device: torch.device) -> Optional[str]:
+    """None when the loaded extension has code for this CUDA device, else why not."""
+    capability = torch.cuda.get_device_capability(device)
+    archs = built_archs()
+    if runs_on(archs, capability):
+        return None
+    major, minor = capability
+    return (
+        f"{EXTENSION} was built for {', '.join(archs)}, which cannot run on this sm_{major}{minor} GPU; "
+        f"rebuild with SOLAR_KERNELS_CUDA_ARCHS={major}.{minor}"
+    )
+
+
+def _register_fakes() -> None:
+    """Output shapes, dtypes and strides of each op, as the C++ functions allocate them."""
+
+    @torch.library.register_fake("solar_kernels_C::rms_norm_fwd")
+    def _(x, weight, residual, eps):
+        rows, width = x.shape
+        h = x.new_empty(rows, width) if residual is not None else x.new_empty(0)
+        return x.new_empty(rows, width), h, x.new_empty(rows, dtype=torch.float32)
+
+    @torch.library.register_fake("solar_kernels_C::rms_norm_bwd")
+    def _(dy, h, weight, rstd, dh):
+        return h.new_empty(h.shape), weight.new_empty(weight.shape)
+
+    @torch.library.register_fake("solar_kernels_C::rotary")
+    def _(q, k, cos, sin, backward):
+        return torch.empty_like(q, memory_format=torch.preserve_format), torch.empty_like(k, memory_format=torch.preserve_format)
+
+    @torch.library.register_fake("solar_kernels_C::swiglu_fwd")
+    def _(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("solar_kernels_C::swiglu_bwd")
+    def _(dy, gate, up):
+        return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+    @torch.library.register_fake("solar_kernels_C::logprobs_")
+    def _(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
+        return None
+
+
+# torch imports this module when it needs a fake the extension has not had registered yet (the
+# extension was imported directly): register them then.
+if EXTENSION in sys.modules and _load_error is _NOT_TRIED:
+    load_error()

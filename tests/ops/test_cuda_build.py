@@ -1,0 +1,172 @@
+"""The CUDA C++ extension as CI sees it, without a GPU: it was built (when it can be), it imports,
+every op is registered with its schema for CUDA, the library carries sm_80 and sm_90a code, the
+fake implementations give the right outputs, and every argument check raises its RuntimeError
+(the ops are registered for CPU too, so the checks run here and end with "CUDA devices only")."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+CAN_BUILD = (
+    torch.version.cuda is not None
+    and os.environ.get("SOLAR_KERNELS_SKIP_CUDA") != "1"
+    and (bool(os.environ.get("CUDA_HOME")) or shutil.which("nvcc") is not None)
+)
+pytestmark = pytest.mark.skipif(
+    not CAN_BUILD, reason="no CUDA build of torch, no nvcc, or SOLAR_KERNELS_SKIP_CUDA=1: the extension is not built"
+)
+
+SCHEMAS = {
+    "rms_norm_fwd": "solar_kernels_C::rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) "
+                    "-> (Tensor y, Tensor h, Tensor rstd)",
+    "rms_norm_bwd": "solar_kernels_C::rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) "
+                    "-> (Tensor dx, Tensor dweight)",
+    "rotary": "solar_kernels_C::rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) "
+              "-> (Tensor q_out, Tensor k_out)",
+    "swiglu_fwd": "solar_kernels_C::swiglu_fwd(Tensor gate, Tensor up) -> Tensor",
+    "swiglu_bwd": "solar_kernels_C::swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)",
+    "logprobs_": "solar_kernels_C::logprobs_(Tensor(a!) logits, Tensor labels, Tensor(b!) logp, Tensor(c!) lse, "
+                 "Tensor grad, int ignore_index, bool compute_lse, bool write_grad) -> ()",
+}
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from solar_kernels import _cuda
+
+    error = _cuda.load_error()
+    assert error is None, f"torch is a CUDA build and nvcc is here, so setup.py must have built the extension: {error}"
+    return torch.ops.solar_kernels_C
+
+
+def test_every_op_is_registered_for_cuda(ops):
+    for name, schema in SCHEMAS.items():
+        assert str(getattr(ops, name).default._schema) == schema
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"solar_kernels_C::{name}", "CUDA"), name
+
+
+def test_library_has_ampere_and_hopper_code(ops):
+    import triton
+
+    import solar_kernels._C as extension
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        cuobjdump = shutil.which("cuobjdump")
+    assert cuobjdump, "no cuobjdump (triton ships one under backends/nvidia/bin)"
+    listing = subprocess.run([cuobjdump, "--list-elf", extension.__file__], capture_output=True, text=True, check=True).stdout
+    archs = os.environ.get("SOLAR_KERNELS_CUDA_ARCHS", "8.0;9.0a")
+    expected = ["sm_" + a.strip().replace(".", "").replace("+PTX", "") for a in archs.split(";") if a.strip()]
+    for family in ("logprobs", "rms_norm", "rotary", "swiglu"):
+        for arch in expected:
+            assert f"{family}.{arch}.cubin" in listing, f"{family} has no {arch} code:\n{listing}"
+    assert extension.cuda_archs == "+".join(expected)
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def test_fake_implementations(ops):
+    """Calling the ops on meta tensors runs the Python fakes: outputs as the C++ functions make them."""
+    x, w = _meta(6, 32), _meta(32, dtype=torch.float32)
+    y, h, rstd = ops.rms_norm_fwd(x, w, _meta(6, 32), 1e-5)
+    assert (y.shape, y.dtype, h.shape, rstd.shape, rstd.dtype) == ((6, 32), torch.bfloat16, (6, 32), (6,), torch.float32)
+    assert ops.rms_norm_fwd(x, w, None, 1e-5)[1].shape == (0,)
+    dx, dw = ops.rms_norm_bwd(x, x, w, _meta(6, dtype=torch.float32), None)
+    assert (dx.shape, dx.dtype, dw.shape, dw.dtype) == ((6, 32), torch.bfloat16, (32,), torch.float32)
+
+    q = _meta(2, 5, 4, 8).transpose(1, 2)  # [B, H, T, D] view of a [B, T, H, D] tensor
+    q2, k2 = ops.rotary(q, _meta(2, 1, 5, 8), _meta(5, 8), _meta(5, 8), False)
+    assert q2.shape == q.shape and q2.stride() == q.stride() and k2.shape == (2, 1, 5, 8)
+
+    gate = _meta(3, 40)
+    assert ops.swiglu_fwd(gate, gate).shape == (3, 40)
+    assert [t.shape for t in ops.swiglu_bwd(gate, gate, gate)] == [(3, 40), (3, 40)]
+
+    rows = _meta(4, dtype=torch.float32)
+    assert ops.logprobs_(_meta(4, 50), _meta(4, dtype=torch.int64), rows, rows, rows, -100, True, True) is None
+
+
+def test_fakes_let_the_ops_be_traced(ops):
+    """Fake-tensor tracing (what torch.compile does) runs the fakes, never the kernels."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, w, gate, logits, labels, rows):
+        y, _, rstd = ops.rms_norm_fwd(x, w, None, 1e-5)
+        ops.logprobs_(logits, labels, rows, rows, rows, -100, True, True)
+        return y.sum() + rstd.sum() + ops.swiglu_fwd(gate, gate).sum() + logits.sum()
+
+    args = (_cpu(4, 8), _cpu(8), _cpu(3, 8), _cpu(4, 10), torch.zeros(4, dtype=torch.long), _cpu(4))
+    graph = make_fx(f, tracing_mode="fake")(*args)
+    called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert {"solar_kernels_C.rms_norm_fwd.default", "solar_kernels_C.logprobs_.default",
+            "solar_kernels_C.swiglu_fwd.default"} <= called, called
+
+
+def _cpu(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+BAD_CALLS = [
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8, dtype=torch.float64), _cpu(8), None, 1e-5),
+     "x must be float32, float16 or bfloat16, got Double"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(7), None, 1e-5),
+     r"weight has 7 elements, expected 8 \(x.size\(1\)\)"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(8, 4).t(), _cpu(8), None, 1e-5),
+     "x must have unit stride along its last dimension"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), _cpu(4, 8, dtype=torch.float16), 1e-5),
+     "residual has dtype Half, expected Float"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), _cpu(4, 9), 1e-5),
+     r"residual has shape \[4, 9\], expected \[4, 8\]"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), None, -1.0),
+     "eps must be non-negative"),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(_cpu(4, 8), _cpu(4, 8), _cpu(8), _cpu(5), None),
+     r"rstd has shape \[5\], expected \[4\]"),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(_cpu(4, 8, dtype=torch.bfloat16), _cpu(4, 8), _cpu(8), _cpu(4), None),
+     "dy has dtype BFloat16, expected Float"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5), _cpu(2, 4, 5), _cpu(5, 8), _cpu(5, 8), False),
+     r"q must be 4-D \[B, Hq, T, D\], got 3 dimensions"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 7), _cpu(2, 2, 5, 7), _cpu(5, 7), _cpu(5, 7), False),
+     "head_dim must be even"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 6, 8), _cpu(5, 8), _cpu(5, 8), False),
+     r"k must be \[B, Hkv, T, D\] with B, T, D of q"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(3, 5, 8), _cpu(5, 8), False),
+     r"cos must be \[T, D\] = \[5, 8\] or \[B, T, D\] = \[2, 5, 8\] \(B may be 1\), got \[3, 5, 8\]"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8, dtype=torch.float16), _cpu(5, 8), _cpu(5, 8), False),
+     "k has dtype Half, expected Float"),
+    ("swiglu_fwd", lambda ops: ops.swiglu_fwd(_cpu(3, 4), _cpu(3, 5)), r"up has shape \[3, 5\], expected \[3, 4\]"),
+    ("swiglu_fwd", lambda ops: ops.swiglu_fwd(_cpu(3, 4, 2), _cpu(3, 4, 2)), r"gate must be 2-D \[rows, width\]"),
+    ("swiglu_bwd", lambda ops: ops.swiglu_bwd(_cpu(3, 4, dtype=torch.bfloat16), _cpu(3, 4), _cpu(3, 4)),
+     "dy has dtype BFloat16, expected Float"),
+    ("logprobs_", lambda ops: ops.logprobs_(_cpu(4, 10), _cpu(4), _cpu(4), _cpu(4), _cpu(4), -100, True, False),
+     "labels must be int64 or int32, got Float"),
+    ("logprobs_", lambda ops: ops.logprobs_(_cpu(4, 10), torch.zeros(3, dtype=torch.long), _cpu(4), _cpu(4), _cpu(4), -100, True, False),
+     r"labels has shape \[3\], expected \[4\]"),
+    ("logprobs_", lambda ops: ops.logprobs_(_cpu(4, 10), torch.zeros(4, dtype=torch.long), _cpu(8)[::2], _cpu(4), _cpu(4), -100, True, False),
+     "logp must be contiguous"),
+    ("logprobs_", lambda ops: ops.logprobs_(_cpu(4, 10), torch.zeros(4, dtype=torch.long), _cpu(4), _cpu(4), _cpu(4, dtype=torch.float16), -100, True, True),
+     "grad must be float32, got Half"),
+]
+
+
+@pytest.mark.parametrize("op, call, message", BAD_CALLS, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(BAD_CALLS)])
+def test_bad_arguments_raise_runtime_error_naming_the_op(ops, op, call, message):
+    with pytest.raises(RuntimeError, match=f"solar_kernels_C::{op}: {message}"):
+        call(ops)
+
+
+def test_good_arguments_on_cpu_say_cuda_only(ops):
+    calls = {
+        "rms_norm_fwd": lambda: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), None, 1e-5),
+        "rotary": lambda: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(5, 8), _cpu(1, 5, 8), True),
+        "swiglu_bwd": lambda: ops.swiglu_bwd(_cpu(3, 4), _cpu(3, 4), _cpu(3, 4)),
+        "logprobs_": lambda: ops.logprobs_(_cpu(4, 10), torch.zeros(4, dtype=torch.int32), _cpu(4), _cpu(4),
+                                           _cpu(8)[::2], -100, True, True),
+    }
+    for op, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"solar_kernels_C::{op}: .* is on cpu; the CUDA kernels of solar_kernels._C run on CUDA devices only"):
+            call()

@@ -1,0 +1,276 @@
+"""The CUDA C++ kernels of csrc/, run on the CPU under an emulation of CUDA's execution model
+(tests/ops/cuda_emulator/: every thread of a block is a real thread, __syncthreads a barrier, warp
+shuffles an exchange), so CI without a GPU checks their indexing, vector and scalar paths,
+reductions and NaN rules against the references.
+
+The .cu sources compile unchanged with g++ except for the launch syntax, rewritten from
+``kernel<<<grid, block, smem, stream>>>(args)`` to ``solar_emu::launch(grid, block, smem, stream)(kernel, args)``.
+The torch-facing host functions (*_host.cpp) need a GPU; the wrappers below do what they do (the
+side-input dtype rule, output allocation) and stand in for ``torch.ops.solar_kernels_C``, so the
+public API runs with ``backend="cuda"`` on CPU tensors. What this cannot check: speed, register
+use, memory ordering beyond barriers, and the host functions themselves (tests/ops/test_cuda_ops.py
+does on a GPU; their argument checks are tested in tests/ops/test_cuda_build.py).
+"""
+
+import ctypes
+import importlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import solar_kernels as sk
+from tests.ops.test_linear_logprobs import check_logprobs, make
+from tests.ops.test_rms_norm import check as check_rms_norm
+from tests.ops.test_rotary import check as check_rotary
+from tests.ops.test_rotary import rope_tables
+from tests.ops.test_swiglu import check as check_swiglu
+from tests.tolerances import DTYPE_IDS, DTYPES
+
+ROOT = Path(__file__).resolve().parents[2]
+EMULATOR = Path(__file__).with_name("cuda_emulator")
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernels")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    """The csrc kernels and tests/ops/cuda_emulator/entry.cpp, built for the CPU emulation."""
+    build = tmp_path_factory.mktemp("cuda_emulator")
+    objects = []
+    sources = sorted((ROOT / "csrc").glob("*.cu")) + [EMULATOR / "entry.cpp"]
+    for source in sources:
+        text = source.read_text()
+        if source.suffix == ".cu":
+            text, launches = LAUNCH.subn(r"::solar_emu::launch(\2)(\1, ", text)
+            assert launches > 0, f"{source.name}: no kernel launch found to rewrite"
+        rewritten = build / (source.stem + ".cpp")
+        rewritten.write_text(text)
+        objects.append(build / (source.stem + ".o"))
+        command = ["g++", "-std=c++20", "-O1", "-fPIC", "-pthread", "-c", str(rewritten), "-o", str(objects[-1]),
+                   f"-I{EMULATOR}", f"-I{ROOT / 'csrc'}"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, f"{source.name}:\n{result.stderr[-5000:]}"
+    library = build / "emulated_kernels.so"
+    subprocess.run(["g++", "-shared", "-pthread", "-o", str(library), *map(str, objects)], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def ptr(tensor):
+    return ctypes.c_void_p(tensor.data_ptr() if tensor is not None else 0)
+
+
+def i64(*values):
+    return [ctypes.c_int64(v) for v in values]
+
+
+def check(status, what):
+    assert status == 0, f"{what}: emulated launch failed (configuration rejected)"
+
+
+def side_input(tensor, activation_dtype):
+    """What the host functions do with RMSNorm's weight and rotary's cos/sin: read as they are in
+    the activation dtype or fp32, else widened to fp32 (exact)."""
+    return tensor if tensor.dtype in (activation_dtype, torch.float32) else tensor.float()
+
+
+class EmulatedOps:
+    """torch.ops.solar_kernels_C's six ops on CPU tensors, through the emulated kernels."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.emu_rms_norm_bwd_blocks.restype = ctypes.c_int64
+
+    def rms_norm_fwd(self, x, weight, residual, eps):
+        w = side_input(weight, x.dtype).contiguous()
+        rows, cols = x.shape
+        y = torch.empty(rows, cols, dtype=x.dtype)
+        h = torch.empty(rows, cols, dtype=x.dtype) if residual is not None else torch.empty(0, dtype=x.dtype)
+        rstd = torch.empty(rows)
+        check(self.lib.emu_rms_norm_fwd(
+            CODES[x.dtype], int(w.dtype != x.dtype), ptr(x), ptr(residual), ptr(w), ptr(y),
+            ptr(h if residual is not None else None), ptr(rstd),
+            *i64(x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
+                 h.stride(0) if residual is not None else 0, rows, cols), ctypes.c_float(eps)), "rms_norm_fwd")
+        return y, h, rstd
+
+    def rms_norm_bwd(self, dy, h, weight, rstd, dh):
+        w = side_input(weight, h.dtype).contiguous()
+        rows, cols = h.shape
+        dx = torch.empty(rows, cols, dtype=h.dtype)
+        dweight = torch.empty(cols, dtype=w.dtype)
+        pointers = (ptr(dy), ptr(h), ptr(w))
+        strides = i64(dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0), rows, cols)
+        blocks = self.lib.emu_rms_norm_bwd_blocks(CODES[h.dtype], int(w.dtype != h.dtype), *pointers, ptr(dh), ptr(dx),
+                                                  *strides)
+        partial = torch.full((blocks, cols), float("nan"))  # poisoned: every row must be written
+        check(self.lib.emu_rms_norm_bwd(
+            CODES[h.dtype], int(w.dtype != h.dtype), *pointers, ptr(rstd.contiguous()), ptr(dh), ptr(dx),
+            ptr(partial), ctypes.c_int64(blocks), ptr(dweight),
+            *i64(dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0), rows, cols)),
+            "rms_norm_bwd")
+        return dx, dweight.to(weight.dtype)
+
+    def rotary(self, q, k, cos, sin, backward):
+        as_is = cos.dtype == sin.dtype and cos.dtype in (q.dtype, torch.float32)
+        cos, sin = (cos, sin) if as_is else (cos.float(), sin.float())
+        q_out = torch.empty_like(q, memory_format=torch.preserve_format)
+        k_out = torch.empty_like(k, memory_format=torch.preserve_format)
+
+        def strides(t):
+            return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
+
+        def table(t):
+            s = strides(t)
+            return [0, *s] if t.dim() == 2 else s
+
+        flat = strides(q) + strides(k) + strides(q_out) + strides(k_out) + table(cos) + table(sin)
+        check(self.lib.emu_rotary(
+            CODES[q.dtype], int(cos.dtype != q.dtype), ptr(q), ptr(k), ptr(cos), ptr(sin), ptr(q_out), ptr(k_out),
+            (ctypes.c_int64 * len(flat))(*flat), *i64(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3] // 2),
+            int(backward)), "rotary")
+        return q_out, k_out
+
+    def swiglu_fwd(self, gate, up):
+        y = torch.empty(gate.shape, dtype=gate.dtype)
+        check(self.lib.emu_swiglu_fwd(CODES[gate.dtype], ptr(gate), ptr(up), ptr(y),
+                                      *i64(gate.stride(0), up.stride(0), y.stride(0), *gate.shape)), "swiglu_fwd")
+        return y
+
+    def swiglu_bwd(self, dy, gate, up):
+        dgate, dup = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(gate.shape, dtype=gate.dtype)
+        check(self.lib.emu_swiglu_bwd(
+            CODES[gate.dtype], ptr(dy), ptr(gate), ptr(up), ptr(dgate), ptr(dup),
+            *i64(dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), *gate.shape)),
+            "swiglu_bwd")
+        return dgate, dup
+
+    def logprobs_(self, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
+        check(self.lib.emu_logprobs(
+            CODES[logits.dtype], int(labels.dtype == torch.int64), ptr(logits), ptr(labels), ptr(logp), ptr(lse),
+            ptr(grad), *i64(logits.stride(0), labels.stride(0), grad.stride(0), *logits.shape, ignore_index),
+            int(compute_lse), int(write_grad)), "logprobs_")
+
+
+@pytest.fixture
+def emulated(lib, monkeypatch):
+    """backend="cuda" runs on CPU tensors, through the emulated kernels."""
+    import solar_kernels._backend as backend
+
+    ops = EmulatedOps(lib)
+    namespace = torch.ops.solar_kernels_C
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "rotary", "swiglu_fwd", "swiglu_bwd", "logprobs_"):
+        monkeypatch.setattr(namespace, name, getattr(ops, name), raising=False)  # with or without _C built
+    real = backend.unavailable_reason
+    monkeypatch.setattr(backend, "unavailable_reason",
+                        lambda name, device: None if name == "cuda" else real(name, device))
+    return ops
+
+
+def shifted(*shape, dtype, scale=1.0):
+    """A tensor one element into its buffer: not 16-byte aligned (the scalar path)."""
+    count = 1
+    for size in shape:
+        count *= size
+    tensor = (torch.randn(count + 1) * scale).to(dtype)[1:].view(shape)
+    assert tensor.data_ptr() % 16 != 0
+    return tensor
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(5, 1), (3, 7, 123), (6, 4096), (2, 14336), (1, 65536)])
+def test_rms_norm(emulated, shape, dtype):
+    x, weight = torch.randn(shape).to(dtype), torch.randn(shape[-1]).to(dtype)
+    check_rms_norm(x, weight, backend="cuda")
+    check_rms_norm(x, weight, torch.randn(shape).to(dtype) * 4, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rms_norm_strided_misaligned_and_mixed(emulated, dtype):
+    d = 123
+    x = torch.randn(17, 2 * d + 5).to(dtype)[:, 3:3 + d]  # row-strided view
+    check_rms_norm(x, torch.randn(2 * d).to(dtype)[::2], backend="cuda")
+    check_rms_norm(shifted(9, 1024, dtype=dtype), shifted(1024, dtype=dtype), shifted(9, 1024, dtype=dtype), backend="cuda")
+    check_rms_norm(torch.randn(4, 256).to(dtype), torch.randn(256), backend="cuda")  # fp32 weight
+    check_rms_norm(torch.randn(4, 256).to(torch.bfloat16), torch.randn(256).half(), backend="cuda")  # widened
+
+
+def test_rms_norm_backward_on_many_rows_per_block(emulated):
+    """More rows than the persistent grid has blocks: each block sums dweight over its rows."""
+    check_rms_norm(torch.randn(300, 64), torch.randn(64), torch.randn(300, 64), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch, heads_q, heads_k, tokens, head_dim",
+                         [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 4, 2, 5, 128), (1, 3, 3, 13, 6)])
+def test_rotary(emulated, batch, heads_q, heads_k, tokens, head_dim, dtype):
+    q = torch.randn(batch, heads_q, tokens, head_dim).to(dtype)
+    k = torch.randn(batch, heads_k, tokens, head_dim).to(dtype)
+    cos, sin = rope_tables(torch.arange(tokens) * 37, head_dim, dtype=dtype)
+    check_rotary(q, k, cos, sin, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rotary_layouts_tables_and_misaligned(emulated, dtype):
+    q = torch.randn(2, 11, 4, 32).to(dtype).transpose(1, 2)  # [B, T, H, D] storage
+    k = torch.randn(2, 11, 2, 32).to(dtype).transpose(1, 2)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2], list(range(5, 16))])
+    cos, sin = rope_tables(positions, 32)  # [B, T, D] fp32 tables, positions restarting
+    check_rotary(q, k, cos, sin, backend="cuda")
+    q2, k2 = sk.apply_rotary(q, k, cos, sin, backend="cuda")
+    assert q2.transpose(1, 2).is_contiguous() and k2.transpose(1, 2).is_contiguous()
+    general = torch.randn(5, 8), torch.randn(5, 8)  # halves differ: the backward must be the transpose
+    check_rotary(torch.randn(1, 2, 5, 8).to(dtype), torch.randn(1, 1, 5, 8).to(dtype), *general, backend="cuda")
+    table = rope_tables(torch.arange(7), 64, dtype=dtype)
+    check_rotary(shifted(1, 4, 7, 64, dtype=dtype), shifted(1, 2, 7, 64, dtype=dtype),
+                 shifted(7, 64, dtype=dtype).copy_(table[0]), shifted(7, 64, dtype=dtype).copy_(table[1]), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(3, 1), (2, 5, 123), (4, 4097), (2, 14336)])
+def test_swiglu(emulated, shape, dtype):
+    check_swiglu((torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_swiglu_halves_and_misaligned(emulated, dtype):
+    gate, up = (torch.randn(2, 7, 2 * 123) * 2).to(dtype).chunk(2, dim=-1)
+    check_swiglu(gate, up, backend="cuda")
+    check_swiglu(shifted(3, 2048, dtype=dtype, scale=3), shifted(3, 2048, dtype=dtype), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tokens_shape, d, vocab", [((37,), 64, 512), ((2, 9), 33, 123), ((6,), 16, 32000), ((3, 4), 24, 4097)])
+def test_logprobs(emulated, tokens_shape, d, vocab, dtype):
+    check_logprobs(*make(tokens_shape, d, vocab, dtype, "cpu", bias=True), backend="cuda")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_and_int32_labels(emulated, reduction):
+    hidden, weight, _, labels = make((3, 13), 40, 257, torch.bfloat16, "cpu")
+    ours = sk.linear_cross_entropy(hidden, weight, labels.int(), reduction=reduction, backend="cuda")
+    torch.testing.assert_close(ours, sk.linear_cross_entropy_ref(hidden, weight, labels, reduction=reduction))
+
+
+def test_logprobs_kernel_follows_the_triton_kernel_rules(emulated):
+    """NaN for out-of-range labels, exact zeros for ignored rows, against Triton's interpreter."""
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    logits = torch.randn(9, 300) * 3
+    labels = torch.tensor([0, -100, 299, 300, 5, -3, -100, 17, 150])
+    grad = torch.randn(9)
+    results = {}
+    for backend in ("cuda", "triton"):
+        z, logp, lse = logits.clone(), torch.full((9,), 7.0), torch.full((9,), 7.0)
+        module._logprobs_rows(backend, z, labels, logp, lse, grad, -100, True, True)
+        results[backend] = (logp, lse, z)
+    for cuda, triton in zip(results["cuda"], results["triton"]):
+        torch.testing.assert_close(cuda, triton, equal_nan=True)
+    logp, lse, z = results["cuda"]
+    assert torch.isnan(logp[[3, 5]]).all() and torch.isfinite(logp[[0, 1, 2, 4, 6, 7, 8]]).all()
+    assert (logp[[1, 6]] == 0).all() and (lse[[1, 6]] == 0).all() and (z[[1, 6]] == 0).all()
+    assert torch.isnan(z[[3, 5]]).all()
