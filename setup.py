@@ -144,13 +144,14 @@ setup(
     ],
     entry_points={"console_scripts": ["solar=solar_kernels.cli:main"]},
     extras_require={
-        # What the test suite needs beyond the package: transformers is the parity oracle.
         # The trainer (training/): data through Hugging Face datasets, tokenizers, loss plots.
         "train": [
             "datasets>=3",
             "transformers>=4.45",
             "matplotlib>=3.7",
         ],
+        # What the test suite needs beyond the package: the trainer's extras, pytest, and
+        # transformers as the parity oracle.
         "test": [
             "datasets>=3",
             "pytest>=8",

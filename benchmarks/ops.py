@@ -178,7 +178,7 @@ def counts_table() -> str:
     for case in build_cases(torch.device("cpu"), [torch.bfloat16], cpu=False, sweep=False):
         for mode in MODES:
             if case.bytes:
-                amount, unit, index = case.bytes[mode], "MB", 0
+                amount, index = case.bytes[mode], 0
                 shown = f"{amount / 1e6:.0f} MB"
             else:
                 amount, index = case.flops[mode], 1

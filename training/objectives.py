@@ -8,7 +8,7 @@ Each objective's ``forward(**batch)`` returns ``(loss_sum, metric_sums)`` over i
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn

@@ -226,7 +226,7 @@ def test_default_chunk_rows_bounds():
     assert default_chunk_rows(16384, 4096, 32000) == 2048  # logits chunk the size of the hidden states
     for rows in (1, 2, 3, 10, 1000):
         chunk = default_chunk_rows(rows, 10**6, 10)
-        assert 1 <= chunk and (rows < 3 or chunk * 2 < rows)
+        assert chunk >= 1 and (rows < 3 or chunk * 2 < rows)
 
 
 @pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])

@@ -1,7 +1,6 @@
 """SFT and DPO/sDPO stages on the CPU: they run, train what they should, and DPO with precomputed
 reference log-probs equals DPO with a live reference model."""
 
-import copy
 import json
 from pathlib import Path
 

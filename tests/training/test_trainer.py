@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from solar_kernels.model import load_pretrained
 from tests.tolerances import rel_err
