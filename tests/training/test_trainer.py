@@ -65,7 +65,7 @@ def _stage_process(config_path, extra=()):
 
 
 def test_resume_after_a_killed_process_matches_an_uninterrupted_run(workspace, tmp_path):
-    steps = 10
+    steps = 24  # long enough that the kill always lands mid-run
     run(workspace, tmp_path / "straight", steps=steps, export=False)
     config = write_config(tmp_path / "killed.yaml", **pretrain_config(workspace, tmp_path / "killed", steps=steps,
                                                                      save_every=2, export=False))
