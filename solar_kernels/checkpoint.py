@@ -10,19 +10,29 @@ shards plus ``model.safetensors.index.json``.
 - ``ShardWriter`` writes tensors in order into shards no larger than ``max_shard_size`` (only the
   shard being filled is held in memory), then names them and writes the index.
 - ``output_directory`` builds the result in a temporary directory beside the destination and
-  renames it into place only when complete; on any error the temporary directory is removed and the
-  destination is untouched. An existing destination is refused unless ``force=True``.
+  renames it into place only when complete; on any error (Ctrl-C included) the temporary directory
+  is removed and the destination is untouched. An existing destination is refused unless
+  ``force=True``. The temporary directory holds a marker (owner pid, host, tool, start time), so a
+  run that was killed outright leaves a folder the next run for that destination recognizes and
+  removes; a folder without the marker, or whose owner is still running, is never touched.
+  Every file and folder written gets the mode a plain ``open``/``mkdir`` gives under the umask.
+- ``read_config`` reads and checks ``config.json`` (UTF-8, a JSON object, the types of the keys this
+  package reads) for every reader; ``write_config`` writes one for every writer, without
+  ``auto_map``: outputs never point transformers at remote code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -49,8 +59,84 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch
                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+# config.json keys this package reads, and the JSON types each may have (None: JSON null).
+_INT, _NUMBER, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
+CONFIG_KEY_TYPES: dict[str, tuple] = {
+    **{key: _INT for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads", "max_position_embeddings")},
+    **{key: (*_INT, type(None)) for key in ("num_key_value_heads", "head_dim", "sliding_window",
+                                            "bos_token_id", "pad_token_id")},
+    "eos_token_id": (int, list, type(None)),
+    **{key: _NUMBER for key in ("rms_norm_eps", "rope_theta", "initializer_range")},
+    **{key: _BOOL for key in ("tie_word_embeddings", "attention_bias", "mlp_bias")},
+    **{key: _STR for key in ("model_type", "hidden_act")},
+    "architectures": (list,),
+    **{key: (dict, type(None)) for key in ("rope_scaling", "rope_parameters")},
+}
+# config.json / tokenizer_config.json key naming Python classes transformers downloads and runs
+# (with trust_remote_code=True). Never written into an output.
+REMOTE_CODE_KEY = "auto_map"
+# Written into every temporary output directory; names the run that owns it.
+PARTIAL_MARKER = ".solar_kernels-partial.json"
+_PARTIAL_KIND = "solar_kernels partial output"
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be read as it claims, or an output that cannot be written."""
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "str", bool: "bool", int: "int", float: "float", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def check_config_types(config, where: str) -> dict:
+    """``config`` (a parsed config.json) if it is a JSON object whose known keys have the types
+    this package expects (``CONFIG_KEY_TYPES``); else a one-line ``CheckpointError``."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: expected a JSON object {{...}}, got a JSON {_json_type(config)}")
+    for key, allowed in CONFIG_KEY_TYPES.items():
+        if key not in config:
+            continue
+        value = config[key]
+        # JSON true/false are bools, which Python also counts as ints: an int key takes no bool.
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            expected = " or ".join(_json_type(t()) if t is not type(None) else "null" for t in allowed)
+            raise CheckpointError(f"{where}: key {key!r}: expected {expected}, got {_json_type(value)} ({value!r})")
+    return config
+
+
+def read_config(path: Path) -> dict:
+    """A config.json file, parsed and checked (``check_config_types``); errors name the file."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CheckpointError(
+            f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start})"
+        ) from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    return check_config_types(config, str(path))
+
+
+def _without_remote_code(data: dict, source: str) -> dict:
+    """``data`` less ``auto_map``, with a warning saying why, when it has one."""
+    if REMOTE_CODE_KEY not in data:
+        return data
+    data = dict(data)
+    classes = data.pop(REMOTE_CODE_KEY)
+    logger.warning("dropped %s %s from %s: it names remote code that transformers would download and run "
+                   "(trust_remote_code=True); the output loads with transformers' own classes", REMOTE_CODE_KEY,
+                   json.dumps(classes, sort_keys=True), source)
+    return data
+
+
+def write_config(directory: Path, config: dict, *, source: str = "config.json") -> None:
+    """Writes ``directory/config.json``, never with ``auto_map`` (see ``REMOTE_CODE_KEY``)."""
+    write_json(Path(directory) / "config.json", _without_remote_code(config, source))
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -129,10 +215,7 @@ class CheckpointReader:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise CheckpointError(f"{self.path}: config.json is missing")
-        try:
-            self.config: dict = json.loads(config_path.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+        self.config: dict = read_config(config_path)
         self._file_of: Dict[str, Path] = {}
         self._info: Dict[str, dict] = {}
         index_path = self.path / INDEX_FILE
@@ -218,6 +301,7 @@ class ShardWriter:
 
         file_name = f"shard-{len(self._shards):05d}.tmp"
         save_file(self._pending, str(self.directory / file_name), metadata={"format": "pt"})
+        follow_umask(self.directory / file_name)  # safetensors creates its files private (0600)
         self._shards.append((file_name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -253,30 +337,108 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def follow_umask(path: Path) -> None:
+    """Gives ``path`` the mode a plain ``open``/``mkdir`` would: 0666 (files) or 0777 (folders)
+    less the umask. tempfile and safetensors create theirs private (0600/0700)."""
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_current_umask())
+
+
+def path_relation(path: Union[str, os.PathLike], other: Union[str, os.PathLike]) -> str | None:
+    """How ``path`` overlaps ``other`` once symlinks and ``..`` are resolved: "is", "is inside",
+    "contains", or None when they do not."""
+    path, other = Path(path).resolve(), Path(other).resolve()
+    if path == other:
+        return "is"
+    if other in path.parents:
+        return "is inside"
+    if path in other.parents:
+        return "contains"
+    return None
+
+
+def check_destination(dst: Union[str, os.PathLike], sources: Sequence[Union[str, os.PathLike]]) -> None:
+    """Refuses a ``dst`` that is, is inside or contains one of ``sources`` (``path_relation``), so
+    that no run, with ``force`` or not, can replace or write into its own input."""
+    for source in sources:
+        relation = path_relation(dst, source)
+        if relation is None:
+            continue
+        target, origin = Path(dst).resolve(), Path(source).resolve()
+        resolved = "" if (str(target), str(origin)) == (str(dst), str(source)) else f" ({target} and {origin})"
+        raise ValueError(f"destination {dst} {relation} the source checkpoint {source}{resolved}; "
+                         f"write the output to a directory outside every source")
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no way to ask without side effects here: treat the owner as alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
+
+
+def _remove_stale_partials(dst: Path) -> None:
+    """Removes the temporary directories of earlier runs for ``dst`` that died without cleaning up:
+    those whose marker names ``dst``, this host and a pid that is no longer running."""
+    parent, prefix, target = dst.parent, f".{dst.name}.", str(dst.resolve())
+    if not parent.is_dir():
+        return
+    for folder in parent.iterdir():
+        if not (folder.name.startswith(prefix) and folder.name.endswith(".partial") and folder.is_dir()):
+            continue
+        try:
+            marker = json.loads((folder / PARTIAL_MARKER).read_text())
+            pid, host, destination = marker["pid"], marker["host"], marker["destination"]
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # not ours, or unreadable: leave it alone
+        if not (marker.get("kind") == _PARTIAL_KIND and destination == target and host == socket.gethostname()
+                and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0) or _pid_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("removed %s: the partial output of an interrupted %s (pid %d on %s, started %s)",
+                    folder, marker.get("tool", "run"), pid, host, marker.get("started", "?"))
+
+
 @contextlib.contextmanager
-def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expected_bytes: int = 0) -> Iterator[Path]:
+def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expected_bytes: int = 0,
+                     tool: str = "solar_kernels") -> Iterator[Path]:
     """Yields a temporary directory that becomes ``dst`` when the block completes without error.
 
-    Refuses an existing ``dst`` unless ``force``; checks that the disk has ``expected_bytes`` free
-    (plus 1%) before anything is written. With ``force`` the old ``dst`` is replaced only after the
-    new one is complete.
+    Refuses an existing ``dst`` unless ``force``; removes the partial outputs earlier runs for
+    ``dst`` left when killed (see the module docstring), then checks that the disk has
+    ``expected_bytes`` free (plus 1%) before anything is written. With ``force`` the old ``dst`` is
+    replaced only after the new one is complete. ``tool`` names the writer in the marker.
     """
     dst = Path(dst)
     if dst.exists() and not force:
         raise CheckpointError(f"{dst} already exists (pass force=True / --force to replace it)")
     parent = dst.parent
     parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(dst)
     free = shutil.disk_usage(parent).free
     if expected_bytes and free < expected_bytes * 1.01:
         raise CheckpointError(
             f"not enough disk space for {dst}: needs about {expected_bytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free"
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result should follow the umask
     try:
+        follow_umask(tmp)
+        marker = {"kind": _PARTIAL_KIND, "tool": tool, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "destination": str(dst.resolve())}
+        write_json(tmp / PARTIAL_MARKER, marker)
         yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
         if dst.exists():
             old = parent / f".{dst.name}.old-{os.getpid()}"
             os.replace(dst, old)
@@ -290,10 +452,19 @@ def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expec
 
 
 def copy_side_files(src: Path, dst: Path) -> List[str]:
-    """Copies the tokenizer and generation files that exist in ``src`` into ``dst``."""
+    """Copies the tokenizer and generation files that exist in ``src`` into ``dst`` (new files,
+    so their mode follows the umask); a tokenizer_config.json loses its ``auto_map``, if any."""
     copied = []
     for name in SIDE_FILES:
         if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+            shutil.copyfile(src / name, dst / name)
             copied.append(name)
+    tokenizer_config = dst / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = None  # transformers cannot read it either, so it cannot point at code: copied as is
+        if isinstance(data, dict) and REMOTE_CODE_KEY in data:
+            write_json(tokenizer_config, _without_remote_code(data, str(src / tokenizer_config.name)))
     return copied

@@ -1,7 +1,9 @@
 """The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints, and the
 training stages (``pretrain``, ``sft``, ``dpo``) of the ``training`` package next to this one.
 
-Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input.
+Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input, and
+with status 130 on Ctrl-C (the partial output removed). ``solar --version`` and every ``--help``
+answer without importing torch, the kernels or the training package.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+from . import __version__
 
 UPSCALE_EXAMPLES = """examples:
   solar upscale ./mistral-7b ./solar-base --drop 8            # 32 layers -> 48 (SOLAR 10.7B)
@@ -23,7 +28,14 @@ MERGE_EXAMPLES = """examples:
   solar merge ./merged --models ./dpo-a ./dpo-b --method slerp --t 0.4
   solar merge ./merged --models ./a ./b --method ties --base-model ./sft --density 0.5
   solar merge ./merged --config merge.yml                     # mergekit linear/slerp/ties YAML
+  solar merge ./merged --config merge.yml --dtype bfloat16    # the YAML's merge, stored in bf16
+
+With --config the YAML describes the whole merge: --method, --weights, --t, --base-model and
+--density are refused with it; --dtype overrides the YAML's dtype/out_dtype.
 """
+# merge options that describe the merge itself: the YAML does that with --config.
+MERGE_PLAN_OPTIONS = {"method": "--method", "weights": "--weights", "t": "--t", "base_model": "--base-model",
+                      "density": "--density"}
 
 
 def _upscale(args) -> None:
@@ -53,12 +65,19 @@ def _merge(args) -> None:
     if args.config:
         if args.models:
             raise ValueError("give either --config or --models, not both")
-        path = merge_from_yaml(args.config, args.dst, **common)
+        given = [flag for key, flag in MERGE_PLAN_OPTIONS.items() if getattr(args, key) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with --config: the YAML describes the merge "
+                             f"(only --dtype, --max-shard-size, --force and --progress apply to it)")
+        path = merge_from_yaml(args.config, args.dst, dtype=args.dtype, **common)
     else:
         if not args.models:
             raise ValueError("give --models (two or more checkpoints) or --config FILE.yml")
-        path = merge(args.models, args.dst, method=args.method, weights=args.weights, t=args.t,
-                     base_model=args.base_model, density=args.density, dtype=args.dtype, **common)
+        if len(args.models) < 2:
+            raise ValueError(f"--models needs two or more checkpoints, got 1: {args.models[0]}")
+        path = merge(args.models, args.dst, method=args.method or "linear", weights=args.weights,
+                     t=0.5 if args.t is None else args.t, base_model=args.base_model,
+                     density=1.0 if args.density is None else args.density, dtype=args.dtype, **common)
     print(f"wrote {path}")
 
 
@@ -68,6 +87,29 @@ TRAIN_EXAMPLES = """examples:
   torchrun --nproc_per_node 8 -m training.{stage} --config training/configs/solar_10.7b_{config}_8gpu.yaml
 """
 TRAIN_CONFIGS = {"pretrain": "pretrain", "sft": "sft", "dpo": "sdpo"}
+
+
+# `solar demo --help` is answered without importing training.demo, which imports torch: from the
+# demo's parser in the torch-free module training.demo_cli when there is one, else this summary.
+DEMO_USAGE = """usage: solar demo [--out DIR] [--quick] [--seed N] [...]
+
+The whole SOLAR recipe, end to end, on embedded data, in minutes on a CPU: tokenizer, base model,
+depth up-scaling, continued pretraining, SFT, DPO/sDPO and a merge, with a report of the numbers.
+
+  --out DIR   output folder (default runs/demo)
+  --quick     tiny sizes: under a minute
+
+Every option: python -m training.demo --help
+"""
+
+
+def _demo_help() -> None:
+    try:
+        from training.demo_cli import build_parser
+    except ImportError:
+        print(DEMO_USAGE, end="")
+    else:
+        build_parser().print_help()
 
 
 def _train(stage: str, argv: List[str]) -> int:
@@ -85,27 +127,30 @@ def _train(stage: str, argv: List[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solar", description="SOLAR depth up-scaling toolkit")
+    parser.add_argument("--version", action="version", version=f"solar_kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("upscale", help="depth up-scale a checkpoint (SOLAR DUS)", epilog=UPSCALE_EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("paths", nargs="+", metavar="SRC DST", help="source checkpoint directory and output directory")
+    up.add_argument("paths", nargs="+", metavar="SRC DST",
+                    help="source checkpoint directory and output directory (DST outside every source)")
     plan = up.add_mutually_exclusive_group()
     plan.add_argument("--drop", type=int, default=8, help="m: layers dropped at the seam of each copy (default 8)")
     plan.add_argument("--slices", help="layer plan START:END[,...] or PATH:START:END[,...] (half-open)")
-    plan.add_argument("--config", help="mergekit passthrough YAML")
+    plan.add_argument("--config", help="mergekit passthrough YAML (--dtype overrides its dtype)")
     up.set_defaults(run=_upscale)
 
     mg = commands.add_parser("merge", help="merge checkpoints (linear, SLERP, TIES)", epilog=MERGE_EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    mg.add_argument("dst", metavar="DST", help="output directory")
-    mg.add_argument("--models", nargs="+", help="checkpoint directories to merge")
-    mg.add_argument("--config", help="mergekit YAML (linear, slerp or ties)")
-    mg.add_argument("--method", default="linear", help="linear (default), slerp or ties")
+    mg.add_argument("dst", metavar="DST", help="output directory (outside every source)")
+    mg.add_argument("--models", nargs="+", help="checkpoint directories to merge (two or more)")
+    mg.add_argument("--config", help="mergekit YAML (linear, slerp or ties); not with --method, --weights, --t, "
+                                     "--base-model, --density; --dtype overrides its dtype")
+    mg.add_argument("--method", help="linear (default), slerp or ties")
     mg.add_argument("--weights", type=float, nargs="+", help="one weight per model (linear, ties)")
-    mg.add_argument("--t", type=float, default=0.5, help="SLERP factor: 0 gives the first model (default 0.5)")
+    mg.add_argument("--t", type=float, help="SLERP factor: 0 gives the first model (default 0.5)")
     mg.add_argument("--base-model", help="TIES base checkpoint")
-    mg.add_argument("--density", type=float, default=1.0, help="TIES: share of each task vector kept (default 1)")
+    mg.add_argument("--density", type=float, help="TIES: share of each task vector kept (default 1)")
     mg.set_defaults(run=_merge)
 
     for stage, config in TRAIN_CONFIGS.items():
@@ -123,24 +168,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _asks_for_help(argv: List[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def _identity(path: Path) -> Optional[tuple]:
+    """What tells a replaced ``path`` from the one that was there (None: nothing there)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_mtime_ns
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
+        if _asks_for_help(argv[1:]):
+            _demo_help()
+            return 0
         return _train("demo", argv[1:])
     if argv and argv[0] in TRAIN_CONFIGS:  # the training stages parse their own arguments
-        if any(a in ("-h", "--help") for a in argv[1:]):
-            print(f"usage: solar {argv[0]} --config FILE [--section.key=value ...]\n\n"
-                  + TRAIN_EXAMPLES.format(stage=argv[0], config=TRAIN_CONFIGS[argv[0]]))
+        usage = f"usage: solar {argv[0]} --config FILE [--section.key=value ...]"
+        if _asks_for_help(argv[1:]):
+            print(f"{usage}\n\n" + TRAIN_EXAMPLES.format(stage=argv[0], config=TRAIN_CONFIGS[argv[0]]))
             return 0
+        if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+            print(f"solar {argv[0]}: error: --config FILE is required ({usage}; e.g. --config "
+                  f"training/configs/tiny_{TRAIN_CONFIGS[argv[0]]}.yaml)", file=sys.stderr)
+            return 2
         return _train(argv[0], argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    dst = Path(args.paths[-1] if args.command == "upscale" else args.dst)
+    before = _identity(dst)
     try:
         args.run(args)
     except (ValueError, TypeError, OSError) as error:
         print(f"solar {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The output is built beside DST and renamed into place only when complete (its partial
+        # folder is removed on the way out), so DST is either as it was or complete.
+        done = _identity(dst) != before
+        print(f"solar {args.command}: interrupted; "
+              + (f"{dst} was already complete" if done else f"nothing was written to {dst}"), file=sys.stderr)
+        return 130
     return 0
 
 

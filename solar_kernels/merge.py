@@ -103,12 +103,13 @@ from .checkpoint import (
     CheckpointError,
     CheckpointReader,
     ShardWriter,
+    check_destination,
     copy_side_files,
     output_directory,
     parse_dtype,
     parse_size,
     set_config_dtype,
-    write_json,
+    write_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -250,6 +251,8 @@ def _check_arguments(method, models, weights, t, base_model, density, normalize,
         raise ValueError(f"models must be a non-empty list of checkpoint directories, got {models!r}")
     models = [Path(m) for m in models]
     count = len(models)
+    if count < 2:
+        raise ValueError(f"a merge needs two or more models, got {count}: {[str(m) for m in models]}")
 
     if method == "slerp":
         if count != 2:
@@ -331,15 +334,6 @@ def _check_same_tensors(reference: CheckpointReader, others: Sequence[Checkpoint
                                   f"({len(extra)} such tensors)")
 
 
-def _check_destination(dst: Path, sources: Sequence[Path]) -> None:
-    target = dst.resolve()
-    for source in sources:
-        source = source.resolve()
-        if target == source or target in source.parents:
-            raise ValueError(f"dst {str(dst)!r} would replace the source model {str(source)!r}; "
-                             f"write the merge to another directory")
-
-
 def merge(
     models: Sequence[PathLike],
     dst: PathLike,
@@ -371,7 +365,7 @@ def merge(
     parse_size(max_shard_size)
     dst = Path(dst)
     sources = models + ([base_model] if method == "ties" else [])
-    _check_destination(dst, sources)
+    check_destination(dst, sources)
 
     readers = [CheckpointReader(m) for m in models]
     base = CheckpointReader(base_model) if method == "ties" else None
@@ -406,12 +400,12 @@ def merge(
         from tqdm import tqdm
 
         names = tqdm(names, desc=f"{method} merge", unit="tensor")
-    with output_directory(dst, force=force, expected_bytes=expected_bytes) as tmp:
+    with output_directory(dst, force=force, expected_bytes=expected_bytes, tool="merge") as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for name in names:
             writer.add(name, merged_tensor(name))
         shards = writer.finish()
-        write_json(tmp / "config.json", config)
+        write_config(tmp, config, source=str(reference.path / "config.json"))
         copied = copy_side_files(reference.path, tmp)
     logger.info("wrote %s: %d shard(s), config.json%s", dst, len(shards),
                 "".join(f", {name}" for name in copied))
@@ -564,8 +558,10 @@ def merge_from_yaml(
     force: bool = False,
     max_shard_size: Union[int, str] = "5GB",
     progress: bool = False,
+    dtype: Optional[Union[str, torch.dtype]] = None,
 ) -> Path:
-    """Runs the merge described by a mergekit-style YAML file (see the module docstring)."""
+    """Runs the merge described by a mergekit-style YAML file (see the module docstring); a
+    ``dtype`` given here overrides the file's ``dtype``/``out_dtype``."""
     import yaml
 
     path = Path(config_path)
@@ -574,4 +570,8 @@ def merge_from_yaml(
     except yaml.YAMLError as error:
         raise ValueError(f"{path}: not a valid merge YAML (one document, one merge per file): {error}") from error
     kwargs = _YamlConfig(data, path).kwargs()
+    if dtype is not None:
+        if kwargs["dtype"] is not None and parse_dtype(kwargs["dtype"]) != parse_dtype(dtype):
+            logger.info("output dtype %s (given) overrides %s from %s", dtype, kwargs["dtype"], path)
+        kwargs["dtype"] = dtype
     return merge(dst=dst, force=force, max_shard_size=max_shard_size, progress=progress, **kwargs)

@@ -46,12 +46,14 @@ from .checkpoint import (
     CheckpointError,
     CheckpointReader,
     ShardWriter,
+    check_destination,
     copy_side_files,
     output_directory,
     parse_dtype,
     set_config_dtype,
-    write_json,
+    write_config,
 )
+from .model.config import check_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +168,13 @@ def _layer_tensors(reader: CheckpointReader) -> Dict[int, Dict[str, str]]:
     return layers
 
 
+def _open(path: PathLike) -> CheckpointReader:
+    """A source checkpoint, refused unless it is a Llama/Mistral model (its layers are stacked by name)."""
+    reader = CheckpointReader(path)
+    check_architecture(reader.config, f"depth_upscale: {reader.path / 'config.json'}")
+    return reader
+
+
 def _check_plan(slices: Sequence[Slice], readers: Dict[Path, CheckpointReader]) -> None:
     first = readers[slices[0].source]
     for path, reader in readers.items():
@@ -204,15 +213,16 @@ def depth_upscale(
     """Write the up-scaled checkpoint to ``dst``: ``drop=m`` on ``src``, or an explicit slice plan."""
     start_time = time.perf_counter()
     target_dtype = parse_dtype(dtype)
-    if slices is None:
-        if src is None:
-            raise ValueError("depth_upscale: give src (with drop) or slices")
-        base = CheckpointReader(src)
-        slices = drop_plan(src, base.config.get("num_hidden_layers", 0), drop)
-    if not slices:
+    if slices is None and src is None:
+        raise ValueError("depth_upscale: give src (with drop) or slices")
+    if slices is not None and not slices:
         raise ValueError("depth_upscale: the slice plan is empty")
+    check_destination(dst, [src] if slices is None else [s.source for s in slices])
+    if slices is None:
+        base = _open(src)
+        slices = drop_plan(src, base.config.get("num_hidden_layers", 0), drop)
     slices = [Slice(Path(s.source), s.start, s.end) for s in slices]
-    readers = {path: CheckpointReader(path) for path in dict.fromkeys(s.source for s in slices)}
+    readers = {path: _open(path) for path in dict.fromkeys(s.source for s in slices)}
     _check_plan(slices, readers)
     first, last = readers[slices[0].source], readers[slices[-1].source]
 
@@ -254,9 +264,9 @@ def depth_upscale(
         from tqdm import tqdm
 
         iterator = tqdm(plan, desc="upscale", unit="tensor")
-    with output_directory(dst, force=force, expected_bytes=expected) as tmp:
+    with output_directory(dst, force=force, expected_bytes=expected, tool="depth_upscale") as tmp:
         copy_side_files(first.path, tmp)
-        write_json(tmp / "config.json", config)
+        write_config(tmp, config, source=str(first.path / "config.json"))
         writer = ShardWriter(tmp, max_shard_size)
         for out_name, reader, name in iterator:
             tensor = reader.get(name)

@@ -419,7 +419,7 @@ def test_mismatched_tensor_names(sources, tmp_path):
 def test_missing_model_and_dst_equal_to_source(sources, tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         merge([sources["a"], tmp_path / "nowhere"], tmp_path / "out", method="linear")
-    with pytest.raises(ValueError, match="would replace the source model"):
+    with pytest.raises(ValueError, match=f"destination {sources['b']} is the source checkpoint {sources['b']}"):
         merge([sources["a"], sources["b"]], sources["b"], method="linear", force=True)
     assert _listing(tmp_path) == []
 

@@ -1,11 +1,17 @@
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 import torch
-from solar_kernels.checkpoint import CheckpointError, CheckpointReader
+from solar_kernels import checkpoint
+from solar_kernels.checkpoint import PARTIAL_MARKER, CheckpointError, CheckpointReader
 from solar_kernels.upscale import Slice, depth_upscale, parse_slices, upscale_from_yaml
 from tests.model.conftest import hf_tiny_config
 
@@ -194,3 +200,208 @@ def test_yaml_errors(tmp_path):
     bad.write_text("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [0, 4]\nmerge_method: passthrough\n")
     with pytest.raises(ValueError, match="exactly one source for passthrough"):
         upscale_from_yaml(bad, tmp_path / "up")
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing a user has is lost (issue 9)
+# ----------------------------------------------------------------------------------------------
+
+
+def _contents(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "same_via_dotdot", "symlink", "inside", "contains"])
+def test_destination_in_or_around_the_source_is_refused(base, tmp_path, where):
+    (tmp_path / "link").symlink_to(base)
+    dst, relation = {
+        "same": (base, "is"),
+        "same_via_dotdot": (base / ".." / "base", "is"),
+        "symlink": (tmp_path / "link", "is"),
+        "inside": (base / "up", "is inside"),
+        "contains": (tmp_path, "contains"),
+    }[where]
+    before = _contents(base)
+    with pytest.raises(ValueError, match=rf"destination {dst} {relation} the source checkpoint {base}"):
+        depth_upscale(base, dst, drop=2, force=True)
+    assert _contents(base) == before and sorted(p.name for p in tmp_path.iterdir()) == ["base", "link"]
+
+
+def test_every_slice_source_and_yaml_source_is_protected(base, tmp_path):
+    other = make_checkpoint(tmp_path / "other", seed=3)
+    before = _contents(other)
+    with pytest.raises(ValueError, match=rf"destination {other} is the source checkpoint {other}"):
+        depth_upscale(None, other, slices=parse_slices(f"{base}:0:3,{other}:3:6", base), force=True)
+    (tmp_path / "dus.yml").write_text(
+        "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
+        "  - sources:\n      - {model: other, layer_range: [2, 6]}\nmerge_method: passthrough\n")
+    with pytest.raises(ValueError, match=r"destination .*other/sub is inside the source checkpoint .*other"):
+        upscale_from_yaml(tmp_path / "dus.yml", other / "sub")
+    assert _contents(other) == before
+
+
+def _run_killed_upscale(base, dst):
+    """An upscale in another process that SIGKILLs itself while writing its third tensor."""
+    script = (
+        "import os, signal, sys\n"
+        "from solar_kernels import checkpoint\n"
+        "from solar_kernels.upscale import depth_upscale\n"
+        "calls = []\n"
+        "original = checkpoint.ShardWriter.add\n"
+        "def add(self, name, tensor):\n"
+        "    calls.append(name)\n"
+        "    if len(calls) == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    original(self, name, tensor)\n"
+        "checkpoint.ShardWriter.add = add\n"
+        "depth_upscale(sys.argv[1], sys.argv[2], drop=2, max_shard_size='10KB')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(base), str(dst)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+def test_stale_partial_output_of_a_killed_run_is_removed(base, tmp_path, caplog):
+    dst = tmp_path / "up"
+    _run_killed_upscale(base, dst)
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    marker = json.loads((stale / PARTIAL_MARKER).read_text())
+    assert marker["tool"] == "depth_upscale" and marker["host"] == socket.gethostname()
+    assert any(p.suffix == ".tmp" for p in stale.iterdir())  # a shard was written before the kill
+
+    def partial(name, **changes):
+        folder = tmp_path / f".up.{name}.partial"
+        folder.mkdir()
+        if changes.get("marker", True):
+            (folder / PARTIAL_MARKER).write_text(json.dumps({**marker, **changes}))
+        return folder
+
+    kept = [
+        partial("alive", pid=os.getpid()),                           # its owner is still running
+        partial("elsewhere", host=socket.gethostname() + "-other"),  # cannot tell from here
+        partial("unmarked", marker=False),                          # not made by this package
+        partial("other_dst", destination=str(tmp_path / "up2")),    # another destination's
+    ]
+    (tmp_path / ".up.mine.partial" / "user-file").parent.mkdir()
+    (tmp_path / ".up.mine.partial" / "user-file").write_text("not ours")
+    kept.append(tmp_path / ".up.mine.partial")
+    with caplog.at_level("INFO", logger="solar_kernels.checkpoint"):
+        depth_upscale(base, dst, drop=2)
+    assert not stale.exists() and all(folder.is_dir() for folder in kept)
+    removed = [r.getMessage() for r in caplog.records if "partial output of an interrupted" in r.getMessage()]
+    assert removed == [f"removed {stale}: the partial output of an interrupted depth_upscale "
+                       f"(pid {marker['pid']} on {marker['host']}, started {marker['started']})"]
+    assert PARTIAL_MARKER not in os.listdir(dst)
+
+
+def test_marker_names_the_run_while_writing(base, tmp_path, monkeypatch):
+    seen = []
+    original = checkpoint.ShardWriter.add
+
+    def add(self, name, tensor):
+        if not seen:
+            seen.append(json.loads((self.directory / PARTIAL_MARKER).read_text()))
+        original(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", add)
+    depth_upscale(base, tmp_path / "up", drop=2)
+    (marker,) = seen
+    assert (marker["pid"], marker["host"], marker["tool"]) == (os.getpid(), socket.gethostname(), "depth_upscale")
+    assert marker["destination"] == str((tmp_path / "up").resolve()) and marker["started"][:2] == "20"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "up"]
+    assert PARTIAL_MARKER not in os.listdir(tmp_path / "up")
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_ctrl_c_while_writing_removes_the_partial_output(base, tmp_path, monkeypatch, existing):
+    if existing:
+        (tmp_path / "up").mkdir()
+        (tmp_path / "up" / "notes.txt").write_text("keep")
+    calls = []
+    original = checkpoint.ShardWriter.add
+
+    def interrupted_add(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 12:
+            raise KeyboardInterrupt
+        original(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", interrupted_add)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="10KB", force=existing)
+    assert len(calls) == 12 and sorted(p.name for p in tmp_path.iterdir()) == before
+    if existing:
+        assert _contents(tmp_path / "up") == {"notes.txt": b"keep"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing untrusted runs; config.json is checked before any work (issue 9)
+# ----------------------------------------------------------------------------------------------
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_remote_code_is_not_copied(base, tmp_path, caplog):
+    auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    _edit_config(base, auto_map=auto_map)
+    (base / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128,
+                                                            "auto_map": {"AutoTokenizer": ["tok_evil.Tok", None]}}))
+    with caplog.at_level("WARNING", logger="solar_kernels.checkpoint"):
+        depth_upscale(base, tmp_path / "up", drop=2)
+    assert "auto_map" not in json.loads((tmp_path / "up" / "config.json").read_text())
+    assert json.loads((tmp_path / "up" / "tokenizer_config.json").read_text()) == {"model_max_length": 128}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("remote code" in w and "dropped auto_map" in w for w in warnings)
+    assert any(f"from {base / 'config.json'}:" in w and "modeling_evil.EvilForCausalLM" in w for w in warnings)
+    assert any(f"from {base / 'tokenizer_config.json'}:" in w and "tok_evil.Tok" in w for w in warnings)
+
+
+def test_bad_config_json_is_a_one_line_error(base, tmp_path):
+    config_path = base / "config.json"
+    good = config_path.read_bytes()
+    cases = [
+        (b"[1, 2]", r"config.json: expected a JSON object \{\.\.\.\}, got a JSON list"),
+        (good[:10] + b"\xff" + good[11:], r"config.json: not UTF-8 text \(byte 0xff at offset 10\)"),
+        (json.dumps({**json.loads(good), "num_hidden_layers": "4"}).encode(),
+         r"config.json: key 'num_hidden_layers': expected int, got str \('4'\)"),
+        (json.dumps({**json.loads(good), "tie_word_embeddings": 1}).encode(),
+         r"key 'tie_word_embeddings': expected bool, got int \(1\)"),
+        (json.dumps({**json.loads(good), "hidden_size": True}).encode(), r"key 'hidden_size': expected int, got bool"),
+    ]
+    for data, message in cases:
+        config_path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=message) as error:
+            depth_upscale(base, tmp_path / "up", drop=2)
+        assert "\n" not in str(error.value) and str(config_path) in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+
+
+def test_gpt2_checkpoint_is_an_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    message = (r"depth_upscale: .*gpt2/config.json: unsupported architecture GPT2LMHeadModel; "
+               r"expected LlamaForCausalLM or MistralForCausalLM$")
+    with pytest.raises(ValueError, match=message):
+        depth_upscale(tmp_path / "gpt2", tmp_path / "up", drop=1)
+    with pytest.raises(ValueError, match=message):
+        depth_upscale(None, tmp_path / "up", slices=parse_slices("0:2,0:2", tmp_path / "gpt2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_output_modes_follow_the_umask(base, tmp_path):
+    (base / "tokenizer_config.json").chmod(0o600)  # a private source file still gives a umask-mode copy
+    old = os.umask(0o027)
+    try:
+        depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="40KB")
+    finally:
+        os.umask(old)
+    out = tmp_path / "up"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len([n for n in modes if n.endswith(".safetensors")]) > 1 and "tokenizer_config.json" in modes
+    assert modes == dict.fromkeys(modes, 0o640) and out.stat().st_mode & 0o777 == 0o750

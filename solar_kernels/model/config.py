@@ -15,7 +15,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from ..checkpoint import check_config_types
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def check_architecture(hf: dict, where: str) -> None:
+    """A one-line ValueError unless the ``config.json`` dict ``hf`` is a Llama or Mistral model
+    (its ``architectures``, when listed, and its ``model_type``, which defaults to llama)."""
+    expected = sorted(ARCHITECTURES.values())
+    for architecture in hf.get("architectures") or []:
+        if architecture not in expected:
+            raise ValueError(f"{where}: unsupported architecture {architecture}; expected {' or '.join(expected)}")
+    model_type = hf.get("model_type", "llama")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"{where}: model_type must be 'llama' or 'mistral', got {model_type!r}")
 
 
 @dataclass
@@ -103,13 +117,11 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, hf: Dict[str, Any], **overrides) -> "ModelConfig":
         """A config from a Hugging Face Llama/Mistral ``config.json`` dict."""
+        check_config_types(hf, "from_hf_config: config.json")
+        check_architecture(hf, "from_hf_config")
         hf = copy.deepcopy(hf)
         keys = tuple(sorted(hf))
         model_type = hf.get("model_type", "llama")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(
-                f"from_hf_config: model_type must be 'llama' or 'mistral', got {model_type!r}"
-            )
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in hf]
         if missing:

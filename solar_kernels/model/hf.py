@@ -23,6 +23,7 @@ from ..checkpoint import (
     output_directory,
     parse_dtype,
     set_config_dtype,
+    write_config,
     write_json,
 )
 from .config import ModelConfig
@@ -100,10 +101,10 @@ def write_pretrained(
     out_dtype = target_dtype or next(iter(tensors.values())).dtype
     expected_bytes = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
     hf_config = set_config_dtype(config.to_hf_config(), out_dtype)
-    with output_directory(path, force=force, expected_bytes=expected_bytes) as tmp:
+    with output_directory(path, force=force, expected_bytes=expected_bytes, tool="save_pretrained") as tmp:
         if side_files_from is not None:
             copy_side_files(Path(side_files_from), tmp)
-        write_json(tmp / "config.json", hf_config)
+        write_config(tmp, hf_config, source="the model's config")
         if not (tmp / "generation_config.json").exists():
             generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
             if config.pad_token_id is not None:
