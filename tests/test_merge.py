@@ -271,7 +271,7 @@ def test_non_float_tensors_copied_from_first_model(tmp_path):
 
 def test_output_loads_in_transformers_and_runs(sources, weights, tmp_path):
     dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", progress=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(dst).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=False).eval()
     reference = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval()
     expected = {name: (weights["a"][name] + weights["b"][name]) / 2 for name in weights["a"]}
     reference.load_state_dict(expected)
@@ -422,6 +422,93 @@ def test_missing_model_and_dst_equal_to_source(sources, tmp_path):
     with pytest.raises(ValueError, match=f"destination {sources['b']} is the source checkpoint {sources['b']}"):
         merge([sources["a"], sources["b"]], sources["b"], method="linear", force=True)
     assert _listing(tmp_path) == []
+
+
+def test_one_model_is_not_a_merge(sources, tmp_path):
+    for method, extra in (("linear", {}), ("slerp", {}), ("ties", {"base_model": sources["base"]})):
+        with pytest.raises(ValueError, match=r"a merge needs two or more models, got 1: \[.*/a'\]"):
+            merge([sources["a"]], tmp_path / "out", method=method, **extra)
+    config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}]\nmerge_method: linear\n")
+    with pytest.raises(ValueError, match=r"a merge needs two or more models, got 1"):
+        merge_from_yaml(config, tmp_path / "out")
+    # ties: the base listed without parameters is the base, so this is one merged model too
+    config = _write_yaml(tmp_path, f"models: [{{model: {sources['base']}}}, {{model: {sources['a']}}}]\n"
+                                   f"merge_method: ties\nbase_model: {sources['base']}\n")
+    with pytest.raises(ValueError, match=r"a merge needs two or more models, got 1"):
+        merge_from_yaml(config, tmp_path / "out")
+    assert _listing(tmp_path) == ["merge.yml"]
+
+
+def test_destination_in_or_around_any_source_is_refused(sources, tmp_path):
+    before = _listing(sources["a"])
+    cases = [
+        (sources["a"] / "merged", [sources["a"], sources["b"]], {}, "is inside"),
+        (sources["a"].parent, [sources["a"], sources["b"]], {}, "contains"),
+        (sources["base"], [sources["a"], sources["b"]], {"method": "ties", "base_model": sources["base"]}, "is"),
+    ]
+    for dst, models, kwargs, relation in cases:
+        with pytest.raises(ValueError, match=rf"destination {dst} {relation} the source checkpoint"):
+            merge(models, dst, **{"method": "linear", **kwargs}, force=True)
+    config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}, {{model: {sources['b']}}}]\n"
+                                   f"merge_method: linear\n")
+    (tmp_path / "link").symlink_to(sources["b"])
+    with pytest.raises(ValueError, match=rf"destination {tmp_path / 'link'} is the source checkpoint {sources['b']} "
+                                         rf"\({sources['b']} and {sources['b']}\)"):
+        merge_from_yaml(config, tmp_path / "link", force=True)
+    assert _listing(sources["a"]) == before and _listing(tmp_path) == ["link", "merge.yml"]
+
+
+def test_ctrl_c_while_merging_removes_the_partial_output(sources, tmp_path, monkeypatch):
+    original_add = ShardWriter.add
+    calls = []
+
+    def interrupted_add(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        original_add(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", interrupted_add)
+    with pytest.raises(KeyboardInterrupt):
+        merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", max_shard_size=4000)
+    assert len(calls) == 4 and _listing(tmp_path) == []
+
+
+def test_remote_code_is_not_copied_and_modes_follow_the_umask(sources, tmp_path, caplog):
+    import shutil
+
+    a = shutil.copytree(sources["a"], tmp_path / "a")
+    config = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_x.XConfig"}}))
+    (a / "generation_config.json").chmod(0o600)
+    old = os.umask(0o077)
+    try:
+        with caplog.at_level("WARNING", logger="solar_kernels.checkpoint"):
+            dst = merge([a, sources["b"]], tmp_path / "out", method="linear", max_shard_size=8000)
+    finally:
+        os.umask(old)
+    assert json.loads((dst / "config.json").read_text()) == config  # all but auto_map, as it was
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"dropped auto_map {{\"AutoConfig\": \"configuration_x.XConfig\"}} from {a / 'config.json'}")
+    modes = {name: (dst / name).stat().st_mode & 0o777 for name in _listing(dst)}
+    assert sum(name.endswith(".safetensors") for name in modes) > 1 and "generation_config.json" in modes
+    assert modes == dict.fromkeys(modes, 0o600) and dst.stat().st_mode & 0o777 == 0o700
+    old = os.umask(0o002)
+    try:
+        dst = merge([a, sources["b"]], tmp_path / "out2", method="linear", max_shard_size=8000)
+    finally:
+        os.umask(old)
+    assert {(dst / name).stat().st_mode & 0o777 for name in _listing(dst)} == {0o664}
+    assert dst.stat().st_mode & 0o777 == 0o775
+
+
+def test_yaml_dtype_overridden_by_the_caller(sources, tmp_path, caplog):
+    config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}, {{model: {sources['b']}}}]\n"
+                                   f"merge_method: linear\ndtype: float16\n")
+    with caplog.at_level("INFO", logger="solar_kernels.merge"):
+        dst = merge_from_yaml(config, tmp_path / "out", dtype="bfloat16")
+    assert {t.dtype for t in _state_dict(dst).values()} == {torch.bfloat16}
+    assert f"output dtype bfloat16 (given) overrides float16 from {config}" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_transformers_loads_and_runs_the_result(base, tmp_path):
     from transformers import AutoModelForCausalLM
 
     depth_upscale(base, tmp_path / "up", drop=2)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "up")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "up", trust_remote_code=False)
     assert model.config.num_hidden_layers == 8
     logits = model(torch.randint(0, 101, (1, 7))).logits
     assert logits.shape == (1, 7, 101) and torch.isfinite(logits).all()

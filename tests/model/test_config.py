@@ -66,6 +66,11 @@ def test_fresh_config_loads_in_transformers():
         ({**SOLAR_CONFIG_JSON, "hidden_act": "gelu"}, "hidden_act must be 'silu', got 'gelu'"),
         ({**SOLAR_CONFIG_JSON, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "only default RoPE"),
         ({**SOLAR_CONFIG_JSON, "num_key_value_heads": 5}, r"num_heads \(32\) must be a multiple of num_kv_heads \(5\)"),
+        ({**SOLAR_CONFIG_JSON, "num_hidden_layers": "4"}, r"key 'num_hidden_layers': expected int, got str \('4'\)"),
+        ({**SOLAR_CONFIG_JSON, "rms_norm_eps": None}, r"key 'rms_norm_eps': expected int or float, got null"),
+        ({**SOLAR_CONFIG_JSON, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+         "unsupported architecture GPT2LMHeadModel; expected LlamaForCausalLM or MistralForCausalLM"),
+        ([SOLAR_CONFIG_JSON], r"config.json: expected a JSON object \{\.\.\.\}, got a JSON list"),
     ],
 )
 def test_bad_configs(hf, message):

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_transformers_loads_what_we_save(hf_checkpoint, tmp_path):
     path, hf = hf_checkpoint
     ours = load_pretrained(path)
     save_pretrained(ours, tmp_path / "saved", max_shard_size="25KB")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32, trust_remote_code=False)
     ids = torch.randint(0, 101, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
@@ -135,3 +136,34 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_pretrained(tmp_path / "empty")
+
+
+def test_config_json_checked_on_load(hf_checkpoint):
+    path, _ = hf_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "3"}))
+    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: key 'num_hidden_layers': expected int, "
+                                              rf"got str \('3'\)$"):
+        load_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture Qwen2ForCausalLM; expected LlamaForCausalLM or "
+                                         "MistralForCausalLM"):
+        load_pretrained(path)
+
+
+def test_save_drops_remote_code_and_follows_the_umask(hf_checkpoint, tmp_path, caplog):
+    path, _ = hf_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling_x.X"}}))
+    model = load_pretrained(path)
+    old = os.umask(0o022)
+    try:
+        with caplog.at_level("WARNING", logger="solar_kernels.checkpoint"):
+            save_pretrained(model, tmp_path / "out", max_shard_size="20KB")
+    finally:
+        os.umask(old)
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "dropped auto_map" in caplog.text and "modeling_x.X" in caplog.text
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert sum(n.endswith(".safetensors") for n in modes) > 1 and modes == dict.fromkeys(modes, 0o644)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
