@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +70,6 @@ class OptimSection:
     min_lr_ratio: float = 0.1
     # Global gradient-norm clip (0 disables).
     grad_clip: float = 1.0
-    # Where the optimizer's weights live when model.dtype (the compute dtype) is bfloat16 (docs/training.md):
-    # "fp32" keeps fp32 parameters and Adam states and computes in model.dtype (autocast on one process,
-    # FSDP2's param_dtype on several), so no update is lost to bf16 rounding; "bf16_kahan" keeps bf16
-    # parameters with a Kahan-compensated AdamW (2 bytes/parameter less, the same updates).
-    master_weights: str = "fp32"
 
 
 @dataclass
@@ -94,11 +91,8 @@ class TrainSection:
     resume: bool = False
     # Replace a previous run in output_dir instead of refusing; see resume.
     overwrite: bool = False
-    # Recompute activations in backward (memory for compute): "none", "full" (keep only each block's
-    # input), "selective" (keep matmul and attention outputs, recompute the cheap ops); true is "full".
-    activation_checkpointing: Union[bool, str] = "none"
-    # Checkpoint every k-th block only (1: every block); the others keep all their activations.
-    ac_every: int = 1
+    # Recompute each block's activations in backward (memory for compute).
+    activation_checkpointing: bool = False
     # torch.compile each block.
     compile: bool = False
     # "auto": cuda:LOCAL_RANK when there is a GPU, else cpu.
@@ -195,21 +189,60 @@ def _parse_override(text: str):
     if path.count(".") != 1:
         raise ValueError(f"config override must name section.key, got {path!r}")
     section, key = path.split(".")
-    return section, key, yaml.safe_load(raw) if raw != "" else ""
+    if raw == "":
+        return section, key, ""
+    try:
+        return section, key, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"config override --{path}: {raw!r} is not a valid YAML value ({_yaml_problem(error)})"
+        ) from error
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML error in one line: what the parser found (without its multi-line excerpt of the text)."""
+    return " ".join(str(getattr(error, "problem", None) or error).split())
+
+
+def read_yaml_or_json(path: Path, caller: str = "config") -> Any:
+    """The parsed contents of a JSON file (by its suffix) or a YAML one; a one-line ``ValueError``
+    starting with ``caller`` and naming the file, and where in it, for unreadable, non-UTF-8 or
+    malformed text."""
+    import yaml
+
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{caller}: cannot read {path} ({error.strerror})") from error
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{caller}: {path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at byte offset {error.start} "
+            f"(line {line}); save the file as UTF-8"
+        ) from error
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{caller}: {path} line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+            ) from error
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        raise ValueError(f"{caller}: {path}{where} not valid YAML ({_yaml_problem(error)})") from error
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
     """A Config from a YAML/JSON file (sections of keys), then ``--section.key=value`` overrides."""
     config = Config()
     if path is not None:
-        import yaml
-
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise ValueError(f"config: cannot read {path} ({error.strerror})") from error
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = read_yaml_or_json(path)
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -225,41 +258,101 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     return config
 
 
+# data.prompt_format: SOLAR's "### User:" format (SPEC §2) or the tokenizer's own chat template.
+PROMPT_FORMATS = ("solar", "chat_template")
+# Integer fields and their smallest allowed value.
+_MINIMUMS = {
+    ("train", "steps"): 1, ("train", "batch_size"): 1, ("train", "grad_accum"): 1, ("data", "seq_len"): 1,
+    ("train", "log_every"): 1, ("train", "save_every"): 0, ("train", "keep_last"): 0, ("optim", "warmup_steps"): 0,
+}
+# Fields that are shares, in [0, 1].
+_FRACTIONS = (("optim", "warmup_ratio"), ("optim", "min_lr_ratio"))
+# "name" or "org/name": what the Hugging Face hub accepts as a repository id.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def validate(config: Config) -> None:
+    """Every check that needs no data, so a bad setting fails before any model or data is loaded."""
     if (config.model.checkpoint is None) == (config.model.preset is None):
         raise ValueError("config: give exactly one of model.checkpoint and model.preset")
     if config.model.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"config: model.dtype must be bfloat16, float16 or float32, got {config.model.dtype!r}")
     if config.optim.schedule not in ("cosine", "linear", "constant"):
         raise ValueError(f"config: optim.schedule must be cosine, linear or constant, got {config.optim.schedule!r}")
-    for section, key in (("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("data", "seq_len")):
-        if getattr(getattr(config, section), key) < 1:
-            raise ValueError(f"config: {section}.{key} must be >= 1, got {getattr(getattr(config, section), key)}")
-    if config.optim.lr <= 0:
+    if config.data.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(
+            f"config: data.prompt_format must be {' or '.join(PROMPT_FORMATS)}, got {config.data.prompt_format!r}"
+        )
+    from solar_kernels.ops.dpo_loss import LOSS_TYPES
+
+    if config.dpo.loss_type not in LOSS_TYPES:
+        raise ValueError(f"config: dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {config.dpo.loss_type!r}")
+    for (section, key), minimum in _MINIMUMS.items():
+        value = getattr(getattr(config, section), key)
+        if value < minimum:
+            raise ValueError(f"config: {section}.{key} must be >= {minimum}, got {value}")
+    for section, key in _FRACTIONS:
+        value = getattr(getattr(config, section), key)
+        if not 0 <= value <= 1:  # NaN fails too
+            raise ValueError(f"config: {section}.{key} must be in [0, 1], got {value}")
+    if not config.optim.lr > 0:
         raise ValueError(f"config: optim.lr must be > 0, got {config.optim.lr}")
-    _validate_training(config)
+    if not config.optim.grad_clip >= 0:
+        raise ValueError(f"config: optim.grad_clip must be >= 0 (0 disables clipping), got {config.optim.grad_clip}")
+    _check_device(config.train.device)
+    # model.checkpoint is read by solar_kernels' own loader, which reads local directories only; a
+    # tokenizer may also be a hub name ("org/name"), which transformers fetches or finds in its cache.
+    if config.model.checkpoint is not None:
+        _check_directory("model.checkpoint", config.model.checkpoint, hub_name_allowed=False)
+    if config.model.tokenizer is not None:
+        _check_directory("model.tokenizer", config.model.tokenizer, hub_name_allowed=True)
+    if config.train.export:
+        _check_export_target(config)
 
 
-MASTER_WEIGHTS = ("fp32", "bf16_kahan")
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+def _check_device(device: str) -> None:
+    expected = "auto, cpu, cuda or cuda:N"
+    if device in ("auto", "cpu"):
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"config: train.device must be {expected}, got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"config: train.device={device!r} but no CUDA GPU is available (torch.cuda.is_available() is False); "
+            f"use auto or cpu"
+        )
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise ValueError(f"config: train.device={device!r} but this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
 
 
-def _validate_training(config: Config) -> None:
-    """The trainer's own settings: master weights, activation checkpointing, resume/overwrite."""
-    train, optim = config.train, config.optim
-    if optim.master_weights not in MASTER_WEIGHTS:
-        raise ValueError(f"config: optim.master_weights must be {' or '.join(MASTER_WEIGHTS)}, "
-                         f"got {optim.master_weights!r}")
-    if optim.master_weights == "bf16_kahan" and config.model.dtype != "bfloat16":
-        raise ValueError(f"config: optim.master_weights=bf16_kahan keeps bfloat16 parameters, so it needs "
-                         f"model.dtype=bfloat16, got {config.model.dtype!r}")
-    if isinstance(train.activation_checkpointing, bool):  # the older true/false spelling
-        train.activation_checkpointing = "full" if train.activation_checkpointing else "none"
-    if train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"config: train.activation_checkpointing must be {', '.join(ACTIVATION_CHECKPOINTING)} "
-                         f"(or true/false), got {train.activation_checkpointing!r}")
-    if train.ac_every < 1:
-        raise ValueError(f"config: train.ac_every must be >= 1, got {train.ac_every}")
-    if train.resume and train.overwrite:
-        raise ValueError("config: train.resume and train.overwrite exclude each other (continue the run in "
-                         "output_dir, or replace it); got both true")
+def _check_directory(key: str, path: str, *, hub_name_allowed: bool) -> None:
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"config: {key}: {path} is a file, expected a directory")
+    if hub_name_allowed and _HUB_NAME.fullmatch(path) and ".." not in path:
+        return
+    raise ValueError(f"config: {key}: no such directory {path}")
+
+
+def _check_export_target(config: Config) -> None:
+    """The export replaces output_dir/final: refuse one that is, holds or lies inside an input folder."""
+    from solar_kernels.checkpoint import path_relation  # symlinks and ".." resolved
+
+    final = Path(config.train.output_dir, "final")
+    for key in ("checkpoint", "tokenizer"):
+        source = getattr(config.model, key)
+        if source is None or not os.path.isdir(source):
+            continue
+        relation = path_relation(final, source)
+        if relation is not None:
+            raise ValueError(
+                f"config: train.output_dir/final ({final.resolve()}) {relation} model.{key} ({Path(source).resolve()}), "
+                f"so the export would overwrite the input model; choose another train.output_dir or set "
+                f"train.export=false"
+            )
+

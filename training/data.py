@@ -28,6 +28,7 @@ bos: documents are separated by eos and by the position restart.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,14 +36,16 @@ from pathlib import Path
 
 import torch
 
+from .config import PROMPT_FORMATS
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
 # Local file suffix -> datasets builder.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_TEXT_BUILDERS = ("json", "text")  # builders that decode their files as UTF-8 text
 _ROLES = ("system", "user", "assistant")
-_PROMPT_FORMATS = ("solar", "chat_template")
 
 # SPEC §2, and the chat template shipped with upstage/SOLAR-10.7B-Instruct-v1.0 (which also gives
 # the system header). One assistant turn: USER_HEADER + prompt + "\n\n" + ASSISTANT_HEADER + response.
@@ -91,10 +94,13 @@ def load_records(source, *, split="train", streaming=False, text_field=None):
         described = f"{files[0]!r}" if len(files) == 1 else f"{len(files)} files under {source!r}"
         if all(os.path.getsize(f) == 0 for f in files):
             raise ValueError(f"load_records: {described} is empty")
+        kind = kinds.pop()
+        if kind in _TEXT_BUILDERS:
+            # The json builder stores bytes that are not UTF-8 in its Arrow cache unchecked (they fail
+            # when a row is read, mid-run) and a stream reads lazily; neither error names the file.
+            _check_utf8(files)
         try:
-            records = datasets.load_dataset(
-                kinds.pop(), data_files={split: files}, split=split, streaming=streaming
-            )
+            records = datasets.load_dataset(kind, data_files={split: files}, split=split, streaming=streaming)
         except Exception as error:  # noqa: BLE001 - a file with no records raises ValueError or worse
             raise ValueError(
                 f"load_records: could not load {described} ({type(error).__name__}: {error}); is it empty "
@@ -113,6 +119,34 @@ def load_records(source, *, split="train", streaming=False, text_field=None):
     if text_field is not None and text_field not in columns:
         raise ValueError(f"load_records: {described} has no field {text_field!r}; its fields are {columns}")
     return records
+
+
+def _check_utf8(files: list[str]) -> None:
+    """A ``ValueError`` naming the file, line and byte offset of the first byte that is not UTF-8.
+
+    Reads each file once, in 1 MiB chunks (ASCII chunks are only scanned, not decoded).
+    """
+    for path in files:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset, line = 0, 1  # of the first byte of the next chunk
+        with open(path, "rb") as handle:
+            while True:
+                chunk = handle.read(1 << 20)
+                try:
+                    if not chunk.isascii() or decoder.getstate()[0]:  # plain ASCII needs no decoding
+                        decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:
+                    data = error.object  # the bytes held back from the previous chunk, then this chunk
+                    position = offset - (len(data) - len(chunk)) + error.start
+                    line += data.count(b"\n", 0, error.start)
+                    raise ValueError(
+                        f"load_records: {path} is not UTF-8 text: byte 0x{data[error.start]:02x} at byte offset "
+                        f"{position} (line {line}); expected UTF-8 {Path(path).suffix} data"
+                    ) from error
+                if not chunk:
+                    break
+                offset += len(chunk)
+                line += chunk.count(b"\n")
 
 
 def _local_files(source) -> list[str] | None:
@@ -377,8 +411,8 @@ def _template_prompt(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _check_prompt_format(tokenizer, prompt_format: str, caller: str) -> None:
-    if prompt_format not in _PROMPT_FORMATS:
-        raise ValueError(f"{caller}: prompt_format={prompt_format!r}, expected one of {_PROMPT_FORMATS}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"{caller}: prompt_format={prompt_format!r}, expected one of {PROMPT_FORMATS}")
     if prompt_format == "chat_template" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             f"{caller}: prompt_format='chat_template' but the tokenizer has no chat template "
@@ -547,7 +581,9 @@ def _checked_example(example, index: int, caller: str) -> tuple[list[int], list[
 # ----------------------------------------------------------------------------- DPO
 
 
-def dpo_examples(records, tokenizer, max_length, max_prompt_length, *, prompt_format="solar") -> list[dict]:
+def dpo_examples(
+    records, tokenizer, max_length, max_prompt_length, *, prompt_format="solar", source=None
+) -> list[dict]:
     """Tokenize preference records into chosen/rejected sequences for DPO.
 
     A record is ``{"prompt", "chosen", "rejected"}``. ``prompt`` is a string (one user turn) or a list
@@ -563,8 +599,11 @@ def dpo_examples(records, tokenizer, max_length, max_prompt_length, *, prompt_fo
     response <= ``max_length``. Both responses keep the same prompt.
 
     Each example: ``chosen_input_ids``, ``chosen_labels``, ``rejected_input_ids``,
-    ``rejected_labels`` (shifted; -100 wherever a prompt token is predicted). chosen == rejected is
-    allowed. Raises ``ValueError`` naming the record index and field for a malformed record.
+    ``rejected_labels`` (shifted; -100 wherever a prompt token is predicted). A pair whose chosen and
+    rejected sequences are identical after tokenization and truncation carries no preference (its
+    loss gradient is zero): such pairs are dropped, counted in one warning naming ``source`` (the
+    file the records came from, for the message). Raises ``ValueError`` naming the record index and
+    field for a malformed record, and when no pair is left.
     """
     caller = "dpo_examples"
     _check_prompt_format(tokenizer, prompt_format, caller)
@@ -575,8 +614,9 @@ def dpo_examples(records, tokenizer, max_length, max_prompt_length, *, prompt_fo
         )
     eos = _required_token_id(tokenizer, "eos", caller)
     bos = _leading_bos(tokenizer)
-    examples = []
+    examples, identical, total = [], 0, 0
     for index, record in enumerate(records):
+        total += 1
         prompt_messages, responses = _preference_record(record, index, caller)
         if prompt_format == "solar":
             segments = _solar_segments(tokenizer, prompt_messages, generation_prompt=True)
@@ -606,9 +646,24 @@ def dpo_examples(records, tokenizer, max_length, max_prompt_length, *, prompt_fo
             trained = [False] * len(prompt_ids) + [True] * len(ids)
             example[f"{name}_input_ids"] = input_ids
             example[f"{name}_labels"] = _shifted_labels(input_ids, trained)
+        if example["chosen_input_ids"] == example["rejected_input_ids"]:
+            identical += 1
+            continue
         examples.append(example)
+    where = f" in {source}" if source is not None else ""
+    if identical and examples:
+        logger.warning(
+            "%s: dropped %d of %d pairs%s whose chosen and rejected are identical (as text, or after "
+            "tokenization and truncation to max_length=%d): they carry no preference",
+            caller, identical, total, where, max_length,
+        )
     if not examples:
-        raise ValueError(f"{caller}: no records")
+        if not total:
+            raise ValueError(f"{caller}: no records{where}")
+        raise ValueError(
+            f"{caller}: no pair left{where}: all {total} pairs have chosen identical to rejected (as text, or "
+            f"after tokenization and truncation to max_length={max_length}); expected pairs that differ"
+        )
     return examples
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from .config import read_yaml_or_json
+
 logger = logging.getLogger(__name__)
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
@@ -80,6 +82,12 @@ def load_tokenizer(path) -> PreTrainedTokenizerFast:
     Raises ``ValueError`` when the directory holds no tokenizer files or loading fails. A tokenizer
     without a pad token (Llama, SOLAR, Mistral ship none) gets ``pad = unk`` (or eos when there is
     no unk): padding positions carry label -100, so which id pads does not change the loss.
+
+    Code shipped with a tokenizer is never run: a directory whose ``tokenizer_config.json`` has an
+    ``auto_map`` is refused before transformers reads it, and transformers is called with
+    ``trust_remote_code=False``, so it neither asks ``[y/N]`` on the terminal nor imports a
+    ``.py`` from the directory or the hub (an ``auto_map`` in a checkpoint's ``config.json`` is
+    ignored: transformers then falls back to the plain config).
     """
     path_str = os.fspath(path)
     if os.path.isdir(path_str):
@@ -89,14 +97,16 @@ def load_tokenizer(path) -> PreTrainedTokenizerFast:
                 f"load_tokenizer: no tokenizer files in {path_str!r} (expected one of "
                 f"{', '.join(_TOKENIZER_FILES)}; found {sorted(os.listdir(path_str))})"
             )
+        _refuse_custom_code(Path(path_str))
     elif os.path.exists(path_str):
         raise ValueError(f"load_tokenizer: {path_str!r} is a file; expected a tokenizer directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_str)
+        tokenizer = AutoTokenizer.from_pretrained(path_str, trust_remote_code=False)
     except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())  # transformers' messages span several lines
         raise ValueError(
             f"load_tokenizer: could not load a tokenizer from {path_str!r} (a local directory with "
-            f"tokenizer.json, or a hub name already in the local cache): {error}"
+            f"tokenizer.json, or a hub name already in the local cache): {reason}"
         ) from error
     if tokenizer.eos_token_id is None:
         raise ValueError(f"load_tokenizer: the tokenizer in {path_str!r} has no eos token")
@@ -104,3 +114,17 @@ def load_tokenizer(path) -> PreTrainedTokenizerFast:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
         logger.info("tokenizer %s has no pad token; padding with %r", path_str, tokenizer.pad_token)
     return tokenizer
+
+
+def _refuse_custom_code(directory: Path) -> None:
+    """A ``ValueError`` when the tokenizer asks transformers to import Python code (``auto_map``)."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    tokenizer_config = read_yaml_or_json(config_path, "load_tokenizer")
+    if isinstance(tokenizer_config, dict) and "auto_map" in tokenizer_config:
+        raise ValueError(
+            f"load_tokenizer: {config_path} has an auto_map ({tokenizer_config['auto_map']!r}): it needs Python "
+            f"code shipped with the tokenizer, which is never run here; expected a tokenizer transformers "
+            f"loads by itself (tokenizer.json), without auto_map"
+        )

@@ -525,8 +525,8 @@ def test_dpo_message_formats(tokenizer):
     reference = dpo_examples([strings], tokenizer, 64, 32)
     for record in layouts:
         assert dpo_examples([record], tokenizer, 64, 32) == reference
-    same = dpo_examples([strings | {"rejected": "2."}], tokenizer, 64, 32)[0]
-    assert same["chosen_input_ids"] == same["rejected_input_ids"]
+    # A pair whose rejected equals its chosen is dropped (tests/training/test_data_safety.py).
+    assert dpo_examples([strings | {"rejected": "2."}, strings], tokenizer, 64, 32) == reference
 
     with pytest.raises(ValueError, match="record 1 has no 'rejected' field"):
         dpo_examples([strings, {"prompt": "a", "chosen": "b"}], tokenizer, 64, 32)
