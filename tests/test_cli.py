@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from solar_kernels.cli import main
-from tests.test_upscale import make_checkpoint
+from tests.test_upscale import break_shard_writer, make_checkpoint
 
 
 @pytest.fixture
@@ -78,18 +78,7 @@ def _contents(path):
 
 @pytest.mark.parametrize("command", ["upscale", "merge"])
 def test_ctrl_c_exits_130_and_writes_nothing(base, tmp_path, capsys, monkeypatch, command):
-    from solar_kernels import checkpoint
-
-    calls = []
-    original = checkpoint.ShardWriter.add
-
-    def interrupted_add(self, name, tensor):
-        calls.append(name)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        original(self, name, tensor)
-
-    monkeypatch.setattr(checkpoint.ShardWriter, "add", interrupted_add)
+    calls = break_shard_writer(monkeypatch, 5, KeyboardInterrupt())
     dst = tmp_path / "out"
     argv = ([command, str(base), str(dst), "--drop", "1"] if command == "upscale"
             else [command, str(dst), "--models", str(base), str(base)])

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from solar_kernels import checkpoint
-from solar_kernels.checkpoint import CheckpointError, ShardWriter, read_header
+from solar_kernels.checkpoint import CheckpointError, read_header
 from solar_kernels.merge import SLERP_DOT_THRESHOLD, linear_merge, merge, merge_from_yaml, slerp, ties_merge
+from tests.test_upscale import break_shard_writer
 
 transformers = pytest.importorskip("transformers")
 
@@ -342,16 +342,7 @@ def test_existing_dst_refused_unless_force(sources, tmp_path):
 
 
 def test_failure_midway_leaves_no_output(sources, tmp_path, monkeypatch):
-    original_add = ShardWriter.add
-    calls = []
-
-    def failing_add(self, name, tensor):
-        calls.append(name)
-        if len(calls) == 3:
-            raise RuntimeError("disk on fire")
-        original_add(self, name, tensor)
-
-    monkeypatch.setattr(checkpoint.ShardWriter, "add", failing_add)
+    calls = break_shard_writer(monkeypatch, 3, RuntimeError("disk on fire"))
     # A small shard size makes the first two adds flush a shard into the temporary directory.
     with pytest.raises(RuntimeError, match="disk on fire"):
         merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", max_shard_size=4000)
@@ -459,16 +450,7 @@ def test_destination_in_or_around_any_source_is_refused(sources, tmp_path):
 
 
 def test_ctrl_c_while_merging_removes_the_partial_output(sources, tmp_path, monkeypatch):
-    original_add = ShardWriter.add
-    calls = []
-
-    def interrupted_add(self, name, tensor):
-        calls.append(name)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        original_add(self, name, tensor)
-
-    monkeypatch.setattr(checkpoint.ShardWriter, "add", interrupted_add)
+    calls = break_shard_writer(monkeypatch, 4, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", max_shard_size=4000)
     assert len(calls) == 4 and _listing(tmp_path) == []

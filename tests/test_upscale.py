@@ -26,6 +26,22 @@ def make_checkpoint(path, *, layers=6, seed=0, max_shard_size="30KB", kind="llam
     return path
 
 
+def break_shard_writer(monkeypatch, at, error):
+    """Makes ``ShardWriter.add`` raise ``error`` on its ``at``-th call (a disk failure, a Ctrl-C
+    in the middle of writing); returns the list of tensor names it was called with."""
+    calls = []
+    original = checkpoint.ShardWriter.add
+
+    def add(self, name, tensor):
+        calls.append(name)
+        if len(calls) == at:
+            raise error
+        original(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "add", add)
+    return calls
+
+
 def tensors(path):
     reader = CheckpointReader(path)
     return {name: reader.get(name) for name in reader.names()}
@@ -161,18 +177,7 @@ def test_existing_destination_and_force(base, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(base, tmp_path, monkeypatch):
-    import solar_kernels.checkpoint as checkpoint
-
-    calls = {"n": 0}
-    original = checkpoint.ShardWriter.add
-
-    def failing_add(self, name, tensor):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise OSError("disk went away")
-        return original(self, name, tensor)
-
-    monkeypatch.setattr(checkpoint.ShardWriter, "add", failing_add)
+    break_shard_writer(monkeypatch, 20, OSError("disk went away"))
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(OSError, match="disk went away"):
         depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="10KB")
@@ -317,16 +322,7 @@ def test_ctrl_c_while_writing_removes_the_partial_output(base, tmp_path, monkeyp
     if existing:
         (tmp_path / "up").mkdir()
         (tmp_path / "up" / "notes.txt").write_text("keep")
-    calls = []
-    original = checkpoint.ShardWriter.add
-
-    def interrupted_add(self, name, tensor):
-        calls.append(name)
-        if len(calls) == 12:
-            raise KeyboardInterrupt
-        original(self, name, tensor)
-
-    monkeypatch.setattr(checkpoint.ShardWriter, "add", interrupted_add)
+    calls = break_shard_writer(monkeypatch, 12, KeyboardInterrupt())
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(KeyboardInterrupt):
         depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="10KB", force=existing)
