@@ -70,6 +70,11 @@ class OptimSection:
     min_lr_ratio: float = 0.1
     # Global gradient-norm clip (0 disables).
     grad_clip: float = 1.0
+    # Where the optimizer's weights live when model.dtype (the compute dtype) is bfloat16 (docs/training.md):
+    # "fp32" keeps fp32 parameters and Adam states and computes in model.dtype (autocast on one process,
+    # FSDP2's param_dtype on several), so no update is lost to bf16 rounding; "bf16_kahan" keeps bf16
+    # parameters with a Kahan-compensated AdamW (2 bytes/parameter less, the same updates).
+    master_weights: str = "fp32"
 
 
 @dataclass
@@ -91,8 +96,11 @@ class TrainSection:
     resume: bool = False
     # Replace a previous run in output_dir instead of refusing; see resume.
     overwrite: bool = False
-    # Recompute each block's activations in backward (memory for compute).
-    activation_checkpointing: bool = False
+    # Recompute activations in backward (memory for compute): "none", "full" (keep only each block's
+    # input), "selective" (keep matmul and attention outputs, recompute the cheap ops); true is "full".
+    activation_checkpointing: Union[bool, str] = "none"
+    # Checkpoint every k-th block only (1: every block); the others keep all their activations.
+    ac_every: int = 1
     # torch.compile each block.
     compile: bool = False
     # "auto": cuda:LOCAL_RANK when there is a GPU, else cpu.
@@ -308,6 +316,7 @@ def validate(config: Config) -> None:
         _check_directory("model.tokenizer", config.model.tokenizer, hub_name_allowed=True)
     if config.train.export:
         _check_export_target(config)
+    _validate_training(config)
 
 
 def _check_device(device: str) -> None:
@@ -356,3 +365,27 @@ def _check_export_target(config: Config) -> None:
                 f"train.export=false"
             )
 
+
+MASTER_WEIGHTS = ("fp32", "bf16_kahan")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def _validate_training(config: Config) -> None:
+    """The trainer's own settings: master weights, activation checkpointing, resume/overwrite."""
+    train, optim = config.train, config.optim
+    if optim.master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"config: optim.master_weights must be {' or '.join(MASTER_WEIGHTS)}, "
+                         f"got {optim.master_weights!r}")
+    if optim.master_weights == "bf16_kahan" and config.model.dtype != "bfloat16":
+        raise ValueError(f"config: optim.master_weights=bf16_kahan keeps bfloat16 parameters, so it needs "
+                         f"model.dtype=bfloat16, got {config.model.dtype!r}")
+    if isinstance(train.activation_checkpointing, bool):  # the older true/false spelling
+        train.activation_checkpointing = "full" if train.activation_checkpointing else "none"
+    if train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"config: train.activation_checkpointing must be {', '.join(ACTIVATION_CHECKPOINTING)} "
+                         f"(or true/false), got {train.activation_checkpointing!r}")
+    if train.ac_every < 1:
+        raise ValueError(f"config: train.ac_every must be >= 1, got {train.ac_every}")
+    if train.resume and train.overwrite:
+        raise ValueError("config: train.resume and train.overwrite exclude each other (continue the run in "
+                         "output_dir, or replace it); got both true")

@@ -31,8 +31,9 @@ class LanguageModeling(nn.Module):
         self.packed = packed
 
     @staticmethod
-    def count(batch: Dict[str, torch.Tensor]) -> int:
-        return int((batch["labels"] != -100).sum())
+    def count(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Labeled tokens, as a tensor on the batch's device (reading it would wait for the device)."""
+        return (batch["labels"] != -100).sum()
 
     def forward(self, input_ids, labels, position_ids=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         hidden = self.model(input_ids, position_ids=position_ids if self.packed else None, return_hidden=True)

@@ -20,7 +20,10 @@ fits one device; SOLAR 10.7B in bf16 is 21 GB).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -34,15 +37,17 @@ from . import data as data_lib
 from .config import Config, load_config
 from .tokenizer import load_tokenizer
 from .objectives import DirectPreference, LanguageModeling, flops_per_token_fn
-from .trainer import DTYPES, Trainer, TrainingError, barrier, parallelize, seed_everything, setup_distributed
+from .trainer import (Checkpointer, Trainer, TrainingError, TrainingInterrupted, barrier, compute_context, parallelize,
+                      parameter_dtype, prepare_output_dir, seed_everything, setup_distributed)
 
 logger = logging.getLogger(__name__)
 STAGES = ("pretrain", "sft", "dpo")
 
 
 def build_model(config: Config, device: torch.device, tokenizer) -> CausalLM:
-    """From the checkpoint, or the preset at random with the tokenizer's vocabulary and special ids."""
-    dtype = DTYPES[config.model.dtype]
+    """From the checkpoint, or the preset at random with the tokenizer's vocabulary and special ids,
+    in the optimizer's parameter dtype (fp32 master weights unless optim.master_weights says otherwise)."""
+    dtype = parameter_dtype(config)
     if config.model.checkpoint:
         model = load_pretrained(config.model.checkpoint, device=device, dtype=dtype, backend=config.model.backend)
         if model.config.vocab_size < len(tokenizer):
@@ -102,12 +107,12 @@ def preference_examples(source, config: Config, tokenizer) -> List[Dict]:
     return examples
 
 
-def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: int, device) -> List[Dict]:
+def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: int, device, compute=None) -> List[Dict]:
     """Each pair gets its reference log-probs: one no-grad pass of the current model (through the
-    objective, so a sharded model works) over the pairs, in order."""
+    objective, so a sharded model works) over the pairs, in order, in the training compute dtype."""
     size = batch_size
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), (compute or contextlib.nullcontext)():
         for i in range(0, len(examples), size):
             chunk = examples[i:i + size]
             batch = data_lib.collate_dpo(chunk, pad_id)
@@ -125,20 +130,22 @@ def collate_preferences(examples: List[Dict], pad_id: int) -> Dict[str, torch.Te
     return batch
 
 
-def preference_accuracy(objective, examples: List[Dict], pad_id: int, batch_size: int, device) -> float:
+def preference_accuracy(objective, examples: List[Dict], pad_id: int, batch_size: int, device, compute=None) -> float:
     """Share of pairs whose chosen response has the higher log-prob (as the objective computes it)."""
-    scored = _with_reference(examples, objective, batch_size, pad_id, device)
+    scored = _with_reference(examples, objective, batch_size, pad_id, device, compute)
     return sum(e["reference_chosen"] > e["reference_rejected"] for e in scored) / len(scored)
 
 
 def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, rank: int) -> None:
-    """Gather the full state dict (from every shard) and write a Hugging Face directory on rank 0."""
+    """Gather the full state dict (from every shard) and write a Hugging Face directory on rank 0, in
+    the compute dtype (model.dtype), whatever dtype the optimizer kept its weights in."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tensors = {name.removeprefix("model."): tensor for name, tensor in state.items()}  # objective.model.*
-        write_pretrained(tensors, model_config, path, force=True, side_files_from=tokenizer_path(config))
+        write_pretrained(tensors, model_config, path, force=True, side_files_from=tokenizer_path(config),
+                         dtype=config.model.dtype)
     barrier()
 
 
@@ -147,11 +154,13 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     rank, world, device = setup_distributed(config.train.device)
+    output_dir = Path(config.train.output_dir)
+    prepare_output_dir(output_dir, resume=config.train.resume, overwrite=config.train.overwrite, rank=rank)
     seed_everything(config.train.seed)
     tokenizer = load_tokenizer(tokenizer_path(config))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = build_model(config, device, tokenizer)
-    output_dir = Path(config.train.output_dir)
+    compute = compute_context(config, world, device)
     if stage == "pretrain" and config.data.streaming:
         examples = streaming_rows(config, tokenizer)
         objective = LanguageModeling(model, packed=True)
@@ -170,14 +179,15 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
                 for i, chunk in enumerate(chunks)]
     objective = parallelize(objective, model.model.layers, config, world, device)
     if stage == "dpo" and config.dpo.order_by_accuracy and len(runs) > 1:
-        accuracy = [preference_accuracy(objective, run[1], pad_id, config.train.batch_size, device) for run in runs]
+        accuracy = [preference_accuracy(objective, run[1], pad_id, config.train.batch_size, device, compute)
+                    for run in runs]
         order = sorted(range(len(runs)), key=lambda i: -accuracy[i])  # easy (high accuracy) first
         logger.info("sDPO: initial preference accuracy per stage %s; training order %s", accuracy, order)
         runs = [runs[i] for i in order]
     histories: Dict[str, object] = {}
     for name, examples, collate, stage_dir in runs:
         if stage == "dpo":  # the model as it is now (the end of the previous stage) is the reference
-            examples = _with_reference(examples, objective, config.train.batch_size, pad_id, device)
+            examples = _with_reference(examples, objective, config.train.batch_size, pad_id, device, compute)
         if callable(examples):  # streamed rows, read in order and never held in memory
             stream = data_lib.StreamingBatches(examples, config.train.batch_size, collate, rank=rank, world_size=world)
         else:
@@ -191,18 +201,56 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
     return histories
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def resume_command(stage: str, argv: Sequence[str]) -> str:
+    """The command line that continues this run: the same arguments, ``--train.resume=true``."""
+    kept = [a for a in argv if not a.startswith(("--train.resume=", "--train.overwrite="))]
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    launcher = (f"torchrun --nproc_per_node {local_world} -m training.{stage}" if local_world > 1
+                else f"solar {stage}")
+    return " ".join([launcher, *(shlex.quote(a) for a in kept), "--train.resume=true"])
+
+
+def _report_interrupt(name: str, interrupt: KeyboardInterrupt, config: Optional[Config], argv: Sequence[str]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    checkpoint = getattr(interrupt, "checkpoint", None)
+    if checkpoint is None and config is not None and not isinstance(interrupt, TrainingInterrupted):
+        checkpoint = Checkpointer(Path(config.train.output_dir) / "checkpoints", 0, 0).latest()
+    where = f" at step {interrupt.step}" if isinstance(interrupt, TrainingInterrupted) else ""
+    saved = f"last checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet (see train.save_every)"
+    print(f"solar {name}: interrupted{where}; {saved}", file=sys.stderr)
+    print(f"resume with: {resume_command(name, argv)}", file=sys.stderr)
+
+
 def main(stage: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> int:
+    """``solar <stage>``: 0 when done, 2 with a one-line error for bad input, 130 on Ctrl-C (after
+    saying where the last checkpoint is and how to resume)."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog=f"solar {stage or '<stage>'}",
                                      description="Train a stage; overrides look like --optim.lr=1e-5")
     if stage is None:
         parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", help="YAML/JSON config (training/configs/)")
     args, overrides = parser.parse_known_args(argv)
+    name = stage or args.stage
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    config = None
     try:
         config = load_config(args.config, overrides)
-        run_stage(stage or args.stage, config)
-    except (ValueError, TrainingError) as error:
-        print(f"solar {stage or args.stage}: error: {error}", file=sys.stderr)
+        run_stage(name, config)
+    except KeyboardInterrupt as interrupt:
+        rest = list(argv)
+        if stage is None:
+            rest.remove(name)  # the positional stage argument
+        _report_interrupt(name, interrupt, config, rest)
+        return 130
+    except (ValueError, TrainingError, OSError, yaml.YAMLError) as error:
+        print(f"solar {name}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0

@@ -5,30 +5,48 @@ its items (tokens for language modeling, pairs for DPO) divided by the global it
 step, so 1 process with batch 2b and 2 processes with batch b compute the same loss and gradients.
 Then gradient clipping, AdamW (fused on GPUs), and a warmup + cosine/linear schedule.
 
-Parallelism is applied from outside the model (``parallelize``): activation checkpointing and
-``torch.compile`` per block, and with more than one process FSDP2 (``fully_shard`` per block, then
-the objective as root, so the LM head is unsharded inside the loss; bf16 parameters with fp32
-gradient reduction on GPUs).
+Precision (docs/training.md): ``model.dtype`` is the compute dtype. With ``optim.master_weights:
+fp32`` (the default) the parameters, gradients and Adam states are fp32: one process computes
+under ``torch.autocast(dtype=model.dtype)``, several get FSDP2's ``MixedPrecisionPolicy(param_dtype=
+model.dtype, reduce_dtype=float32)``, so no update is lost to bf16 rounding. ``bf16_kahan`` keeps
+bf16 parameters and a Kahan-compensated AdamW (``training/optim.py``). Checkpoints hold the
+optimizer's weights; the Hugging Face export is written in ``model.dtype``.
 
-Every step logs loss, lr, grad norm, tokens/s, TFLOP/s, MFU (FLOPs/token = 6 N + 12 L d T, SPEC §7),
-peak memory and the objective's metrics: to ``metrics.jsonl``, to the log, and to a progress bar at
-a terminal; ``loss.png`` is drawn at the end. Checkpoints (torch.distributed.checkpoint: model,
-optimizer, scheduler, data position, RNG) are written into a temporary directory and renamed into
-place when complete, keeping the newest ``keep_last``; ``resume`` continues from the newest one
-exactly. A NaN or infinite loss stops training with an error naming the step and the last good
-checkpoint; nothing is saved after it.
+Parallelism is applied from outside the model (``parallelize``): activation checkpointing ("full",
+or "selective": matmul and attention outputs kept, the rest recomputed; every ``ac_every``-th
+block), ``torch.compile`` per block, and with more than one process FSDP2 (``fully_shard`` per
+block, then the objective as root, so the LM head is unsharded inside the loss).
+
+A step never waits for the device: item counts, losses and metrics stay tensors (all-reduced as
+tensors) and are read back once per ``train.log_every`` steps (and before every checkpoint), when
+every step of the window goes to ``metrics.jsonl``, the log and the progress bar, with the window's
+average time per step; loss, lr, grad norm, tokens/s, TFLOP/s, MFU (FLOPs/token = 6 N + 12 L d T,
+SPEC §7) and peak memory. A NaN or infinite loss found there stops training with an error naming
+its step and the last good checkpoint; nothing is saved after it (a checkpoint is written only
+after the steps before it were read back and found finite).
+
+Checkpoints (torch.distributed.checkpoint for model and optimizer; JSON for the scheduler, the data
+position and the Python/NumPy RNGs; tensors loaded with ``weights_only=True`` for the torch RNGs;
+nothing is unpickled) are written into a temporary directory and renamed into place when complete,
+keeping the newest ``keep_last``. ``resume`` continues from the newest usable one exactly, falling
+back to an older one when a file is corrupt. A run is never written over another one silently: an
+``output_dir`` that holds a run needs ``resume`` or ``overwrite``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -40,10 +58,25 @@ from .config import Config
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, per device (SPEC §7)
+# What a run writes into its output_dir (sDPO: also into stage1/, stage2/, ...).
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
+RUN_FILES = RUN_MARKERS + ("loss.png",)
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN loss, a checkpoint of another shape...)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a KeyboardInterrupt that knows the step and the newest checkpoint."""
+
+    def __init__(self, name: str, step: int, checkpoint: Optional[Path]):
+        super().__init__(f"{name} interrupted at step {step}")
+        self.name, self.step, self.checkpoint = name, step, checkpoint
+
+
+class CheckpointUnusable(Exception):
+    """A checkpoint folder that cannot be resumed from (a corrupt, truncated or foreign file)."""
 
 
 # ----------------------------------------------------------------------------- processes
@@ -73,21 +106,119 @@ def barrier() -> None:
         dist.barrier()
 
 
-def parallelize(objective: torch.nn.Module, blocks, config: Config, world: int, device: torch.device) -> torch.nn.Module:
-    """Activation checkpointing, torch.compile and FSDP2, applied per block from outside the model."""
+# ----------------------------------------------------------------------------- output directory
+
+def previous_run(directory: Path) -> list[Path]:
+    """What an earlier run left in ``directory`` (and its sDPO ``stage*/`` folders); empty if none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [directory / name for name in RUN_FILES if (directory / name).exists()]
+    for stage in sorted(directory.glob("stage*")):
+        if stage.is_dir() and previous_run(stage):
+            found.append(stage)
+    return found if any(p.name in RUN_MARKERS or p.name.startswith("stage") for p in found) else []
+
+
+def prepare_output_dir(directory: Path, *, resume: bool, overwrite: bool, rank: int) -> None:
+    """Refuse an output_dir that holds a run unless ``resume`` (continue it) or ``overwrite``
+    (delete that run's files: metrics.jsonl, loss.png, checkpoints/, final/, stage*/; nothing else)."""
+    found = previous_run(directory)
+    if not found or resume:
+        return
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+    if not overwrite:
+        raise ValueError(f"train.output_dir {directory} already holds a run ({names}); continue it with "
+                         f"--train.resume=true, replace it with --train.overwrite=true, or choose another output_dir")
+    if rank == 0:
+        for path in found:
+            _remove(path)
+        logger.warning("train.overwrite: deleted the previous run in %s (%s)", directory, names)
+    barrier()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- precision
+
+def parameter_dtype(config: Config) -> torch.dtype:
+    """The dtype the optimizer's parameters are stored in: fp32 masters unless bf16_kahan."""
+    return torch.float32 if config.optim.master_weights == "fp32" else DTYPES[config.model.dtype]
+
+
+def compute_context(config: Config, world: int, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context a forward runs in: autocast to model.dtype over fp32 parameters on one process
+    (several processes cast through FSDP2's policy instead); nothing when they already agree."""
+    compute = DTYPES[config.model.dtype]
+    if world > 1 or compute == parameter_dtype(config):
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=compute)
+
+
+def make_optimizer(config: Config, params, device: torch.device) -> torch.optim.Optimizer:
+    optim = config.optim
+    kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
+    if optim.master_weights == "bf16_kahan":
+        from .optim import KahanAdamW
+
+        return KahanAdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- parallelism
+
+def _matmul_ops() -> set:
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+
+
+def _keep_matmul_outputs(ctx, op, *args, **kwargs):
+    """Selective activation checkpointing: keep what is expensive to recompute (matmuls, attention),
+    recompute the rest (norms, rotary, activations, elementwise), which costs memory bandwidth only."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _keep_matmul_outputs.ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_keep_matmul_outputs.ops = _matmul_ops()
+
+
+def checkpoint_block(block: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``block`` with activation checkpointing: "full" or "selective"."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    if mode == "full":
+        return checkpoint_wrapper(block)
+    if mode == "selective":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        return checkpoint_wrapper(block, context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                                      _keep_matmul_outputs))
+    raise ValueError(f"activation checkpointing must be full or selective, got {mode!r}")
+
+
+def parallelize(objective: torch.nn.Module, blocks, config: Config, world: int, device: torch.device) -> torch.nn.Module:
+    """Activation checkpointing, torch.compile and FSDP2, applied per block from outside the model."""
+    mode = config.train.activation_checkpointing
     for index, block in enumerate(blocks):
-        if config.train.activation_checkpointing:
-            block = checkpoint_wrapper(block)
+        if mode not in ("none", False) and index % config.train.ac_every == 0:
+            block = checkpoint_block(block, "full" if mode is True else mode)
         if config.train.compile:
             block.compile()
         blocks[index] = block
     if world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[config.model.dtype], reduce_dtype=torch.float32) \
-            if device.type == "cuda" else MixedPrecisionPolicy()
+        # fp32 masters are sharded; each block is gathered in the compute dtype; gradients reduce in fp32.
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[config.model.dtype], reduce_dtype=torch.float32)
         for block in blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(objective, mp_policy=policy)
@@ -109,6 +240,44 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: 
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+# Besides torch.distributed.checkpoint's own classes and torch dtypes: none of these runs code.
+_METADATA_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
+                     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads torch.distributed.checkpoint's ``.metadata`` (a pickle) admitting only the classes that
+    file is made of, so a crafted one cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module.startswith("torch.distributed.checkpoint.")
+                   or (module, name) in _METADATA_GLOBALS
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def _safe_reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            real_load = pickle.load
+            try:  # FileSystemReader.read_metadata calls pickle.load; only this call is restricted
+                pickle.load = lambda file, **kw: _MetadataUnpickler(file).load()
+                return super().read_metadata(*args, **kwargs)
+            finally:
+                pickle.load = real_load
+
+    return SafeReader(str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
 
 class Checkpointer:
     """``directory/step-00000123`` checkpoints, each complete or absent (written under a temporary name)."""
@@ -133,61 +302,110 @@ class Checkpointer:
         partial = self.directory / f".step-{step:08d}.partial"
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for leftover in self.directory.glob(".step-*.partial"):  # from a crash during an earlier save
-                shutil.rmtree(leftover, ignore_errors=True)
+            for leftover in [*self.directory.glob(".step-*.partial"), *self.directory.glob(".step-*.stale")]:
+                _remove(leftover)  # from a crash during an earlier save
         barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
-        torch.save({"stream": stream.state_dict(), "rng": _rng_state()}, partial / f"rank{self.rank}.pt")
+        plain, tensors = _rank_state(stream)
+        (partial / f"rank{self.rank}.json").write_text(json.dumps(plain))
+        torch.save(tensors, partial / f"rank{self.rank}.tensors.pt")
         if self.rank == 0:
             (partial / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
         barrier()
         if self.rank == 0:
-            os.replace(partial, final)
+            if final.exists():  # an earlier run's, or one that resume found unusable: set aside, then dropped
+                stale = self.directory / f".step-{step:08d}.stale"
+                os.replace(final, stale)
+                os.replace(partial, final)
+                _remove(stale)
+            else:
+                os.replace(partial, final)
             for old in self.complete()[:-self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
 
+    def _read_small_files(self, path: Path) -> tuple[dict, dict, dict]:
+        """trainer.json, this rank's JSON state and its tensors (``weights_only=True``)."""
+        trainer_file, plain_file = path / "trainer.json", path / f"rank{self.rank}.json"
+        tensor_file = path / f"rank{self.rank}.tensors.pt"
+        texts = {}
+        for file in (trainer_file, plain_file):
+            try:
+                texts[file] = json.loads(file.read_text())
+            except (OSError, ValueError) as error:
+                raise CheckpointUnusable(f"{file}: {_first_line(error)}") from None
+        try:
+            tensors = torch.load(tensor_file, weights_only=True, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - any reason: the file is not a plain tensor file
+            raise CheckpointUnusable(f"{tensor_file} does not load as plain tensors (weights_only=True): "
+                                     f"{_first_line(error)}") from None
+        trainer_state, plain = texts[trainer_file], texts[plain_file]
+        problems = [(trainer_file, key) for key in ("step", "scheduler") if not isinstance(trainer_state, dict) or key not in trainer_state]
+        problems += [(plain_file, key) for key in ("stream", "python_rng", "numpy_rng") if not isinstance(plain, dict) or key not in plain]
+        problems += [(tensor_file, key) for key in ("torch_rng", "numpy_keys") if not isinstance(tensors, dict) or key not in tensors]
+        if problems:
+            file, key = problems[0]
+            raise CheckpointUnusable(f"{file} has no {key!r} (written by another version of the trainer?)")
+        return trainer_state, plain, tensors
+
     def load(self, path: Path, model, optimizer, scheduler, stream) -> int:
+        """Load ``path`` into the training state; ``CheckpointUnusable`` (on every rank alike) if a file
+        of it is corrupt, truncated, foreign, or does not fit this model."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        try:
+            small, problem = self._read_small_files(path), None
+        except CheckpointUnusable as error:
+            small, problem = None, str(error)
+        failed = all_reduce_sum(torch.tensor([0.0 if problem is None else 1.0]))
+        if problem is not None or float(failed) > 0:  # every rank falls back together
+            raise CheckpointUnusable(problem or f"{path}: another rank's files are unusable (see its log)")
+        trainer_state, plain, tensors = small
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, storage_reader=_safe_reader(path))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             detail = [line for line in str(error).splitlines() if line.strip()][-1].strip()
-            raise TrainingError(f"cannot resume from {path}: it does not fit this model "
-                                f"(a checkpoint of another model shape?): {detail}") from None
+            hint = " (a checkpoint of another model shape?)" if "size" in detail.lower() or "mismatch" in detail.lower() else ""
+            raise CheckpointUnusable(f"{path}: it does not fit this model{hint}: {detail}") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        trainer_state = json.loads((path / "trainer.json").read_text())
         scheduler.load_state_dict(trainer_state["scheduler"])
-        local = torch.load(path / f"rank{self.rank}.pt", weights_only=False)
-        stream.load_state_dict(local["stream"])
-        _set_rng_state(local["rng"])
+        stream.load_state_dict(plain["stream"])
+        _set_rng_state(plain, tensors)
         return trainer_state["step"]
 
 
-def _rng_state() -> Dict[str, object]:
+def _rank_state(stream) -> tuple[dict, dict]:
+    """This process's data position and RNG states as (JSON-able values, plain tensors)."""
     import numpy
 
-    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = numpy.random.get_state()
+    plain = {"stream": stream.state_dict(), "python_rng": [version, list(internal), gauss],
+             "numpy_rng": {"name": name, "position": int(position), "has_gauss": int(has_gauss),
+                           "cached_gaussian": float(cached)}}
+    tensors = {"torch_rng": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(numpy.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return plain, tensors
 
 
-def _set_rng_state(state: Dict[str, object]) -> None:
+def _set_rng_state(plain: dict, tensors: dict) -> None:
     import numpy
 
-    random.setstate(state["python"])
-    numpy.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = plain["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    state = plain["numpy_rng"]
+    numpy.random.set_state((state["name"], tensors["numpy_keys"].numpy().astype(numpy.uint32), state["position"],
+                            state["has_gauss"], state["cached_gaussian"]))
+    torch.set_rng_state(tensors["torch_rng"])
+    if "cuda_rng" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda_rng"])
 
 
 def seed_everything(seed: int) -> None:
@@ -202,15 +420,27 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
+@dataclass
+class _StepResult:
+    """One finished step, still on the device: [items, loss_sum, *metric_sums, grad_norm]."""
+
+    step: int
+    lr: float
+    sums: torch.Tensor
+    tokens: int
+    seq_len: int
+
+
 class Trainer:
     """Runs ``config.train.steps`` optimizer steps of ``objective`` over ``stream``.
 
     ``objective(**batch)`` returns ``(loss_sum, metrics)``: the loss summed over the batch's items
     and a dict of summed metric tensors; ``count(batch)`` the number of items (labeled tokens,
-    preference pairs). ``flops_per_token(seq_len)`` gives the model's training FLOPs per token.
+    preference pairs), a tensor or an int. ``flops_per_token(seq_len)`` gives the model's training
+    FLOPs per token.
     """
 
-    def __init__(self, config: Config, objective: torch.nn.Module, count: Callable[[Dict], int], stream,
+    def __init__(self, config: Config, objective: torch.nn.Module, count: Callable[[Dict], object], stream,
                  *, rank: int, world: int, device: torch.device, flops_per_token: Callable[[int], float],
                  output_dir: Optional[Path] = None, name: str = "train"):
         self.config, self.objective, self.count, self.stream = config, objective, count, stream
@@ -218,28 +448,31 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.output_dir = Path(output_dir or config.train.output_dir)
         self.name = name
+        self.params = [p for p in objective.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(config, self.params, device)
+        self.autocast = compute_context(config, world, device)
         optim = config.optim
-        self.optimizer = torch.optim.AdamW(objective.parameters(), lr=optim.lr, betas=tuple(optim.betas),
-                                           eps=optim.eps, weight_decay=optim.weight_decay,
-                                           fused=device.type == "cuda")
         steps = config.train.steps
         warmup = optim.warmup_steps or int(optim.warmup_ratio * steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, steps, warmup, optim.schedule, optim.min_lr_ratio))
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.train.keep_last, rank)
         self.history: List[Dict[str, float]] = []
+        self.metric_names: Optional[List[str]] = None
+        self._pending: List[_StepResult] = []
+        self._window_started = time.perf_counter()
+        self._bar = None
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         self.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
 
-    def _log(self, record: Dict[str, float], bar) -> None:
+    def _log(self, record: Dict[str, float]) -> None:
         self.history.append(record)
         if self.rank != 0:
             return
         with open(self.output_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            bar.update(1)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         elif record["step"] % self.config.train.log_every == 0 or record["step"] == self.config.train.steps:
             extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if "/" in k)
             mfu = f" mfu={record['mfu']:.1%}" if record.get("mfu") is not None else ""
@@ -248,80 +481,155 @@ class Trainer:
                         self.name, record["step"], self.config.train.steps, record["loss"], record["lr"],
                         record["grad_norm"], record["tokens_per_s"], record["tflops"], mfu, memory, extras)
 
+    def _resume(self) -> int:
+        """Load the newest usable checkpoint (falling back past unusable ones); the step it ends."""
+        candidates = self.checkpointer.complete()[::-1]
+        problems = []
+        for path in candidates:
+            try:
+                step = self.checkpointer.load(path, self.objective, self.optimizer, self.scheduler, self.stream)
+            except CheckpointUnusable as error:
+                problems.append(str(error))
+                logger.warning("%s: checkpoint %s is unusable (%s); falling back to the one before it",
+                               self.name, path.name, error)
+                continue
+            logger.info("%s: resumed from %s at step %d", self.name, path, step)
+            return step
+        if candidates:
+            raise TrainingError(f"cannot resume from any checkpoint in {self.checkpointer.directory}: "
+                                + "; ".join(problems))
+        logger.info("%s: no checkpoint in %s; starting at step 0", self.name, self.checkpointer.directory)
+        return 0
+
+    def _truncate_metrics(self, start_step: int) -> None:
+        """Keep the metrics of the steps up to the resumed checkpoint; a half-written last line (the
+        process died while writing it) is dropped with a warning, a broken line elsewhere is an error."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                step = record["step"]
+            except (ValueError, TypeError, KeyError):
+                if number == len(lines):
+                    logger.warning("%s: dropped the half-written last line of %s", self.name, path)
+                    break
+                raise TrainingError(f"cannot resume: {path} line {number} is not a metrics record "
+                                    f"({line[:60]!r}); fix or delete that line") from None
+            if step <= start_step:
+                kept.append(line + "\n")
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
     def run(self) -> List[Dict[str, float]]:
         config = self.config
+        if not config.train.resume and (found := previous_run(self.output_dir)):
+            raise TrainingError(f"{self.name}: {self.output_dir} already holds a run ({', '.join(p.name for p in found)}); "
+                                f"set train.resume or train.overwrite")
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()
-        start_step = 0
-        if config.train.resume and (latest := self.checkpointer.latest()) is not None:
-            start_step = self.checkpointer.load(latest, self.objective, self.optimizer, self.scheduler, self.stream)
-            logger.info("%s: resumed from %s at step %d", self.name, latest, start_step)
-            if self.rank == 0 and (self.output_dir / "metrics.jsonl").exists():
-                kept = [line for line in (self.output_dir / "metrics.jsonl").read_text().splitlines()
-                        if json.loads(line)["step"] <= start_step]
-                (self.output_dir / "metrics.jsonl").write_text("".join(k + "\n" for k in kept))
-        elif self.rank == 0 and (self.output_dir / "metrics.jsonl").exists():
-            (self.output_dir / "metrics.jsonl").unlink()
-        bar = None
+        start_step = self._resume() if config.train.resume else 0
+        if config.train.resume and self.rank == 0:
+            self._truncate_metrics(start_step)
         if self.rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=config.train.steps, initial=start_step, desc=self.name, unit="step")
+            self._bar = tqdm(total=config.train.steps, initial=start_step, desc=self.name, unit="step")
         batches = iter(self.stream)
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        for step in range(start_step + 1, config.train.steps + 1):
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            started = time.perf_counter()
-            micro = [next(batches) for _ in range(config.train.grad_accum)]
-            items = all_reduce_sum(torch.tensor(float(sum(self.count(b) for b in micro)), device=self.device))
-            total_items = max(float(items), 1.0)
-            loss_sum = torch.zeros((), device=self.device)
-            metric_sums: Dict[str, torch.Tensor] = {}
-            tokens = 0
-            for batch in micro:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                tokens += batch["input_ids"].numel()
-                batch_loss, metrics = self.objective(**batch)
-                (batch_loss * (self.world / total_items)).backward()
-                loss_sum += batch_loss.detach().float()
-                for key, value in metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
-            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            loss = float(all_reduce_sum(loss_sum)) / total_items
-            if not math.isfinite(loss):
-                latest = self.checkpointer.latest()
-                raise TrainingError(f"{self.name}: loss is {loss} at step {step}; stopped without saving. "
-                                    f"Last good checkpoint: {latest or 'none'}")
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - started
-            seq_len = micro[0]["input_ids"].shape[-1]
-            tokens_per_s = tokens * self.world / seconds
-            tflops = self.flops_per_token(seq_len) * tokens_per_s / 1e12
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens_per_s, "tflops": tflops,
-                      "mfu": tflops / self.world / self.peak_tflops if self.peak_tflops else None,
-                      "peak_mem_gb": torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None,
-                      "seconds": seconds}
-            for key, value in metric_sums.items():
-                record[key] = float(all_reduce_sum(value)) / total_items
-            self._log(record, bar)
-            if config.train.save_every and step % config.train.save_every == 0 and step < config.train.steps:
-                self.checkpointer.save(step, self.objective, self.optimizer, self.scheduler, self.stream)
-        if bar is not None:
-            bar.close()
+        self._start_window()
+        step = start_step
+        try:
+            for step in range(start_step + 1, config.train.steps + 1):
+                self._train_step(step, batches)
+                saving = bool(config.train.save_every) and step % config.train.save_every == 0 and step < config.train.steps
+                if step % config.train.log_every == 0 or step == config.train.steps or saving:
+                    self._flush()
+                if saving:
+                    self.checkpointer.save(step, self.objective, self.optimizer, self.scheduler, self.stream)
+        except KeyboardInterrupt:
+            self._flush()  # the steps that finished are kept in metrics.jsonl
+            raise TrainingInterrupted(self.name, step, self.checkpointer.latest()) from None
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         if self.rank == 0:
             plot_losses(self.output_dir / "metrics.jsonl", self.output_dir / "loss.png", self.name)
         return self.history
+
+    def _train_step(self, step: int, batches) -> None:
+        """One optimizer step; nothing here waits for the device (the results stay tensors)."""
+        config = self.config
+        micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+                 for _ in range(config.train.grad_accum)]
+        items = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in micro:
+            items += torch.as_tensor(self.count(batch), dtype=torch.float32, device=self.device)
+        items = all_reduce_sum(items)
+        scale = self.world / items.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=self.device)
+        metric_sums: Dict[str, torch.Tensor] = {}
+        tokens = 0
+        for batch in micro:
+            tokens += batch["input_ids"].numel()
+            with self.autocast():
+                batch_loss, metrics = self.objective(**batch)
+            (batch_loss * scale).backward()
+            loss_sum += batch_loss.detach().float()
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
+        if self.metric_names is None:
+            self.metric_names = list(metric_sums)
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        sums = all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in self.metric_names)]))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending.append(_StepResult(step, lr, torch.cat([items.reshape(1), sums, grad_norm.detach().float().reshape(1)]),
+                                         tokens, micro[0]["input_ids"].shape[-1]))
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _start_window(self) -> None:
+        self._window_started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _flush(self) -> None:
+        """Read the pending steps back from the device (one synchronization), log them, and stop on a
+        NaN or infinite loss."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        values = torch.stack([p.sums for p in pending]).tolist()  # waits for the device
+        seconds = (time.perf_counter() - self._window_started) / len(pending)
+        peak = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
+        self._start_window()
+        for result, (items, loss_sum, *rest) in zip(pending, values):
+            *metric_values, grad_norm = rest
+            items = max(items, 1.0)
+            loss = loss_sum / items
+            if not math.isfinite(loss):
+                raise TrainingError(f"{self.name}: loss is {loss} at step {result.step}; stopped without saving. "
+                                    f"Last good checkpoint: {self.checkpointer.latest() or 'none'}")
+            tokens_per_s = result.tokens * self.world / seconds
+            tflops = self.flops_per_token(result.seq_len) * tokens_per_s / 1e12
+            record = {"step": result.step, "loss": loss, "lr": result.lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "tflops": tflops,
+                      "mfu": tflops / self.world / self.peak_tflops if self.peak_tflops else None,
+                      "peak_mem_gb": peak, "seconds": seconds}
+            for key, value in zip(self.metric_names, metric_values):
+                record[key] = value / items
+            self._log(record)
 
 
 def plot_losses(metrics: Path, png: Path, title: str) -> Optional[Path]:
