@@ -63,12 +63,17 @@ try:
 except ImportError:  # torch < 2.9
     _torch_varlen_attn, _TORCH_VARLEN_PARAMS = None, frozenset()
 HAS_TORCH_VARLEN = _torch_varlen_attn is not None
-# torch 2.9's varlen_attn has no window_size: sliding windows need 2.10 or later.
-TORCH_VARLEN_WINDOWS = "window_size" in _TORCH_VARLEN_PARAMS
 HAS_FLEX_ATTENTION = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 ATTENTION_PATHS = ("sdpa_causal", "flash_attn_varlen", "torch_varlen", "flex", "sdpa_mask")
 _VARLEN_PATHS = ("flash_attn_varlen", "torch_varlen")
+
+
+def torch_varlen_windows() -> bool:
+    """Whether this torch's varlen_attn takes window_size (2.10 and later; 2.9 has only is_causal)."""
+    return "window_size" in _TORCH_VARLEN_PARAMS
+
+
 # Queries per SDPA call on the dense-mask path: the mask and scores of one chunk are
 # [B, 1 or H, 128, S], 1/32 of the whole at T = 4096.
 QUERY_CHUNK = 128
@@ -84,7 +89,7 @@ def choose_attention_path(
     cached: bool,
     has_flash_attn: bool | None = None,
     has_torch_varlen: bool | None = None,
-    torch_varlen_windows: bool | None = None,
+    has_torch_varlen_windows: bool | None = None,
     has_flex: bool | None = None,
 ) -> str:
     """The attention path for a forward (pure: the situation in, a name from ATTENTION_PATHS out).
@@ -96,7 +101,7 @@ def choose_attention_path(
     """
     has_flash_attn = HAS_FLASH_ATTN if has_flash_attn is None else has_flash_attn
     has_torch_varlen = HAS_TORCH_VARLEN if has_torch_varlen is None else has_torch_varlen
-    torch_varlen_windows = TORCH_VARLEN_WINDOWS if torch_varlen_windows is None else torch_varlen_windows
+    windows = torch_varlen_windows() if has_torch_varlen_windows is None else has_torch_varlen_windows
     has_flex = HAS_FLEX_ATTENTION if has_flex is None else has_flex
     if padded or cached:  # generation: the decode steps' masks are [B, 1, 1, S]
         return "sdpa_mask"
@@ -106,7 +111,7 @@ def choose_attention_path(
         if dtype in (torch.float16, torch.bfloat16):
             if has_flash_attn:
                 return "flash_attn_varlen"
-            if has_torch_varlen and (torch_varlen_windows or not windowed):
+            if has_torch_varlen and (windows or not windowed):
                 return "torch_varlen"
         if has_flex:
             return "flex"
@@ -218,6 +223,8 @@ def _supports(path: str, *, packed: bool, padded: bool, windowed: bool, cached: 
         return True
     if path == "sdpa_causal":
         return not (packed or padded or windowed or cached)
+    if path == "torch_varlen" and windowed and not torch_varlen_windows():
+        return False
     return not (padded or cached)
 
 
