@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,11 +44,29 @@ __device__ __forceinline__ void load_pack(const T* ptr, float (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = to_float(pack.v[i]);
 }
 
+// A pack of 16 bytes (or 32) is stored with st.global.v4.b32 (one plain 128-bit STG each): a C++
+// store of a Pack or a uint4 built from 16-bit elements was seen split by the compiler into 16-bit
+// PTX stores (four 32-bit STG in SASS) for half of RMSNorm's y stores, and __stwb/__stcg compile to
+// STG.STRONG. The "memory" clobber keeps later loads of the same address after the store. The CPU
+// emulator (tests/ops/cuda_emulator) stores the Pack as it is.
 template <int N, typename T>
 __device__ __forceinline__ void store_pack(T* ptr, const float (&in)[N]) {
   Pack<T, N> pack;
 #pragma unroll
   for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(in[i]);
+#if defined(__CUDACC__)
+  if constexpr (sizeof(pack) % 16 == 0) {
+    uint32_t words[sizeof(pack) / 4];
+    memcpy(words, &pack, sizeof(words));
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(pack) / 16); ++i) {
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<char*>(ptr) + 16 * i),
+                   "r"(words[4 * i]), "r"(words[4 * i + 1]), "r"(words[4 * i + 2]), "r"(words[4 * i + 3])
+                   : "memory");
+    }
+    return;
+  }
+#endif
   *reinterpret_cast<Pack<T, N>*>(ptr) = pack;
 }
 

@@ -19,6 +19,9 @@ namespace {
 // point, to be measured by benchmarks/gpu_check.sh (no GPU number exists yet).
 constexpr int kMaxThreads = 512;
 constexpr int kPacksPerThread = 4;
+// Packs each thread loads before it uses any (both passes): the loop before this one kept one
+// 16-byte load in flight per thread, a quarter of what covers HBM latency at this occupancy.
+constexpr int kUnroll = 4;
 
 // A running log-sum-exp: the largest value seen and the sum of exp(value - max).
 struct MaxSum {
@@ -74,17 +77,30 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_kernel(const Logprobs<T,
     // Ignored rows read no logits.
     MaxSum state{-INFINITY, 0.f};
     if (valid) {
-      for (int64_t v = threadIdx.x; v < n_vecs; v += blockDim.x) {
-        float vals[VEC];
-        load_pack<VEC>(z + v * VEC, vals);
-        MaxSum local{vals[0], 0.f};
+      for (int64_t base = threadIdx.x; base < n_vecs; base += kUnroll * blockDim.x) {
+        // kUnroll packs loaded before any is used: that many 16-byte loads in flight per thread.
+        float vals[kUnroll][VEC];
 #pragma unroll
-        for (int i = 1; i < VEC; ++i) local.max = fmaxf(local.max, vals[i]);
-        if (local.max != -INFINITY) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t v = base + u * blockDim.x;
+          if (v < n_vecs) {
+            load_pack<VEC>(z + v * VEC, vals[u]);
+          } else {
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) local.sum += expf(vals[i] - local.max);
+            for (int i = 0; i < VEC; ++i) vals[u][i] = -INFINITY;  // adds nothing to the max/sum
+          }
         }
-        state = combine(state, local);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          MaxSum local{vals[u][0], 0.f};
+#pragma unroll
+          for (int i = 1; i < VEC; ++i) local.max = fmaxf(local.max, vals[u][i]);
+          if (local.max != -INFINITY) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) local.sum += expf(vals[u][i] - local.max);
+          }
+          state = combine(state, local);
+        }
       }
     }
     state = block_combine(state, scratch_max, scratch_sum);
@@ -102,20 +118,31 @@ __global__ void __launch_bounds__(kMaxThreads) logprobs_kernel(const Logprobs<T,
   if (!p.write_grad) return;
 
   const float g = !valid ? 0.f : (in_range ? p.grad[row * p.stride_grad] : NAN);
-  for (int64_t v = threadIdx.x; v < n_vecs; v += blockDim.x) {
-    float dz[VEC];
-    if (valid) {
-      load_pack<VEC>(z + v * VEC, dz);
+  for (int64_t base = threadIdx.x; base < n_vecs; base += kUnroll * blockDim.x) {
+    float dz[kUnroll][VEC];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        const float onehot = v * VEC + i == label ? g : 0.f;
-        dz[i] = onehot - g * expf(dz[i] - lse);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = base + u * blockDim.x;
+      if (valid && v < n_vecs) {
+        load_pack<VEC>(z + v * VEC, dz[u]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) dz[u][i] = 0.f;
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) dz[i] = 0.f;
     }
-    store_pack<VEC>(z + v * VEC, dz);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t v = base + u * blockDim.x;
+      if (v >= n_vecs) break;
+      if (valid) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float onehot = v * VEC + i == label ? g : 0.f;
+          dz[u][i] = onehot - g * expf(dz[u][i] - lse);
+        }
+      }
+      store_pack<VEC>(z + v * VEC, dz[u]);
+    }
   }
 }
 

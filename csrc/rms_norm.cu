@@ -4,6 +4,8 @@
 //   dx = rstd * (g - n * mean(g * n)) (+ dh),  dw = sum over rows of dy * n,  n = h * rstd, g = dy * w
 // One block per row in forward; a persistent grid in backward, each block owning a range of rows
 // and one fp32 row of dweight partial sums (no atomics), reduced by a second small kernel.
+#include <cmath>
+
 #include "common.cuh"
 #include "launch.h"
 
@@ -22,6 +24,20 @@ constexpr int kBwdCached = 2;
 // to be measured by benchmarks/gpu_check.sh.
 constexpr int kFwdMaxThreads = 1024;
 constexpr int kBwdMaxThreads = 512;
+
+// 1 / sqrt(a) in fp32 to about half an ulp: IEEE sqrt and division, then one Newton step whose
+// residual 1 - a * r^2 is taken with FMAs on r^2 split exactly into hi + lo. rsqrtf's 2-ulp error
+// would be amplified by the backward's cancellation (g - n * mean(g * n)) on narrow rows (d = 1
+// failed the tests with 1 / sqrtf alone), and the double rsqrt used before compiled to 48 fp64
+// instructions per row (a serial fp64 division and rsqrt with their fix-ups).
+__device__ __forceinline__ float accurate_rsqrt(float a) {
+  const float r = 1.f / sqrtf(a);
+  if (!(r > 0.f && r < INFINITY)) return r;  // a = 0, inf or NaN: nothing to refine
+  const float r2 = r * r;
+  const float r2_lo = fmaf(r, r, -r2);
+  const float residual = fmaf(-a, r2_lo, fmaf(-a, r2, 1.f));
+  return fmaf(0.5f * r, residual, r);
+}
 
 // One pack of the normalized input at column col: x, or h = to_T(x + residual), which is also
 // stored (rounded to T, as the unfused model holds it) and returned rounded the same way.
@@ -78,10 +94,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads) rms_norm_fwd_kernel(const RmsN
 #pragma unroll
     for (int i = 0; i < VEC; ++i) sum_sq += vals[i] * vals[i];
   }
-  // One rsqrt per row, in double and rounded once: rsqrtf's last-bit error would be amplified by the
-  // backward's cancellation (g - n * mean(g * n)) on narrow rows.
-  const double mean_sq = static_cast<double>(block_sum(sum_sq, scratch)) / static_cast<double>(p.n_cols);
-  const float rstd = static_cast<float>(rsqrt(mean_sq + static_cast<double>(p.eps)));
+  const float mean_sq = block_sum(sum_sq, scratch) / static_cast<float>(p.n_cols);
+  const float rstd = accurate_rsqrt(mean_sq + p.eps);
   if (threadIdx.x == 0) p.rstd[row] = rstd;
 
 #pragma unroll
@@ -196,19 +210,43 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const RmsN
   }
 }
 
-// dweight[col] = sum over blocks of partial[block, col], in fp32, in a fixed order (deterministic).
+// dweight[col] = sum over blocks of partial[block, col], in fp32, in a fixed order (deterministic),
+// in two levels: the partial rows are cut into groups of `group` rows, and column_sum_groups_kernel
+// (grid: column blocks x groups) sums each group into its first row, in place (no other block reads
+// those rows); column_sum_kernel then sums the groups' first rows. One level was 16 blocks for
+// d = 4096, each thread summing 528 rows (132 SMs x 4) serially: 20-60 us next to a backward whose
+// floor is ~94 us (16K x 4096 bf16 on an H100); with groups of ~sqrt(rows), the first level is 16 x
+// 23 = 368 blocks of 23 rows each, and the second 23 rows.
+__global__ void column_sum_groups_kernel(float* __restrict__ partial, int64_t n_parts, int64_t n_cols, int64_t group) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= n_cols) return;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * group;
+  const int64_t last = first + group < n_parts ? first + group : n_parts;
+  float sum = 0.f;
+  for (int64_t part = first; part < last; ++part) sum += partial[part * n_cols + col];
+  partial[first * n_cols + col] = sum;
+}
+
 template <typename W>
-__global__ void column_sum_kernel(const float* __restrict__ partial, W* __restrict__ out, int64_t n_parts, int64_t n_cols) {
+__global__ void column_sum_kernel(const float* __restrict__ partial, W* __restrict__ out, int64_t n_parts, int64_t n_cols,
+                                  int64_t group) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= n_cols) return;
   float sum = 0.f;
-  for (int64_t part = 0; part < n_parts; ++part) sum += partial[part * n_cols + col];
+  for (int64_t part = 0; part < n_parts; part += group) sum += partial[part * n_cols + col];
   out[col] = from_float<W>(sum);
 }
 
 // Columns per block of the partial-sum reduction: 256 threads, one column each, reading rows of
-// the workspace coalesced; tiny next to the backward itself.
+// the workspace coalesced.
 constexpr int kColumnSumThreads = 256;
+
+// Rows per group of the two-level column sum: ceil(sqrt(n_parts)), so both levels are short.
+inline int64_t column_sum_group(int64_t n_parts) {
+  int64_t group = 1;
+  while (group * group < n_parts) ++group;
+  return group;
+}
 
 template <typename T, typename W>
 bool fwd_vectorizable(const RmsNormFwd<T, W>& p) {
@@ -257,7 +295,13 @@ cudaError_t bwd(const RmsNormBwd<T, W>& p, cudaStream_t stream) {
   cudaError_t error = cudaGetLastError();
   if (error != cudaSuccess) return error;
   const unsigned column_blocks = static_cast<unsigned>((p.n_cols + kColumnSumThreads - 1) / kColumnSumThreads);
-  column_sum_kernel<W><<<column_blocks, kColumnSumThreads, 0, stream>>>(p.dweight_partial, p.dweight, p.blocks, p.n_cols);
+  const int64_t group = column_sum_group(p.blocks);
+  const dim3 group_grid(column_blocks, static_cast<unsigned>((p.blocks + group - 1) / group));
+  column_sum_groups_kernel<<<group_grid, kColumnSumThreads, 0, stream>>>(p.dweight_partial, p.blocks, p.n_cols, group);
+  error = cudaGetLastError();
+  if (error != cudaSuccess) return error;
+  column_sum_kernel<W><<<column_blocks, kColumnSumThreads, 0, stream>>>(p.dweight_partial, p.dweight, p.blocks, p.n_cols,
+                                                                         group);
   return cudaGetLastError();
 }
 

@@ -232,6 +232,14 @@ def test_rotary_layouts_tables_and_misaligned(emulated, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rotary_many_token_blocks_and_head_groups(emulated, dtype):
+    """More tokens than one block takes (the last block part-filled), and 18 + 3 heads: groups of 8,
+    8 and 5 heads per block, the last holding both q and k heads."""
+    q, k = torch.randn(2, 18, 300, 16).to(dtype), torch.randn(2, 3, 300, 16).to(dtype)
+    check_rotary(q, k, *rope_tables(torch.arange(300) * 3, 16, dtype=dtype), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", [(3, 1), (2, 5, 123), (4, 4097), (2, 14336)])
 def test_swiglu(emulated, shape, dtype):
     check_swiglu((torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype), backend="cuda")
