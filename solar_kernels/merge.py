@@ -46,7 +46,9 @@ result to ``ShardWriter``, which holds at most one output shard (``max_shard_siz
 memory is about one shard plus, for the largest tensor, an fp32 copy per source (ties: about two per
 source and three more); a whole model is never loaded. The output is a complete Hugging Face
 directory built in a temporary directory beside ``dst`` and renamed into place only when complete
-(``output_directory``); an existing ``dst`` is refused unless ``force=True``.
+(``output_directory``); an existing ``dst`` is refused unless ``force=True``, and a ``dst`` that is,
+is inside or contains a source is always refused. A merge takes two or more models. The reference
+model's ``auto_map`` (remote code) is not copied.
 
 mergekit-style YAML read by ``merge_from_yaml`` (one merge per file; relative model paths are
 resolved against the YAML file's directory; models are local checkpoint directories)::

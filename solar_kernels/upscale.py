@@ -16,7 +16,9 @@ Streaming: tensors are read one at a time and written shard by shard, so peak me
 output shard (``max_shard_size``) plus one tensor, whatever the model's size. The output is a full
 Hugging Face directory (config with the new ``num_hidden_layers``, tokenizer and generation files
 copied from the first checkpoint, safetensors shards and index) built in a temporary directory
-and renamed into place only when complete.
+and renamed into place only when complete. A destination that is, is inside or contains any source
+checkpoint is refused, with ``force`` too; sources must be Llama or Mistral checkpoints; a source's
+``auto_map`` (remote code) is not copied.
 
 mergekit's passthrough YAML is accepted (``upscale_from_yaml``)::
 
