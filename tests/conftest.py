@@ -71,6 +71,15 @@ def kernel_backend(request):
     return request.param
 
 
+@pytest.fixture(params=["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def any_backend(request):
+    """Every backend in turn, PyTorch's included: for ops whose torch backend is an algorithm of its
+    own (the chunked log-probs), not just the ``*_ref`` reference the tests compare against."""
+    if request.param == "cuda":
+        _require_cuda_backend()
+    return request.param
+
+
 @pytest.fixture
 def cuda_ops():
     """``torch.ops.solar_kernels_C``, for tests of the CUDA ops themselves (mark them ``gpu``)."""

@@ -11,13 +11,15 @@ Math, for token t with hidden state h_t [d], LM head W [V, d], optional bias b [
 Labels are already shifted by the caller (the label at position t is the token at t + 1).
 
 How: tokens are processed in chunks of ``chunk_size`` rows. For each chunk the logits [C, V] come
-from one matmul in the hidden dtype (cuBLAS on a GPU); a kernel reduces each row to its
+from one matmul in the hidden dtype (cuBLAS on a GPU); a per-row step reduces each row to its
 log-sum-exp and label logit in fp32 and, when a gradient is wanted, overwrites the chunk's logits
 in place with ``g_t * (onehot - softmax)``; two more matmuls turn that into the chunk's dhidden
-and its share of dweight. Only one chunk's logits exist at a time, in forward and backward. That
-per-row kernel is the Triton ``_logprobs_kernel`` below or its CUDA C++ twin
-(``torch.ops.solar_kernels_C.logprobs_``, csrc/logprobs.cu), with the same arguments and results:
-the chunking, the matmuls and the autograd are shared by both backends.
+and its share of dweight. Only one chunk's logits exist at a time, in forward and backward. The
+per-row step is the Triton ``_logprobs_kernel`` below, its CUDA C++ twin
+(``torch.ops.solar_kernels_C.logprobs_``, csrc/logprobs.cu), or for ``backend="torch"`` the same
+arithmetic in PyTorch ops (``_logprobs_rows_torch``, in place on the chunk): the chunking, the
+matmuls and the autograd are shared by all three backends. ``*_ref`` below are the plain unchunked
+references (full ``[N, V]`` logits) that tests compare against.
 
 - ``linear_logprobs`` / ``sequence_logprobs`` (a gradient per token): forward keeps only the
   log-sum-exp per token; backward recomputes each chunk's logits (4 matmuls in all).
@@ -25,14 +27,29 @@ the chunking, the matmuls and the autograd are shared by both backends.
   computed during the forward, while the logits are at hand, and only scaled in backward
   (3 matmuls in all, the minimum).
 
-The default chunk keeps a chunk's logits about the size of the hidden states (``N * d / V`` rows)
-and always below half of the full ``[N, V]``. dweight and dbias are accumulated over chunks in
-fp32 and returned in the weight's dtype. Ignored tokens read no logits in the kernel and give
-exactly zero gradient.
+Chunk rule (``default_chunk_rows``): 4096 rows, fewer when they do not fit, i.e. at most
+``2**28 // V`` rows (a chunk's logits stay within 2**28 elements, 512 MiB in bf16: 4096 rows up to
+V = 65536, 2048 at V = 128256) and fewer than half of the N tokens (chunking always saves at least
+half of the full logits); rounded down to whole 64-row tiles from 128 rows up.
+
+dweight and dbias accumulate over chunks in fp32 inside the matmul: ``addmm`` into an fp32
+accumulator, with ``out_dtype=torch.float32`` for 16-bit inputs where the device has it (CUDA,
+torch >= 2.8), else (the CPU) from the chunk's operands widened to fp32, which is exact for 16-bit
+values; no per-chunk partial is rounded. One final scale-and-cast turns the accumulator into the
+weight's dtype: at the end of the backward pass, or for the cross-entropy in its backward (the fp32
+accumulator is held from forward to backward, so ``grad_loss`` and the cast round once). Ignored
+tokens read no logits in the kernel and give exactly zero gradient.
 
 Shapes: hidden [N, d] or [B, T, d]; weight [V, d]; bias [V]; labels [N] or [B, T] (int64 or
 int32). Dtypes: hidden, weight and bias all fp32, fp16 or bf16 (the same); log-probs and losses
 in fp32; gradients in their input's dtype.
+
+Under ``torch.autocast`` these ops behave like the eager ``F.linear(hidden, weight, bias)`` they
+replace followed by an fp32 log-softmax (Hugging Face's ``logits.float()``): hidden, weight and bias
+are cast to the autocast dtype (so they may come in different dtypes, e.g. bf16 hidden states and an
+fp32 weight), the matmuls run in it, log-probs and losses come out in fp32, and each gradient comes
+back in its leaf's dtype through the cast (an fp32 weight gets an fp32 grad). ``*_ref`` run under the
+same autocast do the same.
 
 Labels outside [0, V) other than ignore_index: on the CPU, and on a GPU when the environment
 variable ``SOLAR_KERNELS_CHECK_LABELS=1`` is set, a ``ValueError`` names the first such label
@@ -42,6 +59,7 @@ token's log-prob and gradient NaN, so the loss is NaN rather than silently wrong
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Tuple
 
@@ -52,13 +70,19 @@ import triton.language as tl
 from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from ._autocast import autocast_disabled, cast_like_linear
 from ._common import as_rows, cast_to
+
+logger = logging.getLogger(__name__)
 
 CHECK_LABELS_ENV_VAR = "SOLAR_KERNELS_CHECK_LABELS"
 _REDUCTIONS = ("mean", "sum", "none")
 # Vocabulary columns per loop step of one row: 4096 fp32 values over 8 warps, 16 per thread.
 _BLOCK_V = 4096
-_MAX_CHUNK_ROWS = 8192
+# Rows per chunk: 4096 makes each chunk's matmuls large enough to run near peak on a GPU ([4096, d]
+# by [d, V]); a chunk's logits are capped at 2**28 elements (512 MiB in bf16) for large vocabularies.
+_MAX_CHUNK_ROWS = 4096
+_MAX_CHUNK_LOGITS = 2**28
 
 
 def linear_logprobs_ref(
@@ -154,8 +178,45 @@ def _logprobs_kernel(
             tl.store(z_row + cols, cast_to(dz, Z.dtype.element_ty), mask=col_mask)
 
 
+def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
+    """``_logprobs_kernel`` in PyTorch ops, with its arguments, results and rules: fp32 arithmetic,
+    ignored rows all zero, out-of-range labels NaN. Works in place on the chunk's logits [C, V]
+    (through one fp32 copy for 16-bit logits), which it leaves as scratch when ``write_grad`` is off."""
+    vocab = logits.shape[1]
+    valid = labels != ignore_index
+    out_of_range = valid & ((labels < 0) | (labels >= vocab))
+    index = torch.where(valid & ~out_of_range, labels, 0).long().unsqueeze(1)  # [C, 1]
+    z = logits if logits.dtype == torch.float32 else logits.float()  # [C, V] fp32
+    if compute_lse:
+        row_max = z.amax(1, keepdim=True)  # [C, 1]
+        z_label = z.gather(1, index)
+        exp = z.sub_(row_max).exp_()  # exp(z - max), in place
+        sum_exp = exp.sum(1, keepdim=True)
+        row_lse = (row_max + sum_exp.log()).squeeze(1)
+        row_logp = torch.where(valid, z_label.squeeze(1) - row_lse, 0.0)
+        logp.copy_(torch.where(out_of_range, float("nan"), row_logp))
+        lse.copy_(torch.where(valid, row_lse, 0.0))
+    elif write_grad:
+        exp = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, from the saved log-sum-exp
+        sum_exp = None
+    if not write_grad:
+        return
+    g = torch.where(valid, grad.float(), 0.0)  # d loss / d logp per row
+    g = torch.where(out_of_range, float("nan"), g)
+    row_scale = -g if sum_exp is None else -g / sum_exp.squeeze(1)
+    dz = exp.mul_(row_scale.unsqueeze(1))  # -g * softmax
+    dz.scatter_add_(1, index, g.unsqueeze(1))  # + g at the label
+    dz.masked_fill_(~valid.unsqueeze(1), 0.0)  # exact zeros, whatever an ignored row's logits were
+    if dz is not logits:
+        logits.copy_(dz)
+
+
 def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
-    """The per-row kernel over one chunk's logits [C, V], in place: Triton's or its CUDA twin."""
+    """The per-row step over one chunk's logits [C, V], in place: Triton's kernel, its CUDA twin, or
+    the PyTorch ops of ``_logprobs_rows_torch``."""
+    if backend == "torch":
+        _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad)
+        return
     if backend == "cuda":
         torch.ops.solar_kernels_C.logprobs_(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad)
         return
@@ -169,12 +230,45 @@ def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compu
     )
 
 
-def default_chunk_rows(n_rows: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk: logits about the size of the hidden states, always < half of [N, V]."""
-    rows = min(n_rows * hidden_size // vocab_size, (n_rows - 1) // 2, _MAX_CHUNK_ROWS)
+def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
+    """Rows per chunk: 4096 where they fit (module docstring), always < half of the ``n_rows`` tokens."""
+    rows = min(_MAX_CHUNK_ROWS, _MAX_CHUNK_LOGITS // vocab_size, (n_rows - 1) // 2)
     if rows >= 128:
         rows -= rows % 64  # whole 64-row tiles for the matmuls
     return max(1, rows)
+
+
+_ADDMM_OUT_DTYPE_RUNS: dict = {}  # (device type, dtype) -> bool, probed once
+
+
+def _addmm_out_dtype_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc32, a, b, out_dtype=torch.float32, out=acc32)`` runs for ``dtype``
+    operands on this kind of device: on CUDA since torch 2.8; not on the CPU (torch 2.14 has no CPU
+    kernel for ``aten::addmm.dtype_out``). Probed once per device type and dtype on a 1 x 1 problem."""
+    key = (device.type, dtype)
+    if key not in _ADDMM_OUT_DTYPE_RUNS:
+        acc = torch.zeros(1, 1, dtype=torch.float32, device=device)
+        one = torch.ones(1, 1, dtype=dtype, device=device)
+        try:
+            torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+            runs = acc.item() == 1.0
+        except (TypeError, RuntimeError) as error:  # no out_dtype (torch < 2.8), or no kernel here
+            logger.debug("addmm with out_dtype does not run for %s on %s: %s", dtype, device.type, error)
+            runs = False
+        _ADDMM_OUT_DTYPE_RUNS[key] = runs
+    return _ADDMM_OUT_DTYPE_RUNS[key]
+
+
+def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32, accumulated in fp32 inside the matmul: no [V, d] partial."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _addmm_out_dtype_runs(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        # The chunk's operands widened to fp32 (exact for 16-bit values): temporaries of the chunk's
+        # size, [V, C] and [C, d], never a rounded [V, d] partial.
+        acc.addmm_(a.float(), b.float())
 
 
 def _chunked_pass(
@@ -195,8 +289,10 @@ def _chunked_pass(
     """One pass over token chunks of hidden [N, d] and labels [N].
 
     Without ``lse`` it computes logp and lse [N] (fp32). With ``grad`` (d loss / d logp, [N] or
-    expanded) it also returns the gradients that were asked for (None otherwise). ``backend`` runs
-    the per-row kernel: "triton", "cuda" or "auto" (decided once for this pass's chunk shape).
+    expanded) it also returns the gradients that were asked for (None otherwise): dhidden in the
+    hidden dtype, dweight and dbias as their fp32 accumulators, for the caller's final scale-and-cast.
+    ``backend`` runs the per-row step: "torch", "triton", "cuda" or "auto" (decided once for this
+    pass's chunk shape). Autocast is off inside: the caller has chosen the dtypes.
     """
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
@@ -212,32 +308,25 @@ def _chunked_pass(
     dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_dbias else None
     grad_arg = grad if write_grad else lse
     implementation = pick(backend, "logprobs", min(chunk_rows, n_rows), vocab, hidden.device)
-    for start in range(0, n_rows, chunk_rows):
-        end = min(start + chunk_rows, n_rows)
-        hidden_chunk = hidden[start:end]
-        logits = torch.nn.functional.linear(hidden_chunk, weight, bias)  # [C, V], hidden dtype
-        _logprobs_rows(
-            implementation, logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
-            ignore_index, compute_lse, write_grad,
-        )
-        if not write_grad:
-            continue
-        dlogits = logits  # overwritten in place by the kernel
-        if need_dhidden:
-            torch.mm(dlogits, weight, out=dhidden[start:end])
-        if need_dweight:
-            if weight.dtype == torch.float32:
-                dweight.addmm_(dlogits.t(), hidden_chunk)
-            else:
-                dweight.add_(dlogits.t() @ hidden_chunk)  # fp32 accumulation across chunks
-        if need_dbias:
-            dbias.add_(dlogits.sum(0, dtype=torch.float32))
-    grads = (
-        dhidden,
-        dweight.to(weight.dtype) if need_dweight else None,
-        dbias.to(weight.dtype) if need_dbias else None,
-    )
-    return logp, lse, grads
+    with autocast_disabled(hidden.device):
+        for start in range(0, n_rows, chunk_rows):
+            end = min(start + chunk_rows, n_rows)
+            hidden_chunk = hidden[start:end]
+            logits = torch.nn.functional.linear(hidden_chunk, weight, bias)  # [C, V], hidden dtype
+            _logprobs_rows(
+                implementation, logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
+                ignore_index, compute_lse, write_grad,
+            )
+            if not write_grad:
+                continue
+            dlogits = logits  # overwritten in place by the per-row step
+            if need_dhidden:
+                torch.mm(dlogits, weight, out=dhidden[start:end])
+            if need_dweight:
+                _add_matmul_fp32(dweight, dlogits.t(), hidden_chunk)  # [V, C] @ [C, d]
+            if need_dbias:
+                dbias.add_(dlogits.sum(0, dtype=torch.float32))
+    return logp, lse, (dhidden, dweight, dbias)
 
 
 def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -269,6 +358,9 @@ def _logprobs_bwd_op(
         hidden, weight, bias, labels, ignore_index, chunk_rows, lse=lse, grad=grad,
         need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
     )
+    # The final cast of the fp32 accumulators (the upstream grad is already in every row's g).
+    dweight = dweight.to(weight.dtype) if dweight is not None else None
+    dbias = dbias.to(weight.dtype) if dbias is not None else None
     return _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
 
 
@@ -316,7 +408,8 @@ def _cross_entropy_fwd_op(
     ignore_index: int, reduction: str, chunk_rows: int,
     need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scalar loss and, when asked, its gradients (computed now, scaled by the upstream grad later)."""
+    """Scalar loss and, when asked, its gradients (computed now, scaled by the upstream grad later):
+    dhidden in the hidden dtype, dweight and dbias as fp32 accumulators, cast once in backward."""
     if reduction == "mean":
         scale = 1.0 / (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
     else:
@@ -337,8 +430,8 @@ def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dh
     return (
         hidden.new_empty((), dtype=torch.float32),
         torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_dweight else weight.new_empty(0),
-        weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0),
+        weight.new_empty(weight.shape, dtype=torch.float32) if need_dweight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0], dtype=torch.float32) if need_dbias else weight.new_empty(0),
     )
 
 
@@ -346,15 +439,18 @@ def _cross_entropy_setup_context(ctx, inputs, output):
     _, dhidden, dweight, dbias = output
     ctx.save_for_backward(dhidden, dweight, dbias)
     ctx.mark_non_differentiable(dhidden, dweight, dbias)
+    ctx.weight_dtype = inputs[1].dtype
 
 
 def _cross_entropy_backward(ctx, grad_loss, *_unused):
     dhidden, dweight, dbias = ctx.saved_tensors
     need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    # One scale-and-cast of each fp32 accumulator: the upstream grad and the rounding to the
+    # weight's dtype in one step.
     return (
         dhidden * grad_loss if need_dhidden else None,
-        dweight * grad_loss if need_dweight else None,
-        dbias * grad_loss if need_dbias else None,
+        (dweight * grad_loss).to(ctx.weight_dtype) if need_dweight else None,
+        (dbias * grad_loss).to(ctx.weight_dtype) if need_dbias else None,
         None, None, None, None, None, None, None, None,
     )
 
@@ -420,8 +516,7 @@ def _check_label_values(op, labels, vocab, ignore_index):
 def _flat_inputs(hidden, labels, weight, chunk_size):
     hidden2d = as_rows(hidden, hidden.shape[-1])
     labels1d = labels.reshape(-1).contiguous()
-    rows = hidden2d.shape[0]
-    chunk_rows = chunk_size or default_chunk_rows(rows, hidden2d.shape[1], weight.shape[0])
+    chunk_rows = chunk_size or default_chunk_rows(hidden2d.shape[0], weight.shape[0])
     return hidden2d, labels1d, chunk_rows
 
 
@@ -440,10 +535,9 @@ def linear_logprobs(
     0 where ``labels == ignore_index``. ``chunk_size`` (rows per chunk) overrides the default.
     """
     op = "linear_logprobs"
+    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
     _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
     resolved = resolve_backend(op, backend, hidden.device)
-    if resolved == "torch":
-        return linear_logprobs_ref(hidden, weight, labels, bias, ignore_index)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
     logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
     return logp.view(labels.shape)
@@ -466,12 +560,11 @@ def linear_cross_entropy(
     ``cross_entropy`` gives NaN), "sum", or "none" (per token, shaped like labels, 0 where ignored).
     """
     op = "linear_cross_entropy"
+    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
     _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     resolved = resolve_backend(op, backend, hidden.device)
-    if resolved == "torch":
-        return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index, reduction)
     if reduction == "none":
         return -linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
                                 chunk_size=chunk_size, backend=resolved)
@@ -504,10 +597,9 @@ def sequence_logprobs(
     with none gives 0.
     """
     op = "sequence_logprobs"
+    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
     _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(3,))
     resolved = resolve_backend(op, backend, hidden.device)
-    if resolved == "torch":
-        return sequence_logprobs_ref(hidden, weight, labels, bias, ignore_index, average)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
     logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
     total = logp.view(labels.shape).sum(-1)

@@ -2,6 +2,7 @@ import importlib
 
 import pytest
 import torch
+from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import solar_kernels as sk
@@ -72,53 +73,53 @@ def check_logprobs(hidden, weight, bias, labels, backend="triton", **kwargs):
     "tokens_shape, d, vocab",
     [((37,), 64, 512), ((2, 9), 33, 123), ((1,), 16, 7), ((6,), 16, 32000), ((5,), 4096, 64), ((3, 4), 24, 4097)],
 )
-def test_logprobs_match_reference(tokens_shape, d, vocab, dtype, device, kernel_backend):
-    check_logprobs(*make(tokens_shape, d, vocab, dtype, device), backend=kernel_backend)
+def test_logprobs_match_reference(tokens_shape, d, vocab, dtype, device, any_backend):
+    check_logprobs(*make(tokens_shape, d, vocab, dtype, device), backend=any_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_logprobs_with_bias(dtype, device, kernel_backend):
-    check_logprobs(*make((19,), 40, 300, dtype, device, bias=True), backend=kernel_backend)
+def test_logprobs_with_bias(dtype, device, any_backend):
+    check_logprobs(*make((19,), 40, 300, dtype, device, bias=True), backend=any_backend)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 64])
-def test_chunk_size_does_not_change_the_result(chunk_size, device, kernel_backend):
-    check_logprobs(*make((23,), 32, 200, torch.float32, device), chunk_size=chunk_size, backend=kernel_backend)
+def test_chunk_size_does_not_change_the_result(chunk_size, device, any_backend):
+    check_logprobs(*make((23,), 32, 200, torch.float32, device), chunk_size=chunk_size, backend=any_backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_non_contiguous_inputs(dtype, device, kernel_backend):
+def test_non_contiguous_inputs(dtype, device, any_backend):
     hidden, weight, bias, labels = make((2, 11), 48, 160, dtype, device, bias=True)
     hidden = torch.randn(2, 48, 11, dtype=dtype, device=device).transpose(1, 2)  # [B, T, d] view
     weight = weight.t().contiguous().t()  # [V, d] with column-major strides
     labels = torch.randint(0, 160, (11, 2), device=device).t()
     bias = torch.randn(320, dtype=dtype, device=device)[::2]
-    check_logprobs(hidden, weight, bias, labels, backend=kernel_backend)
+    check_logprobs(hidden, weight, bias, labels, backend=any_backend)
 
 
-def test_int32_labels(device, kernel_backend):
+def test_int32_labels(device, any_backend):
     hidden, weight, _, labels = make((12,), 16, 50, torch.float32, device)
-    check_logprobs(hidden, weight, None, labels.int(), backend=kernel_backend)
+    check_logprobs(hidden, weight, None, labels.int(), backend=any_backend)
 
 
-def test_all_tokens_ignored(device, kernel_backend):
+def test_all_tokens_ignored(device, any_backend):
     hidden, weight, bias, labels = make((9,), 16, 40, torch.bfloat16, device, bias=True)
     labels.fill_(IGNORE)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    logp = sk.linear_logprobs(h, w, labels, bias=b, backend=kernel_backend)
+    logp = sk.linear_logprobs(h, w, labels, bias=b, backend=any_backend)
     assert torch.equal(logp, torch.zeros(9, device=device))
     logp.backward(torch.randn(9, device=device))
     for grad in (h.grad, w.grad, b.grad):
         assert torch.count_nonzero(grad) == 0
-    loss = sk.linear_cross_entropy(h, w, labels, bias=b, backend=kernel_backend)
+    loss = sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend)
     assert loss.item() == 0.0
-    assert sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend=kernel_backend).abs().sum() == 0
+    assert sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend=any_backend).abs().sum() == 0
 
 
-def test_ignored_tokens_get_exactly_zero_gradient(device, kernel_backend):
+def test_ignored_tokens_get_exactly_zero_gradient(device, any_backend):
     hidden, weight, _, labels = make((16,), 24, 90, torch.float32, device, ignore_share=0.5)
     h = hidden.clone().requires_grad_()
-    sk.linear_logprobs(h, weight, labels, backend=kernel_backend).backward(torch.randn(16, device=device))
+    sk.linear_logprobs(h, weight, labels, backend=any_backend).backward(torch.randn(16, device=device))
     ignored = labels == IGNORE
     assert ignored.any() and (~ignored).any()
     assert torch.count_nonzero(h.grad[ignored]) == 0
@@ -127,7 +128,7 @@ def test_ignored_tokens_get_exactly_zero_gradient(device, kernel_backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_cross_entropy(reduction, dtype, device, kernel_backend):
+def test_cross_entropy(reduction, dtype, device, any_backend):
     hidden, weight, bias, labels = make((3, 13), 40, 257, dtype, device, bias=True)
     upstream = torch.randn(labels.shape if reduction == "none" else (), device=device)
 
@@ -138,20 +139,20 @@ def test_cross_entropy(reduction, dtype, device, kernel_backend):
         return nll.sum() / ((y != IGNORE).sum() if reduction == "mean" else 1)
 
     check(
-        lambda h, w, y, b: sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=kernel_backend),
+        lambda h, w, y, b: sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=any_backend),
         lambda h, w, y, b: linear_cross_entropy_ref(h, w, y, b, reduction=reduction),
         exact, hidden, weight, bias, labels, upstream,
     )
 
 
-def test_cross_entropy_matches_torch_and_partial_grads(device, kernel_backend):
+def test_cross_entropy_matches_torch_and_partial_grads(device, any_backend):
     hidden, weight, _, labels = make((31,), 20, 77, torch.float32, device)
     expected = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE)
-    loss = sk.linear_cross_entropy(hidden, weight, labels, backend=kernel_backend)
+    loss = sk.linear_cross_entropy(hidden, weight, labels, backend=any_backend)
     torch.testing.assert_close(loss, expected)
     # Only the weight needs a gradient (a frozen trunk): hidden gets none.
     w = weight.clone().requires_grad_()
-    sk.linear_cross_entropy(hidden, w, labels, backend=kernel_backend).backward()
+    sk.linear_cross_entropy(hidden, w, labels, backend=any_backend).backward()
     expected_w = weight.clone().requires_grad_()
     torch.nn.functional.cross_entropy(hidden @ expected_w.t(), labels, ignore_index=IGNORE).backward()
     torch.testing.assert_close(w.grad, expected_w.grad)
@@ -159,7 +160,7 @@ def test_cross_entropy_matches_torch_and_partial_grads(device, kernel_backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("average", [False, True])
-def test_sequence_logprobs(average, dtype, device, kernel_backend):
+def test_sequence_logprobs(average, dtype, device, any_backend):
     hidden, weight, _, labels = make((4, 10), 32, 150, dtype, device)
     labels[:, :4] = IGNORE  # prompt tokens
     labels[2] = IGNORE  # a row with no completion token
@@ -169,46 +170,66 @@ def test_sequence_logprobs(average, dtype, device, kernel_backend):
         return logp / (y != IGNORE).sum(-1).clamp_min(1) if average else logp
 
     check(
-        lambda h, w, y, b: sk.sequence_logprobs(h, w, y, average=average, backend=kernel_backend),
+        lambda h, w, y, b: sk.sequence_logprobs(h, w, y, average=average, backend=any_backend),
         lambda h, w, y, b: sequence_logprobs_ref(h, w, y, b, average=average),
         exact, hidden, weight, None, labels, torch.randn(4, device=device),
     )
 
 
+def _storage(tensor):
+    return tensor.untyped_storage().data_ptr()
+
+
 class _LargestAllocation(TorchDispatchMode):
-    """Records the element count of every tensor an op produces (allocations included)."""
+    """Records the element count of every new tensor an op produces (views and in-place results,
+    which share an input's storage, are not new), inside solar_kernels' custom ops too: a dispatch
+    mode sees a custom op as one op and is off while its body runs, so the recorder runs the body
+    itself with the mode back on."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
         self.sizes = []
+        self.outputs = []  # (shape, dtype) of each
+        self.custom_ops = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        definition = _maybe_get_opdef(func) if func.namespace == "solar_kernels" else None
+        if definition is not None:
+            self.custom_ops.add(func.name())
+            with self:  # its body's tensors are recorded as they are made
+                return definition._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        flat_inputs = [*args, *kwargs.values()]
+        inputs = {_storage(t) for t in flat_inputs if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            # Triton's interpreter copies each kernel argument as raw bytes (uint8): not the op's.
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and _storage(t) not in inputs:
                 self.sizes.append(t.numel())
+                self.outputs.append((tuple(t.shape), t.dtype))
                 self.largest = max(self.largest, t.numel())
         return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
-def test_full_logits_never_exist(which, dtype, device, kernel_backend):
+def test_full_logits_never_exist(which, dtype, device, any_backend):
     n_tokens, d, vocab = 48, 8, 1000  # N * V dwarfs every legitimate tensor (weight is V * d)
     hidden, weight, bias, labels = make((n_tokens,), d, vocab, dtype, device, bias=True)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     recorder = _LargestAllocation()
     with recorder:
         if which == "logprobs":
-            out = sk.linear_logprobs(h, w, labels, bias=b, backend=kernel_backend).sum()
+            out = sk.linear_logprobs(h, w, labels, bias=b, backend=any_backend).sum()
         elif which == "cross_entropy":
-            out = sk.linear_cross_entropy(h, w, labels, bias=b, backend=kernel_backend)
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend)
         else:
-            out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=kernel_backend).sum()
+            out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=any_backend).sum()
         out.backward()
-    chunk = default_chunk_rows(n_tokens, d, vocab)
+    chunk = default_chunk_rows(n_tokens, vocab)
     assert chunk * vocab in recorder.sizes, "the recorder must see the chunk's logits (else it sees nothing)"
+    assert any(name.startswith("solar_kernels::") for name in recorder.custom_ops)
     assert recorder.largest < n_tokens * vocab // 2, f"a tensor of {recorder.largest} elements exists"
     assert h.grad is not None and w.grad is not None and b.grad is not None
 
@@ -218,28 +239,103 @@ def test_eager_reference_does_materialize_logits(device):
     hidden, weight, _, labels = make((48,), 8, 1000, torch.float32, device)
     recorder = _LargestAllocation()
     with recorder:
-        sk.linear_logprobs(hidden, weight, labels, backend="torch")
+        linear_logprobs_ref(hidden, weight, labels)
     assert recorder.largest >= 48 * 1000
 
 
-def test_default_chunk_rows_bounds():
-    assert default_chunk_rows(16384, 4096, 32000) == 2048  # logits chunk the size of the hidden states
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("which", ["logprobs", "cross_entropy"])
+def test_dweight_accumulates_in_fp32_without_16bit_partials(which, dtype, device, any_backend):
+    """Every chunk adds into one fp32 accumulator inside its matmul; the only 16-bit [V, d] tensor is
+    the final cast (a per-chunk bf16 partial would be rounded before it is added)."""
+    hidden, weight, _, labels = make((40,), 24, 70, dtype, device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    recorder = _LargestAllocation()
+    with recorder:
+        if which == "logprobs":
+            sk.linear_logprobs(h, w, labels, chunk_size=7, backend=any_backend).sum().backward()
+        else:
+            sk.linear_cross_entropy(h, w, labels, chunk_size=7, backend=any_backend).backward()
+    weight_shaped = [dt for shape, dt in recorder.outputs if shape == (70, 24)]
+    assert weight_shaped.count(torch.float32) >= 1  # the accumulator
+    assert weight_shaped.count(dtype) == 1, weight_shaped
+    assert w.grad.dtype == dtype
+
+
+def test_fp32_accumulating_matmul(device):
+    """acc += a @ b for 16-bit a, b accumulates in fp32 (out_dtype on CUDA, widened operands on the CPU)."""
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    a, b = torch.randn(70, 300, device=device).bfloat16(), torch.randn(300, 24, device=device).bfloat16()
+    start = torch.randn(70, 24, device=device)
+    acc = start.clone()
+    module._add_matmul_fp32(acc, a, b)
+    exact = start.double() + a.double() @ b.double()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), exact, rtol=1e-5, atol=1e-4)
+    assert module._addmm_out_dtype_runs(device, torch.bfloat16) == (device.type == "cuda")
+
+
+def test_cross_entropy_scales_and_casts_dweight_once(device, any_backend):
+    """The forward keeps dweight as its fp32 accumulator; backward applies the upstream grad and
+    rounds to the weight's dtype in one step."""
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    hidden, weight, bias, labels = make((30,), 16, 90, torch.bfloat16, device, bias=True)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    (sk.linear_cross_entropy(h, w, labels, bias=b, chunk_size=8, backend=any_backend) * 0.37).backward()
+    _, _, dweight, dbias = module._cross_entropy_fwd_op(
+        hidden, weight, bias, labels, IGNORE, "mean", 8, True, True, True, any_backend)
+    assert dweight.dtype == torch.float32 and dbias.dtype == torch.float32
+    assert torch.equal(w.grad, (dweight * 0.37).to(torch.bfloat16))
+    assert torch.equal(b.grad, (dbias * 0.37).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_torch_rows_follow_the_triton_kernel(dtype, device):
+    """The torch backend's per-row step gives the kernel's results: log-probs, log-sum-exp, the
+    in-place gradient, NaN for out-of-range labels, exact zeros for ignored rows."""
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    logits = (torch.randn(9, 300, device=device) * 3).to(dtype)
+    labels = torch.tensor([0, -100, 299, 300, 5, -3, -100, 17, 150], device=device)
+    grad = torch.randn(9, device=device)
+    results = {}
+    for name, rows in (("torch", module._logprobs_rows_torch), ("triton", module._logprobs_rows)):
+        args = ("triton",) if name == "triton" else ()
+        z, logp, lse = logits.clone(), torch.full((9,), 7.0, device=device), torch.full((9,), 7.0, device=device)
+        rows(*args, z, labels, logp, lse, grad, IGNORE, True, True)  # forward and gradient in one pass
+        z_again = logits.clone()
+        rows(*args, z_again, labels, lse, lse.clone(), grad, IGNORE, False, True)  # gradient from the saved lse
+        results[name] = (logp, lse, z, z_again)
+    for ours, kernel in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(ours, kernel, equal_nan=True, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)))
+    logp, lse, z, z_again = results["torch"]
+    assert torch.isnan(logp[[3, 5]]).all() and torch.isfinite(logp[[0, 1, 2, 4, 6, 7, 8]]).all()
+    assert (logp[[1, 6]] == 0).all() and (lse[[1, 6]] == 0).all()
+    assert (z[[1, 6]] == 0).all() and (z_again[[1, 6]] == 0).all()
+    assert torch.isnan(z[[3, 5]]).all() and torch.isfinite(z[[0, 2, 4, 7, 8]]).all()
+
+
+def test_default_chunk_rows_rule():
+    assert default_chunk_rows(16384, 32000) == 4096  # 4096 rows where they fit
+    assert default_chunk_rows(16384, 49152) == 4096
+    assert default_chunk_rows(16384, 128256) == 2048  # logits capped at 2**28 elements
+    assert default_chunk_rows(16384, 152064) == 1728  # ... in whole 64-row tiles
+    assert default_chunk_rows(2048, 49152) == 960  # fewer than half of the tokens
     for rows in (1, 2, 3, 10, 1000):
-        chunk = default_chunk_rows(rows, 10**6, 10)
+        chunk = default_chunk_rows(rows, 10)
         assert chunk >= 1 and (rows < 3 or chunk * 2 < rows)
 
 
 @pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
-def test_torch_compile_fullgraph(which, device, kernel_backend):
+def test_torch_compile_fullgraph(which, device, any_backend):
     hidden, weight, bias, labels = make((3, 7), 16, 90, torch.float32, device, bias=True)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
 
     def f(h, w, b):
         if which == "logprobs":
-            return (sk.linear_logprobs(h, w, labels, bias=b, backend=kernel_backend) * 1.5).sum()
+            return (sk.linear_logprobs(h, w, labels, bias=b, backend=any_backend) * 1.5).sum()
         if which == "sequence":
-            return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend=kernel_backend).pow(2).sum()
-        return sk.linear_cross_entropy(h, w, labels, bias=b, backend=kernel_backend) * 1.5
+            return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend=any_backend).pow(2).sum()
+        return sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend) * 1.5
 
     eager = f(h, w, b)
     eager_grads = torch.autograd.grad(eager, (h, w, b))
@@ -288,7 +384,7 @@ def test_bad_reduction_and_sequence_rank():
         sk.sequence_logprobs(**_args())
 
 
-def test_out_of_range_label_checked_before_any_work(device, monkeypatch, kernel_backend):
+def test_out_of_range_label_checked_before_any_work(device, monkeypatch, any_backend):
     """The check runs before any kernel (on a GPU only with SOLAR_KERNELS_CHECK_LABELS=1)."""
     monkeypatch.setenv("SOLAR_KERNELS_CHECK_LABELS", "1")
     module = importlib.import_module("solar_kernels.ops.linear_logprobs")
@@ -297,24 +393,24 @@ def test_out_of_range_label_checked_before_any_work(device, monkeypatch, kernel_
     labels = torch.tensor([3, IGNORE, 99])
     with pytest.raises(ValueError, match=r"labels\[2\] = 99"):
         sk.linear_logprobs(torch.randn(3, 4, device=device), torch.randn(10, 4, device=device),
-                           labels.to(device), backend=kernel_backend)
+                           labels.to(device), backend=any_backend)
     assert not calls
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_solar_vocab_on_gpu(dtype, kernel_backend):
+def test_solar_vocab_on_gpu(dtype, any_backend):
     hidden, weight, bias, labels = make((1024,), 4096, 32000, dtype, "cuda")
-    check_logprobs(hidden, weight, None, labels, backend=kernel_backend)
+    check_logprobs(hidden, weight, None, labels, backend=any_backend)
 
 
 @pytest.mark.gpu
-def test_out_of_range_label_gives_nan_on_gpu_without_flag(monkeypatch, kernel_backend):
+def test_out_of_range_label_gives_nan_on_gpu_without_flag(monkeypatch, any_backend):
     monkeypatch.delenv("SOLAR_KERNELS_CHECK_LABELS", raising=False)
     hidden, weight, _, labels = make((8,), 16, 50, torch.float32, "cuda", ignore_share=0)
     labels[3] = 50
-    logp = sk.linear_logprobs(hidden, weight, labels, backend=kernel_backend)
+    logp = sk.linear_logprobs(hidden, weight, labels, backend=any_backend)
     assert torch.isnan(logp[3]) and torch.isfinite(logp[[0, 1, 2, 4, 5, 6, 7]]).all()
     monkeypatch.setenv("SOLAR_KERNELS_CHECK_LABELS", "1")
     with pytest.raises(ValueError, match=r"labels\[3\] = 50"):
-        sk.linear_logprobs(hidden, weight, labels, backend=kernel_backend)
+        sk.linear_logprobs(hidden, weight, labels, backend=any_backend)
