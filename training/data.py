@@ -69,7 +69,10 @@ def load_records(source, *, split="train", streaming=False, text_field=None):
     ``text_field``, when given, must be a column of the result (checked here, so a wrong field name
     fails before any tokenization). Returns a ``datasets.Dataset``, or a ``datasets.IterableDataset``
     when ``streaming``. Raises ``ValueError`` for a missing file, files of mixed kinds, a dataset
-    that cannot be loaded, an empty dataset, or a missing ``text_field``.
+    that cannot be loaded, an empty dataset, or a missing ``text_field``; and for a local
+    .json/.jsonl/.txt file that is not UTF-8, naming the file, the line and the byte offset (each
+    such file is scanned once before loading: the json builder would store the bad bytes in its
+    Arrow cache unchecked, to fail when the row is read).
     """
     import datasets  # the training extra; imported here so the module imports without it
 
