@@ -85,13 +85,13 @@ def random_k_blocks(qtype, shape: tuple[int, int], generator: np.random.Generato
 
 
 def write_tiny_gguf(path: Path, qtype_name: str, *, seed: int = 0, architecture: str = "llama",
-                    tokenizer_model: str = "gpt2", pre: str = "smollm", tied: bool = False):
+                    tokenizer_model: str = "gpt2", pre: str = "smollm", tied: bool = False, std: float = 0.02):
     """Writes a 2-layer random Llama as a GGUF file with every matrix in ``qtype_name`` (norms F32).
 
     Returns (tensors GGUF dequantizes to, in HF names and order, before undoing the permutation;
     the original F32 weights; the trained tokenizer)."""
     hf_tokenizer, tokens, merges = train_tokenizer()
-    config = ModelConfig(**TINY, tie_word_embeddings=tied)
+    config = ModelConfig(**TINY, tie_word_embeddings=tied, initializer_range=std)
     torch.manual_seed(seed)
     model = CausalLM.from_config(config)
     originals = {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
