@@ -16,6 +16,17 @@
 
 Every number in the report is measured in that run. ``--quick`` shrinks everything to finish in
 under a minute (a smoke test: accuracies stay near zero); the default takes a few minutes on a CPU.
+
+The output folder (``--out``, default ``runs/demo``) must be missing, empty, or one the demo made
+itself (it writes a marker file, ``.solar-demo``): then only the demo's own previous outputs in it
+are replaced. Any other non-empty folder is refused before any work; with ``--force`` the run
+goes into a new subfolder ``solar-demo-N`` of it instead, and nothing already there is touched
+(so ``--out .`` or ``--out ~`` can never delete anything).
+
+``solar demo --write-data DIR`` writes only the tokenizer and the data files that
+``training/configs/tiny_*.yaml`` read (the README's training commands start from it).
+``solar demo --publish RUN_DIR`` copies a full run's report and plots to ``docs/demo/`` and
+regenerates the README's demo section from that report (``readme_section``).
 """
 
 from __future__ import annotations
@@ -23,11 +34,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import platform
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Dict, List
 
 import torch
 
@@ -37,7 +52,7 @@ from solar_kernels.model import generate, load_pretrained
 from solar_kernels.upscale import depth_upscale
 
 from . import data as data_lib
-from . import demo_data
+from . import demo_data, plots
 from .config import Config
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -53,10 +68,102 @@ SIZES = {
 }
 
 
-def _write_jsonl(path: Path, records: List[Dict]) -> Path:
+MARKER = ".solar-demo"
+# What a run writes into --out, and what --write-data writes into its folder: the only names a
+# later run removes from a folder holding the marker (anything else there is left alone).
+RUN_OUTPUTS = ("data", "base", "upscaled", "cpt", "sft", "sdpo", "dpo", "merged", "results.json", "report.md",
+               *plots.DEMO_PLOTS)
+DATA_FILES = ("tokenizer", "corpus.jsonl", "math_sft.jsonl", "math_pref_easy.jsonl", "math_pref_hard.jsonl",
+              "math_pref_all.jsonl")
+README_START, README_END = "<!-- demo-report:start -->", "<!-- demo-report:end -->"
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(partial, path)
     return path
+
+
+def prepare_output(out: Path, outputs: tuple[str, ...], *, force: bool = False) -> Path:
+    """The folder to write into, checked before any work; never removes what solar demo did not write.
+
+    - a missing or empty folder is used (and created), with the marker file ``.solar-demo`` in it;
+    - a folder with the marker was made by solar demo: its previous ``outputs`` are removed
+      (only those names; other files stay);
+    - any other non-empty folder is refused (``ValueError``), unless ``force``: then the run goes
+      into a new subfolder ``solar-demo-N`` of it and nothing already there is touched.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; expected a folder (missing, empty, or made by solar demo)")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        if not force:
+            raise ValueError(
+                f"{out} is not empty and was not made by solar demo (no {MARKER} file in it); "
+                f"nothing was changed. Give a new or empty folder, or add --force to write into a new "
+                f"subfolder {out / 'solar-demo-N'}")
+        number = 1
+        while (out / f"solar-demo-{number}").exists():
+            number += 1
+        out = out / f"solar-demo-{number}"
+        logger.warning("--force: the folder is not solar demo's, so this run writes into %s (nothing else is touched)",
+                       out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in outputs:
+        previous = out / name
+        if previous.is_symlink() or previous.is_file():
+            previous.unlink()
+        elif previous.is_dir():
+            shutil.rmtree(previous)
+    marker = {"written_by": "solar demo", "version": sk.__version__, "outputs": list(outputs)}
+    (out / MARKER).write_text(json.dumps(marker) + "\n")
+    return out
+
+
+@dataclass
+class DemoData:
+    """The files ``write_data`` wrote (paths), and the held-out records kept out of them."""
+
+    tokenizer: Path
+    corpus: Path
+    sft: Path
+    preference_easy: Path
+    preference_hard: Path
+    preference_all: Path
+    eval_documents: list[str]
+    eval_problems: list[dict]
+    eval_pairs: list[dict]
+
+
+def write_data(directory: Path, sizes: dict, seed: int = 0) -> DemoData:
+    """The demo's data and tokenizer, in the files ``training/configs/tiny_*.yaml`` read.
+
+    ``tokenizer/`` (byte-level BPE trained on the corpus), ``corpus.jsonl`` (``{"text"}``: the
+    standard library's docstrings), ``math_sft.jsonl`` (``{"prompt", "response"}``: worked
+    arithmetic), ``math_pref_{easy,hard,all}.jsonl`` (``{"prompt", "chosen", "rejected"}``: one-
+    operation pairs, two-operation pairs, both). Held-out documents, problems and pairs (the last
+    of each) are returned, not written.
+    """
+    directory = Path(directory)
+    corpus = demo_data.stdlib_corpus(sizes["documents"])
+    held_docs = max(8, len(corpus) // 20)
+    train_docs, eval_docs = corpus[:-held_docs], corpus[-held_docs:]
+    train_bpe_tokenizer(train_docs, sizes["vocab"], directory / "tokenizer")
+    problems = demo_data.math_sft_records(sizes["problems"] + sizes["held_out"], seed)
+    pairs = demo_data.math_preference_records(sizes["pairs"] + sizes["held_out"], seed + 3)
+    train_pairs = pairs[:-sizes["held_out"]]
+    return DemoData(
+        tokenizer=directory / "tokenizer",
+        corpus=_write_jsonl(directory / "corpus.jsonl", [{"text": t} for t in train_docs]),
+        sft=_write_jsonl(directory / "math_sft.jsonl", problems[:-sizes["held_out"]]),
+        preference_easy=_write_jsonl(directory / "math_pref_easy.jsonl",
+                                     [p for p in train_pairs if p["difficulty"] == 1]),
+        preference_hard=_write_jsonl(directory / "math_pref_hard.jsonl",
+                                     [p for p in train_pairs if p["difficulty"] > 1]),
+        preference_all=_write_jsonl(directory / "math_pref_all.jsonl", train_pairs),
+        eval_documents=eval_docs, eval_problems=problems[-sizes["held_out"]:], eval_pairs=pairs[-sizes["held_out"]:])
 
 
 def _config(**sections) -> Config:
@@ -68,7 +175,7 @@ def _config(**sections) -> Config:
 
 
 @torch.no_grad()
-def held_out_loss(model_dir: Path, rows: List[Dict], batch_size: int) -> float:
+def held_out_loss(model_dir: Path, rows: list[dict], batch_size: int) -> float:
     """Mean next-token loss over held-out pretraining rows."""
     model = load_pretrained(model_dir).eval()
     total, count = 0.0, 0
@@ -81,7 +188,7 @@ def held_out_loss(model_dir: Path, rows: List[Dict], batch_size: int) -> float:
 
 
 @torch.no_grad()
-def answer_accuracy(model_dir: Path, problems: List[Dict], tokenizer) -> float:
+def answer_accuracy(model_dir: Path, problems: list[dict], tokenizer) -> float:
     """Share of held-out problems whose greedy answer's final line has the right number."""
     model = load_pretrained(model_dir).eval()
     prompts = [tokenizer(data_lib.solar_prompt(p["prompt"]))["input_ids"] for p in problems]
@@ -91,7 +198,7 @@ def answer_accuracy(model_dir: Path, problems: List[Dict], tokenizer) -> float:
 
 
 @torch.no_grad()
-def preference_accuracy(model_dir: Path, pairs: List[Dict], tokenizer, seq_len: int) -> float:
+def preference_accuracy(model_dir: Path, pairs: list[dict], tokenizer, seq_len: int) -> float:
     """Share of held-out pairs whose chosen answer has the higher log-prob under the model."""
     model = load_pretrained(model_dir).eval()
     examples = data_lib.dpo_examples(pairs, tokenizer, seq_len, seq_len // 2)
@@ -102,33 +209,29 @@ def preference_accuracy(model_dir: Path, pairs: List[Dict], tokenizer, seq_len: 
     return float((logps[:n] > logps[n:]).float().mean())
 
 
-def _stage_summary(history: List[Dict]) -> Dict[str, float]:
+def _stage_summary(history: list[dict]) -> dict[str, float]:
     return {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history), "steps": len(history)}
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
+def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = False) -> Path:
+    """Run the recipe into ``out`` (see ``prepare_output`` for which folders are accepted); the report's path."""
     sizes = SIZES["quick" if quick else "full"]
+    out = prepare_output(out, RUN_OUTPUTS, force=force)
     started = time.perf_counter()
-    if out.exists():
-        shutil.rmtree(out)
-    data_dir = out / "data"
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
 
     def timed(name):
         timings[name] = time.perf_counter() - started
 
-    # 1. tokenizer and base model on the standard library's docstrings
-    corpus = demo_data.stdlib_corpus(sizes["documents"])
-    held_docs = max(8, len(corpus) // 20)
-    train_docs, eval_docs = corpus[:-held_docs], corpus[-held_docs:]
-    tokenizer = train_bpe_tokenizer(train_docs, sizes["vocab"], out / "tokenizer")
-    tokenizer = load_tokenizer(out / "tokenizer")
-    corpus_file = _write_jsonl(data_dir / "corpus.jsonl", [{"text": t} for t in train_docs])
-    eval_rows = list(data_lib.pretrain_rows([{"text": t} for t in eval_docs], tokenizer, sizes["seq"]))
+    # 1. data, tokenizer and base model on the standard library's docstrings
+    data = write_data(out / "data", sizes, seed)
+    tokenizer = load_tokenizer(data.tokenizer)
+    corpus_file = data.corpus
+    eval_rows = list(data_lib.pretrain_rows([{"text": t} for t in data.eval_documents], tokenizer, sizes["seq"]))
     common = dict(dtype="float32", backend=None)
     optim = dict(lr=2e-3, warmup_ratio=0.05, schedule="cosine", min_lr_ratio=0.1)
-    base_config = _config(model=dict(preset="tiny", tokenizer=str(out / "tokenizer"), **common),
+    base_config = _config(model=dict(preset="tiny", tokenizer=str(data.tokenizer), **common),
                           data=dict(train=str(corpus_file), seq_len=sizes["seq"]),
                           optim=optim, train=dict(steps=sizes["base"], batch_size=sizes["batch"], seed=seed,
                                                   output_dir=str(out / "base"), log_every=max(1, sizes["base"] // 5)))
@@ -152,9 +255,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     timed("continued pretraining")
 
     # 4. instruction tuning on generated arithmetic
-    problems = demo_data.math_sft_records(sizes["problems"] + sizes["held_out"], seed)
-    train_problems, eval_problems = problems[:-sizes["held_out"]], problems[-sizes["held_out"]:]
-    sft_file = _write_jsonl(data_dir / "math_sft.jsonl", train_problems)
+    eval_problems, sft_file = data.eval_problems, data.sft
     sft_config = _config(model=dict(checkpoint=str(out / "cpt" / "final"), **common),
                          data=dict(train=str(sft_file), seq_len=sizes["seq"], prompt_format="solar"),
                          optim=dict(optim, lr=1e-3), train=dict(steps=sizes["sft"], batch_size=sizes["batch"], seed=seed + 2,
@@ -165,11 +266,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
     timed("sft")
 
     # 5. sDPO (easy then hard) and DPO on all pairs at once
-    pairs = demo_data.math_preference_records(sizes["pairs"] + sizes["held_out"], seed + 3)
-    train_pairs, eval_pairs = pairs[:-sizes["held_out"]], pairs[-sizes["held_out"]:]
-    easy = _write_jsonl(data_dir / "pref_easy.jsonl", [p for p in train_pairs if p["difficulty"] == 1])
-    hard = _write_jsonl(data_dir / "pref_hard.jsonl", [p for p in train_pairs if p["difficulty"] > 1])
-    everything = _write_jsonl(data_dir / "pref_all.jsonl", train_pairs)
+    eval_pairs, easy, hard, everything = data.eval_pairs, data.preference_easy, data.preference_hard, data.preference_all
     dpo_common = dict(model=dict(checkpoint=str(out / "sft" / "final"), **common),
                       optim=dict(optim, lr=2e-4, warmup_ratio=0.1))
     histories = {}
@@ -202,55 +299,15 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0) -> Path:
                "stages": {k: _stage_summary(v) for k, v in stages.items()}, "seconds": timings,
                "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots = _plots(out, stages, accuracy)
-    report = _report(out, results, plots)
+    written = plots.save_demo_plots(out, stages, accuracy, preference)
+    report = out / "report.md"
+    report.write_text(render_report(results, written))
     logger.info("demo finished in %.0f s: %s", time.perf_counter() - started, report)
     return report
 
 
-def _plots(out: Path, stages: Dict[str, List[Dict]], accuracy: Dict[str, float]) -> List[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    base, cpt = stages["base pretraining"], stages["continued pretraining"]
-    axes[0].plot([r["step"] for r in base], [r["loss"] for r in base], label="base (4 layers)")
-    offset = len(base)
-    axes[0].plot([offset + r["step"] for r in cpt], [r["loss"] for r in cpt], label="up-scaled (6 layers), continued")
-    axes[0].axvline(offset, color="gray", linestyle=":", linewidth=1)
-    axes[0].set_title("pretraining loss: base, then after depth up-scaling")
-    axes[0].set_xlabel("step")
-    axes[0].legend()
-    sft = stages["SFT"]
-    axes[1].plot([r["step"] for r in sft], [r["loss"] for r in sft])
-    axes[1].set_title("SFT loss")
-    axes[1].set_xlabel("step")
-    for name, history in stages.items():
-        if "DPO" in name:
-            axes[2].plot([r["step"] for r in history], [r["loss"] for r in history], label=name)
-    axes[2].set_title("DPO / sDPO loss")
-    axes[2].set_xlabel("step")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(out / "losses.png", dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(list(accuracy), list(accuracy.values()))
-    ax.set_ylabel("held-out answer accuracy")
-    ax.set_ylim(0, 1)
-    for i, value in enumerate(accuracy.values()):
-        ax.text(i, value + 0.02, f"{value:.0%}", ha="center")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-    return ["losses.png", "accuracy.png"]
-
-
-def _report(out: Path, results: Dict, plots: List[str]) -> Path:
+def render_report(results: dict, plot_names: list[str]) -> str:
+    """The report's Markdown from a run's ``results.json`` dict (and the PNGs written beside it)."""
     losses, accuracy, preference = results["held_out_loss"], results["answer_accuracy"], results["preference_accuracy"]
     lines = [f"# SOLAR recipe demo ({results['mode']}, {results['device']}, torch {results['torch']})", "",
              "Every number below was measured in this run (`solar demo`).", "",
@@ -267,20 +324,112 @@ def _report(out: Path, results: Dict, plots: List[str]) -> Path:
     lines += [f"| {name} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['tokens_per_s']:.0f} |"
               for name, s in results["stages"].items()]
     lines += ["", f"Wall time: {max(results['seconds'].values()):.0f} s.", ""]
-    lines += [f"![{p}]({p})" for p in plots]
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    lines += [f"![{name}]({name})" for name in plot_names]
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(report: str, note: str, image_prefix: str = "docs/demo/") -> str:
+    """The README's demo block from a report: headings three levels down (the README's section is
+    ``##``), ``note`` (machine, date, commit) after the title, image paths under ``image_prefix``."""
+    lines = []
+    for line in report.rstrip("\n").split("\n"):
+        if line.startswith("#"):
+            line = "###" + line + (f" — {note}" if not lines else "")
+        elif line.startswith("![") and line.endswith(")") and "](" in line:
+            label, target = line[2:-1].split("](", 1)
+            line = f"![{label}]({image_prefix}{target})"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _machine_note() -> str:
+    if torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(0)
+    else:
+        machine = f"{os.cpu_count()}-core CPU machine ({platform.machine()})"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return f"{machine}, {date.today().isoformat()}, commit {commit}"
+
+
+def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Path("README.md"),
+            note: str | None = None, *, require_full: bool = True) -> Path:
+    """Copy a finished run's report and plots to ``docs_dir`` and regenerate the README's demo block
+    (between ``README_START`` and ``README_END``) from that report. Everything is checked first;
+    each file is written under a temporary name and renamed into place."""
+    run_dir, docs_dir, readme = Path(run_dir), Path(docs_dir), Path(readme)
+    report_file = run_dir / "report.md"
+    if not report_file.is_file():
+        raise ValueError(f"--publish: {report_file} does not exist; expected a finished solar demo run")
+    results = json.loads((run_dir / "results.json").read_text())
+    if require_full and results.get("mode") != "full":
+        raise ValueError(f"--publish: {run_dir} is a {results.get('mode')!r} run; expected a full run "
+                         "(solar demo without --quick)")
+    report = report_file.read_text()
+    images = [line[2:-1].split("](", 1)[1] for line in report.splitlines() if line.startswith("![")]
+    missing = [name for name in images if not (run_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"--publish: {run_dir} lacks {', '.join(missing)} named in its report")
+    text = readme.read_text()
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"--publish: {readme} must hold {README_START} and {README_END} once each")
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    for stale in docs_dir.glob("*.png"):
+        if stale.name not in images:
+            stale.unlink()
+    for name in images:
+        partial = docs_dir / f".{name}.partial"
+        shutil.copyfile(run_dir / name, partial)
+        os.replace(partial, docs_dir / name)
+    _atomic_write(docs_dir / "report.md", report)
+    head, rest = text.split(README_START)
+    _, tail = rest.split(README_END)
+    prefix = os.path.relpath(docs_dir.resolve(), readme.resolve().parent).replace(os.sep, "/") + "/"
+    block = readme_section(report, note or _machine_note(), prefix)
+    _atomic_write(readme, head + README_START + "\n" + block + README_END + tail)
+    return docs_dir / "report.md"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="solar demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (replaced)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--out", default="runs/demo",
+                      help=f"output folder (default runs/demo): missing, empty, or made by solar demo (it holds "
+                           f"{MARKER}; its previous outputs are replaced); any other folder is refused")
+    what.add_argument("--write-data", metavar="DIR",
+                      help="only write the tokenizer and data files that training/configs/tiny_*.yaml read into DIR "
+                           "(the same folder rules as --out), then stop")
+    what.add_argument("--publish", metavar="RUN_DIR",
+                      help="copy a full run's report and plots to docs/demo/ and regenerate README.md's demo section")
+    parser.add_argument("--force", action="store_true",
+                        help="a non-empty folder not made by solar demo: write into a new subfolder solar-demo-N "
+                             "of it instead of refusing (nothing already there is touched)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: under a minute")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    report = run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    try:
+        if args.publish:
+            print(f"wrote {publish(Path(args.publish))} and README.md's demo section")
+            return 0
+        if args.write_data:
+            folder = prepare_output(Path(args.write_data), DATA_FILES, force=args.force)
+            write_data(folder, SIZES["quick" if args.quick else "full"], args.seed)
+            print(f"wrote the tokenizer and data of training/configs/tiny_*.yaml to {folder}")
+            return 0
+        report = run_demo(Path(args.out), quick=args.quick, seed=args.seed, force=args.force)
+    except (ValueError, OSError) as error:
+        print(f"solar demo: error: {error}", file=sys.stderr)
+        return 2
     print(report.read_text())
     print(f"report: {report}")
     return 0

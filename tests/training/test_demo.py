@@ -1,18 +1,121 @@
-"""`solar demo --quick`: the whole recipe end to end on embedded data, in under a minute."""
+"""`solar demo`: its output folder rules, `--write-data`, the quick run end to end, and the committed
+report (docs/demo/report.md and the README's demo section) in the format the code writes today."""
+
+from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
+
+import pytest
+import yaml
 
 from solar_kernels.cli import main
+from training import demo, plots
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "training" / "configs"
+COMMITTED_REPORT = ROOT / "docs" / "demo" / "report.md"
+STALE = "regenerate it: make demo-report (solar demo, then solar demo --publish runs/demo)"
 
 
-def test_quick_demo(tmp_path, capsys, monkeypatch):
+# ----------------------------------------------------------------------------- the output folder
+
+
+def test_demo_refuses_a_non_empty_folder_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["demo", "--quick", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"solar demo: error: {out} is not empty and was not made by solar demo" in error
+    assert "--force" in error and error.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_out_dot_never_deletes_the_current_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "project.txt").write_text("work")
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "."]) == 2
+    assert "is not empty and was not made by solar demo" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project.txt", "src"]
+
+
+def test_force_writes_into_a_new_subfolder_and_touches_nothing(tmp_path):
+    (tmp_path / "project.txt").write_text("work")
+    first = demo.prepare_output(tmp_path, demo.RUN_OUTPUTS, force=True)
+    second = demo.prepare_output(tmp_path, demo.RUN_OUTPUTS, force=True)
+    assert (first, second) == (tmp_path / "solar-demo-1", tmp_path / "solar-demo-2")
+    assert (first / demo.MARKER).is_file() and (second / demo.MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project.txt", "solar-demo-1", "solar-demo-2"]
+
+
+def test_a_folder_with_the_marker_loses_only_the_demos_previous_outputs(tmp_path):
+    out = demo.prepare_output(tmp_path / "run", demo.RUN_OUTPUTS)
+    assert out == tmp_path / "run" and json.loads((out / demo.MARKER).read_text())["written_by"] == "solar demo"
+    (out / "base").mkdir()
+    (out / "base" / "model.safetensors").write_text("old")
+    (out / "report.md").write_text("old report")
+    (out / "my-notes.md").write_text("mine")
+    (tmp_path / "elsewhere").mkdir()
+    (out / "sft").symlink_to(tmp_path / "elsewhere")  # a link is removed, never followed
+    assert demo.prepare_output(out, demo.RUN_OUTPUTS) == out
+    assert sorted(p.name for p in out.iterdir()) == [demo.MARKER, "my-notes.md"]
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_an_empty_folder_is_used_and_a_file_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert demo.prepare_output(tmp_path / "empty", demo.DATA_FILES) == tmp_path / "empty"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file is a file; expected a folder"):
+        demo.prepare_output(tmp_path / "file", demo.DATA_FILES, force=True)
+
+
+def test_write_data_writes_every_file_the_tiny_configs_read(tmp_path, capsys):
+    target = tmp_path / "tiny-data"
+    assert main(["demo", "--write-data", str(target), "--quick"]) == 0
+    assert str(target) in capsys.readouterr().out
+    named = []
+    for config in sorted(CONFIGS.glob("tiny_*.yaml")):
+        sections = yaml.safe_load(config.read_text())
+        paths = [sections["model"].get("tokenizer"), sections["data"].get("train"), *sections.get("dpo", {}).get("stages", [])]
+        named += [p for p in paths if p and p.startswith("runs/tiny-data/")]
+    assert len(named) == 5, named  # tokenizer, corpus, SFT, and both sDPO stages
+    for path in named:
+        written = target / path.removeprefix("runs/tiny-data/")
+        assert written.exists(), f"{path} (named in a tiny config) is not written by --write-data"
+    rows = [json.loads(line) for line in (target / "math_pref_hard.jsonl").read_text().splitlines()]
+    assert rows and all({"prompt", "chosen", "rejected"} <= set(r) and r["difficulty"] == 2 for r in rows)
+    assert (target / "tokenizer" / "tokenizer.json").is_file()
+    # a second --write-data into its own folder replaces its files
+    assert main(["demo", "--write-data", str(target), "--quick", "--seed", "1"]) == 0
+    assert [json.loads(line) for line in (target / "math_pref_hard.jsonl").read_text().splitlines()] != rows
+
+
+# ----------------------------------------------------------------------------- the quick run
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
     # The tests run Triton through its interpreter; the demo on a CPU uses the torch backend.
+    monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("SOLAR_KERNELS_BACKEND", "torch")
+    out = tmp_path_factory.mktemp("quick") / "demo"
     started = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
-    seconds = time.perf_counter() - started
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    try:
+        code = main(["demo", "--quick", "--out", str(out)])
+    finally:
+        monkeypatch.undo()
+    assert code == 0
+    return out, time.perf_counter() - started
+
+
+def test_quick_demo(quick_run, capsys):
+    out, seconds = quick_run
+    results = json.loads((out / "results.json").read_text())
     assert set(results["held_out_loss"]) == {"base", "upscaled", "continued"}
     assert set(results["answer_accuracy"]) == {"before SFT", "after SFT", "after sDPO", "after DPO", "merged (0.5/0.5)"}
     assert set(results["preference_accuracy"]) == {"SFT", "sDPO", "DPO", "merged"}
@@ -20,10 +123,84 @@ def test_quick_demo(tmp_path, capsys, monkeypatch):
     assert stages["SFT"]["last_loss"] < stages["SFT"]["first_loss"]
     assert stages["base pretraining"]["last_loss"] < stages["base pretraining"]["first_loss"]
     for name in ("upscaled", "merged", "sdpo/final", "dpo/final"):
-        assert (tmp_path / "demo" / name / "config.json").exists()
-    assert json.loads((tmp_path / "demo" / "upscaled" / "config.json").read_text())["num_hidden_layers"] == 6
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "Held-out answer accuracy" in report and "losses.png" in report
-    assert (tmp_path / "demo" / "losses.png").stat().st_size > 0
-    assert "report:" in capsys.readouterr().out
+        assert (out / name / "config.json").exists()
+    assert json.loads((out / "upscaled" / "config.json").read_text())["num_hidden_layers"] == 6
+    report = (out / "report.md").read_text()
+    assert report == demo.render_report(results, list(plots.DEMO_PLOTS))
+    for name in plots.DEMO_PLOTS:
+        assert f"![{name}]({name})" in report and (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert (out / demo.MARKER).is_file()
     assert seconds < 180, f"--quick took {seconds:.0f} s"  # under a minute on an idle 2-core machine
+
+
+def report_structure(markdown: str) -> list[str]:
+    """The report's lines with every number replaced by ``#`` and the title's (mode, device, torch)
+    dropped: what the code decides (headings, table columns, row names, plots), not what a run measured."""
+    lines = []
+    for line in markdown.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("# "):
+            line = re.sub(r" \([^)]*\)$", "", line)
+        lines.append(re.sub(r"\d+(?:\.\d+)?", "#", line))
+    return lines
+
+
+def test_report_structure_ignores_numbers_but_not_headings_or_rows():
+    report = "# T (full, cpu, torch 2.1)\n\n## A\n| model | loss |\n| base, 4 layers | 3.982 |\n![x.png](x.png)\n"
+    assert report_structure(report) == report_structure(report.replace("3.982", "4.5").replace("full", "quick"))
+    assert report_structure(report) != report_structure(report.replace("## A", "## B"))
+    assert report_structure(report) != report_structure(report.replace("x.png", "y.png"))
+
+
+def test_committed_report_has_the_format_the_demo_writes_today(quick_run):
+    out, _ = quick_run
+    assert COMMITTED_REPORT.is_file(), f"{COMMITTED_REPORT} is missing: {STALE}"
+    assert report_structure(COMMITTED_REPORT.read_text()) == report_structure((out / "report.md").read_text()), \
+        f"{COMMITTED_REPORT} is not in the format training/demo.py writes: {STALE}"
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", COMMITTED_REPORT.read_text())
+    assert images == list(plots.DEMO_PLOTS) and all((COMMITTED_REPORT.parent / name).is_file() for name in images)
+    assert sorted(p.name for p in COMMITTED_REPORT.parent.glob("*.png")) == sorted(images)
+    assert "(full," in COMMITTED_REPORT.read_text().splitlines()[0], "the committed report is not a full run"
+
+
+def _readme_block(text: str) -> str:
+    start, end = text.index(demo.README_START) + len(demo.README_START) + 1, text.index(demo.README_END)
+    return text[start:end]
+
+
+def test_readme_demo_section_is_generated_from_the_committed_report():
+    block = _readme_block((ROOT / "README.md").read_text())
+    title = block.splitlines()[0]
+    assert " — " in title, f"the README's demo block starts with {title!r}, not a title with a note: {STALE}"
+    note = title.split(" — ", 1)[1]
+    assert block == demo.readme_section(COMMITTED_REPORT.read_text(), note), \
+        f"README.md's demo section is not docs/demo/report.md's: {STALE}"
+
+
+def test_publish_copies_the_run_and_rewrites_only_the_readme_block(quick_run, tmp_path):
+    out, _ = quick_run
+    docs = tmp_path / "docs" / "demo"
+    docs.mkdir(parents=True)
+    (docs / "accuracy.png").write_bytes(b"an old plot")
+    readme = tmp_path / "README.md"
+    before, after = "# Project\n\nintro\n\n", "\nWhat the run shows.\n"
+    readme.write_text(f"{before}{demo.README_START}\nold report\n{demo.README_END}{after}")
+    with pytest.raises(ValueError, match="is a 'quick' run; expected a full run"):
+        demo.publish(out, docs, readme, note="test machine")
+    assert (docs / "accuracy.png").exists() and "old report" in readme.read_text()  # nothing written
+    assert demo.publish(out, docs, readme, note="test machine", require_full=False) == docs / "report.md"
+    report = (out / "report.md").read_text()
+    assert (docs / "report.md").read_text() == report
+    assert sorted(p.name for p in docs.iterdir()) == sorted(["report.md", *plots.DEMO_PLOTS])
+    text = readme.read_text()
+    assert text.startswith(before + demo.README_START + "\n") and text.endswith(demo.README_END + after)
+    block = _readme_block(text)
+    assert block == demo.readme_section(report, "test machine", "docs/demo/")
+    assert block.splitlines()[0].startswith("#### SOLAR recipe demo (quick,") and " — test machine" in block
+    assert "![losses.png](docs/demo/losses.png)" in block
+
+
+def test_publish_refuses_a_folder_without_a_report(tmp_path):
+    with pytest.raises(ValueError, match="report.md does not exist; expected a finished solar demo run"):
+        demo.publish(tmp_path, tmp_path / "docs", tmp_path / "README.md")
