@@ -12,7 +12,9 @@ smoothing eps:
 Returns the mean over pairs and the detached rewards beta (pi_c - ref_c), beta (pi_r - ref_r).
 Inputs: four tensors of one shape ([B]), one float dtype (float64 too), one device; the result is in their dtype.
 The work is a handful of elementwise ops on B numbers, so every backend runs the same PyTorch
-code; ``backend`` is still validated so the op behaves like the others.
+code; ``backend`` is still validated so the op behaves like the others. It is no custom op, so under
+``torch.autocast`` autocast's own rules apply to that code (its inputs, fp32 sequence log-probs,
+stay fp32).
 """
 
 from __future__ import annotations

@@ -18,8 +18,17 @@ stride (row-strided views are not copied); d of any size: rows up to ``_MAX_TILE
 registers (one read of x per pass), wider rows loop over column tiles.
 
 Dtypes: x, residual and weight in fp32, fp16 or bf16 (weight may differ from x); y and h come out in
-x's dtype (Hugging Face promotes y to weight's dtype when they differ; we keep x's); dweight in
-weight's dtype, reduced in fp32 from per-program partial sums without atomics.
+x's dtype (Hugging Face promotes y to weight's dtype when they differ; we keep x's, except under
+autocast, below); dweight in weight's dtype, reduced in fp32 from per-program partial sums without
+atomics.
+
+Under ``torch.autocast`` (whose casting lists hold none of RMSNorm's ops) it does what Hugging
+Face's ``LlamaRMSNorm`` does there: fp32 math, nothing cast. With autocast's fp32 residual stream and
+fp32 weight, y is fp32. Where dtypes differ, eager type promotion decides, as in the eager code:
+``x + residual`` of a bf16 x and an fp32 residual is fp32 (x is widened first, exactly), and a bf16 x
+with an fp32 weight gives ``weight * normed.to(bf16)``, an fp32 y (outside autocast y keeps x's
+dtype). Gradients come back in each input's dtype. The CUDA twin writes y in x's dtype only, so that
+one promoted case (y wider than x) runs the Triton kernels on every backend.
 
 Backends: the Triton kernels below, or their CUDA C++ twins (csrc/rms_norm.cu, same math and
 roundings); the launchers switch between them, so both share the custom ops and autograd here.
@@ -35,7 +44,8 @@ import triton.language as tl
 
 from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
-from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from ._autocast import autocast_on
 from ._common import as_rows, cast_to, persistent_programs, warps_for
 
 OP = "rms_norm"
@@ -51,11 +61,14 @@ def rms_norm_ref(
     eps: float = 1e-6,
     residual: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Plain PyTorch RMSNorm: the semantics every backend matches."""
+    """Plain PyTorch RMSNorm: the semantics every backend matches (under autocast, Hugging Face's
+    ``weight * normed`` with its type promotion; otherwise y in x's dtype)."""
     h = x + residual if residual is not None else x
     h32 = h.float()
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
-    y = (weight * normed.to(h.dtype)).to(h.dtype)
+    y = weight * normed.to(h.dtype)
+    if not autocast_on(h.device):
+        y = y.to(h.dtype)
     return (y, h) if residual is not None else y
 
 
@@ -73,10 +86,11 @@ def _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols):
-    """y = weight * (x * rstd).to(y dtype), as Hugging Face rounds it, for one tile."""
+def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, NORMED_DTYPE: tl.constexpr):
+    """y = weight * (x * rstd).to(x dtype), rounded to y's dtype, as Hugging Face rounds it, for one
+    tile (y's dtype is x's, or wider under autocast)."""
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    normed = cast_to(x * rstd[:, None], y_rows.dtype.element_ty).to(tl.float32)
+    normed = cast_to(x * rstd[:, None], NORMED_DTYPE).to(tl.float32)
     tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], y_rows.dtype.element_ty), mask=mask)
 
 
@@ -102,7 +116,7 @@ def _rms_norm_fwd_kernel(
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         x = _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL)
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        _store_normed(x, rstd, W, y_rows, cols, mask, n_cols)
+        _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, X.dtype.element_ty)
     else:
         # Pass 1: sum of squares over column tiles (writing h on the way); pass 2: normalize.
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -119,7 +133,7 @@ def _rms_norm_fwd_kernel(
                 x = tl.load(h_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            _store_normed(x, rstd, W, y_rows, cols, mask, n_cols)
+            _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, X.dtype.element_ty)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
@@ -195,14 +209,16 @@ def _tile(n_cols: int) -> Tuple[int, bool]:
     return _MAX_TILE, False
 
 
-def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton"):
-    """(y, h, rstd) for rows x2d [N, d]; h is y itself without residual."""
+def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton", y_dtype=None):
+    """(y, h, rstd) for rows x2d [N, d]; h is y itself without residual. y in ``y_dtype`` (default
+    x's; a wider one runs Triton, the CUDA twin writes x's dtype only)."""
     n_rows, n_cols = x2d.shape
-    if pick(backend, "rms_norm_fwd", n_rows, n_cols, x2d.device) == "cuda":
+    y_dtype = y_dtype or x2d.dtype
+    if y_dtype == x2d.dtype and pick(backend, "rms_norm_fwd", n_rows, n_cols, x2d.device) == "cuda":
         y, h, rstd = torch.ops.solar_kernels_C.rms_norm_fwd(x2d, weight, residual2d, eps)
         return y, (h if residual2d is not None else y), rstd
-    y = torch.empty((n_rows, n_cols), dtype=x2d.dtype, device=x2d.device)
-    h = torch.empty_like(y) if residual2d is not None else y
+    y = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x2d.device)
+    h = torch.empty_like(x2d, memory_format=torch.contiguous_format) if residual2d is not None else y
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     block_d, single_tile = _tile(n_cols)
     block_m = max(1, min(64, _FWD_ELEMENTS // block_d)) if single_tile else 1
@@ -219,9 +235,10 @@ def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton"):
 
 
 def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
-    """(dx, dweight) for rows [N, d]; dh2d (the residual variant's gradient of h) is added to dx."""
+    """(dx, dweight) for rows [N, d]; dh2d (the residual variant's gradient of h) is added to dx. A dy
+    wider than h (the promoted y under autocast) runs Triton: the CUDA twin takes dy in h's dtype."""
     n_rows, n_cols = h2d.shape
-    if pick(backend, "rms_norm_bwd", n_rows, n_cols, h2d.device) == "cuda":
+    if dy2d.dtype == h2d.dtype and pick(backend, "rms_norm_bwd", n_rows, n_cols, h2d.device) == "cuda":
         return torch.ops.solar_kernels_C.rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d)
     dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
     block_d, single_tile = _tile(n_cols)
@@ -242,15 +259,22 @@ def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
     return dx, dw_partial.sum(0).to(weight.dtype)
 
 
+def _y_dtype(x: torch.Tensor, weight: torch.Tensor, promote: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if promote else x.dtype
+
+
 @torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, backend: str
+    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, backend: str,
+    promote: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, rstd) shaped like x, x, [rows]; h is empty without residual. ``backend`` is
-    "triton", "cuda" or "auto" (decided per launch, forward and backward apart)."""
+    "triton", "cuda" or "auto" (decided per launch, forward and backward apart). ``promote``: y in
+    the promotion of x's and weight's dtypes (autocast), else in x's."""
     n_cols = x.shape[-1]
     y, h, rstd = _rms_norm_fwd(
-        as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps, backend
+        as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps, backend,
+        _y_dtype(x, weight, promote),
     )
     if residual is None:
         h = torch.empty(0, dtype=x.dtype, device=x.device)
@@ -258,11 +282,11 @@ def _rms_norm_fwd_op(
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, weight, residual, eps, backend):
+def _(x, weight, residual, eps, backend, promote=False):
     rows = x.numel() // x.shape[-1]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_y_dtype(x, weight, promote)),
         h,
         x.new_empty(rows, dtype=torch.float32),
     )
@@ -287,7 +311,7 @@ def _(dy, h, weight, rstd, dh, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, eps, backend = inputs
+    x, weight, residual, eps, backend = inputs[:5]
     y, h, rstd = output
     ctx.has_residual = residual is not None
     ctx.backend = backend
@@ -299,7 +323,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _drstd):
     normalized_input, weight, rstd = ctx.saved_tensors
     dx, dw = _rms_norm_bwd_op(dy, normalized_input, weight, rstd, dh if ctx.has_residual else None, ctx.backend)
-    return dx, dw, (dx if ctx.has_residual else None), None, None
+    return dx, dw, (dx if ctx.has_residual else None), None, None, None
 
 
 torch.library.register_autograd("solar_kernels::rms_norm_fwd", _backward, setup_context=_setup_context)
@@ -348,14 +372,29 @@ def rms_norm(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """RMSNorm of ``x`` [..., d] with ``weight`` [d]; with ``residual``, returns ``(y, x + residual)``.
 
-    Out of place: neither x nor residual is written. See the module docstring for math and dtypes.
+    Out of place: neither x nor residual is written. See the module docstring for math and dtypes,
+    and for what autocast changes.
     """
+    promote = isinstance(x, torch.Tensor) and autocast_on(x.device)
+    if promote:
+        x, residual = _promote_residual(x, residual)
     _check_args(x, weight, residual, eps)
     resolved = resolve_backend(OP, backend, x.device)
     if resolved == "torch":
         return rms_norm_ref(x, weight, eps, residual)
-    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps), resolved)
+    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps), resolved, promote)
     return (y, h) if residual is not None else y
+
+
+def _promote_residual(x, residual):
+    """x and residual in one dtype, the one eager ``x + residual`` computes in (under autocast, a
+    bf16 branch output meets the fp32 residual stream); the cast is recorded by autograd."""
+    if not isinstance(residual, torch.Tensor) or residual.dtype == x.dtype:
+        return x, residual
+    if x.dtype not in FLOAT_DTYPES or residual.dtype not in FLOAT_DTYPES:
+        return x, residual  # for the argument checks to reject
+    common = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(common), residual.to(common)
 
 
 class RMSNorm(torch.nn.Module):

@@ -24,6 +24,12 @@ Dtypes: q and k in fp32, fp16 or bf16 (the same); cos and sin in any of the thre
 with bf16 q is the most accurate); arithmetic in fp32 with one rounding per output. The reference
 casts cos/sin to q's dtype first, as Hugging Face does.
 
+Under ``torch.autocast`` nothing is cast (autocast leaves the eager code's multiplies and adds alone):
+q and k come out of autocast's bf16 projections and the cos/sin tables are fp32; q' and k' are
+rounded once to q's dtype, bf16, from fp32 arithmetic with the fp32 tables (Hugging Face's eager
+code promotes q' to fp32 there and attention casts it back to bf16: the same values). Gradients
+come back in q's and k's dtype.
+
 Backends: the Triton kernel below, or its CUDA C++ twin (csrc/rotary.cu, the same formula and the
 same transpose for the backward); ``_rotary`` switches between them under one custom op.
 """

@@ -9,6 +9,10 @@ Shapes: gate and up [..., I] of the same shape (any leading dims, I of any size;
 such as the two halves of a fused gate/up projection are read in place). Dtypes: fp32, fp16, bf16,
 gate and up alike; arithmetic in fp32, one rounding to the input dtype per output.
 
+Under ``torch.autocast`` nothing is cast (autocast's lists hold neither ``silu`` nor the multiply):
+gate and up come out of autocast's bf16 projections, so y and both gradients are bf16, as in
+Hugging Face's ``LlamaMLP``; fp32 inputs stay fp32.
+
 Backends: the Triton kernels below, or their CUDA C++ twins (csrc/swiglu.cu); the launchers switch
 between them under one pair of custom ops.
 
