@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from solar_kernels.model import CausalLM, preset
 from solar_kernels.model import attention
-from solar_kernels.model.attention import (ATTENTION_PATHS, attend, attention_ref, build_attention_mask,
+from solar_kernels.model.attention import (attend, attention_ref, build_attention_mask,
                                            choose_attention_path, document_bounds, plan_attention)
 from tests.tolerances import rel_err
 
@@ -401,10 +401,6 @@ def test_bad_packing_arguments():
         model(ids, position_ids=positions, cu_seqlens=torch.tensor([0, 3, 6, 12], dtype=torch.int32), max_seqlen=6)
     with pytest.raises(ValueError, match="need position_ids, and no attention_mask"):
         model(ids, cu_seqlens=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen=6)
-
-
-def test_all_paths_are_named():
-    assert set(ATTENTION_PATHS) == {"sdpa_causal", "flash_attn_varlen", "torch_varlen", "flex", "sdpa_mask"}
 
 
 # ----------------------------------------------------------------------------- on a GPU
