@@ -124,7 +124,7 @@ def _open(src: Path):
         raise GGUFError(f"{src}: unreadable GGUF file ({error})") from None
 
 
-def read_config(reader, src: Path) -> ModelConfig:
+def gguf_config(reader, src: Path) -> ModelConfig:
     """The model's config from a GGUF's metadata (refuses what the model cannot represent)."""
     architecture = _field(reader, "general.architecture")
     if architecture != "llama":
@@ -358,7 +358,7 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool 
     if dst.exists() and not force:
         raise GGUFError(f"{dst} already exists (pass force=True / --force to replace it)")
     reader = _open(src)
-    config = read_config(reader, src)
+    config = gguf_config(reader, src)
     plan = _plan_tensors(reader, config, src)
     check_tokenizer(reader, src)
     shapes = expected_shapes(config)
