@@ -14,6 +14,11 @@
 
 Parameters, buffers, state dicts and optimizers are untouched; ``unpatch_hf_model`` restores the
 original forwards.
+
+Under ``torch.autocast`` (how transformers' Trainer and TRL run ``bf16=True`` over fp32 parameters)
+each swapped op does what autocast does to the code it replaces (each op's module docstring says
+what): the loss's matmuls run in the autocast dtype like ``lm_head``'s would, the loss is fp32, and
+every parameter gets its gradient in its own dtype.
 """
 
 from __future__ import annotations

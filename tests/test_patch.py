@@ -6,9 +6,10 @@ import torch
 import solar_kernels as sk
 from solar_kernels.patch import unpatch_hf_model
 from tests.model.conftest import hf_tiny_config
+from tests.tolerances import assert_close
 
 
-def _models(kind, device):
+def _models(kind, device, backend="triton"):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(5)
@@ -17,7 +18,7 @@ def _models(kind, device):
         for name, p in reference.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-    patched = sk.patch_hf_model(copy.deepcopy(reference), backend="triton")
+    patched = sk.patch_hf_model(copy.deepcopy(reference), backend=backend)
     return reference, patched
 
 
@@ -37,6 +38,34 @@ def test_logits_loss_and_gradients_match(kind, device):
     got.loss.backward()
     for (name, p), (_, q) in zip(reference.named_parameters(), patched.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_trains_a_step_under_autocast_like_transformers(backend, device):
+    """Trainer/TRL with bf16=True: fp32 parameters, forward under autocast, backward after it, a
+    step. Loss and every gradient as close to float64 as the unpatched model under the same
+    autocast (tests/tolerances.py), all finite, each gradient fp32."""
+    reference, patched = _models("llama", device, backend)
+    exact_model = copy.deepcopy(reference).double()
+    ids = torch.randint(0, 101, (2, 9), device=device)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        expected = reference(ids, labels=labels).loss
+        got = patched(ids, labels=labels).loss
+    exact = exact_model(ids, labels=labels).loss
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert_close("loss", got, expected, exact, torch.bfloat16)
+    for loss in (expected, got, exact):
+        loss.backward()
+    named = zip(patched.named_parameters(), reference.parameters(), exact_model.parameters())
+    for (name, p), q, e in named:
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        assert_close(name, p.grad, q.grad, e.grad, torch.bfloat16)
+    before = [p.detach().clone() for p in patched.parameters()]
+    torch.optim.SGD(patched.parameters(), lr=0.1).step()
+    for old, p in zip(before, patched.parameters()):
+        assert torch.isfinite(p).all() and not torch.equal(old, p)
 
 
 def test_num_items_in_batch_matches_transformers(device):
