@@ -1,8 +1,10 @@
 # Set-up and entry points. Everything installs into .venv in the checkout from pinned versions.
 #   make test   - create .venv if missing, install the pinned test environment and the package, run pytest
 #   make demo   - set up, then the whole SOLAR recipe on embedded data (solar demo; a few minutes on a CPU)
+#   make demo-report - make demo, then its report into docs/demo/ and the README (solar demo --publish)
 #   make selfcheck - the kernel self-check (every op and backend against float64)
-#   make gpu-compile - compile every Triton kernel for sm_90/sm_80 without a GPU (part of make test)
+#   make gpu-compile - compile every kernel for sm_90/sm_80 without a GPU and write the compiled-code
+#                   report to benchmarks/results (its checks run in make test)
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 # On a machine without a GPU the Triton kernels run through Triton's interpreter on CPU tensors.
 CPU_TRITON := $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvidia-smi') else 'TRITON_INTERPRET=1')")
 
-.PHONY: test demo selfcheck gpu-compile clean
+.PHONY: test demo demo-report selfcheck gpu-compile clean
 
 $(STAMP): requirements/test.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,11 +28,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m solar_kernels.cli demo --out runs/demo
 
+# The demo, then its report and plots copied to docs/demo/ and the README's demo section regenerated.
+demo-report: demo
+	$(PY) -m solar_kernels.cli demo --publish runs/demo
+
 selfcheck: $(STAMP)
 	$(CPU_TRITON) $(PY) -m solar_kernels.selfcheck
 
 gpu-compile: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) tests/ops/compile_for_gpu.py 90 80
+	env -u TRITON_INTERPRET $(PY) tools/compile_for_gpu.py 90 80 --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache solar_kernels/_C*.so
