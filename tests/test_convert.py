@@ -32,7 +32,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
                  "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                  "{% endif %}")
 CORPUS = ["The capital of France is Paris. The capital of Italy is Rome.",
-          "There are 1234 apples and 56 pears in the basket, 7 of them are red.",
+          "There are 1234 apples and 56 pears in the basket, 7 of them are red. 1234 1234 1234 1234",
           "A tiny model trained on a tiny corpus says hello, world! Numbers: 2024, 3.14, 100%."] * 20
 TEXT_WITH_DIGITS = "Order 1234 apples at 09:45, then 56 more; total 1290."
 # K-quants: the byte offsets of the float16 scale fields of one block (gguf.quants' block layouts).
@@ -43,12 +43,14 @@ TINY = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_layers=2
 
 
 def train_tokenizer():
-    """A byte-level BPE with SmolLM2's digit splitting and special tokens, trained on CORPUS."""
+    """A byte-level BPE with SmolLM2's special tokens, trained on CORPUS; returns the tokenizer
+    SmolLM2 would use with that vocabulary (digits split one by one before the byte-level regex),
+    its tokens by id and its merges. Trained without digit splitting, so that the vocabulary has
+    multi-digit tokens and a converter that dropped the digit rule would tokenize numbers differently."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=TINY["vocab_size"], special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -56,7 +58,10 @@ def train_tokenizer():
     model = json.loads(tokenizer.to_str())["model"]
     vocab = sorted(model["vocab"].items(), key=lambda item: item[1])
     assert [i for _, i in vocab] == list(range(TINY["vocab_size"]))
+    assert any(sum(c.isdigit() for c in token) >= 2 for token in model["vocab"]), "no multi-digit token learnt"
     merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
     return tokenizer, [token for token, _ in vocab], merges
 
 
@@ -217,6 +222,7 @@ def test_config_and_special_ids(tiny_gguf):
 
 
 def test_tokenizer_matches_the_trained_one(tiny_gguf):
+    from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
     _, out, _, _, hf_tokenizer = tiny_gguf
@@ -226,8 +232,12 @@ def test_tokenizer_matches_the_trained_one(tiny_gguf):
         ids = tokenizer(text, add_special_tokens=True).input_ids
         assert ids == hf_tokenizer.encode(text).ids, text
         assert tokenizer.decode(ids) == text
-    digits = tokenizer.tokenize("1234 apples")
-    assert digits[:4] == ["1", "2", "3", "4"]
+    assert tokenizer.tokenize("1234 apples")[:4] == ["1", "2", "3", "4"]
+    without_digit_rule = hf_tokenizer.from_str(hf_tokenizer.to_str())
+    without_digit_rule.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert without_digit_rule.encode(TEXT_WITH_DIGITS).ids != tokenizer(TEXT_WITH_DIGITS).input_ids
+    pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("1234 apples")
+    assert [piece for piece, _ in pieces] == ["1", "2", "3", "4", "Ġapples"]
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 2
     assert tokenizer("<|im_start|>user<|im_end|>").input_ids[0] == 1  # special tokens are matched whole
     messages = [{"role": "user", "content": "Hi 12"}]
@@ -394,6 +404,8 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id) == ("<|im_end|>", 2, 1)
     assert tokenizer.tokenize("1234 apples") == ["1", "2", "3", "4", "Ġapples"]
+    pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("1234 apples")
+    assert [piece for piece, _ in pieces] == ["1", "2", "3", "4", "Ġapples"]  # the digit rule itself
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
     theirs = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
     ours = load_pretrained(out, backend="torch").eval()
