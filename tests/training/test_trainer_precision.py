@@ -1,0 +1,110 @@
+"""Precision of the optimizer's weights (issue 11): with bf16 compute no AdamW update is lost.
+
+Modes, all from the same fp32 initial weights of the tiny model:
+- "fp32": fp32 parameters, fp32 compute (the reference);
+- "autocast": fp32 master parameters, bf16 compute (model.dtype=bfloat16, the default);
+- "kahan": bf16 parameters with the Kahan-compensated AdamW (optim.master_weights=bf16_kahan);
+- "plain_bf16": bf16 parameters updated by torch's AdamW (the trainer before this change), the
+  failure the tests guard against: most small updates round away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from solar_kernels.model import CausalLM
+from tests.training.conftest import write_config
+from training import data as data_lib
+from training import stages
+from training.config import load_config
+from training.objectives import LanguageModeling, flops_per_token_fn
+from training.optim import KahanAdamW
+from training.tokenizer import load_tokenizer
+from training.trainer import Trainer, compute_context, parallelize, seed_everything
+
+MODES = {"fp32": ("float32", "fp32"), "autocast": ("bfloat16", "fp32"), "kahan": ("bfloat16", "bf16_kahan"),
+         "plain_bf16": ("bfloat16", "fp32")}
+
+
+def tiny_config(workspace, out: Path, mode: str, lr: float, steps: int):
+    dtype, master_weights = MODES[mode]
+    return load_config(write_config(
+        Path(str(out) + ".yaml"),
+        model={"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": dtype, "backend": "torch"},
+        data={"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
+        optim={"lr": lr, "schedule": "constant", "master_weights": master_weights},
+        train={"steps": steps, "batch_size": 4, "output_dir": str(out), "seed": 3, "export": False}))
+
+
+def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int):
+    """(initial weights, final weights as the optimizer holds them, per-step history)."""
+    config = tiny_config(workspace, out, mode, lr, steps)
+    device = torch.device("cpu")
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    seed_everything(3)
+    fp32_config = tiny_config(workspace, out, "fp32", lr, steps)
+    model = stages.build_model(fp32_config, device, tokenizer)  # the same fp32 initial weights for every mode
+    if mode in ("kahan", "plain_bf16"):
+        model.to(torch.bfloat16)
+    initial = [p.detach().clone() for p in model.parameters()]
+    objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
+    examples = stages.language_modeling_examples("pretrain", config, tokenizer)
+    stream = data_lib.BatchStream(examples, 4, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3)
+    trainer = Trainer(config, objective, objective.count, stream, rank=0, world=1, device=device,
+                      flops_per_token=flops_per_token_fn(model.config), output_dir=out, name=mode)
+    history = trainer.run()
+    return initial, [p.detach().clone() for p in model.parameters()], history, trainer
+
+
+def changed_fraction(initial, final) -> float:
+    changed = sum(int((a != b).sum()) for a, b in zip(initial, final))
+    return changed / sum(a.numel() for a in initial)
+
+
+def test_the_modes_hold_the_weights_they_say(workspace, tmp_path):
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    for mode, expected in (("fp32", torch.float32), ("autocast", torch.float32), ("kahan", torch.bfloat16)):
+        config = tiny_config(workspace, tmp_path / mode, mode, 1e-5, 1)
+        assert stages.build_model(config, torch.device("cpu"), tokenizer).model.embed_tokens.weight.dtype == expected
+    autocast = compute_context(tiny_config(workspace, tmp_path / "a", "autocast", 1e-5, 1), 1, torch.device("cpu"))
+    with autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    _, _, _, trainer = train_tiny(workspace, tmp_path / "kahan_run", "kahan", lr=1e-5, steps=1)
+    assert isinstance(trainer.optimizer, KahanAdamW)
+
+
+@pytest.mark.parametrize("lr", [1e-5, 5e-7])
+def test_bf16_compute_loses_no_update(workspace, tmp_path, lr):
+    fractions = {}
+    for mode in ("fp32", "autocast", "plain_bf16"):
+        initial, final, _, _ = train_tiny(workspace, tmp_path / mode, mode, lr=lr, steps=10)
+        fractions[mode] = changed_fraction(initial, final)
+    assert abs(fractions["autocast"] - fractions["fp32"]) <= 0.05, fractions
+    assert fractions["plain_bf16"] < fractions["fp32"] - 0.3, fractions  # what the fix is for
+
+
+@pytest.mark.parametrize("lr", [1e-5, 5e-7])
+def test_kahan_updates_sum_to_the_fp32_ones(workspace, tmp_path, lr):
+    """bf16 weight + compensation carries the whole update: it moved as far as fp32's did."""
+    initial, fp32_final, _, _ = train_tiny(workspace, tmp_path / "fp32", "fp32", lr=lr, steps=10)
+    start, final, _, trainer = train_tiny(workspace, tmp_path / "kahan", "kahan", lr=lr, steps=10)
+    effective = [p.float() + trainer.optimizer.state[q]["compensation"].float()
+                 for p, q in zip(final, trainer.params)]
+    assert changed_fraction([s.float() for s in start], effective) >= changed_fraction(initial, fp32_final) - 0.05
+    moved_fp32 = sum(float((b - a).abs().sum()) for a, b in zip(initial, fp32_final))
+    moved_kahan = sum(float((b - a.float()).abs().sum()) for a, b in zip(start, effective))
+    assert moved_kahan == pytest.approx(moved_fp32, rel=0.1)
+
+
+def test_bf16_losses_track_fp32_over_50_steps(workspace, tmp_path):
+    runs = {mode: [r["loss"] for r in train_tiny(workspace, tmp_path / mode, mode, lr=1e-3, steps=50)[2]]
+            for mode in ("fp32", "autocast", "kahan")}
+    assert runs["fp32"][-1] < runs["fp32"][0] - 0.5  # it learns, so tracking means something
+    bf16_eps = 2.0 ** -8
+    for mode in ("autocast", "kahan"):
+        gaps = [abs(a - b) / b for a, b in zip(runs[mode], runs["fp32"])]
+        # bf16 rounds every matmul input to 2^-8 relative: allow a few of those on the loss, per step
+        assert max(gaps) < 8 * bf16_eps and sum(gaps) / len(gaps) < 3 * bf16_eps, (mode, max(gaps))
