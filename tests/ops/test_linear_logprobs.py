@@ -289,6 +289,18 @@ def test_cross_entropy_scales_and_casts_dweight_once(device, any_backend):
     assert torch.equal(b.grad, (dbias * 0.37).to(torch.bfloat16))
 
 
+def test_cross_entropy_differentiable_backward(device, any_backend):
+    """create_graph=True: the scale-and-cast stays differentiable in the upstream grad."""
+    hidden, weight, _, labels = make((10,), 8, 30, torch.float32, device)
+    w = weight.clone().requires_grad_()
+    v = torch.tensor(0.5, device=device, requires_grad=True)
+    loss = sk.linear_cross_entropy(hidden, w, labels, backend=any_backend)
+    (dw,) = torch.autograd.grad(loss, w, grad_outputs=v, create_graph=True)
+    (dv,) = torch.autograd.grad(dw.pow(2).sum(), v)
+    per_unit = dw.detach() / 0.5  # d loss / d w
+    torch.testing.assert_close(dv, 2 * 0.5 * per_unit.pow(2).sum())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_torch_rows_follow_the_triton_kernel(dtype, device):
     """The torch backend's per-row step gives the kernel's results: log-probs, log-sum-exp, the
