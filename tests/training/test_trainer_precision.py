@@ -29,19 +29,19 @@ MODES = {"fp32": ("float32", "fp32"), "autocast": ("bfloat16", "fp32"), "kahan":
          "plain_bf16": ("bfloat16", "fp32")}
 
 
-def tiny_config(workspace, out: Path, mode: str, lr: float, steps: int):
+def tiny_config(workspace, out: Path, mode: str, lr: float, steps: int, batch_size: int = 4):
     dtype, master_weights = MODES[mode]
     return load_config(write_config(
         Path(str(out) + ".yaml"),
         model={"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": dtype, "backend": "torch"},
         data={"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
         optim={"lr": lr, "schedule": "constant", "master_weights": master_weights},
-        train={"steps": steps, "batch_size": 4, "output_dir": str(out), "seed": 3, "export": False}))
+        train={"steps": steps, "batch_size": batch_size, "output_dir": str(out), "seed": 3, "export": False}))
 
 
-def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int):
-    """(initial weights, final weights as the optimizer holds them, per-step history)."""
-    config = tiny_config(workspace, out, mode, lr, steps)
+def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int, batch_size: int = 4):
+    """(initial weights, final weights as the optimizer holds them, per-step history, the trainer)."""
+    config = tiny_config(workspace, out, mode, lr, steps, batch_size)
     device = torch.device("cpu")
     tokenizer = load_tokenizer(workspace / "tokenizer")
     seed_everything(3)
@@ -52,7 +52,7 @@ def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int):
     initial = [p.detach().clone() for p in model.parameters()]
     objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
     examples = stages.language_modeling_examples("pretrain", config, tokenizer)
-    stream = data_lib.BatchStream(examples, 4, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3)
+    stream = data_lib.BatchStream(examples, batch_size, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3)
     trainer = Trainer(config, objective, objective.count, stream, rank=0, world=1, device=device,
                       flops_per_token=flops_per_token_fn(model.config), output_dir=out, name=mode)
     history = trainer.run()
@@ -100,7 +100,7 @@ def test_kahan_updates_sum_to_the_fp32_ones(workspace, tmp_path, lr):
 
 
 def test_bf16_losses_track_fp32_over_50_steps(workspace, tmp_path):
-    runs = {mode: [r["loss"] for r in train_tiny(workspace, tmp_path / mode, mode, lr=1e-3, steps=50)[2]]
+    runs = {mode: [r["loss"] for r in train_tiny(workspace, tmp_path / mode, mode, lr=1e-3, steps=50, batch_size=2)[2]]
             for mode in ("fp32", "autocast", "kahan")}
     assert runs["fp32"][-1] < runs["fp32"][0] - 0.5  # it learns, so tracking means something
     bf16_eps = 2.0 ** -8
@@ -108,3 +108,29 @@ def test_bf16_losses_track_fp32_over_50_steps(workspace, tmp_path):
         gaps = [abs(a - b) / b for a, b in zip(runs[mode], runs["fp32"])]
         # bf16 rounds every matmul input to 2^-8 relative: allow a few of those on the loss, per step
         assert max(gaps) < 8 * bf16_eps and sum(gaps) / len(gaps) < 3 * bf16_eps, (mode, max(gaps))
+
+
+def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
+    """World 2 on gloo: fp32 masters sharded by FSDP2, gathered in bf16 by its MixedPrecisionPolicy,
+    against one process under autocast; the export is written in the compute dtype."""
+    import os
+    import subprocess
+    import sys
+
+    from solar_kernels.model import load_pretrained
+    from tests.training.test_trainer import ROOT, losses, pretrain_config
+
+    def config(out, batch_size):
+        values = pretrain_config(workspace, out, steps=4, batch_size=batch_size, export=True)
+        values["model"]["dtype"] = "bfloat16"
+        return write_config(Path(str(out) + ".yaml"), **values)
+
+    stages.run_stage("pretrain", load_config(config(tmp_path / "one", 4)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29500 + (os.getpid() + 7) % 1000), "-m", "training.pretrain", "--config",
+                           str(config(tmp_path / "two", 2))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=4 * 2.0 ** -8)
+    one, two = load_pretrained(tmp_path / "one" / "final"), load_pretrained(tmp_path / "two" / "final")
+    assert one.model.embed_tokens.weight.dtype == two.model.embed_tokens.weight.dtype == torch.bfloat16
