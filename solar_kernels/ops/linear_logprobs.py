@@ -240,7 +240,7 @@ def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
     return max(1, rows)
 
 
-_ADDMM_OUT_DTYPE_RUNS: dict = {}  # (device type, dtype) -> bool, probed once
+_ADDMM_OUT_DTYPE_RUNS: dict[tuple[str, torch.dtype], bool] = {}  # probed once each
 
 
 def _addmm_out_dtype_runs(device: torch.device, dtype: torch.dtype) -> bool:
