@@ -14,8 +14,9 @@ Minimum bytes count each input read once and each output written once (b = bytes
 
 (fwd+bwd is the sum.) The log-prob ops are matmul-bound: 2·N·d·V FLOPs for the logits, 4·N·d·V
 more for dhidden and dweight; the table counts 2·N·d·V (fwd) and 6·N·d·V (fwd+bwd), and the
-``matmul`` contender times exactly those GEMMs with ``torch.matmul``: the floor the fused op is
-held to (target: at most 1.15x its time).
+``matmul`` contender times the GEMMs each op does with ``torch.matmul``: the floor the fused op is
+held to (target: at most 1.15x its time). That is three GEMMs for linear_cross_entropy and four for
+linear_logprobs, whose backward recomputes the logits by design.
 """
 
 from __future__ import annotations
@@ -204,14 +205,16 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
 
     def matmuls(i, mode):
         """The GEMMs the op must do (takes the mode): the logits, and dhidden and dweight from a
-        logits-sized gradient."""
+        logits-sized gradient; the log-prob ops' backward also recomputes the logits (by design:
+        nothing logits-sized is kept between forward and backward), linear_cross_entropy's does not."""
         h, w = i["hidden"].detach(), i["weight"].detach()
         if mode == "fwd":
             return h @ w.t()
         grad_logits = i.setdefault("_grad_logits", torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype))
-        if mode == "bwd":
-            return grad_logits @ w, grad_logits.t() @ h
-        return h @ w.t(), grad_logits @ w, grad_logits.t() @ h
+        backward = (grad_logits @ w, grad_logits.t() @ h)
+        if op != "linear_cross_entropy":
+            backward += (h @ w.t(),)
+        return backward if mode == "bwd" else (h @ w.t(), *backward)
 
     compiled = _compiled(ref, device)
     run = {

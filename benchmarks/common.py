@@ -12,8 +12,11 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import logging
 import math
+import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -22,22 +25,40 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 # Dense bf16 peak per card (SPEC §7), for MFU. Achieved rates are also read against the GEMM rate
 # measured in the same run.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
+def _commit() -> str:
+    """SOLAR_KERNELS_COMMIT (gpu_check.sh sets it where the copied tree has no .git), else git's
+    short hash (+ "-dirty"), else "unknown": the GPU image may have no git at all."""
+    given = os.environ.get("SOLAR_KERNELS_COMMIT")
+    if given:
+        return given
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        return "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+
+
 def environment(device: torch.device) -> Dict[str, object]:
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
     return {
         "date": datetime.date.today().isoformat(),
         "card": card,
-        "commit": commit + ("-dirty" if dirty else ""),
+        "commit": _commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -62,13 +83,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3) -> Dict[str, float]:
-    """Median, p20 and p80 of ``fn``'s time in milliseconds."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3, graph: bool = False) -> Dict[str, object]:
+    """Median, p20 and p80 of ``fn``'s time in milliseconds, and ``timing``: how it was measured.
 
+    ``graph=True`` (the memory-bound ops: 60-130 us kernels behind ~50 us of custom-op dispatch and
+    ~270 us of autograd on a slow host CPU) replays ``fn`` from a CUDA graph
+    (``triton.testing.do_bench_cudagraph``), so launch gaps are not counted; when ``fn`` cannot be
+    captured it falls back to CUDA events around single calls and says so in ``timing``.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        if graph:
+            try:
+                median, p20, p80 = do_bench_cudagraph(fn, rep=100, quantiles=[0.5, 0.2, 0.8])
+                return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "timing": "cudagraph"}
+            except Exception as error:  # not capturable (a host sync, say): time it with events instead
+                logger.warning("CUDA graph capture failed, timing with events: %s", error)
+                torch.cuda.synchronize(device)
+                method = f"events (cudagraph failed: {type(error).__name__})"
+        else:
+            method = "events"
         median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "timing": method}
     fn()  # warm-up (first call compiles or traces)
     samples = []
     for _ in range(cpu_reps):
@@ -76,7 +113,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
-    return {"median_ms": statistics.median(samples), "p20_ms": samples[0], "p80_ms": samples[-1]}
+    return {"median_ms": statistics.median(samples), "p20_ms": samples[0], "p80_ms": samples[-1], "timing": "wall clock"}
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -152,3 +189,31 @@ def format_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> s
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in table]
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.common --out DIR [--cpu]``: the environment and this card's ceilings,
+    measured now, to ``DIR/environment.json`` (the first step of benchmarks/gpu_check.sh)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="environment and ceilings of this machine")
+    parser.add_argument("--out", required=True, help="folder for environment.json")
+    parser.add_argument("--cpu", action="store_true", help="the CPU (checks the step, no real numbers)")
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        parser.error("no CUDA device: run with --cpu for the CPU check")
+    device = torch.device("cpu" if args.cpu else "cuda")
+    env = environment(device)
+    ceiling = ceilings(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "environment.json").write_text(json.dumps({"environment": env, "ceilings": ceiling}, indent=2) + "\n")
+    print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s; "
+          f"torch {env['torch']}, triton {env['triton']}, cuda {env['cuda']}, commit {env['commit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

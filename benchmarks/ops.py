@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import sys
 import time
@@ -81,7 +82,8 @@ def run_case(case: Case, device: torch.device, ceiling: Dict[str, float]) -> Lis
                    "shape": case.label, "tokens": case.shape.get("tokens"),
                    "width": case.shape.get("d", case.shape.get("intermediate")), "contender": contender}
             try:
-                timing = time_ms(_timed_fn(case, contender, mode, input_sets), device)
+                # memory-bound cases replay a CUDA graph: their kernels are shorter than the dispatch
+                timing = time_ms(_timed_fn(case, contender, mode, input_sets), device, graph=bool(case.bytes))
             except Exception as error:  # a contender that cannot run this case is reported, not fatal
                 logger.warning("%s %s %s %s failed: %s", case.op, case.label, contender, mode, error)
                 rows.append({**row, "error": f"{type(error).__name__}: {error}"[:200]})
@@ -197,6 +199,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 16384 32768 4096)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (results so far are kept)")
+    parser.add_argument("--contenders", nargs="+", help="subset of contenders (default all that run here; "
+                        "the log-prob ops keep their matmul floor)")
+    parser.add_argument("--ceilings-from", help="environment.json of `python -m benchmarks.common` from this run: "
+                        "reuse its ceilings instead of measuring them again")
+    parser.add_argument("--stem", default="ops", help="result file names: <stem>.csv, <stem>.json")
     parser.add_argument("--out", default="benchmarks/results/local", help="output folder")
     parser.add_argument("--counts", action="store_true",
                         help="print the minimum bytes / FLOPs of every SOLAR-shaped case and the floors they imply, then exit")
@@ -210,13 +217,19 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.cpu else "cuda")
     dtypes = [DTYPES[d] for d in (args.dtype or (["fp32"] if args.cpu else ["bf16"]))]
     env = environment(device)
-    ceiling = ceilings(device)
+    ceiling = json.loads(Path(args.ceilings_from).read_text())["ceilings"] if args.ceilings_from else ceilings(device)
     print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "
           f"(measured now)", flush=True)
     rows: List[Dict[str, object]] = []
     out = Path(args.out)
     start = time.perf_counter()
     cases = build_cases(device, dtypes, cpu=args.cpu, ops=args.ops, sweep=not args.no_sweep, tokens=args.tokens)
+    if args.contenders:
+        for case in cases:
+            case.contenders = {k: v for k, v in case.contenders.items() if k in args.contenders or k == "matmul"}
+        cases = [c for c in cases if set(c.contenders) - {"matmul"}]
+        if not cases:
+            logger.warning("none of the contenders %s runs here: nothing to time", args.contenders)
     for number, case in enumerate(cases):
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             print(f"time budget of {args.budget_s:.0f} s spent: {len(cases) - number} cases not run", flush=True)
@@ -224,10 +237,10 @@ def main(argv=None) -> int:
         print(f"{case.op} {case.label} {case.dtype}", flush=True)
         rows += run_case(case, device, ceiling)
         add_speedups(rows)
-        write_rows(rows, env, {"ceilings": ceiling}, out, "ops")  # after every case: a cut-short run keeps its rows
+        write_rows(rows, env, {"ceilings": ceiling}, out, args.stem)  # after every case: a cut-short run keeps its rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    files = write_rows(rows, env, {"ceilings": ceiling}, out, "ops") + charts(rows, out)
+    files = write_rows(rows, env, {"ceilings": ceiling}, out, args.stem) + (charts(rows, out) if rows else [])
     shown = [r for r in rows if r["op"] != "rms_norm_sweep" and "median_ms" in r
              and r["tokens"] == max(r2["tokens"] for r2 in rows if r2["op"] != "rms_norm_sweep")]
     for r in shown:

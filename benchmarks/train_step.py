@@ -145,13 +145,25 @@ def main(argv=None) -> int:
         except ImportError:
             pass
     if args.contenders:
-        contenders = [c for c in contenders if c in args.contenders]
+        contenders = [c for c in args.contenders if c in contenders]  # in the order asked: the first matter most
     ids = torch.randint(0, config.vocab_size, (args.batch, seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
     per_token = flops_per_token(config, seq)
     print(f"{env['card']}: {layers} layers, d {config.hidden_size}, seq {seq}, batch {args.batch}, "
           f"{config.num_parameters() / 1e9:.2f}B parameters, {per_token / 1e9:.1f} GFLOP/token", flush=True)
     rows: List[Dict[str, object]] = []
+    extra = {"flops_per_token": per_token, "peak_bf16_tflops": peak}
+
+    def save() -> List[Path]:
+        """The rows so far, speedups included: written after every contender, so a run cut short
+        (gpu_check.sh's timeouts) keeps what it measured."""
+        timed = [r for r in rows if "step_s" in r]
+        for row in timed:
+            for other in timed:
+                if other is not row:
+                    row[f"speedup_vs_{other['contender']}"] = other["step_s"] / row["step_s"]
+        return write_rows(rows, env, extra, Path(args.out), "train_step")
+
     for name in contenders:
         torch.manual_seed(0)
         row = {"contender": name, "layers": layers, "seq": seq, "batch": args.batch, "compile": args.compile}
@@ -164,6 +176,7 @@ def main(argv=None) -> int:
         except Exception as error:  # report a contender that cannot run (out of memory, say) and go on
             row["error"] = f"{type(error).__name__}: {error}"[:300]
             rows.append(row)
+            save()
             print(f"{name}: {row['error']}", flush=True)
             continue
         finally:
@@ -175,13 +188,9 @@ def main(argv=None) -> int:
         row.update(result, tokens_per_s=tokens_per_s, tflops=per_token * tokens_per_s / 1e12)
         row["mfu"] = row["tflops"] / peak if peak else None
         rows.append(row)
+        save()
         print(f"{name}: {result['step_s'] * 1e3:.1f} ms/step, {tokens_per_s:.0f} tokens/s", flush=True)
-    timed = [r for r in rows if "step_s" in r]
-    for row in timed:
-        for other in timed:
-            if other is not row:
-                row[f"speedup_vs_{other['contender']}"] = other["step_s"] / row["step_s"]
-    files = write_rows(rows, env, {"flops_per_token": per_token, "peak_bf16_tflops": peak}, Path(args.out), "train_step")
+    files = save()
     print(format_table(rows, ["contender", "layers", "seq", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
                               "speedup_vs_hf", "error"]))
     print("wrote " + ", ".join(str(f) for f in files))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,77 @@ def test_report_target_verdicts():
     assert target_verdict({**row, "of_copy": 0.5}, None) == "missed: 50% < 90%"
     assert target_verdict({**row, "tokens": 4096}, None) == ""
     ce = {"op": "linear_cross_entropy", "mode": "fwd+bwd", "tokens": 16384, "median_ms": 1.3}
-    assert target_verdict(ce, 1.0) == "missed: 1.30x > 1.15x matmul"
+    assert target_verdict(ce, 1.0) == "missed: 1.30x > 1.15x its 3 matmuls"
+    # the log-prob ops are held to their own four matmuls (the backward recomputes the logits)
+    lp = {**ce, "op": "linear_logprobs", "median_ms": 1.1}
+    assert target_verdict(lp, 1.0) == "met (1.10x ≤ 1.15x its 4 matmuls)"
+    assert target_verdict({**lp, "op": "sequence_logprobs"}, 1.0).startswith("met")
+
+
+def test_logprob_matmul_floor_counts_the_recomputed_logits():
+    from benchmarks.cases import TINY, _logprob_case
+
+    shapes = {}
+    for op in ("linear_cross_entropy", "linear_logprobs"):
+        case = _logprob_case(op, 8, TINY, torch.float32, torch.device("cpu"), ["torch"])
+        inputs = case.make_inputs()
+        shapes[op] = [tuple(t.shape) for t in case.contenders["matmul"](inputs, "fwd+bwd")]
+    logits, dhidden, dweight = (8, TINY["vocab"]), (8, TINY["d"]), (TINY["vocab"], TINY["d"])
+    assert shapes["linear_cross_entropy"] == [logits, dhidden, dweight]
+    assert shapes["linear_logprobs"] == [logits, dhidden, dweight, logits]
+
+
+def test_environment_without_git(monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.delenv("SOLAR_KERNELS_COMMIT", raising=False)
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)  # an image with no git
+    assert common.environment(torch.device("cpu"))["commit"] == "unknown"
+    monkeypatch.setenv("SOLAR_KERNELS_COMMIT", "abc1234")
+    assert common.environment(torch.device("cpu"))["commit"] == "abc1234"
+
+
+def test_report_merges_the_triton_and_cuda_op_files(tmp_path):
+    from benchmarks import report
+
+    env = {"date": "2026-12-01", "card": "NVIDIA H200", "commit": "abc", "torch": "2.11", "triton": "3.6"}
+    row = {"op": "swiglu", "mode": "fwd", "dtype": "bfloat16", "shape": "tokens=16384", "tokens": 16384}
+    for stem, contender, ms in (("ops", "triton", 2.0), ("ops_cuda", "cuda", 1.0)):
+        rows = [{**row, "contender": contender, "median_ms": ms}]
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"environment": env, "ceilings": {"copy_gbps": 4000},
+                                                           "rows": rows}))
+    (tmp_path / "steps.tsv").write_text("op benchmarks (Triton)\t0\t90\tops.json\ntrain step\t124\t100\ttrain_step.json\n")
+    combined = json.loads(report.collect(tmp_path, tmp_path / "out").read_text())
+    cuda = next(r for r in combined["ops"] if r["contender"] == "cuda")
+    assert cuda["speedup_vs_triton"] == 2.0
+    assert combined["steps"] == [
+        {"step": "op benchmarks (Triton)", "status": "0", "seconds": 90, "file": "ops.json", "wrote": True},
+        {"step": "train step", "status": "124", "seconds": 100, "file": "train_step.json", "wrote": False},
+    ]
+
+
+def test_gpu_check_rehearsal_runs_every_step_and_builds_the_report(tmp_path):
+    """benchmarks/gpu_check.sh end to end on the CPU (GPU_CHECK_REHEARSAL=1): every step ran within
+    its budget, wrote its file, and the report step ran last and built the combined results."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "SANITIZE")}
+    env.update(GPU_CHECK_REHEARSAL="1", OUT=str(out), PY=sys.executable, BUDGET_S="420", SOLAR_KERNELS_COMMIT="rehearsal")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=500)
+    log = done.stdout[-4000:] + done.stderr[-2000:]
+    steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+    names = [s[0] for s in steps]
+    assert names == ["environment + ceilings", "install", "op benchmarks (Triton)", "train step", "op benchmarks (CUDA)",
+                     "tests", "report"], log
+    for name, status, seconds, output in steps:
+        assert status in ("0", "5") if name == "tests" else status == "0", (name, status, log)  # 5: no test selected
+        assert not output or (out / output).stat().st_size > 0, (name, output)
+    combined = json.loads(next(out.glob("*-x8664cpu.json")).read_text())
+    assert combined["environment"]["commit"] == "rehearsal"
+    assert {r["contender"] for r in combined["ops"]} >= {"torch", "triton"}
+    assert {r["timing"] for r in combined["ops"] if "median_ms" in r} == {"wall clock"}
+    assert {r["contender"] for r in combined["train_step"]} == {"ours-triton", "hf"}
+    assert [s["step"] for s in combined["steps"]] == names[:-1] and all(s["wrote"] for s in combined["steps"] if s["file"])
 
 
 def test_pytest_benchmark_file_runs():
