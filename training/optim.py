@@ -45,6 +45,18 @@ class KahanAdamW(torch.optim.Optimizer):
             state["compensation"] = torch.zeros_like(param)
         return state
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``Optimizer.load_state_dict``, which casts every floating state to its parameter's dtype;
+        the moments are fp32 here, so they are put back from the (uncast) values given."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = state_dict["state"].get(saved_id, {}).get(key)
+                if value is not None:
+                    self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -134,3 +134,19 @@ def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=4 * 2.0 ** -8)
     one, two = load_pretrained(tmp_path / "one" / "final"), load_pretrained(tmp_path / "two" / "final")
     assert one.model.embed_tokens.weight.dtype == two.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["autocast", "kahan"])
+def test_bf16_modes_resume_exactly(workspace, tmp_path, mode):
+    """Checkpoints keep what the optimizer holds (fp32 masters; bf16 weights with their compensation)."""
+    from tests.training.test_trainer import losses, pretrain_config
+
+    dtype, master_weights = MODES[mode]
+    values = pretrain_config(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
+    values["model"]["dtype"], values["optim"]["master_weights"] = dtype, master_weights
+    path = write_config(tmp_path / "c.yaml", **values)
+    stages.run_stage("pretrain", load_config(path))
+    straight = losses(tmp_path / "run")
+    history = stages.run_stage("pretrain", load_config(path, ["--train.resume=true"]))["pretrain"]
+    assert [r["step"] for r in history] == [5, 6]
+    assert losses(tmp_path / "run") == straight
