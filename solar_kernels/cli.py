@@ -27,11 +27,16 @@ MERGE_EXAMPLES = """examples:
   solar merge ./merged --models ./dpo-a ./dpo-b --method linear --weights 0.5 0.5
   solar merge ./merged --models ./dpo-a ./dpo-b --method slerp --t 0.4
   solar merge ./merged --models ./a ./b --method ties --base-model ./sft --density 0.5
-  solar merge ./merged --config merge.yml                     # mergekit linear/slerp/ties YAML
-  solar merge ./merged --config merge.yml --dtype bfloat16    # the YAML's merge, stored in bf16
+  solar merge ./merged --models ./a --method task_arithmetic --base-model ./sft --weights 0.7
+  solar merge ./merged --config merge.yml                     # a mergekit YAML (any method listed below)
+  solar merge ./merged --config merge.yml --dtype bfloat16    # the YAML's merge, computed and stored in bf16
+  solar merge ./merged --config merge.yml --compute-dtype float32   # exact fp32 math, stored in the YAML's dtype
 
-With --config the YAML describes the whole merge: --method, --weights, --t, --base-model and
---density are refused with it; --dtype overrides the YAML's dtype/out_dtype.
+Methods: linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
+della, della_linear. With --config the YAML describes the whole merge: --method, --weights, --t,
+--base-model and --density are refused with it; --dtype, --out-dtype and --compute-dtype override the
+YAML's dtype, out_dtype and compute_dtype. As in mergekit, --dtype is the dtype the sources are read
+in and the merge is computed in; models of different architectures need --allow-crimes.
 """
 # merge options that describe the merge itself: the YAML does that with --config.
 MERGE_PLAN_OPTIONS = {"method": "--method", "weights": "--weights", "t": "--t", "base_model": "--base-model",
@@ -45,15 +50,14 @@ def _upscale(args) -> None:
     if args.config:
         if len(args.paths) != 1:
             raise ValueError(f"with --config give only DST, got {len(args.paths)} paths")
-        if args.dtype:
-            common["dtype"] = args.dtype
-        report = upscale_from_yaml(args.config, args.paths[0], **common)
+        report = upscale_from_yaml(args.config, args.paths[0], dtype=args.dtype, out_dtype=args.out_dtype, **common)
     else:
         if len(args.paths) != 2:
             raise ValueError(f"expected SRC DST, got {len(args.paths)} path(s)")
         src, dst = args.paths
         slices = parse_slices(args.slices, src) if args.slices else None
-        report = depth_upscale(src, dst, drop=args.drop, slices=slices, dtype=args.dtype, **common)
+        report = depth_upscale(src, dst, drop=args.drop, slices=slices, dtype=args.dtype, out_dtype=args.out_dtype,
+                               **common)
     print(f"wrote {report.path}: {report.num_layers} layers, {report.bytes_written / 1e9:.2f} GB "
           f"in {report.seconds:.1f} s ({report.gb_per_second:.2f} GB/s)")
 
@@ -61,23 +65,25 @@ def _upscale(args) -> None:
 def _merge(args) -> None:
     from .merge import merge, merge_from_yaml
 
-    common = dict(max_shard_size=args.max_shard_size, force=args.force, progress=args.progress)
+    common = dict(max_shard_size=args.max_shard_size, force=args.force, progress=args.progress,
+                  dtype=args.dtype, out_dtype=args.out_dtype, compute_dtype=args.compute_dtype,
+                  seed=args.random_seed, allow_crimes=args.allow_crimes)
     if args.config:
         if args.models:
             raise ValueError("give either --config or --models, not both")
         given = [flag for key, flag in MERGE_PLAN_OPTIONS.items() if getattr(args, key) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} cannot be combined with --config: the YAML describes the merge "
-                             f"(only --dtype, --max-shard-size, --force and --progress apply to it)")
-        path = merge_from_yaml(args.config, args.dst, dtype=args.dtype, **common)
+                             f"(only the dtype and output options apply to it)")
+        path = merge_from_yaml(args.config, args.dst, **common)
     else:
         if not args.models:
             raise ValueError("give --models (two or more checkpoints) or --config FILE.yml")
-        if len(args.models) < 2:
-            raise ValueError(f"--models needs two or more checkpoints, got 1: {args.models[0]}")
-        path = merge(args.models, args.dst, method=args.method or "linear", weights=args.weights,
-                     t=0.5 if args.t is None else args.t, base_model=args.base_model,
-                     density=1.0 if args.density is None else args.density, dtype=args.dtype, **common)
+        if len(args.models) < 2 and args.base_model is None:
+            raise ValueError(f"--models needs two or more checkpoints, got 1: {args.models[0]} (one is enough "
+                             f"with --base-model)")
+        path = merge(args.models, args.dst, method=args.method or "linear", weights=args.weights, t=args.t,
+                     base_model=args.base_model, density=args.density, **common)
     print(f"wrote {path}")
 
 
@@ -140,17 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="mergekit passthrough YAML (--dtype overrides its dtype)")
     up.set_defaults(run=_upscale)
 
-    mg = commands.add_parser("merge", help="merge checkpoints (linear, SLERP, TIES)", epilog=MERGE_EXAMPLES,
+    mg = commands.add_parser("merge", help="merge checkpoints (linear, SLERP, TIES, DARE, ...)", epilog=MERGE_EXAMPLES,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     mg.add_argument("dst", metavar="DST", help="output directory (outside every source)")
     mg.add_argument("--models", nargs="+", help="checkpoint directories to merge (two or more)")
-    mg.add_argument("--config", help="mergekit YAML (linear, slerp or ties); not with --method, --weights, --t, "
-                                     "--base-model, --density; --dtype overrides its dtype")
-    mg.add_argument("--method", help="linear (default), slerp or ties")
-    mg.add_argument("--weights", type=float, nargs="+", help="one weight per model (linear, ties)")
-    mg.add_argument("--t", type=float, help="SLERP factor: 0 gives the first model (default 0.5)")
-    mg.add_argument("--base-model", help="TIES base checkpoint")
-    mg.add_argument("--density", type=float, help="TIES: share of each task vector kept (default 1)")
+    mg.add_argument("--config", help="mergekit YAML; not with --method, --weights, --t, --base-model, --density; "
+                                     "--dtype, --out-dtype, --compute-dtype override its keys")
+    mg.add_argument("--method", help="linear (default), slerp, task_arithmetic, ties, dare_ties, dare_linear, "
+                                     "breadcrumbs, breadcrumbs_ties, della, della_linear")
+    mg.add_argument("--weights", type=float, nargs="+", help="one weight per model (all methods but slerp)")
+    mg.add_argument("--t", type=float, help="SLERP factor: 0 gives the base (else first) model")
+    mg.add_argument("--base-model", help="base checkpoint (task-vector methods; slerp: the t = 0 end)")
+    mg.add_argument("--density", type=float, help="share of each task vector kept (ties, dare, breadcrumbs, della)")
+    mg.add_argument("--compute-dtype", help="dtype of the merge math only, e.g. float32 for exact fp32 math on "
+                                            "unrounded sources (default: --dtype, as mergekit)")
+    mg.add_argument("--random-seed", type=int, default=0, help="seed of the dare/della random masks (default 0)")
+    mg.add_argument("--allow-crimes", action="store_true",
+                    help="merge models of different architectures (e.g. Llama with Mistral), as mergekit's flag")
     mg.set_defaults(run=_merge)
 
     for stage, config in TRAIN_CONFIGS.items():
@@ -160,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
 
     for sub in (up, mg):
-        sub.add_argument("--dtype", help="output dtype: float32, float16 or bfloat16 (default: keep)")
+        sub.add_argument("--dtype", help="dtype the sources are read and merged in, and stored in unless --out-dtype: "
+                                         "float32, float16 or bfloat16 (default: keep)")
+        sub.add_argument("--out-dtype", help="stored dtype (default: --dtype)")
         sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
         sub.add_argument("--force", action="store_true", help="replace an existing DST")
         sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# mergekit passthrough's one parameter: a factor every tensor is multiplied by (None: unchanged).
+PASSTHROUGH_PARAMETERS = ("scale",)
 # config.json fields that must agree between checkpoints whose layers are stacked.
 _ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
                       "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act",
@@ -69,11 +72,14 @@ _ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_att
 
 @dataclass(frozen=True)
 class Slice:
-    """Layers [start, end) of the checkpoint at ``source``."""
+    """Layers [start, end) of the checkpoint at ``source``; ``parameters`` (the slice's) and
+    ``source_parameters`` (its source's) are mergekit passthrough parameters (only ``scale``)."""
 
     source: Path
     start: int
     end: int
+    parameters: dict | None = field(default=None, compare=False, hash=False)
+    source_parameters: dict | None = field(default=None, compare=False, hash=False)
 
     def __str__(self) -> str:
         return f"{self.source}:{self.start}:{self.end}"
@@ -122,42 +128,56 @@ def parse_slices(text: str, default_source: PathLike) -> List[Slice]:
 
 
 def slices_from_yaml(config_path: PathLike) -> Tuple[List[Slice], Optional[str]]:
-    """(slices, dtype) from a mergekit passthrough YAML; model paths relative to the YAML file."""
-    import yaml
+    """(slices, dtype) from a mergekit passthrough YAML (read by ``merge.config.read_recipe``:
+    model paths relative to the working directory, as mergekit; every key implemented or refused)."""
+    recipe = _passthrough_recipe(config_path)
+    return recipe[0], recipe[1]["dtype"]
 
-    config_path = Path(config_path)
-    try:
-        config = yaml.safe_load(config_path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ValueError(f"{config_path}: cannot read the YAML ({error})") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a mapping with slices and merge_method")
-    unknown = set(config) - {"slices", "merge_method", "dtype", "base_model", "tokenizer_source", "parameters"}
+
+def _passthrough_parameters(where: str, parameters: Optional[dict]) -> Optional[dict]:
+    """Checked passthrough parameters (only ``scale``: a number, gradient or filters), or None."""
+    from .merge.settings import check_setting
+
+    if not parameters:
+        return None
+    if not isinstance(parameters, dict):
+        raise ValueError(f"{where}: parameters must be a mapping, got {parameters!r}")
+    unknown = [key for key in parameters if key not in PASSTHROUGH_PARAMETERS]
     if unknown:
-        raise ValueError(f"{config_path}: unsupported keys {sorted(unknown)} for a passthrough merge")
-    method = config.get("merge_method")
-    if method != "passthrough":
-        raise ValueError(
-            f"{config_path}: depth up-scaling takes merge_method: passthrough, got {method!r} "
-            "(linear, slerp and ties merges are `solar merge --config`)"
-        )
-    raw_slices = config.get("slices")
-    if not isinstance(raw_slices, list) or not raw_slices:
-        raise ValueError(f"{config_path}: slices must be a non-empty list")
+        raise ValueError(f"{where}: parameter {unknown[0]!r} does not apply to passthrough; expected "
+                         f"{', '.join(PASSTHROUGH_PARAMETERS)}")
+    return {key: check_setting(f"{where}: {key}", value) for key, value in parameters.items()}
+
+
+def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:
+    """(slices, depth_upscale keyword arguments) of a mergekit passthrough YAML."""
+    from .merge.config import read_recipe
+
+    recipe = read_recipe(config_path)
+    where = recipe.path
+    if recipe.merge_method != "passthrough":
+        raise ValueError(f"{where}: depth up-scaling takes merge_method: passthrough, got {recipe.merge_method!r} "
+                         f"(other methods are `solar merge --config`)")
+    if recipe.slices is None:
+        raise ValueError(f"{where}: passthrough needs slices: (layer ranges to stack), got models:")
+    if recipe.compute_dtype is not None:
+        raise ValueError(f"{where}: compute_dtype does not apply to passthrough (nothing is computed but scale)")
+
+    checked = _passthrough_parameters
+    top = checked(f"{where}: parameters", recipe.parameters)
     slices = []
-    for number, entry in enumerate(raw_slices):
-        sources = entry.get("sources") if isinstance(entry, dict) else None
-        if not isinstance(sources, list) or len(sources) != 1:
-            raise ValueError(f"{config_path}: slice {number} must have exactly one source for passthrough, got {sources!r}")
-        source = sources[0]
-        layer_range = source.get("layer_range") if isinstance(source, dict) else None
-        if not (isinstance(layer_range, list) and len(layer_range) == 2 and all(isinstance(v, int) for v in layer_range)):
-            raise ValueError(f"{config_path}: slice {number} needs layer_range: [start, end], got {layer_range!r}")
-        model = Path(str(source.get("model")))
-        if not model.is_absolute():
-            model = config_path.parent / model
-        slices.append(Slice(model, layer_range[0], layer_range[1]))
-    return slices, config.get("dtype")
+    for number, layer_slice in enumerate(recipe.slices):
+        if len(layer_slice.sources) != 1:
+            raise ValueError(f"{where}: slices[{number}] must have exactly one source for passthrough, got "
+                             f"{len(layer_slice.sources)}")
+        source = layer_slice.sources[0]
+        slices.append(Slice(source.model, source.layer_range[0], source.layer_range[1],
+                            parameters=checked(f"{where}: slices[{number}] parameters", layer_slice.parameters),
+                            source_parameters=checked(f"{where}: slices[{number}].sources[0] parameters",
+                                                      source.parameters)))
+    kwargs = dict(dtype=recipe.dtype, out_dtype=recipe.out_dtype, parameters=top, base_model=recipe.base_model,
+                  recipe=recipe.text)
+    return slices, kwargs
 
 
 def _layer_tensors(reader: CheckpointReader) -> Dict[int, Dict[str, str]]:
@@ -208,82 +228,139 @@ def depth_upscale(
     drop: Optional[int] = 8,
     slices: Optional[Sequence[Slice]] = None,
     dtype: Optional[str] = None,
+    out_dtype: Optional[str] = None,
+    parameters: Optional[dict] = None,
+    base_model: Optional[PathLike] = None,
     max_shard_size: Union[int, str] = "5GB",
     force: bool = False,
     progress: bool = False,
+    recipe: Optional[str] = None,
 ) -> UpscaleReport:
-    """Write the up-scaled checkpoint to ``dst``: ``drop=m`` on ``src``, or an explicit slice plan."""
+    """Write the up-scaled checkpoint to ``dst``: ``drop=m`` on ``src``, or an explicit slice plan.
+
+    As mergekit's passthrough: every tensor is read in ``dtype`` (None: its own), multiplied by its
+    ``scale`` when one is given (``parameters``, a slice's ``parameters`` or ``source_parameters``:
+    numbers, gradients over the slice's layers or filters on tensor names, see
+    ``merge.settings``) and stored in ``out_dtype`` (default: as read). ``base_model`` (None: the
+    first slice's checkpoint) gives config.json and the tokenizer and generation files."""
+    from .merge.card import write_card
+    from .merge.settings import resolve
+
     start_time = time.perf_counter()
-    target_dtype = parse_dtype(dtype)
+    load_dtype = parse_dtype(dtype)
+    store_dtype = parse_dtype(out_dtype)
     if slices is None and src is None:
         raise ValueError("depth_upscale: give src (with drop) or slices")
     if slices is not None and not slices:
         raise ValueError("depth_upscale: the slice plan is empty")
-    check_destination(dst, [src] if slices is None else [s.source for s in slices])
+    parameters = _passthrough_parameters("depth_upscale: parameters", parameters)
+    sources = [src] if slices is None else [s.source for s in slices]
+    check_destination(dst, sources + ([base_model] if base_model is not None else []))
     if slices is None:
         base = _open(src)
         slices = drop_plan(src, base.config.get("num_hidden_layers", 0), drop)
-    slices = [Slice(Path(s.source), s.start, s.end) for s in slices]
+    slices = [Slice(Path(s.source), s.start, s.end,
+                    _passthrough_parameters(f"depth_upscale: slice {s} parameters", s.parameters),
+                    _passthrough_parameters(f"depth_upscale: slice {s} source parameters", s.source_parameters))
+              for s in slices]
     readers = {path: _open(path) for path in dict.fromkeys(s.source for s in slices)}
+    config_reader = readers[slices[0].source]
+    if base_model is not None:
+        base_path = Path(base_model)
+        config_reader = readers.get(base_path) or _open(base_path)
+        readers.setdefault(base_path, config_reader)
     _check_plan(slices, readers)
     first, last = readers[slices[0].source], readers[slices[-1].source]
 
-    # (output name, reader, input name) in the order written: embedding, layers, the rest.
-    plan: List[Tuple[str, CheckpointReader, str]] = []
+    # (output name, reader, input name, scale) in the order written: embedding, layers, the rest.
+    # scale as mergekit evaluates it: the source's, then the slice's, then the top-level parameters,
+    # on the input tensor's name, at t = 0 outside the layers and i / (n - 1) for layer i of n.
+    def scale_of(piece: Slice, input_name: str, t: float):
+        value = resolve("scale", (piece.source_parameters, piece.parameters, parameters), input_name, t, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"depth_upscale: scale for {input_name} must be a number, got {value!r}")
+        return value
+
+    plan: List[Tuple[str, CheckpointReader, str, Optional[float]]] = []
     outside_layers = [n for n in first.names() if not _LAYER.match(n)]
     head_from_last = {"model.norm.weight", "lm_head.weight", "lm_head.bias"}
     for name in outside_layers:
         if name not in head_from_last:
-            plan.append((name, first, name))
+            plan.append((name, first, name, scale_of(slices[0], name, 0.0)))
     new_layer = 0
     for piece in slices:
         layers = _layer_tensors(readers[piece.source])
-        for layer in range(piece.start, piece.end):
+        count = piece.end - piece.start
+        for offset, layer in enumerate(range(piece.start, piece.end)):
+            t = offset / (count - 1) if count > 1 else 1.0
             for suffix, name in layers[layer].items():
-                plan.append((f"model.layers.{new_layer}.{suffix}", readers[piece.source], name))
+                plan.append((f"model.layers.{new_layer}.{suffix}", readers[piece.source], name,
+                             scale_of(piece, name, t)))
             new_layer += 1
     for name in outside_layers:
         if name in head_from_last:
             if name not in last:
                 raise CheckpointError(f"{last.path}: tensor {name!r} is missing")
-            plan.append((name, last, name))
+            plan.append((name, last, name, scale_of(slices[-1], name, 0.0)))
 
-    def out_bytes(reader, name):
-        if target_dtype is None:
-            return reader.nbytes(name)
-        numel = 1
-        for size in reader.shape(name):
-            numel *= size
-        return numel * (2 if target_dtype != parse_dtype("float32") else 4)
+    def stored(reader, name) -> "torch.dtype":
+        source = reader.dtype(name)
+        if not source.is_floating_point:
+            return source
+        return store_dtype or load_dtype or source
 
-    expected = sum(out_bytes(r, n) for _, r, n in plan)
-    config = json.loads(json.dumps(first.config))
+    expected = sum(math.prod(r.shape(n)) * stored(r, n).itemsize for _, r, n, _ in plan)
+    config = json.loads(json.dumps(config_reader.config))
     config["num_hidden_layers"] = new_layer
-    if target_dtype is not None:
-        set_config_dtype(config, target_dtype)
+    if store_dtype or load_dtype:
+        set_config_dtype(config, store_dtype or load_dtype)
     iterator = plan
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(plan, desc="upscale", unit="tensor")
     with output_directory(dst, force=force, expected_bytes=expected, tool="depth_upscale") as tmp:
-        copy_side_files(first.path, tmp)
-        write_config(tmp, config, source=str(first.path / "config.json"))
+        copy_side_files(config_reader.path, tmp)
+        write_config(tmp, config, source=str(config_reader.path / "config.json"))
         writer = ShardWriter(tmp, max_shard_size)
-        for out_name, reader, name in iterator:
+        for out_name, reader, name, scale in iterator:
             tensor = reader.get(name)
-            if target_dtype is not None and tensor.is_floating_point():
-                tensor = tensor.to(target_dtype)
+            if tensor.is_floating_point():
+                if load_dtype is not None and tensor.dtype != load_dtype:
+                    tensor = tensor.to(load_dtype)
+                if scale is not None:
+                    tensor = tensor * scale
+                if store_dtype is not None and tensor.dtype != store_dtype:
+                    tensor = tensor.to(store_dtype)
             writer.add(out_name, tensor)
         writer.finish()
+        write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
+                   models=[s.source for s in slices],
+                   base_model=Path(base_model) if base_model is not None else None,
+                   recipe=recipe or _recipe(slices, dtype, out_dtype))
     seconds = time.perf_counter() - start_time
     logger.info("depth_upscale: %d -> %d layers, %.2f GB in %.1f s", first.config["num_hidden_layers"],
                 new_layer, writer.total_size / 1e9, seconds)
     return UpscaleReport(Path(dst), new_layer, writer.total_size, seconds)
 
 
+def _recipe(slices: Sequence[Slice], dtype, out_dtype) -> str:
+    """The mergekit passthrough YAML of a slice plan (for the model card)."""
+    import yaml
+
+    recipe = {"merge_method": "passthrough",
+              "slices": [{"sources": [{"model": str(s.source), "layer_range": [s.start, s.end]}]} for s in slices]}
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None:
+            recipe[key] = str(value).replace("torch.", "")
+    return yaml.safe_dump(recipe, sort_keys=False).rstrip()
+
+
 def upscale_from_yaml(config_path: PathLike, dst: PathLike, **kwargs) -> UpscaleReport:
-    """``depth_upscale`` with the plan (and dtype, unless given) of a mergekit passthrough YAML."""
-    slices, dtype = slices_from_yaml(config_path)
-    kwargs.setdefault("dtype", dtype)
+    """``depth_upscale`` with the plan of a mergekit passthrough YAML; ``dtype``/``out_dtype``
+    given here override the file's."""
+    slices, recipe_kwargs = _passthrough_recipe(config_path)
+    for key, value in recipe_kwargs.items():
+        if kwargs.get(key) is None:
+            kwargs[key] = value
     return depth_upscale(None, dst, slices=slices, **kwargs)

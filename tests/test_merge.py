@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -306,7 +307,9 @@ def test_single_file_when_it_fits(sources, tmp_path):
 
 @pytest.mark.parametrize("dtype, name", [("bfloat16", "bfloat16"), (torch.float16, "float16")])
 def test_dtype_conversion(sources, weights, tmp_path, dtype, name):
-    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", weights=[0.6, 0.4], dtype=dtype)
+    # out_dtype: fp32 math on the fp32 sources, stored once in the output dtype.
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", weights=[0.6, 0.4],
+                out_dtype=dtype)
     config = json.loads((dst / "config.json").read_text())
     assert config["dtype"] == name
     target = getattr(torch, name)
@@ -355,26 +358,33 @@ def test_failure_midway_leaves_no_output(sources, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
-    (("a", "b"), dict(method="average"), r"method must be one of 'linear', 'slerp', 'ties', got 'average'"),
-    (("a", "b"), dict(method="linear", weights=[1.0]), r"weights must have one number per model \(2\), got \[1.0\]"),
-    (("a", "b"), dict(method="linear", weights=[1.0, -0.5]), r"non-negative with normalize=True, got \[1.0, -0.5\]"),
-    (("a", "b"), dict(method="linear", weights=[0, 0]), r"must not all be zero with normalize=True, got \[0.0, 0.0\]"),
-    (("a", "b"), dict(method="ties", base_model="base", weights=[0, 0]), r"must not all be zero"),
-    (("a", "b"), dict(method="linear", weights=[1.0, "x"]), r"weights\[1\] must be a finite number, got 'x'"),
+    (("a", "b"), dict(method="average"), r"merge method must be one of breadcrumbs, .*ties, got 'average'"),
+    (("a", "b"), dict(method="linear", weights=[1.0]), r"weights must have one value per model \(2\), got \[1.0\]"),
+    (("a", "b"), dict(method="linear", weights=[1.0, -1.0]), r"weights of tensor [\w.]+ sum "
+                                                             r"to 0, which normalize: true divides by"),
+    (("a", "b"), dict(method="linear", weights=[0, 0]), r"sum to 0.*got \[0, 0\]"),
+    (("a", "b"), dict(method="linear", weights=[1.0, "x"]), r"models\[1\] parameters: weight: expected a number, "
+                                                            r"a gradient .* got 'x'"),
     (("a", "b"), dict(method="slerp", t=1.5), r"t must be in \[0, 1\].*got 1.5"),
     (("a", "b"), dict(method="slerp", t=-0.1), r"t must be in \[0, 1\].*got -0.1"),
-    (("a", "b", "c"), dict(method="slerp"), r"slerp merges exactly 2 models, got 3"),
-    (("a", "b"), dict(method="slerp", weights=[1, 1]), r"weights do not apply to slerp"),
-    (("a", "b"), dict(method="slerp", base_model="c"), r"slerp base_model must be one of the two models"),
+    (("a", "b", "c"), dict(method="slerp"), r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 2"),
+    (("a", "b"), dict(method="slerp", weights=[1, 1]), r"weights does not apply to slerp; its parameters are t"),
+    (("a", "b"), dict(method="slerp", base_model="c"), r"slerp merges exactly 1 model\(s\) besides the base model"),
     (("a", "b"), dict(method="ties", base_model="base", density=0.0), r"density must be in \(0, 1\].*got 0.0"),
     (("a", "b"), dict(method="ties", base_model="base", density=1.5), r"density must be in \(0, 1\].*got 1.5"),
-    (("a", "b"), dict(method="ties", base_model="base", density=[0.5]), r"one per model \(2\), got \[0.5\]"),
+    (("a", "b"), dict(method="ties", base_model="base", density=[0.5]), r"density must have one value per model "
+                                                                        r"\(2\), got \[0.5\]"),
     (("a", "b"), dict(method="ties"), r"method 'ties' needs base_model .* got None"),
-    (("a", "b"), dict(method="linear", density=0.5), r"density applies only to ties, got density=0.5"),
-    (("a", "b"), dict(method="linear", t=0.7), r"t applies only to slerp, got t=0.7"),
+    (("a", "b"), dict(method="linear", density=0.5), r"density does not apply to linear; its parameters are "
+                                                     r"normalize, weight"),
+    (("a", "b"), dict(method="linear", t=0.7), r"t does not apply to linear"),
     (("a", "b"), dict(method="linear", base_model="base"), r"base_model does not apply to linear merges"),
     (("a", "b"), dict(method="linear", dtype="int8"), r"dtype must be one of float32, float16, bfloat16, got 'int8'"),
     (("a", "b"), dict(method="linear", max_shard_size="huge"), r"max_shard_size must be .* got 'huge'"),
+    (("a", "b"), dict(method="linear", parameters={"weight": [{"filter": "mlp", "valu": 1}]}),
+     r"parameters: weight\[0\]: unknown key 'valu'; expected filter and value"),
+    (("a", "b"), dict(method="slerp", parameters={"t": [{"filter": "mlp", "value": 0.5}]}),
+     r"slerp needs parameter t for tensor (?!model\.layers\.\d+\.mlp)"),
 ]
 
 
@@ -416,18 +426,27 @@ def test_missing_model_and_dst_equal_to_source(sources, tmp_path):
 
 
 def test_one_model_is_not_a_merge(sources, tmp_path):
-    for method, extra in (("linear", {}), ("slerp", {}), ("ties", {"base_model": sources["base"]})):
-        with pytest.raises(ValueError, match=r"a merge needs two or more models, got 1: \[.*/a'\]"):
-            merge([sources["a"]], tmp_path / "out", method=method, **extra)
+    for method, message in (("linear", r"linear merges 2 or more model\(s\), got 1: \[.*/a'\]"),
+                            ("slerp", r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 0")):
+        with pytest.raises(ValueError, match=message):
+            merge([sources["a"]], tmp_path / "out", method=method)
     config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}]\nmerge_method: linear\n")
-    with pytest.raises(ValueError, match=r"a merge needs two or more models, got 1"):
+    with pytest.raises(ValueError, match=r"linear merges 2 or more model\(s\), got 1"):
         merge_from_yaml(config, tmp_path / "out")
-    # ties: the base listed without parameters is the base, so this is one merged model too
-    config = _write_yaml(tmp_path, f"models: [{{model: {sources['base']}}}, {{model: {sources['a']}}}]\n"
+    # ties: the base listed among the models is the base (as mergekit), so nothing is left to merge
+    config = _write_yaml(tmp_path, f"models: [{{model: {sources['base']}, parameters: {{weight: 1}}}}]\n"
                                    f"merge_method: ties\nbase_model: {sources['base']}\n")
-    with pytest.raises(ValueError, match=r"a merge needs two or more models, got 1"):
+    with pytest.raises(ValueError, match=r"ties merges 1 or more model\(s\) besides the base model .*, got 0"):
         merge_from_yaml(config, tmp_path / "out")
     assert _listing(tmp_path) == ["merge.yml"]
+
+
+def test_one_task_vector_is_a_ties_merge(sources, weights, tmp_path):
+    """As mergekit: ties with the base and one model is base + trimmed task vector."""
+    dst = merge([sources["a"]], tmp_path / "out", method="ties", base_model=sources["base"], density=1.0)
+    for name, tensor in _state_dict(dst).items():
+        expected = weights["base"][name] + (weights["a"][name] - weights["base"][name])
+        assert torch.equal(tensor, expected), name
 
 
 def test_destination_in_or_around_any_source_is_refused(sources, tmp_path):
@@ -490,7 +509,7 @@ def test_yaml_dtype_overridden_by_the_caller(sources, tmp_path, caplog):
     with caplog.at_level("INFO", logger="solar_kernels.merge"):
         dst = merge_from_yaml(config, tmp_path / "out", dtype="bfloat16")
     assert {t.dtype for t in _state_dict(dst).values()} == {torch.bfloat16}
-    assert f"output dtype bfloat16 (given) overrides float16 from {config}" in caplog.text
+    assert f"dtype bfloat16 (given) overrides float16 from {config}" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,7 +532,7 @@ def _assert_same_checkpoint(left, right):
     assert json.loads((left / "config.json").read_text()) == json.loads((right / "config.json").read_text())
 
 
-def test_yaml_linear_relative_paths(sources, tmp_path, monkeypatch):
+def test_yaml_linear_relative_paths(sources, tmp_path, monkeypatch, caplog):
     config = _write_yaml(tmp_path, f"""
 models:
   - model: {os.path.relpath(sources['a'], tmp_path)}
@@ -525,12 +544,25 @@ parameters: {{normalize: true}}
 dtype: bfloat16
 """)
     assert not os.path.isabs(os.path.relpath(sources["a"], tmp_path))
-    monkeypatch.chdir(sources["a"])  # relative paths resolve against the YAML file, not the working directory
+    monkeypatch.chdir(tmp_path)  # relative paths resolve against the working directory, as in mergekit
     dst = merge_from_yaml(config, tmp_path / "yaml")
     expected = merge([sources["a"], sources["b"]], tmp_path / "api", method="linear", weights=[0.6, 0.4],
                      dtype="bfloat16")
     _assert_same_checkpoint(dst, expected)
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+    # Where the working directory has models of those names, they are the ones merged (as mergekit)...
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("a", "b"):
+        shutil.copytree(sources["c" if name == "a" else "b"], elsewhere / os.path.relpath(sources[name], tmp_path))
+    monkeypatch.chdir(elsewhere)
+    _assert_same_checkpoint(merge_from_yaml(config, tmp_path / "cwd"),
+                            merge([sources["c"], sources["b"]], tmp_path / "api_c", method="linear",
+                                  weights=[0.6, 0.4], dtype="bfloat16"))
+    # ...and a path found only beside the YAML file is used with a warning (mergekit would stop).
+    monkeypatch.chdir(sources["a"])
+    with caplog.at_level("WARNING", logger="solar_kernels.merge"):
+        _assert_same_checkpoint(merge_from_yaml(config, tmp_path / "beside"), expected)
+    assert "is not in the working directory; using" in caplog.text
 
 
 def test_yaml_slerp_slices(sources, tmp_path):
@@ -588,11 +620,19 @@ dtype: float16
 # @a and @b stand for the paths of sources a and b.
 TWO = "models: [{model: @a}, {model: @b}]\n"
 BAD_YAML = {
-    "unknown_key": (TWO + "merge_method: linear\ntokenizer_source: base\n",
-                    r"unknown top-level key 'tokenizer_source'"),
-    "passthrough": ("slices: []\nmerge_method: passthrough\n", r"'passthrough' stacks layers.*solar upscale --config"),
-    "unknown_method": (TWO + "merge_method: dare_ties\n",
-                       r"merge_method must be one of linear, slerp, ties, got 'dare_ties'"),
+    "unknown_key": (TWO + "merge_method: linear\nmerge_methd: ties\n", r"unknown key 'merge_methd'; expected some of"),
+    "tokenizer_source": (TWO + "merge_method: linear\ntokenizer_source: base\n",
+                         r"key 'tokenizer_source' is not supported: the output's tokenizer is the base model's"),
+    "modules": (TWO + "merge_method: linear\nmodules: {}\n", r"key 'modules' is not supported"),
+    "slice_base_model": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\n    base_model: @b\n"
+                         "merge_method: slerp\n", r"slices\[0\]: key 'base_model' is not supported"),
+    "unknown_source_key": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2], weight: 1}]\n"
+                           "merge_method: linear\n", r"slices\[0\]\.sources\[0\]: unknown key 'weight'"),
+    "unknown_filter_key": (TWO + "merge_method: slerp\nparameters: {t: [{filter: mlp, value: 0.5, when: 1}]}\n",
+                           r"parameters: t\[0\]: unknown key 'when'; expected filter and value"),
+    "passthrough": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\nmerge_method: passthrough\n",
+                    r"'passthrough' stacks layers.*solar upscale --config"),
+    "unknown_method": (TWO + "merge_method: karcher\n", r"merge method must be one of .*, got 'karcher'"),
     "partial_slice": ("slices:\n  - sources:\n      - {model: @a, layer_range: [0, 1]}\n"
                       "      - {model: @b, layer_range: [0, 1]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
                       r"layer_range \[0, 1\] is not supported: only whole-model merges are, i\.e\. \[0, 2\]"),
@@ -602,20 +642,20 @@ BAD_YAML = {
     "two_slices": ("slices:\n  - sources: [{model: @a, layer_range: [0, 1]}, {model: @b, layer_range: [0, 1]}]\n"
                    "  - sources: [{model: @a, layer_range: [1, 2]}, {model: @b, layer_range: [1, 2]}]\n"
                    "merge_method: slerp\nparameters: {t: 0.5}\n", r"only one slice .* got 2 slices"),
-    "gradient_t": (TWO + "merge_method: slerp\nparameters: {t: [0, 0.5, 1]}\n",
-                   r"parameter t: \[0, 0.5, 1\]: per-layer gradients and filters are not supported"),
+    "bad_gradient": (TWO + "merge_method: slerp\nparameters: {t: [0, x, 1]}\n",
+                     r"parameters: t: expected a number, a gradient \(a non-empty list of numbers\)"),
     "models_and_slices": ("models: [{model: @a}]\nslices: []\nmerge_method: linear\n",
-                          r"exactly one of models or slices, got both"),
-    "slerp_without_t": (TWO + "merge_method: slerp\n", r"slerp needs parameters: \{t"),
+                          r"exactly one of models or slices .*, got both"),
+    "slerp_without_t": (TWO + "merge_method: slerp\n", r"slerp needs parameter t for tensor"),
     "slerp_three": ("models: [{model: @a}, {model: @b}, {model: @a}]\nmerge_method: slerp\nparameters: {t: 0.5}\n",
-                    r"slerp merges exactly 2 models, got 3"),
+                    r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 2"),
     "ties_without_base": (TWO + "merge_method: ties\n", r"needs base_model"),
     "bad_model_parameter": ("models: [{model: @a, parameters: {density: 0.5}}, {model: @b}]\nmerge_method: linear\n",
                             r"parameter 'density' does not apply to linear"),
     "hub_model": ("models: [{model: upstage/SOLAR-10.7B-v1.0}, {model: @b}]\nmerge_method: linear\n",
                   r"model 'upstage/SOLAR-10.7B-v1.0' resolves to .* which is not a directory"),
     "two_documents": (TWO + "merge_method: linear\n---\nmerge_method: slerp\n",
-                      r"not a valid merge YAML"),
+                      r"cannot read the merge YAML"),
 }
 
 

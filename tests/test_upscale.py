@@ -112,7 +112,8 @@ def test_slices_from_two_checkpoints(tmp_path):
     assert torch.equal(out["lm_head.weight"], tb["lm_head.weight"])
 
 
-def test_mergekit_passthrough_yaml(base, tmp_path):
+def test_mergekit_passthrough_yaml(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # model paths are relative to the working directory, as in mergekit
     (tmp_path / "dus.yml").write_text(
         "slices:\n"
         "  - sources:\n      - model: base\n        layer_range: [0, 4]\n"
@@ -194,17 +195,65 @@ def test_not_enough_disk(base, tmp_path, monkeypatch):
     assert not (tmp_path / "up").exists()
 
 
-def test_yaml_errors(tmp_path):
+def test_yaml_errors(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     bad = tmp_path / "bad.yml"
-    bad.write_text("slices: []\nmerge_method: passthrough\n")
-    with pytest.raises(ValueError, match="slices must be a non-empty list"):
-        upscale_from_yaml(bad, tmp_path / "up")
-    bad.write_text("models: [a, b]\nmerge_method: linear\n")
-    with pytest.raises(ValueError, match="unsupported keys"):
-        upscale_from_yaml(bad, tmp_path / "up")
-    bad.write_text("slices:\n  - sources:\n      - model: a\n        layer_range: [0, 4]\n      - model: b\n        layer_range: [0, 4]\nmerge_method: passthrough\n")
-    with pytest.raises(ValueError, match="exactly one source for passthrough"):
-        upscale_from_yaml(bad, tmp_path / "up")
+    slice_text = "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
+    cases = [
+        ("slices: []\nmerge_method: passthrough\n", r"give exactly one of models or slices \(a non-empty list\)"),
+        ("models: [{model: base}, {model: base}]\nmerge_method: linear\n",
+         r"depth up-scaling takes merge_method: passthrough, got 'linear'"),
+        ("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n      - {model: base, layer_range: [0, 4]}\n"
+         "merge_method: passthrough\n", r"slices\[0\] must have exactly one source for passthrough, got 2"),
+        # Keys mergekit has that are not implemented here are refused, never ignored (issue 13).
+        (slice_text + "merge_method: passthrough\ntokenizer_source: base\n", r"key 'tokenizer_source' is not supported"),
+        (slice_text + "merge_method: passthrough\nparameters: {weight: 0.5}\n",
+         r"parameters: parameter 'weight' does not apply to passthrough; expected scale"),
+        ("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4], parameters: {density: 1}}\n"
+         "merge_method: passthrough\n", r"slices\[0\]\.sources\[0\] parameters: parameter 'density' does not apply"),
+        (slice_text + "merge_method: passthrough\nparameters: {scale: [{filter: o_proj, vale: 0}]}\n",
+         r"unknown key 'vale'; expected filter and value"),
+        (slice_text + "merge_method: passthrough\nchat_template: chatml\n", r"key 'chat_template' is not supported"),
+        (slice_text + "merge_method: passthrough\nsome_key: 1\n", r"unknown key 'some_key'"),
+    ]
+    for text, message in cases:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            upscale_from_yaml(bad, tmp_path / "up")
+        assert not (tmp_path / "up").exists()
+
+
+def test_base_model_gives_config_and_tokenizer(base, tmp_path, monkeypatch):
+    """As mergekit: with base_model, config.json and the tokenizer are the base's, not the first slice's."""
+    other = make_checkpoint(tmp_path / "other", seed=3)
+    (other / "tokenizer_config.json").write_text('{"model_max_length": 77}')
+    config = json.loads((other / "config.json").read_text())
+    config["bos_token_id"] = 5
+    (other / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dus.yml").write_text("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
+                                      "merge_method: passthrough\nbase_model: other\n")
+    upscale_from_yaml(tmp_path / "dus.yml", tmp_path / "up")
+    assert json.loads((tmp_path / "up" / "tokenizer_config.json").read_text()) == {"model_max_length": 77}
+    written = json.loads((tmp_path / "up" / "config.json").read_text())
+    assert written["bos_token_id"] == 5 and written["num_hidden_layers"] == 4
+    assert torch.equal(tensors(tmp_path / "up")["model.embed_tokens.weight"], tensors(base)["model.embed_tokens.weight"])
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "base_model: other" in card and "passthrough" in card
+
+
+def test_scale_parameter_zeroes_filtered_tensors(base, tmp_path):
+    """mergekit's passthrough ``scale``: o_proj and down_proj of the second slice zeroed, the rest kept."""
+    slices = [Slice(base, 0, 3), Slice(base, 3, 6, source_parameters={
+        "scale": [{"filter": "o_proj", "value": 0}, {"filter": "down_proj", "value": 0}, {"value": 1}]})]
+    depth_upscale(None, tmp_path / "up", slices=slices, parameters={"scale": 0.5})
+    src, out = tensors(base), tensors(tmp_path / "up")
+    for layer in range(3, 6):
+        for suffix in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            assert not out[f"model.layers.{layer}.{suffix}"].any()
+        assert torch.equal(out[f"model.layers.{layer}.mlp.up_proj.weight"], src[f"model.layers.{layer}.mlp.up_proj.weight"])
+    # the first slice has no scale of its own: the top-level 0.5 applies
+    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"] * 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +281,8 @@ def test_destination_in_or_around_the_source_is_refused(base, tmp_path, where):
     assert _contents(base) == before and sorted(p.name for p in tmp_path.iterdir()) == ["base", "link"]
 
 
-def test_every_slice_source_and_yaml_source_is_protected(base, tmp_path):
+def test_every_slice_source_and_yaml_source_is_protected(base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     other = make_checkpoint(tmp_path / "other", seed=3)
     before = _contents(other)
     with pytest.raises(ValueError, match=rf"destination {other} is the source checkpoint {other}"):

@@ -1,0 +1,353 @@
+"""``merge``: one registered method applied tensor by tensor to whole checkpoints, streamed.
+
+Plan first, then write. Every argument, every source's tensor names and shapes (safetensors headers
+only) and every parameter's value for every tensor and model are checked before anything is
+written. The merge then reads one tensor name from every source (``CheckpointReader.get``),
+combines them and hands the result to ``ShardWriter``, which holds at most one output shard
+(``max_shard_size``) in memory: peak memory is about one shard plus a few copies of the largest
+tensor per source; a whole model is never loaded. The output is built in a temporary directory
+beside ``dst`` and renamed into place when complete (``output_directory``).
+
+Dtypes, as mergekit: ``dtype`` is the dtype every source tensor is cast to on reading and the
+method computes in (None: each tensor's own); the output is stored in ``out_dtype``, else in the
+computed dtype. ``compute_dtype`` (ours, not mergekit's) overrides the dtype of the math only, e.g.
+``compute_dtype="float32"`` with ``dtype="bfloat16"``: exact fp32 math on the un-rounded sources,
+stored in bf16. Non-float tensors are copied from the reference model (the base model, else the
+first), which also gives config.json (with ``num_hidden_layers`` unchanged and the output dtype),
+the tokenizer and generation files; its ``auto_map`` (remote code) is never copied. A README.md
+model card with the recipe is written beside the weights, as mergekit does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    ShardWriter,
+    check_destination,
+    copy_side_files,
+    output_directory,
+    parse_dtype,
+    parse_size,
+    set_config_dtype,
+    write_config,
+)
+from . import linear, slerp, task_arithmetic  # noqa: F401  (each module registers its methods)
+from .card import write_card
+from .registry import REQUIRED, MergeMethod, get_method
+from .settings import check_setting, resolve
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# config.json fields two models must share to be merged without --allow-crimes.
+ARCHITECTURE_KEYS = ("model_type", "architectures")
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """mergekit's t for a tensor: i / (n - 1) for a tensor of decoder layer i of n (1 when n == 1),
+    0 for tensors outside the layers."""
+    match = _LAYER.match(name)
+    if not match:
+        return 0.0
+    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def check_architectures(readers: Sequence[CheckpointReader], allow_crimes: bool) -> None:
+    """Refuses checkpoints of different architectures (Llama with Mistral) unless ``allow_crimes``."""
+    first = readers[0]
+    for reader in readers[1:]:
+        for key in ARCHITECTURE_KEYS:
+            if reader.config.get(key) != first.config.get(key):
+                message = (f"models of different architectures: {key} {first.config.get(key)!r} in {first.path} vs "
+                           f"{reader.config.get(key)!r} in {reader.path}")
+                if not allow_crimes:
+                    raise ValueError(f"{message}; pass allow_crimes=True / --allow-crimes to merge them anyway "
+                                     f"(as mergekit's --allow-crimes)")
+                logger.warning("%s (allowed: allow_crimes)", message)
+                return
+
+
+def _check_same_tensors(reference: CheckpointReader, others: Sequence[CheckpointReader]) -> None:
+    """Every source has the reference's tensor names, shapes and float-ness (headers only)."""
+    names = reference.names()
+    for reader in others:
+        if reader is reference:
+            continue
+        for name in names:
+            if name not in reader:
+                raise CheckpointError(f"model {reader.path} has no tensor {name!r}, which {reference.path} has")
+            if reader.shape(name) != reference.shape(name):
+                raise CheckpointError(
+                    f"model {reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                    f"expected {list(reference.shape(name))} as in {reference.path}"
+                )
+            if reader.dtype(name).is_floating_point != reference.dtype(name).is_floating_point:
+                raise CheckpointError(
+                    f"model {reader.path}: tensor {name!r} has dtype {reader.dtype(name)}, "
+                    f"{reference.path} has {reference.dtype(name)} (float and non-float cannot be merged)"
+                )
+        extra = [name for name in reader.names() if name not in reference]
+        if extra:
+            raise CheckpointError(f"model {reader.path} has tensor {extra[0]!r}, which {reference.path} lacks "
+                                  f"({len(extra)} such tensors)")
+
+
+def _check_levels(method: MergeMethod, parameters, slice_parameters, model_parameters, count: int):
+    """Checked settings: (top-level dict, slice dict, one dict per model)."""
+    global_names = method.parameter_names() + method.tensor_parameter_names()
+
+    def checked(where: str, level, allowed: tuple[str, ...]) -> dict:
+        if level is None:
+            return {}
+        if not isinstance(level, Mapping):
+            raise ValueError(f"{where}: expected a mapping of parameter names to values, got {level!r}")
+        unknown = [key for key in level if key not in allowed]
+        if unknown:
+            raise ValueError(f"{where}: parameter {unknown[0]!r} does not apply to {method.name}; expected some of "
+                             f"{', '.join(allowed) or '(none)'}")
+        return {key: check_setting(f"{where}: {key}", value) for key, value in level.items()}
+
+    top = checked("parameters", parameters, global_names)
+    in_slice = checked("slice parameters", slice_parameters, global_names)
+    if model_parameters is None:
+        model_parameters = [None] * count
+    if isinstance(model_parameters, Mapping) or len(model_parameters) != count:
+        raise ValueError(f"model_parameters must be one mapping (or None) per model ({count}), got {model_parameters!r}")
+    per_model = [checked(f"models[{i}] parameters", level, method.tensor_parameter_names())
+                 for i, level in enumerate(model_parameters)]
+    return top, in_slice, per_model
+
+
+def _legacy_parameters(method: MergeMethod, count: int, weights, t, density, normalize, lambda_):
+    """merge()'s keyword arguments as a top-level dict and per-model dicts (only those given)."""
+    top: dict = {}
+    per_model: list[dict] = [{} for _ in range(count)]
+    given = {"weights": weights is not None, "t": t is not None, "density": density is not None,
+             "normalize": normalize is not None, "lambda_": lambda_ is not None}
+    owner = {"weights": "weight", "t": "t", "density": "density", "normalize": "normalize", "lambda_": "lambda"}
+    names = method.parameter_names() + method.tensor_parameter_names()
+    for argument, is_given in given.items():
+        if is_given and owner[argument] not in names:
+            raise ValueError(f"{argument} does not apply to {method.name}; its parameters are {', '.join(names)}")
+    for argument, key in (("weights", "weight"), ("density", "density")):
+        value = {"weights": weights, "density": density}[argument]
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):  # one value per model (gradients go in parameters=)
+            if len(value) != count:
+                raise ValueError(f"{argument} must have one value per model ({count}), got {value!r}")
+            for entry, v in zip(per_model, value):
+                entry[key] = v
+        elif argument == "weights":
+            raise ValueError(f"weights must be a list with one value per model ({count}), got {weights!r}")
+        else:
+            top[key] = value
+    for key, value in (("t", t), ("normalize", normalize), ("lambda", lambda_)):
+        if value is not None:
+            top[key] = value
+    return top, per_model
+
+
+def merge(
+    models: Sequence[PathLike],
+    dst: PathLike,
+    *,
+    method: str,
+    weights: Sequence | None = None,
+    t=None,
+    base_model: PathLike | None = None,
+    density=None,
+    normalize: bool | None = None,
+    lambda_: float | None = None,
+    parameters: Mapping | None = None,
+    slice_parameters: Mapping | None = None,
+    model_parameters: Sequence[Mapping | None] | None = None,
+    dtype: str | torch.dtype | None = None,
+    out_dtype: str | torch.dtype | None = None,
+    compute_dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    allow_crimes: bool = False,
+    max_shard_size: int | str = "5GB",
+    force: bool = False,
+    progress: bool = False,
+    recipe: str | None = None,
+) -> Path:
+    """Merges the checkpoint directories ``models`` into a new checkpoint directory ``dst``.
+
+    ``method``: a registered method (``solar_kernels.merge.METHODS``: linear, slerp,
+    task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+    della_linear). Its parameters come from ``parameters`` (one setting for all models: a number,
+    a gradient over layers or filters, see ``settings``), ``slice_parameters`` (the same, asked
+    first) and ``model_parameters`` (one mapping per model, asked before both), or from the
+    shorthands ``weights`` (one per model), ``density`` (one, or one per model), ``t``,
+    ``normalize`` and ``lambda_``. A ``base_model`` listed in ``models`` is the base, not a merged
+    model (as in mergekit). ``seed`` seeds the random masks of dare/della. ``allow_crimes`` allows
+    models whose architectures differ. ``recipe`` is the text put in the model card (default: one
+    generated from the arguments). Returns ``dst``.
+    """
+    spec = get_method(method)
+    if isinstance(models, (str, os.PathLike)) or not isinstance(models, Sequence) or len(models) == 0:
+        raise ValueError(f"models must be a non-empty list of checkpoint directories, got {models!r}")
+    models = [Path(m) for m in models]
+    resolved = [m.resolve() for m in models]
+    for i, model in enumerate(resolved):
+        if model in resolved[:i]:
+            logger.warning("model %s is listed twice: each entry is merged as a model of its own (mergekit keeps "
+                           "one entry per model)", models[i])
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if base_model is not None:
+        base_model = Path(base_model)
+        if spec.base_model == "none":
+            raise ValueError(f"base_model does not apply to {method} merges (every listed model is merged), "
+                             f"got {str(base_model)!r}")
+    elif spec.base_model == "required":
+        raise ValueError(f"method {method!r} needs base_model (the model the task vectors are taken from), got None")
+
+    # The base listed among the models is the base (mergekit); per-model values given for it are dropped.
+    shorthand_count = len(models)
+    if model_parameters is not None and (isinstance(model_parameters, Mapping) or len(model_parameters) != len(models)):
+        raise ValueError(f"model_parameters must be one mapping (or None) per model ({len(models)}), "
+                         f"got {model_parameters!r}")
+    legacy_top, legacy_per_model = _legacy_parameters(spec, shorthand_count, weights, t, density, normalize, lambda_)
+    model_levels = list(model_parameters) if model_parameters is not None else [None] * len(models)
+    model_levels = [{**(legacy or {}), **(given or {})} or None for legacy, given in zip(legacy_per_model, model_levels)]
+    if base_model is None and spec.base_model == "optional":
+        base_model = models[0]  # slerp: the first model is the t = 0 end
+        models, model_levels = models[1:], model_levels[1:]
+    elif base_model is not None:
+        keep = [i for i, m in enumerate(models) if m.resolve() != base_model.resolve()]
+        models, model_levels = [models[i] for i in keep], [model_levels[i] for i in keep]
+    count = len(models)
+    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+        wanted = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
+                  else f"{spec.min_models} or more")
+        besides = f" besides the base model {base_model}" if base_model is not None else ""
+        raise ValueError(f"{method} merges {wanted} model(s){besides}, got {count}: {[str(m) for m in models]}")
+    top, in_slice, per_model = _check_levels(spec, {**legacy_top, **(parameters or {})}, slice_parameters,
+                                             model_levels, count)
+
+    load_dtype = parse_dtype(dtype)
+    store_dtype = parse_dtype(out_dtype)
+    math_dtype = parse_dtype(compute_dtype) or load_dtype
+    parse_size(max_shard_size)
+    dst = Path(dst)
+    sources = models + ([base_model] if base_model is not None else [])
+    check_destination(dst, sources)
+
+    readers = [CheckpointReader(m) for m in models]
+    base = CheckpointReader(base_model) if base_model is not None else None
+    reference = base if base is not None else readers[0]
+    check_architectures([reference, *readers], allow_crimes)
+    _check_same_tensors(reference, readers)
+    names = reference.names()
+    num_layers = reference.config.get("num_hidden_layers") or 1
+
+    # Every parameter's value for every tensor and model, checked before anything is written.
+    plan: dict[str, tuple[dict, list[dict]]] = {}
+    for name in names:
+        if not reference.dtype(name).is_floating_point:
+            continue
+        position = layer_position(name, num_layers)
+        values = {}
+        for p in spec.parameters:
+            value = resolve(p.name, (in_slice, top), name, position, p.default)
+            if value is REQUIRED:
+                raise ValueError(f"{method} needs parameter {p.name} for tensor {name} (give parameters: "
+                                 f"{{{p.name}: ...}})")
+            values[p.name] = p.check(f"tensor {name}", value)
+        model_values = []
+        for i, own in enumerate(per_model):
+            entry = {}
+            for p in spec.tensor_parameters:
+                value = resolve(p.name, (own, in_slice, top), name, position, p.default)
+                if value is REQUIRED:
+                    raise ValueError(f"{method} needs parameter {p.name} for model {models[i]}, tensor {name}")
+                entry[p.name] = p.check(f"model {models[i]}, tensor {name}", value)
+            model_values.append(entry)
+        if spec.name == "linear" and values["normalize"] and sum(e["weight"] for e in model_values) == 0:
+            raise ValueError(f"linear: the weights of tensor {name} sum to 0, which normalize: true divides by; "
+                             f"got {[e['weight'] for e in model_values]}")
+        plan[name] = (values, model_values)
+
+    def stored_dtype(name: str, computed: torch.dtype) -> torch.dtype:
+        return store_dtype if store_dtype is not None and computed.is_floating_point else computed
+
+    def computed_dtype(name: str) -> torch.dtype:
+        if not reference.dtype(name).is_floating_point:
+            return reference.dtype(name)
+        return load_dtype or reference.dtype(name)
+
+    expected_bytes = sum(math.prod(reference.shape(n)) * stored_dtype(n, computed_dtype(n)).itemsize for n in names)
+    config = dict(reference.config)
+    if store_dtype or load_dtype:
+        set_config_dtype(config, store_dtype or load_dtype)
+    logger.info("%s merge of %s%s into %s (%d tensors, %.2f GB)", method, ", ".join(map(str, models)),
+                f" on base {base_model}" if base is not None else "", dst, len(names), expected_bytes / 1e9)
+
+    def merged_tensor(name: str) -> torch.Tensor:
+        if not reference.dtype(name).is_floating_point:
+            return reference.get(name)
+        values, model_values = plan[name]
+
+        def load(reader: CheckpointReader) -> torch.Tensor:
+            # mergekit rounds the sources to dtype first; an explicit compute_dtype reads them unrounded.
+            tensor = reader.get(name)
+            return tensor if math_dtype is None or tensor.dtype == math_dtype else tensor.to(math_dtype)
+
+        tensors = [load(reader) for reader in readers]
+        base_tensor = load(base) if base is not None else None
+        merged = spec.combine(base_tensor, tensors, values, model_values,
+                              lambda i: task_arithmetic.random_generator(seed, name, i))
+        result_dtype = computed_dtype(name) if math_dtype != load_dtype else merged.dtype
+        return merged.to(stored_dtype(name, result_dtype))
+
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc=f"{method} merge", unit="tensor")
+    with output_directory(dst, force=force, expected_bytes=expected_bytes, tool="merge") as tmp:
+        writer = ShardWriter(tmp, max_shard_size)
+        for name in iterator:
+            writer.add(name, merged_tensor(name))
+        shards = writer.finish()
+        write_config(tmp, config, source=str(reference.path / "config.json"))
+        copied = copy_side_files(reference.path, tmp)
+        write_card(tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=recipe or _recipe(
+            method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype))
+    logger.info("wrote %s: %d shard(s), config.json%s", dst, len(shards),
+                "".join(f", {name}" for name in copied))
+    return dst
+
+
+def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype) -> str:
+    """A mergekit-style YAML recipe for a merge given as arguments."""
+    import yaml
+
+    def plain(value):
+        return [dict(filter=f, value=v) if f is not None else dict(value=v) for f, v in value] \
+            if isinstance(value, tuple) else value
+
+    recipe: dict = {"merge_method": method}
+    if base_model is not None:
+        recipe["base_model"] = str(base_model)
+    recipe["models"] = [{"model": str(m), **({"parameters": {k: plain(v) for k, v in p.items()}} if p else {})}
+                        for m, p in zip(models, per_model)]
+    if top:
+        recipe["parameters"] = {k: plain(v) for k, v in top.items()}
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
+        if value is not None:
+            recipe[key] = str(value).replace("torch.", "")
+    return yaml.safe_dump(recipe, sort_keys=False).rstrip()
