@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from solar_kernels.model import CausalLM
 from tests.training.conftest import write_config
 from training import data as data_lib
 from training import stages
@@ -45,10 +44,13 @@ def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int, batch_
     device = torch.device("cpu")
     tokenizer = load_tokenizer(workspace / "tokenizer")
     seed_everything(3)
-    fp32_config = tiny_config(workspace, out, "fp32", lr, steps)
-    model = stages.build_model(fp32_config, device, tokenizer)  # the same fp32 initial weights for every mode
-    if mode in ("kahan", "plain_bf16"):
+    reference = stages.build_model(tiny_config(workspace, out, "fp32", lr, steps), device, tokenizer)
+    model = stages.build_model(config, device, tokenizer)  # in the dtype the stage picks for this mode
+    if mode == "plain_bf16":
         model.to(torch.bfloat16)
+    with torch.no_grad():  # the same initial weights for every mode (rounded to bf16 where they are bf16)
+        for param, start in zip(model.parameters(), reference.parameters()):
+            param.copy_(start)
     initial = [p.detach().clone() for p in model.parameters()]
     objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
     examples = stages.language_modeling_examples("pretrain", config, tokenizer)
