@@ -34,7 +34,7 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -467,4 +467,34 @@ def copy_side_files(src: Path, dst: Path) -> List[str]:
             data = None  # transformers cannot read it either, so it cannot point at code: copied as is
         if isinstance(data, dict) and REMOTE_CODE_KEY in data:
             write_json(tokenizer_config, _without_remote_code(data, str(src / tokenizer_config.name)))
+    return copied
+
+
+def write_hf_directory(
+    dst: Union[str, os.PathLike],
+    tensors: Iterable[Tuple[str, torch.Tensor]],
+    config: dict,
+    *,
+    config_source: str = "config.json",
+    side_files_from: Optional[Union[str, os.PathLike]] = None,
+    max_shard_size: Union[int, str] = "5GB",
+    force: bool = False,
+    expected_bytes: int = 0,
+    tool: str = "solar_kernels",
+    finish: Optional[Callable[[Path], None]] = None,
+) -> List[str]:
+    """The one Hugging Face directory writer (save_pretrained, merge, upscale): inside
+    ``output_directory(dst)``, the side files of ``side_files_from`` (tokenizer, generation
+    config), config.json (``write_config``: never ``auto_map``), the ``(name, tensor)`` pairs in
+    order through ``ShardWriter``, then ``finish(tmp)`` for extra files (a model card). Returns the
+    side files copied."""
+    with output_directory(dst, force=force, expected_bytes=expected_bytes, tool=tool) as tmp:
+        copied = copy_side_files(Path(side_files_from), tmp) if side_files_from is not None else []
+        write_config(tmp, config, source=config_source)
+        writer = ShardWriter(tmp, max_shard_size)
+        for name, tensor in tensors:
+            writer.add(name, tensor)
+        writer.finish()
+        if finish is not None:
+            finish(tmp)
     return copied

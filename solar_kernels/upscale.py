@@ -48,13 +48,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from .checkpoint import (
     CheckpointError,
     CheckpointReader,
-    ShardWriter,
     check_destination,
-    copy_side_files,
-    output_directory,
     parse_dtype,
     set_config_dtype,
-    write_config,
+    write_hf_directory,
 )
 from .model.config import check_architecture
 
@@ -319,10 +316,7 @@ def depth_upscale(
         from tqdm import tqdm
 
         iterator = tqdm(plan, desc="upscale", unit="tensor")
-    with output_directory(dst, force=force, expected_bytes=expected, tool="depth_upscale") as tmp:
-        copy_side_files(config_reader.path, tmp)
-        write_config(tmp, config, source=str(config_reader.path / "config.json"))
-        writer = ShardWriter(tmp, max_shard_size)
+    def written():
         for out_name, reader, name, scale in iterator:
             tensor = reader.get(name)
             if tensor.is_floating_point():
@@ -332,16 +326,21 @@ def depth_upscale(
                     tensor = tensor * scale
                 if store_dtype is not None and tensor.dtype != store_dtype:
                     tensor = tensor.to(store_dtype)
-            writer.add(out_name, tensor)
-        writer.finish()
-        write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
-                   models=[s.source for s in slices],
-                   base_model=Path(base_model) if base_model is not None else None,
-                   recipe=recipe or _recipe(slices, dtype, out_dtype))
+            yield out_name, tensor
+
+    card_recipe = recipe or _recipe(slices, dtype, out_dtype)
+    write_hf_directory(
+        dst, written(), config, config_source=str(config_reader.path / "config.json"),
+        side_files_from=config_reader.path, max_shard_size=max_shard_size, force=force, expected_bytes=expected,
+        tool="depth_upscale",
+        finish=lambda tmp: write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
+                                      models=[s.source for s in slices],
+                                      base_model=Path(base_model) if base_model is not None else None,
+                                      recipe=card_recipe))
     seconds = time.perf_counter() - start_time
     logger.info("depth_upscale: %d -> %d layers, %.2f GB in %.1f s", first.config["num_hidden_layers"],
-                new_layer, writer.total_size / 1e9, seconds)
-    return UpscaleReport(Path(dst), new_layer, writer.total_size, seconds)
+                new_layer, expected / 1e9, seconds)
+    return UpscaleReport(Path(dst), new_layer, expected, seconds)
 
 
 def _recipe(slices: Sequence[Slice], dtype, out_dtype) -> str:

@@ -6,7 +6,7 @@ written. The merge then reads one tensor name from every source (``CheckpointRea
 combines them and hands the result to ``ShardWriter``, which holds at most one output shard
 (``max_shard_size``) in memory: peak memory is about one shard plus a few copies of the largest
 tensor per source; a whole model is never loaded. The output is built in a temporary directory
-beside ``dst`` and renamed into place when complete (``output_directory``).
+beside ``dst`` and renamed into place when complete (``checkpoint.write_hf_directory``).
 
 Dtypes, as mergekit: ``dtype`` is the dtype every source tensor is cast to on reading and the
 method computes in (None: each tensor's own); the output is stored in ``out_dtype``, else in the
@@ -32,14 +32,11 @@ import torch
 from ..checkpoint import (
     CheckpointError,
     CheckpointReader,
-    ShardWriter,
     check_destination,
-    copy_side_files,
-    output_directory,
     parse_dtype,
     parse_size,
     set_config_dtype,
-    write_config,
+    write_hf_directory,
 )
 from . import linear, slerp, task_arithmetic  # noqa: F401  (each module registers its methods)
 from .card import write_card
@@ -318,17 +315,14 @@ def merge(
         from tqdm import tqdm
 
         iterator = tqdm(names, desc=f"{method} merge", unit="tensor")
-    with output_directory(dst, force=force, expected_bytes=expected_bytes, tool="merge") as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
-        for name in iterator:
-            writer.add(name, merged_tensor(name))
-        shards = writer.finish()
-        write_config(tmp, config, source=str(reference.path / "config.json"))
-        copied = copy_side_files(reference.path, tmp)
-        write_card(tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=recipe or _recipe(
-            method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype))
-    logger.info("wrote %s: %d shard(s), config.json%s", dst, len(shards),
-                "".join(f", {name}" for name in copied))
+    card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype)
+    copied = write_hf_directory(
+        dst, ((name, merged_tensor(name)) for name in iterator), config,
+        config_source=str(reference.path / "config.json"), side_files_from=reference.path,
+        max_shard_size=max_shard_size, force=force, expected_bytes=expected_bytes, tool="merge",
+        finish=lambda tmp: write_card(tmp, name=dst.name, method=method, models=models, base_model=base_model,
+                                      recipe=card_recipe))
+    logger.info("wrote %s: config.json, README.md%s", dst, "".join(f", {name}" for name in copied))
     return dst
 
 

@@ -18,12 +18,9 @@ import torch
 from ..checkpoint import (
     CheckpointError,
     CheckpointReader,
-    ShardWriter,
-    copy_side_files,
-    output_directory,
     parse_dtype,
     set_config_dtype,
-    write_config,
+    write_hf_directory,
     write_json,
 )
 from .config import ModelConfig
@@ -101,17 +98,15 @@ def write_pretrained(
     out_dtype = target_dtype or next(iter(tensors.values())).dtype
     expected_bytes = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
     hf_config = set_config_dtype(config.to_hf_config(), out_dtype)
-    with output_directory(path, force=force, expected_bytes=expected_bytes, tool="save_pretrained") as tmp:
-        if side_files_from is not None:
-            copy_side_files(Path(side_files_from), tmp)
-        write_config(tmp, hf_config, source="the model's config")
+    def default_generation_config(tmp: Path) -> None:
         if not (tmp / "generation_config.json").exists():
             generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
             if config.pad_token_id is not None:
                 generation["pad_token_id"] = config.pad_token_id
             write_json(tmp / "generation_config.json", generation)
-        writer = ShardWriter(tmp, max_shard_size)
-        for name, tensor in tensors.items():
-            writer.add(name, tensor.detach().to(out_dtype))
-        writer.finish()
+
+    write_hf_directory(path, ((name, tensor.detach().to(out_dtype)) for name, tensor in tensors.items()), hf_config,
+                       config_source="the model's config", side_files_from=side_files_from,
+                       max_shard_size=max_shard_size, force=force, expected_bytes=expected_bytes,
+                       tool="save_pretrained", finish=default_generation_config)
     return Path(path)

@@ -1,0 +1,174 @@
+"""Tests for solar_kernels/merge/: parameter settings (gradients, filters, levels), the method
+registry, the random-mask methods (seeded, density, rescale), architecture checks (--allow-crimes),
+the model card, compute_dtype, and the `solar merge` options for them."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from solar_kernels.cli import main
+from solar_kernels.merge import METHODS, merge, merge_from_yaml
+from solar_kernels.merge.settings import check_setting, evaluate, resolve
+from solar_kernels.merge.task_arithmetic import bernoulli_sparsify, della_sparsify, random_generator
+from tests.fixtures.mergekit import tiny
+from tests.test_upscale import make_checkpoint, tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t, expected", [(0.0, 0.0), (0.25, 0.5), (0.5, 0.3), (0.625, 0.5), (1.0, 1.0)])
+def test_gradient_interpolates_between_neighbours(t, expected):
+    # [0, 0.5, 0.3, 0.7, 1] spans t in [0, 1] in 4 steps: t = 0.625 is halfway from 0.3 to 0.7.
+    assert evaluate(check_setting("t", [0, 0.5, 0.3, 0.7, 1]), "x", t) == pytest.approx(expected, abs=1e-15)
+
+
+def test_filters_first_match_wins_and_fall_through():
+    setting = check_setting("t", [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.25}])
+    assert evaluate(setting, "model.layers.0.self_attn.q_proj.weight", 0.5) == 0.5
+    assert evaluate(setting, "model.layers.0.mlp.up_proj.weight", 0.5) == 0.25
+    assert evaluate(setting, "model.norm.weight", 0.5) is None  # no filter matches: the next level is asked
+    levels = (setting, {"t": 0.9})
+    assert resolve("t", ({"t": setting}, {"t": 0.9}), "model.norm.weight", 0.5, None) == 0.9
+    assert resolve("t", ({"t": setting}, {"t": 0.9}), "model.layers.1.mlp.x", 0.5, None) == 0.25
+    assert resolve("density", levels[1:], "x", 0, 0.7) == 0.7  # the default when no level has it
+    # "*" and a missing filter match every tensor; one mapping is a one-item list (as mergekit)
+    assert evaluate(check_setting("t", [{"filter": "*", "value": 0.1}]), "anything", 0) == 0.1
+    assert evaluate(check_setting("t", {"filter": "mlp", "value": 0.2}), "a.mlp.b", 0) == 0.2
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], r"expected a number, a gradient"), ("0.5", r"expected a number"), ([0, "x"], r"expected a number"),
+    ([{"value": 1}, 0.5], r"expected a number"), ([{"filter": "mlp"}], r"a filter entry needs a value"),
+    ([{"filter": 3, "value": 1}], r"filter must be a piece of a tensor name"), (math.inf, r"expected a number"),
+    ([{"filter": "mlp", "value": [{"value": 1}]}], r"value must be a number or a gradient"),
+])
+def test_bad_settings(value, message):
+    with pytest.raises(ValueError, match=message):
+        check_setting("parameters: t", value)
+
+
+def test_every_method_declares_its_parameters():
+    assert set(METHODS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                            "breadcrumbs_ties", "della", "della_linear"}
+    # mergekit's defaults: normalize on for linear/ties/della, rescale on for dare/della
+    defaults = {name: {p.name: p.default for p in m.parameters} for name, m in METHODS.items()}
+    assert defaults["ties"]["normalize"] and not defaults["ties"]["rescale"]
+    assert defaults["dare_ties"]["rescale"] and not defaults["dare_ties"]["normalize"]
+    assert defaults["della"]["normalize"] and defaults["della"]["rescale"]
+    assert not defaults["task_arithmetic"]["normalize"] and defaults["linear"]["normalize"]
+    assert [p.name for p in METHODS["breadcrumbs"].tensor_parameters] == ["weight", "density", "gamma"]
+    assert [p.name for p in METHODS["della"].tensor_parameters] == ["weight", "density", "epsilon"]
+    assert {m.name for m in METHODS.values() if m.random} == {"dare_ties", "dare_linear", "della", "della_linear"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Random masks
+# ----------------------------------------------------------------------------------------------
+
+
+def test_dare_mask_is_seeded_keeps_density_and_rescales_l1():
+    delta = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    first = bernoulli_sparsify(delta, 0.3, True, random_generator(0, "w", 0))
+    again = bernoulli_sparsify(delta, 0.3, True, random_generator(0, "w", 0))
+    other = bernoulli_sparsify(delta, 0.3, True, random_generator(1, "w", 0))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    kept = (first != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.01  # 60000 draws: the standard deviation of the kept share is 0.002
+    torch.testing.assert_close(first.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
+    unscaled = bernoulli_sparsify(delta, 0.3, False, random_generator(0, "w", 0))
+    assert torch.equal(unscaled != 0, first != 0) and torch.equal(unscaled[unscaled != 0], delta[unscaled != 0])
+
+
+def test_della_keeps_large_entries_more_often():
+    delta = torch.randn(64, 2000, generator=torch.Generator().manual_seed(1))
+    kept = della_sparsify(delta, 0.5, 0.3, False, random_generator(0, "w", 0)) != 0
+    order = delta.abs().argsort(dim=1)
+    smallest = kept.gather(1, order[:, :200]).float().mean().item()
+    largest = kept.gather(1, order[:, -200:]).float().mean().item()
+    assert smallest < 0.25 < 0.75 < largest  # probabilities ramp from 0.2 to 0.8 along the ranks
+    with pytest.raises(ValueError, match=r"epsilon must keep density \+/- epsilon inside \(0, 1\)"):
+        della_sparsify(delta, 0.5, 0.5, False, random_generator(0, "w", 0))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny.make_models(root)
+    return root
+
+
+def test_dare_merge_is_reproducible_and_seed_dependent(models, tmp_path):
+    kwargs = dict(method="dare_ties", base_model=models / "base", weights=[0.5, 0.5], density=0.5)
+    one = tensors(merge([models / "a", models / "b"], tmp_path / "one", seed=7, **kwargs))
+    two = tensors(merge([models / "a", models / "b"], tmp_path / "two", seed=7, **kwargs))
+    three = tensors(merge([models / "a", models / "b"], tmp_path / "three", seed=8, **kwargs))
+    assert all(torch.equal(one[n], two[n]) for n in one)
+    assert any(not torch.equal(one[n], three[n]) for n in one)
+
+
+def test_compute_dtype_float32_reads_unrounded_sources(models, tmp_path):
+    """compute_dtype float32 with dtype bfloat16: one rounding (of the fp32 result), not three."""
+    out = merge([models / "a", models / "b"], tmp_path / "out", method="linear", weights=[0.3, 0.7],
+                dtype="bfloat16", compute_dtype="float32")
+    a, b = tensors(models / "a"), tensors(models / "b")
+    for name, tensor in tensors(out).items():
+        assert tensor.dtype == torch.bfloat16
+        expected = ((a[name] * 0.3 + b[name] * 0.7) / 1.0).to(torch.bfloat16)
+        torch.testing.assert_close(tensor, expected, rtol=2**-8, atol=0, msg=name)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# ----------------------------------------------------------------------------------------------
+# Architectures, model card, CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_llama_with_mistral_needs_allow_crimes(tmp_path, caplog):
+    llama = make_checkpoint(tmp_path / "llama", kind="llama", layers=2, seed=1)
+    mistral = make_checkpoint(tmp_path / "mistral", kind="mistral", layers=2, seed=2)
+    with pytest.raises(ValueError, match=r"models of different architectures: model_type 'llama' in .*llama vs "
+                                         r"'mistral' in .*mistral; pass allow_crimes=True / --allow-crimes"):
+        merge([llama, mistral], tmp_path / "out", method="linear")
+    assert not (tmp_path / "out").exists()
+    code = main(["merge", str(tmp_path / "out"), "--models", str(llama), str(mistral), "--no-progress"])
+    assert code == 2 and not (tmp_path / "out").exists()
+    with caplog.at_level("WARNING"):
+        assert main(["merge", str(tmp_path / "out"), "--models", str(llama), str(mistral), "--allow-crimes",
+                     "--no-progress"]) == 0
+    assert "allowed: allow_crimes" in caplog.text
+
+
+def test_model_card_holds_the_recipe_and_the_inputs(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(models)
+    recipe, _ = tiny.CASES["ties_fp32"]
+    (tmp_path / "ties.yml").write_text(recipe)
+    out = merge_from_yaml(tmp_path / "ties.yml", tmp_path / "merged")
+    card = (out / "README.md").read_text()
+    assert f"```yaml\n{recipe.rstrip()}\n```" in card
+    assert "ties, with base as the base model" in card and "- a\n- b\n- c\n" in card
+    assert (out / "mergekit_config.yml").read_text() == recipe
+    # a merge given as arguments gets a generated mergekit recipe, which merge_from_yaml runs again
+    again = merge([models / "a", models / "b"], tmp_path / "api", method="slerp", t=0.25)
+    generated = (again / "mergekit_config.yml").read_text()
+    assert "merge_method: slerp" in generated and "t: 0.25" in generated
+    rerun = merge_from_yaml(again / "mergekit_config.yml", tmp_path / "rerun")
+    assert all(torch.equal(x, tensors(rerun)[n]) for n, x in tensors(again).items())
+
+
+def test_merge_command_dtype_options(models, tmp_path):
+    a, b, base = (str(models / n) for n in ("a", "b", "base"))
+    assert main(["merge", str(tmp_path / "m"), "--models", a, "--base-model", base, "--method", "task_arithmetic",
+                 "--weights", "0.5", "--dtype", "bfloat16", "--out-dtype", "float16", "--no-progress"]) == 0
+    assert {t.dtype for t in tensors(tmp_path / "m").values()} == {torch.float16}
+    assert main(["merge", str(tmp_path / "d"), "--models", a, b, "--base-model", base, "--method", "dare_linear",
+                 "--density", "0.5", "--random-seed", "3", "--compute-dtype", "float32", "--no-progress"]) == 0
+    direct = merge([models / "a", models / "b"], tmp_path / "direct", method="dare_linear", base_model=models / "base",
+                   density=0.5, seed=3)
+    assert all(torch.equal(x, tensors(direct)[n]) for n, x in tensors(tmp_path / "d").items())
