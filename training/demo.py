@@ -218,6 +218,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     """Run the recipe into ``out`` (see ``prepare_output`` for which folders are accepted); the report's path."""
     sizes = SIZES["quick" if quick else "full"]
     out = prepare_output(out, RUN_OUTPUTS, force=force)
+    day, commit = date.today().isoformat(), _git_commit()
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -297,7 +298,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     results = {"mode": "quick" if quick else "full", "sizes": sizes, "held_out_loss": losses,
                "answer_accuracy": accuracy, "preference_accuracy": preference,
                "stages": {k: _stage_summary(v) for k, v in stages.items()}, "seconds": timings,
-               "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+               "machine": _machine(), "torch_threads": torch.get_num_threads(), "date": day, "commit": commit}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     written = plots.save_demo_plots(out, stages, accuracy, preference)
     report = out / "report.md"
@@ -348,17 +350,29 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _machine_note() -> str:
+def _machine() -> str:
     if torch.cuda.is_available():
-        machine = torch.cuda.get_device_name(0)
-    else:
-        machine = f"{os.cpu_count()}-core CPU machine ({platform.machine()})"
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()}-core {platform.machine()} CPU machine"
+
+
+def _git_commit() -> str:
+    """The checkout's short commit, with "+changes" when its tracked files differ from it; "unknown" outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=10).stdout.strip()
+        def git(*args):
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return f"{machine}, {date.today().isoformat()}, commit {commit}"
+        return "unknown"
+
+
+def _machine_note(results: dict) -> str:
+    """Where and when a run was made, as the run recorded it: machine, torch threads, date, commit."""
+    machine = results.get("machine", "unknown machine")
+    if results.get("device") == "cpu" and "torch_threads" in results:
+        machine += f", {results['torch_threads']} torch thread{'s' if results['torch_threads'] != 1 else ''}"
+    return f"{machine}, {results.get('date', 'unknown date')}, commit {results.get('commit', 'unknown')}"
 
 
 def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Path("README.md"),
@@ -394,7 +408,7 @@ def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Pa
     head, rest = text.split(README_START)
     _, tail = rest.split(README_END)
     prefix = os.path.relpath(docs_dir.resolve(), readme.resolve().parent).replace(os.sep, "/") + "/"
-    block = readme_section(report, note or _machine_note(), prefix)
+    block = readme_section(report, note or _machine_note(results), prefix)
     _atomic_write(readme, head + README_START + "\n" + block + README_END + tail)
     return docs_dir / "report.md"
 

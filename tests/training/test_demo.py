@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from solar_kernels.cli import main
@@ -101,16 +102,20 @@ def test_write_data_writes_every_file_the_tiny_configs_read(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     # The tests run Triton through its interpreter; the demo on a CPU uses the torch backend.
+    # One torch thread and CPU seconds, not wall time: a shared CI machine's load does not count.
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("SOLAR_KERNELS_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("quick") / "demo"
-    started = time.perf_counter()
+    started = time.process_time()
     try:
         code = main(["demo", "--quick", "--out", str(out)])
     finally:
         monkeypatch.undo()
+        torch.set_num_threads(threads)
     assert code == 0
-    return out, time.perf_counter() - started
+    return out, time.process_time() - started
 
 
 def test_quick_demo(quick_run, capsys):
@@ -130,7 +135,7 @@ def test_quick_demo(quick_run, capsys):
     for name in plots.DEMO_PLOTS:
         assert f"![{name}]({name})" in report and (out / name).read_bytes()[:4] == b"\x89PNG"
     assert (out / demo.MARKER).is_file()
-    assert seconds < 180, f"--quick took {seconds:.0f} s"  # under a minute on an idle 2-core machine
+    assert seconds < 180, f"--quick took {seconds:.0f} s of CPU"  # about a minute
 
 
 def report_structure(markdown: str) -> list[str]:
