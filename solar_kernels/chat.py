@@ -82,6 +82,13 @@ def load_tokenizer(path: str | Path):
         raise CheckpointError(f"{path}: the tokenizer does not load ({type(error).__name__}: {first_line})") from None
 
 
+def require_chat_template(tokenizer, path: str | Path, hint: str) -> None:
+    """A one-line error (ending with ``hint``) when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise CheckpointError(f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template "
+                              f"or chat_template.jinja); {hint}")
+
+
 def end_of_sequence_ids(path: str | Path, tokenizer, model_config) -> set[int]:
     """Every id that ends a reply: generation_config.json's eos_token_id, the config's, the tokenizer's."""
     ids: set[int] = set()
@@ -178,26 +185,6 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, sampling: Sam
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, command: str = "generate") -> None:
-    """The options of ``solar generate`` (``command="generate"``) or ``solar chat`` (``"chat"``)."""
-    if command not in ("generate", "chat"):
-        raise ValueError(f"add_arguments: command must be 'generate' or 'chat', got {command!r}")
-    parser.set_defaults(chat_command=command)
-    parser.add_argument("model", metavar="DIR", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)")
-    if command == "generate":
-        parser.add_argument("prompt", nargs="*", help="prompt text (default: read from stdin)")
-        parser.add_argument("--chat", action="store_true", help="send the prompt as a user turn under the chat template")
-    parser.add_argument("--system", help="a system message before the first user turn (chat template)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default 256)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
-    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens whose probability reaches p")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
-    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
-    parser.add_argument("--backend", help="kernels: torch, triton, cuda or auto (default: solar_kernels picks)")
-
-
 def _load(args: argparse.Namespace):
     from .model.hf import load_pretrained
 
@@ -205,9 +192,7 @@ def _load(args: argparse.Namespace):
     CheckpointReader(path)  # one-line errors for a missing folder or one that is not a checkpoint
     tokenizer = load_tokenizer(path)
     if args.chat_command == "chat" or getattr(args, "chat", False):
-        if not getattr(tokenizer, "chat_template", None):
-            raise CheckpointError(f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template "
-                                  f"or chat_template.jinja); use solar generate without --chat for plain text")
+        require_chat_template(tokenizer, path, "use solar generate without --chat for plain text")
     model = load_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend).eval()
     return model, tokenizer, end_of_sequence_ids(path, tokenizer, model.config)
 

@@ -1,5 +1,6 @@
-"""The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints, and the
-training stages (``pretrain``, ``sft``, ``dpo``) of the ``training`` package next to this one.
+"""The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints, GGUF
+conversion, generation and chat, and the training stages (``pretrain``, ``sft``, ``dpo``) of the
+``training`` package next to this one.
 
 Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input, and
 with status 130 on Ctrl-C (the partial output removed). ``solar --version`` and every ``--help``
@@ -32,8 +33,8 @@ MERGE_EXAMPLES = """examples:
   solar merge ./merged --config merge.yml --dtype bfloat16    # the YAML's merge, computed and stored in bf16
   solar merge ./merged --config merge.yml --compute-dtype float32   # exact fp32 math, stored in the YAML's dtype
 
-Methods: linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties,
-della, della_linear. With --config the YAML describes the whole merge: --method, --weights, --t,
+Methods: linear, slerp, nuslerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della, della_linear, model_stock. With --config the YAML describes the whole merge: --method, --weights, --t,
 --base-model and --density are refused with it; --dtype, --out-dtype and --compute-dtype override the
 YAML's dtype, out_dtype and compute_dtype. As in mergekit, --dtype is the dtype the sources are read
 in and the merge is computed in; models of different architectures need --allow-crimes.
@@ -131,6 +132,49 @@ def _train(stage: str, argv: List[str]) -> int:
     return demo_main(argv) if stage == "demo" else train_main(stage, argv)
 
 
+def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """``solar convert gguf FILE DST [--dtype ...] [--max-shard-size ...] [--force]``."""
+    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    gguf = formats.add_parser("gguf", help="a llama.cpp GGUF file (llama architecture) -> Hugging Face directory",
+                              description="Dequantizes a llama-architecture GGUF file into a Hugging Face "
+                                          "safetensors directory with its tokenizer and chat template.")
+    gguf.add_argument("src", metavar="FILE", help="the .gguf file")
+    gguf.add_argument("dst", metavar="DST", help="output directory (a new one, unless --force)")
+    gguf.add_argument("--dtype", help="output dtype: float32 (default: exact), float16 or bfloat16")
+    gguf.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    gguf.add_argument("--force", action="store_true", help="replace an existing DST")
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options of ``solar generate`` or ``solar chat`` (``command``)."""
+    parser.set_defaults(chat_command=command)
+    parser.add_argument("model", metavar="DIR", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)")
+    if command == "generate":
+        parser.add_argument("prompt", nargs="*", help="prompt text (default: read from stdin)")
+        parser.add_argument("--chat", action="store_true", help="send the prompt as a user turn under the chat template")
+    parser.add_argument("--system", help="a system message before the first user turn (chat template)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", type=float, help="sample among the most likely tokens whose probability reaches p")
+    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--backend", help="kernels: torch, triton, cuda or auto (default: solar_kernels picks)")
+
+
+def _convert(args) -> int:
+    from . import convert
+
+    return convert.run(args)
+
+
+def _generation(args) -> int:
+    from . import chat
+
+    return chat.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="solar", description="SOLAR depth up-scaling toolkit")
     parser.add_argument("--version", action="version", version=f"solar_kernels {__version__}")
@@ -152,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--models", nargs="+", help="checkpoint directories to merge (two or more)")
     mg.add_argument("--config", help="mergekit YAML; not with --method, --weights, --t, --base-model, --density; "
                                      "--dtype, --out-dtype, --compute-dtype override its keys")
-    mg.add_argument("--method", help="linear (default), slerp, task_arithmetic, ties, dare_ties, dare_linear, "
-                                     "breadcrumbs, breadcrumbs_ties, della, della_linear")
+    mg.add_argument("--method", help="linear (default), slerp, nuslerp, task_arithmetic, ties, dare_ties, "
+                                     "dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock")
     mg.add_argument("--weights", type=float, nargs="+", help="one weight per model (all methods but slerp)")
     mg.add_argument("--t", type=float, help="SLERP factor: 0 gives the base (else first) model")
     mg.add_argument("--base-model", help="base checkpoint (task-vector methods; slerp: the t = 0 end)")
@@ -164,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--allow-crimes", action="store_true",
                     help="merge models of different architectures (e.g. Llama with Mistral), as mergekit's flag")
     mg.set_defaults(run=_merge)
+
+    cv = commands.add_parser("convert", help="convert a GGUF file to a Hugging Face directory")
+    _add_convert_arguments(cv)
+    cv.set_defaults(run=_convert)
+    for name, text in (("generate", "continue a prompt with a checkpoint, streamed"),
+                       ("chat", "chat with a checkpoint under its chat template (one turn per line)")):
+        sub = commands.add_parser(name, help=text)
+        _add_generation_arguments(sub, name)
+        sub.set_defaults(run=_generation)
 
     for stage, config in TRAIN_CONFIGS.items():
         commands.add_parser(stage, help=f"train: {stage} (see --help)", add_help=False,
@@ -215,6 +268,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ("upscale", "merge"):  # these print their own one-line errors
+        return args.run(args)
     dst = Path(args.paths[-1] if args.command == "upscale" else args.dst)
     before = _identity(dst)
     try:

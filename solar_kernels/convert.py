@@ -389,19 +389,6 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool 
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``solar convert gguf FILE DST [--dtype ...] [--max-shard-size ...] [--force]``."""
-    formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    gguf = formats.add_parser("gguf", help="a llama.cpp GGUF file (llama architecture) -> Hugging Face directory",
-                              description="Dequantizes a llama-architecture GGUF file into a Hugging Face "
-                                          "safetensors directory with its tokenizer and chat template.")
-    gguf.add_argument("src", metavar="FILE", help="the .gguf file")
-    gguf.add_argument("dst", metavar="DST", help="output directory (a new one, unless --force)")
-    gguf.add_argument("--dtype", help="output dtype: float32 (default: exact), float16 or bfloat16")
-    gguf.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    gguf.add_argument("--force", action="store_true", help="replace an existing DST")
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs ``solar convert``: 0 on success, 2 (one line on stderr) on bad input, 130 on Ctrl-C."""
     try:

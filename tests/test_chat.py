@@ -13,6 +13,7 @@ pytest.importorskip("gguf", reason="the tiny test model is written as a GGUF fil
 pytest.importorskip("transformers", reason="the tokenizer loads through transformers")
 
 from solar_kernels import chat, convert  # noqa: E402
+from solar_kernels.cli import build_parser  # noqa: E402
 from solar_kernels.model import generate, load_pretrained  # noqa: E402
 
 from .test_convert import write_tiny_gguf  # noqa: E402
@@ -31,9 +32,7 @@ class Recorder(io.StringIO):
 
 
 def _parse(command: str, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"solar {command}")
-    chat.add_arguments(parser, command=command)
-    return parser.parse_args(argv)
+    return build_parser().parse_args([command, *argv])
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +177,3 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny, capsys):
     del config["chat_template"]
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     assert "has no chat template" in error_of("chat", [str(no_template)], stdin="hi\n")
-
-
-def test_add_arguments_refuses_unknown_command():
-    with pytest.raises(ValueError, match="command must be 'generate' or 'chat', got 'talk'"):
-        chat.add_arguments(argparse.ArgumentParser(), command="talk")

@@ -22,6 +22,7 @@ import torch
 gguf = pytest.importorskip("gguf", reason="the GGUF converter needs the gguf package (pip install gguf)")
 
 from solar_kernels import convert  # noqa: E402
+from solar_kernels.cli import build_parser  # noqa: E402
 from solar_kernels.model import CausalLM, ModelConfig, generate, load_pretrained  # noqa: E402
 
 from .tolerances import FLOOR, rel_err  # noqa: E402
@@ -356,9 +357,7 @@ def test_refuses_bad_sources_and_destinations(tmp_path, tiny_gguf):
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="solar convert")
-    convert.add_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["convert", *argv])
 
 
 def test_cli(tmp_path, tiny_gguf, capsys):
