@@ -56,7 +56,7 @@ def test_bad_settings(value, message):
 
 def test_every_method_declares_its_parameters():
     assert set(METHODS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                            "breadcrumbs_ties", "della", "della_linear"}
+                            "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp"}
     # mergekit's defaults: normalize on for linear/ties/della, rescale on for dare/della
     defaults = {name: {p.name: p.default for p in m.parameters} for name, m in METHODS.items()}
     assert defaults["ties"]["normalize"] and not defaults["ties"]["rescale"]

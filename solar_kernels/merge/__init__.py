@@ -6,8 +6,12 @@ parameters and defaults (``registry.METHODS``):
 
 - ``linear.py``: linear (weighted average);
 - ``slerp.py``: slerp (two models, factor t);
+- ``nuslerp.py``: nuslerp (two models or their task vectors, t from their weights);
 - ``task_arithmetic.py``: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
-  breadcrumbs_ties, della, della_linear (task vectors relative to a base model).
+  breadcrumbs_ties, della, della_linear (task vectors relative to a base model);
+- ``model_stock.py``: model_stock (base and average, by the task vectors' agreement).
+
+A new method is one module that calls ``registry.register`` and is imported by ``core``.
 
 Parameters may be numbers, gradients over layers or filters on tensor names (``settings.py``), as
 in mergekit's YAML (``config.py``). ``core.merge`` streams a merge to disk; ``merge_from_yaml`` runs

@@ -38,7 +38,7 @@ from ..checkpoint import (
     set_config_dtype,
     write_hf_directory,
 )
-from . import linear, slerp, task_arithmetic  # noqa: F401  (each module registers its methods)
+from . import linear, model_stock, nuslerp, slerp, task_arithmetic  # noqa: F401  (each registers its methods)
 from .card import write_card
 from .registry import REQUIRED, MergeMethod, get_method
 from .settings import check_setting, resolve
@@ -182,9 +182,9 @@ def merge(
 ) -> Path:
     """Merges the checkpoint directories ``models`` into a new checkpoint directory ``dst``.
 
-    ``method``: a registered method (``solar_kernels.merge.METHODS``: linear, slerp,
+    ``method``: a registered method (``solar_kernels.merge.METHODS``: linear, slerp, nuslerp,
     task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
-    della_linear). Its parameters come from ``parameters`` (one setting for all models: a number,
+    della_linear, model_stock). Its parameters come from ``parameters`` (one setting for all models: a number,
     a gradient over layers or filters, see ``settings``), ``slice_parameters`` (the same, asked
     first) and ``model_parameters`` (one mapping per model, asked before both), or from the
     shorthands ``weights`` (one per model), ``density`` (one, or one per model), ``t``,
@@ -220,7 +220,7 @@ def merge(
     legacy_top, legacy_per_model = _legacy_parameters(spec, shorthand_count, weights, t, density, normalize, lambda_)
     model_levels = list(model_parameters) if model_parameters is not None else [None] * len(models)
     model_levels = [{**(legacy or {}), **(given or {})} or None for legacy, given in zip(legacy_per_model, model_levels)]
-    if base_model is None and spec.base_model == "optional":
+    if base_model is None and spec.base_model == "first":
         base_model = models[0]  # slerp: the first model is the t = 0 end
         models, model_levels = models[1:], model_levels[1:]
     elif base_model is not None:

@@ -51,9 +51,10 @@ class Parameter:
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A merge method: see the module docstring. ``base_model`` is "required", "optional" (slerp:
-    the t = 0 end, else the first model) or "none"; ``min_models``/``max_models`` count the models
-    merged besides the base; ``random`` says whether the result depends on the seed."""
+    """A merge method: see the module docstring. ``base_model`` is "required", "first" (slerp: the
+    t = 0 end, else the first model), "optional" (``base`` is None without one) or "none";
+    ``min_models``/``max_models`` count the models merged besides the base; ``random`` says whether
+    the result depends on the seed."""
 
     name: str
     summary: str

@@ -73,7 +73,7 @@ SLERP = register(MergeMethod(
     summary="spherical interpolation between two models",
     combine=_combine,
     parameters=(Parameter("t", allowed=fraction(low_open=False), expected="in [0, 1] (0 gives the base model)"),),
-    base_model="optional",
+    base_model="first",
     min_models=1,
     max_models=1,
     reference="https://en.wikipedia.org/wiki/Slerp",
