@@ -31,7 +31,6 @@ regenerates the README's demo section from that report (``readme_section``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from solar_kernels.upscale import depth_upscale
 from . import data as data_lib
 from . import demo_data, plots
 from .config import Config
+from .demo_cli import MARKER, build_parser
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -68,7 +68,6 @@ SIZES = {
 }
 
 
-MARKER = ".solar-demo"
 # What a run writes into --out, and what --write-data writes into its folder: the only names a
 # later run removes from a folder holding the marker (anything else there is left alone).
 RUN_OUTPUTS = ("data", "base", "upscaled", "cpt", "sft", "sdpo", "dpo", "merged", "results.json", "report.md",
@@ -414,21 +413,7 @@ def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Pa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="solar demo", description=__doc__.split("\n\n")[0])
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--out", default="runs/demo",
-                      help=f"output folder (default runs/demo): missing, empty, or made by solar demo (it holds "
-                           f"{MARKER}; its previous outputs are replaced); any other folder is refused")
-    what.add_argument("--write-data", metavar="DIR",
-                      help="only write the tokenizer and data files that training/configs/tiny_*.yaml read into DIR "
-                           "(the same folder rules as --out), then stop")
-    what.add_argument("--publish", metavar="RUN_DIR",
-                      help="copy a full run's report and plots to docs/demo/ and regenerate README.md's demo section")
-    parser.add_argument("--force", action="store_true",
-                        help="a non-empty folder not made by solar demo: write into a new subfolder solar-demo-N "
-                             "of it instead of refusing (nothing already there is touched)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: under a minute")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -209,3 +209,10 @@ def test_publish_copies_the_run_and_rewrites_only_the_readme_block(quick_run, tm
 def test_publish_refuses_a_folder_without_a_report(tmp_path):
     with pytest.raises(ValueError, match="report.md does not exist; expected a finished solar demo run"):
         demo.publish(tmp_path, tmp_path / "docs", tmp_path / "README.md")
+
+
+def test_demo_help_shows_the_folder_rules_and_write_data(capsys):
+    assert main(["demo", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--write-data DIR" in help_text and "--publish RUN_DIR" in help_text
+    assert f"made by solar demo (it holds {demo.MARKER}" in help_text and "new subfolder solar-demo-N" in help_text
