@@ -9,7 +9,7 @@ tensor per source; a whole model is never loaded. The output is built in a tempo
 beside ``dst`` and renamed into place when complete (``checkpoint.write_hf_directory``).
 
 Dtypes, as mergekit: ``dtype`` is the dtype every source tensor is cast to on reading and the
-method computes in (None: each tensor's own); the output is stored in ``out_dtype``, else in the
+method computes in (None: the sources' dtypes promoted, so bf16 with fp32 is fp32); the output is stored in ``out_dtype``, else in the
 computed dtype. ``compute_dtype`` (ours, not mergekit's) overrides the dtype of the math only, e.g.
 ``compute_dtype="float32"`` with ``dtype="bfloat16"``: exact fp32 math on the un-rounded sources,
 stored in bf16. Non-float tensors are copied from the reference model (the base model, else the
@@ -281,10 +281,18 @@ def merge(
     def stored_dtype(name: str, computed: torch.dtype) -> torch.dtype:
         return store_dtype if store_dtype is not None and computed.is_floating_point else computed
 
+    every_reader = [*readers, *([base] if base is not None else [])]
+
     def computed_dtype(name: str) -> torch.dtype:
+        """dtype, else (as mergekit) the sources' dtypes promoted: bf16 with fp32 is fp32."""
         if not reference.dtype(name).is_floating_point:
             return reference.dtype(name)
-        return load_dtype or reference.dtype(name)
+        if load_dtype is not None:
+            return load_dtype
+        promoted = reference.dtype(name)
+        for reader in every_reader:
+            promoted = torch.promote_types(promoted, reader.dtype(name))
+        return promoted
 
     expected_bytes = sum(math.prod(reference.shape(n)) * stored_dtype(n, computed_dtype(n)).itemsize for n in names)
     config = dict(reference.config)
@@ -298,17 +306,19 @@ def merge(
             return reference.get(name)
         values, model_values = plan[name]
 
+        # mergekit rounds the sources to dtype (else to their promoted dtype) first; an explicit
+        # compute_dtype reads them unrounded.
+        target = math_dtype or computed_dtype(name)
+
         def load(reader: CheckpointReader) -> torch.Tensor:
-            # mergekit rounds the sources to dtype first; an explicit compute_dtype reads them unrounded.
             tensor = reader.get(name)
-            return tensor if math_dtype is None or tensor.dtype == math_dtype else tensor.to(math_dtype)
+            return tensor if tensor.dtype == target else tensor.to(target)
 
         tensors = [load(reader) for reader in readers]
         base_tensor = load(base) if base is not None else None
         merged = spec.combine(base_tensor, tensors, values, model_values,
                               lambda i: task_arithmetic.random_generator(seed, name, i))
-        result_dtype = computed_dtype(name) if math_dtype != load_dtype else merged.dtype
-        return merged.to(stored_dtype(name, result_dtype))
+        return merged.to(stored_dtype(name, computed_dtype(name)))
 
     iterator = names
     if progress:
