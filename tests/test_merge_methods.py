@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -172,3 +173,15 @@ def test_merge_command_dtype_options(models, tmp_path):
     direct = merge([models / "a", models / "b"], tmp_path / "direct", method="dare_linear", base_model=models / "base",
                    density=0.5, seed=3)
     assert all(torch.equal(x, tensors(direct)[n]) for n, x in tensors(tmp_path / "d").items())
+
+
+def test_tokenizer_files_mergekit_copies_are_copied(models, tmp_path):
+    """mergekit --copy-tokenizer also copies merges.txt and chat_template.json from the base model."""
+    base = tmp_path / "base"
+    shutil.copytree(models / "base", base)
+    (base / "merges.txt").write_text("#version: 0.2\na b\n")
+    (base / "chat_template.json").write_text('{"chat_template": "{{ messages }}"}')
+    out = merge([models / "a", models / "b"], tmp_path / "out", method="ties", base_model=base, density=0.5)
+    assert (out / "merges.txt").read_text() == "#version: 0.2\na b\n"
+    assert json.loads((out / "chat_template.json").read_text()) == {"chat_template": "{{ messages }}"}
+
