@@ -89,6 +89,7 @@ def _merge(args) -> None:
 
 
 TRAIN_EXAMPLES = """examples:
+  solar demo --write-data runs/tiny-data --quick      # once: the tokenizer and data the tiny configs read
   solar {stage} --config training/configs/tiny_{config}.yaml
   solar {stage} --config training/configs/tiny_{config}.yaml --optim.lr=3e-4 --train.steps=50
   torchrun --nproc_per_node 8 -m training.{stage} --config training/configs/solar_10.7b_{config}_8gpu.yaml
@@ -103,8 +104,10 @@ DEMO_USAGE = """usage: solar demo [--out DIR] [--quick] [--seed N] [...]
 The whole SOLAR recipe, end to end, on embedded data, in minutes on a CPU: tokenizer, base model,
 depth up-scaling, continued pretraining, SFT, DPO/sDPO and a merge, with a report of the numbers.
 
-  --out DIR   output folder (default runs/demo)
+  --out DIR   output folder (default runs/demo); a non-empty folder the demo did not make is refused
+  --force     with a refused --out: write into a new subfolder of it instead (nothing is deleted)
   --quick     tiny sizes: under a minute
+  --write-data DIR   only write the tokenizer and data the tiny training configs read
 
 Every option: python -m training.demo --help
 """
