@@ -172,21 +172,15 @@ def _is_real(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
-                label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta):
-    named = {
-        "policy_chosen": policy_chosen,
-        "policy_rejected": policy_rejected,
-        "reference_chosen": reference_chosen,
-        "reference_rejected": reference_rejected,
-    }
-    for name, tensor in named.items():
-        check_float_tensor(OP, name, tensor, dtypes=(*FLOAT_DTYPES, torch.float64))
-    others = dict(list(named.items())[1:])
-    check_same_device_dtype(OP, "policy_chosen", policy_chosen, **others)
-    for name, tensor in others.items():
-        check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
-
+def check_loss_options(
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    discopop_tau: float = 0.05,
+) -> list[str]:
+    """The loss types as a list, after checking the non-tensor options of ``dpo_loss`` (a config can
+    call this before any model is built); raises ValueError in one line otherwise."""
     if isinstance(loss_type, str):
         loss_types = [loss_type]
     elif isinstance(loss_type, Sequence) and loss_type and all(isinstance(t, str) for t in loss_type):
@@ -223,6 +217,24 @@ def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_reje
                          f"got {label_smoothing!r}")
     if not _is_real(discopop_tau) or not discopop_tau > 0:
         raise ValueError(f"{OP}: discopop_tau must be a positive float, got {discopop_tau!r}")
+    return loss_types
+
+
+def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
+                label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta):
+    named = {
+        "policy_chosen": policy_chosen,
+        "policy_rejected": policy_rejected,
+        "reference_chosen": reference_chosen,
+        "reference_rejected": reference_rejected,
+    }
+    for name, tensor in named.items():
+        check_float_tensor(OP, name, tensor, dtypes=(*FLOAT_DTYPES, torch.float64))
+    others = dict(list(named.items())[1:])
+    check_same_device_dtype(OP, "policy_chosen", policy_chosen, **others)
+    for name, tensor in others.items():
+        check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
+    loss_types = check_loss_options(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
     if isinstance(bco_delta, torch.Tensor):
         if bco_delta.dim() != 0 or not bco_delta.dtype.is_floating_point:
             raise ValueError(f"{OP}: bco_delta must be a float or a 0-d float tensor, got a {bco_delta.dtype} "

@@ -174,3 +174,15 @@ def test_bco_delta_shifts_both_rewards():
     as_tensor = sk.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair",
                             bco_delta=torch.tensor(delta, dtype=torch.float64))[0]
     assert as_tensor.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_check_loss_options_without_tensors():
+    """A config validates its DPO options before any model exists, with the op's own messages."""
+    from solar_kernels.ops.dpo_loss import check_loss_options
+
+    assert check_loss_options(0.1, "ipo") == ["ipo"]
+    assert check_loss_options(0.1, ("sigmoid", "sft"), 0.0, [1.0, 0.5]) == ["sigmoid", "sft"]
+    with pytest.raises(ValueError, match="use loss_type='cdpo'"):
+        check_loss_options(0.1, "sigmoid", 0.1)
+    with pytest.raises(ValueError, match="loss_weights has 3 entries, expected 1"):
+        check_loss_options(0.1, "sigmoid", 0.0, [1.0, 1.0, 1.0])
