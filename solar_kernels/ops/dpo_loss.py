@@ -27,7 +27,7 @@ ls = log sigmoid, and n_c, n_r the completion token counts (``chosen_lengths``, 
     apo_zero      1 - s(beta c) + s(beta r)                     APO, D'Oosterlinck et al. 2024 (arXiv 2408.06266),
     apo_down      s(beta c) + 1 - s(beta h)                     Eqs. 7 and 8
     discopop      -ls(beta h) (1 - m) + exp(-beta h) m,  m = s(beta h / tau)
-                                                                DiscoPOP, Chan Lu et al. 2024 (arXiv 2406.08414),
+                                                                DiscoPOP, Lu et al. 2024 (arXiv 2406.08414),
                                                                 Eq. 5; tau = ``discopop_tau`` (TRL's default 0.05)
     sigmoid_norm  -ls(beta (c / n_c - r / n_r))                 DPO on per-token averaged log-ratios
     sft           -sum(pi_c) / sum(n_c) over the batch          NLL per chosen token; with a weight alpha next
