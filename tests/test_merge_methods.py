@@ -14,7 +14,7 @@ import torch
 from solar_kernels.cli import main
 from solar_kernels.merge import METHODS, merge, merge_from_yaml
 from solar_kernels.merge.settings import check_setting, evaluate, resolve
-from solar_kernels.merge.task_arithmetic import bernoulli_sparsify, della_sparsify, random_generator
+from solar_kernels.merge.task_arithmetic import bernoulli_sparsify, della_sparsify
 from tests.fixtures.mergekit import tiny
 from tests.test_upscale import make_checkpoint, tensors
 
@@ -74,28 +74,32 @@ def test_every_method_declares_its_parameters():
 # ----------------------------------------------------------------------------------------------
 
 
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 def test_dare_mask_is_seeded_keeps_density_and_rescales_l1():
     delta = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
-    first = bernoulli_sparsify(delta, 0.3, True, random_generator(0, "w", 0))
-    again = bernoulli_sparsify(delta, 0.3, True, random_generator(0, "w", 0))
-    other = bernoulli_sparsify(delta, 0.3, True, random_generator(1, "w", 0))
+    first = bernoulli_sparsify(delta, 0.3, True, _generator(0))
+    again = bernoulli_sparsify(delta, 0.3, True, _generator(0))
+    other = bernoulli_sparsify(delta, 0.3, True, _generator(1))
     assert torch.equal(first, again) and not torch.equal(first, other)
     kept = (first != 0).float().mean().item()
     assert abs(kept - 0.3) < 0.01  # 60000 draws: the standard deviation of the kept share is 0.002
     torch.testing.assert_close(first.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)
-    unscaled = bernoulli_sparsify(delta, 0.3, False, random_generator(0, "w", 0))
+    unscaled = bernoulli_sparsify(delta, 0.3, False, _generator(0))
     assert torch.equal(unscaled != 0, first != 0) and torch.equal(unscaled[unscaled != 0], delta[unscaled != 0])
 
 
 def test_della_keeps_large_entries_more_often():
     delta = torch.randn(64, 2000, generator=torch.Generator().manual_seed(1))
-    kept = della_sparsify(delta, 0.5, 0.3, False, random_generator(0, "w", 0)) != 0
+    kept = della_sparsify(delta, 0.5, 0.3, False, _generator(0)) != 0
     order = delta.abs().argsort(dim=1)
     smallest = kept.gather(1, order[:, :200]).float().mean().item()
     largest = kept.gather(1, order[:, -200:]).float().mean().item()
     assert smallest < 0.25 < 0.75 < largest  # probabilities ramp from 0.2 to 0.8 along the ranks
     with pytest.raises(ValueError, match=r"epsilon must keep density \+/- epsilon inside \(0, 1\)"):
-        della_sparsify(delta, 0.5, 0.5, False, random_generator(0, "w", 0))
+        della_sparsify(delta, 0.5, 0.5, False, _generator(0))
 
 
 @pytest.fixture(scope="module")

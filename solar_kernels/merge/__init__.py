@@ -15,8 +15,8 @@ A new method is one module that calls ``registry.register`` and is imported by `
 
 Parameters may be numbers, gradients over layers or filters on tensor names (``settings.py``), as
 in mergekit's YAML (``config.py``). ``core.merge`` streams a merge to disk; ``merge_from_yaml`` runs
-a YAML file. With the same YAML, results equal mergekit 0.1.5's bit for bit on the CPU (random
-masks of dare/della excepted: they are seeded here, see ``task_arithmetic.random_generator``).
+a YAML file. With the same YAML, results equal mergekit 0.1.5's bit for bit on the CPU; for
+dare/della, ``seed=S`` (``--random-seed S``, default 0) matches ``mergekit-yaml --random-seed S``.
 """
 
 from __future__ import annotations

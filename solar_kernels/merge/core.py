@@ -189,7 +189,8 @@ def merge(
     first) and ``model_parameters`` (one mapping per model, asked before both), or from the
     shorthands ``weights`` (one per model), ``density`` (one, or one per model), ``t``,
     ``normalize`` and ``lambda_``. A ``base_model`` listed in ``models`` is the base, not a merged
-    model (as in mergekit). ``seed`` seeds the random masks of dare/della. ``allow_crimes`` allows
+    model (as in mergekit). ``seed`` seeds the random masks of dare/della: ``seed=S`` draws them as
+    ``mergekit-yaml --random-seed S`` does on the CPU. ``allow_crimes`` allows
     models whose architectures differ. ``recipe`` is the text put in the model card (default: one
     generated from the arguments). Returns ``dst``.
     """
@@ -316,15 +317,16 @@ def merge(
 
         tensors = [load(reader) for reader in readers]
         base_tensor = load(base) if base is not None else None
-        merged = spec.combine(base_tensor, tensors, values, model_values,
-                              lambda i: task_arithmetic.random_generator(seed, name, i))
+        merged = spec.combine(base_tensor, tensors, values, model_values, generator)
         return merged.to(stored_dtype(name, computed_dtype(name)))
 
-    iterator = names
+    # Random masks as mergekit --random-seed draws them: one generator, tensors in sorted name order.
+    generator = torch.Generator().manual_seed(seed) if spec.random else None
+    iterator = sorted(names) if spec.random else names
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(names, desc=f"{method} merge", unit="tensor")
+        iterator = tqdm(iterator, desc=f"{method} merge", unit="tensor")
     card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype)
     copied = write_hf_directory(
         dst, ((name, merged_tensor(name)) for name in iterator), config,

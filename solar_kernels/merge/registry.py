@@ -9,8 +9,8 @@ needs a base model, and ``combine``, the per-tensor function:
 
 ``tensors`` are the models' tensors (the base model's excluded, it is ``base``, or None), already in
 the compute dtype; ``params`` maps each parameter name to its value for this tensor and
-``model_params[i]`` does the same for ``tensors[i]``; ``generator`` is a seeded ``torch.Generator``
-(methods that draw random masks use it, the others ignore it). The result is stored in the output
+``model_params[i]`` does the same for ``tensors[i]``; ``generator`` is the merge's seeded
+``torch.Generator`` for methods with ``random=True`` (None for the others). The result is stored in the output
 dtype by the caller.
 """
 

@@ -19,12 +19,12 @@ For one tensor, theta_b the base model's and theta_i model i's (all in the compu
 5. result = theta_b + lambda * merged.
 
 The operations are mergekit's, in the same order and dtype, so with the same compute dtype the
-results are mergekit's bit for bit (the random masks excepted: see ``random_mask``).
+results are mergekit's bit for bit. The random masks too: they are drawn as mergekit draws them with
+``--random-seed S`` on the CPU, from one generator seeded with S, tensor by tensor in sorted name
+order, model by model (see ``core.merge``), so ``seed=S`` here gives ``mergekit-yaml --random-seed S``.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 
@@ -71,15 +71,6 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
 
 def _work_dtype(delta: torch.Tensor) -> torch.dtype:
     return delta.dtype if delta.device.type != "cpu" or delta.dtype == torch.bfloat16 else torch.float32
-
-
-def random_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
-    """The generator for one model's mask of one tensor: seeded from sha256(seed, name, index), so a
-    merge is reproducible and each tensor's mask is independent of the order tensors are merged in.
-    (mergekit draws every mask from torch's global generator in its own task order, so its random
-    masks cannot be reproduced here; a dare/della merge matches mergekit's in distribution only.)"""
-    digest = hashlib.sha256(f"{seed}:{tensor_name}:{model_index}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def bernoulli_sparsify(delta: torch.Tensor, density: float, rescale: bool, generator) -> torch.Tensor:
@@ -189,8 +180,8 @@ def _family(name: str, summary: str, sparsification: str | None, consensus: bool
             if sparsification == "magnitude_outliers":
                 return rescaled(delta, outlier_mask(delta, density, p["gamma"]), params["rescale"])
             if sparsification == "random":
-                return bernoulli_sparsify(delta, density, params["rescale"], generator(i))
-            return della_sparsify(delta, density, p["epsilon"], params["rescale"], generator(i))
+                return bernoulli_sparsify(delta, density, params["rescale"], generator)
+            return della_sparsify(delta, density, p["epsilon"], params["rescale"], generator)
 
         return task_vector_merge(base, tensors, [p["weight"] for p in model_params],
                                  sparsify=sparsify if sparsification else None, consensus=consensus,
