@@ -361,7 +361,8 @@ class Checkpointer:
             small, problem = self._read_small_files(path), None
         except CheckpointUnusable as error:
             small, problem = None, str(error)
-        failed = all_reduce_sum(torch.tensor([0.0 if problem is None else 1.0]))
+        device = next(iter(model.parameters())).device  # NCCL reduces device tensors only
+        failed = all_reduce_sum(torch.tensor([0.0 if problem is None else 1.0], device=device))
         if problem is not None or float(failed) > 0:  # every rank falls back together
             raise CheckpointUnusable(problem or f"{path}: another rank's files are unusable (see its log)")
         trainer_state, plain, tensors = small
