@@ -153,12 +153,16 @@ def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
         yield list(order[start:start + batch_size])
 
 
-def _right_padded(rows: Sequence[list[int]], device) -> torch.Tensor:
-    """[B, longest] ids, right-padded with 0: a causal model's real tokens never see the padding."""
-    ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long, device=device)
-    for row, tokens in enumerate(rows):
+def _shifted_batch(rows: Sequence[list[int]], scored: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [B, T-1], targets [B, T-1]) for token rows right-padded to T: position t of a row reads
+    its tokens 0..t and predicts token t+1, which is its target when it is among the row's last
+    ``scored`` tokens, else -100. A causal model's real tokens never see the padding."""
+    ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long, device=device)  # [B, T]
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    for row, (tokens, count) in enumerate(zip(rows, scored)):
         ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-    return ids
+        targets[row, len(tokens) - count:len(tokens)] = ids[row, len(tokens) - count:len(tokens)]
+    return ids[:, :-1], targets[:, 1:]
 
 
 @torch.no_grad()
@@ -172,15 +176,11 @@ def heldout_nll(model, windows: Sequence[list[int]], *, batch_size: int = 4) -> 
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))  # equal lengths share a batch
     for batch in _batches(order, batch_size):
         rows = [windows[i] for i in batch]
-        ids = _right_padded(rows, device)  # [B, T]
-        labels = ids.clone()
-        for row, tokens in enumerate(rows):
-            labels[row, len(tokens):] = IGNORE_INDEX
-        hidden = model(ids, return_hidden=True)  # [B, T, d]
-        nll = linear_cross_entropy(hidden[:, :-1], model.lm_head.weight, labels[:, 1:], reduction="sum",
-                                   backend=model.config.backend)
+        inputs, targets = _shifted_batch(rows, [len(tokens) - 1 for tokens in rows], device)
+        hidden = model(inputs, return_hidden=True)  # [B, T-1, d]
+        nll = linear_cross_entropy(hidden, model.lm_head.weight, targets, reduction="sum", backend=model.config.backend)
         total += float(nll)
-        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     return total, count
 
 
@@ -190,10 +190,10 @@ def continuation_logprobs(model, requests: Sequence[tuple[list[int], list[int]]]
     """(summed log-prob of ``continuation`` given ``context``, whether greedy decoding produces it)
     per ``(context ids, continuation ids)`` request, through ``sequence_logprobs``.
 
-    context + continuation longer than ``max_length`` (default: the model's
-    ``max_position_embeddings``) keeps its last ``max_length`` tokens; continuation tokens that then
-    fall at position 0 have no context and are not scored. ``greedy=False`` skips the argmax over the
-    vocabulary and reports False.
+    The model reads at most ``max_length`` tokens (default: its ``max_position_embeddings``): a
+    longer context + continuation keeps its last ``max_length + 1`` tokens (the last one is only
+    predicted); continuation tokens that then fall at position 0 have no context and are not scored.
+    ``greedy=False`` skips the argmax over the vocabulary and reports False.
     """
     from .ops import sequence_logprobs
 
@@ -206,27 +206,20 @@ def continuation_logprobs(model, requests: Sequence[tuple[list[int], list[int]]]
             raise ValueError(f"request {index}: the continuation is empty after tokenization; expected >= 1 token")
         if not context:
             raise ValueError(f"request {index}: the context is empty; expected >= 1 token (a bos or eos prefix)")
-        full = (list(context) + list(continuation))[-max_length:]
+        full = (list(context) + list(continuation))[-(max_length + 1):]
         rows.append(full)
         scored.append(min(len(continuation), len(full) - 1))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     for batch in _batches(order, batch_size):
-        batch_rows = [rows[i] for i in batch]
-        ids = _right_padded(batch_rows, device)  # [B, T]
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for row, (tokens, i) in enumerate(zip(batch_rows, batch)):
-            start = len(tokens) - scored[i]
-            labels[row, start:len(tokens)] = ids[row, start:len(tokens)]
-        hidden = model(ids, return_hidden=True)[:, :-1]  # [B, T-1, d]: position t predicts token t+1
-        targets = labels[:, 1:]
+        inputs, targets = _shifted_batch([rows[i] for i in batch], [scored[i] for i in batch], device)
+        hidden = model(inputs, return_hidden=True)  # [B, T-1, d]
         logprobs = sequence_logprobs(hidden, model.lm_head.weight, targets, backend=model.config.backend)  # [B]
         matches = torch.zeros(len(batch), dtype=torch.bool, device=device)
         if greedy:
             valid = targets != IGNORE_INDEX  # [B, T-1]
-            hits = model.lm_head(hidden[valid]).argmax(-1) == targets[valid]  # [N]
-            misses = torch.zeros_like(valid, dtype=torch.long)
-            misses[valid] = (~hits).long()
+            misses = torch.zeros_like(targets)
+            misses[valid] = (model.lm_head(hidden[valid]).argmax(-1) != targets[valid]).long()  # [N] scored rows
             matches = misses.sum(-1) == 0
         for row, i in enumerate(batch):
             results[i] = (float(logprobs[row]), bool(matches[row]))
