@@ -33,7 +33,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -124,6 +124,13 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
     if not pairs:
         raise ValueError(f"--pairs {path}: no pairs; expected one {expected} per line")
     return pairs
+
+
+def encoded_documents(tokenizer, texts: Sequence[str], batch_size: int = 256) -> Iterator[list[int]]:
+    """Token ids of each text (no special tokens), tokenized lazily in batches: a ``--max-tokens``
+    cut stops the tokenizing too."""
+    for start in range(0, len(texts), batch_size):
+        yield from (list(ids) for ids in tokenizer(list(texts[start:start + batch_size]), add_special_tokens=False).input_ids)
 
 
 def token_windows(documents: Iterable[list[int]], seq_len: int, eos_id: int | None,
@@ -325,8 +332,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     windows, requests = None, None
     if args.text is not None:
         texts = read_texts(args.text, args.text_field)
-        documents = (list(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids) if texts else iter(())
-        windows = token_windows(documents, args.seq_len, tokenizer.eos_token_id, args.max_tokens)
+        windows = token_windows(encoded_documents(tokenizer, texts), args.seq_len, tokenizer.eos_token_id,
+                                args.max_tokens)
         if not windows:
             raise ValueError(f"--text {args.text}: fewer than 2 tokens of text; expected some text to score")
     if args.pairs is not None:

@@ -210,3 +210,30 @@ def test_windows_cut_the_stream_and_drop_a_last_single_token():
     assert evaluate.token_windows(documents, 3, 2) == [[5, 6, 7], [2, 8, 9]]  # the final lone eos scores nothing
     assert evaluate.token_windows(documents, 4, None, max_tokens=4) == [[5, 6, 7, 8]]
     assert evaluate.token_windows(documents, 2, 2, max_tokens=5) == [[5, 6], [7, 2]]
+
+
+def test_parquet_and_json_array_read_like_jsonl(tiny, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, _, _ = tiny
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCUMENTS))
+    (tmp_path / "rows.json").write_text(json.dumps([{"text": t} for t in DOCUMENTS]))
+    pq.write_table(pa.table({"text": DOCUMENTS}), tmp_path / "rows.parquet")
+    results = [_run([str(path), "--text", str(tmp_path / f"rows.{kind}"), "--seq-len", "16"], tmp_path / f"{kind}.out")
+               for kind in ("jsonl", "json", "parquet")]
+    assert results[0]["tokens"] > 0
+    assert [(r["loss"], r["tokens"]) for r in results[1:]] == [(results[0]["loss"], results[0]["tokens"])] * 2
+
+
+def test_max_tokens_stops_the_tokenizing():
+    calls = []
+
+    class Tokenizer:
+        def __call__(self, texts, add_special_tokens):
+            calls.append(list(texts))
+            return argparse.Namespace(input_ids=[[7, 8, 9] for _ in texts])
+
+    windows = evaluate.token_windows(evaluate.encoded_documents(Tokenizer(), ["a"] * 1000, batch_size=2), 4, 2,
+                                     max_tokens=6)
+    assert windows == [[7, 8, 9, 2], [7, 8]] and calls == [["a", "a"]]
