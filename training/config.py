@@ -111,10 +111,15 @@ class TrainSection:
 
 @dataclass
 class DPOSection:
-    # DPO temperature beta, loss type and label smoothing (SPEC §5; TRL's names).
+    # DPO temperature beta, loss type and label smoothing (docs/method.md; TRL 1.x's names and meanings:
+    # "sigmoid" is plain DPO, conservative DPO with label_smoothing is "cdpo").
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    # One loss type, or several combined with loss_weights (RPO: [sigmoid, sft] with [1, alpha]).
+    loss_type: Union[str, List[str]] = "sigmoid"
     label_smoothing: float = 0.0
+    # Weights of the loss types (None: 1 each), and discopop's temperature (TRL's default).
+    loss_weights: Optional[List[float]] = None
+    discopop_tau: float = 0.05
     # sDPO: preference data per stage, trained in order; each stage starts from and is referenced
     # against the model at the end of the previous one. Empty: one stage on data.train.
     stages: List[Union[str, List[str]]] = field(default_factory=list)
@@ -291,10 +296,17 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"config: data.prompt_format must be {' or '.join(PROMPT_FORMATS)}, got {config.data.prompt_format!r}"
         )
-    from solar_kernels.ops.dpo_loss import LOSS_TYPES
+    from solar_kernels.ops.dpo_loss import LOSS_TYPES, check_loss_options
 
-    if config.dpo.loss_type not in LOSS_TYPES:
-        raise ValueError(f"config: dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {config.dpo.loss_type!r}")
+    loss_types = [config.dpo.loss_type] if isinstance(config.dpo.loss_type, str) else config.dpo.loss_type
+    for loss_type in loss_types:
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"config: dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    try:
+        check_loss_options(config.dpo.beta, config.dpo.loss_type, config.dpo.label_smoothing,
+                           config.dpo.loss_weights, config.dpo.discopop_tau)
+    except ValueError as error:
+        raise ValueError(f"config: dpo: {error}") from None
     for (section, key), minimum in _MINIMUMS.items():
         value = getattr(getattr(config, section), key)
         if value < minimum:

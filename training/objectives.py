@@ -42,24 +42,27 @@ class LanguageModeling(nn.Module):
         return loss, {}
 
 
-def sequence_logps(model: CausalLM, input_ids, labels, *, average: bool = False) -> torch.Tensor:
+def sequence_logps(model: CausalLM, input_ids, labels) -> torch.Tensor:
     """log p(completion | prompt) per row [R] through the fused kernel (prompt tokens carry -100)."""
     hidden = model(input_ids, return_hidden=True)
-    return sk.sequence_logprobs(hidden, model.lm_head.weight, labels, average=average,
-                                backend=model.config.backend)
+    return sk.sequence_logprobs(hidden, model.lm_head.weight, labels, backend=model.config.backend)
 
 
 class DirectPreference(nn.Module):
     """DPO over a batch of 2B rows: B chosen, then B rejected (one concatenated forward).
 
     ``reference_logps`` [2B] were computed once before training by the stage's reference model, so
-    no reference model is held in memory. Metrics carry TRL's names, summed over pairs.
+    no reference model is held in memory. Log-probs are summed over completion tokens for every loss
+    type (TRL 1.x); the ones that average (ipo, sigmoid_norm) and the sft term get the completion
+    token counts. Metrics carry TRL 1.x's names and meanings, summed over pairs.
     """
 
-    def __init__(self, model: CausalLM, *, beta: float, loss_type: str, label_smoothing: float):
+    def __init__(self, model: CausalLM, *, beta: float, loss_type: str | list[str], label_smoothing: float,
+                 loss_weights: list[float] | None = None, discopop_tau: float = 0.05):
         super().__init__()
         self.model = model
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.loss_weights, self.discopop_tau = loss_weights, discopop_tau
 
     @staticmethod
     def count(batch: Dict[str, torch.Tensor]) -> int:
@@ -69,14 +72,17 @@ class DirectPreference(nn.Module):
         """(loss_sum, metrics); without ``reference_logps``, just the rows' log-probs [2B] (the
         reference pass goes through here too, so a sharded model needs no other entry point)."""
         # Rows are single right-padded sequences: plain causal attention is exact, position_ids unused.
-        logps = sequence_logps(self.model, input_ids, labels, average=self.loss_type == "ipo")
+        logps = sequence_logps(self.model, input_ids, labels)
         if reference_logps is None:
             return logps
         pairs = input_ids.shape[0] // 2
         chosen, rejected = logps[:pairs], logps[pairs:]
+        lengths = (labels != -100).sum(dim=1)  # completion tokens per row [2B]
         loss, chosen_rewards, rejected_rewards = sk.dpo_loss(
             chosen, rejected, reference_logps[:pairs].to(chosen.dtype), reference_logps[pairs:].to(chosen.dtype),
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+            loss_weights=self.loss_weights, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
+            discopop_tau=self.discopop_tau)
         metrics = {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),

@@ -10,7 +10,7 @@ sDPO (SPEC §5): the preference data come as a list of stages; stage t starts fr
 end of stage t-1 and uses it as its reference (its log-probs computed once, before the stage's
 first step). With ``dpo.order_by_accuracy`` the stages are first ordered easy to hard by the
 initial model's preference accuracy on each (the share of pairs whose chosen response has the
-higher log-prob under it, summed as the objective sums it: per-token mean for ipo).
+higher summed log-prob under it).
 
 With several processes, each process tokenizes the whole dataset and takes its slice of every
 global batch; every process builds the full model before it is sharded (fine up to a model that
@@ -100,11 +100,9 @@ def language_modeling_examples(stage: str, config: Config, tokenizer) -> List[Di
 
 
 def preference_examples(source, config: Config, tokenizer) -> List[Dict]:
-    examples = data_lib.dpo_examples(_records(source, config), tokenizer, config.data.seq_len,
-                                     config.data.max_prompt_length, prompt_format=config.data.prompt_format)
-    if not examples:
-        raise ValueError(f"dpo: no preference pairs in {source}")
-    return examples
+    return data_lib.dpo_examples(_records(source, config), tokenizer, config.data.seq_len,
+                                 config.data.max_prompt_length, prompt_format=config.data.prompt_format,
+                                 source=source)
 
 
 def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: int, device, compute=None) -> List[Dict]:
@@ -171,7 +169,8 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
         runs = [(stage, examples, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
     else:
         objective = DirectPreference(model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                                     label_smoothing=config.dpo.label_smoothing)
+                                     label_smoothing=config.dpo.label_smoothing,
+                                     loss_weights=config.dpo.loss_weights, discopop_tau=config.dpo.discopop_tau)
         sources = config.dpo.stages or [config.data.train]
         chunks = [preference_examples(source, config, tokenizer) for source in sources]
         runs = [(f"dpo-stage{i + 1}" if len(chunks) > 1 else "dpo", chunk,

@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config
+from .plots import plot_losses
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -631,30 +632,3 @@ class Trainer:
             for key, value in zip(self.metric_names, metric_values):
                 record[key] = value / items
             self._log(record)
-
-
-def plot_losses(metrics: Path, png: Path, title: str) -> Optional[Path]:
-    """Loss (and lr) against step from a metrics.jsonl, drawn to a PNG; skipped without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib is not installed: no loss plot")
-        return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    if not records:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    lr_axis = ax.twinx()
-    lr_axis.plot([r["step"] for r in records], [r["lr"] for r in records], color="gray", alpha=0.5, label="lr")
-    lr_axis.set_ylabel("learning rate")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png

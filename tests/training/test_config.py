@@ -60,6 +60,9 @@ def test_example_configs_load(name, tmp_path, monkeypatch):
         (["--optim.min_lr_ratio=-1"], r"optim.min_lr_ratio must be in \[0, 1\], got -1.0$"),
         (["--optim.grad_clip=-1"], r"optim.grad_clip must be >= 0 \(0 disables clipping\), got -1.0$"),
         (["--dpo.loss_type=kto"], r"dpo.loss_type must be one of sigmoid, .*, got 'kto'$"),
+        (["--dpo.loss_type=[sigmoid, kto]"], r"dpo.loss_type must be one of sigmoid, .*, got 'kto'$"),
+        (["--dpo.label_smoothing=0.1"], r"^config: dpo: .*cdpo"),
+        (["--dpo.loss_type=[sigmoid, sft]", "--dpo.loss_weights=[1]"], r"^config: dpo: .*loss_weights"),
         (["--data.prompt_format=chatml"], r"data.prompt_format must be solar or chat_template, got 'chatml'$"),
         (["--train.device=tpu"], r"train.device must be auto, cpu, cuda or cuda:N, got 'tpu'$"),
         (["--train.device=cuda:x"], r"train.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'$"),
@@ -73,6 +76,11 @@ def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message) as error:
         load_config(None, base + overrides)
     assert "\n" not in str(error.value)
+
+
+def test_several_dpo_loss_types_with_weights():
+    config = load_config(None, ["--model.preset=tiny", "--dpo.loss_type=[sigmoid, sft]", "--dpo.loss_weights=[1, 0.5]"])
+    assert config.dpo.loss_type == ["sigmoid", "sft"] and config.dpo.loss_weights == [1.0, 0.5]
 
 
 def test_missing_file():
