@@ -43,7 +43,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     write_tiny_gguf(root / "tiny.gguf", "F32", seed=3, std=0.1)  # at 0.02 greedy decoding repeats one token
     convert.convert_gguf(root / "tiny.gguf", root / "hf")
-    return root / "hf", AutoTokenizer.from_pretrained(root / "hf"), load_pretrained(root / "hf", backend="torch").eval()
+    return root / "hf", AutoTokenizer.from_pretrained(root / "hf", trust_remote_code=False), load_pretrained(root / "hf", backend="torch").eval()
 
 
 def _greedy(model, prompt: list[int], steps: int, eos: int = -1) -> list[int]:

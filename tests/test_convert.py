@@ -227,7 +227,7 @@ def test_tokenizer_matches_the_trained_one(tiny_gguf):
     from transformers import AutoTokenizer
 
     _, out, _, _, hf_tokenizer = tiny_gguf
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (1, 2, 2, 0)
     for text in [*CORPUS[:3], TEXT_WITH_DIGITS, "unseen wörds ✓ and\n\ttabs  "]:
         ids = tokenizer(text, add_special_tokens=True).input_ids
@@ -263,8 +263,9 @@ def test_logits_equal_transformers(tmp_path, qtype):
     write_tiny_gguf(tmp_path / "t.gguf", qtype, tied=qtype == "Q4_1")
     convert.convert_gguf(tmp_path / "t.gguf", tmp_path / "hf")
     ours = load_pretrained(tmp_path / "hf", backend="torch").eval()
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    gguf_loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf", dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, trust_remote_code=False).eval()
+    gguf_loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf", dtype=torch.float32,
+                                                       trust_remote_code=False).eval()
     ids = torch.randint(3, TINY["vocab_size"], (2, 17))
     with torch.no_grad():
         expected = theirs(ids).logits
@@ -400,13 +401,14 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, out = smollm2
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
     assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.bos_token_id) == ("<|im_end|>", 2, 1)
     assert tokenizer.tokenize("1234 apples") == ["1", "2", "3", "4", "Ġapples"]
     pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("1234 apples")
     assert [piece for piece, _ in pieces] == ["1", "2", "3", "4", "Ġapples"]  # the digit rule itself
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
-    theirs = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
+                                                  trust_remote_code=False).eval()
     ours = load_pretrained(out, backend="torch").eval()
     prompt = tokenizer("The capital of France is").input_ids
     with torch.no_grad():

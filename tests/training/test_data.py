@@ -76,7 +76,7 @@ def tokenizer(tokenizer_dir):
 @pytest.fixture
 def fresh_tokenizer(tokenizer_dir):
     """A tokenizer of its own, for tests that set a chat template."""
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
 
 
 def _encode(tokenizer, text):
@@ -109,7 +109,7 @@ def _labeled_spans(tokenizer, input_ids, labels):
 
 
 def test_tokenizer_special_ids_and_reload(tokenizer_dir, tokenizer):
-    reloaded = AutoTokenizer.from_pretrained(tokenizer_dir)
+    reloaded = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     for tok in (tokenizer, reloaded):
         assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
         assert (tok.unk_token, tok.bos_token, tok.eos_token, tok.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
@@ -148,7 +148,7 @@ def test_load_tokenizer_sets_missing_pad(tmp_path, tokenizer):
         tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     no_pad.save_pretrained(tmp_path)
-    assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id is None
+    assert AutoTokenizer.from_pretrained(tmp_path, trust_remote_code=False).pad_token_id is None
     assert load_tokenizer(tmp_path).pad_token_id == tokenizer.unk_token_id
 
 

@@ -3,7 +3,6 @@ errors, pairs without a preference are dropped, and nothing in the data pipeline
 
 from __future__ import annotations
 
-import ast
 import builtins
 import json
 import logging
@@ -18,9 +17,6 @@ pytest.importorskip("tokenizers")
 
 from training.data import dpo_examples, load_records  # noqa: E402
 from training.tokenizer import load_tokenizer  # noqa: E402
-
-TRAINING = Path(__file__).resolve().parents[2] / "training"
-
 
 def one_line_error(call, *args, **kwargs) -> str:
     with pytest.raises(ValueError) as error:
@@ -159,18 +155,6 @@ def test_tokenizer_config_must_be_json(workspace, tmp_path):
     )
 
 
-def test_every_from_pretrained_in_training_refuses_remote_code():
-    """Each ``from_pretrained(...)`` call in training/ passes ``trust_remote_code=False`` literally."""
-    calls = []
-    for path in sorted(TRAINING.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
-                trust = [k.value for k in node.keywords if k.arg == "trust_remote_code"]
-                calls.append((f"{path.name}:{node.lineno}", [ast.literal_eval(v) for v in trust]))
-    assert calls, "expected the tokenizer loader's from_pretrained call"
-    assert [where for where, trust in calls if trust != [False]] == []
-
-
 # ----------------------------------------------------------------------------- DPO pairs without a preference
 
 
@@ -209,21 +193,7 @@ def test_all_pairs_identical_is_an_error(workspace, tmp_path):
 # ----------------------------------------------------------------------------- nothing is unpickled
 
 
-_UNPICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-
-
-@pytest.mark.parametrize("name", ["data.py", "config.py"])
-def test_no_unpickling_in_the_source(name):
-    tree = ast.parse((TRAINING / name).read_text())
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found += [a.name for a in node.names if a.name.split(".")[0] in _UNPICKLING_MODULES]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _UNPICKLING_MODULES:
-            found.append(node.module)
-        elif isinstance(node, ast.Attribute) and node.attr == "load" and getattr(node.value, "id", None) == "torch":
-            found.append("torch.load")
-    assert found == []
+# (the source scan for unpickling and remote code, over the whole repository, is tests/test_safety.py)
 
 
 def test_loading_and_tokenizing_never_unpickles(workspace, tmp_path, monkeypatch):
