@@ -173,7 +173,7 @@ def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:
                             source_parameters=checked(f"{where}: slices[{number}].sources[0] parameters",
                                                       source.parameters)))
     kwargs = dict(dtype=recipe.dtype, out_dtype=recipe.out_dtype, parameters=top, base_model=recipe.base_model,
-                  recipe=recipe.text)
+                  tokenizer_source=recipe.tokenizer_source, recipe=recipe.text)
     return slices, kwargs
 
 
@@ -228,6 +228,7 @@ def depth_upscale(
     out_dtype: Optional[str] = None,
     parameters: Optional[dict] = None,
     base_model: Optional[PathLike] = None,
+    tokenizer_source: Optional[PathLike] = None,
     max_shard_size: Union[int, str] = "5GB",
     force: bool = False,
     progress: bool = False,
@@ -239,7 +240,9 @@ def depth_upscale(
     ``scale`` when one is given (``parameters``, a slice's ``parameters`` or ``source_parameters``:
     numbers, gradients over the slice's layers or filters on tensor names, see
     ``merge.settings``) and stored in ``out_dtype`` (default: as read). ``base_model`` (None: the
-    first slice's checkpoint) gives config.json and the tokenizer and generation files."""
+    first slice's checkpoint) gives config.json and the tokenizer and generation files;
+    ``tokenizer_source`` (mergekit's: "base", "union" or a model directory) the tokenizer, for
+    checkpoints that share one vocabulary (``merge.tokenizer``)."""
     from .merge.card import write_card
     from .merge.settings import resolve
 
@@ -268,6 +271,14 @@ def depth_upscale(
         readers.setdefault(base_path, config_reader)
     _check_plan(slices, readers)
     first, last = readers[slices[0].source], readers[slices[-1].source]
+    side_files_from = config_reader.path
+    if tokenizer_source is not None:
+        from .merge.tokenizer import tokenizer_donor
+
+        embedding = "model.embed_tokens.weight"
+        rows = first.shape(embedding)[0] if embedding in first else -1
+        side_files_from = tokenizer_donor("depth_upscale: tokenizer_source", tokenizer_source, list(readers),
+                                          Path(base_model) if base_model is not None else None, rows)
 
     # (output name, reader, input name, scale) in the order written: embedding, layers, the rest.
     # scale as mergekit evaluates it: the source's, then the slice's, then the top-level parameters,
@@ -331,7 +342,7 @@ def depth_upscale(
     card_recipe = recipe or _recipe(slices, dtype, out_dtype)
     write_hf_directory(
         dst, written(), config, config_source=str(config_reader.path / "config.json"),
-        side_files_from=config_reader.path, max_shard_size=max_shard_size, force=force, expected_bytes=expected,
+        side_files_from=side_files_from, max_shard_size=max_shard_size, force=force, expected_bytes=expected,
         tool="depth_upscale",
         finish=lambda tmp: write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
                                       models=[s.source for s in slices],

@@ -621,8 +621,9 @@ dtype: float16
 TWO = "models: [{model: @a}, {model: @b}]\n"
 BAD_YAML = {
     "unknown_key": (TWO + "merge_method: linear\nmerge_methd: ties\n", r"unknown key 'merge_methd'; expected some of"),
-    "tokenizer_source": (TWO + "merge_method: linear\ntokenizer_source: base\n",
-                         r"key 'tokenizer_source' is not supported: the output's tokenizer is the base model's"),
+    "tokenizer_source": (TWO + "merge_method: linear\ntokenizer_source: base\n", r"tokenizer_source: base needs base_model"),
+    "tokenizer": (TWO + "merge_method: linear\ntokenizer: {source: union}\n",
+                  r"key 'tokenizer' is not supported: the output's tokenizer is the base model's"),
     "modules": (TWO + "merge_method: linear\nmodules: {}\n", r"key 'modules' is not supported"),
     "slice_base_model": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\n    base_model: @b\n"
                          "merge_method: slerp\n", r"slices\[0\]: key 'base_model' is not supported"),

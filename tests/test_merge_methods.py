@@ -189,3 +189,38 @@ def test_tokenizer_files_mergekit_copies_are_copied(models, tmp_path):
     assert (out / "merges.txt").read_text() == "#version: 0.2\na b\n"
     assert json.loads((out / "chat_template.json").read_text()) == {"chat_template": "{{ messages }}"}
 
+
+
+def test_tokenizer_source_needs_one_shared_vocabulary(models, tmp_path, monkeypatch):
+    """tokenizer_source is done when the vocabularies agree (parity: tests/test_merge_mergekit.py);
+    a different vocabulary or a missing base is refused before anything is written."""
+    odd = tmp_path / "odd"
+    shutil.copytree(models / "b", odd)
+    tiny.write_tokenizer(odd, extra_token="w_new")
+    kwargs = dict(method="ties", base_model=models / "base", density=0.5)
+    with pytest.raises(ValueError, match=r"tokenizer_source 'base': .*odd has a different vocabulary from .*base; "
+                                         r"merging models with different vocabularies .* is not supported"):
+        merge([models / "a", odd], tmp_path / "out", tokenizer_source="base", **kwargs)
+    with pytest.raises(ValueError, match=r"tokenizer_source: base needs base_model"):
+        merge([models / "a", models / "b"], tmp_path / "out", method="linear", tokenizer_source="base")
+    with pytest.raises(ValueError, match=r"must be base, union or a local model directory, got 'mine'"):
+        merge([models / "a", models / "b"], tmp_path / "out", method="linear", tokenizer_source="mine")
+    (odd / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"needs a tokenizer.json in every model .* has none"):
+        merge([models / "a", odd], tmp_path / "out", tokenizer_source="union", **kwargs)
+    assert not (tmp_path / "out").exists()
+    # a model path as the source: its tokenizer files (here its own tokenizer_config) are the output's
+    donor = tmp_path / "donor"
+    shutil.copytree(models / "c", donor)
+    (donor / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", "which": "donor"}')
+    out = merge([models / "a", models / "b"], tmp_path / "donor_out", tokenizer_source=donor, **kwargs)
+    assert json.loads((out / "tokenizer_config.json").read_text())["which"] == "donor"
+
+
+def test_tokenizer_source_refuses_padded_embeddings(tmp_path):
+    padded = make_checkpoint(tmp_path / "padded", layers=2, seed=1)  # vocab_size 101 rows
+    other = make_checkpoint(tmp_path / "other", layers=2, seed=2)
+    for directory in (padded, other):
+        tiny.write_tokenizer(directory)  # 64 tokens
+    with pytest.raises(ValueError, match=r"the vocabulary has 64 tokens but the embeddings have 101 rows"):
+        merge([padded, other], tmp_path / "out", method="linear", tokenizer_source="union")

@@ -22,7 +22,8 @@ from there, with a warning: mergekit would stop). Accepted::
     out_dtype: float16               # the stored dtype (default: dtype)
     compute_dtype: float32           # ours, not mergekit's: the math's dtype only
 
-Refused (mergekit has them, this package does not): ``modules``, ``tokenizer_source``,
+``tokenizer_source`` (base, union or a model path) is accepted when every model shares one
+vocabulary (see ``tokenizer.py``). Refused (mergekit has them, this package does not): ``modules``,
 ``tokenizer``, ``chat_template``, a slice's ``base_model`` and ``residual_weight``, Hub model names
 and LoRA references (``model+lora``).
 """
@@ -35,12 +36,11 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "compute_dtype")
+TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "compute_dtype",
+            "tokenizer_source")
 # mergekit keys this package does not implement, and what to do instead.
 REFUSED_KEYS = {
     "modules": "per-module merges are not supported; use models: or slices:",
-    "tokenizer_source": "the output's tokenizer is the base model's (else the first model's); vocabularies "
-                        "are not combined",
     "tokenizer": "the output's tokenizer is the base model's (else the first model's); vocabularies are not combined",
     "chat_template": "the chat template is copied from the base (else first) model; edit tokenizer_config.json after",
 }
@@ -80,6 +80,7 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     compute_dtype: str | None = None
+    tokenizer_source: str | Path | None = None
 
 
 def _keys(where: str, data, allowed: tuple[str, ...], refused: dict[str, str] | None = None) -> dict:
@@ -149,6 +150,10 @@ def read_recipe(config_path) -> Recipe:
                     dtype=_dtype(f"{path}: dtype", data.get("dtype")),
                     out_dtype=_dtype(f"{path}: out_dtype", data.get("out_dtype")),
                     compute_dtype=_dtype(f"{path}: compute_dtype", data.get("compute_dtype")))
+    source = data.get("tokenizer_source")
+    if source is not None:
+        recipe.tokenizer_source = source if source in ("base", "union") else resolve_model(
+            f"{path}: tokenizer_source", source, path.parent)
     if data.get("base_model") is not None:
         recipe.base_model = resolve_model(f"{path}: base_model", data["base_model"], path.parent)
     if ("models" in data) == ("slices" in data) or not (data.get("models") or data.get("slices")):

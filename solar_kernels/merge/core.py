@@ -42,6 +42,7 @@ from . import linear, model_stock, nuslerp, slerp, task_arithmetic  # noqa: F401
 from .card import write_card
 from .registry import REQUIRED, MergeMethod, get_method
 from .settings import check_setting, resolve
+from .tokenizer import tokenizer_donor
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ def merge(
     max_shard_size: int | str = "5GB",
     force: bool = False,
     progress: bool = False,
+    tokenizer_source: str | os.PathLike | None = None,
     recipe: str | None = None,
 ) -> Path:
     """Merges the checkpoint directories ``models`` into a new checkpoint directory ``dst``.
@@ -191,7 +193,9 @@ def merge(
     ``normalize`` and ``lambda_``. A ``base_model`` listed in ``models`` is the base, not a merged
     model (as in mergekit). ``seed`` seeds the random masks of dare/della: ``seed=S`` draws them as
     ``mergekit-yaml --random-seed S`` does on the CPU. ``allow_crimes`` allows
-    models whose architectures differ. ``recipe`` is the text put in the model card (default: one
+    models whose architectures differ. ``tokenizer_source`` (mergekit's: "base", "union" or a model
+    directory) takes the tokenizer from there, for models that share one vocabulary (see
+    ``tokenizer.py``). ``recipe`` is the text put in the model card (default: one
     generated from the arguments). Returns ``dst``.
     """
     spec = get_method(method)
@@ -251,6 +255,11 @@ def merge(
     _check_same_tensors(reference, readers)
     names = reference.names()
     num_layers = reference.config.get("num_hidden_layers") or 1
+    side_files_from = reference.path
+    if tokenizer_source is not None:
+        embedding = "model.embed_tokens.weight"
+        rows = reference.shape(embedding)[0] if embedding in reference else -1
+        side_files_from = tokenizer_donor("tokenizer_source", tokenizer_source, models, base_model, rows)
 
     # Every parameter's value for every tensor and model, checked before anything is written.
     plan: dict[str, tuple[dict, list[dict]]] = {}
@@ -330,7 +339,7 @@ def merge(
     card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype)
     copied = write_hf_directory(
         dst, ((name, merged_tensor(name)) for name in iterator), config,
-        config_source=str(reference.path / "config.json"), side_files_from=reference.path,
+        config_source=str(reference.path / "config.json"), side_files_from=side_files_from,
         max_shard_size=max_shard_size, force=force, expected_bytes=expected_bytes, tool="merge",
         finish=lambda tmp: write_card(tmp, name=dst.name, method=method, models=models, base_model=base_model,
                                       recipe=card_recipe))
