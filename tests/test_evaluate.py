@@ -41,7 +41,8 @@ def tiny(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = tiny_checkpoint(tmp_path_factory.mktemp("eval"))
-    return path, AutoTokenizer.from_pretrained(path), LlamaForCausalLM.from_pretrained(path).float().eval()
+    return (path, AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+            LlamaForCausalLM.from_pretrained(path, trust_remote_code=False).float().eval())
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -105,7 +105,7 @@ def test_loglikelihood_rolling_equals_transformers(tiny, max_length):
     from transformers import LlamaForCausalLM
 
     path, lm = tiny
-    hf_model = LlamaForCausalLM.from_pretrained(path).float().eval()
+    hf_model = LlamaForCausalLM.from_pretrained(path, trust_remote_code=False).float().eval()
     rolling = SolarLM(pretrained=str(path), device="cpu", backend="triton", batch_size=2, max_length=max_length)
     texts = ["There are 1234 apples and 56 pears in the basket, 7 of them are red.", "Hello"]
     got = rolling.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)])
