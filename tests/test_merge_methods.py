@@ -215,6 +215,7 @@ def test_tokenizer_source_needs_one_shared_vocabulary(models, tmp_path, monkeypa
     (donor / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast", "which": "donor"}')
     out = merge([models / "a", models / "b"], tmp_path / "donor_out", tokenizer_source=donor, **kwargs)
     assert json.loads((out / "tokenizer_config.json").read_text())["which"] == "donor"
+    assert f"tokenizer_source: {donor}" in (out / "mergekit_config.yml").read_text()
 
 
 def test_tokenizer_source_refuses_padded_embeddings(tmp_path):

@@ -336,7 +336,8 @@ def merge(
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc=f"{method} merge", unit="tensor")
-    card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype)
+    card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype,
+                                    tokenizer_source)
     copied = write_hf_directory(
         dst, ((name, merged_tensor(name)) for name in iterator), config,
         config_source=str(reference.path / "config.json"), side_files_from=side_files_from,
@@ -347,7 +348,7 @@ def merge(
     return dst
 
 
-def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype) -> str:
+def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype, tokenizer_source) -> str:
     """A mergekit-style YAML recipe for a merge given as arguments."""
     import yaml
 
@@ -362,7 +363,8 @@ def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, comput
                         for m, p in zip(models, per_model)]
     if top:
         recipe["parameters"] = {k: plain(v) for k, v in top.items()}
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype)):
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype),
+                       ("tokenizer_source", tokenizer_source)):
         if value is not None:
             recipe[key] = str(value).replace("torch.", "")
     return yaml.safe_dump(recipe, sort_keys=False).rstrip()
