@@ -52,7 +52,7 @@ from solar_kernels.upscale import depth_upscale
 
 from . import data as data_lib
 from . import demo_data, plots
-from .config import Config
+from .config import Config, validate
 from .demo_cli import MARKER, build_parser
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -170,6 +170,7 @@ def _config(**sections) -> Config:
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(config, section), key, value)
+    validate(config)  # the checks a config file gets
     return config
 
 

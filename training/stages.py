@@ -134,16 +134,24 @@ def preference_accuracy(objective, examples: List[Dict], pad_id: int, batch_size
     return sum(e["reference_chosen"] > e["reference_rejected"] for e in scored) / len(scored)
 
 
-def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, rank: int) -> None:
+def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, rank: int, tokenizer) -> None:
     """Gather the full state dict (from every shard) and write a Hugging Face directory on rank 0, in
-    the compute dtype (model.dtype), whatever dtype the optimizer kept its weights in."""
+    the compute dtype (model.dtype), whatever dtype the optimizer kept its weights in, with the
+    tokenizer's files (copied from its folder, or saved from ``tokenizer`` when it came by hub name)."""
+    import tempfile
+
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         tensors = {name.removeprefix("model."): tensor for name, tensor in state.items()}  # objective.model.*
-        write_pretrained(tensors, model_config, path, force=True, side_files_from=tokenizer_path(config),
-                         dtype=config.model.dtype)
+        with tempfile.TemporaryDirectory() as saved:
+            side_files = Path(tokenizer_path(config))
+            if not side_files.is_dir():
+                tokenizer.save_pretrained(saved)
+                side_files = Path(saved)
+            write_pretrained(tensors, model_config, path, force=True, side_files_from=side_files,
+                             dtype=config.model.dtype)
     barrier()
 
 
@@ -196,7 +204,7 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
                           flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name)
         histories[name] = trainer.run()
     if config.train.export:
-        export(config, objective, model.config, output_dir / "final", rank)
+        export(config, objective, model.config, output_dir / "final", rank, tokenizer)
     return histories
 
 

@@ -88,7 +88,14 @@ def setup_distributed(device_setting: str = "auto"):
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_setting == "auto" else device_setting.startswith("cuda")
-    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(device_setting if device_setting not in ("auto", "cuda") else "cpu")
+    if device_setting.startswith("cuda:") and world > 1:
+        raise ValueError(f"train.device={device_setting} names one GPU, but {world} processes were started; "
+                         f"expected cuda or auto (each process takes cuda:LOCAL_RANK)")
+    if use_cuda:  # one process: the GPU named (cuda:N), else cuda:LOCAL_RANK
+        index = int(device_setting.split(":")[1]) if device_setting.startswith("cuda:") else local_rank
+        device = torch.device("cuda", index)
+    else:
+        device = torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

@@ -138,3 +138,17 @@ def test_malformed_records(base_model, tmp_path):
     config = stage_config(tmp_path / "bad.yaml", base_model, tmp_path / "bad", data={"train": str(tmp_path / "bad.jsonl")})
     with pytest.raises(ValueError, match="prompt"):
         run_stage("sft", config)
+
+
+def test_export_saves_a_tokenizer_loaded_by_hub_name(workspace, base_model, tmp_path):
+    from training.objectives import LanguageModeling
+    from training.stages import export
+
+    config = load_config(None, ["--model.preset=tiny", "--model.tokenizer=org/tokenizer-by-hub-name",
+                                "--model.dtype=float32"])
+    model = load_pretrained(base_model, backend="torch")
+    tokenizer = load_tokenizer(workspace / "tokenizer")  # stands in for the one fetched by hub name
+    export(config, LanguageModeling(model, packed=False), model.config, tmp_path / "final", 0, tokenizer)
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+    assert load_tokenizer(tmp_path / "final").encode("2 + 2 = 4") == tokenizer.encode("2 + 2 = 4")
+    assert load_pretrained(tmp_path / "final").config.num_layers == model.config.num_layers

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from solar_kernels.model import load_pretrained
 from tests.tolerances import rel_err
@@ -198,3 +199,20 @@ def test_streaming_batches_split_ranks_and_resume():
     resumed = StreamingBatches(rows, 4, collate)
     resumed.load_state_dict({"epoch": 0, "index": 1})
     assert next(iter(resumed)) == [4, 5, 6, 7]
+
+
+def test_setup_distributed_takes_the_gpu_named(monkeypatch):
+    from training.trainer import setup_distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert setup_distributed("cuda:1") == (0, 1, torch.device("cuda", 1))
+    assert setup_distributed("cuda") == (0, 1, torch.device("cuda", 0))
+    assert setup_distributed("cpu") == (0, 1, torch.device("cpu"))
+    assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"train.device=cuda:1 names one GPU, but 2 processes were started"):
+        setup_distributed("cuda:1")

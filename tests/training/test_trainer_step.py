@@ -26,8 +26,9 @@ SYNCING_METHODS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__
 
 
 ROOT = Path(__file__).resolve().parents[2]
-# Host reads that are not the trainer's, reported to their owners: the fused loss checks its labels'
-# range with `bool(bad.any())` on every call (solar_kernels/ops/linear_logprobs.py).
+# Host reads that happen on the CPU only: the fused loss checks its labels' range with
+# `bool(bad.any())` where that costs no device sync, i.e. on CPU tensors; on a GPU it checks only
+# with SOLAR_KERNELS_CHECK_LABELS=1 (tests/ops/test_linear_logprobs.py covers both).
 ELSEWHERE = {("solar_kernels/ops/linear_logprobs.py", "_check_label_values")}
 
 
