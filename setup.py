@@ -150,8 +150,13 @@ setup(
             "transformers>=4.45",
             "matplotlib>=3.7",
         ],
-        # What the test suite needs beyond the package: the trainer's extras, pytest, and
-        # transformers as the parity oracle.
+        # solar convert gguf (llama.cpp GGUF files -> Hugging Face directories); the tokenizer it
+        # writes is read back through transformers.
+        "convert": ["gguf>=0.19", "transformers>=4.45"],
+        # solar generate / chat / eval, and the lm-evaluation-harness "solar" model.
+        "eval": ["datasets>=3", "transformers>=4.45", "lm_eval==0.4.13"],
+        # What the test suite needs beyond the package: the trainer's, converter's and evaluator's
+        # extras, pytest, and transformers (with accelerate for its GGUF loader) as the parity oracle.
         "test": [
             "datasets>=3",
             "pytest>=8",
@@ -159,7 +164,10 @@ setup(
             "pytest-benchmark>=4",
             "numpy>=1.26",
             "transformers>=4.45",
+            "accelerate>=1",
             "matplotlib>=3.7",
+            "gguf>=0.19",
+            "lm_eval==0.4.13",
         ],
     },
 )

@@ -1,5 +1,5 @@
 """The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints, GGUF
-conversion, generation and chat, and the training stages (``pretrain``, ``sft``, ``dpo``) of the
+conversion, generation, chat and evaluation, and the training stages (``pretrain``, ``sft``, ``dpo``) of the
 ``training`` package next to this one.
 
 Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input, and
@@ -166,6 +166,24 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
     parser.add_argument("--backend", help="kernels: torch, triton, cuda or auto (default: solar_kernels picks)")
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``solar eval``."""
+    parser.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)")
+    parser.add_argument("--text", metavar="FILE_OR_DIR",
+                        help="held-out text: a .txt (one document), .jsonl/.json/.parquet file, or a folder of them")
+    parser.add_argument("--text-field", default="text", help="the field holding each row's text (default: text)")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
+    parser.add_argument("--max-tokens", type=int, help="read at most this many tokens of --text")
+    parser.add_argument("--pairs", metavar="FILE.jsonl", help='preference pairs: {"prompt", "chosen", "rejected"} per line')
+    parser.add_argument("--chat", action="store_true", help="put each pair's prompt under the chat template (one user turn)")
+    parser.add_argument("--out", metavar="RESULT.json", help="write the results as JSON here")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--backend", help="kernels: torch, triton, cuda or auto (default: solar_kernels picks)")
+
+
 def _convert(args) -> int:
     from . import convert
 
@@ -176,6 +194,12 @@ def _generation(args) -> int:
     from . import chat
 
     return chat.run(args)
+
+
+def _evaluation(args) -> int:
+    from . import evaluate
+
+    return evaluate.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         _add_generation_arguments(sub, name)
         sub.set_defaults(run=_generation)
+
+    ev = commands.add_parser("eval", help="held-out loss/perplexity and preference accuracy of a checkpoint")
+    _add_eval_arguments(ev)
+    ev.set_defaults(run=_evaluation)
 
     for stage, config in TRAIN_CONFIGS.items():
         commands.add_parser(stage, help=f"train: {stage} (see --help)", add_help=False,

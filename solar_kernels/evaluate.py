@@ -268,24 +268,6 @@ def preference_scores(model, requests: Sequence[tuple[list[int], list[int]]], *,
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``solar eval``."""
-    parser.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)")
-    parser.add_argument("--text", metavar="FILE_OR_DIR",
-                        help="held-out text: a .txt (one document), .jsonl/.json/.parquet file, or a folder of them")
-    parser.add_argument("--text-field", default="text", help="the field holding each row's text (default: text)")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
-    parser.add_argument("--max-tokens", type=int, help="read at most this many tokens of --text")
-    parser.add_argument("--pairs", metavar="FILE.jsonl", help='preference pairs: {"prompt", "chosen", "rejected"} per line')
-    parser.add_argument("--chat", action="store_true", help="put each pair's prompt under the chat template (one user turn)")
-    parser.add_argument("--out", metavar="RESULT.json", help="write the results as JSON here")
-    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
-    parser.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
-    parser.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
-    parser.add_argument("--backend", help="kernels: torch, triton, cuda or auto (default: solar_kernels picks)")
-
-
 def _check_arguments(args: argparse.Namespace) -> None:
     if args.text is None and args.pairs is None:
         raise ValueError("nothing to evaluate: expected --text FILE_OR_DIR, --pairs FILE.jsonl or both")

@@ -128,7 +128,7 @@ print(json.dumps({"code": code, "heavy": heavy}))
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in
-                                  ("upscale", "merge", "convert", "generate", "chat", "pretrain", "sft", "dpo",
+                                  ("upscale", "merge", "convert", "generate", "chat", "eval", "pretrain", "sft", "dpo",
                                    "demo")), ["convert", "gguf", "--help"], ["pretrain"]])
 def test_help_and_version_do_not_import_torch(argv):
     done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,

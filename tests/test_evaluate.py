@@ -15,6 +15,7 @@ pytest.importorskip("transformers", reason="the tokenizer loads through transfor
 pytest.importorskip("datasets", reason="solar eval reads --text through datasets")
 
 from solar_kernels import convert, evaluate  # noqa: E402
+from solar_kernels.cli import build_parser  # noqa: E402
 from solar_kernels.model import hf as model_hf  # noqa: E402
 
 from .test_convert import write_tiny_gguf  # noqa: E402
@@ -46,9 +47,7 @@ def tiny(tmp_path_factory):
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="solar eval")
-    evaluate.add_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(["eval", *argv])
 
 
 def _run(argv: list[str], out_path) -> dict:
