@@ -191,7 +191,7 @@ def test_tokenizer_files_mergekit_copies_are_copied(models, tmp_path):
 
 
 
-def test_tokenizer_source_needs_one_shared_vocabulary(models, tmp_path, monkeypatch):
+def test_tokenizer_source_needs_one_shared_vocabulary(models, tmp_path):
     """tokenizer_source is done when the vocabularies agree (parity: tests/test_merge_mergekit.py);
     a different vocabulary or a missing base is refused before anything is written."""
     odd = tmp_path / "odd"
