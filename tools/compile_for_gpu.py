@@ -96,7 +96,8 @@ class Variant:
     stack_bytes: int | None = None
     local_bytes: int | None = None
     shared_bytes: int = 0
-    ldg128: int = 0
+    ldg128: int = 0  # 128-bit global reads in SASS: LDG.E.128 and the async copies below
+    ldgsts128: int = 0  # of which 16-byte cp.async copies to shared memory (LDGSTS, a pipelined loop's prefetch)
     stg128: int = 0
     ptx_ld_v4: int | None = None
     ptx_st_v4: int | None = None
@@ -186,6 +187,12 @@ def _drive(modules, context) -> None:
                 rms._rms_norm_fwd(x, w, residual, 1e-5, backend="triton")
                 context[:] = [f"rms_norm{suffix} bwd d={width}", name, solar and width == d]
                 rms._rms_norm_bwd(x, x, w, rstd, residual, backend="triton")
+        if solar:  # under autocast: bf16 x, fp32 weight, an fp32 y (and so an fp32 dy in the backward)
+            x, w32, rstd = _empty(n, d, dtype=dtype), _empty(d, dtype=torch.float32), _empty(n, dtype=torch.float32)
+            context[:] = [f"rms_norm fwd d={d} fp32 weight -> fp32 y", name, True]
+            rms._rms_norm_fwd(x, w32, None, 1e-5, backend="triton", y_dtype=torch.float32)
+            context[:] = [f"rms_norm bwd d={d} fp32 dy, fp32 weight", name, True]
+            rms._rms_norm_bwd(_empty(n, d, dtype=torch.float32), x, w32, rstd, None, backend="triton")
         gate = _empty(n, inter, dtype=dtype)
         context[:] = [f"swiglu fwd I={inter}", name, solar]
         swi._swiglu_fwd(gate, gate, backend="triton")
@@ -236,13 +243,14 @@ def read_cubin(path: str) -> dict[str, dict]:
         found = re.search(r"Function : (\S+)", line)
         if found:
             current = functions.setdefault(found.group(1), {})
-            current.update(ldg128=0, stg128=0, fp64=0, local_instructions=0)
+            current.update(ldg128=0, ldgsts128=0, stg128=0, fp64=0, local_instructions=0)
             continue
         instruction = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if current is None or instruction is None:
             continue
         opcode = instruction.group(1)
-        current["ldg128"] += opcode.startswith("LDG") and ".128" in opcode
+        current["ldg128"] += opcode.startswith("LDG") and ".128" in opcode  # LDGSTS (cp.async) included
+        current["ldgsts128"] += opcode.startswith("LDGSTS") and ".128" in opcode
         current["stg128"] += opcode.startswith("STG") and ".128" in opcode
         current["fp64"] += bool(FP64.match(opcode))
         current["local_instructions"] += opcode.startswith(("LDL", "STL"))
@@ -378,15 +386,17 @@ def markdown(report: dict) -> str:
              f"{env['date']}, commit {env['commit']}, triton {env['triton']}, nvcc {env['nvcc']}; "
              f"`python tools/compile_for_gpu.py 90 80 --out benchmarks/results`. Occupancy from registers, threads "
              f"and shared memory; waves on {SMS} SMs.", "",
-             "| backend | kernel | case | threads | registers | stack | 128-bit ld/st (SASS) | fp64 | resident/SM | "
-             "occupancy | programs | waves |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "128-bit ld counts LDG.E.128 and LDGSTS.128 (cp.async into shared memory, the prefetch of a software-"
+             "pipelined loop), the latter also shown apart.", "",
+             "| backend | kernel | case | threads | registers | stack | 128-bit ld/st (SASS) | of which cp.async | fp64 | "
+             "resident/SM | occupancy | programs | waves |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["variants"]:
         if not row["solar"] or row["arch"] not in ("sm_90", "sm_90a"):
             continue
         waves = f"{row['waves']:.2f}" if row.get("waves") is not None else "–"
         occupancy = f"{row['occupancy']:.0%}" if row.get("occupancy") is not None else "–"
         lines.append(f"| {row['backend']} | {row['kernel']} | {row['case']} | {row['threads']} | {row['registers']} | "
-                     f"{row['stack_bytes']} | {row['ldg128']} / {row['stg128']} | {row['fp64']} | "
+                     f"{row['stack_bytes']} | {row['ldg128']} / {row['stg128']} | {row['ldgsts128']} | {row['fp64']} | "
                      f"{row.get('resident_per_sm', '–')} | {occupancy} | {row['programs']} | {waves} |")
     return "\n".join(lines) + "\n"
 
@@ -405,7 +415,7 @@ def main(argv=None) -> int:
         variants += compile_cuda()
     for v in variants:
         print(f"{v.arch} {v.kernel} *{v.dtype} {v.case} {v.config}: REG:{v.registers} STACK:{v.stack_bytes} "
-              f"LDG128:{v.ldg128} STG128:{v.stg128} FP64:{v.fp64}")
+              f"LDG128:{v.ldg128} (LDGSTS128:{v.ldgsts128}) STG128:{v.stg128} FP64:{v.fp64}")
     print(f"compiled {len(variants)} kernel variants in {time.time() - start:.1f} s")
     report = {"environment": _versions(), "sms": SMS, "variants": [v.as_dict() for v in variants]}
     text = json.dumps(report, indent=2, default=str) + "\n"

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .._autotune import pick, register_kernel
-from .._backend import resolve_backend
+from .._backend import TRITON_INTERPRETED, resolve_backend
 from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
 from ._autocast import autocast_on
 from ._common import as_rows, cast_to, persistent_programs, warps_for
@@ -53,6 +53,18 @@ OP = "rms_norm"
 _MAX_TILE = 8192
 # Elements one forward program handles: narrow rows are grouped so each program moves >= 8 KB.
 _FWD_ELEMENTS = 4096
+# Backward at d = 4096: 16 warps hold 8 fp32 values of a row per thread (64 registers), so 2 programs of
+# 512 threads fit an SM; each keeps up to 4 row blocks of loads in flight (NUM_STAGES - 1, copied
+# ahead into shared memory), at most _BWD_PREFETCH_BYTES of them, so two programs' buffers fit an
+# A100's 164 KB of shared memory as well as an H100's 228 KB.
+_BWD_PROGRAMS_PER_SM = 2
+_BWD_ELEMENTS_PER_THREAD = 8
+_BWD_MAX_PREFETCH = 4
+_BWD_PREFETCH_BYTES = 72 * 1024
+# Column sum of the backward's per-program dweight partials: BLOCK_N columns x BLOCK_R partial rows
+# per step (32 fp32 columns = one 128-byte line per row, d / 32 programs).
+_SUM_BLOCK_N = 32
+_SUM_BLOCK_R = 64
 
 
 def rms_norm_ref(
@@ -146,6 +158,7 @@ def _rms_norm_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     # Each program owns a contiguous range of rows and one row of DW_PARTIAL ([programs, d], fp32).
     pid = tl.program_id(0)
@@ -156,8 +169,11 @@ def _rms_norm_bwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < n_cols
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for block_start in range(row_start, row_end, BLOCK_M):
+        # dw is folded over the block's rows every step: one [BLOCK_D] accumulator, not [BLOCK_M, BLOCK_D].
+        # The row loop is software-pipelined: the next blocks' dy and x are copied in (cp.async) while
+        # this one is computed, so a program keeps NUM_STAGES - 1 blocks of loads in flight.
+        dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for block_start in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
             rows = block_start + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
@@ -171,8 +187,8 @@ def _rms_norm_bwd_kernel(
             if HAS_DH:
                 dx += tl.load(DH + rows[:, None] * stride_dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows[:, None] * stride_dx_row + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
-            dw += dy * normed
-        tl.store(partial + cols, tl.sum(dw, axis=0), mask=col_mask)
+            dw += tl.sum(dy * normed, axis=0)
+        tl.store(partial + cols, dw, mask=col_mask)
     else:
         # Rows too wide for registers: one row at a time, two passes over column tiles; the
         # program's DW_PARTIAL row (zero-initialized, owned by this program alone) accumulates dw.
@@ -200,6 +216,41 @@ def _rms_norm_bwd_kernel(
                 tl.store(DX + row * stride_dx_row + cols, cast_to(dx, DX.dtype.element_ty), mask=col_mask)
                 dw_row = tl.load(partial + cols, mask=col_mask, other=0.0)
                 tl.store(partial + cols, dw_row + dy * normed, mask=col_mask)
+
+
+@triton.jit
+def _column_sum_kernel(PARTIAL, OUT, n_partials, n_cols, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[c] = sum over rows of PARTIAL[:, c] ([n_partials, n_cols] fp32, contiguous), summed in fp32
+    and rounded once to OUT's dtype (dweight in weight's dtype: one kernel, no fp32 intermediate)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        mask = (rows[:, None] < n_partials) & col_mask[None, :]
+        tile = tl.load(PARTIAL + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(OUT + cols, cast_to(acc, OUT.dtype.element_ty), mask=col_mask)
+
+
+def _column_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Column sums of ``partial`` [programs, d] (fp32) in ``dtype``, in one launch."""
+    n_partials, n_cols = partial.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    # Under the interpreter each program is Python: a few wide programs instead of d / 32 narrow ones.
+    block_n = triton.next_power_of_2(triton.cdiv(n_cols, 4)) if TRITON_INTERPRETED else _SUM_BLOCK_N
+    block_r = triton.next_power_of_2(n_partials) if TRITON_INTERPRETED else _SUM_BLOCK_R
+    _column_sum_kernel[(triton.cdiv(n_cols, block_n),)](
+        partial, out, n_partials, n_cols, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+    )
+    return out
+
+
+def _bwd_stages(block_elements: int, *inputs: torch.Tensor) -> int:
+    """Software-pipeline depth of the backward's row loop: 1 + the row blocks loaded ahead (their dy,
+    x and dh), up to _BWD_MAX_PREFETCH blocks within _BWD_PREFETCH_BYTES."""
+    block_bytes = block_elements * sum(t.element_size() for t in inputs)
+    return 1 + max(1, min(_BWD_MAX_PREFETCH, _BWD_PREFETCH_BYTES // block_bytes))
 
 
 def _tile(n_cols: int) -> Tuple[int, bool]:
@@ -243,7 +294,7 @@ def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
     dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
     block_d, single_tile = _tile(n_cols)
     block_m = max(1, min(16, _FWD_ELEMENTS // block_d)) if single_tile else 1
-    programs = persistent_programs(h2d.device, triton.cdiv(n_rows, block_m))
+    programs = persistent_programs(h2d.device, triton.cdiv(n_rows, block_m), per_sm=_BWD_PROGRAMS_PER_SM)
     rows_per_program = triton.cdiv(n_rows, programs)
     alloc = torch.empty if single_tile else torch.zeros
     dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=h2d.device)
@@ -254,9 +305,10 @@ def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
         n_rows, n_cols, rows_per_program,
         HAS_DH=dh2d is not None,
         BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
-        num_warps=warps_for(block_m * block_d),
+        NUM_STAGES=_bwd_stages(block_m * block_d, dy2d, h2d, *([dh2d] if dh2d is not None else [])),
+        num_warps=warps_for(block_m * block_d, _BWD_ELEMENTS_PER_THREAD),
     )
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dx, _column_sum(dw_partial, weight.dtype)
 
 
 def _y_dtype(x: torch.Tensor, weight: torch.Tensor, promote: bool) -> torch.dtype:

@@ -49,7 +49,10 @@ from ._common import cast_to
 
 OP = "apply_rotary"
 # Token rows per program: cos/sin for BLOCK_T tokens are loaded once and reused for every head.
-_TILE_ELEMENTS = 2048
+# 1024 elements = 16 tokens x 64 half-columns for D = 128: 8 values per thread of 4 warps (~64
+# registers, 8 programs per SM). The head loop is pipelined _STAGES deep: 3 heads' loads ahead.
+_TILE_ELEMENTS = 1024
+_STAGES = 4
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +74,13 @@ def _rotate_heads(
     X, OUT, stride_x_b, stride_x_h, stride_x_t, stride_x_d,
     stride_o_b, stride_o_h, stride_o_t, stride_o_d,
     batch, tokens, half_cols, mask, n_heads, half,
-    cos1, cos2, sin1, sin2,
+    cos1, cos2, sin1, sin2, NUM_STAGES: tl.constexpr,
 ):
     x_base = X + batch * stride_x_b + tokens[:, None] * stride_x_t + half_cols[None, :] * stride_x_d
     o_base = OUT + batch * stride_o_b + tokens[:, None] * stride_o_t + half_cols[None, :] * stride_o_d
-    for head in range(n_heads):
+    # Software-pipelined over heads: the next NUM_STAGES - 1 heads' halves are copied in (cp.async)
+    # while this one is rotated, so the loop is not one load round trip per head.
+    for head in tl.range(0, n_heads, num_stages=NUM_STAGES):
         x_ptr = x_base + head * stride_x_h
         o_ptr = o_base + head * stride_o_h
         x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -97,6 +102,7 @@ def _rotary_kernel(
     BACKWARD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -117,10 +123,10 @@ def _rotary_kernel(
         sin2 = sin_hi
     _rotate_heads(Q, QO, stride_q_b, stride_q_h, stride_q_t, stride_q_d,
                   stride_qo_b, stride_qo_h, stride_qo_t, stride_qo_d,
-                  batch, tokens, half_cols, mask, n_heads_q, half, cos1, cos2, sin1, sin2)
+                  batch, tokens, half_cols, mask, n_heads_q, half, cos1, cos2, sin1, sin2, NUM_STAGES)
     _rotate_heads(K, KO, stride_k_b, stride_k_h, stride_k_t, stride_k_d,
                   stride_ko_b, stride_ko_h, stride_ko_t, stride_ko_d,
-                  batch, tokens, half_cols, mask, n_heads_k, half, cos1, cos2, sin1, sin2)
+                  batch, tokens, half_cols, mask, n_heads_k, half, cos1, cos2, sin1, sin2, NUM_STAGES)
 
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,7 @@ def _rotary(q, k, cos, sin, backward: bool, backend: str = "triton"):
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
         *_batched_strides(cos), *_batched_strides(sin),
         n_tokens, n_heads_q, k.shape[1], half,
-        BACKWARD=backward, BLOCK_T=block_t, BLOCK_HALF=block_half,
+        BACKWARD=backward, BLOCK_T=block_t, BLOCK_HALF=block_half, NUM_STAGES=_STAGES,
         num_warps=4,
     )
     return q_out, k_out

@@ -178,6 +178,20 @@ def test_bad_residual_and_eps():
         sk.rms_norm(x, w, eps=-1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 7), (5, 123), (264, 4096), (3, 4097)])
+def test_dweight_column_sum_is_one_kernel_in_weight_dtype(shape, dtype, device):
+    """The backward's dweight: one kernel sums the fp32 per-program partials and rounds once to
+    weight's dtype. The partials are multiples of 1/8, so their fp32 sum is exact in any order and
+    the result must equal the exact column sum rounded once."""
+    from solar_kernels.ops.rms_norm import _column_sum
+
+    partial = torch.randint(-64, 64, shape, device=device).float() / 8
+    out = _column_sum(partial, dtype)
+    assert out.dtype == dtype and out.shape == (shape[1],)
+    assert torch.equal(out, partial.double().sum(0).to(dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_solar_shapes_on_gpu(dtype, kernel_backend):
