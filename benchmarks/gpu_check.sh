@@ -74,14 +74,15 @@ if [ -n "$REHEARSAL" ]; then
   export TRITON_INTERPRET=1
   CPU=(--cpu)
   OPS_ARGS=(--cpu --ops swiglu --no-sweep)
-  TRAIN_ARGS=(--cpu --seq 16 --steps 1 --warmup 0 --contenders ours-triton hf)
+  TRAIN_ARGS=(--cpu --seq 16 --layers 1 --steps 1 --warmup 0 --ac none --contenders ours-triton hf)
   TESTS=(tests/ops/test_swiglu.py -m gpu)
   LIMIT_OPS=90 LIMIT_TRAIN=90 LIMIT_CUDA=60 LIMIT_TESTS=60  # a shared CI CPU: imports alone take 5-20 s
 else
   CPU=()
   OPS_ARGS=(--tokens 16384 --no-sweep --budget-s 100)
   # 4 x 4096 = 16K tokens, as the op benchmarks; the first contenders matter most
-  TRAIN_ARGS=(--batch 4 --seq 4096 --steps 3 --warmup 1 --contenders ours-triton hf ours-cuda hf+solar hf+liger)
+  TRAIN_ARGS=(--batch 4 --seq 4096 --layers 8 --steps 3 --warmup 1 --ac none selective full --packing unpacked packed
+              --contenders ours-triton hf hf+liger ours-cuda hf+solar)
   TESTS=(tests/ops)
   LIMIT_OPS=130 LIMIT_TRAIN=100 LIMIT_CUDA=70 LIMIT_TESTS=90
 fi

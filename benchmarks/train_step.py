@@ -1,15 +1,27 @@
-"""End-to-end training step: forward + backward + AdamW step of a SOLAR-shaped model.
+"""End-to-end training step of a SOLAR-shaped model, through the trainer's own step code.
 
-    python -m benchmarks.train_step                   # GPU: d 4096, I 14336, 32/8 heads, vocab 32000, seq 4096, bf16
-    python -m benchmarks.train_step --layers 48       # all of SOLAR 10.7B (default: as many layers as fit, up to 48)
-    python -m benchmarks.train_step --compile         # torch.compile each block / the HF model
-    python -m benchmarks.train_step --cpu             # tiny model on the CPU: checks the script runs (CI)
+    python -m benchmarks.train_step --batch 4 --seq 4096   # GPU: 16K tokens/step, d 4096, I 14336, 32/8 heads, vocab 32000
+    python -m benchmarks.train_step --layers 48            # all of SOLAR 10.7B (default: as many layers as fit, up to 48)
+    python -m benchmarks.train_step --ac none selective --packing packed
+    python -m benchmarks.train_step --cpu                  # tiny model on the CPU: checks the script runs (CI)
 
-Contenders: our model with each backend that runs here (loss through ``sk.linear_cross_entropy``
-on the final hidden states), transformers' ``LlamaForCausalLM`` of the same shape with SDPA
-attention, the same patched with ``sk.patch_hf_model``, and patched with Liger-Kernel when it is
-installed (run last: Liger patches transformers' classes globally). Reports the median step time,
-tokens/s, achieved TFLOP/s, MFU and peak memory.
+Every case is one (activation checkpointing policy, packed or unpacked rows, contender). A case
+runs ``training.trainer.Trainer``'s step (``_train_step``: autocast to bf16 over fp32 master
+weights, the backward, gradient clipping, fused AdamW and the LR schedule, no host sync) on an
+objective wrapped by ``training.trainer.parallelize`` (the activation checkpointing users get), so
+the numbers are those of ``solar pretrain``. Timing is the trainer's own: the steps of a window run
+back to back and are read back with one synchronization (``_flush``); ``--repeats`` windows give
+the spread. Packed rows hold several documents, ``position_ids`` restarting at 0 per document
+(as ``training.data`` packs pretraining rows); unpacked rows are one sequence each.
+
+Contenders, on the same weights: our model with each backend that runs here (loss through
+``sk.linear_cross_entropy`` on the final hidden states, ``training.objectives.LanguageModeling``),
+transformers' ``LlamaForCausalLM`` with SDPA attention (packed rows masked per document by
+transformers from the ``position_ids``), the same patched with ``sk.patch_hf_model``, and patched
+with Liger-Kernel when it is installed (run last within a case group: Liger patches transformers'
+classes globally). Each row records the attention path that ran (``CausalLM.last_attention_path``;
+``hf-sdpa-packed``/``hf-sdpa-causal`` for transformers), tokens/s, TFLOP/s, MFU and peak memory;
+the results are written after every case. On a GPU each row of ours carries the target verdicts.
 
 FLOP convention (SPEC §7): FLOPs/token = 6 * N (parameters without the input embedding, LM head
 included) + 12 * L * d * seq; MFU = achieved / the card's dense bf16 peak (989 TFLOP/s on H100/H200).
@@ -21,28 +33,36 @@ import argparse
 import gc
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import solar_kernels as sk
-from benchmarks.common import environment, format_table, peak_bf16_tflops, sync, write_rows
+from benchmarks.common import environment, format_table, peak_bf16_tflops, write_rows
 from solar_kernels._backend import unavailable_reason
 from solar_kernels.model import CausalLM, ModelConfig, preset
+from solar_kernels.model.config import PRESETS
+from training.config import Config
+from training.objectives import LanguageModeling, flops_per_token_fn
+from training.trainer import Trainer, parallelize, parameter_dtype
 
-# Training memory per parameter with bf16 weights, bf16 gradients and AdamW's two bf16 states.
-_BYTES_PER_PARAM = 8
-# Activation memory per layer and token for this shape (x, norms, q/k/v, attention out, gate, up,
-# silu, residuals in bf16): about (8 d + 4 I) * 2 bytes; rounded up for workspace.
+# Training memory per parameter: fp32 master, fp32 gradient, AdamW's two fp32 states, and the bf16
+# copy autocast makes for the forward.
+_BYTES_PER_PARAM = 18
+# Activation memory per layer and token for this shape without checkpointing (x, norms, q/k/v,
+# attention out, gate, up, silu, residuals in bf16): about (8 d + 4 I) * 2 bytes; rounded up.
 _ACTIVATION_BYTES_PER_TOKEN_LAYER = lambda c: int(1.25 * (8 * c.hidden_size + 4 * c.intermediate_size) * 2)  # noqa: E731
+AC_POLICIES = ("none", "full", "selective")
+PACKINGS = ("unpacked", "packed")
+# Targets (issue 11), judged on the GPU only.
+TARGET_MFU, TARGET_VS_HF, TARGET_VS_LIGER, TARGET_PACKED_LOSS = 0.50, 1.30, 1.15, 0.10
 
 
-def flops_per_token(config: ModelConfig, seq: int) -> int:
-    n = config.num_parameters() - config.vocab_size * config.hidden_size  # no input embedding
-    return 6 * n + 12 * config.num_layers * config.hidden_size * seq
+def flops_per_token(config: ModelConfig, seq: int) -> float:
+    return flops_per_token_fn(config)(seq)
 
 
 def layers_that_fit(config: ModelConfig, tokens: int, device: torch.device) -> int:
@@ -53,148 +73,250 @@ def layers_that_fit(config: ModelConfig, tokens: int, device: torch.device) -> i
     return max(1, min(48, int((0.9 * free - fixed) // per_layer)))
 
 
-def shifted_labels(ids: torch.Tensor) -> torch.Tensor:
-    return F.pad(ids[:, 1:], (0, 1), value=-100)
+def make_batch(batch: int, seq: int, vocab: int, *, packed: bool, eos: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch in the format of ``training.data``: ``labels[t] = input_ids[t+1]`` (-100 at a row's
+    end and after each document's closing eos). Packed rows hold documents of 1/8 to 1/2 of the row
+    (the last one cut by the row's end), each ending in eos, ``position_ids`` restarting at 0."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    ids[ids == eos] = (eos + 1) % vocab
+    positions = torch.arange(seq).repeat(batch, 1)
+    if packed:
+        low, high = max(1, seq // 8), max(2, seq // 2)
+        for row in range(batch):
+            start = 0
+            while start < seq:
+                end = min(seq, start + int(torch.randint(low, high + 1, (), generator=generator)))
+                positions[row, start:end] = torch.arange(end - start)
+                if end < seq:
+                    ids[row, end - 1] = eos
+                start = end
+    labels = F.pad(ids[:, 1:], (0, 1), value=-100).masked_fill(ids == eos, -100)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def ours(config: ModelConfig, backend: str, device, dtype, compile_blocks: bool):
-    model = CausalLM.from_config(config.replace(backend=backend), device=device, dtype=dtype)
-    if compile_blocks:
-        for block in model.model.layers:
-            block.compile()
+class HFLanguageModeling(nn.Module):
+    """``LanguageModeling`` for a transformers model: the same batch, the loss summed over labeled
+    tokens, through the model's own loss (which Liger replaces with its fused one)."""
 
-    def loss_fn(ids):
-        hidden = model(ids, return_hidden=True)
-        return sk.linear_cross_entropy(hidden, model.lm_head.weight, shifted_labels(ids), backend=backend)
+    def __init__(self, model: nn.Module, *, packed: bool):
+        super().__init__()
+        self.model, self.packed = model, packed
+        self.last_attention_path: str | None = None
 
-    return model, loss_fn
+    count = staticmethod(LanguageModeling.count)
+
+    def forward(self, input_ids, labels, position_ids=None):
+        from transformers.masking_utils import find_packed_sequence_indices
+
+        positions = position_ids if self.packed else None
+        masked = positions is not None and find_packed_sequence_indices(positions) is not None
+        self.last_attention_path = f"hf-{self.model.config._attn_implementation}-{'packed' if masked else 'causal'}"
+        # transformers shifts the labels itself: give it labels[t-1] at t, the same targets.
+        loss = self.model(input_ids=input_ids, position_ids=positions, labels=F.pad(labels[:, :-1], (1, 0), value=-100)).loss
+        return loss * self.count({"labels": labels}), {}
 
 
-def hf(config: ModelConfig, device, dtype, compile_model: bool, patch: Optional[str]):
+def build(name: str, config: ModelConfig, train: Config, device: torch.device, packed: bool) -> nn.Module:
+    """The objective of contender ``name`` on the weights seeded 0, wrapped as the trainer wraps it."""
+    torch.manual_seed(0)
+    dtype = parameter_dtype(train)
+    if name.startswith("ours-"):
+        model = CausalLM.from_config(config.replace(backend=name[len("ours-"):]), device=device, dtype=dtype)
+        objective = LanguageModeling(model, packed=packed)
+        return parallelize(objective, model.model.layers, train, 1, device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_config = AutoConfig.for_model(**config.to_hf_config())
+    source = CausalLM.from_config(config, device=device, dtype=dtype)  # the same weights as ours
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf_config()), dtype=dtype,
+                                                 attn_implementation="sdpa")
+    model.load_state_dict(source.state_dict())
+    del source
+    patch = name.partition("+")[2]
     if patch == "solar":
         sk.patch_hf_model(model)
     elif patch == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(model=model)
-    if compile_model:
-        model.compile()
-
-    def loss_fn(ids):
-        return model(input_ids=ids, labels=ids).loss
-
-    return model, loss_fn
+    objective = HFLanguageModeling(model, packed=packed)
+    return parallelize(objective, model.model.layers, train, 1, device)
 
 
-def measure(model, loss_fn: Callable, ids: torch.Tensor, device, steps: int, warmup: int) -> Dict[str, float]:
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, losses = [], []
-    for step in range(warmup + steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = loss_fn(ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(float(loss.detach()))
-    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    del optimizer
-    return {"step_s": statistics.median(times), "first_loss": losses[0], "last_loss": losses[-1], "peak_mem_gb": peak}
+def attention_path(objective: nn.Module) -> str | None:
+    inner = getattr(objective, "model", None)
+    return getattr(inner, "last_attention_path", None) or getattr(objective, "last_attention_path", None)
+
+
+def measure(objective: nn.Module, train: Config, batch: dict, device: torch.device, *, steps: int, warmup: int,
+            repeats: int, flops: float, work_dir: Path) -> dict[str, object]:
+    """``repeats`` windows of ``steps`` trainer steps after ``warmup`` steps; the trainer's records."""
+    def forever():
+        while True:
+            yield batch
+
+    trainer = Trainer(train, objective, LanguageModeling.count, forever(), rank=0, world=1, device=device,
+                      flops_per_token=lambda seq: flops, output_dir=work_dir, name="bench")
+    batches, step = forever(), 0
+    for _ in range(warmup):
+        step += 1
+        trainer._train_step(step, batches)
+    trainer._flush()  # waits for the warm-up; the window (and the peak memory) starts here
+    windows = []
+    for _ in range(repeats):
+        for _ in range(steps):
+            step += 1
+            trainer._train_step(step, batches)
+        trainer._flush()
+        windows.append(trainer.history[-1])
+    rates = [w["tokens_per_s"] for w in windows]
+    best = windows[rates.index(statistics.median_low(rates))]
+    return {"step_s": best["seconds"], "tokens_per_s": best["tokens_per_s"], "tokens_per_s_min": min(rates),
+            "tokens_per_s_max": max(rates), "tflops": best["tflops"], "mfu": best["mfu"],
+            "peak_mem_gb": max((w["peak_mem_gb"] or 0) for w in windows) or None,
+            "first_loss": trainer.history[0]["loss"], "last_loss": trainer.history[-1]["loss"]}
+
+
+def verdicts(rows: list[dict[str, object]]) -> None:
+    """Target verdicts on every timed row of ours (GPU runs only): MFU, tokens/s against transformers
+    eager and + Liger in the same (ac, packing) group, packed against unpacked of the same contender."""
+    timed = [r for r in rows if "tokens_per_s" in r]
+    for row in timed:
+        if not str(row["contender"]).startswith("ours-"):
+            continue
+        found = {}
+        if row.get("mfu") is not None:
+            found["mfu"] = f"{'met' if row['mfu'] >= TARGET_MFU else 'missed'}: {row['mfu']:.1%} vs {TARGET_MFU:.0%}"
+        for other, target in (("hf", TARGET_VS_HF), ("hf+liger", TARGET_VS_LIGER)):
+            ratio = row.get(f"speedup_vs_{other}")
+            if ratio is not None:
+                found[f"vs_{other}"] = f"{'met' if ratio >= target else 'missed'}: {ratio:.2f}x vs {target:.2f}x"
+        if row["packing"] == "packed":
+            base = next((r for r in timed if r["contender"] == row["contender"] and r["ac"] == row["ac"]
+                         and r["packing"] == "unpacked"), None)
+            if base is not None:
+                loss = 1 - row["tokens_per_s"] / base["tokens_per_s"]
+                found["packed"] = (f"{'met' if loss <= TARGET_PACKED_LOSS else 'missed'}: {loss:.1%} slower than "
+                                   f"unpacked vs {TARGET_PACKED_LOSS:.0%}")
+        row["verdicts"] = found
+
+
+def speedups(rows: list[dict[str, object]]) -> None:
+    timed = [r for r in rows if "tokens_per_s" in r]
+    for row in timed:
+        for other in timed:
+            if other is not row and (other["ac"], other["packing"]) == (row["ac"], row["packing"]):
+                row[f"speedup_vs_{other['contender']}"] = row["tokens_per_s"] / other["tokens_per_s"]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="tiny model on the CPU (checks the script, no real numbers)")
+    parser.add_argument("--cpu", action="store_true", help="the CPU (tiny model unless --preset/--layers say otherwise)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default solar-10.7b; tiny with --cpu)")
+    parser.add_argument("--hidden", type=int, help="override the preset's hidden size (intermediate = 2.75x, heads d/64)")
     parser.add_argument("--layers", default="auto", help="decoder layers, or 'auto': as many as fit (max 48)")
-    parser.add_argument("--seq", type=int, default=None, help="sequence length (default 4096; 32 with --cpu)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile per block (ours) / whole model (HF)")
-    parser.add_argument("--contenders", nargs="+", help="subset, e.g. ours-triton hf hf+liger")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 4096; 32 with --cpu)")
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default 4: 16K tokens; 2 with --cpu)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed window")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed windows per case (their spread is recorded)")
+    parser.add_argument("--ac", nargs="+", choices=AC_POLICIES, default=list(AC_POLICIES), help="activation checkpointing")
+    parser.add_argument("--packing", nargs="+", choices=PACKINGS, default=list(PACKINGS))
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute dtype over fp32 masters "
+                        "(default bfloat16; float32 with --cpu)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile)")
+    parser.add_argument("--contenders", nargs="+", help="subset, in the order to run, e.g. ours-triton hf hf+liger")
     parser.add_argument("--out", default="benchmarks/results/local")
     args = parser.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the CPU check")
+    for name in ("seq", "batch", "steps", "repeats", "hidden"):
+        value = getattr(args, name)
+        if value is not None and value < (2 if name == "seq" else 1):
+            parser.error(f"--{name} must be at least {2 if name == 'seq' else 1}, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    if args.layers != "auto" and not (args.layers.isdigit() and int(args.layers) >= 1):
+        parser.error(f"--layers must be a positive integer or 'auto', got {args.layers!r}")
     device = torch.device("cpu" if args.cpu else "cuda")
-    dtype = torch.float32 if args.cpu else torch.bfloat16
     seq = args.seq or (32 if args.cpu else 4096)
-    base = preset("tiny") if args.cpu else preset("solar-10.7b")
-    layers = int(args.layers) if args.layers != "auto" else (2 if args.cpu else layers_that_fit(base, args.batch * seq, device))
+    batch_size = args.batch or (2 if args.cpu else 4)
+    base = preset(args.preset or ("tiny" if args.cpu else "solar-10.7b"))
+    if args.hidden:
+        base = base.replace(hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden) // 64 * 64 or 64,
+                            num_heads=max(1, args.hidden // 64), num_kv_heads=max(1, args.hidden // 256))
+    if args.layers != "auto":
+        layers = int(args.layers)
+    else:
+        layers = 2 if args.cpu else layers_that_fit(base, batch_size * seq, device)
     config = base.replace(num_layers=layers, max_position_embeddings=max(seq, base.max_position_embeddings))
     env = environment(device)
     peak = peak_bf16_tflops(env["card"])
-    contenders = [f"ours-{b}" for b in ("torch", "triton", "cuda") if unavailable_reason(b, device) is None]
-    contenders += ["hf", "hf+solar"]
-    if device.type == "cuda":
-        try:
-            import liger_kernel  # noqa: F401
+    compute = args.dtype or ("float32" if args.cpu else "bfloat16")
+    available = [f"ours-{b}" for b in ("torch", "triton", "cuda") if unavailable_reason(b, device) is None]
+    available += ["hf", "hf+solar"]
+    try:
+        import liger_kernel  # noqa: F401
 
-            contenders.append("hf+liger")
-        except ImportError:
-            pass
-    if args.contenders:
-        contenders = [c for c in args.contenders if c in contenders]  # in the order asked: the first matter most
-    ids = torch.randint(0, config.vocab_size, (args.batch, seq), device=device,
-                        generator=torch.Generator(device=device).manual_seed(0))
+        available.append("hf+liger")
+    except ImportError:
+        pass
+    contenders = [c for c in args.contenders if c in available] if args.contenders else available
+    skipped = [c for c in args.contenders or [] if c not in available]
     per_token = flops_per_token(config, seq)
-    print(f"{env['card']}: {layers} layers, d {config.hidden_size}, seq {seq}, batch {args.batch}, "
-          f"{config.num_parameters() / 1e9:.2f}B parameters, {per_token / 1e9:.1f} GFLOP/token", flush=True)
-    rows: List[Dict[str, object]] = []
-    extra = {"flops_per_token": per_token, "peak_bf16_tflops": peak}
+    print(f"{env['card']}: {layers} layers, d {config.hidden_size}, seq {seq}, batch {batch_size}, "
+          f"{config.num_parameters() / 1e9:.3f}B parameters, {per_token / 1e9:.2f} GFLOP/token, compute {compute} "
+          f"over fp32 masters" + (f"; not available here: {', '.join(skipped)}" if skipped else ""), flush=True)
+    rows: list[dict[str, object]] = []
+    extra = {"flops_per_token": per_token, "peak_bf16_tflops": peak, "compute_dtype": compute, "master_dtype": "float32",
+             "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
 
-    def save() -> List[Path]:
-        """The rows so far, speedups included: written after every contender, so a run cut short
-        (gpu_check.sh's timeouts) keeps what it measured."""
-        timed = [r for r in rows if "step_s" in r]
-        for row in timed:
-            for other in timed:
-                if other is not row:
-                    row[f"speedup_vs_{other['contender']}"] = other["step_s"] / row["step_s"]
+    def save() -> list[Path]:
+        """The rows so far: written after every case, so a run cut short keeps what it measured."""
+        speedups(rows)
+        if device.type == "cuda":
+            verdicts(rows)
         return write_rows(rows, env, extra, Path(args.out), "train_step")
 
-    for name in contenders:
-        torch.manual_seed(0)
-        row = {"contender": name, "layers": layers, "seq": seq, "batch": args.batch, "compile": args.compile}
-        try:
-            if name.startswith("ours-"):
-                model, loss_fn = ours(config, name[len("ours-"):], device, dtype, args.compile)
-            else:
-                model, loss_fn = hf(config, device, dtype, args.compile, name.partition("+")[2] or None)
-            result = measure(model, loss_fn, ids, device, args.steps, args.warmup)
-        except Exception as error:  # report a contender that cannot run (out of memory, say) and go on
-            row["error"] = f"{type(error).__name__}: {error}"[:300]
-            rows.append(row)
-            save()
-            print(f"{name}: {row['error']}", flush=True)
-            continue
-        finally:
-            model = loss_fn = None
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        tokens_per_s = args.batch * seq / result["step_s"]
-        row.update(result, tokens_per_s=tokens_per_s, tflops=per_token * tokens_per_s / 1e12)
-        row["mfu"] = row["tflops"] / peak if peak else None
-        rows.append(row)
-        save()
-        print(f"{name}: {result['step_s'] * 1e3:.1f} ms/step, {tokens_per_s:.0f} tokens/s", flush=True)
+    batches = {p: make_batch(batch_size, seq, config.vocab_size, packed=p == "packed",
+                             eos=config.eos_token_id if config.eos_token_id is not None else 2)
+               for p in args.packing}
+    for ac in args.ac:
+        for packing in args.packing:
+            train = Config()
+            train.model.dtype = compute
+            train.train.activation_checkpointing, train.train.compile = ac, args.compile
+            train.train.steps, train.train.batch_size = args.warmup + args.steps * args.repeats, batch_size
+            batch = {k: v.to(device) for k, v in batches[packing].items()}
+            for name in contenders:
+                row = {"contender": name, "ac": ac, "packing": packing, "layers": layers, "seq": seq,
+                       "batch": batch_size, "compile": args.compile, "compute_dtype": compute}
+                objective = None
+                try:
+                    objective = build(name, config, train, device, packing == "packed")
+                    with tempfile.TemporaryDirectory() as work_dir:
+                        result = measure(objective, train, batch, device, steps=args.steps, warmup=args.warmup,
+                                         repeats=args.repeats, flops=per_token, work_dir=Path(work_dir))
+                    row["attention_path"] = attention_path(objective)
+                    row.update(result)
+                except Exception as error:  # report a case that cannot run (out of memory, say) and go on
+                    row["error"] = f"{type(error).__name__}: {error}"[:300]
+                finally:
+                    objective = None
+                    gc.collect()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                save()
+                print(f"{name} ac={ac} {packing}: " + (row["error"] if "error" in row else
+                      f"{row['step_s'] * 1e3:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s, {row['attention_path']}"),
+                      flush=True)
     files = save()
-    print(format_table(rows, ["contender", "layers", "seq", "step_s", "tokens_per_s", "tflops", "mfu", "peak_mem_gb",
-                              "speedup_vs_hf", "error"]))
+    print(format_table(rows, ["contender", "ac", "packing", "attention_path", "step_s", "tokens_per_s", "tflops", "mfu",
+                              "peak_mem_gb", "speedup_vs_hf", "error"]))
     print("wrote " + ", ".join(str(f) for f in files))
-    return 1 if any("error" in r and r["contender"].startswith("ours-") for r in rows) else 0
+    return 1 if any("error" in r and str(r["contender"]).startswith("ours-") for r in rows) else 0
 
 
 if __name__ == "__main__":

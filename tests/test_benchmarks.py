@@ -19,7 +19,7 @@ def cpu_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     assert ops.main(["--cpu", "--out", str(out)]) == 0
-    assert train_step.main(["--cpu", "--out", str(out), "--steps", "2", "--warmup", "1"]) == 0
+    assert train_step.main(["--cpu", "--out", str(out), "--seq", "16", "--layers", "1", "--steps", "1", "--warmup", "0"]) == 0
     return out
 
 
@@ -42,13 +42,75 @@ def test_op_benchmark_rows(cpu_run):
 
 
 def test_train_step_rows(cpu_run):
+    """Every (activation checkpointing, packing, contender) case wrote its row, with the attention
+    path that ran: packed rows of ours took a packed-capable path (on the CPU: sdpa_mask)."""
     data = json.loads((cpu_run / "train_step.json").read_text())
-    rows = {r["contender"]: r for r in data["rows"]}
-    assert {"ours-torch", "ours-triton", "hf", "hf+solar"} <= set(rows)
-    for row in rows.values():
+    rows = {(r["ac"], r["packing"], r["contender"]): r for r in data["rows"]}
+    contenders = ("ours-torch", "ours-triton", "hf", "hf+solar")
+    assert set(rows) == {(ac, p, c) for ac in ("none", "full", "selective") for p in ("unpacked", "packed")
+                         for c in contenders}
+    assert len(data["rows"]) == len(rows)
+    assert data["flops_per_token"] > 0 and data["compute_dtype"] == "float32" and data["master_dtype"] == "float32"
+    for (ac, packing, contender), row in rows.items():
+        if contender.startswith("hf") and ac == "selective":
+            continue  # transformers' layers under the trainer's selective policy: see benchmarks/NOTES.md
         assert "error" not in row, row
-        assert row["step_s"] > 0 and row["tokens_per_s"] > 0
-    assert data["flops_per_token"] > 0
+        assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["tflops"] > 0
+        assert row["mfu"] is None and "verdicts" not in row  # no peak, no verdicts on the CPU
+        if contender.startswith("ours-"):
+            assert row["attention_path"] == ("sdpa_mask" if packing == "packed" else "sdpa_causal"), row
+        else:
+            assert row["attention_path"] == f"hf-sdpa-{'packed' if packing == 'packed' else 'causal'}", row
+        if contender != "hf" and "error" not in rows[(ac, packing, "hf")]:
+            assert row["speedup_vs_hf"] == pytest.approx(row["tokens_per_s"] / rows[(ac, packing, "hf")]["tokens_per_s"])
+
+
+def test_train_step_packed_batch_restarts_positions_per_document():
+    from benchmarks.train_step import make_batch
+
+    batch = make_batch(3, 64, 100, packed=True, eos=2)
+    ids, labels, positions = batch["input_ids"], batch["labels"], batch["position_ids"]
+    for row in range(3):
+        starts = (positions[row] == 0).nonzero().flatten().tolist()
+        assert starts[0] == 0 and len(starts) >= 3  # documents of 8 to 32 tokens in a row of 64
+        for end in starts[1:]:
+            assert ids[row, end - 1] == 2 and labels[row, end - 1] == -100  # a document ends in eos, predicts nothing
+        inner = [t for t in range(63) if t + 1 not in starts]
+        assert torch.equal(labels[row, inner], ids[row, [t + 1 for t in inner]])
+    assert (labels[:, -1] == -100).all()
+    plain = make_batch(3, 64, 100, packed=False, eos=2)
+    assert torch.equal(plain["position_ids"], torch.arange(64).repeat(3, 1)) and (plain["input_ids"] != 2).all()
+
+
+def test_train_step_verdicts():
+    from benchmarks.train_step import speedups, verdicts
+
+    def row(contender, packing, tokens_per_s, mfu=None):
+        return {"contender": contender, "ac": "none", "packing": packing, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+    rows = [row("ours-triton", "unpacked", 1400.0, 0.55), row("hf", "unpacked", 1000.0), row("hf+liger", "unpacked", 1250.0),
+            row("ours-triton", "packed", 1200.0, 0.47), row("hf", "packed", 1000.0),
+            {"contender": "hf+liger", "ac": "none", "packing": "packed", "error": "OutOfMemoryError"}]
+    speedups(rows)
+    verdicts(rows)
+    assert rows[0]["verdicts"] == {"mfu": "met: 55.0% vs 50%", "vs_hf": "met: 1.40x vs 1.30x",
+                                   "vs_hf+liger": "missed: 1.12x vs 1.15x"}
+    assert rows[3]["verdicts"] == {"mfu": "missed: 47.0% vs 50%", "vs_hf": "missed: 1.20x vs 1.30x",
+                                   "packed": "missed: 14.3% slower than unpacked vs 10%"}
+    assert "verdicts" not in rows[1] and "speedup_vs_hf+liger" not in rows[3]
+
+
+@pytest.mark.parametrize("args, expected", [(["--batch", "0"], "--batch must be at least 1, got 0"),
+                                            (["--seq", "1"], "--seq must be at least 2, got 1"),
+                                            (["--layers", "two"], "--layers must be a positive integer or 'auto', got 'two'"),
+                                            (["--ac", "some"], "invalid choice: 'some'")])
+def test_train_step_refuses_bad_arguments(args, expected, capsys, tmp_path):
+    from benchmarks import train_step
+
+    with pytest.raises(SystemExit):
+        train_step.main(["--cpu", "--out", str(tmp_path), *args])
+    assert expected in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any work
 
 
 def test_report_collects_and_writes_the_readme_section(cpu_run, tmp_path):
