@@ -112,8 +112,11 @@ class HFLanguageModeling(nn.Module):
         positions = position_ids if self.packed else None
         masked = positions is not None and find_packed_sequence_indices(positions) is not None
         self.last_attention_path = f"hf-{self.model.config._attn_implementation}-{'packed' if masked else 'causal'}"
-        # transformers shifts the labels itself: give it labels[t-1] at t, the same targets.
-        loss = self.model(input_ids=input_ids, position_ids=positions, labels=F.pad(labels[:, :-1], (1, 0), value=-100)).loss
+        # transformers shifts the labels itself: give it labels[t-1] at t, the same targets. No KV
+        # cache: with one, transformers ignores the documents in position_ids (and recomputation under
+        # activation checkpointing would append to it a second time).
+        loss = self.model(input_ids=input_ids, position_ids=positions, labels=F.pad(labels[:, :-1], (1, 0), value=-100),
+                          use_cache=False).loss
         return loss * self.count({"labels": labels}), {}
 
 
