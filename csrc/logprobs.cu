@@ -16,7 +16,7 @@ namespace {
 
 // Threads per row: about 4 packs each, at most 512 (SOLAR's V = 32000 in bf16 is 4000 packs, so
 // 512 threads take ~8 each); a 16 K-token chunk is 16 K blocks, plenty to fill the GPU. A starting
-// point, to be measured by benchmarks/gpu_check.sh (no GPU number exists yet).
+// point, to be measured by benchmarks/gpu_check.sh.
 constexpr int kMaxThreads = 512;
 constexpr int kPacksPerThread = 4;
 // Packs each thread loads before it uses any (both passes): the loop before this one kept one

@@ -14,7 +14,7 @@ namespace {
 
 // Vectors (16 bytes, or single elements on the scalar path) one thread keeps in registers between
 // the two passes over a row; columns past them are re-read (from L2) in the second pass. Starting
-// points, to be measured by benchmarks/gpu_check.sh (no GPU number exists yet): 4 in forward (32
+// points, to be measured by benchmarks/gpu_check.sh: 4 in forward (32
 // fp32 registers for bf16); 2 in backward, which also keeps dy and the dweight accumulator.
 constexpr int kFwdCached = 4;
 constexpr int kBwdCached = 2;

@@ -18,7 +18,7 @@ namespace {
 // not 40, while 16K tokens still give 512 x 5 = 2560 blocks (about 4 waves of 132 SMs x 5 blocks).
 // __launch_bounds__(256, 4) holds the kernel to 64 registers (4 blocks, 1024 threads per SM; it
 // took 70 without, 3 blocks); loading two heads before storing either needed 117, or spilled at 64.
-// Starting points, to be measured by benchmarks/gpu_check.sh (no GPU number exists yet).
+// Starting points, to be measured by benchmarks/gpu_check.sh.
 constexpr int kThreads = 256;
 constexpr int kMinBlocksPerSm = 4;
 constexpr int kHeadsPerBlock = 8;

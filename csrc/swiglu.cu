@@ -10,7 +10,7 @@ namespace {
 
 // One pack per thread per step, 256 threads per block: 4 KB of each bf16 input per block-step;
 // grid.y tiles the columns (grid-stride past 65535 blocks), grid.x the rows. A starting point, to
-// be measured by benchmarks/gpu_check.sh (no GPU number exists yet).
+// be measured by benchmarks/gpu_check.sh.
 constexpr int kThreads = 256;
 constexpr int64_t kMaxColumnBlocks = 65535;
 

@@ -1,4 +1,6 @@
-"""Compile every kernel for real GPUs on a machine without one, and read the compiled code.
+"""Usage: python tools/compile_for_gpu.py SM [SM ...] [--json FILE] [--out DIR] (e.g. 90 80, no GPU needed)
+
+Compiles every kernel for real GPUs on a machine without one, and reads the compiled code:
 
     python tools/compile_for_gpu.py 90 80                         # compile; one line per kernel variant
     python tools/compile_for_gpu.py 90 80 --json report.json      # and write everything read

@@ -1,8 +1,6 @@
-"""A small case of every CUDA C++ op, forward and backward, to run under compute-sanitizer:
+"""Usage: compute-sanitizer --tool memcheck --error-exitcode 1 python tools/cuda_sanitize.py
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/cuda_sanitize.py
-
-Each case runs through the public API with ``backend="cuda"`` (so the backward kernels run too) and
+A small case of every CUDA C++ op, forward and backward, to run under compute-sanitizer. Each case runs through the public API with ``backend="cuda"`` (so the backward kernels run too) and
 through ``torch.ops.solar_kernels_C`` directly on inputs that start one element into their buffer
 (the scalar path), at widths that are odd, that fill the vector path exactly, and that overflow the
 kernels' register caches (the re-read path). PyTorch's caching allocator serves tensors from large
