@@ -66,11 +66,12 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
-def _resolve_auto(device: torch.device) -> str:
-    """"auto" where both fast backends run (the launchers then pick per kernel), else the one that does."""
-    triton_runs = unavailable_reason("triton", device) is None
+def _resolve_auto(device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """"auto" where both fast backends run (the launchers then pick per kernel), else the one that does
+    (among the ``implemented`` ones)."""
+    triton_runs = "triton" in implemented and unavailable_reason("triton", device) is None
     # Only a CUDA device ever loads the extension for this decision.
-    cuda_runs = device.type == "cuda" and unavailable_reason("cuda", device) is None
+    cuda_runs = "cuda" in implemented and device.type == "cuda" and unavailable_reason("cuda", device) is None
     if triton_runs and cuda_runs:
         return "auto"
     if triton_runs:
@@ -80,9 +81,15 @@ def _resolve_auto(device: torch.device) -> str:
     return "torch"
 
 
-def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> str:
+def resolve_backend(
+    op: str, backend: Optional[str], device: torch.device, *, implemented: tuple[str, ...] = BACKENDS, option: str = ""
+) -> str:
     """Turn the ``backend`` argument of ``op`` into ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``
-    (the last only where both Triton and CUDA run on ``device``)."""
+    (the last only where both Triton and CUDA run on ``device``).
+
+    ``implemented``: the backends that implement this call (a call using ``option``, e.g.
+    ``"casting_mode='gemma'"``, that some backend lacks): ``"auto"`` picks among them, and naming
+    another one raises ``ValueError`` naming the option and the backends that have it."""
     source = "backend"
     if backend is None:
         backend = os.environ.get(BACKEND_ENV_VAR) or None
@@ -94,7 +101,12 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device) -> st
             f"{op}: {source} must be one of None, 'torch', 'triton', 'cuda', 'auto'; got {backend!r}"
         )
     if backend == "auto":
-        return _resolve_auto(device)
+        return _resolve_auto(device, implemented)
+    if backend not in implemented:
+        names = ", ".join(repr(name) for name in implemented)
+        raise ValueError(
+            f"{op}: {option} is implemented by the {names} backends only (or 'auto'), got {source}={backend!r}"
+        )
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"{op}: backend {backend!r} is not available on {device}: {reason}")

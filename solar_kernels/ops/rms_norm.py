@@ -36,19 +36,23 @@ roundings); the launchers switch between them, so both share the custom ops and 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from .._autotune import pick, register_kernel
-from .._backend import TRITON_INTERPRETED, resolve_backend
+from .._backend import BACKENDS, TRITON_INTERPRETED, resolve_backend
 from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
 from ._autocast import autocast_on
 from ._common import as_rows, cast_to, persistent_programs, warps_for
 
 OP = "rms_norm"
+CASTING_MODES = ("llama", "gemma", "none")
+# The kernels' MODE constexpr for each casting mode.
+_MODE_CODES = {"llama": 0, "gemma": 1, "none": 2}
 # Widest row held in registers by one program; 8192 fp32 values spread over 16 warps is 16 per thread.
 _MAX_TILE = 8192
 # Elements one forward program handles: narrow rows are grouped so each program moves >= 8 KB.
@@ -69,18 +73,35 @@ _SUM_BLOCK_R = 64
 
 def rms_norm_ref(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float = 1e-6,
-    residual: Optional[torch.Tensor] = None,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Plain PyTorch RMSNorm: the semantics every backend matches (under autocast, Hugging Face's
-    ``weight * normed`` with its type promotion; otherwise y in x's dtype)."""
+    residual: torch.Tensor | None = None,
+    *,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch RMSNorm: the semantics every backend matches, per casting mode (module
+    docstring). Under autocast the llama mode keeps Hugging Face's ``weight * normed`` type
+    promotion; otherwise, and in the other modes, y is in h's dtype."""
     h = x + residual if residual is not None else x
+    if casting_mode == "none":
+        # Every op in h's dtype (weight + offset in weight's), as eager code on bf16 tensors runs.
+        normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        y = (normed * (weight + offset) if weight is not None else normed).to(h.dtype)
+        return (y, h) if residual is not None else y
     h32 = h.float()
     normed = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
-    y = weight * normed.to(h.dtype)
-    if not autocast_on(h.device):
-        y = y.to(h.dtype)
+    if casting_mode == "llama":
+        normed = normed.to(h.dtype)  # Llama rounds the normalized row before the weight multiply
+    if weight is None:
+        y = normed.to(h.dtype)
+    else:
+        # (offset + weight) in fp32, the product in fp32 (exact for offset 0: bf16 x bf16 fits).
+        y = normed.float() * (weight.float() + offset)
+        y_dtype = h.dtype
+        if casting_mode == "llama" and autocast_on(h.device):
+            y_dtype = torch.promote_types(h.dtype, weight.dtype)
+        y = y.to(y_dtype)
     return (y, h) if residual is not None else y
 
 
@@ -98,20 +119,48 @@ def _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, NORMED_DTYPE: tl.constexpr):
-    """y = weight * (x * rstd).to(x dtype), rounded to y's dtype, as Hugging Face rounds it, for one
-    tile (y's dtype is x's, or wider under autocast)."""
-    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    normed = cast_to(x * rstd[:, None], NORMED_DTYPE).to(tl.float32)
-    tl.store(y_rows + cols[None, :], cast_to(normed * w[None, :], y_rows.dtype.element_ty), mask=mask)
+def _squares(x, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
+    """x * x for the sum of squares; rounded to x's dtype in the none mode (eager ``h.pow(2)``)."""
+    if MODE == 2:
+        return cast_to(x * x, X_DTYPE).to(tl.float32)
+    return x * x
+
+
+@triton.jit
+def _rstd(sum_sq, n_cols, eps, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
+    """rsqrt(mean + eps) in fp32; in the none mode each step rounded to x's dtype, as eager
+    ``torch.rsqrt(h.pow(2).mean(-1) + eps)`` on x's dtype (its mean accumulates in fp32)."""
+    if MODE == 2:
+        mean = cast_to(sum_sq / n_cols, X_DTYPE).to(tl.float32)
+        return cast_to(tl.rsqrt(cast_to(mean + eps, X_DTYPE).to(tl.float32)), X_DTYPE).to(tl.float32)
+    return tl.rsqrt(sum_sq / n_cols + eps)
+
+
+@triton.jit
+def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, offset,
+                  NORMED_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr):
+    """y = (offset + weight) * normed for one tile, rounded to y's dtype (x's, or wider under
+    autocast). llama: normed = (x * rstd).to(x dtype), the product in fp32, as Hugging Face rounds
+    it; gemma: all fp32; none: each op rounded to its eager dtype (offset + weight in weight's)."""
+    normed = x * rstd[:, None]
+    if MODE != 1:
+        normed = cast_to(normed, NORMED_DTYPE).to(tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
+        if MODE == 2:
+            w = cast_to(w, W.dtype.element_ty).to(tl.float32)
+        normed = normed * w[None, :]
+    tl.store(y_rows + cols[None, :], cast_to(normed, y_rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, RES, W, Y, H, RSTD,
     stride_x_row, stride_res_row, stride_y_row, stride_h_row,
-    n_rows, n_cols, eps,
+    n_rows, n_cols, eps, offset,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -127,8 +176,8 @@ def _rms_norm_fwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         x = _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
-        _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, X.dtype.element_ty)
+        rstd = _rstd(tl.sum(_squares(x, X.dtype.element_ty, MODE), axis=1), n_cols, eps, X.dtype.element_ty, MODE)
+        _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, offset, X.dtype.element_ty, HAS_WEIGHT, MODE)
     else:
         # Pass 1: sum of squares over column tiles (writing h on the way); pass 2: normalize.
         sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -136,8 +185,8 @@ def _rms_norm_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols[None, :] < n_cols)
             x = _load_sum(x_rows, res_rows, h_rows, cols, mask, HAS_RESIDUAL)
-            sum_sq += tl.sum(x * x, axis=1)
-        rstd = tl.rsqrt(sum_sq / n_cols + eps)
+            sum_sq += tl.sum(_squares(x, X.dtype.element_ty, MODE), axis=1)
+        rstd = _rstd(sum_sq, n_cols, eps, X.dtype.element_ty, MODE)
         for start in range(0, n_cols, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols[None, :] < n_cols)
@@ -145,7 +194,7 @@ def _rms_norm_fwd_kernel(
                 x = tl.load(h_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             else:
                 x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, X.dtype.element_ty)
+            _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, offset, X.dtype.element_ty, HAS_WEIGHT, MODE)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
@@ -153,8 +202,9 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DH, DX, DW_PARTIAL,
     stride_dy_row, stride_x_row, stride_dh_row, stride_dx_row,
-    n_rows, n_cols, rows_per_program,
+    n_rows, n_cols, rows_per_program, offset,
     HAS_DH: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
@@ -168,7 +218,8 @@ def _rms_norm_bwd_kernel(
     if SINGLE_TILE:
         cols = tl.arange(0, BLOCK_D)
         col_mask = cols < n_cols
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
         # dw is folded over the block's rows every step: one [BLOCK_D] accumulator, not [BLOCK_M, BLOCK_D].
         # The row loop is software-pipelined: the next blocks' dy and x are copied in (cp.async) while
         # this one is computed, so a program keeps NUM_STAGES - 1 blocks of loads in flight.
@@ -181,14 +232,19 @@ def _rms_norm_bwd_kernel(
             x = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
             normed = x * rstd[:, None]
-            g = dy * w[None, :]
+            if HAS_WEIGHT:
+                g = dy * w[None, :]
+            else:
+                g = dy
             mean_gn = tl.sum(g * normed, axis=1) / n_cols
             dx = rstd[:, None] * (g - normed * mean_gn[:, None])
             if HAS_DH:
                 dx += tl.load(DH + rows[:, None] * stride_dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows[:, None] * stride_dx_row + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
-            dw += tl.sum(dy * normed, axis=0)
-        tl.store(partial + cols, dw, mask=col_mask)
+            if HAS_WEIGHT:
+                dw += tl.sum(dy * normed, axis=0)
+        if HAS_WEIGHT:
+            tl.store(partial + cols, dw, mask=col_mask)
     else:
         # Rows too wide for registers: one row at a time, two passes over column tiles; the
         # program's DW_PARTIAL row (zero-initialized, owned by this program alone) accumulates dw.
@@ -200,22 +256,26 @@ def _rms_norm_bwd_kernel(
                 col_mask = cols < n_cols
                 dy = tl.load(DY + row * stride_dy_row + cols, mask=col_mask, other=0.0).to(tl.float32)
                 x = tl.load(X + row * stride_x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-                acc += dy * w * x * rstd
+                if HAS_WEIGHT:
+                    dy = dy * (tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset)
+                acc += dy * x * rstd
             mean_gn = tl.sum(acc, axis=0) / n_cols
             for start in range(0, n_cols, BLOCK_D):
                 cols = start + tl.arange(0, BLOCK_D)
                 col_mask = cols < n_cols
                 dy = tl.load(DY + row * stride_dy_row + cols, mask=col_mask, other=0.0).to(tl.float32)
                 x = tl.load(X + row * stride_x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
                 normed = x * rstd
-                dx = rstd * (dy * w - normed * mean_gn)
+                g = dy
+                if HAS_WEIGHT:
+                    g = dy * (tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset)
+                dx = rstd * (g - normed * mean_gn)
                 if HAS_DH:
                     dx += tl.load(DH + row * stride_dh_row + cols, mask=col_mask, other=0.0).to(tl.float32)
                 tl.store(DX + row * stride_dx_row + cols, cast_to(dx, DX.dtype.element_ty), mask=col_mask)
-                dw_row = tl.load(partial + cols, mask=col_mask, other=0.0)
-                tl.store(partial + cols, dw_row + dy * normed, mask=col_mask)
+                if HAS_WEIGHT:
+                    dw_row = tl.load(partial + cols, mask=col_mask, other=0.0)
+                    tl.store(partial + cols, dw_row + dy * normed, mask=col_mask)
 
 
 @triton.jit
@@ -260,12 +320,23 @@ def _tile(n_cols: int) -> Tuple[int, bool]:
     return _MAX_TILE, False
 
 
-def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton", y_dtype=None):
+def _cuda_lacks(weight, offset, casting_mode, backend) -> str:
+    """The option of this launch the CUDA twin lacks ("" if none; the launch then may run CUDA).
+    The public API resolves such calls to torch or Triton; a direct ``backend="cuda"`` is refused."""
+    lacking = _non_default_option(weight, offset, casting_mode)
+    if lacking and backend == "cuda":
+        raise ValueError(f"{OP}: {lacking} is implemented by the 'torch', 'triton' backends only, got backend='cuda'")
+    return lacking
+
+
+def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton", y_dtype=None, offset=0.0, casting_mode="llama"):
     """(y, h, rstd) for rows x2d [N, d]; h is y itself without residual. y in ``y_dtype`` (default
     x's; a wider one runs Triton, the CUDA twin writes x's dtype only)."""
     n_rows, n_cols = x2d.shape
     y_dtype = y_dtype or x2d.dtype
-    if y_dtype == x2d.dtype and pick(backend, "rms_norm_fwd", n_rows, n_cols, x2d.device) == "cuda":
+    lacking = _cuda_lacks(weight, offset, casting_mode, backend)
+    if (not lacking and y_dtype == x2d.dtype
+            and pick(backend, "rms_norm_fwd", n_rows, n_cols, x2d.device) == "cuda"):
         y, h, rstd = torch.ops.solar_kernels_C.rms_norm_fwd(x2d, weight, residual2d, eps)
         return y, (h if residual2d is not None else y), rstd
     y = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x2d.device)
@@ -275,21 +346,25 @@ def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton", y_dtype=None):
     block_m = max(1, min(64, _FWD_ELEMENTS // block_d)) if single_tile else 1
     res = residual2d if residual2d is not None else x2d
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x2d, res, weight, y, h, rstd,
+        x2d, res, weight if weight is not None else x2d, y, h, rstd,
         x2d.stride(0), res.stride(0), y.stride(0), h.stride(0),
-        n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual2d is not None,
+        n_rows, n_cols, eps, offset,
+        HAS_RESIDUAL=residual2d is not None, HAS_WEIGHT=weight is not None, MODE=_MODE_CODES[casting_mode],
         BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
         num_warps=warps_for(block_m * block_d),
     )
     return y, h, rstd
 
 
-def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
+def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton", offset=0.0):
     """(dx, dweight) for rows [N, d]; dh2d (the residual variant's gradient of h) is added to dx. A dy
-    wider than h (the promoted y under autocast) runs Triton: the CUDA twin takes dy in h's dtype."""
+    wider than h (the promoted y under autocast) runs Triton: the CUDA twin takes dy in h's dtype.
+    The same for every casting mode (the modes' backwards differ only in roundings of fp32 values:
+    dy and x are read in fp32, rstd is the forward's). Without a weight dweight is None."""
     n_rows, n_cols = h2d.shape
-    if dy2d.dtype == h2d.dtype and pick(backend, "rms_norm_bwd", n_rows, n_cols, h2d.device) == "cuda":
+    lacking = _cuda_lacks(weight, offset, "llama", backend)
+    if (not lacking and dy2d.dtype == h2d.dtype
+            and pick(backend, "rms_norm_bwd", n_rows, n_cols, h2d.device) == "cuda"):
         return torch.ops.solar_kernels_C.rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d)
     dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
     block_d, single_tile = _tile(n_cols)
@@ -297,28 +372,29 @@ def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton"):
     programs = persistent_programs(h2d.device, triton.cdiv(n_rows, block_m), per_sm=_BWD_PROGRAMS_PER_SM)
     rows_per_program = triton.cdiv(n_rows, programs)
     alloc = torch.empty if single_tile else torch.zeros
-    dw_partial = alloc((programs, n_cols), dtype=torch.float32, device=h2d.device)
+    has_weight = weight is not None
+    dw_partial = alloc((programs, n_cols) if has_weight else (1,), dtype=torch.float32, device=h2d.device)
     dh = dh2d if dh2d is not None else dy2d
     _rms_norm_bwd_kernel[(programs,)](
-        dy2d, h2d, weight, rstd, dh, dx, dw_partial,
+        dy2d, h2d, weight if has_weight else h2d, rstd, dh, dx, dw_partial,
         dy2d.stride(0), h2d.stride(0), dh.stride(0), dx.stride(0),
-        n_rows, n_cols, rows_per_program,
-        HAS_DH=dh2d is not None,
+        n_rows, n_cols, rows_per_program, offset,
+        HAS_DH=dh2d is not None, HAS_WEIGHT=has_weight,
         BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
         NUM_STAGES=_bwd_stages(block_m * block_d, dy2d, h2d, *([dh2d] if dh2d is not None else [])),
         num_warps=warps_for(block_m * block_d, _BWD_ELEMENTS_PER_THREAD),
     )
-    return dx, _column_sum(dw_partial, weight.dtype)
+    return dx, (_column_sum(dw_partial, weight.dtype) if has_weight else None)
 
 
-def _y_dtype(x: torch.Tensor, weight: torch.Tensor, promote: bool) -> torch.dtype:
-    return torch.promote_types(x.dtype, weight.dtype) if promote else x.dtype
+def _y_dtype(x: torch.Tensor, weight: torch.Tensor | None, promote: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if promote and weight is not None else x.dtype
 
 
 @torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, backend: str,
-    promote: bool = False,
+    x: torch.Tensor, weight: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float, backend: str,
+    promote: bool = False, offset: float = 0.0, casting_mode: str = "llama",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, rstd) shaped like x, x, [rows]; h is empty without residual. ``backend`` is
     "triton", "cuda" or "auto" (decided per launch, forward and backward apart). ``promote``: y in
@@ -326,7 +402,7 @@ def _rms_norm_fwd_op(
     n_cols = x.shape[-1]
     y, h, rstd = _rms_norm_fwd(
         as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps, backend,
-        _y_dtype(x, weight, promote),
+        _y_dtype(x, weight, promote), offset, casting_mode,
     )
     if residual is None:
         h = torch.empty(0, dtype=x.dtype, device=x.device)
@@ -334,7 +410,7 @@ def _rms_norm_fwd_op(
 
 
 @_rms_norm_fwd_op.register_fake
-def _(x, weight, residual, eps, backend, promote=False):
+def _(x, weight, residual, eps, backend, promote=False, offset=0.0, casting_mode="llama"):
     rows = x.numel() // x.shape[-1]
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     return (
@@ -346,27 +422,30 @@ def _(x, weight, residual, eps, backend, promote=False):
 
 @torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(
-    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dh: Optional[torch.Tensor],
-    backend: str,
+    dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor, dh: Optional[torch.Tensor],
+    backend: str, offset: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight); dweight is empty without a weight (a custom op returns tensors only)."""
     n_cols = h.shape[-1]
     dx, dw = _rms_norm_bwd(
         as_rows(dy, n_cols), as_rows(h, n_cols), weight, rstd,
-        as_rows(dh, n_cols) if dh is not None else None, backend,
+        as_rows(dh, n_cols) if dh is not None else None, backend, offset,
     )
-    return dx.view(h.shape), dw
+    return dx.view(h.shape), (dw if dw is not None else h.new_empty(0))
 
 
 @_rms_norm_bwd_op.register_fake
-def _(dy, h, weight, rstd, dh, backend):
-    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
+def _(dy, h, weight, rstd, dh, backend, offset=0.0):
+    dw = torch.empty_like(weight) if weight is not None else h.new_empty(0)
+    return torch.empty_like(h, memory_format=torch.contiguous_format), dw
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, residual, eps, backend = inputs[:5]
+    x, weight, residual, eps, backend, _promote, offset = inputs[:7]
     y, h, rstd = output
     ctx.has_residual = residual is not None
-    ctx.backend = backend
+    ctx.has_weight = weight is not None
+    ctx.backend, ctx.offset = backend, offset
     # Backward needs the normalized input: x itself, or h when the residual was fused in.
     ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -374,8 +453,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh, _drstd):
     normalized_input, weight, rstd = ctx.saved_tensors
-    dx, dw = _rms_norm_bwd_op(dy, normalized_input, weight, rstd, dh if ctx.has_residual else None, ctx.backend)
-    return dx, dw, (dx if ctx.has_residual else None), None, None, None
+    dx, dw = _rms_norm_bwd_op(
+        dy, normalized_input, weight, rstd, dh if ctx.has_residual else None, ctx.backend, ctx.offset,
+    )
+    return dx, (dw if ctx.has_weight else None), (dx if ctx.has_residual else None), None, None, None, None, None
 
 
 torch.library.register_autograd("solar_kernels::rms_norm_fwd", _backward, setup_context=_setup_context)
@@ -398,31 +479,54 @@ register_kernel("rms_norm_fwd", _time_fwd)
 register_kernel("rms_norm_bwd", _time_bwd)
 
 
-def _check_args(x, weight, residual, eps):
+def _check_args(x, weight, residual, eps, offset, casting_mode):
     check_float_tensor(OP, "x", x)
-    check_float_tensor(OP, "weight", weight, ndims=(1,))
-    if weight.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"{OP}: weight has {weight.shape[0]} elements, expected {x.shape[-1]} (x.shape[-1])"
-        )
-    check_same_device(OP, "x", x, weight=weight)
+    if weight is not None:
+        check_float_tensor(OP, "weight", weight, ndims=(1,))
+        if weight.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"{OP}: weight has {weight.shape[0]} elements, expected {x.shape[-1]} (x.shape[-1])"
+            )
+        check_same_device(OP, "x", x, weight=weight)
     if residual is not None:
         check_float_tensor(OP, "residual", residual)
         check_same_device_dtype(OP, "x", x, residual=residual)
         check_shape(OP, "residual", residual, tuple(x.shape), "x.shape")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{OP}: eps must be a non-negative float, got {eps!r}")
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"{OP}: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}")
+    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+        raise ValueError(f"{OP}: offset must be a finite float, got {offset!r}")
+    if weight is None and offset != 0:
+        # Liger ignores offset without a weight; y = normed * (offset + weight) needs one.
+        raise ValueError(f"{OP}: offset={offset!r} scales by (offset + weight) and needs a weight, got weight=None")
+
+
+def _non_default_option(weight, offset, casting_mode) -> str:
+    """The first option of this call that the CUDA twin does not implement, or "" when none."""
+    if casting_mode != "llama":
+        return f"casting_mode={casting_mode!r}"
+    if offset != 0:
+        return f"offset={offset!r}"
+    if weight is None:
+        return "weight=None"
+    return ""
 
 
 def rms_norm(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float = 1e-6,
     *,
-    residual: Optional[torch.Tensor] = None,
-    backend: Optional[str] = None,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """RMSNorm of ``x`` [..., d] with ``weight`` [d]; with ``residual``, returns ``(y, x + residual)``.
+    residual: torch.Tensor | None = None,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` [..., d] with ``weight`` [d] (None: no affine); with ``residual``, returns
+    ``(y, x + residual)``. ``offset`` scales by ``offset + weight`` (Gemma: 1.0); ``casting_mode``
+    is ``"llama"``, ``"gemma"`` or ``"none"``, as Liger-Kernel's (module docstring).
 
     Out of place: neither x nor residual is written. See the module docstring for math and dtypes,
     and for what autocast changes.
@@ -430,11 +534,15 @@ def rms_norm(
     promote = isinstance(x, torch.Tensor) and autocast_on(x.device)
     if promote:
         x, residual = _promote_residual(x, residual)
-    _check_args(x, weight, residual, eps)
-    resolved = resolve_backend(OP, backend, x.device)
+    _check_args(x, weight, residual, eps, offset, casting_mode)
+    option = _non_default_option(weight, offset, casting_mode)
+    implemented = ("torch", "triton") if option else BACKENDS
+    resolved = resolve_backend(OP, backend, x.device, implemented=implemented, option=option)
     if resolved == "torch":
-        return rms_norm_ref(x, weight, eps, residual)
-    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps), resolved, promote)
+        return rms_norm_ref(x, weight, eps, residual, offset=offset, casting_mode=casting_mode)
+    # Only the llama mode promotes y under autocast (Gemma's and Liger's modules return x's dtype).
+    promote = promote and casting_mode == "llama"
+    y, h, _ = _rms_norm_fwd_op(x, weight, residual, float(eps), resolved, promote, float(offset), casting_mode)
     return (y, h) if residual is not None else y
 
 
@@ -450,20 +558,39 @@ def _promote_residual(x, residual):
 
 
 class RMSNorm(torch.nn.Module):
-    """Drop-in for ``LlamaRMSNorm`` (same ``weight`` parameter name, ones at init).
+    """Drop-in for ``LlamaRMSNorm`` (same ``weight`` parameter name, ones at init) and, with
+    ``offset``/``casting_mode``, for Liger's ``LigerRMSNorm`` (Gemma: ``offset=1.0,
+    casting_mode="gemma"``; Gemma checkpoints store w for ``1 + w``, so load one or zero the weight).
+    ``elementwise_affine=False``: no weight (``self.weight`` is None).
 
     ``forward(x)`` returns y; ``forward(x, residual)`` returns ``(y, x + residual)``.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None,
-                 device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, offset: float = 0.0, casting_mode: str = "llama",
+                 elementwise_affine: bool = True, backend: str | None = None, device=None, dtype=None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        if casting_mode not in CASTING_MODES:
+            raise ValueError(
+                f"RMSNorm: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}"
+            )
+        if not elementwise_affine and offset != 0:
+            raise ValueError(f"RMSNorm: offset={offset!r} scales by (offset + weight) and needs elementwise_affine=True")
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.hidden_size = hidden_size
         self.variance_epsilon = eps
+        self.offset = offset
+        self.casting_mode = casting_mode
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual, offset=self.offset,
+                        casting_mode=self.casting_mode, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, backend={self.backend!r}"
+        options = "" if self.weight is not None else ", elementwise_affine=False"
+        if self.offset != 0 or self.casting_mode != "llama":
+            options += f", offset={self.offset}, casting_mode={self.casting_mode!r}"
+        return f"{self.hidden_size}, eps={self.variance_epsilon}{options}, backend={self.backend!r}"
