@@ -1,16 +1,38 @@
-"""Swap solar_kernels' fused ops into an already-built transformers Llama/Mistral model.
+"""Swap solar_kernels' fused ops into an already-built transformers causal LM.
 
-``patch_hf_model(model)`` changes that one model instance, never a transformers class or module:
+``patch_hf_model(model)`` changes that one model instance, never a transformers class or module.
+Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``,
+``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``. Only modules whose class comes from the model's own
+modeling file are touched. What is swapped:
 
-- every ``*RMSNorm`` module's forward becomes ``sk.rms_norm`` (same weight parameter);
-- every attention module's forward rotates q and k with ``sk.apply_rotary`` (one launch for both)
-  and then calls the attention implementation the model was configured with, as before;
-- every MLP's forward becomes ``down_proj(sk.swiglu(gate_proj(x), up_proj(x)))``;
-- the causal-LM forward, when ``labels`` are passed, computes the loss with
+- RMSNorm: every ``*RMSNorm`` module's forward becomes ``sk.rms_norm`` with its own weight. Llama,
+  Mistral and Qwen norms are ``w * x_hat`` (Llama's casting); Gemma's are ``(1 + w) * x_hat`` with
+  everything in fp32 and one cast back (``offset=1.0, casting_mode="gemma"``). Per decoder layer that
+  is 2 norms for Llama, Mistral and Qwen2; 2 plus the per-head ``q_norm``/``k_norm`` for Qwen3; 4
+  (input, post-attention, pre- and post-feedforward) for Gemma 2; those 4 plus ``q_norm``/``k_norm``
+  for Gemma 3; and the final norm in every model.
+- Rotary: every attention module's forward rotates q and k with ``sk.apply_rotary`` (one launch for
+  both) from the cos/sin tables the model's own rotary module computed, so every RoPE scaling type
+  transformers implements (linear, dynamic, YaRN, llama3, Gemma 3's per-layer-type tables) is
+  honoured. Qwen3's and Gemma 3's ``q_norm``/``k_norm`` run before the rotation, as in transformers.
+  The attention itself is still the implementation the model was configured with, called with the
+  arguments transformers passes (scaling, ``sliding_window``, Gemma 2's ``attn_logit_softcapping``).
+- MLP: where the MLP is a SwiGLU (``hidden_act="silu"``: Llama, Mistral, Qwen2, Qwen3) its forward
+  becomes ``down_proj(sk.swiglu(gate_proj(x), up_proj(x)))``. Gemma's MLP is a GeGLU
+  (``gelu_pytorch_tanh``), which the project has no fused op for: it is left as it is.
+- Loss: the causal-LM forward, when ``labels`` are passed, computes the loss with
   ``sk.linear_cross_entropy`` from the final hidden states, so the ``[B, T, V]`` logits are never
   built; the returned output then has ``logits=None`` (pass no labels to get logits). Labels are
   shifted as transformers does (the loss at position t predicts label t + 1; -100 is ignored), and
-  ``num_items_in_batch`` is honoured as in transformers' loss.
+  ``num_items_in_batch`` is honoured as in transformers' loss. A model whose config has
+  ``final_logit_softcapping`` (Gemma 2 by default) is refused with ``loss=True``: the fused loss has
+  no soft-capping yet (pass ``loss=False`` to keep transformers' loss).
+
+Left alone everywhere: embeddings (Gemma's ``* sqrt(hidden_size)`` scaling stays inside its
+embedding module), the attention kernel, ``lm_head`` when no labels are passed, and generation.
+``Gemma3ForConditionalGeneration`` (the vision-language model) is refused. A config the patch
+cannot honour (a Llama-family MLP with ``hidden_act`` other than silu while ``mlp=True``, a loss
+with soft-capped logits) is refused in one line before anything is patched.
 
 Parameters, buffers, state dicts and optimizers are untouched; ``unpatch_hf_model`` restores the
 original forwards.
@@ -23,9 +45,11 @@ every parameter gets its gradient in its own dtype.
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
-from typing import Optional
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +59,54 @@ from .ops.rms_norm import rms_norm
 from .ops.rotary import apply_rotary
 from .ops.swiglu import swiglu
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+logger = logging.getLogger(__name__)
+
 _PATCHED_ATTR = "_solar_kernels_patched"
+
+
+def _no_attention_kwargs(attention: torch.nn.Module) -> dict:
+    return {}
+
+
+def _config_sliding_window(attention: torch.nn.Module) -> dict:
+    return {"sliding_window": getattr(attention.config, "sliding_window", None)}
+
+
+def _layer_sliding_window(attention: torch.nn.Module) -> dict:
+    return {"sliding_window": attention.sliding_window}
+
+
+def _layer_sliding_window_and_softcap(attention: torch.nn.Module) -> dict:
+    return {"sliding_window": attention.sliding_window, "softcap": attention.attn_logit_softcapping}
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What one model type's modules look like to the patch."""
+
+    gemma_norm: bool  # (1 + w) * x_hat in fp32, eps in ``.eps``; else w * x_hat, eps in ``.variance_epsilon``
+    swiglu_mlp: bool  # the MLP is down(act(gate(x)) * up(x)) with act = config.hidden_act
+    attention_kwargs: Callable[[torch.nn.Module], dict]  # what transformers passes the attention besides scaling
+
+
+_FAMILIES = {
+    "LlamaForCausalLM": _Family(False, True, _no_attention_kwargs),
+    "MistralForCausalLM": _Family(False, True, _config_sliding_window),
+    "Qwen2ForCausalLM": _Family(False, True, _layer_sliding_window),
+    "Qwen3ForCausalLM": _Family(False, True, _layer_sliding_window),
+    "Gemma2ForCausalLM": _Family(True, False, _layer_sliding_window_and_softcap),
+    "Gemma3ForCausalLM": _Family(True, False, _layer_sliding_window),
+}
+SUPPORTED = tuple(_FAMILIES)
 
 
 def _rms_norm_forward(self, hidden_states):
     return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self._solar_backend)
+
+
+def _gemma_rms_norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.eps, offset=1.0, casting_mode="gemma",
+                    backend=self._solar_backend)
 
 
 def _mlp_forward(self, x):
@@ -49,12 +115,15 @@ def _mlp_forward(self, x):
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
                        past_key_values=None, **kwargs):
-    """transformers' Llama/Mistral attention with the rotary embedding done by sk.apply_rotary."""
+    """transformers' attention of the supported models with the rotary embedding done by sk.apply_rotary."""
     namespace = sys.modules[type(self).__module__]
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)  # [B, T, H, hd], then [B, H, T, hd] views
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query = self.q_proj(hidden_states).view(hidden_shape)
+    key = self.k_proj(hidden_states).view(hidden_shape)
+    if hasattr(self, "q_norm"):  # Qwen3, Gemma 3: RMSNorm over each head, before the rotation
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = apply_rotary(query, key, cos, sin, backend=self._solar_backend)
@@ -69,7 +138,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         attention = namespace.eager_attention_forward if implementation == "eager" else functions[implementation]
     out, weights = attention(self, query, key, value, attention_mask,
                              dropout=0.0 if not self.training else self.attention_dropout,
-                             scaling=self.scaling, **kwargs)
+                             scaling=self.scaling, **self._solar_attention_kwargs(self), **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
@@ -98,25 +167,47 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-def patch_hf_model(model: torch.nn.Module, *, backend: Optional[str] = None, rms_norm: bool = True,
+def _check_config(name: str, family: _Family, config, mlp: bool, loss: bool) -> None:
+    """Refuse, in one line, a config whose behaviour the swapped modules would not reproduce."""
+    if family.swiglu_mlp and mlp and getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"patch_hf_model: mlp=True needs hidden_act='silu' (a SwiGLU MLP), got "
+                         f"{name} with hidden_act={config.hidden_act!r}; pass mlp=False to keep its MLP")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if loss and softcap is not None:
+        raise ValueError(f"patch_hf_model: loss=True needs final_logit_softcapping=None (the fused loss has "
+                         f"no soft-capping), got {name} with final_logit_softcapping={softcap!r}; "
+                         f"pass loss=False to keep transformers' loss")
+
+
+def patch_hf_model(model: torch.nn.Module, *, backend: str | None = None, rms_norm: bool = True,
                    rotary: bool = True, mlp: bool = True, loss: bool = True) -> torch.nn.Module:
-    """Patch ``model`` (a transformers ``LlamaForCausalLM``/``MistralForCausalLM``) in place; returns it."""
+    """Patch ``model`` (one of ``SUPPORTED``, a transformers causal LM) in place; returns it."""
     name = type(model).__name__
-    if name not in SUPPORTED:
+    if name == "Gemma3ForConditionalGeneration":
+        raise TypeError("patch_hf_model: expected a text-only causal LM, got Gemma3ForConditionalGeneration "
+                        "(vision-language); load the text model as Gemma3ForCausalLM to patch it")
+    family = _FAMILIES.get(name)
+    if family is None:
         raise TypeError(f"patch_hf_model: expected one of {', '.join(SUPPORTED)}, got {name}")
     if getattr(model, _PATCHED_ATTR, False):
         raise ValueError("patch_hf_model: this model is already patched (call unpatch_hf_model first)")
-    if getattr(model.config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"patch_hf_model: the MLP must use silu, got hidden_act={model.config.hidden_act!r}")
+    _check_config(name, family, model.config, mlp, loss)
+    modeling_file = type(model).__module__
+    norm_forward = _gemma_rms_norm_forward if family.gemma_norm else _rms_norm_forward
     replacements = []
     for module in model.modules():
+        if type(module).__module__ != modeling_file:
+            continue
         kind = type(module).__name__
         if rms_norm and kind.endswith("RMSNorm"):
-            replacements.append((module, _rms_norm_forward))
+            replacements.append((module, norm_forward))
         elif rotary and kind.endswith("Attention") and hasattr(module, "q_proj"):
+            module._solar_attention_kwargs = family.attention_kwargs
             replacements.append((module, _attention_forward))
-        elif mlp and kind.endswith("MLP") and hasattr(module, "gate_proj"):
+        elif mlp and family.swiglu_mlp and kind.endswith("MLP") and hasattr(module, "gate_proj"):
             replacements.append((module, _mlp_forward))
+    if mlp and not family.swiglu_mlp:
+        logger.info("patch_hf_model: %s's MLP is a GeGLU (no fused op): left as it is", name)
     if loss:
         model._solar_original_forward = model.forward
         replacements.append((model, _causal_lm_forward))
@@ -132,6 +223,7 @@ def unpatch_hf_model(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if "_solar_backend" in module.__dict__:
             module.__dict__.pop("forward", None)
+            module.__dict__.pop("_solar_attention_kwargs", None)
             del module._solar_backend
     model.__dict__.pop("_solar_original_forward", None)
     model.__dict__.pop(_PATCHED_ATTR, None)
