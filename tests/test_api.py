@@ -6,7 +6,7 @@ import torch
 import solar_kernels as sk
 
 PUBLIC = ["rms_norm", "apply_rotary", "swiglu", "linear_logprobs", "linear_cross_entropy",
-          "sequence_logprobs", "dpo_loss", "RMSNorm", "SwiGLU"]
+          "sequence_logprobs", "dpo_loss", "RMSNorm", "SwiGLU", "cross_entropy", "CrossEntropyOutput"]
 
 
 def test_public_names():
@@ -24,6 +24,7 @@ def _calls(device, dtype, backend="triton"):
     x, r = torch.randn(3, 16, device=device, dtype=dtype), torch.randn(3, 16, device=device, dtype=dtype)
     w = torch.randn(16, device=device, dtype=dtype)
     pairs = [torch.randn(4, device=device) for _ in range(4)]
+    logits = torch.randn(10, 40, device=device, dtype=dtype, requires_grad=True)  # Liger writes its grad here
     return [
         ("rms_norm", lambda: sk.rms_norm(x, w, residual=r, backend=backend), [x, r, w], dtype),
         ("apply_rotary", lambda: sk.apply_rotary(q, k, cos, sin, backend=backend), [q, k, cos, sin], dtype),
@@ -32,6 +33,8 @@ def _calls(device, dtype, backend="triton"):
         ("linear_cross_entropy", lambda: sk.linear_cross_entropy(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
         ("sequence_logprobs", lambda: sk.sequence_logprobs(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
         ("dpo_loss", lambda: sk.dpo_loss(*pairs), pairs, torch.float32),
+        ("cross_entropy", lambda: sk.cross_entropy(logits, labels.view(-1), label_smoothing=0.1, backend=backend),
+         [logits, labels], dtype),
     ]
 
 

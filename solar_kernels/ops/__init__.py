@@ -1,5 +1,6 @@
 """The fused kernels, one op per file; each file holds its ``*_ref`` PyTorch reference."""
 
+from .cross_entropy import CrossEntropyOutput, cross_entropy, cross_entropy_ref
 from .dpo_loss import LOSS_TYPES, dpo_loss, dpo_loss_ref
 from .linear_logprobs import (
     linear_cross_entropy,
@@ -14,11 +15,14 @@ from .rotary import apply_rotary, apply_rotary_ref
 from .swiglu import SwiGLU, swiglu, swiglu_ref
 
 __all__ = [
+    "CrossEntropyOutput",
     "LOSS_TYPES",
     "RMSNorm",
     "SwiGLU",
     "apply_rotary",
     "apply_rotary_ref",
+    "cross_entropy",
+    "cross_entropy_ref",
     "dpo_loss",
     "dpo_loss_ref",
     "linear_cross_entropy",

@@ -61,7 +61,9 @@ token's log-prob and gradient NaN, so the loss is NaN rather than silently wrong
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from typing import Optional, Tuple
 
@@ -70,8 +72,10 @@ import triton
 import triton.language as tl
 
 from .._autotune import pick, register_kernel
-from .._backend import resolve_backend
-from .._checks import check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from .._backend import BACKEND_ENV_VAR, resolve_backend
+from .._checks import (
+    FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape,
+)
 from ._autocast import autocast_disabled, cast_like_linear
 from ._common import as_rows, cast_to
 
@@ -108,14 +112,17 @@ def linear_cross_entropy_ref(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """Cross-entropy from ``linear_logprobs_ref``; "mean" divides by the non-ignored count (0 if none)."""
-    nll = -linear_logprobs_ref(hidden, weight, labels, bias, ignore_index)
-    if reduction == "none":
-        return nll
-    if reduction == "sum":
-        return nll.sum()
-    return nll.sum() / (labels != ignore_index).sum().clamp_min(1)
+    **options,
+):
+    """``cross_entropy_ref`` of the full logits in the hidden dtype, upcast to fp32 (as HF does);
+    ``options`` are its options, with the class weights as ``ce_weight``. "mean" divides by the
+    non-ignored count (the sum of their class weights), 0 if none."""
+    from .cross_entropy import cross_entropy_ref  # that module builds on this one
+
+    if "ce_weight" in options:
+        options["weight"] = options.pop("ce_weight")
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return cross_entropy_ref(logits, labels, ignore_index=ignore_index, reduction=reduction, **options)
 
 
 def sequence_logprobs_ref(
@@ -134,15 +141,36 @@ def sequence_logprobs_ref(
 
 
 @triton.jit
+def _tanh(x):
+    # tl has no tanh (libdevice's is a stub under the interpreter): an odd series where the exp form
+    # would cancel (|x| < 0.3, error < 5e-8 relative), (1 - e) / (1 + e) with e = exp(-2|x|) elsewhere.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    x2 = x * x
+    series = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.3, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _logprobs_kernel(
     Z, LABELS, LOGP, LSE, GRAD,
+    CLASS_WEIGHT, CLASS_WEIGHT_SUM, SMOOTH_OUT, CORRECT, GRAD_SMOOTH, GRAD_Z,
     stride_z_row, stride_grad_row,
-    n_vocab, ignore_index,
+    n_vocab, ignore_index, softcap,
     COMPUTE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    SMOOTH_SUM: tl.constexpr,
+    SMOOTH_GRAD: tl.constexpr,
+    Z_LOSS: tl.constexpr,
+    ACCURACY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # One program per token row of the chunk's logits Z [C, V].
+    # One program per token row of the chunk's logits Z [C, V]. With SOFTCAP every logit z is read
+    # as softcap * tanh(z / softcap) (in fp32); the flags after it are the cross-entropy options
+    # (module docstring: "Cross-entropy options").
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS + row).to(tl.int64)
     valid = label != ignore_index
@@ -152,35 +180,117 @@ def _logprobs_kernel(
         # Online log-sum-exp over vocabulary tiles; ignored rows load nothing (all -inf).
         row_max = tl.full((), float("-inf"), tl.float32)
         sum_exp = tl.zeros((), tl.float32)
+        smooth_sum = tl.zeros((), tl.float32)  # sum_i w_i z_i (w_i = 1 without class weights)
+        best = tl.zeros((), tl.int32)  # first column of the row's largest logit
         for start in range(0, n_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(z_row + cols, mask=(cols < n_vocab) & valid, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(row_max, tl.max(z, axis=0))
+            load_mask = (cols < n_vocab) & valid
+            z = tl.load(z_row + cols, mask=load_mask, other=float("-inf")).to(tl.float32)
+            if SOFTCAP:
+                z = tl.where(load_mask, softcap * _tanh(z / softcap), float("-inf"))
+            tile_max = tl.max(z, axis=0)
+            if ACCURACY:
+                tile_best = tl.min(tl.where(z == tile_max, cols, n_vocab), axis=0)
+                best = tl.where(tile_max > row_max, tile_best, best)
+            if SMOOTH_SUM:
+                if HAS_CLASS_WEIGHT:
+                    w = tl.load(CLASS_WEIGHT + cols, mask=load_mask, other=0.0)
+                    smooth_sum += tl.sum(w * tl.where(load_mask, z, 0.0), axis=0)
+                else:
+                    smooth_sum += tl.sum(tl.where(load_mask, z, 0.0), axis=0)
+            new_max = tl.maximum(row_max, tile_max)
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
             sum_exp = sum_exp * tl.exp(row_max - shift) + tl.sum(tl.exp(z - shift), axis=0)
             row_max = new_max
         lse = row_max + tl.log(tl.where(valid, sum_exp, 1.0))
         z_label = tl.load(z_row + tl.where(valid & in_range, label, 0), mask=valid & in_range, other=0.0)
-        logp = tl.where(valid, z_label.to(tl.float32) - lse, 0.0)
+        z_label = z_label.to(tl.float32)
+        if SOFTCAP:
+            z_label = softcap * _tanh(z_label / softcap)
+        logp = tl.where(valid, z_label - lse, 0.0)
         tl.store(LOGP + row, tl.where(valid & ~in_range, float("nan"), logp))
         lse = tl.where(valid, lse, 0.0)
         tl.store(LSE + row, lse)
+        if SMOOTH_SUM:
+            tl.store(SMOOTH_OUT + row, tl.where(valid, smooth_sum, 0.0))
+        if ACCURACY:
+            tl.store(CORRECT + row, tl.where(valid & in_range & (best.to(tl.int64) == label), 1.0, 0.0))
     else:
         lse = tl.load(LSE + row)
     if WRITE_GRAD:
-        # Z is overwritten in place with g * (onehot(label) - softmax(z)), g = d loss / d logp[row].
+        # Z is overwritten in place with its gradient (module docstring):
+        #   dz_i = chain_i * (g * (onehot_i - p_i) + h * (W p_i - w_i) + q * lse * p_i),
+        # g = d loss / d logp[row], h the label-smoothing and q the z-loss coefficient of the row,
+        # p = softmax, W = sum_i w_i, chain_i = 1 - tanh^2 (softcap) or 1.
         g = tl.load(GRAD + row * stride_grad_row).to(tl.float32)
         g = tl.where(valid, g, 0.0)
         g = tl.where(valid & ~in_range, float("nan"), g)
+        p_coef = -g
+        h = 0.0
+        if SMOOTH_GRAD:
+            h = tl.where(valid, tl.load(GRAD_SMOOTH + row), 0.0)
+            if HAS_CLASS_WEIGHT:
+                p_coef += h * tl.load(CLASS_WEIGHT_SUM)
+            else:
+                p_coef += h * n_vocab
+        if Z_LOSS:
+            p_coef += tl.where(valid, tl.load(GRAD_Z + row), 0.0) * lse
         for start in range(0, n_vocab, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             col_mask = cols < n_vocab
-            z = tl.load(z_row + cols, mask=col_mask & valid, other=float("-inf")).to(tl.float32)
-            dz = tl.where(cols == label, g, 0.0) - g * tl.exp(z - lse)
+            load_mask = col_mask & valid
+            z = tl.load(z_row + cols, mask=load_mask, other=float("-inf")).to(tl.float32)
+            if SOFTCAP:
+                t = _tanh(z / softcap)
+                z = tl.where(load_mask, softcap * t, float("-inf"))
+            dz = tl.where(cols == label, g, 0.0) + p_coef * tl.exp(z - lse)
+            if SMOOTH_GRAD:
+                if HAS_CLASS_WEIGHT:
+                    dz -= h * tl.load(CLASS_WEIGHT + cols, mask=load_mask, other=0.0)
+                else:
+                    dz -= h
+            if SOFTCAP:
+                dz = tl.where(load_mask, dz * (1.0 - t * t), 0.0)
             tl.store(z_row + cols, cast_to(dz, Z.dtype.element_ty), mask=col_mask)
 
 
-def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
+@dataclasses.dataclass
+class RowOptions:
+    """The cross-entropy options of the per-row step, for one pass (slice with ``rows``).
+
+    Inputs: ``softcap``; ``class_weight`` [V] fp32 and its sum [] (``class_weight_sum``). Outputs of
+    a pass that computes the log-sum-exp: ``smooth_sum`` [C] (sum_i w_i z_i per row) and ``correct``
+    [C] (1.0 where the row's first largest logit is its label). Per-row gradient coefficients
+    (module docstring) ``grad_smooth`` h and ``grad_z`` q, [C] contiguous fp32. Unset ones are off.
+    """
+
+    softcap: Optional[float] = None
+    class_weight: Optional[torch.Tensor] = None
+    class_weight_sum: Optional[torch.Tensor] = None
+    smooth_sum: Optional[torch.Tensor] = None
+    correct: Optional[torch.Tensor] = None
+    grad_smooth: Optional[torch.Tensor] = None
+    grad_z: Optional[torch.Tensor] = None
+
+    def rows(self, start: int, end: int) -> "RowOptions":
+        def part(t):
+            return t[start:end] if t is not None else None
+
+        return dataclasses.replace(
+            self, smooth_sum=part(self.smooth_sum), correct=part(self.correct),
+            grad_smooth=part(self.grad_smooth), grad_z=part(self.grad_z),
+        )
+
+    @property
+    def plain(self) -> bool:
+        """No option is on: the per-row step of the log-probs (the CUDA kernel's only mode)."""
+        return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
+
+
+_PLAIN = RowOptions()
+
+
+def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options=_PLAIN):
     """``_logprobs_kernel`` in PyTorch ops, with its arguments, results and rules: fp32 arithmetic,
     ignored rows all zero, out-of-range labels NaN. Works in place on the chunk's logits [C, V]
     (through one fp32 copy for 16-bit logits), which it leaves as scratch when ``write_grad`` is off."""
@@ -189,7 +299,18 @@ def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_
     out_of_range = valid & ((labels < 0) | (labels >= vocab))
     index = torch.where(valid & ~out_of_range, labels, 0).long().unsqueeze(1)  # [C, 1]
     z = logits if logits.dtype == torch.float32 else logits.float()  # [C, V] fp32
+    chain = None
+    if options.softcap is not None:
+        z = z.div_(options.softcap).tanh_()  # tanh(z / softcap), in place
+        chain = 1.0 - z * z if write_grad else None  # d capped / d z
+        z.mul_(options.softcap)
+    weight = options.class_weight
     if compute_lse:
+        if options.correct is not None:
+            options.correct.copy_((valid & ~out_of_range & (z.argmax(1) == labels)).float())
+        if options.smooth_sum is not None:
+            smooth = (z * weight).sum(1) if weight is not None else z.sum(1)
+            options.smooth_sum.copy_(torch.where(valid, smooth, 0.0))
         row_max = z.amax(1, keepdim=True)  # [C, 1]
         z_label = z.gather(1, index)
         exp = z.sub_(row_max).exp_()  # exp(z - max), in place
@@ -198,38 +319,72 @@ def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_
         row_logp = torch.where(valid, z_label.squeeze(1) - row_lse, 0.0)
         logp.copy_(torch.where(out_of_range, float("nan"), row_logp))
         lse.copy_(torch.where(valid, row_lse, 0.0))
+        row_lse = lse
     elif write_grad:
         exp = z.sub_(lse.unsqueeze(1)).exp_()  # softmax, from the saved log-sum-exp
         sum_exp = None
+        row_lse = lse
     if not write_grad:
         return
     g = torch.where(valid, grad.float(), 0.0)  # d loss / d logp per row
     g = torch.where(out_of_range, float("nan"), g)
-    row_scale = -g if sum_exp is None else -g / sum_exp.squeeze(1)
-    dz = exp.mul_(row_scale.unsqueeze(1))  # -g * softmax
+    p_coef = -g
+    if options.grad_smooth is not None:
+        h = torch.where(valid, options.grad_smooth, 0.0)
+        p_coef = p_coef + h * (options.class_weight_sum if weight is not None else vocab)
+    if options.grad_z is not None:
+        p_coef = p_coef + torch.where(valid, options.grad_z, 0.0) * row_lse
+    row_scale = p_coef if sum_exp is None else p_coef / sum_exp.squeeze(1)
+    dz = exp.mul_(row_scale.unsqueeze(1))  # p_coef * softmax
     dz.scatter_add_(1, index, g.unsqueeze(1))  # + g at the label
+    if options.grad_smooth is not None:
+        dz.sub_(h.unsqueeze(1) * weight if weight is not None else h.unsqueeze(1))
+    if chain is not None:
+        dz.mul_(chain)
     dz.masked_fill_(~valid.unsqueeze(1), 0.0)  # exact zeros, whatever an ignored row's logits were
     if dz is not logits:
         logits.copy_(dz)
 
 
-def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
-    """The per-row step over one chunk's logits [C, V], in place: Triton's kernel, its CUDA twin, or
-    the PyTorch ops of ``_logprobs_rows_torch``."""
+def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options=_PLAIN):
+    """The per-row step over one chunk's logits [C, V], in place: Triton's kernel, its CUDA twin (no
+    cross-entropy options), or the PyTorch ops of ``_logprobs_rows_torch``."""
     if backend == "torch":
-        _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad)
+        _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options)
         return
     if backend == "cuda":
+        assert options.plain, "the CUDA kernel takes no cross-entropy options (checked by the caller)"
         torch.ops.solar_kernels_C.logprobs_(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad)
         return
     vocab = logits.shape[1]
+    dummy = lse  # for the pointers of options that are off: never read or written
+
+    def ptr(t):
+        return t if t is not None else dummy
+
     _logprobs_kernel[(logits.shape[0],)](
         logits, labels, logp, lse, grad,
+        ptr(options.class_weight), ptr(options.class_weight_sum), ptr(options.smooth_sum), ptr(options.correct),
+        ptr(options.grad_smooth), ptr(options.grad_z),
         logits.stride(0), grad.stride(0),
-        vocab, ignore_index,
-        COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
+        vocab, ignore_index, options.softcap if options.softcap is not None else 1.0,
+        COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad,
+        SOFTCAP=options.softcap is not None, HAS_CLASS_WEIGHT=options.class_weight is not None,
+        SMOOTH_SUM=options.smooth_sum is not None, SMOOTH_GRAD=options.grad_smooth is not None,
+        Z_LOSS=options.grad_z is not None, ACCURACY=options.correct is not None,
+        BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
         num_warps=8,
     )
+
+
+def row_backend(backend: str, rows: int, vocab: int, device: torch.device, options: RowOptions) -> str:
+    """The implementation of the row step for a pass over ``rows`` rows: ``backend``, or for "auto"
+    this GPU's choice, which is Triton where options are on (the CUDA kernel has none; an explicit
+    "cuda" with options was refused by ``backend_for_options``)."""
+    implementation = pick(backend, "logprobs", rows, vocab, device)
+    if implementation == "cuda" and not options.plain:
+        implementation = "triton"
+    return implementation
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
@@ -287,6 +442,7 @@ def _chunked_pass(
     need_dweight: bool = False,
     need_dbias: bool = False,
     backend: str = "triton",
+    options: RowOptions = _PLAIN,
 ):
     """One pass over token chunks of hidden [N, d] and labels [N].
 
@@ -294,7 +450,8 @@ def _chunked_pass(
     expanded) it also returns the gradients that were asked for (None otherwise): dhidden in the
     hidden dtype, dweight and dbias as their fp32 accumulators, for the caller's final scale-and-cast.
     ``backend`` runs the per-row step: "torch", "triton", "cuda" or "auto" (decided once for this
-    pass's chunk shape). Autocast is off inside: the caller has chosen the dtypes.
+    pass's chunk shape). ``options`` are the cross-entropy options of the per-row step, over all N
+    rows (its outputs are filled). Autocast is off inside: the caller has chosen the dtypes.
     """
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
@@ -309,7 +466,7 @@ def _chunked_pass(
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dweight else None
     dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_dbias else None
     grad_arg = grad if write_grad else lse
-    implementation = pick(backend, "logprobs", min(chunk_rows, n_rows), vocab, hidden.device)
+    implementation = row_backend(backend, min(chunk_rows, n_rows), vocab, hidden.device, options)
     with autocast_disabled(hidden.device):
         for start in range(0, n_rows, chunk_rows):
             end = min(start + chunk_rows, n_rows)
@@ -317,7 +474,7 @@ def _chunked_pass(
             logits = torch.nn.functional.linear(hidden_chunk, weight, bias)  # [C, V], hidden dtype
             _logprobs_rows(
                 implementation, logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
-                ignore_index, compute_lse, write_grad,
+                ignore_index, compute_lse, write_grad, options.rows(start, end),
             )
             if not write_grad:
                 continue
@@ -355,10 +512,18 @@ def _logprobs_bwd_op(
     grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, chunk_rows: int,
     need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
+    softcap: Optional[float] = None, class_weight: Optional[torch.Tensor] = None,
+    grad_smooth: Optional[torch.Tensor] = None, grad_z: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # The trailing arguments are the cross-entropy options of the row step (RowOptions).
+    options = RowOptions(
+        softcap=softcap, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
+        class_weight_sum=class_weight.sum() if class_weight is not None else None,
+    )
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
         hidden, weight, bias, labels, ignore_index, chunk_rows, lse=lse, grad=grad,
         need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
+        options=options,
     )
     # The final cast of the fp32 accumulators (the upstream grad is already in every row's g).
     dweight = dweight.to(weight.dtype) if dweight is not None else None
@@ -368,7 +533,7 @@ def _logprobs_bwd_op(
 
 @_logprobs_bwd_op.register_fake
 def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias,
-      backend):
+      backend, softcap=None, class_weight=None, grad_smooth=None, grad_z=None):
     return (
         torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_dweight else weight.new_empty(0),
@@ -404,33 +569,116 @@ torch.library.register_autograd(
 )
 
 
+def _label_weights(labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """w_y per row, fp32 [N]: the label's class weight (1 without class weights), 0 where ignored."""
+    valid = labels != ignore_index
+    if class_weight is None:
+        return valid.float()
+    index = torch.where(valid, labels, 0).long().clamp(0, class_weight.shape[0] - 1)  # out-of-range rows are NaN anyway
+    return torch.where(valid, class_weight[index], 0.0)
+
+
+def ce_gradient(
+    labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor], label_smoothing: float,
+    lse_square_scale: float, softcap: Optional[float], vocab: int,
+    grad_ce: torch.Tensor, grad_z: torch.Tensor,
+) -> tuple[torch.Tensor, RowOptions]:
+    """The per-row gradient arguments of the row step for d loss / d ce_t = ``grad_ce`` and
+    d loss / d zloss_t = ``grad_z`` (each [N] or a scalar): g = -(1 - s) w_y grad_ce, h = s / V grad_ce,
+    q = 2 lse_square_scale grad_z (module docstring), with the options the step reads."""
+    rows = labels.shape[0]
+    g = -(1.0 - label_smoothing) * _label_weights(labels, ignore_index, class_weight) * grad_ce
+    options = RowOptions(
+        softcap=softcap,
+        class_weight=class_weight if label_smoothing > 0 else None,
+        class_weight_sum=class_weight.sum() if class_weight is not None and label_smoothing > 0 else None,
+        grad_smooth=(label_smoothing / vocab * grad_ce).float().expand(rows).contiguous() if label_smoothing > 0 else None,
+        grad_z=(2.0 * lse_square_scale * grad_z).float().expand(rows).contiguous() if lse_square_scale != 0 else None,
+    )
+    return g.float().expand(rows), options
+
+
+def ce_forward_options(
+    rows: int, device: torch.device, class_weight: Optional[torch.Tensor], label_smoothing: float,
+    softcap: Optional[float], want_accuracy: bool,
+) -> RowOptions:
+    """The row step's options for a forward pass, with its per-row outputs allocated."""
+    return RowOptions(
+        softcap=softcap,
+        class_weight=class_weight if label_smoothing > 0 else None,
+        smooth_sum=torch.empty(rows, dtype=torch.float32, device=device) if label_smoothing > 0 else None,
+        correct=torch.empty(rows, dtype=torch.float32, device=device) if want_accuracy else None,
+    )
+
+
+def ce_token_losses(
+    logp: torch.Tensor, lse: torch.Tensor, options: RowOptions, labels: torch.Tensor, ignore_index: int,
+    class_weight: Optional[torch.Tensor], label_smoothing: float, lse_square_scale: float, vocab: int,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-row cross-entropy ce_t and z-loss (None when its scale is 0), fp32 [N], from a forward
+    pass's log-probs, log-sum-exps and smoothing sums; 0 on ignored rows."""
+    ce = -(1.0 - label_smoothing) * _label_weights(labels, ignore_index, class_weight) * logp
+    if label_smoothing > 0:
+        class_sum = class_weight.sum() if class_weight is not None else vocab
+        ce = ce + label_smoothing / vocab * (class_sum * lse - options.smooth_sum)  # eps * sum_i w_i (lse - z_i)
+    z_loss = lse_square_scale * lse.square() if lse_square_scale != 0 else None
+    return ce, z_loss
+
+
+def ce_scales(
+    labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor], reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(non-ignored count, scale of the summed ce_t, scale of the summed z-loss), fp32 scalars: for
+    "mean" 1 / sum of w_y (the count without class weights) and 1 / count, 1 and 1 for "sum"; a
+    batch with no counted token scales by 1 (its loss is 0)."""
+    count = (labels != ignore_index).sum().to(torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=labels.device)
+    if reduction != "mean":
+        return count, one, one
+    weight_total = _label_weights(labels, ignore_index, class_weight).sum() if class_weight is not None else count
+    return count, 1.0 / torch.where(count > 0, weight_total, 1.0), 1.0 / count.clamp_min(1)
+
+
 @torch.library.custom_op("solar_kernels::linear_cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
     ignore_index: int, reduction: str, chunk_rows: int,
     need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scalar loss and, when asked, its gradients (computed now, scaled by the upstream grad later):
-    dhidden in the hidden dtype, dweight and dbias as fp32 accumulators, cast once in backward."""
-    if reduction == "mean":
-        scale = 1.0 / (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    class_weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+    softcap: Optional[float] = None, want_accuracy: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scalar loss, z-loss and token accuracy and, when asked, the loss's gradients (computed now,
+    scaled by the upstream grad later): dhidden in the hidden dtype, dweight and dbias as fp32
+    accumulators, cast once in backward. z-loss and accuracy are 0 when not asked for."""
+    vocab = weight.shape[0]
+    count, scale_ce, scale_z = ce_scales(labels, ignore_index, class_weight, reduction)
     wants_grad = need_dhidden or need_dweight or need_dbias
-    grad = (-scale).expand(hidden.shape[0]) if wants_grad else None  # d loss / d logp[t]
-    logp, _, (dhidden, dweight, dbias) = _chunked_pass(
+    options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
+    grad = None
+    if wants_grad:
+        grad, grad_options = ce_gradient(labels, ignore_index, class_weight, label_smoothing, lse_square_scale,
+                                         softcap, vocab, scale_ce, scale_z)
+        options = dataclasses.replace(grad_options, smooth_sum=options.smooth_sum, correct=options.correct)
+    logp, lse, (dhidden, dweight, dbias) = _chunked_pass(
         hidden, weight, bias, labels, ignore_index, chunk_rows, grad=grad,
         need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
+        options=options,
     )
-    loss = -logp.sum() * scale
-    return loss, _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
+    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
+                                 lse_square_scale, vocab)
+    loss = ce.sum() * scale_ce
+    z_total = z_loss.sum() * scale_z if z_loss is not None else torch.zeros_like(loss)
+    accuracy = options.correct.sum() / count if want_accuracy else torch.zeros_like(loss)
+    return (loss + z_total, z_total, accuracy,
+            _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight))
 
 
 @_cross_entropy_fwd_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias,
-      backend):
+      backend, class_weight=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=None, want_accuracy=False):
+    scalar = hidden.new_empty((), dtype=torch.float32)
     return (
-        hidden.new_empty((), dtype=torch.float32),
+        scalar, torch.empty_like(scalar), torch.empty_like(scalar),
         torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
         weight.new_empty(weight.shape, dtype=torch.float32) if need_dweight else weight.new_empty(0),
         weight.new_empty(weight.shape[0], dtype=torch.float32) if need_dbias else weight.new_empty(0),
@@ -438,9 +686,9 @@ def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dh
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):
-    _, dhidden, dweight, dbias = output
+    _, z_loss, accuracy, dhidden, dweight, dbias = output
     ctx.save_for_backward(dhidden, dweight, dbias)
-    ctx.mark_non_differentiable(dhidden, dweight, dbias)
+    ctx.mark_non_differentiable(z_loss, accuracy, dhidden, dweight, dbias)
     ctx.weight_dtype = inputs[1].dtype
 
 
@@ -459,12 +707,72 @@ def _cross_entropy_backward(ctx, grad_loss, *_unused):
         dhidden * grad_loss if need_dhidden else None,
         _scale_and_cast(dweight, grad_loss, ctx.weight_dtype) if need_dweight else None,
         _scale_and_cast(dbias, grad_loss, ctx.weight_dtype) if need_dbias else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None, None, None, None, None,
     )
 
 
 torch.library.register_autograd(
     "solar_kernels::linear_cross_entropy_fwd", _cross_entropy_backward, setup_context=_cross_entropy_setup_context
+)
+
+
+@torch.library.custom_op("solar_kernels::linear_cross_entropy_tokens_fwd", mutates_args=())
+def _cross_entropy_tokens_fwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    ignore_index: int, chunk_rows: int, backend: str, class_weight: Optional[torch.Tensor],
+    label_smoothing: float, lse_square_scale: float, softcap: Optional[float], want_accuracy: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token loss (cross-entropy plus z-loss), z-loss, correct flag and log-sum-exp, fp32 [N];
+    the gradients come in backward, from the saved log-sum-exp (4 matmuls in all, as log-probs)."""
+    vocab = weight.shape[0]
+    options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
+    logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend,
+                                 options=options)
+    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
+                                 lse_square_scale, vocab)
+    z_loss = z_loss if z_loss is not None else torch.zeros_like(ce)
+    correct = options.correct if want_accuracy else torch.zeros_like(ce)
+    return ce + z_loss, z_loss, correct, lse
+
+
+@_cross_entropy_tokens_fwd_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend, class_weight, label_smoothing,
+      lse_square_scale, softcap, want_accuracy):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+
+
+def _cross_entropy_tokens_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, ignore_index, chunk_rows, backend, class_weight, label_smoothing,
+     lse_square_scale, softcap, _) = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[3], class_weight)
+    ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
+    ctx.label_smoothing, ctx.lse_square_scale, ctx.softcap = label_smoothing, lse_square_scale, softcap
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _cross_entropy_tokens_backward(ctx, grad_loss, *_unused):
+    hidden, weight, bias, labels, lse, class_weight = ctx.saved_tensors
+    need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    grad_loss = grad_loss.float()
+    grad, options = ce_gradient(labels, ctx.ignore_index, class_weight, ctx.label_smoothing, ctx.lse_square_scale,
+                                ctx.softcap, weight.shape[0], grad_loss, grad_loss)
+    dhidden, dweight, dbias = _logprobs_bwd_op(
+        grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
+        need_dhidden, need_dweight, need_dbias and ctx.has_bias, ctx.backend,
+        options.softcap, options.class_weight, options.grad_smooth, options.grad_z,
+    )
+    return (
+        dhidden if need_dhidden else None,
+        dweight if need_dweight else None,
+        dbias if need_dbias and ctx.has_bias else None,
+        *([None] * 9),
+    )
+
+
+torch.library.register_autograd(
+    "solar_kernels::linear_cross_entropy_tokens_fwd", _cross_entropy_tokens_backward,
+    setup_context=_cross_entropy_tokens_setup_context,
 )
 
 
@@ -493,17 +801,22 @@ def _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidd
     if bias is not None:
         check_float_tensor(op, "bias", bias, ndims=(1,))
         check_shape(op, "bias", bias, (weight.shape[0],), "weight.shape[0]")
+    check_labels(op, labels, ignore_index, "hidden", hidden, tuple(hidden.shape[:-1]), "hidden.shape[:-1]")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_label_values(op, labels, weight.shape[0], ignore_index)
+
+
+def check_labels(op, labels, ignore_index, reference_name, reference, shape, why):
+    """labels: an int64/int32 tensor of ``shape`` on ``reference``'s device; ignore_index an int."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
-    check_same_device(op, "hidden", hidden, labels=labels)
-    check_shape(op, "labels", labels, tuple(hidden.shape[:-1]), "hidden.shape[:-1]")
+    check_same_device(op, reference_name, reference, labels=labels)
+    check_shape(op, "labels", labels, shape, why)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    _check_label_values(op, labels, weight.shape[0], ignore_index)
 
 
 def _check_label_values(op, labels, vocab, ignore_index):
@@ -551,6 +864,83 @@ def linear_logprobs(
     return logp.view(labels.shape)
 
 
+@dataclasses.dataclass
+class CrossEntropyOutput:
+    """What the cross-entropy ops return when ``return_z_loss`` or ``return_token_accuracy`` is set
+    (Liger-Kernel's ``CrossEntropyOutput``, without its ``predicted_tokens``): ``loss`` includes the
+    z-loss; ``z_loss`` and ``token_accuracy`` are None unless asked for, and carry no gradient."""
+
+    loss: torch.Tensor
+    z_loss: Optional[torch.Tensor] = None
+    token_accuracy: Optional[torch.Tensor] = None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_ce_options(
+    op: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss, return_token_accuracy,
+    vocab: int, device: torch.device, weight_name: str,
+) -> tuple[float, float, Optional[float], Optional[torch.Tensor]]:
+    """The cross-entropy options, checked before any work: (label_smoothing, lse_square_scale,
+    softcap) as floats and the class weights as a contiguous fp32 [V] tensor (or None)."""
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not _is_number(lse_square_scale) or lse_square_scale < 0:
+        raise ValueError(f"{op}: lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
+    if softcap is not None and (not _is_number(softcap) or softcap <= 0):
+        raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
+    for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {flag!r}")
+    if class_weight is not None:
+        check_float_tensor(op, weight_name, class_weight, ndims=(1,), dtypes=(*FLOAT_DTYPES, torch.float64))
+        check_shape(op, weight_name, class_weight, (vocab,), "one weight per class")
+        check_same_device(op, "the logits", torch.empty(0, device=device), **{weight_name: class_weight})
+        if class_weight.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{op}: {weight_name} requires grad, expected a constant: class weights get no gradient "
+                "(as in torch.nn.functional.cross_entropy and Liger-Kernel); pass it detached"
+            )
+        class_weight = class_weight.detach().to(torch.float32).contiguous()
+    return float(label_smoothing), float(lse_square_scale), None if softcap is None else float(softcap), class_weight
+
+
+def backend_for_options(op: str, resolved: str, requested: Optional[str], active: list[str]) -> str:
+    """The resolved backend, if it has the cross-entropy options in ``active`` (names): the CUDA
+    C++ kernel has none. An explicit "cuda" is refused; "auto" that resolved to CUDA alone (no
+    Triton here) runs the PyTorch backend; "auto" over both runs Triton (``_chunked_pass``)."""
+    if not active or resolved != "cuda":
+        return resolved
+    explicit = requested if requested is not None else (os.environ.get(BACKEND_ENV_VAR) or "auto")
+    if explicit == "auto":
+        logger.debug("%s: %s not in the CUDA kernel: the torch backend runs", op, ", ".join(active))
+        return "torch"
+    raise RuntimeError(
+        f"{op}: {', '.join(active)} not implemented by backend 'cuda' (the CUDA C++ kernel); "
+        "backends 'triton', 'torch' and 'auto' implement it"
+    )
+
+
+def active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy, weight_name):
+    """The names of the options that are on, as the user spelled them."""
+    names = []
+    for name, on in (("label_smoothing", label_smoothing > 0), ("lse_square_scale", lse_square_scale != 0),
+                     ("softcap", softcap is not None), (weight_name, class_weight is not None),
+                     ("return_token_accuracy", return_token_accuracy)):
+        if on:
+            names.append(name)
+    return names
+
+
+def ce_result(loss, z_loss, accuracy, return_z_loss: bool, return_token_accuracy: bool):
+    """``loss`` alone, or a ``CrossEntropyOutput`` when z-loss or accuracy was asked for (as Liger)."""
+    if not return_z_loss and not return_token_accuracy:
+        return loss
+    return CrossEntropyOutput(loss, z_loss if return_z_loss else None, accuracy if return_token_accuracy else None)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -559,33 +949,52 @@ def linear_cross_entropy(
     bias: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    softcap: Optional[float] = None,
+    ce_weight: Optional[torch.Tensor] = None,
+    return_token_accuracy: bool = False,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
-) -> torch.Tensor:
-    """Cross-entropy of the LM head's logits against ``labels``, in fp32.
+):
+    """Cross-entropy of the LM head's logits against ``labels``, in fp32 (Liger-Kernel 0.8.5's
+    ``liger_fused_linear_cross_entropy``; module docstring, "Cross-entropy options").
 
-    ``reduction``: "mean" over non-ignored tokens (0 when every token is ignored, where PyTorch's
-    ``cross_entropy`` gives NaN), "sum", or "none" (per token, shaped like labels, 0 where ignored).
+    ``reduction``: "mean" over non-ignored tokens (weighted by ``ce_weight`` of their labels; 0 when
+    every token is ignored, where PyTorch's ``cross_entropy`` gives NaN), "sum", or "none" (per
+    token, shaped like labels, 0 where ignored). Returns the loss, or a ``CrossEntropyOutput`` when
+    ``return_z_loss`` or ``return_token_accuracy`` is set.
     """
     op = "linear_cross_entropy"
     hidden, weight, bias = cast_like_linear(hidden, weight, bias)
     _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing, lse_square_scale, softcap, class_weight = check_ce_options(
+        op, label_smoothing, lse_square_scale, softcap, ce_weight, return_z_loss, return_token_accuracy,
+        weight.shape[0], hidden.device, "ce_weight")
     resolved = resolve_backend(op, backend, hidden.device)
-    if reduction == "none":
-        return -linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
-                                chunk_size=chunk_size, backend=resolved)
+    active = active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy,
+                               "ce_weight")
+    resolved = backend_for_options(op, resolved, backend, active)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
+    if reduction == "none":
+        loss, z_loss, correct, _ = _cross_entropy_tokens_fwd_op(
+            hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved, class_weight,
+            label_smoothing, lse_square_scale, softcap, return_token_accuracy,
+        )
+        return ce_result(loss.view(labels.shape), z_loss.view(labels.shape), correct.view(labels.shape),
+                         return_z_loss, return_token_accuracy)
     grad_on = torch.is_grad_enabled()
-    loss, *_ = _cross_entropy_fwd_op(
+    loss, z_loss, accuracy, *_ = _cross_entropy_fwd_op(
         hidden2d, weight, bias, labels1d, ignore_index, reduction, chunk_rows,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
-        resolved,
+        resolved, class_weight, label_smoothing, lse_square_scale, softcap, return_token_accuracy,
     )
-    return loss
+    return ce_result(loss, z_loss, accuracy, return_z_loss, return_token_accuracy)
 
 
 def sequence_logprobs(
