@@ -137,12 +137,17 @@ setup(
     cmdclass=cmdclass,
     install_requires=[
         "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
+        "triton>=3.2",  # the kernels, and so the model, upscale and convert, import it
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4",
     ],
-    entry_points={"console_scripts": ["solar=solar_kernels.cli:main"]},
+    entry_points={
+        "console_scripts": ["solar=solar_kernels.cli:main"],
+        # `solar pretrain|sft|dpo|demo`: solar_kernels.cli finds these here, so the library never
+        # imports training (each names a torch-free main(argv) -> int; see training/commands.py).
+        "solar_kernels.commands": [f"{name} = training.commands:{name}" for name in ("pretrain", "sft", "dpo", "demo")],
+    },
     extras_require={
         # The trainer (training/): data through Hugging Face datasets, tokenizers, loss plots.
         "train": [

@@ -33,12 +33,8 @@ BACKEND_ENV_VAR = "SOLAR_KERNELS_BACKEND"
 # Read once at import: triton.jit picks interpreted kernels from this variable when they are defined.
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-try:
-    import triton  # noqa: F401
-
-    _TRITON_IMPORT_ERROR: Optional[str] = None
-except ImportError as error:  # pragma: no cover - triton is an install requirement on Linux
-    _TRITON_IMPORT_ERROR = str(error)
+# Triton is required: solar_kernels.ops (and so the model, upscale and convert) imports it; only
+# merge and the checkpoint reader run without it.
 
 
 def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
@@ -52,8 +48,6 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if device.type != "cuda":
             return f"the CUDA C++ kernels of solar_kernels._C run on CUDA devices only, got a {device.type} tensor"
         return _cuda.device_error(device)
-    if _TRITON_IMPORT_ERROR is not None:
-        return f"triton cannot be imported ({_TRITON_IMPORT_ERROR})"
     if device.type == "cuda":
         return None
     if device.type == "cpu":

@@ -1,10 +1,11 @@
 """The ``solar`` command line: depth up-scaling and merging of Hugging Face checkpoints, GGUF
-conversion, generation, chat and evaluation, and the training stages (``pretrain``, ``sft``, ``dpo``) of the
-``training`` package next to this one.
+conversion, generation, chat and evaluation; and the subcommands other packages register under the
+entry-point group ``solar_kernels.commands`` (the training package's ``pretrain``, ``sft``, ``dpo`` and
+``demo``), found without this package importing them.
 
 Each subcommand prints a one-line error (no traceback) and exits with status 2 on bad input, and
 with status 130 on Ctrl-C (the partial output removed). ``solar --version`` and every ``--help``
-answer without importing torch, the kernels or the training package.
+answer without importing torch or the kernels.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import List, Optional
 
 from . import __version__
 
@@ -88,51 +89,34 @@ def _merge(args) -> None:
     print(f"wrote {path}")
 
 
-TRAIN_EXAMPLES = """examples:
-  solar demo --write-data runs/tiny-data --quick      # once: the tokenizer and data the tiny configs read
-  solar {stage} --config training/configs/tiny_{config}.yaml
-  solar {stage} --config training/configs/tiny_{config}.yaml --optim.lr=3e-4 --train.steps=50
-  torchrun --nproc_per_node 8 -m training.{stage} --config training/configs/solar_10.7b_{config}_8gpu.yaml
-"""
-TRAIN_CONFIGS = {"pretrain": "pretrain", "sft": "sft", "dpo": "sdpo"}
+# Subcommands other installed packages add (the training package: pretrain, sft, dpo, demo): each
+# entry point of this group names a function ``main(argv) -> int`` that parses its own arguments and
+# answers --help without importing torch. The library itself never imports those packages.
+COMMAND_GROUP = "solar_kernels.commands"
 
 
-# `solar demo --help` is answered without importing training.demo, which imports torch: from the
-# demo's parser in the torch-free module training.demo_cli when there is one, else this summary.
-DEMO_USAGE = """usage: solar demo [--out DIR] [--quick] [--seed N] [...]
-
-The whole SOLAR recipe, end to end, on embedded data, in minutes on a CPU: tokenizer, base model,
-depth up-scaling, continued pretraining, SFT, DPO/sDPO and a merge, with a report of the numbers.
-
-  --out DIR   output folder (default runs/demo); a non-empty folder the demo did not make is refused
-  --force     with a refused --out: write into a new subfolder of it instead (nothing is deleted)
-  --quick     tiny sizes: under a minute
-  --write-data DIR   only write the tokenizer and data the tiny training configs read
-
-Every option: python -m training.demo --help
-"""
+def _added_commands() -> dict[str, EntryPoint]:
+    return {point.name: point for point in entry_points(group=COMMAND_GROUP)}
 
 
-def _demo_help() -> None:
+def _summary(point: EntryPoint) -> str:
+    """The first line of the command's docstring (loading it imports no torch, by the group's rule)."""
     try:
-        from training.demo_cli import build_parser
-    except ImportError:
-        print(DEMO_USAGE, end="")
-    else:
-        build_parser().print_help()
-
-
-def _train(stage: str, argv: List[str]) -> int:
-    try:
-        if stage == "demo":
-            from training.demo import main as demo_main
-        else:
-            from training.stages import main as train_main
+        command = point.load()
     except ImportError as error:
-        print(f"solar {stage}: error: the training package is not importable ({error}); "
+        return f"(not importable here: {error})"
+    return (command.__doc__ or point.value).strip().splitlines()[0]
+
+
+def _run_added(name: str, point: EntryPoint, argv: list[str]) -> int:
+    try:
+        command = point.load()
+    except ImportError as error:
+        package = point.value.split(":")[0].split(".")[0]
+        print(f"solar {name}: error: the {package} package is not importable ({error}); "
               "run from the repository or install it with `pip install -e .[train]`", file=sys.stderr)
         return 2
-    return demo_main(argv) if stage == "demo" else train_main(stage, argv)
+    return command(argv)
 
 
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -249,11 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_arguments(ev)
     ev.set_defaults(run=_evaluation)
 
-    for stage, config in TRAIN_CONFIGS.items():
-        commands.add_parser(stage, help=f"train: {stage} (see --help)", add_help=False,
-                            epilog=TRAIN_EXAMPLES.format(stage=stage, config=config))
-    commands.add_parser("demo", help="the whole recipe on embedded data (solar demo --quick: under a minute)",
-                        add_help=False)
+    for name, point in _added_commands().items():  # they parse their own arguments (see main)
+        added = commands.add_parser(name, help=_summary(point), add_help=False)
+        added.add_argument("arguments", nargs=argparse.REMAINDER)
 
     for sub in (up, mg):
         sub.add_argument("--dtype", help="dtype the sources are read and merged in, and stored in unless --out-dtype: "
@@ -266,11 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _asks_for_help(argv: List[str]) -> bool:
-    return any(a in ("-h", "--help") for a in argv)
-
-
-def _identity(path: Path) -> Optional[tuple]:
+def _identity(path: Path) -> tuple | None:
     """What tells a replaced ``path`` from the one that was there (None: nothing there)."""
     try:
         status = path.stat()
@@ -279,23 +257,11 @@ def _identity(path: Path) -> Optional[tuple]:
     return status.st_ino, status.st_mtime_ns
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        if _asks_for_help(argv[1:]):
-            _demo_help()
-            return 0
-        return _train("demo", argv[1:])
-    if argv and argv[0] in TRAIN_CONFIGS:  # the training stages parse their own arguments
-        usage = f"usage: solar {argv[0]} --config FILE [--section.key=value ...]"
-        if _asks_for_help(argv[1:]):
-            print(f"{usage}\n\n" + TRAIN_EXAMPLES.format(stage=argv[0], config=TRAIN_CONFIGS[argv[0]]))
-            return 0
-        if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
-            print(f"solar {argv[0]}: error: --config FILE is required ({usage}; e.g. --config "
-                  f"training/configs/tiny_{TRAIN_CONFIGS[argv[0]]}.yaml)", file=sys.stderr)
-            return 2
-        return _train(argv[0], argv[1:])
+    added = _added_commands()
+    if argv and argv[0] in added:
+        return _run_added(argv[0], added[argv[0]], argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -88,8 +88,8 @@ def test_ctrl_c_exits_130_and_writes_nothing(base, tmp_path, capsys, monkeypatch
 
 
 def test_merge_config_with_dtype_overrides_the_yaml(tmp_path, capsys):
-    a = make_checkpoint(tmp_path / "a", layers=2, seed=1)
-    b = make_checkpoint(tmp_path / "b", layers=2, seed=2)
+    make_checkpoint(tmp_path / "a", layers=2, seed=1)
+    make_checkpoint(tmp_path / "b", layers=2, seed=2)
     (tmp_path / "merge.yml").write_text("models: [{model: a}, {model: b}]\nmerge_method: linear\ndtype: float16\n")
     assert main(["merge", str(tmp_path / "m"), "--config", str(tmp_path / "merge.yml"), "--dtype", "bfloat16",
                  "--no-progress"]) == 0
@@ -146,19 +146,50 @@ def test_training_stage_without_config_says_it_is_required(stage, capsys):
     assert err.count("\n") == 1 and err.startswith(f"solar {stage}: error: --config FILE is required")
 
 
-def test_demo_help_uses_the_demos_parser_when_it_is_torch_free(capsys, monkeypatch):
+def test_demo_help_comes_from_the_demos_torch_free_parser(capsys, monkeypatch):
     import argparse
     import types
 
-    monkeypatch.setitem(sys.modules, "training.demo_cli", None)  # absent: the summary
-    assert main(["demo", "--help"]) == 0
-    summary = capsys.readouterr().out
-    assert summary.startswith("usage: solar demo") and "python -m training.demo --help" in summary
     parser = argparse.ArgumentParser(prog="solar demo")
     parser.add_argument("--only-in-the-demo")
     monkeypatch.setitem(sys.modules, "training.demo_cli", types.SimpleNamespace(build_parser=lambda: parser))
     assert main(["demo", "-h"]) == 0
     assert capsys.readouterr().out == parser.format_help()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo", "demo"])
+def test_a_training_command_without_the_training_package_is_a_one_line_error(command, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "training.commands", None)  # as if training were not installed
+    assert main([command, "--config", "c.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"solar {command}: error: the training package is not importable")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert f"{command}" in listed and "(not importable here:" in listed
+
+
+def test_added_commands_come_from_entry_points(capsys, monkeypatch):
+    import types
+    from importlib.metadata import EntryPoint
+
+    from solar_kernels import cli
+
+    calls = []
+
+    def run(argv):
+        """a command a test adds"""
+        calls.append(argv)
+        return 7
+
+    monkeypatch.setitem(sys.modules, "fake_commands", types.SimpleNamespace(run=run))
+    monkeypatch.setattr(cli, "_added_commands", lambda: {"fake": EntryPoint("fake", "fake_commands:run",
+                                                                            cli.COMMAND_GROUP)})
+    assert main(["fake", "--x", "1"]) == 7 and calls == [["--x", "1"]]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert "a command a test adds" in listed and "pretrain" not in listed
 
 
 @pytest.mark.parametrize("command", ["upscale", "merge"])

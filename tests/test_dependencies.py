@@ -1,0 +1,114 @@
+"""Which way the packages depend on each other, and what runs without Triton."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(source: str, where: str) -> list[tuple[int, str]]:
+    """(line, module) for every import in ``source``: import statements, ``from`` imports (relative
+    ones as written, with their dots) and ``importlib.import_module("...")`` / ``__import__("...")``
+    calls with a literal name."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename=where)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, "." * node.level + (node.module or "")))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if function in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def imports_of_training(path: Path, root: Path = ROOT) -> list[str]:
+    """``path:line: module`` (path from ``root``) for each import of the ``training`` package or below it."""
+    return [f"{path.relative_to(root)}:{line}: {module}"
+            for line, module in imported_modules(path.read_text(encoding="utf-8"), str(path))
+            if module == "training" or module.startswith("training.")]
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("import training\n", ["training"]),
+    ("from training.stages import main\n", ["training.stages"]),
+    ("def f():\n    import training.demo as d\n", ["training.demo"]),
+    ("import importlib\nimportlib.import_module('training.commands')\n", ["training.commands"]),
+    ("from . import training\nimport trainingwheels\nfrom .training import x\n", []),
+])
+def test_the_scan_finds_every_spelling_of_an_import_of_training(tmp_path, source, expected):
+    (tmp_path / "m.py").write_text(source)
+    hits = imports_of_training(tmp_path / "m.py", tmp_path)
+    assert [hit.split(": ", 1)[1] for hit in hits] == expected
+    assert all(hit.startswith("m.py:") for hit in hits)
+
+
+def test_solar_kernels_never_imports_training():
+    files = sorted((ROOT / "solar_kernels").rglob("*.py"))
+    assert len(files) > 20 and ROOT / "solar_kernels" / "cli.py" in files
+    assert [hit for path in files for hit in imports_of_training(path)] == []
+
+
+def test_the_training_commands_are_registered_as_entry_points():
+    from importlib.metadata import entry_points
+
+    from solar_kernels.cli import COMMAND_GROUP
+
+    points = {point.name: point.value for point in entry_points(group=COMMAND_GROUP)}
+    assert points == {name: f"training.commands:{name}" for name in ("pretrain", "sft", "dpo", "demo")}, (
+        "rerun `pip install -e .` after changing setup.py's entry points")
+
+
+# Import one module in a fresh interpreter where `import triton` fails as it does where Triton is
+# not installed; print the error, or "" when the import worked.
+_WITHOUT_TRITON = """
+import importlib, sys
+sys.modules["triton"] = None
+import solar_kernels
+try:
+    importlib.import_module(sys.argv[1])
+except ImportError as error:
+    print(error)
+else:
+    print("")
+"""
+
+
+# The choice: Triton is a requirement (setup.py, without a platform marker; no guard pretends
+# otherwise). The checkpoint reader and merge happen to need only torch; the model, and through it
+# upscale and convert, need the kernels.
+@pytest.mark.parametrize("module, error", [
+    ("solar_kernels.checkpoint", ""),
+    ("solar_kernels.merge", ""),
+    ("solar_kernels.ops", "import of triton halted; None in sys.modules"),
+    ("solar_kernels.upscale", "import of triton halted; None in sys.modules"),
+    ("solar_kernels.convert", "import of triton halted; None in sys.modules"),
+])
+def test_without_triton_only_merge_imports_and_the_rest_says_triton_is_missing(module, error):
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON, module], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == error
+
+
+def test_every_tool_says_how_to_run_it_on_its_first_line():
+    tools = sorted((ROOT / "tools").glob("*.py"))
+    assert {path.name for path in tools} >= {"compile_for_gpu.py", "cuda_sanitize.py"}
+    for path in tools:
+        first = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").splitlines()[:1]
+        assert first and first[0].startswith("Usage: ") and f"tools/{path.name}" in first[0], (path.name, first)
+
+
+def test_the_gpu_check_runs_tools_that_exist():
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text(encoding="utf-8")
+    named = set(re.findall(r"\b((?:tools|benchmarks)/[\w/]+\.py)\b", script))
+    assert "tools/cuda_sanitize.py" in named
+    assert [path for path in sorted(named) if not (ROOT / path).is_file()] == []
