@@ -14,7 +14,9 @@ cos/sin). The backward is the transpose of that linear map,
 which is the forward with ``sin1, sin2 := -sin2, -sin1`` (for Hugging Face's cos/sin, where the two
 halves are equal, simply the forward with sin negated); the same kernel runs both.
 
-Shapes: q [B, Hq, T, D], k [B, Hkv, T, D] with Hq a multiple of Hkv (GQA); cos and sin [T, D] or
+Shapes: q [B, Hq, T, D], k [B, Hkv, T, D] with any head counts (GQA's Hq a multiple of Hkv, but
+also Hkv > Hq or Hq not a multiple: q and k are rotated apart, as Hugging Face's elementwise
+``apply_rotary_pos_emb`` allows; every backend); cos and sin [T, D] or
 [1, T, D] (shared by the batch, as transformers passes them) or [B, T, D]. Any strides are accepted, so the [B, T, H, D] layout is passed
 as a view, ``q.transpose(1, 2)``, without a copy; outputs keep the input's memory layout (a
 ``[B, T, H, D]``-contiguous q gives a ``[B, T, H, D]``-contiguous result). cos and sin are constants:
@@ -215,10 +217,6 @@ def _check_args(q, k, cos, sin):
         raise ValueError(
             f"{OP}: k must be [B, Hkv, T, D] = [{batch}, Hkv, {n_tokens}, {head_dim}] to match q "
             f"{tuple(q.shape)}, got {tuple(k.shape)}"
-        )
-    if n_heads_q % k.shape[1]:
-        raise ValueError(
-            f"{OP}: q's head count must be a multiple of k's (GQA), got Hq = {n_heads_q}, Hkv = {k.shape[1]}"
         )
     for name, table in (("cos", cos), ("sin", sin)):
         expected = [(n_tokens, head_dim), (batch, n_tokens, head_dim), (1, n_tokens, head_dim)]

@@ -207,7 +207,8 @@ def test_rms_norm_backward_on_many_rows_per_block(emulated):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("batch, heads_q, heads_k, tokens, head_dim",
-                         [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 4, 2, 5, 128), (1, 3, 3, 13, 6)])
+                         [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 4, 2, 5, 128), (1, 3, 3, 13, 6),
+                          (2, 3, 2, 5, 16), (1, 2, 5, 7, 8), (1, 1, 9, 3, 6)])  # any Hq, Hkv (HF allows it)
 def test_rotary(emulated, batch, heads_q, heads_k, tokens, head_dim, dtype):
     q = torch.randn(batch, heads_q, tokens, head_dim).to(dtype)
     k = torch.randn(batch, heads_k, tokens, head_dim).to(dtype)
