@@ -173,7 +173,8 @@ def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:
                             source_parameters=checked(f"{where}: slices[{number}].sources[0] parameters",
                                                       source.parameters)))
     kwargs = dict(dtype=recipe.dtype, out_dtype=recipe.out_dtype, parameters=top, base_model=recipe.base_model,
-                  tokenizer_source=recipe.tokenizer_source, recipe=recipe.text)
+                  tokenizer_source=recipe.tokenizer_source, pad_to_multiple_of=recipe.pad_to_multiple_of,
+                  recipe=recipe.text)
     return slices, kwargs
 
 
@@ -194,10 +195,12 @@ def _open(path: PathLike) -> CheckpointReader:
     return reader
 
 
-def _check_plan(slices: Sequence[Slice], readers: Dict[Path, CheckpointReader]) -> None:
+def _check_plan(slices: Sequence[Slice], readers: Dict[Path, CheckpointReader], vocabularies_may_differ: bool) -> None:
     first = readers[slices[0].source]
     for path, reader in readers.items():
         for key in _ARCHITECTURE_KEYS:
+            if key == "vocab_size" and vocabularies_may_differ:  # tokenizer_source rebuilds the rows
+                continue
             if reader.config.get(key) != first.config.get(key):
                 raise ValueError(
                     f"depth_upscale: checkpoints differ in {key}: {first.config.get(key)!r} in "
@@ -229,6 +232,7 @@ def depth_upscale(
     parameters: Optional[dict] = None,
     base_model: Optional[PathLike] = None,
     tokenizer_source: Optional[PathLike] = None,
+    pad_to_multiple_of: Optional[int] = None,
     max_shard_size: Union[int, str] = "5GB",
     force: bool = False,
     progress: bool = False,
@@ -241,8 +245,9 @@ def depth_upscale(
     numbers, gradients over the slice's layers or filters on tensor names, see
     ``merge.settings``) and stored in ``out_dtype`` (default: as read). ``base_model`` (None: the
     first slice's checkpoint) gives config.json and the tokenizer and generation files;
-    ``tokenizer_source`` (mergekit's: "base", "union" or a model directory) the tokenizer, for
-    checkpoints that share one vocabulary (``merge.tokenizer``)."""
+    ``tokenizer_source`` (mergekit's: "base", "union" or a model directory) the output vocabulary,
+    the embedding's and LM head's rows rebuilt in it as mergekit does (``merge.tokenizer``;
+    ``pad_to_multiple_of`` pads it)."""
     from .merge.card import write_card
     from .merge.settings import resolve
 
@@ -269,16 +274,20 @@ def depth_upscale(
         base_path = Path(base_model)
         config_reader = readers.get(base_path) or _open(base_path)
         readers.setdefault(base_path, config_reader)
-    _check_plan(slices, readers)
+    _check_plan(slices, readers, tokenizer_source is not None)
     first, last = readers[slices[0].source], readers[slices[-1].source]
     side_files_from = config_reader.path
+    vocabulary = None
+    if pad_to_multiple_of is not None and tokenizer_source is None:
+        raise ValueError(f"depth_upscale: pad_to_multiple_of applies with tokenizer_source only, got "
+                         f"{pad_to_multiple_of!r} and no tokenizer_source")
     if tokenizer_source is not None:
-        from .merge.tokenizer import tokenizer_donor
+        from .merge.core import tokenizer_plan
+        from .merge.tokenizer import VOCABULARY_TENSORS
 
-        embedding = "model.embed_tokens.weight"
-        rows = first.shape(embedding)[0] if embedding in first else -1
-        side_files_from = tokenizer_donor("depth_upscale: tokenizer_source", tokenizer_source, list(readers),
-                                          Path(base_model) if base_model is not None else None, rows)
+        vocabulary = tokenizer_plan("depth_upscale: tokenizer_source", tokenizer_source, list(readers.values()),
+                                    base_model, pad_to_multiple_of)
+        side_files_from = vocabulary.donor
 
     # (output name, reader, input name, scale) in the order written: embedding, layers, the rest.
     # scale as mergekit evaluates it: the source's, then the slice's, then the top-level parameters,
@@ -317,9 +326,15 @@ def depth_upscale(
             return source
         return store_dtype or load_dtype or source
 
-    expected = sum(math.prod(r.shape(n)) * stored(r, n).itemsize for _, r, n, _ in plan)
+    def out_shape(reader, name) -> Tuple[int, ...]:
+        shape = tuple(reader.shape(name))
+        return (vocabulary.rows, *shape[1:]) if vocabulary is not None and name in VOCABULARY_TENSORS else shape
+
+    expected = sum(math.prod(out_shape(r, n)) * stored(r, n).itemsize for _, r, n, _ in plan)
     config = json.loads(json.dumps(config_reader.config))
     config["num_hidden_layers"] = new_layer
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.rows
     if store_dtype or load_dtype:
         set_config_dtype(config, store_dtype or load_dtype)
     iterator = plan
@@ -333,6 +348,8 @@ def depth_upscale(
             if tensor.is_floating_point():
                 if load_dtype is not None and tensor.dtype != load_dtype:
                     tensor = tensor.to(load_dtype)
+                if vocabulary is not None and name in VOCABULARY_TENSORS:  # one source: mergekit's rows
+                    tensor = vocabulary.rebuild([tensor], [reader.path], base_model)[0]
                 if scale is not None:
                     tensor = tensor * scale
                 if store_dtype is not None and tensor.dtype != store_dtype:
@@ -340,14 +357,19 @@ def depth_upscale(
             yield out_name, tensor
 
     card_recipe = recipe or _recipe(slices, dtype, out_dtype)
+
+    def finish(tmp: Path) -> None:
+        if vocabulary is not None:
+            vocabulary.write(tmp)  # the union's tokenizer.json, over the copied one
+        write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
+                   models=[s.source for s in slices],
+                   base_model=Path(base_model) if base_model is not None else None, recipe=card_recipe)
+
     write_hf_directory(
         dst, written(), config, config_source=str(config_reader.path / "config.json"),
         side_files_from=side_files_from, max_shard_size=max_shard_size, force=force, expected_bytes=expected,
         tool="depth_upscale",
-        finish=lambda tmp: write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
-                                      models=[s.source for s in slices],
-                                      base_model=Path(base_model) if base_model is not None else None,
-                                      recipe=card_recipe))
+        finish=finish)
     seconds = time.perf_counter() - start_time
     logger.info("depth_upscale: %d -> %d layers, %.2f GB in %.1f s", first.config["num_hidden_layers"],
                 new_layer, expected / 1e9, seconds)

@@ -1,6 +1,7 @@
 """Parity with mergekit 0.1.5: every recipe in tests/fixtures/mergekit/tiny.py, run here on the same
 tiny models, gives mergekit's tensors bit for bit (compared by sha256; expected.json was made by
-mergekit itself with tests/fixtures/mergekit/regenerate.py) and mergekit's config.json fields."""
+mergekit itself with tests/fixtures/mergekit/regenerate.py), mergekit's config.json fields and, for
+tokenizer_source over different vocabularies, mergekit's output vocabulary."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def test_same_tensors_as_mergekit(case, models, tmp_path, monkeypatch):
     assert different == [], f"{len(different)} of {len(got)} tensors differ from mergekit's, first {different[:3]}"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == expected["config"]["num_hidden_layers"]
+    assert config["vocab_size"] == expected["config"]["vocab_size"]
+    if case in tiny.TOKENIZER_CASES:
+        # mergekit re-saves the tokenizer with transformers (other JSON layout, the special tokens of
+        # tokenizer_config.json listed as added tokens, a rewritten tokenizer_config.json): the
+        # vocabulary and the added tokens are compared, parsed.
+        assert tiny.tokenizer_summary(tmp_path / "out") == expected["tokenizer"]
     stored = config.get("dtype", config.get("torch_dtype"))
     if case in tiny.CONFIG_FROM_FIRST_MODEL:  # mergekit's pick varies from run to run; ours is the first model
         first = json.loads((models / tiny.CONFIG_FROM_FIRST_MODEL[case] / "config.json").read_text())

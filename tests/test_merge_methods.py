@@ -191,23 +191,36 @@ def test_tokenizer_files_mergekit_copies_are_copied(models, tmp_path):
 
 
 
-def test_tokenizer_source_needs_one_shared_vocabulary(models, tmp_path):
-    """tokenizer_source is done when the vocabularies agree (parity: tests/test_merge_mergekit.py);
-    a different vocabulary or a missing base is refused before anything is written."""
-    odd = tmp_path / "odd"
-    shutil.copytree(models / "b", odd)
-    tiny.write_tokenizer(odd, extra_token="w_new")
+def test_tokenizer_source_bad_input_is_refused_before_work(models, tmp_path):
+    """(Parity over different vocabularies: tests/test_merge_mergekit.py.) A missing base, an unknown
+    source, a model without tokenizer.json, ids past vocab_size, rows that are not vocab_size and a
+    bad pad_to_multiple_of are refused before anything is written."""
     kwargs = dict(method="ties", base_model=models / "base", density=0.5)
-    with pytest.raises(ValueError, match=r"tokenizer_source 'base': .*odd has a different vocabulary from .*base; "
-                                         r"merging models with different vocabularies .* is not supported"):
-        merge([models / "a", odd], tmp_path / "out", tokenizer_source="base", **kwargs)
     with pytest.raises(ValueError, match=r"tokenizer_source: base needs base_model"):
         merge([models / "a", models / "b"], tmp_path / "out", method="linear", tokenizer_source="base")
     with pytest.raises(ValueError, match=r"must be base, union or a local model directory, got 'mine'"):
         merge([models / "a", models / "b"], tmp_path / "out", method="linear", tokenizer_source="mine")
-    (odd / "tokenizer.json").unlink()
-    with pytest.raises(ValueError, match=r"needs a tokenizer.json in every model .* has none"):
+    odd = tmp_path / "odd"
+    shutil.copytree(models / "b", odd)
+    tiny.write_tokenizer(odd, tokens=[*tiny.base_tokens(), "w64"])  # 65 tokens, 64 rows
+    with pytest.raises(ValueError, match=r"odd/tokenizer.json has 1 token ids at or past the model's vocab_size 64 "
+                                         r"\(first 64\); expected every id below vocab_size"):
         merge([models / "a", odd], tmp_path / "out", tokenizer_source="union", **kwargs)
+    (odd / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer_source: every model needs a tokenizer.json .*/odd has none"):
+        merge([models / "a", odd], tmp_path / "out", tokenizer_source="union", **kwargs)
+    shutil.copyfile(models / "b" / "tokenizer.json", odd / "tokenizer.json")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps(dict(config, vocab_size=60)))
+    with pytest.raises(ValueError, match=r"odd has 64 embedding rows but config.json vocab_size 60; expected as many"):
+        merge([models / "a", odd], tmp_path / "out", tokenizer_source="union", **kwargs)
+    for pad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"pad_to_multiple_of must be a positive integer, got {pad!r}"):
+            merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="union", pad_to_multiple_of=pad,
+                  **kwargs)
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of applies with tokenizer_source only, "
+                                         r"got pad_to_multiple_of 32 and no tokenizer_source"):
+        merge([models / "a", models / "b"], tmp_path / "out", pad_to_multiple_of=32, **kwargs)
     assert not (tmp_path / "out").exists()
     # a model path as the source: its tokenizer files (here its own tokenizer_config) are the output's
     donor = tmp_path / "donor"
@@ -218,10 +231,51 @@ def test_tokenizer_source_needs_one_shared_vocabulary(models, tmp_path):
     assert f"tokenizer_source: {donor}" in (out / "mergekit_config.yml").read_text()
 
 
-def test_tokenizer_source_refuses_padded_embeddings(tmp_path):
+def _vocabulary_model(directory, tokens, added=()):
+    directory.mkdir()
+    tiny.write_tokenizer(directory, tokens=list(tokens), added=[
+        {"id": len(tokens) + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True} for i, content in enumerate(added)])
+    return directory
+
+
+def test_tokenizer_union_rows_follow_mergekits_rules(tmp_path):
+    """The union's ids (base's, then new plain tokens, then new added ones) and each rule for a row a
+    model lacks: the one model that has it, the base's, the mean, zeros; padding rows are the mean."""
+    from solar_kernels.merge.tokenizer import plan_tokenizer
+
+    base = _vocabulary_model(tmp_path / "base", ["x", "y", "z"])
+    one = _vocabulary_model(tmp_path / "one", ["y", "x", "q", "s"])
+    two = _vocabulary_model(tmp_path / "two", ["x", "y", "s", "r"], added=["<t>"])
+    rows = {m.resolve(): count for m, count in ((base, 3), (one, 4), (two, 5))}
+    plan = plan_tokenizer("test", "union", [one, two], base, {}, rows, pad_to_multiple_of=4)
+    assert plan.vocab == {"x": 0, "y": 1, "z": 2, "q": 3, "s": 4, "r": 5, "<t>": 6} and plan.rows == 8
+    assert [entry["content"] for entry in plan.new_added] == ["q", "s", "r", "<t>"]
+    assert plan.new_added[0]["normalized"] and not plan.new_added[0]["special"] and plan.new_added[3]["special"]
+    tensors = [torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]),              # one: y x q s
+               torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0], [90.0, 100.0]]),  # two
+               torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])]               # base: x y z
+    new_one, new_two, new_base = plan.rebuild(tensors, [one, two, base], base)
+    assert new_one[:7].tolist() == [[3, 4], [1, 2], [-5, -6], [5, 6], [7, 8], [70, 80], [90, 100]]
+    assert new_two[:7].tolist() == [[10, 20], [30, 40], [-5, -6], [5, 6], [50, 60], [70, 80], [90, 100]]
+    # s: in one and two, not in the base: the mean of their rows
+    assert new_base[:7].tolist() == [[-1, -2], [-3, -4], [-5, -6], [5, 6], [28.5, 34], [70, 80], [90, 100]]
+    assert new_base[7].tolist() == new_base[:7].mean(dim=0).tolist()
+    # a source vocabulary with a token no model has: zeros
+    donor = _vocabulary_model(tmp_path / "donor", ["x", "none"])
+    plan = plan_tokenizer("test", donor, [one, two], None, {}, rows)
+    assert plan.rebuild(tensors[:2], [one, two], None)[0].tolist() == [[3, 4], [0, 0]]
+
+
+def test_tokenizer_source_drops_padding_rows(tmp_path):
+    """Embeddings padded past the tokenizer (vocab_size 101, 64 tokens) come out with one row per
+    token, as mergekit's; config.json's vocab_size follows."""
     padded = make_checkpoint(tmp_path / "padded", layers=2, seed=1)  # vocab_size 101 rows
     other = make_checkpoint(tmp_path / "other", layers=2, seed=2)
     for directory in (padded, other):
         tiny.write_tokenizer(directory)  # 64 tokens
-    with pytest.raises(ValueError, match=r"the vocabulary has 64 tokens but the embeddings have 101 rows"):
-        merge([padded, other], tmp_path / "out", method="linear", tokenizer_source="union")
+    out = merge([padded, other], tmp_path / "out", method="linear", tokenizer_source="union")
+    merged, first, second = tensors(out), tensors(padded), tensors(other)
+    embedding = "model.embed_tokens.weight"
+    assert merged[embedding].shape[0] == 64 and json.loads((out / "config.json").read_text())["vocab_size"] == 64
+    assert torch.equal(merged[embedding], ((first[embedding][:64] + second[embedding][:64]) / 2))

@@ -67,7 +67,8 @@ def merge_kwargs(recipe: Recipe) -> dict:
     return dict(models=[s.model for s in sources], method=recipe.merge_method, base_model=recipe.base_model,
                 parameters=recipe.parameters, slice_parameters=slice_parameters,
                 model_parameters=[s.parameters for s in sources], dtype=recipe.dtype, out_dtype=recipe.out_dtype,
-                compute_dtype=recipe.compute_dtype, tokenizer_source=recipe.tokenizer_source, recipe=recipe.text)
+                compute_dtype=recipe.compute_dtype, tokenizer_source=recipe.tokenizer_source,
+                pad_to_multiple_of=recipe.pad_to_multiple_of, recipe=recipe.text)
 
 
 def merge_from_yaml(

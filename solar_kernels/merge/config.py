@@ -22,10 +22,15 @@ from there, with a warning: mergekit would stop). Accepted::
     out_dtype: float16               # the stored dtype (default: dtype)
     compute_dtype: float32           # ours, not mergekit's: the math's dtype only
 
-``tokenizer_source`` (base, union or a model path) is accepted when every model shares one
-vocabulary (see ``tokenizer.py``). Refused (mergekit has them, this package does not): ``modules``,
-``tokenizer``, ``chat_template``, a slice's ``base_model`` and ``residual_weight``, Hub model names
-and LoRA references (``model+lora``).
+    tokenizer_source: union          # base, union or a model path: the output vocabulary, embedding
+                                     # and LM-head rows rebuilt in it (see tokenizer.py)
+    tokenizer:                       # instead of tokenizer_source (mergekit's block)
+      source: union                  # the default, as mergekit
+      pad_to_multiple_of: 32
+
+Refused (mergekit has them, this package does not): ``modules``, the ``tokenizer:`` block's
+``tokens`` (per-token embedding sources), ``chat_template``, a slice's ``base_model`` and
+``residual_weight``, Hub model names and LoRA references (``model+lora``).
 """
 
 from __future__ import annotations
@@ -37,11 +42,13 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "compute_dtype",
-            "tokenizer_source")
+            "tokenizer_source", "tokenizer")
+TOKENIZER_KEYS = ("source", "pad_to_multiple_of")
+TOKENIZER_REFUSED = {"tokens": "per-token embedding sources (tokens:) are not supported; the rows of tokens a "
+                               "model lacks are rebuilt as mergekit does without them (see merge/tokenizer.py)"}
 # mergekit keys this package does not implement, and what to do instead.
 REFUSED_KEYS = {
     "modules": "per-module merges are not supported; use models: or slices:",
-    "tokenizer": "the output's tokenizer is the base model's (else the first model's); vocabularies are not combined",
     "chat_template": "the chat template is copied from the base (else first) model; edit tokenizer_config.json after",
 }
 SLICE_KEYS = ("sources", "parameters")
@@ -81,6 +88,7 @@ class Recipe:
     out_dtype: str | None = None
     compute_dtype: str | None = None
     tokenizer_source: str | Path | None = None
+    pad_to_multiple_of: int | None = None
 
 
 def _keys(where: str, data, allowed: tuple[str, ...], refused: dict[str, str] | None = None) -> dict:
@@ -151,6 +159,15 @@ def read_recipe(config_path) -> Recipe:
                     out_dtype=_dtype(f"{path}: out_dtype", data.get("out_dtype")),
                     compute_dtype=_dtype(f"{path}: compute_dtype", data.get("compute_dtype")))
     source = data.get("tokenizer_source")
+    if data.get("tokenizer") is not None:
+        if source is not None:
+            raise ValueError(f"{path}: give tokenizer_source or a tokenizer: block, not both (as mergekit)")
+        block = _keys(f"{path}: tokenizer", data["tokenizer"], TOKENIZER_KEYS, TOKENIZER_REFUSED)
+        source = block.get("source", "union")
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise ValueError(f"{path}: tokenizer: pad_to_multiple_of must be a positive integer, got {pad!r}")
+        recipe.pad_to_multiple_of = pad
     if source is not None:
         recipe.tokenizer_source = source if source in ("base", "union") else resolve_model(
             f"{path}: tokenizer_source", source, path.parent)

@@ -42,7 +42,7 @@ from . import linear, model_stock, nuslerp, slerp, task_arithmetic  # noqa: F401
 from .card import write_card
 from .registry import REQUIRED, MergeMethod, get_method
 from .settings import check_setting, resolve
-from .tokenizer import tokenizer_donor
+from .tokenizer import VOCABULARY_TENSORS, TokenizerPlan, plan_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,10 @@ def check_architectures(readers: Sequence[CheckpointReader], allow_crimes: bool)
                 return
 
 
-def _check_same_tensors(reference: CheckpointReader, others: Sequence[CheckpointReader]) -> None:
-    """Every source has the reference's tensor names, shapes and float-ness (headers only)."""
+def _check_same_tensors(reference: CheckpointReader, others: Sequence[CheckpointReader],
+                        any_rows: Sequence[str] = ()) -> None:
+    """Every source has the reference's tensor names, shapes (any row count for the tensors in
+    ``any_rows``) and float-ness (headers only)."""
     names = reference.names()
     for reader in others:
         if reader is reference:
@@ -85,7 +87,8 @@ def _check_same_tensors(reference: CheckpointReader, others: Sequence[Checkpoint
         for name in names:
             if name not in reader:
                 raise CheckpointError(f"model {reader.path} has no tensor {name!r}, which {reference.path} has")
-            if reader.shape(name) != reference.shape(name):
+            if (reader.shape(name) != reference.shape(name) if name not in any_rows
+                    else tuple(reader.shape(name))[1:] != tuple(reference.shape(name))[1:]):
                 raise CheckpointError(
                     f"model {reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
                     f"expected {list(reference.shape(name))} as in {reference.path}"
@@ -180,6 +183,7 @@ def merge(
     force: bool = False,
     progress: bool = False,
     tokenizer_source: str | os.PathLike | None = None,
+    pad_to_multiple_of: int | None = None,
     recipe: str | None = None,
 ) -> Path:
     """Merges the checkpoint directories ``models`` into a new checkpoint directory ``dst``.
@@ -194,8 +198,9 @@ def merge(
     model (as in mergekit). ``seed`` seeds the random masks of dare/della: ``seed=S`` draws them as
     ``mergekit-yaml --random-seed S`` does on the CPU. ``allow_crimes`` allows
     models whose architectures differ. ``tokenizer_source`` (mergekit's: "base", "union" or a model
-    directory) takes the tokenizer from there, for models that share one vocabulary (see
-    ``tokenizer.py``). ``recipe`` is the text put in the model card (default: one
+    directory) gives the output vocabulary, every model's embedding and LM-head rows rebuilt in it
+    before the merge, as mergekit does (``tokenizer.py``; ``pad_to_multiple_of`` pads it, as
+    mergekit's ``tokenizer:`` block). ``recipe`` is the text put in the model card (default: one
     generated from the arguments). Returns ``dst``.
     """
     spec = get_method(method)
@@ -251,15 +256,21 @@ def merge(
     readers = [CheckpointReader(m) for m in models]
     base = CheckpointReader(base_model) if base_model is not None else None
     reference = base if base is not None else readers[0]
+    every_reader = [*readers, *([base] if base is not None else [])]
     check_architectures([reference, *readers], allow_crimes)
-    _check_same_tensors(reference, readers)
+    if pad_to_multiple_of is not None and tokenizer_source is None:
+        raise ValueError(f"pad_to_multiple_of applies with tokenizer_source only, got pad_to_multiple_of "
+                         f"{pad_to_multiple_of!r} and no tokenizer_source")
+    vocabulary_names = [n for n in VOCABULARY_TENSORS if n in reference] if tokenizer_source is not None else []
+    _check_same_tensors(reference, readers, vocabulary_names)
     names = reference.names()
     num_layers = reference.config.get("num_hidden_layers") or 1
     side_files_from = reference.path
+    vocabulary: TokenizerPlan | None = None
     if tokenizer_source is not None:
-        embedding = "model.embed_tokens.weight"
-        rows = reference.shape(embedding)[0] if embedding in reference else -1
-        side_files_from = tokenizer_donor("tokenizer_source", tokenizer_source, models, base_model, rows)
+        vocabulary = tokenizer_plan("tokenizer_source", tokenizer_source, every_reader, base_model,
+                                    pad_to_multiple_of)
+        side_files_from = vocabulary.donor
 
     # Every parameter's value for every tensor and model, checked before anything is written.
     plan: dict[str, tuple[dict, list[dict]]] = {}
@@ -291,7 +302,9 @@ def merge(
     def stored_dtype(name: str, computed: torch.dtype) -> torch.dtype:
         return store_dtype if store_dtype is not None and computed.is_floating_point else computed
 
-    every_reader = [*readers, *([base] if base is not None else [])]
+    def out_shape(name: str) -> tuple[int, ...]:
+        shape = tuple(reference.shape(name))
+        return (vocabulary.rows, *shape[1:]) if name in vocabulary_names else shape
 
     def computed_dtype(name: str) -> torch.dtype:
         """dtype, else (as mergekit) the sources' dtypes promoted: bf16 with fp32 is fp32."""
@@ -304,10 +317,12 @@ def merge(
             promoted = torch.promote_types(promoted, reader.dtype(name))
         return promoted
 
-    expected_bytes = sum(math.prod(reference.shape(n)) * stored_dtype(n, computed_dtype(n)).itemsize for n in names)
+    expected_bytes = sum(math.prod(out_shape(n)) * stored_dtype(n, computed_dtype(n)).itemsize for n in names)
     config = dict(reference.config)
     if store_dtype or load_dtype:
         set_config_dtype(config, store_dtype or load_dtype)
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.rows
     logger.info("%s merge of %s%s into %s (%d tensors, %.2f GB)", method, ", ".join(map(str, models)),
                 f" on base {base_model}" if base is not None else "", dst, len(names), expected_bytes / 1e9)
 
@@ -326,6 +341,10 @@ def merge(
 
         tensors = [load(reader) for reader in readers]
         base_tensor = load(base) if base is not None else None
+        if name in vocabulary_names:  # rows in the output vocabulary, as mergekit (base last, as it lists it)
+            rebuilt = vocabulary.rebuild([*tensors, *([base_tensor] if base is not None else [])],
+                                         [r.path for r in every_reader], base_model)
+            tensors, base_tensor = rebuilt[:len(tensors)], (rebuilt[-1] if base is not None else None)
         merged = spec.combine(base_tensor, tensors, values, model_values, generator)
         return merged.to(stored_dtype(name, computed_dtype(name)))
 
@@ -342,10 +361,32 @@ def merge(
         dst, ((name, merged_tensor(name)) for name in iterator), config,
         config_source=str(reference.path / "config.json"), side_files_from=side_files_from,
         max_shard_size=max_shard_size, force=force, expected_bytes=expected_bytes, tool="merge",
-        finish=lambda tmp: write_card(tmp, name=dst.name, method=method, models=models, base_model=base_model,
-                                      recipe=card_recipe))
+        finish=lambda tmp: _finish(tmp, vocabulary, lambda: write_card(
+            tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=card_recipe)))
     logger.info("wrote %s: config.json, README.md%s", dst, "".join(f", {name}" for name in copied))
     return dst
+
+
+def tokenizer_plan(where: str, tokenizer_source, readers: Sequence[CheckpointReader], base_model: PathLike | None,
+                   pad_to_multiple_of: int | None) -> TokenizerPlan:
+    """``tokenizer.plan_tokenizer`` for checkpoints (their config vocab_size and embedding rows)."""
+    embedding = VOCABULARY_TENSORS[0]
+    sizes = {r.path.resolve(): r.config.get("vocab_size") for r in readers}
+    rows = {r.path.resolve(): (r.shape(embedding)[0] if embedding in r else None) for r in readers}
+    for reader in readers:
+        for name in VOCABULARY_TENSORS[1:]:
+            if name in reader and embedding in reader and reader.shape(name)[0] != reader.shape(embedding)[0]:
+                raise ValueError(f"{where}: {reader.path}: {name} has {reader.shape(name)[0]} rows but {embedding} "
+                                 f"{reader.shape(embedding)[0]}; expected one row per token in both")
+    models = [r.path for r in readers if base_model is None or r.path.resolve() != Path(base_model).resolve()]
+    return plan_tokenizer(where, tokenizer_source, models, Path(base_model) if base_model is not None else None,
+                          sizes, rows, pad_to_multiple_of)
+
+
+def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
+    if vocabulary is not None:
+        vocabulary.write(tmp)
+    card()
 
 
 def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype, tokenizer_source) -> str:
