@@ -24,15 +24,16 @@ modeling file are touched. What is swapped:
   ``sk.linear_cross_entropy`` from the final hidden states, so the ``[B, T, V]`` logits are never
   built; the returned output then has ``logits=None`` (pass no labels to get logits). Labels are
   shifted as transformers does (the loss at position t predicts label t + 1; -100 is ignored), and
-  ``num_items_in_batch`` is honoured as in transformers' loss. A model whose config has
-  ``final_logit_softcapping`` (Gemma 2 by default) is refused with ``loss=True``: the fused loss has
-  no soft-capping yet (pass ``loss=False`` to keep transformers' loss).
+  ``num_items_in_batch`` is honoured as in transformers' loss. Gemma's ``final_logit_softcapping``
+  (30 in Gemma 2's config) is the op's ``softcap``: ``cap * tanh(logits / cap)`` inside the fused
+  loss, in fp32 (transformers caps the logits in their own dtype, bf16 under autocast).
 
 Left alone everywhere: embeddings (Gemma's ``* sqrt(hidden_size)`` scaling stays inside its
 embedding module), the attention kernel, ``lm_head`` when no labels are passed, and generation.
 ``Gemma3ForConditionalGeneration`` (the vision-language model) is refused. A config the patch
-cannot honour (a Llama-family MLP with ``hidden_act`` other than silu while ``mlp=True``, a loss
-with soft-capped logits) is refused in one line before anything is patched.
+cannot honour (a Llama-family MLP with ``hidden_act`` other than silu while ``mlp=True``), or an
+explicit ``backend`` that lacks an option the model needs (the CUDA twins have neither Gemma's norm
+nor soft-capping), is refused in one line before anything is patched.
 
 Parameters, buffers, state dicts and optimizers are untouched; ``unpatch_hf_model`` restores the
 original forwards.
@@ -160,23 +161,45 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
     reduction = "sum" if num_items is not None else "mean"
     loss = linear_cross_entropy(hidden, self.lm_head.weight, shifted, bias=self.lm_head.bias,
-                                reduction=reduction, backend=self._solar_backend)
+                                reduction=reduction, softcap=getattr(self.config, "final_logit_softcapping", None),
+                                backend=self._solar_backend)
     if num_items is not None:
         loss = loss / num_items
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                   hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-def _check_config(name: str, family: _Family, config, mlp: bool, loss: bool) -> None:
+def _check_config(name: str, family: _Family, config, mlp: bool) -> None:
     """Refuse, in one line, a config whose behaviour the swapped modules would not reproduce."""
     if family.swiglu_mlp and mlp and getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"patch_hf_model: mlp=True needs hidden_act='silu' (a SwiGLU MLP), got "
                          f"{name} with hidden_act={config.hidden_act!r}; pass mlp=False to keep its MLP")
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if loss and softcap is not None:
-        raise ValueError(f"patch_hf_model: loss=True needs final_logit_softcapping=None (the fused loss has "
-                         f"no soft-capping), got {name} with final_logit_softcapping={softcap!r}; "
-                         f"pass loss=False to keep transformers' loss")
+
+
+def _check_backend(name: str, model: torch.nn.Module, backend: str | None, gemma_norm: bool,
+                   softcap: float | None) -> None:
+    """An explicit backend that lacks an option this model needs (the CUDA twins have no offset,
+    casting modes or soft-capping) is refused now, by one real call on one row, rather than at the
+    first forward."""
+    norm = model.model.norm.weight.detach()
+    if backend is None or norm.device.type == "meta":
+        return
+    head = model.lm_head.weight.detach()
+    probes = []
+    if gemma_norm:
+        probes.append(("RMSNorm", "rms_norm", lambda: rms_norm(norm[None], norm, offset=1.0, casting_mode="gemma",
+                                                              backend=backend)))
+    if softcap is not None:
+        labels = torch.zeros(1, dtype=torch.long, device=head.device)
+        probes.append(("soft-capped loss", "loss", lambda: linear_cross_entropy(
+            head[:1], head, labels, softcap=softcap, backend=backend)))
+    for what, switch, probe in probes:
+        try:
+            with torch.no_grad():
+                probe()
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(f"patch_hf_model: {name}'s {what} cannot run on backend={backend!r} ({error}); "
+                             f"pass {switch}=False or another backend") from None
 
 
 def patch_hf_model(model: torch.nn.Module, *, backend: str | None = None, rms_norm: bool = True,
@@ -191,7 +214,9 @@ def patch_hf_model(model: torch.nn.Module, *, backend: str | None = None, rms_no
         raise TypeError(f"patch_hf_model: expected one of {', '.join(SUPPORTED)}, got {name}")
     if getattr(model, _PATCHED_ATTR, False):
         raise ValueError("patch_hf_model: this model is already patched (call unpatch_hf_model first)")
-    _check_config(name, family, model.config, mlp, loss)
+    _check_config(name, family, model.config, mlp)
+    softcap = getattr(model.config, "final_logit_softcapping", None) if loss else None
+    _check_backend(name, model, backend, rms_norm and family.gemma_norm, softcap)
     modeling_file = type(model).__module__
     norm_forward = _gemma_rms_norm_forward if family.gemma_norm else _rms_norm_forward
     replacements = []
