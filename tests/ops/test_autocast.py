@@ -126,6 +126,11 @@ def _lm_head_inputs(device, hidden_dtype, shape=(3, 11), d=40, vocab=257):
     return hidden, weight, bias, labels
 
 
+def _ce_options(device):
+    return dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=6.0,
+                ce_weight=torch.linspace(0.5, 1.5, 257, device=device))
+
+
 LM_HEAD_CASES = {
     "logprobs": (lambda b: lambda h, w, y, bias: sk.linear_logprobs(h, w, y, bias=bias, chunk_size=8, backend=b),
                  lambda h, w, y, bias: linear_logprobs_ref(h, w, y, bias)),
@@ -135,6 +140,11 @@ LM_HEAD_CASES = {
                           lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="sum")),
     "cross_entropy_none": (lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, reduction="none", backend=b),
                            lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="none")),
+    # The cross-entropy options (Liger's), class weights in fp32 whatever the autocast dtype.
+    "cross_entropy_options_mean": (lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, chunk_size=8, backend=b, **_ce_options(h.device)),
+                                   lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, **_ce_options(h.device))),
+    "cross_entropy_options_none": (lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, reduction="none", backend=b, **_ce_options(h.device)),
+                                   lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="none", **_ce_options(h.device))),
     "sequence": (lambda b: lambda h, w, y, bias: sk.sequence_logprobs(h, w, y, bias=bias, average=True, backend=b),
                  lambda h, w, y, bias: sequence_logprobs_ref(h, w, y, bias, average=True)),
 }
