@@ -1,9 +1,25 @@
-"""RMSNorm with an optional fused residual add (Hugging Face ``LlamaRMSNorm`` semantics).
+"""RMSNorm with an optional fused residual add (Hugging Face ``LlamaRMSNorm`` semantics by default;
+Liger-Kernel's ``offset`` and casting modes, and no weight, as options).
 
 Math, for a row x of width d (all reductions in fp32):
 
     rstd = rsqrt(mean(x.float() ** 2) + eps)
     y    = weight * (x.float() * rstd).to(x.dtype)
+
+Options, as Liger-Kernel 0.8.5's ``LigerRMSNormFunction`` (tests/fixtures/liger holds its outputs):
+
+- ``offset``: y scales by ``offset + weight`` (Gemma: 1.0, its weights are stored as w for 1 + w).
+- ``casting_mode`` says where values are rounded to x's dtype (they differ by an ulp here and there):
+  ``"llama"`` (default) only rstd in fp32: ``y = ((x.float() * rstd).to(x.dtype) * (offset +
+  weight.float())).to(x.dtype)``, as ``LlamaRMSNorm`` (and Qwen, Mistral) and Liger's llama mode,
+  which adds the offset in fp32; ``"gemma"`` everything in fp32, one rounding at the end, as
+  Gemma's RMSNorm: ``(x.float() * rstd * (offset + weight.float())).to(x.dtype)``; ``"none"``
+  every op in x's dtype as eager code on such tensors runs it (``h.pow(2)``, its mean accumulated in
+  fp32, ``+ eps``, ``rsqrt``, ``* rstd``, ``* (weight + offset)``, each rounded), cheaper and less
+  accurate. The backward is the same in every mode: dy and x read in fp32 with the forward's rstd
+  (as Liger's), and g = dy * (offset + weight) below.
+- ``weight=None``: no affine, y is the normalized row (rounded per mode); ``offset`` then is refused
+  (Liger ignores it silently).
 
 Fused residual variant (the pre-norm block's ``h = x + residual; y = norm(h)``): returns ``(y, h)``
 with ``h`` rounded to x's dtype before it is normalized, as in the unfused model.
@@ -28,10 +44,16 @@ fp32 weight, y is fp32. Where dtypes differ, eager type promotion decides, as in
 ``x + residual`` of a bf16 x and an fp32 residual is fp32 (x is widened first, exactly), and a bf16 x
 with an fp32 weight gives ``weight * normed.to(bf16)``, an fp32 y (outside autocast y keeps x's
 dtype). Gradients come back in each input's dtype. The CUDA twin writes y in x's dtype only, so that
-one promoted case (y wider than x) runs the Triton kernels on every backend.
+one promoted case (y wider than x) runs the Triton kernels on every backend. That is the llama mode;
+the gemma and none modes write y in h's dtype under autocast too (as Gemma's RMSNorm, whose
+``type_as(x)`` undoes the promotion, and Liger, whose y is always x's dtype), gemma computing in
+fp32 inside regardless; h still follows eager promotion (an fp32 residual stream makes h fp32).
 
 Backends: the Triton kernels below, or their CUDA C++ twins (csrc/rms_norm.cu, same math and
-roundings); the launchers switch between them, so both share the custom ops and autograd here.
+roundings); the launchers switch between them, so both share the custom ops and autograd here. The
+CUDA twins implement the llama mode with a weight and no offset: for any other option
+``backend="auto"`` (or None) runs Triton (or torch where Triton does not run), and naming
+``"cuda"`` is refused in one line naming the option.
 """
 
 from __future__ import annotations

@@ -96,6 +96,38 @@ def test_rms_norm_mixed_dtypes_match_transformers(device, any_backend):
     assert sk.rms_norm(x, hf.weight, 1e-5, backend=any_backend).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("casting_mode", ["gemma", "none"])
+def test_rms_norm_gemma_and_none_modes_keep_h_dtype(casting_mode, device, any_backend, backward_inside):
+    """Liger's gemma and none modes (Gemma's offset 1) under autocast: y in h's dtype, not the llama
+    mode's promotion (Gemma's RMSNorm returns ``type_as(x)``, Liger x's dtype); h as eager promotes."""
+    x = torch.randn(3, 7, 123, device=device).to(torch.bfloat16)
+    weight = 0.3 * torch.randn(123, device=device)
+    options = dict(offset=1.0, casting_mode=casting_mode)
+    outs = check(lambda x, w: sk.rms_norm(x, w, 1e-5, backend=any_backend, **options),
+                 lambda x, w: rms_norm_ref(x, w, 1e-5, **options), [x, weight], device,
+                 floor_dtype=torch.bfloat16, backward_inside=backward_inside)
+    assert outs[0].dtype == torch.bfloat16
+    residual = 4 * torch.randn(3, 7, 123, device=device)
+    outs = check(lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=any_backend, **options),
+                 lambda x, r, w: rms_norm_ref(x, w, 1e-5, residual=r, **options), [x, residual, weight], device,
+                 floor_dtype=torch.bfloat16, backward_inside=backward_inside)
+    assert [o.dtype for o in outs] == [torch.float32, torch.float32]
+
+
+def test_rms_norm_gemma_mode_matches_transformers(device, any_backend):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    hf = GemmaRMSNorm(123, eps=1e-5).to(device)
+    with torch.no_grad():
+        hf.weight.copy_(0.3 * torch.randn(123, device=device))
+    x = torch.randn(5, 123, device=device, dtype=torch.bfloat16)
+    with torch.autocast(device.type, dtype=AMP):
+        ours = sk.rms_norm(x, hf.weight, 1e-5, offset=1.0, casting_mode="gemma", backend=any_backend)
+        expected = hf(x)
+    assert ours.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, expected)
+
+
 @pytest.mark.parametrize("qk_dtype", [torch.float32, torch.bfloat16], ids=["qk_fp32", "qk_bf16"])
 def test_apply_rotary(qk_dtype, device, any_backend, backward_inside):
     """q, k from autocast's bf16 projections with fp32 cos/sin tables: q', k' and grads in q's dtype."""
