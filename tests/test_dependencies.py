@@ -112,3 +112,56 @@ def test_the_gpu_check_runs_tools_that_exist():
     named = set(re.findall(r"\b((?:tools|benchmarks)/[\w/]+\.py)\b", script))
     assert "tools/cuda_sanitize.py" in named
     assert [path for path in sorted(named) if not (ROOT / path).is_file()] == []
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings of ``markdown``: lower case, punctuation dropped,
+    spaces as hyphens (``## DUS layer plan`` -> ``dus-layer-plan``)."""
+    anchors = set()
+    for title in re.findall(r"^#{1,6} +(.+?) *$", markdown, re.MULTILINE):
+        anchors.add(re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+def docs_citations(root: Path) -> list[tuple[str, str, str]]:
+    """(where, doc file, anchor) for every ``docs/NAME.md#anchor`` in the tracked text files under
+    ``root``, and every ``NAME.md#anchor`` / ``#anchor`` link inside ``docs/*.md``."""
+    found = []
+    suffixes = {".py", ".md", ".yaml", ".yml", ".sh", ".cu", ".cpp", ".h", ".toml", ".txt"}
+    for path in sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()):
+        parts = path.relative_to(root).parts
+        if parts[0] in (".venv", ".git", "runs", "build") or path == Path(__file__).resolve():
+            continue  # (this file's examples are not citations)
+        text = path.read_text(encoding="utf-8", errors="replace")
+        where = str(path.relative_to(root))
+        found += [(where, f"docs/{name}.md", anchor) for name, anchor in re.findall(r"docs/(\w+)\.md#([\w-]+)", text)]
+        if parts[0] == "docs" and len(parts) == 2:
+            found += [(where, f"docs/{name}.md", anchor)
+                      for name, anchor in re.findall(r"\]\((\w+)\.md#([\w-]+)\)", text)]
+            found += [(where, where, anchor) for anchor in re.findall(r"\]\(#([\w-]+)\)", text)]
+    return found
+
+
+def test_heading_anchors_follow_githubs_rule():
+    assert heading_anchors("# The method\n## DUS layer plan\n### Log-probs through the LM head\n## A, b (c)\n") == {
+        "the-method", "dus-layer-plan", "log-probs-through-the-lm-head", "a-b-c"}
+
+
+def broken_citations(root: Path) -> list[str]:
+    citations = docs_citations(root)
+    anchors = {doc: heading_anchors((root / doc).read_text(encoding="utf-8"))
+               for doc in {doc for _, doc, _ in citations} if (root / doc).exists()}
+    return [f"{where}: {doc}#{anchor}" for where, doc, anchor in citations if anchor not in anchors.get(doc, ())]
+
+
+def test_a_citation_of_a_missing_heading_or_doc_is_found(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "method.md").write_text("# M\n## DUS layer plan\nsee [x](#nowhere), [y](other.md#a)\n")
+    (tmp_path / "code.py").write_text("# docs/method.md#dus-layer-plan docs/method.md#dus docs/gone.md#x\n")
+    assert broken_citations(tmp_path) == ["code.py: docs/method.md#dus", "code.py: docs/gone.md#x",
+                                          "docs/method.md: docs/other.md#a", "docs/method.md: docs/method.md#nowhere"]
+
+
+def test_every_docs_citation_names_a_heading_that_exists():
+    assert {"docs/method.md", "docs/benchmarking.md"} <= {doc for _, doc, _ in docs_citations(ROOT)}
+    assert broken_citations(ROOT) == []
