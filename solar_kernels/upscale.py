@@ -174,7 +174,7 @@ def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:
                                                       source.parameters)))
     kwargs = dict(dtype=recipe.dtype, out_dtype=recipe.out_dtype, parameters=top, base_model=recipe.base_model,
                   tokenizer_source=recipe.tokenizer_source, pad_to_multiple_of=recipe.pad_to_multiple_of,
-                  recipe=recipe.text)
+                  tokens=recipe.tokens, recipe=recipe.text)
     return slices, kwargs
 
 
@@ -233,6 +233,7 @@ def depth_upscale(
     base_model: Optional[PathLike] = None,
     tokenizer_source: Optional[PathLike] = None,
     pad_to_multiple_of: Optional[int] = None,
+    tokens: Optional[dict] = None,
     max_shard_size: Union[int, str] = "5GB",
     force: bool = False,
     progress: bool = False,
@@ -247,7 +248,7 @@ def depth_upscale(
     first slice's checkpoint) gives config.json and the tokenizer and generation files;
     ``tokenizer_source`` (mergekit's: "base", "union" or a model directory) the output vocabulary,
     the embedding's and LM head's rows rebuilt in it as mergekit does (``merge.tokenizer``;
-    ``pad_to_multiple_of`` pads it)."""
+    ``pad_to_multiple_of`` pads it, ``tokens`` sets rows, as mergekit's ``tokenizer:`` block)."""
     from .merge.card import write_card
     from .merge.settings import resolve
 
@@ -278,15 +279,18 @@ def depth_upscale(
     first, last = readers[slices[0].source], readers[slices[-1].source]
     side_files_from = config_reader.path
     vocabulary = None
-    if pad_to_multiple_of is not None and tokenizer_source is None:
-        raise ValueError(f"depth_upscale: pad_to_multiple_of applies with tokenizer_source only, got "
-                         f"{pad_to_multiple_of!r} and no tokenizer_source")
+    for option, value in (("pad_to_multiple_of", pad_to_multiple_of), ("tokens", tokens)):
+        if value is not None and tokenizer_source is None:
+            raise ValueError(f"depth_upscale: {option} applies with tokenizer_source only, got {option} {value!r} "
+                             f"and no tokenizer_source")
     if tokenizer_source is not None:
         from .merge.core import tokenizer_plan
         from .merge.tokenizer import VOCABULARY_TENSORS
 
         vocabulary = tokenizer_plan("depth_upscale: tokenizer_source", tokenizer_source, list(readers.values()),
-                                    base_model, pad_to_multiple_of)
+                                    base_model, pad_to_multiple_of, tokens)
+        for reader in (first, last):  # the embedding's and LM head's one source each; tokens: rules checked now
+            vocabulary.row_sources([reader.path], base_model)
         side_files_from = vocabulary.donor
 
     # (output name, reader, input name, scale) in the order written: embedding, layers, the rest.

@@ -622,14 +622,15 @@ TWO = "models: [{model: @a}, {model: @b}]\n"
 BAD_YAML = {
     "unknown_key": (TWO + "merge_method: linear\nmerge_methd: ties\n", r"unknown key 'merge_methd'; expected some of"),
     "tokenizer_source": (TWO + "merge_method: linear\ntokenizer_source: base\n", r"tokenizer_source: base needs base_model"),
-    "tokenizer_tokens": (TWO + "merge_method: linear\ntokenizer: {source: union, tokens: {x: {source: base}}}\n",
-                         r"tokenizer: key 'tokens' is not supported: per-token embedding sources"),
+    "tokenizer_tokens": (TWO + "merge_method: linear\ntokenizer: {source: union, tokens: {x: {source: {kind: one}}}}\n",
+                         r"tokenizer: tokens\['x'\]: source must be a model path, \{kind: zero\} or \{kind: model_token, "
+                         r"model: PATH, token: TOKEN\} \(or token_id: N instead of token\), got \{'kind': 'one'\}"),
     "tokenizer_and_source": (TWO + "merge_method: linear\ntokenizer_source: union\ntokenizer: {source: union}\n",
                              r"give tokenizer_source or a tokenizer: block, not both"),
     "tokenizer_pad": (TWO + "merge_method: linear\ntokenizer: {pad_to_multiple_of: 0}\n",
                       r"tokenizer: pad_to_multiple_of must be a positive integer, got 0"),
     "tokenizer_key": (TWO + "merge_method: linear\ntokenizer: {sauce: union}\n",
-                      r"tokenizer: unknown key 'sauce'; expected some of source, pad_to_multiple_of"),
+                      r"tokenizer: unknown key 'sauce'; expected some of source, pad_to_multiple_of, tokens"),
     "modules": (TWO + "merge_method: linear\nmodules: {}\n", r"key 'modules' is not supported"),
     "slice_base_model": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\n    base_model: @b\n"
                          "merge_method: slerp\n", r"slices\[0\]: key 'base_model' is not supported"),

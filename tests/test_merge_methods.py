@@ -279,3 +279,35 @@ def test_tokenizer_source_drops_padding_rows(tmp_path):
     embedding = "model.embed_tokens.weight"
     assert merged[embedding].shape[0] == 64 and json.loads((out / "config.json").read_text())["vocab_size"] == 64
     assert torch.equal(merged[embedding], ((first[embedding][:64] + second[embedding][:64]) / 2))
+
+
+def test_tokenizer_tokens_entries_that_cannot_be_met_are_refused_before_work(models, tmp_path):
+    """mergekit's tokenizer: tokens: block (parity: tests/test_merge_mergekit.py) when an entry cannot be met."""
+    from solar_kernels.merge.tokenizer import TokenSource
+
+    kwargs = dict(method="ties", base_model=models / "base", density=0.5)
+    cases = {
+        "a source that is not merged": (
+            {"w3": TokenSource("model", models / "c", force=True)},
+            r"tokens\['w3'\]: source model .*/c is not one of the models merged"),
+        "a source without the token": (
+            {"<x>": TokenSource("model", models / "a")}, r"tokens\['<x>'\]: source model .*/a has no token '<x>'"),
+        "a row past the source's rows": (
+            {"<x>": TokenSource("model_token", models / "a", token_id=64)},
+            r"tokens\['<x>'\]: token_id must be below the 64 rows of .*/a, got 64"),
+        "a source token it lacks": (
+            {"<x>": TokenSource("model_token", models / "a", token="<y>")},
+            r"tokens\['<x>'\]: source model .*/a has no token '<y>'"),
+        "no source where one is needed": (
+            {"w3": TokenSource(None, force=True)}, r"tokens\['w3'\]: a source is needed \(force: true is set\), got none"),
+    }
+    for name, (tokens, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="union", tokens=tokens, **kwargs)
+    with pytest.raises(ValueError, match=r"tokens: '<x>' is not in the base vocabulary; adding tokens to source: base "
+                                         r"is not supported \(mergekit 0.1.5 fails on it\), use source: union"):
+        merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="base",
+              tokens={"<x>": TokenSource("zero")}, **kwargs)
+    with pytest.raises(ValueError, match=r"tokens applies with tokenizer_source only"):
+        merge([models / "a", models / "b"], tmp_path / "out", tokens={"w3": TokenSource("zero")}, **kwargs)
+    assert not (tmp_path / "out").exists()

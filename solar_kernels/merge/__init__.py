@@ -68,7 +68,7 @@ def merge_kwargs(recipe: Recipe) -> dict:
                 parameters=recipe.parameters, slice_parameters=slice_parameters,
                 model_parameters=[s.parameters for s in sources], dtype=recipe.dtype, out_dtype=recipe.out_dtype,
                 compute_dtype=recipe.compute_dtype, tokenizer_source=recipe.tokenizer_source,
-                pad_to_multiple_of=recipe.pad_to_multiple_of, recipe=recipe.text)
+                pad_to_multiple_of=recipe.pad_to_multiple_of, tokens=recipe.tokens, recipe=recipe.text)
 
 
 def merge_from_yaml(

@@ -27,9 +27,11 @@ from there, with a warning: mergekit would stop). Accepted::
     tokenizer:                       # instead of tokenizer_source (mergekit's block)
       source: union                  # the default, as mergekit
       pad_to_multiple_of: 32
+      tokens:                        # rows for these tokens (added to the vocabulary if new)
+        <|im_start|>: {source: ./a}  # ./a's row; or {kind: zero}; or {kind: model_token, model: ./a,
+        <pad>: {source: {kind: zero}, force: true}   # token: "<s>"} (token_id: N); force: every model
 
-Refused (mergekit has them, this package does not): ``modules``, the ``tokenizer:`` block's
-``tokens`` (per-token embedding sources), ``chat_template``, a slice's ``base_model`` and
+Refused (mergekit has them, this package does not): ``modules``, ``chat_template``, a slice's ``base_model`` and
 ``residual_weight``, Hub model names and LoRA references (``model+lora``).
 """
 
@@ -43,9 +45,7 @@ logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "compute_dtype",
             "tokenizer_source", "tokenizer")
-TOKENIZER_KEYS = ("source", "pad_to_multiple_of")
-TOKENIZER_REFUSED = {"tokens": "per-token embedding sources (tokens:) are not supported; the rows of tokens a "
-                               "model lacks are rebuilt as mergekit does without them (see merge/tokenizer.py)"}
+TOKENIZER_KEYS = ("source", "pad_to_multiple_of", "tokens")
 # mergekit keys this package does not implement, and what to do instead.
 REFUSED_KEYS = {
     "modules": "per-module merges are not supported; use models: or slices:",
@@ -89,6 +89,7 @@ class Recipe:
     compute_dtype: str | None = None
     tokenizer_source: str | Path | None = None
     pad_to_multiple_of: int | None = None
+    tokens: dict | None = None
 
 
 def _keys(where: str, data, allowed: tuple[str, ...], refused: dict[str, str] | None = None) -> dict:
@@ -162,12 +163,17 @@ def read_recipe(config_path) -> Recipe:
     if data.get("tokenizer") is not None:
         if source is not None:
             raise ValueError(f"{path}: give tokenizer_source or a tokenizer: block, not both (as mergekit)")
-        block = _keys(f"{path}: tokenizer", data["tokenizer"], TOKENIZER_KEYS, TOKENIZER_REFUSED)
+        block = _keys(f"{path}: tokenizer", data["tokenizer"], TOKENIZER_KEYS)
         source = block.get("source", "union")
         pad = block.get("pad_to_multiple_of")
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
             raise ValueError(f"{path}: tokenizer: pad_to_multiple_of must be a positive integer, got {pad!r}")
         recipe.pad_to_multiple_of = pad
+        if block.get("tokens") is not None:
+            from .tokenizer import parse_tokens
+
+            recipe.tokens = parse_tokens(f"{path}: tokenizer: tokens", block["tokens"],
+                                         lambda where, model: resolve_model(where, model, path.parent))
     if source is not None:
         recipe.tokenizer_source = source if source in ("base", "union") else resolve_model(
             f"{path}: tokenizer_source", source, path.parent)

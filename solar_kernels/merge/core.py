@@ -184,6 +184,7 @@ def merge(
     progress: bool = False,
     tokenizer_source: str | os.PathLike | None = None,
     pad_to_multiple_of: int | None = None,
+    tokens: Mapping | None = None,
     recipe: str | None = None,
 ) -> Path:
     """Merges the checkpoint directories ``models`` into a new checkpoint directory ``dst``.
@@ -200,7 +201,8 @@ def merge(
     models whose architectures differ. ``tokenizer_source`` (mergekit's: "base", "union" or a model
     directory) gives the output vocabulary, every model's embedding and LM-head rows rebuilt in it
     before the merge, as mergekit does (``tokenizer.py``; ``pad_to_multiple_of`` pads it, as
-    mergekit's ``tokenizer:`` block). ``recipe`` is the text put in the model card (default: one
+    mergekit's ``tokenizer:`` block, and so does ``tokens``, its ``tokens:``: token ->
+    ``tokenizer.TokenSource``). ``recipe`` is the text put in the model card (default: one
     generated from the arguments). Returns ``dst``.
     """
     spec = get_method(method)
@@ -258,9 +260,10 @@ def merge(
     reference = base if base is not None else readers[0]
     every_reader = [*readers, *([base] if base is not None else [])]
     check_architectures([reference, *readers], allow_crimes)
-    if pad_to_multiple_of is not None and tokenizer_source is None:
-        raise ValueError(f"pad_to_multiple_of applies with tokenizer_source only, got pad_to_multiple_of "
-                         f"{pad_to_multiple_of!r} and no tokenizer_source")
+    for option, value in (("pad_to_multiple_of", pad_to_multiple_of), ("tokens", tokens)):
+        if value is not None and tokenizer_source is None:
+            raise ValueError(f"{option} applies with tokenizer_source only, got {option} {value!r} and no "
+                             f"tokenizer_source")
     vocabulary_names = [n for n in VOCABULARY_TENSORS if n in reference] if tokenizer_source is not None else []
     _check_same_tensors(reference, readers, vocabulary_names)
     names = reference.names()
@@ -269,7 +272,8 @@ def merge(
     vocabulary: TokenizerPlan | None = None
     if tokenizer_source is not None:
         vocabulary = tokenizer_plan("tokenizer_source", tokenizer_source, every_reader, base_model,
-                                    pad_to_multiple_of)
+                                    pad_to_multiple_of, tokens)
+        vocabulary.row_sources([r.path for r in every_reader], base_model)  # tokens: rules checked now
         side_files_from = vocabulary.donor
 
     # Every parameter's value for every tensor and model, checked before anything is written.
@@ -368,7 +372,7 @@ def merge(
 
 
 def tokenizer_plan(where: str, tokenizer_source, readers: Sequence[CheckpointReader], base_model: PathLike | None,
-                   pad_to_multiple_of: int | None) -> TokenizerPlan:
+                   pad_to_multiple_of: int | None, tokens: Mapping | None = None) -> TokenizerPlan:
     """``tokenizer.plan_tokenizer`` for checkpoints (their config vocab_size and embedding rows)."""
     embedding = VOCABULARY_TENSORS[0]
     sizes = {r.path.resolve(): r.config.get("vocab_size") for r in readers}
@@ -380,7 +384,7 @@ def tokenizer_plan(where: str, tokenizer_source, readers: Sequence[CheckpointRea
                                  f"{reader.shape(embedding)[0]}; expected one row per token in both")
     models = [r.path for r in readers if base_model is None or r.path.resolve() != Path(base_model).resolve()]
     return plan_tokenizer(where, tokenizer_source, models, Path(base_model) if base_model is not None else None,
-                          sizes, rows, pad_to_multiple_of)
+                          sizes, rows, pad_to_multiple_of, dict(tokens) if tokens is not None else None)
 
 
 def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
