@@ -1,4 +1,7 @@
-"""``solar demo``: the whole SOLAR recipe, end to end, on embedded data, in minutes on a CPU.
+"""``solar demo --toy``: the whole SOLAR recipe on a small random model and synthetic arithmetic.
+
+``solar demo`` without ``--toy`` runs the real recipe (SmolLM2-135M, real text: ``training.demo_real``);
+this module holds the toy recipe below, the output-folder rules both share, and ``--publish``.
 
 1. A byte-level BPE tokenizer and a small base model pretrained on the docstrings of Python's
    standard library (text every machine has).
@@ -14,8 +17,9 @@
 7. A report, ``report.md`` with PNG plots: losses, held-out answer accuracy before and after SFT,
    after DPO/sDPO and after the merge, held-out preference accuracy, tokens/s of every stage.
 
-Every number in the report is measured in that run. ``--quick`` shrinks everything to finish in
-under a minute (a smoke test: accuracies stay near zero); the default takes a few minutes on a CPU.
+Every number in the report is measured in that run. ``--quick`` (always the toy) shrinks everything
+to finish in under a minute (a smoke test: accuracies stay near zero); ``--toy`` alone takes a few
+minutes on a CPU.
 
 The output folder (``--out``, default ``runs/demo``) must be missing, empty, or one the demo made
 itself (it writes a marker file, ``.solar-demo``): then only the demo's own previous outputs in it
@@ -25,7 +29,7 @@ goes into a new subfolder ``solar-demo-N`` of it instead, and nothing already th
 
 ``solar demo --write-data DIR`` writes only the tokenizer and the data files that
 ``training/configs/tiny_*.yaml`` read (the README's training commands start from it).
-``solar demo --publish RUN_DIR`` copies a full run's report and plots to ``docs/demo/`` and
+``solar demo --publish RUN_DIR`` copies a real run's report and plots to ``docs/demo/`` and
 regenerates the README's demo section from that report (``readme_section``).
 """
 
@@ -46,6 +50,7 @@ from pathlib import Path
 import torch
 
 import solar_kernels as sk
+from solar_kernels import evaluate
 from solar_kernels.merge import merge
 from solar_kernels.model import generate, load_pretrained
 from solar_kernels.upscale import depth_upscale
@@ -54,6 +59,7 @@ from . import data as data_lib
 from . import demo_data, plots
 from .config import Config, validate
 from .demo_cli import MARKER, build_parser
+from .demo_real import held_out_loss, write_jsonl as _write_jsonl
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -75,14 +81,6 @@ RUN_OUTPUTS = ("data", "base", "upscaled", "cpt", "sft", "sdpo", "dpo", "merged"
 DATA_FILES = ("tokenizer", "corpus.jsonl", "math_sft.jsonl", "math_pref_easy.jsonl", "math_pref_hard.jsonl",
               "math_pref_all.jsonl")
 README_START, README_END = "<!-- demo-report:start -->", "<!-- demo-report:end -->"
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(partial, path)
-    return path
 
 
 def prepare_output(out: Path, outputs: tuple[str, ...], *, force: bool = False) -> Path:
@@ -175,19 +173,6 @@ def _config(**sections) -> Config:
 
 
 @torch.no_grad()
-def held_out_loss(model_dir: Path, rows: list[dict], batch_size: int) -> float:
-    """Mean next-token loss over held-out pretraining rows."""
-    model = load_pretrained(model_dir).eval()
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = data_lib.collate_lm(rows[i:i + batch_size], pad_id=0)
-        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], return_hidden=True)
-        total += float(sk.linear_cross_entropy(hidden, model.lm_head.weight, batch["labels"], reduction="sum"))
-        count += int((batch["labels"] != -100).sum())
-    return total / max(count, 1)
-
-
-@torch.no_grad()
 def answer_accuracy(model_dir: Path, problems: list[dict], tokenizer) -> float:
     """Share of held-out problems whose greedy answer's final line has the right number."""
     model = load_pretrained(model_dir).eval()
@@ -229,7 +214,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     data = write_data(out / "data", sizes, seed)
     tokenizer = load_tokenizer(data.tokenizer)
     corpus_file = data.corpus
-    eval_rows = list(data_lib.pretrain_rows([{"text": t} for t in data.eval_documents], tokenizer, sizes["seq"]))
+    eval_windows = evaluate.token_windows(evaluate.encoded_documents(tokenizer, data.eval_documents), sizes["seq"],
+                                          tokenizer.eos_token_id)
     common = dict(dtype="float32", backend=None)
     optim = dict(lr=2e-3, warmup_ratio=0.05, schedule="cosine", min_lr_ratio=0.1)
     base_config = _config(model=dict(preset="tiny", tokenizer=str(data.tokenizer), **common),
@@ -250,9 +236,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
                          optim=dict(optim, lr=1e-3), train=dict(steps=sizes["cpt"], batch_size=sizes["batch"], seed=seed + 1,
                                                                 output_dir=str(out / "cpt"), log_every=max(1, sizes["cpt"] // 5)))
     cpt_history = run_stage("pretrain", cpt_config)["pretrain"]
-    losses = {"base": held_out_loss(out / "base" / "final", eval_rows, sizes["batch"]),
-              "upscaled": held_out_loss(upscaled, eval_rows, sizes["batch"]),
-              "continued": held_out_loss(out / "cpt" / "final", eval_rows, sizes["batch"])}
+    losses = {"base": held_out_loss(out / "base" / "final", eval_windows),
+              "upscaled": held_out_loss(upscaled, eval_windows),
+              "continued": held_out_loss(out / "cpt" / "final", eval_windows)}
     timed("continued pretraining")
 
     # 4. instruction tuning on generated arithmetic
@@ -385,9 +371,9 @@ def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Pa
     if not report_file.is_file():
         raise ValueError(f"--publish: {report_file} does not exist; expected a finished solar demo run")
     results = json.loads((run_dir / "results.json").read_text())
-    if require_full and results.get("mode") != "full":
-        raise ValueError(f"--publish: {run_dir} is a {results.get('mode')!r} run; expected a full run "
-                         "(solar demo without --quick)")
+    if require_full and results.get("mode") != "real":
+        raise ValueError(f"--publish: {run_dir} is a {results.get('mode')!r} run; expected a real run "
+                         "(solar demo without --toy or --quick)")
     report = report_file.read_text()
     images = [line[2:-1].split("](", 1)[1] for line in report.splitlines() if line.startswith("![")]
     missing = [name for name in images if not (run_dir / name).is_file()]
@@ -426,7 +412,12 @@ def main(argv=None) -> int:
             write_data(folder, SIZES["quick" if args.quick else "full"], args.seed)
             print(f"wrote the tokenizer and data of training/configs/tiny_*.yaml to {folder}")
             return 0
-        report = run_demo(Path(args.out), quick=args.quick, seed=args.seed, force=args.force)
+        if args.toy or args.quick:
+            report = run_demo(Path(args.out), quick=args.quick, seed=args.seed, force=args.force)
+        else:
+            from .demo_real import run_real_demo
+
+            report = run_real_demo(Path(args.out), cache=Path(args.cache), seed=args.seed, force=args.force)
     except (ValueError, OSError) as error:
         print(f"solar demo: error: {error}", file=sys.stderr)
         return 2
