@@ -311,3 +311,20 @@ def test_tokenizer_tokens_entries_that_cannot_be_met_are_refused_before_work(mod
     with pytest.raises(ValueError, match=r"tokens applies with tokenizer_source only"):
         merge([models / "a", models / "b"], tmp_path / "out", tokens={"w3": TokenSource("zero")}, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_card_recipe_of_a_tokenizer_block_reruns_the_same(models, tmp_path, monkeypatch):
+    """A merge given as arguments with pad_to_multiple_of and tokens writes mergekit's tokenizer: block
+    into its recipe, which reads back to the same merge."""
+    from solar_kernels.merge.tokenizer import TokenSource
+
+    monkeypatch.chdir(tmp_path)
+    tokens = {"<x>": TokenSource("model_token", models / "a", token="<s>"), "w3": TokenSource("zero", force=True)}
+    out = merge([models / "a", models / "b"], tmp_path / "out", method="ties", base_model=models / "base",
+                density=0.5, tokenizer_source="union", pad_to_multiple_of=16, tokens=tokens)
+    again = merge_from_yaml(out / "mergekit_config.yml", tmp_path / "again")
+    assert tensors(again).keys() == tensors(out).keys()
+    assert all(torch.equal(tensors(again)[name], tensor) for name, tensor in tensors(out).items())
+    merged = tensors(out)["model.embed_tokens.weight"]
+    assert merged.shape[0] == 80 and not merged[3].any()  # 65 tokens padded to 80; w3 forced to zeros
+    assert torch.equal(merged[64], tensors(models / "a")["model.embed_tokens.weight"][1])  # <x>: a's <s> row

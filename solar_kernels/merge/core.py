@@ -42,7 +42,7 @@ from . import linear, model_stock, nuslerp, slerp, task_arithmetic  # noqa: F401
 from .card import write_card
 from .registry import REQUIRED, MergeMethod, get_method
 from .settings import check_setting, resolve
-from .tokenizer import VOCABULARY_TENSORS, TokenizerPlan, plan_tokenizer
+from .tokenizer import VOCABULARY_TENSORS, TokenizerPlan, plan_tokenizer, token_source_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def merge(
 
         iterator = tqdm(iterator, desc=f"{method} merge", unit="tensor")
     card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype,
-                                    tokenizer_source)
+                                    tokenizer_source, pad_to_multiple_of, tokens)
     copied = write_hf_directory(
         dst, ((name, merged_tensor(name)) for name in iterator), config,
         config_source=str(reference.path / "config.json"), side_files_from=side_files_from,
@@ -393,7 +393,8 @@ def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
     card()
 
 
-def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype, tokenizer_source) -> str:
+def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype, tokenizer_source,
+            pad_to_multiple_of=None, tokens=None) -> str:
     """A mergekit-style YAML recipe for a merge given as arguments."""
     import yaml
 
@@ -412,4 +413,11 @@ def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, comput
                        ("tokenizer_source", tokenizer_source)):
         if value is not None:
             recipe[key] = str(value).replace("torch.", "")
+    if pad_to_multiple_of is not None or tokens:  # mergekit's tokenizer: block instead of tokenizer_source
+        block: dict = {"source": recipe.pop("tokenizer_source")}
+        if pad_to_multiple_of is not None:
+            block["pad_to_multiple_of"] = pad_to_multiple_of
+        if tokens:
+            block["tokens"] = {token: token_source_yaml(rule) for token, rule in tokens.items()}
+        recipe["tokenizer"] = block
     return yaml.safe_dump(recipe, sort_keys=False).rstrip()

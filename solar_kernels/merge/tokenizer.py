@@ -152,6 +152,18 @@ def parse_tokens(where: str, raw, resolve) -> dict[str, TokenSource]:
     return parsed
 
 
+def token_source_yaml(rule: TokenSource) -> dict:
+    """``rule`` as a ``tokens:`` entry of a recipe (the inverse of ``parse_tokens``)."""
+    if rule.kind == "model":
+        source = str(rule.model)
+    elif rule.kind == "model_token":
+        source = {"kind": "model_token", "model": str(rule.model),
+                  **({"token": rule.token} if rule.token is not None else {"token_id": rule.token_id})}
+    else:
+        source = {"kind": "zero"} if rule.kind == "zero" else None
+    return {"source": source, **({"force": True} if rule.force else {})}
+
+
 @dataclass
 class TokenizerPlan:
     """The output vocabulary and, per input model (by resolved path), the id of its row for every
