@@ -51,6 +51,13 @@ class DataSection:
     max_prompt_length: int = 512
     # Use only the first N examples (None: all); for smoke runs and the demo.
     max_examples: Optional[int] = None
+    # Held-out split for train.eval_every (docs/training.md), one of: files in the format of data.train
+    # (for sDPO one preference set evaluated in every stage), or a share of data.train's records set
+    # aside before tokenization (by a permutation seeded with eval_seed, not train.seed, so the split
+    # stays put when the training seed changes); held-out records are never trained on.
+    eval_path: Union[str, List[str]] = ""
+    eval_fraction: float = 0.0
+    eval_seed: int = 0
 
 
 @dataclass
@@ -107,6 +114,11 @@ class TrainSection:
     device: str = "auto"
     # Export the final model in Hugging Face format to output_dir/final.
     export: bool = True
+    # Evaluate on the held-out split (data.eval_path or data.eval_fraction) every N steps and after the
+    # last one (0: never), over eval_steps batches of batch_size rows per process (0: the whole split);
+    # logged as eval/<name> in the same metrics.jsonl record as the step's training metrics.
+    eval_every: int = 0
+    eval_steps: int = 0
 
 
 @dataclass
@@ -277,6 +289,7 @@ PROMPT_FORMATS = ("solar", "chat_template")
 _MINIMUMS = {
     ("train", "steps"): 1, ("train", "batch_size"): 1, ("train", "grad_accum"): 1, ("data", "seq_len"): 1,
     ("train", "log_every"): 1, ("train", "save_every"): 0, ("train", "keep_last"): 0, ("optim", "warmup_steps"): 0,
+    ("train", "eval_every"): 0, ("train", "eval_steps"): 0,
 }
 # Fields that are shares, in [0, 1].
 _FRACTIONS = (("optim", "warmup_ratio"), ("optim", "min_lr_ratio"))
@@ -398,6 +411,23 @@ def _validate_training(config: Config) -> None:
                          f"(or true/false), got {train.activation_checkpointing!r}")
     if train.ac_every < 1:
         raise ValueError(f"config: train.ac_every must be >= 1, got {train.ac_every}")
+    _validate_eval(config)
     if train.resume and train.overwrite:
         raise ValueError("config: train.resume and train.overwrite exclude each other (continue the run in "
                          "output_dir, or replace it); got both true")
+
+
+def _validate_eval(config: Config) -> None:
+    """The held-out split and the eval schedule agree: one split source, and a split when evaluating."""
+    data, train = config.data, config.train
+    if not 0 <= data.eval_fraction < 1:  # NaN fails too
+        raise ValueError(f"config: data.eval_fraction must be in [0, 1) (0: no split), got {data.eval_fraction}")
+    if data.eval_path and data.eval_fraction > 0:
+        raise ValueError(f"config: give one of data.eval_path and data.eval_fraction, got both "
+                         f"({data.eval_path!r} and {data.eval_fraction})")
+    if data.eval_fraction > 0 and data.streaming:
+        raise ValueError("config: data.eval_fraction cannot split a streamed dataset (data.streaming=true); "
+                         "give the held-out rows as data.eval_path")
+    if train.eval_every > 0 and not data.eval_path and data.eval_fraction == 0:
+        raise ValueError(f"config: train.eval_every={train.eval_every} needs a held-out split; set data.eval_path "
+                         f"or data.eval_fraction")

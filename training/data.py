@@ -124,6 +124,28 @@ def load_records(source, *, split="train", streaming=False, text_field=None):
     return records
 
 
+def split_records(records, fraction: float, seed: int):
+    """(train, held out): ``round(fraction * n)`` of the ``n`` records (at least 1) held out.
+
+    The held-out indices are the first ones of ``torch.randperm(n)`` under ``seed``; both parts keep
+    the records' order. ``records`` is a ``datasets.Dataset`` (split with ``select``) or a list.
+    Raises ``ValueError`` when the split would leave either part empty.
+    """
+    n = len(records)
+    held = max(1, round(fraction * n))
+    if not 0 < fraction < 1 or held >= n:
+        raise ValueError(f"split_records: holding out {fraction} of {n} records leaves "
+                         f"{n - held if 0 < fraction < 1 else 'no'} to train on; expected a fraction in (0, 1) "
+                         f"that leaves at least one record on each side")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = set(order[:held])
+    train = [i for i in range(n) if i not in held_out]
+    evaluation = sorted(held_out)
+    if hasattr(records, "select"):
+        return records.select(train), records.select(evaluation)
+    return [records[i] for i in train], [records[i] for i in evaluation]
+
+
 def _check_utf8(files: list[str]) -> None:
     """A ``ValueError`` naming the file, line and byte offset of the first byte that is not UTF-8.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import shlex
@@ -74,6 +75,21 @@ def _records(source, config: Config, *, streaming: bool = False, text_field: Opt
     return records
 
 
+def split_records(source, config: Config, *, held_out: bool, text_field: Optional[str] = None):
+    """The records of ``source`` to train on (``held_out=False``) or to evaluate on: with
+    ``data.eval_fraction`` its seeded held-out share (the two parts never overlap), else
+    ``data.eval_path``'s records; None when there is no held-out split."""
+    if held_out and config.data.eval_path:
+        return _records(config.data.eval_path, config, text_field=text_field)
+    if held_out and not config.data.eval_fraction:
+        return None
+    records = _records(source, config, text_field=text_field)
+    if not config.data.eval_fraction:
+        return records
+    train, evaluation = data_lib.split_records(records, config.data.eval_fraction, config.data.eval_seed)
+    return evaluation if held_out else train
+
+
 def streaming_rows(config: Config, tokenizer):
     """A function giving a fresh iterator of packed pretraining rows over the streamed dataset."""
     records = _records(config.data.train, config, streaming=True, text_field=config.data.text_field)
@@ -84,25 +100,50 @@ def streaming_rows(config: Config, tokenizer):
     return rows
 
 
-def language_modeling_examples(stage: str, config: Config, tokenizer) -> List[Dict]:
+def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_out: bool = False) -> Optional[List[Dict]]:
+    """The training rows of data.train (``held_out``: of the held-out split; None without one)."""
+    text_field = config.data.text_field if stage == "pretrain" else None
+    records = split_records(config.data.train, config, held_out=held_out, text_field=text_field)
+    if records is None:
+        return None
     if stage == "pretrain":
-        rows = data_lib.pretrain_rows(_records(config.data.train, config, text_field=config.data.text_field),
-                                      tokenizer, config.data.seq_len, text_field=config.data.text_field)
-        examples = list(rows)
+        examples = list(data_lib.pretrain_rows(records, tokenizer, config.data.seq_len, text_field=text_field))
     else:
-        examples = data_lib.sft_examples(_records(config.data.train, config), tokenizer, config.data.seq_len,
+        examples = data_lib.sft_examples(records, tokenizer, config.data.seq_len,
                                          prompt_format=config.data.prompt_format)
         if config.data.packing:
             examples = data_lib.pack_examples(examples, config.data.seq_len, pad_id=tokenizer.pad_token_id)
     if not examples:
-        raise ValueError(f"{stage}: the data gave no training rows (fewer tokens than data.seq_len?)")
+        split = "held-out" if held_out else "training"
+        raise ValueError(f"{stage}: the data gave no {split} rows (fewer tokens than data.seq_len?)")
     return examples
 
 
-def preference_examples(source, config: Config, tokenizer) -> List[Dict]:
-    return data_lib.dpo_examples(_records(source, config), tokenizer, config.data.seq_len,
-                                 config.data.max_prompt_length, prompt_format=config.data.prompt_format,
-                                 source=source)
+def preference_examples(source, config: Config, tokenizer, *, held_out: bool = False) -> Optional[List[Dict]]:
+    """The preference pairs of ``source`` (``held_out``: of the held-out split; None without one)."""
+    records = split_records(source, config, held_out=held_out)
+    if records is None:
+        return None
+    where = config.data.eval_path if held_out and config.data.eval_path else source
+    return data_lib.dpo_examples(records, tokenizer, config.data.seq_len, config.data.max_prompt_length,
+                                 prompt_format=config.data.prompt_format, source=where)
+
+
+def evaluation_batches(examples: Optional[List[Dict]], collate, config: Config, rank: int, world: int):
+    """A function giving a fresh iterator of the held-out batches (the same ones every time, in order):
+    ``train.eval_steps`` batches, at most one pass (0: one pass; its last batch is completed with the
+    first rows, as every batch of every process has batch_size rows); None without held-out rows."""
+    if examples is None or not config.train.eval_every:
+        return None
+    passes = -(-len(examples) // (config.train.batch_size * world))
+    count = min(config.train.eval_steps, passes) if config.train.eval_steps else passes
+
+    def batches():
+        stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=0, shuffle=False,
+                                      rank=rank, world_size=world, drop_last=False)
+        return itertools.islice(iter(stream), count)
+
+    return batches
 
 
 def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: int, device, compute=None) -> List[Dict]:
@@ -170,18 +211,23 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
     if stage == "pretrain" and config.data.streaming:
         examples = streaming_rows(config, tokenizer)
         objective = LanguageModeling(model, packed=True)
-        runs = [(stage, examples, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
+        held_out = language_modeling_examples(stage, config, tokenizer, held_out=True)
+        runs = [(stage, examples, held_out, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
     elif stage in ("pretrain", "sft"):
         examples = language_modeling_examples(stage, config, tokenizer)
+        held_out = language_modeling_examples(stage, config, tokenizer, held_out=True)
         objective = LanguageModeling(model, packed=stage == "pretrain" or config.data.packing)
-        runs = [(stage, examples, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
+        runs = [(stage, examples, held_out, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
     else:
         objective = DirectPreference(model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                      label_smoothing=config.dpo.label_smoothing,
                                      loss_weights=config.dpo.loss_weights, discopop_tau=config.dpo.discopop_tau)
         sources = config.dpo.stages or [config.data.train]
         chunks = [preference_examples(source, config, tokenizer) for source in sources]
-        runs = [(f"dpo-stage{i + 1}" if len(chunks) > 1 else "dpo", chunk,
+        shared = preference_examples(None, config, tokenizer, held_out=True) if config.data.eval_path else None
+        held_outs = [shared if config.data.eval_path else preference_examples(source, config, tokenizer, held_out=True)
+                     for source in sources]
+        runs = [(f"dpo-stage{i + 1}" if len(chunks) > 1 else "dpo", chunk, held_outs[i],
                  lambda ex: collate_preferences(ex, pad_id), output_dir / f"stage{i + 1}" if len(chunks) > 1 else output_dir)
                 for i, chunk in enumerate(chunks)]
     objective = parallelize(objective, model.model.layers, config, world, device)
@@ -192,16 +238,19 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
         logger.info("sDPO: initial preference accuracy per stage %s; training order %s", accuracy, order)
         runs = [runs[i] for i in order]
     histories: Dict[str, object] = {}
-    for name, examples, collate, stage_dir in runs:
+    for name, examples, held_out, collate, stage_dir in runs:
         if stage == "dpo":  # the model as it is now (the end of the previous stage) is the reference
             examples = _with_reference(examples, objective, config.train.batch_size, pad_id, device, compute)
+            if held_out is not None and config.train.eval_every:
+                held_out = _with_reference(held_out, objective, config.train.batch_size, pad_id, device, compute)
         if callable(examples):  # streamed rows, read in order and never held in memory
             stream = data_lib.StreamingBatches(examples, config.train.batch_size, collate, rank=rank, world_size=world)
         else:
             stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=config.train.seed,
                                           rank=rank, world_size=world)
         trainer = Trainer(config, objective, objective.count, stream, rank=rank, world=world, device=device,
-                          flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name)
+                          flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name,
+                          evaluation=evaluation_batches(held_out, collate, config, rank, world))
         histories[name] = trainer.run()
     if config.train.export:
         export(config, objective, model.config, output_dir / "final", rank, tokenizer)

@@ -302,7 +302,7 @@ class Checkpointer:
         found = self.complete()
         return found[-1] if found else None
 
-    def save(self, step: int, model, optimizer, scheduler, stream) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, stream, num_tokens: int = 0) -> Path:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -319,7 +319,8 @@ class Checkpointer:
         (partial / f"rank{self.rank}.json").write_text(json.dumps(plain))
         torch.save(tensors, partial / f"rank{self.rank}.tensors.pt")
         if self.rank == 0:
-            (partial / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict()}))
+            (partial / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                              "num_tokens": num_tokens}))
         barrier()
         if self.rank == 0:
             if final.exists():  # an earlier run's, or one that resume found unusable: set aside, then dropped
@@ -431,7 +432,7 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class _StepResult:
-    """One finished step, still on the device: [items, loss_sum, *metric_sums, grad_norm]."""
+    """One finished step, still on the device: ``_Totals.vector`` and the grad norm."""
 
     step: int
     lr: float
@@ -446,17 +447,21 @@ class Trainer:
     ``objective(**batch)`` returns ``(loss_sum, metrics)``: the loss summed over the batch's items
     and a dict of summed metric tensors; ``count(batch)`` the number of items (labeled tokens,
     preference pairs), a tensor or an int. ``flops_per_token(seq_len)`` gives the model's training
-    FLOPs per token.
+    FLOPs per token. ``evaluation()`` gives a fresh iterator of held-out batches (None: no eval);
+    they are evaluated every ``train.eval_every`` steps and after the last step.
     """
 
     def __init__(self, config: Config, objective: torch.nn.Module, count: Callable[[Dict], object], stream,
                  *, rank: int, world: int, device: torch.device, flops_per_token: Callable[[int], float],
-                 output_dir: Optional[Path] = None, name: str = "train"):
+                 output_dir: Optional[Path] = None, name: str = "train",
+                 evaluation: Optional[Callable[[], object]] = None):
         self.config, self.objective, self.count, self.stream = config, objective, count, stream
         self.rank, self.world, self.device = rank, world, device
         self.flops_per_token = flops_per_token
         self.output_dir = Path(output_dir or config.train.output_dir)
         self.name = name
+        self.evaluation = evaluation
+        self.num_tokens = 0  # real input tokens trained on so far, every process (TRL's num_tokens)
         self.params = [p for p in objective.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config, self.params, device)
         self.autocast = compute_context(config, world, device)
@@ -503,6 +508,7 @@ class Trainer:
                                self.name, path.name, error)
                 continue
             logger.info("%s: resumed from %s at step %d", self.name, path, step)
+            self.num_tokens = json.loads((path / "trainer.json").read_text()).get("num_tokens", 0)
             return step
         if candidates:
             raise TrainingError(f"cannot resume from any checkpoint in {self.checkpointer.directory}: "
@@ -555,11 +561,16 @@ class Trainer:
         try:
             for step in range(start_step + 1, config.train.steps + 1):
                 self._train_step(step, batches)
-                saving = bool(config.train.save_every) and step % config.train.save_every == 0 and step < config.train.steps
-                if step % config.train.log_every == 0 or step == config.train.steps or saving:
-                    self._flush()
+                last = step == config.train.steps
+                saving = bool(config.train.save_every) and step % config.train.save_every == 0 and not last
+                evaluating = self.evaluation is not None and bool(config.train.eval_every) and (
+                    step % config.train.eval_every == 0 or last)
+                evaluated = {step: self.evaluate()} if evaluating else None
+                if step % config.train.log_every == 0 or last or saving or evaluating:
+                    self._flush(evaluated)
                 if saving:
-                    self.checkpointer.save(step, self.objective, self.optimizer, self.scheduler, self.stream)
+                    self.checkpointer.save(step, self.objective, self.optimizer, self.scheduler, self.stream,
+                                           self.num_tokens)
         except KeyboardInterrupt:
             self._flush()  # the steps that finished are kept in metrics.jsonl
             raise TrainingInterrupted(self.name, step, self.checkpointer.latest()) from None
@@ -576,46 +587,62 @@ class Trainer:
         config = self.config
         micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
                  for _ in range(config.train.grad_accum)]
-        items = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in micro:
-            items += torch.as_tensor(self.count(batch), dtype=torch.float32, device=self.device)
-        items = all_reduce_sum(items)
+        counts = [torch.as_tensor(self.count(batch), dtype=torch.float32, device=self.device) for batch in micro]
+        items = all_reduce_sum(torch.stack(counts).sum())
         scale = self.world / items.clamp(min=1.0)
-        loss_sum = torch.zeros((), device=self.device)
-        metric_sums: Dict[str, torch.Tensor] = {}
-        tokens = 0
-        for batch in micro:
-            tokens += batch["input_ids"].numel()
+        totals = _Totals(self.device)
+        for batch, batch_items in zip(micro, counts):
             with self.autocast():
-                batch_loss, metrics = self.objective(**batch)
+                batch_loss, metrics = self.objective(**_model_inputs(batch))
             (batch_loss * scale).backward()
-            loss_sum += batch_loss.detach().float()
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
+            totals.add(batch, batch_items, batch_loss, metrics)
         if self.metric_names is None:
-            self.metric_names = list(metric_sums)
+            self.metric_names = list(totals.metrics)
         clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        sums = all_reduce_sum(torch.stack([loss_sum, *(metric_sums[k] for k in self.metric_names)]))
+        sums = all_reduce_sum(totals.vector(self.metric_names))
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._pending.append(_StepResult(step, lr, torch.cat([items.reshape(1), sums, grad_norm.detach().float().reshape(1)]),
-                                         tokens, micro[0]["input_ids"].shape[-1]))
+        self._pending.append(_StepResult(step, lr, torch.cat([sums, grad_norm.detach().double().reshape(1)]),
+                                         sum(batch["input_ids"].numel() for batch in micro),
+                                         micro[0]["input_ids"].shape[-1]))
         if self._bar is not None:
             self._bar.update(1)
+
+    def evaluate(self) -> dict[str, float]:
+        """``eval/<name>`` of the held-out batches, in eval mode without gradients, reduced over every
+        process (each evaluates its slice of every batch); reads the values back (one synchronization)."""
+        totals, names = _Totals(self.device), None
+        training = self.objective.training
+        self.objective.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.evaluation():
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    batch_items = torch.as_tensor(self.count(batch), dtype=torch.float32, device=self.device)
+                    with self.autocast():
+                        batch_loss, metrics = self.objective(**_model_inputs(batch))
+                    totals.add(batch, batch_items, batch_loss, metrics)
+        finally:
+            self.objective.train(training)
+        names = list(totals.metrics)
+        values = all_reduce_sum(totals.vector(names)).tolist()  # waits for the device
+        record = {f"eval/{key}": value for key, value in _Totals.means(values, names).items() if key != "num_tokens"}
+        logger.info("%s step eval: %s", self.name, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        return record
 
     def _start_window(self) -> None:
         self._window_started = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _flush(self) -> None:
-        """Read the pending steps back from the device (one synchronization), log them, and stop on a
-        NaN or infinite loss."""
+    def _flush(self, evaluated: Optional[Dict[int, Dict[str, float]]] = None) -> None:
+        """Read the pending steps back from the device (one synchronization), log them (with the eval
+        metrics of the steps in ``evaluated``), and stop on a NaN or infinite loss."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -623,19 +650,68 @@ class Trainer:
         seconds = (time.perf_counter() - self._window_started) / len(pending)
         peak = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
         self._start_window()
-        for result, (items, loss_sum, *rest) in zip(pending, values):
-            *metric_values, grad_norm = rest
-            items = max(items, 1.0)
-            loss = loss_sum / items
+        for result, (*sums, grad_norm) in zip(pending, values):
+            means = _Totals.means(sums, self.metric_names)
+            loss = means.pop("loss")
             if not math.isfinite(loss):
                 raise TrainingError(f"{self.name}: loss is {loss} at step {result.step}; stopped without saving. "
                                     f"Last good checkpoint: {self.checkpointer.latest() or 'none'}")
+            self.num_tokens += int(means.pop("num_tokens"))
             tokens_per_s = result.tokens * self.world / seconds
             tflops = self.flops_per_token(result.seq_len) * tokens_per_s / 1e12
             record = {"step": result.step, "loss": loss, "lr": result.lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "tflops": tflops,
                       "mfu": tflops / self.world / self.peak_tflops if self.peak_tflops else None,
-                      "peak_mem_gb": peak, "seconds": seconds}
-            for key, value in zip(self.metric_names, metric_values):
-                record[key] = value / items
+                      "peak_mem_gb": peak, "seconds": seconds, "num_tokens": self.num_tokens, **means,
+                      **(evaluated or {}).get(result.step, {})}
             self._log(record)
+
+
+def _model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The batch without ``attention_mask``: rows are right-padded and causal, so the objective needs
+    no mask; the trainer counts the real tokens with it (``num_tokens``)."""
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
+class _Totals:
+    """Sums of one step's (or one evaluation's) micro-batches, kept on the device.
+
+    An objective's metric is a tensor summed over its items (divided by the item count when read)
+    or a ``(sum, count)`` pair with its own count (per-token metrics of a pair objective). Besides the
+    loss and metrics, the real (non-padding) input tokens: ``attention_mask``'s ones, or every token
+    when the batch has no mask. Accumulated in float64, so counts stay exact.
+    """
+
+    def __init__(self, device: torch.device):
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.items, self.loss, self.tokens = zero, zero, zero
+        self.metrics: Dict[str, List[torch.Tensor]] = {}
+
+    def add(self, batch: Dict[str, torch.Tensor], items: torch.Tensor, loss: torch.Tensor, metrics: Dict) -> None:
+        mask = batch.get("attention_mask")
+        tokens = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=self.items.device)
+        self.items = self.items + items.double()
+        self.loss = self.loss + loss.detach().double()
+        self.tokens = self.tokens + tokens.double()
+        for key, value in metrics.items():
+            total, count = value if isinstance(value, tuple) else (value, items)
+            previous = self.metrics.get(key, [0, 0])
+            self.metrics[key] = [previous[0] + total.detach().double(), previous[1] + torch.as_tensor(count).double()]
+
+    def vector(self, names: List[str]) -> torch.Tensor:
+        """[items, loss, tokens, sum and count of each of ``names``] (float64, on the device)."""
+        pairs = [part for name in names for part in self.metrics[name]]
+        return torch.stack([self.items, self.loss, self.tokens, *(torch.as_tensor(p, dtype=torch.float64,
+                                                                                   device=self.items.device)
+                                                                   for p in pairs)])
+
+    @staticmethod
+    def means(values: List[float], names: List[str]) -> Dict[str, float]:
+        """{"loss", "num_tokens", each name}: the loss per item, the tokens, each metric per its count
+        (0 when its count is 0, as TRL logs an empty batch)."""
+        items, loss, tokens, *pairs = values
+        out = {"loss": loss / max(items, 1.0), "num_tokens": tokens}
+        for index, name in enumerate(names):
+            total, count = pairs[2 * index], pairs[2 * index + 1]
+            out[name] = total / count if count > 0 else 0.0
+        return out

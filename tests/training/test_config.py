@@ -67,6 +67,13 @@ def test_example_configs_load(name, tmp_path, monkeypatch):
         (["--train.device=tpu"], r"train.device must be auto, cpu, cuda or cuda:N, got 'tpu'$"),
         (["--train.device=cuda:x"], r"train.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'$"),
         (["--dpo.stages=[a.jsonl"], r"override --dpo.stages: '\[a.jsonl' is not a valid YAML value \(expected"),
+        (["--train.eval_every=-1"], r"train.eval_every must be >= 0, got -1$"),
+        (["--train.eval_steps=-3"], r"train.eval_steps must be >= 0, got -3$"),
+        (["--data.eval_fraction=1"], r"data.eval_fraction must be in \[0, 1\) \(0: no split\), got 1.0$"),
+        (["--data.eval_fraction=-0.5"], r"data.eval_fraction must be in \[0, 1\) \(0: no split\), got -0.5$"),
+        (["--train.eval_every=10"], r"train.eval_every=10 needs a held-out split; set data.eval_path or data.eval_fraction$"),
+        (["--data.eval_path=e.jsonl", "--data.eval_fraction=0.1"], r"give one of data.eval_path and data.eval_fraction"),
+        (["--data.streaming=true", "--data.eval_fraction=0.1"], r"eval_fraction cannot split a streamed dataset"),
     ],
 )
 def test_bad_config(overrides, message):

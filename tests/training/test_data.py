@@ -28,6 +28,7 @@ from training.data import (  # noqa: E402
     pretrain_rows,
     sft_examples,
     solar_prompt,
+    split_records,
 )
 from training.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
 
@@ -657,3 +658,22 @@ def test_batch_stream_keep_last_and_errors():
         BatchStream([], 4, _collate_ids, seed=0)
     with pytest.raises(ValueError, match="cannot fill one global batch of 16"):
         BatchStream(examples, 8, _collate_ids, seed=0, world_size=2)
+
+
+# ----------------------------------------------------------------------------- held-out split
+
+
+def test_split_records_holds_out_a_seeded_share_disjoint_from_training(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    records = load_records(path)
+    train, held_out = split_records(records, 0.2, seed=0)
+    train_texts, held_texts = [r["text"] for r in train], [r["text"] for r in held_out]
+    assert len(held_texts) == 10 and len(train_texts) == 40
+    assert not set(train_texts) & set(held_texts) and sorted(train_texts + held_texts) == sorted(records["text"])
+    assert train_texts == [t for t in records["text"] if t not in held_texts]  # the records' order is kept
+    assert [r["text"] for r in split_records(records, 0.2, seed=0)[1]] == held_texts  # fixed by the seed
+    assert [r["text"] for r in split_records(records, 0.2, seed=1)[1]] != held_texts
+    assert split_records(list(range(7)), 0.01, seed=0)[1] != []  # at least one row is held out
+    with pytest.raises(ValueError, match="holding out 0.9 of 2 records leaves 0 to train on"):
+        split_records([1, 2], 0.9, seed=0)

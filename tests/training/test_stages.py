@@ -54,13 +54,20 @@ def test_sft(workspace, base_model, tmp_path, packing):
 
 
 def test_dpo_metrics_and_export(workspace, base_model, tmp_path):
+    from training import demo_data
+
+    held_out = tmp_path / "held_out.jsonl"  # pairs the training data does not hold
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in demo_data.math_preference_records(8, 7)))
     config = stage_config(tmp_path / "dpo.yaml", base_model, tmp_path / "dpo",
-                          data={"train": str(workspace / "pairs.jsonl")}, dpo={"beta": 0.1}, train={"steps": 16})
+                          data={"train": str(workspace / "pairs.jsonl"), "eval_path": str(held_out)},
+                          dpo={"beta": 0.1}, train={"steps": 16, "eval_every": 8})
     history = run_stage("dpo", config)["dpo"]
     records = metrics(tmp_path / "dpo")
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"):
         assert key in records[0]
+        assert [r["step"] for r in records if f"eval/{key}" in r] == [8, 16]  # the held-out pairs, same names
+    assert records[7]["eval/rewards/margins"] != 0 and "eval/loss" in records[15]
     # The first step's policy is its reference: rewards are exactly zero, the loss exactly log 2.
     assert records[0]["rewards/chosen"] == 0 and records[0]["rewards/margins"] == 0
     assert records[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
@@ -98,11 +105,37 @@ def test_precomputed_reference_equals_a_live_reference_model(workspace, base_mod
     torch.testing.assert_close(loss_sum / n, live)
 
 
+def test_held_out_examples_are_never_trained_on(workspace, base_model, tmp_path):
+    from training.stages import language_modeling_examples, preference_examples
+
+    tokenizer = load_tokenizer(workspace / "tokenizer")
+    config = stage_config(tmp_path / "sft.yaml", base_model, tmp_path / "sft",
+                          data={"train": str(workspace / "sft.jsonl"), "eval_fraction": 0.25})
+    train = language_modeling_examples("sft", config, tokenizer)
+    held_out = language_modeling_examples("sft", config, tokenizer, held_out=True)
+    source = str(workspace / "pairs.jsonl")
+    pairs = [preference_examples(source, config, tokenizer, held_out=h) for h in (False, True)]
+    config.data.eval_fraction = 0.0
+    assert language_modeling_examples("sft", config, tokenizer, held_out=True) is None
+    everything, all_pairs = language_modeling_examples("sft", config, tokenizer), preference_examples(source, config, tokenizer)
+    rows = lambda examples, key="input_ids": {tuple(e[key]) for e in examples}  # noqa: E731
+    # a partition of the examples: a quarter of the records held out, none of them trained on
+    assert len(held_out) >= 12 and len(train) + len(held_out) == len(everything)
+    assert not rows(train) & rows(held_out) and rows(train) | rows(held_out) == rows(everything)
+    chosen = [rows(examples, "chosen_input_ids") for examples in (*pairs, all_pairs)]
+    assert len(pairs[1]) >= 10 and not chosen[0] & chosen[1] and chosen[0] | chosen[1] == chosen[2]
+
+
 def test_sdpo_stages_chain_references(workspace, base_model, tmp_path):
-    config = stage_config(tmp_path / "sdpo.yaml", base_model, tmp_path / "sdpo", train={"steps": 4},
+    config = stage_config(tmp_path / "sdpo.yaml", base_model, tmp_path / "sdpo",
+                          train={"steps": 4, "eval_every": 4, "eval_steps": 1},
+                          data={"eval_path": str(workspace / "pairs.jsonl")},
                           dpo={"stages": [str(workspace / "easy.jsonl"), str(workspace / "hard.jsonl")],
                                "order_by_accuracy": True})
     histories = run_stage("dpo", config)
+    # one held-out set (data.eval_path) evaluated at the end of each stage against that stage's reference
+    for stage in ("stage1", "stage2"):
+        assert [r["step"] for r in metrics(tmp_path / "sdpo" / stage) if "eval/loss" in r] == [4]
     # both stages trained, in the order of their initial accuracy (which the data decides)
     assert sorted(histories) == ["dpo-stage1", "dpo-stage2"]
     for name, history in histories.items():

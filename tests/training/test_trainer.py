@@ -216,3 +216,45 @@ def test_setup_distributed_takes_the_gpu_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"train.device=cuda:1 names one GPU, but 2 processes were started"):
         setup_distributed("cuda:1")
+
+
+def _eval_records(out):
+    return {r["step"]: r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+            if "eval/loss" in r}
+
+
+def test_eval_loop_logs_the_held_out_loss_every_eval_every_steps_and_at_the_end(workspace, tmp_path):
+    out = tmp_path / "run"
+    path = write_config(tmp_path / "run.yaml", **pretrain_config(workspace, out, steps=5, eval_every=2, eval_steps=1,
+                                                                  export=True))
+    config = load_config(path, ["--data.eval_fraction=0.2"])
+    run_stage("pretrain", config)
+    evaluated = _eval_records(out)
+    assert sorted(evaluated) == [2, 4, 5]
+    assert all(r["loss"] > 0 for r in evaluated.values())  # eval keys join the step's training record
+    # the last eval is the exported model's loss on the first held-out batch, computed independently
+    from training.data import collate_lm
+    from training.stages import language_modeling_examples
+    from training.tokenizer import load_tokenizer
+    import solar_kernels as sk
+
+    rows = language_modeling_examples("pretrain", config, load_tokenizer(str(workspace / "tokenizer")), held_out=True)
+    batch = collate_lm(rows[:4], pad_id=0)
+    model = load_pretrained(out / "final").eval()
+    with torch.no_grad():
+        hidden = model(batch["input_ids"], position_ids=batch["position_ids"], return_hidden=True)
+        expected = sk.linear_cross_entropy(hidden, model.lm_head.weight, batch["labels"], backend="torch")
+    assert evaluated[5]["eval/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_resume_gives_the_same_eval_numbers(workspace, tmp_path):
+    settings = dict(steps=6, eval_every=2, save_every=3, export=False)
+    path = write_config(tmp_path / "run.yaml", **pretrain_config(workspace, tmp_path / "run", **settings))
+    run_stage("pretrain", load_config(path, ["--data.eval_fraction=0.2"]))
+    first = _eval_records(tmp_path / "run")
+    history = run_stage("pretrain", load_config(path, ["--data.eval_fraction=0.2", "--train.resume=true"]))["pretrain"]
+    assert [r["step"] for r in history] == [4, 5, 6]
+    again = _eval_records(tmp_path / "run")
+    assert sorted(again) == sorted(first) == [2, 4, 6]
+    assert [again[s]["eval/loss"] for s in (2, 4, 6)] == [first[s]["eval/loss"] for s in (2, 4, 6)]
+    assert again[6]["num_tokens"] == first[6]["num_tokens"] == 6 * 4 * 48  # restored from the checkpoint
