@@ -12,9 +12,9 @@ modeling file are touched. What is swapped:
   (input, post-attention, pre- and post-feedforward) for Gemma 2; those 4 plus ``q_norm``/``k_norm``
   for Gemma 3; and the final norm in every model.
 - Rotary: every attention module's forward rotates q and k with ``sk.apply_rotary`` (one launch for
-  both) from the cos/sin tables the model's own rotary module computed, so every RoPE scaling type
-  transformers implements (linear, dynamic, YaRN, llama3, Gemma 3's per-layer-type tables) is
-  honoured. Qwen3's and Gemma 3's ``q_norm``/``k_norm`` run before the rotation, as in transformers.
+  both) from the cos/sin tables the model's own rotary module computed, so the RoPE scaling types
+  transformers implements (linear, dynamic, YaRN, llama3: a scaled table, the same rotation; tests
+  use YaRN and Gemma 3's per-layer-type tables with linear scaling) are honoured. Qwen3's and Gemma 3's ``q_norm``/``k_norm`` run before the rotation, as in transformers.
   The attention itself is still the implementation the model was configured with, called with the
   arguments transformers passes (scaling, ``sliding_window``, Gemma 2's ``attn_logit_softcapping``).
 - MLP: where the MLP is a SwiGLU (``hidden_act="silu"``: Llama, Mistral, Qwen2, Qwen3) its forward
@@ -26,10 +26,11 @@ modeling file are touched. What is swapped:
   shifted as transformers does (the loss at position t predicts label t + 1; -100 is ignored), and
   ``num_items_in_batch`` is honoured as in transformers' loss. Gemma's ``final_logit_softcapping``
   (30 in Gemma 2's config) is the op's ``softcap``: ``cap * tanh(logits / cap)`` inside the fused
-  loss, in fp32 (transformers caps the logits in their own dtype, bf16 under autocast).
+  loss, in fp32 (transformers caps in lm_head's output dtype, bf16 under autocast).
 
 Left alone everywhere: embeddings (Gemma's ``* sqrt(hidden_size)`` scaling stays inside its
-embedding module), the attention kernel, ``lm_head`` when no labels are passed, and generation.
+embedding module), the attention kernel, and ``lm_head`` when no labels are passed (generation
+runs through the swapped modules and picks the same tokens).
 ``Gemma3ForConditionalGeneration`` (the vision-language model) is refused. A config the patch
 cannot honour (a Llama-family MLP with ``hidden_act`` other than silu while ``mlp=True``), or an
 explicit ``backend`` that lacks an option the model needs (the CUDA twins have neither Gemma's norm
