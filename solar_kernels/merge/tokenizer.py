@@ -13,7 +13,8 @@ The output vocabulary:
   token of every model (base first) it lacks, with its own flags; models in the recipe's order, a
   model's tokens in its id order. mergekit takes the models in a set's order and a model's plain
   tokens in a hash map's order, which change from run to run; the two agree whenever at most one
-  model brings new plain tokens, at most one of them (added tokens always agree).
+  model brings new plain tokens, at most one of them (added tokens always agree). Without a base
+  model mergekit's "first model" is also a set's pick; here it is the first listed.
 
 Rows, for every tensor with a vocabulary axis (``model.embed_tokens.weight``, ``lm_head.weight``):
 model m's row for token x is m's own row when m has x; otherwise, the same for every model lacking x:
