@@ -81,31 +81,28 @@ struct Rotary {
 template <typename T, typename C>
 cudaError_t launch_rotary(const Rotary<T, C>& p, cudaStream_t stream);
 
-// ---- SwiGLU (swiglu.cu) ---------------------------------------------------------------------
-template <typename T>
-struct SwigluFwd {
-  const T* gate;  // [n_rows, n_cols]
-  const T* up;    // [n_rows, n_cols]
-  T* y;           // [n_rows, n_cols]: silu(gate) * up
-  int64_t stride_gate, stride_up, stride_y;
+// ---- Elementwise kernels over rows (swiglu.cu) ---------------------------------------------------
+// The one argument block of every elementwise kernel: the op's tensor arguments in the order of its
+// schema (inputs, then the outputs it writes), each [n_rows, n_cols] of one dtype with unit column
+// stride. The host side (rows_host.cpp) checks and fills it from any such op; the launchers are
+// extern "C" (SOLAR_ROWS_LAUNCHER), so one line in torch_bindings.cpp binds one, and the tests'
+// CPU emulation calls them by name through ctypes.
+constexpr int kMaxRowTensors = 8;
+struct Rows {
+  const void* data[kMaxRowTensors];
+  int64_t stride[kMaxRowTensors];  // row strides, in elements
+  int32_t count;                   // tensors in data; a launcher given another count than its op's fails
   int64_t n_rows, n_cols;
 };
+// dtype codes of a Rows launch (at::ScalarType is not visible to the .cu files).
+enum RowsDtype : int32_t { kRowsFloat32 = 0, kRowsFloat16 = 1, kRowsBFloat16 = 2 };
+using RowsLauncher = cudaError_t (*)(int32_t dtype, const Rows* rows, cudaStream_t stream);
 
-template <typename T>
-struct SwigluBwd {
-  const T* dy;
-  const T* gate;
-  const T* up;
-  T* dgate;
-  T* dup;
-  int64_t stride_dy, stride_gate, stride_up, stride_dgate, stride_dup;
-  int64_t n_rows, n_cols;
-};
+}  // namespace solar
 
-template <typename T>
-cudaError_t launch_swiglu_fwd(const SwigluFwd<T>& p, cudaStream_t stream);
-template <typename T>
-cudaError_t launch_swiglu_bwd(const SwigluBwd<T>& p, cudaStream_t stream);
+#define SOLAR_ROWS_LAUNCHER(name) extern "C" cudaError_t name(int32_t dtype, const ::solar::Rows* rows, cudaStream_t stream)
+
+namespace solar {
 
 // ---- Log-probs over a chunk of logits (logprobs.cu) -------------------------------------------
 // L is the label type (int32_t or int64_t).

@@ -9,6 +9,13 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/stack.h>
+
+#include "launch.h"
+
+namespace c10 {
+class OperatorHandle;
+}
 
 namespace solar {
 
@@ -30,16 +37,20 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
 std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
                                           const at::Tensor& sin, bool backward);
 
-// gate, up [N, I] (row-strided, unit column stride, one dtype). Returns y [N, I].
-at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up);
-
-// dy, gate, up [N, I]. Returns (dgate, dup), each [N, I].
-std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate, const at::Tensor& up);
-
 // In place, over one chunk of logits [C, V] (unit column stride): labels [C] int32/int64;
 // logp, lse [C] fp32 contiguous (written when compute_lse; lse read otherwise); grad [C] fp32, any
 // stride (read when write_grad; logits then become grad * (onehot - softmax)).
 void logprobs_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& lse,
                const at::Tensor& grad, int64_t ignore_index, bool compute_lse, bool write_grad);
+
+// Elementwise ops over rows (launch.h's Rows; SwiGLU's in swiglu.cu): the boxed kernel of any op whose
+// schema lists only row tensors, inputs then outputs, and returns nothing. rows_kernel<launcher> is
+// what torch_bindings.cpp registers (SOLAR_ROWS_OP).
+void rows_op(RowsLauncher launcher, const c10::OperatorHandle& op, torch::jit::Stack* stack);
+
+template <RowsLauncher launcher>
+void rows_kernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  rows_op(launcher, op, stack);
+}
 
 }  // namespace solar

@@ -1,11 +1,21 @@
 // The ops of solar_kernels._C as torch.ops.solar_kernels_C.*: string schemas (mutated arguments
-// marked), implementations for CUDA (and for CPU, where the same functions run every argument check
-// and then say that they need a CUDA device), and the Python module the extension loads as.
-// Fake (meta) implementations, so torch.compile can trace the ops, are in solar_kernels/_cuda.py.
+// marked; this file is the only place a schema is written), implementations for CUDA (and for CPU,
+// where the same functions run every argument check and then say that they need a CUDA device), and
+// the Python module the extension loads as. Fake (meta) implementations, so torch.compile can trace
+// the ops, are in solar_kernels/_cuda.py; out-variant ops (outputs allocated by the caller, nothing
+// returned) need none: torch traces them as writing their Tensor(a!) arguments.
+//
+// An elementwise kernel over rows binds in three lines: its launcher's declaration below, its
+// schema in TORCH_LIBRARY (inputs, then outputs as Tensor(a!), Tensor(b!), ...; returns ()), and
+// SOLAR_ROWS_OP in SOLAR_IMPLEMENT_ALL. The schema's argument names are the names its errors use.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "ops.h"
+
+// Elementwise launchers (launch.h's SOLAR_ROWS_LAUNCHER), one per out-variant op below.
+SOLAR_ROWS_LAUNCHER(solar_swiglu_fwd);
+SOLAR_ROWS_LAUNCHER(solar_swiglu_bwd);
 
 // The architectures this build carries, e.g. "sm_80+sm_90a" (setup.py passes them in).
 #ifndef SOLAR_KERNELS_CUDA_ARCHS
@@ -20,19 +30,22 @@ TORCH_LIBRARY(solar_kernels_C, m) {
   m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor y, Tensor h, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) -> (Tensor dx, Tensor dweight)");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) -> (Tensor q_out, Tensor k_out)");
-  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
-  m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  m.def("swiglu_fwd(Tensor gate, Tensor up, Tensor(a!) y) -> ()");
+  m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up, Tensor(a!) dgate, Tensor(b!) dup) -> ()");
   m.def(
       "logprobs_(Tensor(a!) logits, Tensor labels, Tensor(b!) logp, Tensor(c!) lse, Tensor grad, int ignore_index, "
       "bool compute_lse, bool write_grad) -> ()");
 }
 
+#define SOLAR_ROWS_OP(m, name) \
+  m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&solar::rows_kernel<&solar_##name>>());
+
 #define SOLAR_IMPLEMENT_ALL(m)                  \
   m.impl("rms_norm_fwd", &solar::rms_norm_fwd); \
   m.impl("rms_norm_bwd", &solar::rms_norm_bwd); \
   m.impl("rotary", &solar::rotary);             \
-  m.impl("swiglu_fwd", &solar::swiglu_fwd);     \
-  m.impl("swiglu_bwd", &solar::swiglu_bwd);     \
+  SOLAR_ROWS_OP(m, swiglu_fwd)                  \
+  SOLAR_ROWS_OP(m, swiglu_bwd)                  \
   m.impl("logprobs_", &solar::logprobs_);
 
 TORCH_LIBRARY_IMPL(solar_kernels_C, CUDA, m) { SOLAR_IMPLEMENT_ALL(m) }

@@ -23,7 +23,8 @@ launch. How a launch is decided:
    While a CUDA graph is being captured nothing is measured: an unmeasured class runs Triton then.
 
 The measurement is injected (``AutoBackend(measure=...)``), so the logic is tested on the CPU with
-fake timings; each op module registers how to run its kernels (``register_kernel``).
+fake timings; how each kernel is run for its timing is part of its record in
+``solar_kernels.ops._registry`` (``Kernel.make_case``).
 """
 
 from __future__ import annotations
@@ -50,14 +51,13 @@ _FEW_ROWS = 64
 # memory during training).
 _MANY_ELEMENTS = 2**25
 
-# kernel name -> make_case(backend, rows, width, device) -> a callable that runs one launch.
-MakeCase = Callable[[str, int, int, torch.device], Callable[[], object]]
-KERNELS: Dict[str, MakeCase] = {}
 
+def register_kernel(name: str, make_case: Callable[[str, int, int, torch.device], Callable[[], object]]) -> None:
+    """For op files not moved onto ``solar_kernels.ops._registry`` yet: record kernel ``name`` and
+    ``make_case(backend, rows, width, device)``, which returns a callable running one launch."""
+    from .ops import _registry
 
-def register_kernel(name: str, make_case: MakeCase) -> None:
-    """Declare a kernel that ``pick`` may be asked about, and how to time it on a representative problem."""
-    KERNELS[name] = make_case
+    _registry.register_unmoved(name, make_case)
 
 
 def shape_class(rows: int, width: int) -> str:
@@ -181,9 +181,11 @@ def _measure_on(device: torch.device) -> Callable[[str, str, str], float]:
     def measure(kernel: str, cls: str, backend: str) -> float:
         import triton.testing
 
+        from .ops import _registry
+
         rows, width = representative_shape(cls)
         with torch.cuda.device(device):
-            run = KERNELS[kernel](backend, rows, width, device)
+            run = _registry.KERNELS[kernel].make_case(backend, rows, width, device)
             ms = triton.testing.do_bench(run, warmup=5, rep=25, return_mode="median")
             del run
         return ms

@@ -84,7 +84,9 @@ def device_error(device: torch.device) -> Optional[str]:
 
 
 def _register_fakes() -> None:
-    """Output shapes, dtypes and strides of each op, as the C++ functions allocate them."""
+    """Output shapes, dtypes and strides of each op that allocates its outputs in C++. Out-variant
+    ops (the caller allocates by the contract in solar_kernels/ops/_registry.py, the op returns
+    nothing, e.g. swiglu_fwd) need no fake: torch traces them as writing their Tensor(a!) arguments."""
 
     @torch.library.register_fake("solar_kernels_C::rms_norm_fwd")
     def _(x, weight, residual, eps):
@@ -99,14 +101,6 @@ def _register_fakes() -> None:
     @torch.library.register_fake("solar_kernels_C::rotary")
     def _(q, k, cos, sin, backward):
         return torch.empty_like(q, memory_format=torch.preserve_format), torch.empty_like(k, memory_format=torch.preserve_format)
-
-    @torch.library.register_fake("solar_kernels_C::swiglu_fwd")
-    def _(gate, up):
-        return gate.new_empty(gate.shape)
-
-    @torch.library.register_fake("solar_kernels_C::swiglu_bwd")
-    def _(dy, gate, up):
-        return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
     @torch.library.register_fake("solar_kernels_C::logprobs_")
     def _(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):

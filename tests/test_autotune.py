@@ -184,6 +184,10 @@ def test_every_launcher_asks_the_table_with_its_rows_and_width(recording, device
         ("swiglu_fwd", 6, 40), ("swiglu_bwd", 6, 40),
         ("logprobs", 4, 90), ("logprobs", 4, 90),  # chunks of 4 tokens over V = 90
     ]
+    from solar_kernels.ops import _registry
+
+    # Every kernel a launcher asks about has a record (its timing), and every record is asked about.
+    assert {kernel for kernel, _, _ in recorder.asked} == set(_registry.KERNELS)
 
 
 @pytest.mark.skipif(_cuda.load_error() is not None, reason="needs the CUDA extension built")
@@ -194,3 +198,13 @@ def test_a_cuda_choice_runs_the_cuda_op(recording):
     recording("cuda")
     with pytest.raises(RuntimeError, match="solar_kernels_C::rms_norm_fwd: x is on cpu"):
         rms_norm._rms_norm_fwd_op(torch.randn(2, 8), torch.randn(8), None, 1e-5, "auto")
+
+
+@pytest.mark.skipif(_cuda.load_error() is not None, reason="needs the CUDA extension built")
+def test_a_cuda_choice_runs_the_out_variant_cuda_op(recording):
+    """A record's dispatch hands a "cuda" answer to torch.ops.solar_kernels_C with the outputs it
+    allocated (the op's checks then say it runs on CUDA devices only)."""
+    swiglu = importlib.import_module("solar_kernels.ops.swiglu")
+    recording("cuda")
+    with pytest.raises(RuntimeError, match="solar_kernels_C::swiglu_fwd: gate is on cpu; the CUDA kernels"):
+        swiglu._swiglu_fwd_op(torch.randn(2, 8), torch.randn(2, 8), "auto")

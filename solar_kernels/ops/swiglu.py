@@ -13,8 +13,10 @@ Under ``torch.autocast`` nothing is cast (autocast's lists hold neither ``silu``
 gate and up come out of autocast's bf16 projections, so y and both gradients are bf16, as in
 Hugging Face's ``LlamaMLP``; fp32 inputs stay fp32.
 
-Backends: the Triton kernels below, or their CUDA C++ twins (csrc/swiglu.cu); the launchers switch
-between them under one pair of custom ops.
+Backends: the Triton kernels below, or their CUDA C++ twins (csrc/swiglu.cu), under one pair of
+custom ops. Both are out-variant launchers of the two records ``SWIGLU_FWD`` and ``SWIGLU_BWD``
+(solar_kernels/ops/_registry.py), which allocate the outputs, pick the implementation and hold the
+output contract the fakes use.
 
 ``SwiGLU`` is the whole Llama MLP, ``down(swiglu(gate(x), up(x)))``, with Hugging Face's parameter
 names (``gate_proj``, ``up_proj``, ``down_proj``) so ``LlamaMLP`` state dicts load into it.
@@ -28,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device_dtype, check_shape
 from ._common import as_rows, cast_to, warps_for
+from ._registry import Op, elementwise, register, register_op
 
 OP = "swiglu"
 # Elements per program: 4096 bf16 values of each input per program (8 KB), 16 per thread at 8 warps.
@@ -90,46 +92,43 @@ def _blocks(n_rows: int, n_cols: int) -> Tuple[int, int, tuple]:
     return block_m, block_n, grid
 
 
-def _swiglu_fwd(g2d, u2d, backend="triton"):
-    """y [N, I] for rows gate, up [N, I]."""
-    n_rows, n_cols = g2d.shape
-    if pick(backend, "swiglu_fwd", n_rows, n_cols, g2d.device) == "cuda":
-        return torch.ops.solar_kernels_C.swiglu_fwd(g2d, u2d)
-    y = torch.empty((n_rows, n_cols), dtype=g2d.dtype, device=g2d.device)
+def _swiglu_fwd_triton(gate, up, y):
+    """y = silu(gate) * up, written into y; all [N, I] rows."""
+    n_rows, n_cols = gate.shape
     block_m, block_n, grid = _blocks(n_rows, n_cols)
     _swiglu_fwd_kernel[grid](
-        g2d, u2d, y, g2d.stride(0), u2d.stride(0), y.stride(0), n_rows, n_cols,
+        gate, up, y, gate.stride(0), up.stride(0), y.stride(0), n_rows, n_cols,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
     )
-    return y
 
 
-def _swiglu_bwd(dy2d, g2d, u2d, backend="triton"):
-    """(dgate, dup) [N, I] for rows dy, gate, up [N, I]."""
-    n_rows, n_cols = g2d.shape
-    if pick(backend, "swiglu_bwd", n_rows, n_cols, g2d.device) == "cuda":
-        return torch.ops.solar_kernels_C.swiglu_bwd(dy2d, g2d, u2d)
-    dg = torch.empty((n_rows, n_cols), dtype=g2d.dtype, device=g2d.device)
-    du = torch.empty_like(dg)
+def _swiglu_bwd_triton(dy, gate, up, dgate, dup):
+    """dgate and dup, written into them; all [N, I] rows."""
+    n_rows, n_cols = gate.shape
     block_m, block_n, grid = _blocks(n_rows, n_cols)
     _swiglu_bwd_kernel[grid](
-        dy2d, g2d, u2d, dg, du,
-        dy2d.stride(0), g2d.stride(0), u2d.stride(0), dg.stride(0), du.stride(0),
+        dy, gate, up, dgate, dup,
+        dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
         n_rows, n_cols,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
     )
-    return dg, du
+
+
+# (gate, up) -> y and (dy, gate, up) -> (dgate, dup), each like gate; CUDA ops in csrc/swiglu.cu.
+SWIGLU_FWD = register(elementwise("swiglu_fwd", "swiglu", _swiglu_fwd_triton, inputs=2, outputs=1))
+SWIGLU_BWD = register(elementwise("swiglu_bwd", "swiglu", _swiglu_bwd_triton, inputs=3, outputs=2))
 
 
 @torch.library.custom_op("solar_kernels::swiglu_fwd", mutates_args=())
 def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     n_cols = gate.shape[-1]
-    return _swiglu_fwd(as_rows(gate, n_cols), as_rows(up, n_cols), backend).view(gate.shape)
+    (y,) = SWIGLU_FWD.launch(backend, as_rows(gate, n_cols), as_rows(up, n_cols))
+    return y.view(gate.shape)
 
 
 @_swiglu_fwd_op.register_fake
 def _(gate, up, backend):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
+    return SWIGLU_FWD.allocate(gate, up)[0]
 
 
 @torch.library.custom_op("solar_kernels::swiglu_bwd", mutates_args=())
@@ -137,16 +136,13 @@ def _swiglu_bwd_op(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     n_cols = gate.shape[-1]
-    dg, du = _swiglu_bwd(as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols), backend)
+    dg, du = SWIGLU_BWD.launch(backend, as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols))
     return dg.view(gate.shape), du.view(gate.shape)
 
 
 @_swiglu_bwd_op.register_fake
 def _(dy, gate, up, backend):
-    return (
-        torch.empty_like(gate, memory_format=torch.contiguous_format),
-        torch.empty_like(gate, memory_format=torch.contiguous_format),
-    )
+    return SWIGLU_BWD.allocate(dy, gate, up)
 
 
 def _setup_context(ctx, inputs, output):
@@ -162,20 +158,6 @@ def _backward(ctx, dy):
 
 
 torch.library.register_autograd("solar_kernels::swiglu_fwd", _backward, setup_context=_setup_context)
-
-
-def _time_fwd(backend, rows, width, device):
-    gate, up = (torch.randn(rows, width, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return lambda: _swiglu_fwd(gate, up, backend)
-
-
-def _time_bwd(backend, rows, width, device):
-    dy, gate, up = (torch.randn(rows, width, device=device, dtype=torch.bfloat16) for _ in range(3))
-    return lambda: _swiglu_bwd(dy, gate, up, backend)
-
-
-register_kernel("swiglu_fwd", _time_fwd)
-register_kernel("swiglu_bwd", _time_bwd)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -207,3 +189,6 @@ class SwiGLU(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.backend))
+
+
+register_op(Op("swiglu", swiglu, swiglu_ref, (SWIGLU_FWD, SWIGLU_BWD), width="intermediate_size"))

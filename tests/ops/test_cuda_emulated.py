@@ -7,7 +7,9 @@ The .cu sources compile unchanged with g++ except for the launch syntax, rewritt
 ``kernel<<<grid, block, smem, stream>>>(args)`` to ``solar_emu::launch(grid, block, smem, stream)(kernel, args)``.
 The torch-facing host functions (*_host.cpp) need a GPU; the wrappers below do what they do (the
 side-input dtype rule, output allocation) and stand in for ``torch.ops.solar_kernels_C``, so the
-public API runs with ``backend="cuda"`` on CPU tensors. What this cannot check: speed, register
+public API runs with ``backend="cuda"`` on CPU tensors. Out-variant elementwise ops (every
+out-variant record of solar_kernels/ops/_registry.py) need no wrapper: their outputs come from the
+Python side, and their extern "C" launchers are called by name with a ``Rows`` block. What this cannot check: speed, register
 use, memory ordering beyond barriers, and the host functions themselves (tests/ops/test_cuda_ops.py
 does on a GPU; their argument checks are tested in tests/ops/test_cuda_build.py).
 """
@@ -23,6 +25,7 @@ import pytest
 import torch
 
 import solar_kernels as sk
+from solar_kernels.ops import _registry
 from tests.ops.test_linear_logprobs import check_logprobs, make
 from tests.ops.test_rms_norm import check as check_rms_norm
 from tests.ops.test_rotary import check as check_rotary
@@ -34,6 +37,14 @@ ROOT = Path(__file__).resolve().parents[2]
 EMULATOR = Path(__file__).with_name("cuda_emulator")
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)<<<(.*?)>>>\(")
+MAX_ROW_TENSORS = int(re.search(r"kMaxRowTensors = (\d+);", (ROOT / "csrc" / "launch.h").read_text()).group(1))
+
+
+class Rows(ctypes.Structure):
+    """csrc/launch.h's Rows: the argument block of the elementwise launchers."""
+
+    _fields_ = [("data", ctypes.c_void_p * MAX_ROW_TENSORS), ("stride", ctypes.c_int64 * MAX_ROW_TENSORS),
+                ("count", ctypes.c_int32), ("n_rows", ctypes.c_int64), ("n_cols", ctypes.c_int64)]
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernels")
 
@@ -80,7 +91,7 @@ def side_input(tensor, activation_dtype):
 
 
 class EmulatedOps:
-    """torch.ops.solar_kernels_C's six ops on CPU tensors, through the emulated kernels."""
+    """torch.ops.solar_kernels_C's ops on CPU tensors, through the emulated kernels."""
 
     def __init__(self, lib):
         self.lib = lib
@@ -136,19 +147,18 @@ class EmulatedOps:
             int(backward)), "rotary")
         return q_out, k_out
 
-    def swiglu_fwd(self, gate, up):
-        y = torch.empty(gate.shape, dtype=gate.dtype)
-        check(self.lib.emu_swiglu_fwd(CODES[gate.dtype], ptr(gate), ptr(up), ptr(y),
-                                      *i64(gate.stride(0), up.stride(0), y.stride(0), *gate.shape)), "swiglu_fwd")
-        return y
+    def out_variant(self, name):
+        """torch.ops.solar_kernels_C.<name> of an out-variant elementwise op: its launcher solar_<name>,
+        given the op's tensors (inputs, then the outputs the Python side allocated) as a Rows block."""
+        launch = getattr(self.lib, f"solar_{name}")
 
-    def swiglu_bwd(self, dy, gate, up):
-        dgate, dup = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(gate.shape, dtype=gate.dtype)
-        check(self.lib.emu_swiglu_bwd(
-            CODES[gate.dtype], ptr(dy), ptr(gate), ptr(up), ptr(dgate), ptr(dup),
-            *i64(dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0), *gate.shape)),
-            "swiglu_bwd")
-        return dgate, dup
+        def run(*tensors):
+            rows = Rows(count=len(tensors), n_rows=tensors[0].shape[0], n_cols=tensors[0].shape[1])
+            for i, tensor in enumerate(tensors):
+                rows.data[i], rows.stride[i] = tensor.data_ptr(), tensor.stride(0)
+            check(launch(CODES[tensors[0].dtype], ctypes.byref(rows), None), name)
+
+        return run
 
     def logprobs_(self, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
         check(self.lib.emu_logprobs(
@@ -164,8 +174,11 @@ def emulated(lib, monkeypatch):
 
     ops = EmulatedOps(lib)
     namespace = torch.ops.solar_kernels_C
-    for name in ("rms_norm_fwd", "rms_norm_bwd", "rotary", "swiglu_fwd", "swiglu_bwd", "logprobs_"):
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "rotary", "logprobs_"):
         monkeypatch.setattr(namespace, name, getattr(ops, name), raising=False)  # with or without _C built
+    for kernel in _registry.kernels():
+        if kernel.out_variant:
+            monkeypatch.setattr(namespace, kernel.name, ops.out_variant(kernel.name), raising=False)
     real = backend.unavailable_reason
     monkeypatch.setattr(backend, "unavailable_reason",
                         lambda name, device: None if name == "cuda" else real(name, device))
@@ -244,6 +257,23 @@ def test_rotary_many_token_blocks_and_head_groups(emulated, dtype):
 @pytest.mark.parametrize("shape", [(3, 1), (2, 5, 123), (4, 4097), (2, 14336)])
 def test_swiglu(emulated, shape, dtype):
     check_swiglu((torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype), backend="cuda")
+
+
+def test_every_out_variant_kernel_has_a_launcher_by_name(lib):
+    """Each out-variant record is bound (in torch_bindings.cpp and here) through solar_<name>."""
+    names = [k.name for k in _registry.kernels() if k.out_variant]
+    assert "swiglu_fwd" in names and "swiglu_bwd" in names
+    missing = [name for name in names if not hasattr(lib, f"solar_{name}")]
+    assert not missing, f"no SOLAR_ROWS_LAUNCHER(solar_<name>) in csrc/*.cu for {missing}"
+
+
+def test_a_launcher_refuses_another_count_of_tensors(lib):
+    """The Rows block says how many tensors it holds; a launcher reads only its own op's count."""
+    gate = torch.randn(2, 8)
+    rows = Rows(count=2, n_rows=2, n_cols=8)  # swiglu_fwd takes gate, up and y
+    rows.data[0] = rows.data[1] = gate.data_ptr()
+    rows.stride[0] = rows.stride[1] = 8
+    assert lib.solar_swiglu_fwd(CODES[torch.float32], ctypes.byref(rows), None) != 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -1,5 +1,6 @@
-// C entry points over the launchers of csrc/launch.h, for ctypes (tests/ops/test_cuda_emulated.py).
-// dtype codes: 0 float32, 1 float16, 2 bfloat16. Each returns the launcher's cudaError_t.
+// C entry points over the typed launchers of csrc/launch.h, for ctypes (tests/ops/test_cuda_emulated.py).
+// dtype codes: 0 float32, 1 float16, 2 bfloat16. Each returns the launcher's cudaError_t. The
+// elementwise launchers (SOLAR_ROWS_LAUNCHER) are extern "C" already and need no entry here.
 #include "launch.h"
 
 namespace {
@@ -88,28 +89,6 @@ int emu_rotary(int dtype, int table_fp32, const void* q, const void* k, const vo
       return static_cast<int>(solar::launch_rotary(p, nullptr));
     };
     return table_fp32 ? run(float{}) : run(T{});
-  });
-}
-
-int emu_swiglu_fwd(int dtype, const void* gate, const void* up, void* y, int64_t stride_gate, int64_t stride_up,
-                   int64_t stride_y, int64_t n_rows, int64_t n_cols) {
-  return with_type(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    solar::SwigluFwd<T> p{static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(y),
-                          stride_gate, stride_up, stride_y, n_rows, n_cols};
-    return static_cast<int>(solar::launch_swiglu_fwd(p, nullptr));
-  });
-}
-
-int emu_swiglu_bwd(int dtype, const void* dy, const void* gate, const void* up, void* dgate, void* dup,
-                   int64_t stride_dy, int64_t stride_gate, int64_t stride_up, int64_t stride_dgate,
-                   int64_t stride_dup, int64_t n_rows, int64_t n_cols) {
-  return with_type(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    solar::SwigluBwd<T> p{static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up),
-                          static_cast<T*>(dgate), static_cast<T*>(dup), stride_dy, stride_gate, stride_up,
-                          stride_dgate, stride_dup, n_rows, n_cols};
-    return static_cast<int>(solar::launch_swiglu_bwd(p, nullptr));
   });
 }
 

@@ -1,0 +1,205 @@
+"""One record per kernel: what dispatch, the fakes, ``auto``, the tests, the benchmarks and the
+GPU-compile tool know about it, written once.
+
+Adding a kernel
+---------------
+An elementwise kernel over rows [N, width] (SwiGLU is the worked example) touches four files:
+
+1. ``solar_kernels/ops/<op>.py``, in the order of STYLE.md: the ``<op>_ref`` reference, the
+   ``@triton.jit`` kernels, one out-variant Triton launcher per kernel (``launcher(*inputs,
+   *outputs)``: it writes the outputs it is given, [N, width] row views), the records::
+
+       FWD = register(elementwise("<op>_fwd", "<op>", _<op>_fwd_triton, inputs=2, outputs=1))
+       BWD = register(elementwise("<op>_bwd", "<op>", _<op>_bwd_triton, inputs=3, outputs=2))
+
+   then the ``torch.library`` custom ops, whose real implementation is ``FWD.launch(backend,
+   *rows)`` and whose fake is ``FWD.allocate(*inputs)`` (the contract), the public function (its
+   argument checks, one-line errors, before any work) and ``register_op(Op(...))``, which lets the
+   self-check and the benchmarks run it. Export it from ``solar_kernels/ops/__init__.py`` (a line).
+2. ``csrc/<op>.cu``: the CUDA kernels and one ``SOLAR_ROWS_LAUNCHER(solar_<op>_fwd)`` per record,
+   reading a ``Rows`` block (csrc/launch.h) whose tensors come in the record's order, inputs then
+   outputs. setup.py builds every ``.cu`` in csrc/.
+3. ``csrc/torch_bindings.cpp``: per record, the launcher's declaration, its schema (``"<op>_fwd(
+   Tensor gate, Tensor up, Tensor(a!) y) -> ()"``: the only place it is written) and
+   ``SOLAR_ROWS_OP(m, <op>_fwd)``. The host side (csrc/rows_host.cpp) is shared: it checks what
+   protects memory (device, dtype, shape, unit column stride, alignment) and launches.
+4. ``tests/ops/test_<op>.py``: the op against its reference in float64 (tests/tolerances.py).
+
+What then follows from the record with no further edit: the ``auto`` backend's choice per shape
+class (``pick`` with ``rows_width``, timed on ``example`` inputs), the fake of the CUDA op (an
+out-variant needs none), the CPU emulation of the CUDA kernel (tests/ops/test_cuda_emulated.py
+binds every ``SOLAR_ROWS_LAUNCHER`` by name), the schema and registration checks of the built
+extension (tests/ops/test_cuda_build.py), the compiled-code report (tools/compile_for_gpu.py drives
+``triton`` on ``example`` inputs at SOLAR's width), the self-check (solar_kernels.selfcheck) and the
+op benchmarks (benchmarks/cases.py: minimum bytes from the contract). The compiled-code budgets of
+tests/ops/test_gpu_compile.py name each kernel function and are the one table to extend by hand.
+
+A kernel that is not elementwise writes its own ``Kernel(...)`` with its contract and
+``rows_width``, and its own host function in csrc/ (see rms_norm, rotary, logprobs).
+
+Op files not moved onto the registry yet (rms_norm, rotary, linear_logprobs) register their timing
+hook through ``solar_kernels._autotune.register_kernel``; that makes a record holding only ``name``,
+``family`` and ``time_case``, so the lists in tests, benchmarks and tools already come from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._autotune import pick
+
+# (shape, dtype) of each output, in order.
+Contract = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+# make_case(backend, rows, width, device) -> a callable that runs one launch (the autotuner times it).
+MakeCase = Callable[[str, int, int, torch.device], Callable[[], object]]
+# example(rows, width, dtype, device, make) -> the inputs of a launch over rows x width, made by
+# ``make(rows, width, dtype=..., device=...)`` (torch.randn to time, torch.empty to compile).
+Example = Callable[..., tuple[torch.Tensor, ...]]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One launched kernel (forward and backward are two), under both fast backends."""
+
+    name: str  # the key of auto's table and the name of the CUDA op: torch.ops.solar_kernels_C.<name>
+    family: str  # the op file it lives in: solar_kernels/ops/<family>.py
+    triton: Callable[..., None] | None = None  # triton(*inputs, *outputs) writes the outputs
+    outputs: Callable[..., Contract] | None = None  # the output contract: inputs -> (shape, dtype) each
+    rows_width: Callable[..., tuple[int, int]] | None = None  # inputs -> (rows, width): auto's shape class
+    example: Example | None = None
+    time_case: MakeCase | None = None  # an op file's own timing hook (files not moved yet)
+
+    @property
+    def out_variant(self) -> bool:
+        """Whether dispatch, allocation and the CUDA op go through this record (else the op file's
+        launchers still switch between backends themselves)."""
+        return self.triton is not None
+
+    def cuda_op(self):
+        """torch.ops.solar_kernels_C.<name>, looked up when called (the extension loads lazily)."""
+        return getattr(torch.ops.solar_kernels_C, self.name)
+
+    def allocate(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Fresh outputs by the contract, on the device of the first input (fake tensors under tracing)."""
+        device = inputs[0].device
+        return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs(*inputs))
+
+    def launch(self, backend: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Allocate the outputs, run the implementation ``backend`` names ("triton", "cuda", or "auto":
+        this GPU's choice for the launch's shape class), return the outputs."""
+        outputs = self.allocate(*inputs)
+        rows, width = self.rows_width(*inputs)
+        if pick(backend, self.name, rows, width, inputs[0].device) == "cuda":
+            self.cuda_op()(*inputs, *outputs)
+        else:
+            self.triton(*inputs, *outputs)
+        return outputs
+
+    def make_case(self, backend: str, rows: int, width: int, device: torch.device) -> Callable[[], object]:
+        """A callable running one launch of a bf16 problem of rows x width (what auto times)."""
+        if self.time_case is not None:
+            return self.time_case(backend, rows, width, device)
+        inputs = self.example(rows, width, torch.bfloat16, device, torch.randn)
+        return lambda: self.launch(backend, *inputs)
+
+
+@dataclass(frozen=True)
+class Op:
+    """A public op over the records of its kernels: what the self-check and the benchmarks run."""
+
+    name: str  # the public function: solar_kernels.<name>
+    fn: Callable[..., torch.Tensor]  # fn(*inputs, backend=...)
+    ref: Callable[..., torch.Tensor]  # the PyTorch reference, ref(*inputs)
+    kernels: tuple[Kernel, ...]  # forward first; its example gives the op's inputs
+    width: str  # the ModelConfig field a row is as wide as ("intermediate_size")
+
+    def example(self, rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
+        return self.kernels[0].example(rows, width, dtype, device, make)
+
+
+KERNELS: dict[str, Kernel] = {}
+OPS: dict[str, Op] = {}
+
+
+def register(kernel: Kernel) -> Kernel:
+    """Add a record (an op file calls this at import); a second record of one name is an error."""
+    known = KERNELS.get(kernel.name)
+    if known is not None and known.family != kernel.family:  # a reloaded op file replaces its own
+        raise ValueError(f"kernel registry: {kernel.name!r} is registered by {known.family} already, "
+                         f"got a second record from {kernel.family}")
+    if kernel.time_case is None and kernel.example is None:
+        raise ValueError(f"kernel registry: {kernel.name!r} needs example inputs or a time_case, got neither")
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def register_op(op: Op) -> Op:
+    OPS[op.name] = op
+    return op
+
+
+def kernels() -> list[Kernel]:
+    """Every record, in registration order (importing solar_kernels.ops registers them all)."""
+    importlib.import_module("solar_kernels.ops")
+    return list(KERNELS.values())
+
+
+def ops() -> list[Op]:
+    importlib.import_module("solar_kernels.ops")
+    return list(OPS.values())
+
+
+def families() -> list[str]:
+    """The op files that hold kernels, in registration order."""
+    return list(dict.fromkeys(k.family for k in kernels()))
+
+
+# ---- elementwise kernels over rows -------------------------------------------------------------
+
+
+def rows_width(tensor: torch.Tensor) -> tuple[int, int]:
+    """(rows, width) of a [..., width] tensor."""
+    width = tensor.shape[-1]
+    return (tensor.numel() // width if width else 0), width
+
+
+def elementwise(name: str, family: str, triton: Callable[..., None], *, inputs: int, outputs: int) -> Kernel:
+    """A record for a kernel over ``inputs`` tensors [..., width] of one shape and dtype that writes
+    ``outputs`` more of them (contiguous); its CUDA twin is bound by csrc/rows_host.cpp."""
+
+    def contract(*tensors: torch.Tensor) -> Contract:
+        _check_count(name, tensors, inputs)
+        return ((tuple(tensors[0].shape), tensors[0].dtype),) * outputs
+
+    def shape_class(*tensors: torch.Tensor) -> tuple[int, int]:
+        _check_count(name, tensors, inputs)
+        return rows_width(tensors[0])
+
+    def example(rows: int, width: int, dtype: torch.dtype, device, make=torch.randn) -> tuple[torch.Tensor, ...]:
+        return tuple(make(rows, width, dtype=dtype, device=device) for _ in range(inputs))
+
+    return Kernel(name, family, triton=triton, outputs=contract, rows_width=shape_class, example=example)
+
+
+def _check_count(name: str, tensors: tuple, expected: int) -> None:
+    if len(tensors) != expected:
+        raise TypeError(f"{name}: expected {expected} input tensors, got {len(tensors)}")
+
+
+# Families of the op files that still register a bare timing hook (solar_kernels._autotune.register_kernel);
+# an entry goes when its op file moves onto records of its own.
+_UNMOVED_FAMILIES = {"rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm", "rotary": "rotary",
+                     "logprobs": "linear_logprobs"}
+
+
+def register_unmoved(name: str, make_case: MakeCase) -> Kernel:
+    """The record of a kernel whose op file has not moved onto the registry: its name, its family and
+    its timing hook."""
+    if name not in _UNMOVED_FAMILIES:
+        raise ValueError(f"kernel registry: {name!r} is not one of the unmoved kernels "
+                         f"{sorted(_UNMOVED_FAMILIES)}; register a Kernel record instead")
+    return register(Kernel(name, _UNMOVED_FAMILIES[name], time_case=make_case))

@@ -1,0 +1,126 @@
+"""The kernel registry (solar_kernels/ops/_registry.py): records, the dispatch that reads them, the
+output contract behind the fakes, and the lists that come from it."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import solar_kernels as sk
+from solar_kernels import _autotune
+from solar_kernels.ops import _registry
+from solar_kernels.ops._registry import Kernel, elementwise, register, register_unmoved
+
+swiglu_module = importlib.import_module("solar_kernels.ops.swiglu")
+
+
+class FakeCudaOp:
+    """Stands in for torch.ops.solar_kernels_C.<name>: records its arguments, writes a marker."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *tensors):
+        self.calls.append(tensors)
+        for out in tensors[-2:]:
+            out.fill_(7.0)
+
+
+@pytest.fixture
+def cuda_choice(monkeypatch):
+    """Every "auto" launch picks CUDA, and the CUDA ops of the records are fakes."""
+    monkeypatch.setattr(_autotune, "pick", lambda backend, kernel, rows, width, device: "cuda")
+    monkeypatch.setattr(_registry, "pick", lambda backend, kernel, rows, width, device: "cuda")
+    fakes = {}
+    for kernel in _registry.kernels():
+        if kernel.out_variant:
+            fakes[kernel.name] = FakeCudaOp()
+            monkeypatch.setattr(torch.ops.solar_kernels_C, kernel.name, fakes[kernel.name], raising=False)
+    return fakes
+
+
+def test_swiglu_dispatch_hands_the_cuda_op_outputs_allocated_by_the_contract(cuda_choice):
+    gate = torch.randn(2, 3, 40)
+    up = torch.randn(2, 3, 40)
+    y = swiglu_module._swiglu_fwd_op(gate, up, "auto")
+    (call,) = cuda_choice["swiglu_fwd"].calls
+    assert [t.shape for t in call] == [(6, 40)] * 3  # gate, up as rows, then y
+    assert call[2].dtype == gate.dtype and call[2].data_ptr() == y.data_ptr()
+    assert y.shape == gate.shape and torch.all(y == 7.0)  # what the CUDA op wrote is the result
+    dgate, dup = swiglu_module._swiglu_bwd_op(torch.randn_like(gate), gate, up, "auto")
+    (call,) = cuda_choice["swiglu_bwd"].calls
+    assert len(call) == 5 and (call[3].data_ptr(), call[4].data_ptr()) == (dgate.data_ptr(), dup.data_ptr())
+    assert torch.all(dgate == 7.0) and torch.all(dup == 7.0)
+
+
+def test_swiglu_dispatch_runs_triton_on_a_triton_choice(device):
+    gate, up = torch.randn(5, 33, device=device), torch.randn(5, 33, device=device)
+    (y,) = swiglu_module.SWIGLU_FWD.launch("triton", gate, up)
+    torch.testing.assert_close(y, sk.swiglu_ref(gate, up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_custom_op_fakes_follow_the_contract(dtype):
+    """torch.library.opcheck: the fakes (the records' contract) agree with the real outputs."""
+    gate = torch.randn(3, 2, 24, dtype=dtype, requires_grad=True)
+    up = torch.randn(3, 2, 24, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.solar_kernels.swiglu_fwd, (gate, up, "triton"))
+    dy = torch.randn_like(gate)  # the backward op has no backward of its own: plain tensors
+    torch.library.opcheck(torch.ops.solar_kernels.swiglu_bwd, (dy, gate.detach(), up.detach(), "triton"))
+
+
+def test_contract_of_an_elementwise_record():
+    gate = torch.empty(4, 9, 17, dtype=torch.float16, device="meta")
+    fwd, bwd = swiglu_module.SWIGLU_FWD, swiglu_module.SWIGLU_BWD
+    assert fwd.outputs(gate, gate) == (((4, 9, 17), torch.float16),)
+    assert bwd.outputs(gate, gate, gate) == (((4, 9, 17), torch.float16),) * 2
+    assert fwd.rows_width(gate, gate) == (36, 17)
+    assert [t.shape for t in fwd.allocate(gate, gate)] == [(4, 9, 17)]
+    with pytest.raises(TypeError, match="swiglu_bwd: expected 3 input tensors, got 2"):
+        bwd.outputs(gate, gate)
+
+
+def test_a_records_timing_case_runs_one_launch(device):
+    run = swiglu_module.SWIGLU_BWD.make_case("triton", 4, 48, device)
+    dgate, dup = run()
+    assert dgate.shape == dup.shape == (4, 48) and dgate.dtype == torch.bfloat16
+
+
+def test_every_kernel_is_recorded_by_its_op_file():
+    for kernel in _registry.kernels():
+        module = importlib.import_module(f"solar_kernels.ops.{kernel.family}")
+        hook = kernel.triton if kernel.out_variant else kernel.time_case
+        assert hook.__module__ == module.__name__, (kernel.name, kernel.family, hook.__module__)
+    assert {k.family for k in _registry.kernels()} == set(_registry.families())
+
+
+def test_every_op_names_records_and_a_model_width():
+    from solar_kernels.model.config import ModelConfig
+
+    for op in _registry.ops():
+        assert getattr(sk, op.name) is op.fn
+        assert all(_registry.KERNELS[k.name] is k for k in op.kernels), op.name
+        assert isinstance(getattr(ModelConfig(), op.width), int), op.width
+
+
+def test_registering_a_name_twice_from_another_family_is_an_error():
+    taken = swiglu_module.SWIGLU_FWD
+    impostor = elementwise(taken.name, "not_swiglu", taken.triton, inputs=2, outputs=1)
+    with pytest.raises(ValueError, match="'swiglu_fwd' is registered by swiglu already, got a second record from not_swiglu"):
+        register(impostor)
+    assert _registry.KERNELS["swiglu_fwd"] is taken
+
+
+def test_a_record_needs_a_way_to_be_timed():
+    with pytest.raises(ValueError, match="'nothing' needs example inputs or a time_case, got neither"):
+        register(Kernel("nothing", "swiglu"))
+    assert "nothing" not in _registry.KERNELS
+
+
+def test_only_the_unmoved_kernels_register_a_bare_timing_hook():
+    with pytest.raises(ValueError, match="'swiglu_fwd' is not one of the unmoved kernels"):
+        register_unmoved("swiglu_fwd", lambda *args: None)
+    with pytest.raises(ValueError, match="'new_kernel' is not one of the unmoved kernels"):
+        _autotune.register_kernel("new_kernel", lambda *args: None)
