@@ -207,7 +207,8 @@ def test_yaml_errors(base, tmp_path, monkeypatch):
          "merge_method: passthrough\n", r"slices\[0\] must have exactly one source for passthrough, got 2"),
         # Keys mergekit has that are not implemented here are refused, never ignored (issue 13).
         (slice_text + "merge_method: passthrough\ntokenizer_source: base\n", r"tokenizer_source: base needs base_model"),
-        (slice_text + "merge_method: passthrough\ntokenizer: {source: base}\n", r"key 'tokenizer' is not supported"),
+        (slice_text + "merge_method: passthrough\ntokenizer: {source: union, tokens: {w3: {source: {kind: one}}}}\n",
+         r"tokenizer: tokens\['w3'\]: source must be a model path"),
         (slice_text + "merge_method: passthrough\nparameters: {weight: 0.5}\n",
          r"parameters: parameter 'weight' does not apply to passthrough; expected scale"),
         ("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4], parameters: {density: 1}}\n"
