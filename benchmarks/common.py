@@ -25,11 +25,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from training.trainer import PEAK_BF16_TFLOPS
+
 logger = logging.getLogger(__name__)
 
-# Dense bf16 peak per card (SPEC §7), for MFU. Achieved rates are also read against the GEMM rate
-# measured in the same run.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# Achieved rates are read against the dense bf16 peak of the card (the trainer's table, for MFU) and
+# against the GEMM rate measured in the same run.
 
 
 def _commit() -> str:
@@ -161,19 +162,26 @@ def ceilings(device: torch.device) -> Dict[str, float]:
     return {"copy_gbps": 2 * src.numel() * 4 / copy / 1e6, "gemm_tflops": 2 * 256**3 / gemm / 1e9}
 
 
-def write_rows(rows: List[Dict[str, object]], env: Dict[str, object], extra: Dict[str, object], out_dir: Path,
-               stem: str) -> List[Path]:
-    """``<stem>.csv`` (one row per measurement, environment in every row) and ``<stem>.json``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns: List[str] = []
+def write_csv(path: Path, rows: list[dict[str, object]], env: dict[str, object]) -> Path:
+    """One CSV line per row, the environment's columns first and repeated in every line; the row
+    columns are every key of any row, in first-seen order (a row without one leaves it empty)."""
+    columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
-    with open(csv_path, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*env, *columns])
         writer.writeheader()
         for row in rows:
             writer.writerow({**env, **row})
+    return path
+
+
+def write_rows(rows: List[Dict[str, object]], env: Dict[str, object], extra: Dict[str, object], out_dir: Path,
+               stem: str) -> List[Path]:
+    """``<stem>.csv`` (one row per measurement, environment in every row) and ``<stem>.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
+    write_csv(csv_path, rows, env)
     json_path.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=2, default=str) + "\n")
     return [csv_path, json_path]
 

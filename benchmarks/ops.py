@@ -28,10 +28,11 @@ import torch
 
 from benchmarks.cases import Case, build_cases
 from benchmarks.common import ceilings, environment, format_table, peak_extra_bytes, rotation, time_ms, write_rows
+from solar_kernels.checkpoint import SHORT_DTYPE_NAMES, parse_dtype
+from training.plots import _figure, _save
 
 logger = logging.getLogger(__name__)
 MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _outputs(result) -> List[torch.Tensor]:
@@ -116,19 +117,14 @@ def add_speedups(rows: List[Dict[str, object]]) -> None:
 
 
 def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
-    try:
-        import matplotlib
-    except ImportError:  # charts are a view of the CSV; a machine without matplotlib still gets the numbers
-        logger.warning("matplotlib is not installed: no PNG charts (benchmarks/fetch_wheels.sh brings it)")
-        return []
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # Charts are a view of the CSV: without matplotlib (fetch_wheels.sh brings it) the numbers remain.
     written = []
     sweep = [r for r in rows if r["op"] == "rms_norm_sweep" and "gbps" in r]
     for dtype in sorted({r["dtype"] for r in sweep}):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig = _figure(figsize=(11, 4))
+        if fig is None:
+            return written
+        axes = fig.subplots(1, 2)
         for ax, mode in zip(axes, ("fwd", "bwd")):
             for contender in sorted({r["contender"] for r in sweep}):
                 points = sorted((r["width"], r["gbps"]) for r in sweep
@@ -141,17 +137,17 @@ def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
             ax.set_title(f"rms_norm {mode}, {dtype}")
             ax.legend()
         fig.tight_layout()
-        path = out_dir / f"rms_norm_sweep_{dtype}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"rms_norm_sweep_{dtype}.png", dpi=110))
     main_rows = [r for r in rows if r["op"] != "rms_norm_sweep" and r["mode"] == "fwd+bwd" and "median_ms" in r]
     if main_rows:
         tokens = max(r["tokens"] for r in main_rows)
         ours = [r for r in main_rows if r["tokens"] == tokens and r["contender"] in ("triton", "cuda")]
         baselines = sorted({k[len("speedup_vs_"):] for r in ours for k in r if k.startswith("speedup_vs_")})
         labels = [f"{r['op']}\n{r['contender']} {r['dtype']}" for r in ours]
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ours)), 4))
+        fig = _figure(figsize=(max(6, 1.2 * len(ours)), 4))
+        if fig is None:
+            return written
+        ax = fig.subplots()
         width = 0.8 / max(1, len(baselines))
         for k, base in enumerate(baselines):
             ax.bar([i + k * width for i in range(len(ours))], [r.get(f"speedup_vs_{base}", 0) for r in ours],
@@ -162,10 +158,7 @@ def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
         ax.set_title(f"{tokens} tokens")
         ax.legend()
         fig.tight_layout()
-        path = out_dir / "speedups.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "speedups.png", dpi=110))
     return written
 
 
@@ -193,7 +186,7 @@ def counts_table() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (checks the suite, no real numbers)")
-    parser.add_argument("--dtype", action="append", choices=list(DTYPES), help="repeatable; default bf16 (fp32 on --cpu)")
+    parser.add_argument("--dtype", action="append", choices=list(SHORT_DTYPE_NAMES.values()), help="repeatable; default bf16 (fp32 on --cpu)")
     parser.add_argument("--ops", nargs="+", help="subset of ops (default all)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the RMSNorm width sweep")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 16384 32768 4096)")
@@ -215,7 +208,7 @@ def main(argv=None) -> int:
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the CPU check")
     device = torch.device("cpu" if args.cpu else "cuda")
-    dtypes = [DTYPES[d] for d in (args.dtype or (["fp32"] if args.cpu else ["bf16"]))]
+    dtypes = [parse_dtype(d) for d in (args.dtype or (["fp32"] if args.cpu else ["bf16"]))]
     env = environment(device)
     ceiling = json.loads(Path(args.ceilings_from).read_text())["ceilings"] if args.ceilings_from else ceilings(device)
     print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "

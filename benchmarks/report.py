@@ -12,13 +12,12 @@ is checked against the targets of the benchmark issue (ratios to the ceilings me
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from benchmarks.common import card_slug
+from benchmarks.common import card_slug, write_csv
 
 START, END = "<!-- performance:start -->", "<!-- performance:end -->"
 # (op, mode) -> (measure, target): of_copy = share of the measured copy bandwidth; of_matmul = time
@@ -73,14 +72,7 @@ def collect(run_dir: Path, into: Path) -> Path:
     stem = into / f"{env['date']}-{card_slug(env['card'])}"
     stem.with_suffix(".json").write_text(json.dumps(combined, indent=2) + "\n")
     rows = [{"suite": "ops", **r} for r in combined["ops"]] + [{"suite": "train_step", **r} for r in combined["train_step"]]
-    columns: List[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*env, *columns])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**env, **row})
+    write_csv(stem.with_suffix(".csv"), rows, env)
     return stem.with_suffix(".json")
 
 

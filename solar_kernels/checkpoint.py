@@ -57,8 +57,11 @@ SIDE_FILES = (
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# The float dtypes a user names (--dtype, YAML, benchmark and self-check options): short names, used
+# in result files and test ids, and torch's own names; parse_dtype accepts both.
+SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPE_NAMES = {**{str(dtype).removeprefix("torch."): dtype for dtype in SHORT_DTYPE_NAMES},
+               **{short: dtype for dtype, short in SHORT_DTYPE_NAMES.items()}}
 
 
 # config.json keys this package reads, and the JSON types each may have (None: JSON null).
@@ -260,9 +263,6 @@ class CheckpointReader:
     def nbytes(self, name: str) -> int:
         start, end = self._info[name]["data_offsets"]
         return end - start
-
-    def total_bytes(self) -> int:
-        return sum(self.nbytes(name) for name in self._file_of)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from disk now into memory of its own.

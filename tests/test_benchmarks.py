@@ -220,7 +220,7 @@ def test_gpu_check_rehearsal_runs_every_step_and_builds_the_report(tmp_path):
     names = [s[0] for s in steps]
     assert names == ["environment + ceilings", "install", "op benchmarks (Triton)", "train step", "op benchmarks (CUDA)",
                      "tests", "report"], log
-    for name, status, seconds, output in steps:
+    for name, status, _seconds, output in steps:
         assert status in ("0", "5") if name == "tests" else status == "0", (name, status, log)  # 5: no test selected
         assert not output or (out / output).stat().st_size > 0, (name, output)
     assert "installing Triton-only" in (out / "install.log").read_text()

@@ -55,6 +55,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from solar_kernels.model.config import PRESETS  # noqa: E402
 from solar_kernels.ops import _registry  # noqa: E402
 
+from solar_kernels.checkpoint import SHORT_DTYPE_NAMES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)
 
@@ -64,7 +66,6 @@ MAX_THREADS_PER_SM = 2048
 MAX_BLOCKS_PER_SM = 32
 SHARED_PER_SM = 228 * 1024
 SOLAR = {"tokens": 16384, "d": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128, "vocab": 32000}
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 FP64 = re.compile(r"^(DADD|DMUL|DFMA|DSETP|DSET|DMNMX|DMMA)\b|^MUFU\.(RSQ|RCP)64H|^(F2F|I2F|F2I)\.\S*F64")
 
 
@@ -237,7 +238,7 @@ _UNMOVED_DRIVERS = {"rms_norm": _drive_rms_norm, "rotary": _drive_rotary, "linea
 
 def _drive(modules, context) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        name, solar = DTYPE_NAMES[dtype], dtype == torch.bfloat16
+        name, solar = SHORT_DTYPE_NAMES[dtype], dtype == torch.bfloat16
         for family, module in modules.items():
             if family in _UNMOVED_DRIVERS:
                 _UNMOVED_DRIVERS[family](module, context, dtype, name, solar)

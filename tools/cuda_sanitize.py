@@ -93,12 +93,12 @@ def cases(dtype):
         q, k = rand(2, 4, 9, head_dim, dtype=dtype), rand(2, 2, 9, head_dim, dtype=dtype)
         cos, sin = rand(2, 9, head_dim, dtype=torch.float32), rand(2, 9, head_dim, dtype=torch.float32)
         ok &= through_api(f"apply_rotary D={head_dim}", dtype,
-                          lambda q, k: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
-                          lambda q, k: sk.apply_rotary_ref(q, k, cos, sin), [q, k])
+                          lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
+                          lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin), [q, k])
     q_bthd = rand(2, 9, 4, 128, dtype=dtype)
     ok &= through_api("apply_rotary [B, T, H, D] view", dtype,
-                      lambda q, k: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
-                      lambda q, k: sk.apply_rotary_ref(q, k, cos, sin), [q_bthd.transpose(1, 2), k])
+                      lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
+                      lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin), [q_bthd.transpose(1, 2), k])
     q, k = shifted(1, 4, 9, 128, dtype=dtype), shifted(1, 2, 9, 128, dtype=dtype)
     cos, sin = shifted(9, 128, dtype=dtype), shifted(9, 128, dtype=dtype)
     # The backward is the forward with sin1, sin2 := -sin2, -sin1 (solar_kernels/ops/rotary.py).
@@ -123,11 +123,11 @@ def cases(dtype):
         labels = torch.randint(0, vocab, (3, 7), device=DEVICE)
         labels[0, :3] = -100
         ok &= through_api(f"linear_logprobs V={vocab}", dtype,
-                          lambda h, w: sk.linear_logprobs(h, w, labels, chunk_size=8, backend="cuda"),
-                          lambda h, w: sk.linear_logprobs_ref(h, w, labels), [hidden, weight])
+                          lambda h, w, labels=labels: sk.linear_logprobs(h, w, labels, chunk_size=8, backend="cuda"),
+                          lambda h, w, labels=labels: sk.linear_logprobs_ref(h, w, labels), [hidden, weight])
         ok &= through_api(f"linear_cross_entropy V={vocab}", dtype,
-                          lambda h, w: sk.linear_cross_entropy(h, w, labels, chunk_size=8, backend="cuda"),
-                          lambda h, w: sk.linear_cross_entropy_ref(h, w, labels), [hidden, weight])
+                          lambda h, w, labels=labels: sk.linear_cross_entropy(h, w, labels, chunk_size=8, backend="cuda"),
+                          lambda h, w, labels=labels: sk.linear_cross_entropy_ref(h, w, labels), [hidden, weight])
     logits = shifted(6, 1001, dtype=dtype)
     labels = torch.tensor([0, -100, 1000, 1001, 5, -3], device=DEVICE)  # two out of range: NaN rows
     logp, lse = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)

@@ -61,9 +61,9 @@ tests/fixtures/trl/):
 
 Inputs: four tensors of one shape ([B]), one float dtype (float64 too), one device; lengths [B] of
 any real dtype on that device; the result is in the inputs' dtype. The work is a handful of
-elementwise ops on B numbers, so every backend runs the same PyTorch code; ``backend`` is still
-validated so the op behaves like the others. It is no custom op, so under ``torch.autocast``
-autocast's own rules apply to that code (its inputs, fp32 sequence log-probs, stay fp32).
+elementwise ops on B numbers, plain PyTorch on every device, so the op takes no ``backend``. It is
+no custom op, so under ``torch.autocast`` autocast's own rules apply to that code (its inputs, fp32
+sequence log-probs, stay fp32).
 """
 
 from __future__ import annotations
@@ -74,7 +74,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._backend import resolve_backend
 from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
 
 OP = "dpo_loss"
@@ -273,7 +272,6 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float | torch.Tensor = 0.0,
-    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen_rewards, rejected_rewards): the (weighted) DPO loss and the detached rewards.
 
@@ -282,7 +280,6 @@ def dpo_loss(
     """
     _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
                 label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta)
-    resolve_backend(OP, backend, policy_chosen.device)
     return dpo_loss_ref(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type, label_smoothing,
         loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,

@@ -105,7 +105,7 @@ def _inputs():
         (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau must be a positive float, got 0.0"),
         (dict(loss_type="bco_pair", bco_delta=torch.zeros(2)), ValueError, "bco_delta must be a float or a 0-d float tensor"),
         (dict(loss_type="bco_pair", bco_delta=float("inf")), ValueError, "bco_delta must be a finite float, got inf"),
-        (dict(backend="nope"), ValueError, "backend must be one of"),
+        (dict(backend="torch"), TypeError, "unexpected keyword argument 'backend'"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
