@@ -14,7 +14,8 @@ modeling file are touched. What is swapped:
 - Rotary: every attention module's forward rotates q and k with ``sk.apply_rotary`` (one launch for
   both) from the cos/sin tables the model's own rotary module computed, so the RoPE scaling types
   transformers implements (linear, dynamic, YaRN, llama3: a scaled table, the same rotation; tests
-  use YaRN and Gemma 3's per-layer-type tables with linear scaling) are honoured. Qwen3's and Gemma 3's ``q_norm``/``k_norm`` run before the rotation, as in transformers.
+  use YaRN and Gemma 3's per-layer-type tables with linear scaling) are honoured. Qwen3's and
+  Gemma 3's ``q_norm``/``k_norm`` run before the rotation, as in transformers.
   The attention itself is still the implementation the model was configured with, called with the
   arguments transformers passes (scaling, ``sliding_window``, Gemma 2's ``attn_logit_softcapping``).
 - MLP: where the MLP is a SwiGLU (``hidden_act="silu"``: Llama, Mistral, Qwen2, Qwen3) its forward
@@ -24,7 +25,8 @@ modeling file are touched. What is swapped:
   ``sk.linear_cross_entropy`` from the final hidden states, so the ``[B, T, V]`` logits are never
   built; the returned output then has ``logits=None`` (pass no labels to get logits). Labels are
   shifted as transformers does (the loss at position t predicts label t + 1; -100 is ignored), and
-  ``num_items_in_batch`` is honoured as in transformers' loss. Gemma's ``final_logit_softcapping``
+  ``num_items_in_batch``, ``ignore_index`` and pre-shifted ``shift_labels`` are honoured as in
+  transformers' loss. Gemma's ``final_logit_softcapping``
   (30 in Gemma 2's config) is the op's ``softcap``: ``cap * tanh(logits / cap)`` inside the fused
   loss, in fp32 (transformers caps in lm_head's output dtype, bf16 under autocast).
 
@@ -153,16 +155,20 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
                                             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # transformers' ForCausalLMLoss options, which it also takes from the forward's kwargs.
     num_items = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    shift_labels = kwargs.pop("shift_labels", None)
     outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          **kwargs)
     hidden = outputs.last_hidden_state
-    # transformers' shift: position t predicts label t + 1; the last position predicts nothing.
-    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+    if shift_labels is None:  # transformers' shift: position t predicts label t + 1, the last nothing
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "sum" if num_items is not None else "mean"
-    loss = linear_cross_entropy(hidden, self.lm_head.weight, shifted, bias=self.lm_head.bias,
-                                reduction=reduction, softcap=getattr(self.config, "final_logit_softcapping", None),
+    softcap = getattr(self.config, "final_logit_softcapping", None)  # Gemma's cap * tanh(logits / cap)
+    loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), bias=self.lm_head.bias,
+                                ignore_index=ignore_index, reduction=reduction, softcap=softcap,
                                 backend=self._solar_backend)
     if num_items is not None:
         loss = loss / num_items

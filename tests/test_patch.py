@@ -14,7 +14,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels.patch import unpatch_hf_model
-from tests.model.conftest import hf_tiny_config
+from tests.helpers import hf_tiny_config
 from tests.tolerances import assert_close
 
 KINDS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
@@ -120,6 +120,19 @@ def test_num_items_in_batch_matches_transformers(device):
     ids = torch.randint(0, 101, (2, 7), device=device)
     expected = reference(ids, labels=ids, num_items_in_batch=20).loss
     torch.testing.assert_close(patched(ids, labels=ids, num_items_in_batch=20).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_shift_labels_and_ignore_index_match_transformers(device):
+    """transformers' loss takes pre-shifted ``shift_labels`` and an ``ignore_index`` from the
+    forward's kwargs; the fused loss honours both rather than shifting ``labels`` itself."""
+    reference, patched = _models("llama", device)
+    ids = torch.randint(0, 101, (2, 7), device=device)
+    shift_labels = torch.randint(0, 101, (2, 7), device=device)
+    shift_labels[0, :2] = -100
+    for options in (dict(shift_labels=shift_labels), dict(ignore_index=int(ids[0, 3]))):
+        expected = reference(ids, labels=ids, **options).loss
+        got = patched(ids, labels=ids, **options).loss
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -249,7 +262,8 @@ def test_refuses_gemma3_vision_language_model():
 
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=_config("gemma3").to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    config = Gemma3Config(text_config=_config("gemma3").to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4)
     model = Gemma3ForConditionalGeneration(config)
     with pytest.raises(TypeError, match="expected a text-only causal LM, got Gemma3ForConditionalGeneration"):
         sk.patch_hf_model(model)
