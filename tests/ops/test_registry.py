@@ -124,3 +124,22 @@ def test_only_the_unmoved_kernels_register_a_bare_timing_hook():
         register_unmoved("swiglu_fwd", lambda *args: None)
     with pytest.raises(ValueError, match="'new_kernel' is not one of the unmoved kernels"):
         _autotune.register_kernel("new_kernel", lambda *args: None)
+
+
+def test_selfcheck_runs_every_registry_op():
+    from solar_kernels import selfcheck
+
+    rows, failed = selfcheck.check(torch.device("cpu"), ["fp32"], ["torch"])
+    assert {op.name for op in _registry.ops()} <= {row[0] for row in rows}
+    assert not failed, [row for row in rows if not row[-1]]
+
+
+def test_benchmark_cases_of_registry_ops_count_bytes_from_the_contract():
+    from benchmarks.cases import build_cases
+
+    cases = {c.op: c for c in build_cases(torch.device("cpu"), [torch.float32], cpu=False, sweep=False, tokens=[8])}
+    assert {op.name for op in _registry.ops()} <= set(cases)
+    swiglu = cases["swiglu"]
+    n = 8 * 14336 * 4  # 8 tokens of SOLAR's I in fp32
+    assert swiglu.bytes == {"fwd": 3 * n, "bwd": 5 * n, "fwd+bwd": 8 * n}  # cases.py's table: 3·N·I·b, 5·N·I·b
+    assert swiglu.grad_inputs == ("gate", "up") and swiglu.shape == {"tokens": 8, "intermediate": 14336}
