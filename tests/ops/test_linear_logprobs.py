@@ -12,6 +12,7 @@ from solar_kernels.ops.linear_logprobs import (
     linear_logprobs_ref,
     sequence_logprobs_ref,
 )
+from tests.ops.test_cross_entropy import exact as exact_cross_entropy
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
 IGNORE = -100
@@ -158,6 +159,108 @@ def test_cross_entropy_matches_torch_and_partial_grads(device, any_backend):
     torch.testing.assert_close(w.grad, expected_w.grad)
 
 
+def _ce_options(name, vocab, device):
+    weight = torch.rand(vocab, device=device) + 0.25
+    return {
+        "smooth": dict(label_smoothing=0.2),
+        "weight": dict(ce_weight=weight),
+        "weight_smooth": dict(ce_weight=weight, label_smoothing=0.3),
+        "zloss": dict(lse_square_scale=1e-2, return_z_loss=True),
+        "softcap": dict(softcap=3.0),
+        "accuracy": dict(return_token_accuracy=True),
+        "all": dict(ce_weight=weight, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0,
+                    return_z_loss=True, return_token_accuracy=True),
+    }[name]
+
+
+def _exact_ce(reduction, options):
+    """float64 loss of the full logits: PyTorch's cross-entropy of the soft-capped logits + z-loss."""
+    options = {("weight" if k == "ce_weight" else k): v for k, v in options.items()}
+
+    def fn(h, w, y, b):
+        logits = h @ w.t() + (b if b is not None else 0)
+        return exact_cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction,
+                                   **options).reshape(y.shape if reduction == "none" else ())
+    return fn
+
+
+def _loss(out):
+    return out if isinstance(out, torch.Tensor) else out.loss
+
+
+def check_cross_entropy_options(hidden, weight, bias, labels, reduction, options, backend, **kwargs):
+    upstream = torch.randn(labels.shape if reduction == "none" else (), device=hidden.device)
+    check(
+        lambda h, w, y, b: _loss(sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend,
+                                                         **options, **kwargs)),
+        lambda h, w, y, b: _loss(linear_cross_entropy_ref(h, w, y, b, reduction=reduction, **options)),
+        _exact_ce(reduction, options), hidden, weight, bias, labels, upstream,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", ["smooth", "weight", "weight_smooth", "zloss", "softcap", "accuracy"])
+def test_cross_entropy_each_option(option, reduction, device, any_backend):
+    """Liger's options one at a time: loss and every gradient against float64 (fp32)."""
+    hidden, weight, bias, labels = make((29,), 24, 131, torch.float32, device, bias=True)
+    check_cross_entropy_options(hidden, weight, bias, labels, reduction, _ce_options(option, 131, device),
+                                any_backend, chunk_size=8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_all_options(reduction, dtype, device, any_backend):
+    """Every option at once, [B, T, d] hidden, odd sizes, each dtype: within 2x eager's error."""
+    hidden, weight, bias, labels = make((3, 7), 33, 257, dtype, device, bias=True)
+    check_cross_entropy_options(hidden, weight, bias, labels, reduction, _ce_options("all", 257, device),
+                                any_backend, chunk_size=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_options_non_contiguous(reduction, dtype, device, any_backend):
+    hidden = torch.randn(2, 40, 9, dtype=dtype, device=device).transpose(1, 2)  # [B, T, d] view
+    weight = (torch.randn(40, 150, dtype=dtype, device=device) / 3).t()  # [V, d], column-major
+    bias = torch.randn(300, dtype=dtype, device=device)[::2]
+    labels = torch.randint(0, 150, (9, 2), device=device).t()
+    labels[0, :3] = IGNORE
+    options = _ce_options("all", 150, device)
+    options["ce_weight"] = torch.rand(300, device=device)[::2]
+    check_cross_entropy_options(hidden, weight, bias, labels, reduction, options, any_backend)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_options_partial_grads(reduction, device, any_backend):
+    """Only the weight (a frozen trunk), or only the hidden states, need a gradient."""
+    hidden, weight, _, labels = make((17,), 16, 99, torch.float32, device)
+    options = _ce_options("all", 99, device)
+    upstream = torch.randn(labels.shape if reduction == "none" else (), device=device)
+    for wants in ("weight", "hidden"):
+        h = hidden.clone().requires_grad_(wants == "hidden")
+        w = weight.clone().requires_grad_(wants == "weight")
+        out = sk.linear_cross_entropy(h, w, labels, reduction=reduction, backend=any_backend, **options)
+        (grad,) = torch.autograd.grad(out.loss, [w if wants == "weight" else h], upstream)
+        h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref = linear_cross_entropy_ref(h2, w2, labels, reduction=reduction, **options)
+        (expected,) = torch.autograd.grad(ref.loss, [w2 if wants == "weight" else h2], upstream)
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_output_type(device, any_backend):
+    """The default call returns the loss tensor (as before); the flags return Liger's fields."""
+    hidden, weight, _, labels = make((3, 5), 8, 30, torch.float32, device)
+    plain = sk.linear_cross_entropy(hidden, weight, labels, backend=any_backend)
+    assert isinstance(plain, torch.Tensor) and plain.shape == ()
+    out = sk.linear_cross_entropy(hidden, weight, labels, reduction="none", lse_square_scale=0.1,
+                                  return_z_loss=True, return_token_accuracy=True, backend=any_backend)
+    assert isinstance(out, sk.CrossEntropyOutput)
+    assert out.loss.shape == out.z_loss.shape == out.token_accuracy.shape == (3, 5)
+    only_z = sk.linear_cross_entropy(hidden, weight, labels, lse_square_scale=0.1, return_z_loss=True,
+                                     backend=any_backend)
+    assert only_z.token_accuracy is None and only_z.z_loss.shape == ()
+    torch.testing.assert_close(only_z.loss - only_z.z_loss, plain)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("average", [False, True])
 def test_sequence_logprobs(average, dtype, device, any_backend):
@@ -213,7 +316,8 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
+@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence", "cross_entropy_options",
+                                   "cross_entropy_options_none"])
 def test_full_logits_never_exist(which, dtype, device, any_backend):
     n_tokens, d, vocab = 48, 8, 1000  # N * V dwarfs every legitimate tensor (weight is V * d)
     hidden, weight, bias, labels = make((n_tokens,), d, vocab, dtype, device, bias=True)
@@ -224,6 +328,10 @@ def test_full_logits_never_exist(which, dtype, device, any_backend):
             out = sk.linear_logprobs(h, w, labels, bias=b, backend=any_backend).sum()
         elif which == "cross_entropy":
             out = sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend)
+        elif which.startswith("cross_entropy_options"):
+            reduction = "none" if which.endswith("none") else "mean"
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, backend=any_backend,
+                                          **_ce_options("all", vocab, device)).loss.sum()
         else:
             out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=any_backend).sum()
         out.backward()
@@ -326,6 +434,44 @@ def test_torch_rows_follow_the_triton_kernel(dtype, device):
     assert torch.isnan(z[[3, 5]]).all() and torch.isfinite(z[[0, 2, 4, 7, 8]]).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "class_weights"])
+def test_torch_rows_follow_the_triton_kernel_with_options(weighted, dtype, device):
+    """With every cross-entropy option on (soft-capping, smoothing sums, accuracy, smoothing and
+    z-loss gradient terms) the two row steps agree, over two vocabulary tiles (V = 4100), with
+    the same rules for ignored and out-of-range rows."""
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    rows, vocab = 7, 4100
+    logits = (torch.randn(rows, vocab, device=device) * 4).to(dtype)
+    labels = torch.tensor([0, -100, 4099, 4100, 4097, 17, -100], device=device)
+    logits[4, 4097] = 40.0  # row 4's argmax is its label, in the second tile
+    class_weight = torch.rand(vocab, device=device) + 0.5 if weighted else None
+    grad, grad_smooth, grad_z = (torch.randn(rows, device=device) for _ in range(3))
+    results = {}
+    for name in ("torch", "triton"):
+        forward = module.RowOptions(softcap=5.0, class_weight=class_weight,
+                                    smooth_sum=torch.full((rows,), 7.0, device=device),
+                                    correct=torch.full((rows,), 7.0, device=device))
+        backward = module.RowOptions(softcap=5.0, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
+                                     class_weight_sum=class_weight.sum() if weighted else None)
+        z, logp, lse = logits.clone(), torch.zeros(rows, device=device), torch.zeros(rows, device=device)
+        module._logprobs_rows(name, z, labels, logp, lse, grad, IGNORE, True, False, forward)
+        dz = logits.clone()
+        module._logprobs_rows(name, dz, labels, lse, lse.clone(), grad, IGNORE, False, True, backward)
+        results[name] = (logp, lse, forward.smooth_sum, forward.correct, dz)
+    tolerance = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for index, (ours, kernel) in enumerate(zip(results["torch"], results["triton"])):
+        # the smoothing sum adds 4100 terms of either sign: its summation order shows at ~1e-7 of sum |z|
+        torch.testing.assert_close(ours, kernel, equal_nan=True, **(dict(rtol=1e-5, atol=2e-3) if index == 2 else tolerance))
+    logp, lse, smooth_sum, correct, dz = results["triton"]
+    capped = 5.0 * torch.tanh(logits.float() / 5.0)
+    expected_sum = (capped * (class_weight if weighted else 1.0)).sum(1)
+    torch.testing.assert_close(smooth_sum[[0, 2, 4, 5]], expected_sum[[0, 2, 4, 5]], rtol=1e-5, atol=1e-2)
+    assert correct.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    assert (smooth_sum[[1, 6]] == 0).all() and (dz[[1, 6]] == 0).all()
+    assert torch.isnan(logp[3]) and torch.isnan(dz[3]).all()
+
+
 def test_default_chunk_rows_rule():
     assert default_chunk_rows(16384, 32000) == 4096  # 4096 rows where they fit
     assert default_chunk_rows(16384, 49152) == 4096
@@ -337,8 +483,9 @@ def test_default_chunk_rows_rule():
         assert chunk >= 1 and (rows < 3 or chunk * 2 < rows)
 
 
-@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence"])
+@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence", "options_mean", "options_none"])
 def test_torch_compile_fullgraph(which, device, any_backend):
+    torch._dynamo.reset()  # each case compiles the same function: no recompile limit across cases
     hidden, weight, bias, labels = make((3, 7), 16, 90, torch.float32, device, bias=True)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
 
@@ -347,8 +494,12 @@ def test_torch_compile_fullgraph(which, device, any_backend):
             return (sk.linear_logprobs(h, w, labels, bias=b, backend=any_backend) * 1.5).sum()
         if which == "sequence":
             return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend=any_backend).pow(2).sum()
+        if which.startswith("options"):
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=which[8:], backend=any_backend, **options)
+            return (out.loss * 1.5).sum() + out.z_loss.sum()
         return sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend) * 1.5
 
+    options = _ce_options("all", 90, device)
     eager = f(h, w, b)
     eager_grads = torch.autograd.grad(eager, (h, w, b))
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
