@@ -108,7 +108,7 @@ fi
   step "tests" "$LIMIT_TESTS" tests.xml $PY -m pytest -q -p no:cacheprovider "${TESTS[@]}" --junitxml="$OUT/tests.xml"
   if [ -n "${SANITIZE:-}" ] && command -v compute-sanitizer > /dev/null; then
     step "compute-sanitizer" 90 sanitize.log compute-sanitizer --tool memcheck --error-exitcode 1 \
-      $PY tools/cuda_sanitize.py > >(tee "$OUT/sanitize.log") 2>&1
+      $PY -m tools.cuda_sanitize > >(tee "$OUT/sanitize.log") 2>&1
   fi
   REPORT_RESERVE_S=0
   step "report" 20 "" $PY -m benchmarks.report "$OUT" --into "$OUT"

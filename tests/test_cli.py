@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from solar_kernels.cli import main
-from tests.test_upscale import break_shard_writer, make_checkpoint
+from tests.helpers import break_shard_writer, make_checkpoint
 
 
 @pytest.fixture

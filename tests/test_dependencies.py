@@ -104,13 +104,15 @@ def test_every_tool_says_how_to_run_it_on_its_first_line():
     assert {path.name for path in tools} >= {"compile_for_gpu.py", "cuda_sanitize.py"}
     for path in tools:
         first = (ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").splitlines()[:1]
-        assert first and first[0].startswith("Usage: ") and f"tools/{path.name}" in first[0], (path.name, first)
+        named = (f"tools/{path.name}", f"-m tools.{path.stem}")
+        assert first and first[0].startswith("Usage: ") and any(n in first[0] for n in named), (path.name, first)
 
 
 def test_the_gpu_check_runs_tools_that_exist():
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text(encoding="utf-8")
     named = set(re.findall(r"\b((?:tools|benchmarks)/[\w/]+\.py)\b", script))
-    assert "tools/cuda_sanitize.py" in named
+    named |= {module.replace(".", "/") + ".py" for module in re.findall(r"-m ((?:tools|benchmarks)\.[\w.]+)", script)}
+    assert {"tools/cuda_sanitize.py", "benchmarks/ops.py", "benchmarks/report.py"} <= named
     assert [path for path in sorted(named) if not (ROOT / path).is_file()] == []
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from solar_kernels.checkpoint import CheckpointError, read_header
 from solar_kernels.merge import SLERP_DOT_THRESHOLD, linear_merge, merge, merge_from_yaml, slerp, ties_merge
-from tests.test_upscale import break_shard_writer
+from tests.helpers import break_shard_writer
 
 transformers = pytest.importorskip("transformers")
 

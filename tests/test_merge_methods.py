@@ -16,7 +16,7 @@ from solar_kernels.merge import METHODS, merge, merge_from_yaml
 from solar_kernels.merge.settings import check_setting, evaluate, resolve
 from solar_kernels.merge.task_arithmetic import bernoulli_sparsify, della_sparsify
 from tests.fixtures.mergekit import tiny
-from tests.test_upscale import make_checkpoint, tensors
+from tests.helpers import make_checkpoint, tensors
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,38 +13,7 @@ import torch
 from solar_kernels import checkpoint
 from solar_kernels.checkpoint import PARTIAL_MARKER, CheckpointError, CheckpointReader
 from solar_kernels.upscale import Slice, depth_upscale, parse_slices, upscale_from_yaml
-from tests.model.conftest import hf_tiny_config
-
-
-def make_checkpoint(path, *, layers=6, seed=0, max_shard_size="30KB", kind="llama", **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_tiny_config(kind, num_hidden_layers=layers, **overrides))
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}')
-    return path
-
-
-def break_shard_writer(monkeypatch, at, error):
-    """Makes ``ShardWriter.add`` raise ``error`` on its ``at``-th call (a disk failure, a Ctrl-C
-    in the middle of writing); returns the list of tensor names it was called with."""
-    calls = []
-    original = checkpoint.ShardWriter.add
-
-    def add(self, name, tensor):
-        calls.append(name)
-        if len(calls) == at:
-            raise error
-        original(self, name, tensor)
-
-    monkeypatch.setattr(checkpoint.ShardWriter, "add", add)
-    return calls
-
-
-def tensors(path):
-    reader = CheckpointReader(path)
-    return {name: reader.get(name) for name in reader.names()}
+from tests.helpers import break_shard_writer, make_checkpoint, tensors
 
 
 @pytest.fixture

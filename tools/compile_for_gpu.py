@@ -52,10 +52,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from solar_kernels.checkpoint import SHORT_DTYPE_NAMES  # noqa: E402
 from solar_kernels.model.config import PRESETS  # noqa: E402
 from solar_kernels.ops import _registry  # noqa: E402
-
-from solar_kernels.checkpoint import SHORT_DTYPE_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
-"""Usage: compute-sanitizer --tool memcheck --error-exitcode 1 python tools/cuda_sanitize.py
+"""Usage: compute-sanitizer --tool memcheck --error-exitcode 1 python -m tools.cuda_sanitize (from the repository)
 
-A small case of every CUDA C++ op, forward and backward, to run under compute-sanitizer. Each case runs through the public API with ``backend="cuda"`` (so the backward kernels run too) and
-through ``torch.ops.solar_kernels_C`` directly on inputs that start one element into their buffer
+A small case of every CUDA C++ op, forward and backward, to run under compute-sanitizer. Each case
+runs through the public API with ``backend="cuda"`` (so the backward kernels run too) and through ``torch.ops.solar_kernels_C`` directly on inputs that start one element into their buffer
 (the scalar path), at widths that are odd, that fill the vector path exactly, and that overflow the
 kernels' register caches (the re-read path). PyTorch's caching allocator serves tensors from large
 blocks, where an access past a tensor's end stays inside the block and memcheck cannot see it:
@@ -16,11 +16,13 @@ import sys
 
 os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 
+import functools  # noqa: E402
 import importlib  # noqa: E402
 
 import torch  # noqa: E402
 
 import solar_kernels as sk  # noqa: E402
+from tests.helpers import misaligned  # noqa: E402
 
 # The Triton launchers, as the second opinion on the backward kernels called directly below.
 rms_norm_module = importlib.import_module("solar_kernels.ops.rms_norm")
@@ -34,12 +36,8 @@ def rand(*shape, dtype, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
 
 
-def shifted(*shape, dtype, scale=1.0):
-    """A tensor one element into its buffer: not 16-byte aligned, so the kernels take the scalar path."""
-    count = 1
-    for size in shape:
-        count *= size
-    return rand(count + 1, dtype=dtype, scale=scale)[1:].view(shape)
+# Inputs one element into their buffer: not 16-byte aligned, so the kernels take the scalar path.
+shifted = functools.partial(misaligned, device=DEVICE)
 
 
 def rel(a, b):

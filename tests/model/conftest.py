@@ -1,18 +1,7 @@
 import pytest
 import torch
 
-
-def hf_tiny_config(kind: str, **overrides):
-    """A small, odd-sized transformers config: GQA, several layers, head_dim 12."""
-    from transformers import LlamaConfig, MistralConfig
-
-    common = dict(vocab_size=101, hidden_size=48, intermediate_size=100, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-    common.update(overrides)
-    if kind == "mistral":
-        return MistralConfig(sliding_window=common.pop("sliding_window", 5), **common)
-    return LlamaConfig(**common)
+from tests.helpers import hf_tiny_config
 
 
 @pytest.fixture(params=["llama", "mistral"])

@@ -34,7 +34,7 @@ def test_round_trip_of_a_transformers_4_config():
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_round_trip_of_a_transformers_config(kind, tmp_path):
-    from tests.model.conftest import hf_tiny_config
+    from tests.helpers import hf_tiny_config
 
     hf = hf_tiny_config(kind, rope_theta=5000.0)
     hf.save_pretrained(tmp_path)
