@@ -9,6 +9,7 @@ import torch
 
 from solar_kernels import _autotune, _cuda
 from solar_kernels._autotune import AutoBackend, pick, representative_shape, shape_class
+from solar_kernels.ops import _registry
 
 ALL_CLASSES = [f"{w}/{r}" for w in ("narrow", "mid", "wide") for r in ("few", "many")]
 
@@ -153,10 +154,10 @@ def recording(monkeypatch):
 
 
 def _run_every_op_with(backend, device):
-    """Forward and backward of each fused op's custom op with backend "auto" (as backend=None
-    resolves on a GPU with the extension)."""
-    linear_logprobs, rms_norm, rotary, swiglu = (
-        importlib.import_module(f"solar_kernels.ops.{name}") for name in ("linear_logprobs", "rms_norm", "rotary", "swiglu")
+    """Forward and backward of each unmoved fused op's custom op with backend "auto" (as backend=None
+    resolves on a GPU with the extension), then one launch of each out-variant record on 6 rows of 40."""
+    linear_logprobs, rms_norm, rotary = (
+        importlib.import_module(f"solar_kernels.ops.{name}") for name in ("linear_logprobs", "rms_norm", "rotary")
     )
     x = torch.randn(3, 7, 123, device=device, requires_grad=True)
     w = torch.randn(123, device=device, requires_grad=True)
@@ -166,13 +167,14 @@ def _run_every_op_with(backend, device):
     k = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
     cos, sin = torch.randn(5, 16, device=device), torch.randn(5, 16, device=device)
     sum(t.sum() for t in rotary._rotary_op(q, k, cos, sin, False, backend)).backward()
-    gate = torch.randn(6, 40, device=device, requires_grad=True)
-    swiglu._swiglu_fwd_op(gate, gate, backend).sum().backward()
     hidden = torch.randn(10, 16, device=device, requires_grad=True)
     weight = torch.randn(90, 16, device=device)
     labels = torch.randint(0, 90, (10,), device=device)
     logp, _ = linear_logprobs._logprobs_fwd_op(hidden, weight, None, labels, -100, 4, backend)
     logp.sum().backward()
+    for kernel in _registry.kernels():
+        if kernel.out_variant:
+            kernel.launch(backend, *kernel.example(6, 40, torch.float32, device))
 
 
 def test_every_launcher_asks_the_table_with_its_rows_and_width(recording, device):
@@ -181,11 +183,9 @@ def test_every_launcher_asks_the_table_with_its_rows_and_width(recording, device
     assert recorder.asked == [
         ("rms_norm_fwd", 21, 123), ("rms_norm_bwd", 21, 123),
         ("rotary", 10, 96), ("rotary", 10, 96),  # tokens of (4 + 2) heads x 16
-        ("swiglu_fwd", 6, 40), ("swiglu_bwd", 6, 40),
         ("logprobs", 4, 90), ("logprobs", 4, 90),  # chunks of 4 tokens over V = 90
-    ]
-    from solar_kernels.ops import _registry
-
+    ] + [(k.name, 6, 40) for k in _registry.kernels() if k.out_variant]
+    assert ("swiglu_fwd", 6, 40) in recorder.asked and ("swiglu_bwd", 6, 40) in recorder.asked
     # Every kernel a launcher asks about has a record (its timing), and every record is asked about.
     assert {kernel for kernel, _, _ in recorder.asked} == set(_registry.KERNELS)
 
