@@ -23,7 +23,8 @@ modeling file are touched. What is swapped:
   (``gelu_pytorch_tanh``), which the project has no fused op for: it is left as it is.
 - Loss: the causal-LM forward, when ``labels`` are passed, computes the loss with
   ``sk.linear_cross_entropy`` from the final hidden states, so the ``[B, T, V]`` logits are never
-  built; the returned output then has ``logits=None`` (pass no labels to get logits). Labels are
+  built; the returned output then has ``logits=None`` (pass no labels, or Liger's
+  ``skip_logits=False``, to get logits and transformers' own loss). Labels are
   shifted as transformers does (the loss at position t predicts label t + 1; -100 is ignored), and
   ``num_items_in_batch``, ``ignore_index`` and pre-shifted ``shift_labels`` are honoured as in
   transformers' loss. Gemma's ``final_logit_softcapping``
@@ -148,10 +149,13 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    if labels is None:
+    skip_logits = kwargs.pop("skip_logits", None)  # Liger's switch: False builds the logits
+    if skip_logits and labels is None:
+        raise ValueError("patch_hf_model: skip_logits=True needs labels (the fused loss), got labels=None")
+    if labels is None or skip_logits is False:
         return self._solar_original_forward(input_ids=input_ids, attention_mask=attention_mask,
                                             position_ids=position_ids, past_key_values=past_key_values,
-                                            inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                             logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

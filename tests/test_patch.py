@@ -135,6 +135,22 @@ def test_shift_labels_and_ignore_index_match_transformers(device):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_skip_logits_as_liger(device):
+    """Liger's forward switch: skip_logits=False gives transformers' logits and loss, True the
+    fused loss (also the default with labels); True without labels is refused."""
+    reference, patched = _models("qwen2", device)
+    ids, labels = _batch(device)
+    expected = reference(ids, labels=labels)
+    built = patched(ids, labels=labels, skip_logits=False)
+    torch.testing.assert_close(built.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(built.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    fused = patched(ids, labels=labels, skip_logits=True)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="skip_logits=True needs labels .*, got labels=None"):
+        patched(ids, skip_logits=True)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_generate_still_works_after_patching(kind, device):
     reference, patched = _models(kind, device)
