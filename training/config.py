@@ -45,6 +45,13 @@ class DataSection:
     seq_len: int = 2048
     # SFT: pack several examples into one row (positions restart per example; no cross-example attention).
     packing: bool = False
+    # SFT packing: "greedy" (in order, a new row when the next example does not fit; the behaviour
+    # before this key existed), "bfd" (best-fit decreasing, TRL's default: fewer rows, never splits an
+    # example) or "wrapped" (concatenate and cut: full rows, examples split at row ends).
+    packing_strategy: str = "greedy"
+    # SFT: train on the answers only (TRL's completion_only_loss=True, its default for prompt/completion
+    # data), or false: on every token, prompts included.
+    completion_only: bool = True
     # SFT/DPO prompt format: "solar" (### User: / ### Assistant:, SPEC §2) or "chat_template".
     prompt_format: str = "solar"
     # DPO: tokens of prompt kept when prompt + response exceed seq_len (the prompt's end is kept).
@@ -285,6 +292,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
 
 # data.prompt_format: SOLAR's "### User:" format (SPEC §2) or the tokenizer's own chat template.
 PROMPT_FORMATS = ("solar", "chat_template")
+# data.packing_strategy (training/data.py: pack_examples).
+PACKING_STRATEGIES = ("greedy", "bfd", "wrapped")
 # Integer fields and their smallest allowed value.
 _MINIMUMS = {
     ("train", "steps"): 1, ("train", "batch_size"): 1, ("train", "grad_accum"): 1, ("data", "seq_len"): 1,
@@ -309,6 +318,9 @@ def validate(config: Config) -> None:
         raise ValueError(
             f"config: data.prompt_format must be {' or '.join(PROMPT_FORMATS)}, got {config.data.prompt_format!r}"
         )
+    if config.data.packing_strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"config: data.packing_strategy must be {', '.join(PACKING_STRATEGIES)}, "
+                         f"got {config.data.packing_strategy!r}")
     from solar_kernels.ops.dpo_loss import LOSS_TYPES, check_loss_options
 
     loss_types = [config.dpo.loss_type] if isinstance(config.dpo.loss_type, str) else config.dpo.loss_type

@@ -28,15 +28,17 @@ bos: documents are separated by eos and by the position restart.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import logging
 import os
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from .config import PROMPT_FORMATS
+from .config import PACKING_STRATEGIES, PROMPT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -475,8 +477,9 @@ def sft_examples(
     prompt_field="prompt",
     response_field="response",
     messages_field="messages",
+    completion_only=True,
 ) -> list[dict]:
-    """Tokenize instruction-tuning records into examples that train on the answers only.
+    """Tokenize instruction-tuning records into examples that train on the answers (or everything).
 
     A record is ``{prompt_field: str, response_field: str}`` or ``{messages_field: [{"role":
     "system"|"user"|"assistant", "content": str}, ...]}``: an optional system message, then user and
@@ -491,7 +494,8 @@ def sft_examples(
     generated).
 
     Each example: ``input_ids``, ``labels`` (shifted: the tokens of every answer and its eos are
-    predicted, everything else is -100), ``position_ids`` (0..n-1). An example longer than
+    predicted, everything else is -100; with ``completion_only=False`` every token after the first
+    is predicted, prompts included: TRL's ``completion_only_loss=False``), ``position_ids`` (0..n-1). An example longer than
     ``max_length`` is cut from the right (the end of the conversation is lost); one with no answer
     token left is dropped, and the number dropped is logged as a warning. Raises ``ValueError``
     naming the record index for a missing or malformed field, and when no example is left.
@@ -525,7 +529,7 @@ def sft_examples(
         else:
             segments = _template_segments(tokenizer, messages, index, caller)
         input_ids = [token for ids, _ in segments for token in ids]
-        trained = [keep for ids, keep in segments for _ in ids]
+        trained = [keep or not completion_only for ids, keep in segments for _ in ids]
         input_ids, trained = _with_bos(bos, input_ids, trained)
         input_ids, trained = input_ids[:max_length], trained[:max_length]
         labels = _shifted_labels(input_ids, trained)
@@ -545,50 +549,124 @@ def sft_examples(
     return examples
 
 
-def pack_examples(examples, seq_len, *, pad_id) -> list[dict]:
-    """Pack examples greedily, in order, into rows of exactly ``seq_len`` tokens.
+def pack_examples(examples, seq_len, *, pad_id, strategy="greedy") -> list[dict]:
+    """Pack examples into rows of exactly ``seq_len`` tokens; ``strategy`` (TRL 1.16's names where
+    they exist) says how:
 
-    An example goes into the current row when it fits, else it starts a new row. Each example's
-    ``position_ids`` restart at 0, so the model does not attend across examples. The tail of a row
-    is padding: ``pad_id`` tokens with labels -100 and ``position_ids`` continuing the last example's
-    count (as ``collate_lm`` pads: causal attention keeps real tokens from seeing the padding). An
-    example longer than ``seq_len`` is cut to ``seq_len`` from the right (its last label becomes
-    -100); one left with no label is dropped (logged).
+    - ``"greedy"``: in order; an example goes into the current row when it fits, else it starts a
+      new row (next fit: a row is closed for good once an example does not fit).
+    - ``"bfd"``: best-fit decreasing (TRL's default): the examples longest first (ties in order),
+      each into the open row with the least room that holds it, else a new row; rows in the order
+      they were opened. Never splits an example; usually fewer rows than ``"greedy"``.
+    - ``"wrapped"``: the examples concatenated in order and cut every ``seq_len`` tokens, so rows are
+      full but an example cut at a row end continues as a document of its own in the next row (its
+      positions restart there and the token before the cut predicts nothing).
+
+    Each example's ``position_ids`` restart at 0, so the model does not attend across examples. The
+    tail of a row is padding: ``pad_id`` tokens with labels -100, ``position_ids`` continuing the
+    last example's count (as ``collate_lm`` pads: causal attention keeps real tokens from seeing the
+    padding), ``attention_mask`` 0 (1 on real tokens). With ``"greedy"`` and ``"bfd"`` an example
+    longer than ``seq_len`` is cut to ``seq_len`` from the right (its last label becomes -100); one
+    left with no label is dropped (logged). ``packing_efficiency(rows)`` is the share of real tokens.
     """
     if seq_len < 2:
         raise ValueError(f"pack_examples: seq_len={seq_len}, expected at least 2")
-    rows: list[dict] = []
-    row = {"input_ids": [], "labels": [], "position_ids": []}
-    dropped = 0
-
-    def flush():
-        n = len(row["input_ids"])
-        if n == 0:
-            return
-        last = row["position_ids"][-1]
-        row["input_ids"] += [pad_id] * (seq_len - n)
-        row["labels"] += [IGNORE_INDEX] * (seq_len - n)
-        row["position_ids"] += range(last + 1, last + 1 + seq_len - n)
-        rows.append({key: list(value) for key, value in row.items()})
-        for value in row.values():
-            value.clear()
-
+    if strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"pack_examples: strategy={strategy!r}, expected one of {', '.join(PACKING_STRATEGIES)}")
+    pieces, dropped = [], 0  # (input_ids, labels) of each example, cut to seq_len unless wrapped
     for index, example in enumerate(examples):
         input_ids, labels = _checked_example(example, index, "pack_examples")
-        if len(input_ids) > seq_len:
+        if strategy != "wrapped" and len(input_ids) > seq_len:
             input_ids, labels = input_ids[:seq_len], labels[: seq_len - 1] + [IGNORE_INDEX]
             if all(label == IGNORE_INDEX for label in labels):
                 dropped += 1
                 continue
-        if len(row["input_ids"]) + len(input_ids) > seq_len:
-            flush()
-        row["input_ids"] += input_ids
-        row["labels"] += labels
-        row["position_ids"] += range(len(input_ids))
-    flush()
+        pieces.append((input_ids, labels))
     if dropped:
         logger.warning("pack_examples: dropped %d examples with no label within seq_len=%d", dropped, seq_len)
-    return rows
+    if strategy == "wrapped":
+        return [_packed_row(row, seq_len, pad_id) for row in _wrapped(pieces, seq_len)]
+    lengths = [len(ids) for ids, _ in pieces]
+    groups = _best_fit_decreasing(lengths, seq_len) if strategy == "bfd" else _next_fit(lengths, seq_len)
+    return [_packed_row([pieces[i] for i in group], seq_len, pad_id) for group in groups]
+
+
+def _next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices per row, in order, a new row whenever the next length does not fit the current one."""
+    groups: list[list[int]] = []
+    room = 0
+    for index, length in enumerate(lengths):
+        if length > room:
+            groups.append([])
+            room = capacity
+        groups[-1].append(index)
+        room -= length
+    return groups
+
+
+def _best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices per row: longest first (a stable sort), each into the row with the least room that
+    fits it (the oldest such row on a tie), else a new row; rows in the order they were opened."""
+    rooms: list[int] = []  # sorted distinct room sizes of rows that are open and not full
+    rows_with_room: dict[int, deque] = defaultdict(deque)
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = lengths[index]
+        at = bisect.bisect_left(rooms, length)
+        if at < len(rooms):
+            room = rooms[at]
+            group = rows_with_room[room].popleft()
+            if not rows_with_room[room]:
+                del rooms[at]
+        else:
+            room, group = capacity, []
+            groups.append(group)
+        group.append(index)
+        left = room - length
+        if left > 0:
+            if not rows_with_room[left]:
+                bisect.insort(rooms, left)
+            rows_with_room[left].append(group)
+    return groups
+
+
+def _wrapped(pieces: list[tuple[list[int], list[int]]], seq_len: int):
+    """Rows of (input_ids, labels) pieces: the examples end to end, cut every seq_len tokens; the
+    label of a piece's last token is -100 where the cut separated it from the token it predicts."""
+    row, used = [], 0
+    for input_ids, labels in pieces:
+        start = 0
+        while start < len(input_ids):
+            take = min(seq_len - used, len(input_ids) - start)
+            piece_labels = labels[start:start + take]
+            if start + take < len(input_ids):
+                piece_labels = piece_labels[:-1] + [IGNORE_INDEX]  # its target went to the next row
+            row.append((input_ids[start:start + take], piece_labels))
+            start, used = start + take, used + take
+            if used == seq_len:
+                yield row
+                row, used = [], 0
+    if row:
+        yield row
+
+
+def _packed_row(pieces: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> dict:
+    """One row of ``seq_len`` tokens from (input_ids, labels) pieces, positions restarting per piece."""
+    input_ids = [token for ids, _ in pieces for token in ids]
+    labels = [label for _, labs in pieces for label in labs]
+    position_ids = [position for ids, _ in pieces for position in range(len(ids))]
+    n, last = len(input_ids), position_ids[-1]
+    return {"input_ids": input_ids + [pad_id] * (seq_len - n),
+            "labels": labels + [IGNORE_INDEX] * (seq_len - n),
+            "position_ids": position_ids + list(range(last + 1, last + 1 + seq_len - n)),
+            "attention_mask": [1] * n + [0] * (seq_len - n)}
+
+
+def packing_efficiency(rows: list[dict]) -> float:
+    """Real (non-padding) tokens over the rows' capacity: ``attention_mask`` ones over its length."""
+    capacity = sum(len(row["input_ids"]) for row in rows)
+    real = sum(sum(row["attention_mask"]) if "attention_mask" in row else len(row["input_ids"]) for row in rows)
+    return real / max(capacity, 1)
 
 
 def _checked_example(example, index: int, caller: str) -> tuple[list[int], list[int]]:
@@ -730,10 +808,13 @@ def _preference_record(record, index: int, caller: str) -> tuple[list[dict], lis
 
 
 def collate_lm(examples, pad_id) -> dict[str, torch.Tensor]:
-    """Right-pad examples into ``input_ids``, ``labels``, ``position_ids``: [B, T] long, T the longest.
+    """Right-pad examples into ``input_ids``, ``labels``, ``position_ids``, ``attention_mask``: [B, T]
+    long, T the longest.
 
     Padding: ``pad_id`` tokens, labels -100, position_ids counting on from the example's last
-    position (an example without ``position_ids`` gets 0..n-1).
+    position (an example without ``position_ids`` gets 0..n-1), attention_mask 0. The mask is 1 on
+    an example's own tokens, or its ``attention_mask`` where it has one (a packed row's padding).
+    The model does not read it (rows are causal and right-padded); the trainer counts real tokens.
     """
     if not examples:
         raise ValueError("collate_lm: got no examples")
@@ -745,7 +826,11 @@ def collate_lm(examples, pad_id) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"collate_lm: example {index} has {len(positions)} position_ids for {len(input_ids)} tokens"
             )
-        rows.append((input_ids, labels, positions))
+        mask = list(example["attention_mask"]) if "attention_mask" in example else [1] * len(input_ids)
+        if len(mask) != len(input_ids):
+            raise ValueError(f"collate_lm: example {index} has {len(mask)} attention_mask values for "
+                             f"{len(input_ids)} tokens")
+        rows.append((input_ids, labels, positions, mask))
     return _padded(rows, pad_id)
 
 
@@ -754,7 +839,7 @@ def collate_dpo(examples, pad_id) -> dict[str, torch.Tensor]:
 
     Rows 0..B-1 are the chosen sequences, rows B..2B-1 the rejected ones in the same order (row i
     and row B+i are one pair); one T (the longest of all 2B) so policy and reference run one batch.
-    Padding as in ``collate_lm``; position_ids are 0..T-1.
+    Padding as in ``collate_lm``; position_ids are 0..T-1, attention_mask 1 on each sequence's tokens.
     """
     if not examples:
         raise ValueError("collate_dpo: got no examples")
@@ -769,22 +854,24 @@ def collate_dpo(examples, pad_id) -> dict[str, torch.Tensor]:
                 raise ValueError(
                     f"collate_dpo: example {index} {name} has {len(input_ids)} input_ids and {len(labels)} labels"
                 )
-            rows.append((input_ids, labels, list(range(len(input_ids)))))
+            rows.append((input_ids, labels, list(range(len(input_ids))), [1] * len(input_ids)))
     return _padded(rows, pad_id)
 
 
-def _padded(rows: list[tuple[list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(input_ids) for input_ids, _, _ in rows)
+def _padded(rows: list[tuple[list[int], list[int], list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(row[0]) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.empty((len(rows), length), dtype=torch.long)
-    for r, (ids, labs, positions) in enumerate(rows):
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, (ids, labs, positions, mask) in enumerate(rows):
         n = len(ids)
         input_ids[r, :n] = torch.tensor(ids, dtype=torch.long)
         labels[r, :n] = torch.tensor(labs, dtype=torch.long)
         position_ids[r, :n] = torch.tensor(positions, dtype=torch.long)
         position_ids[r, n:] = torch.arange(positions[-1] + 1, positions[-1] + 1 + length - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        attention_mask[r, :n] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
 
 
 def num_tokens(batch) -> int:

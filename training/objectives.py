@@ -3,7 +3,15 @@ root and the LM head is unsharded inside the loss). No ``[B, T, V]`` logits tens
 the model returns hidden states and the fused kernels compute the loss from them.
 
 Each objective's ``forward(**batch)`` returns ``(loss_sum, metric_sums)`` over its items, and
-``count(batch)`` the number of items, so the trainer can normalize over a whole step.
+``count(batch)`` the number of items, so the trainer can normalize over a whole step. A metric is a
+sum over the items, or a ``(sum, count)`` pair when it is averaged over something else (tokens).
+
+Token metrics, with TRL 1.16's names and meanings (``token_statistics``): ``entropy`` (nats, of the
+predictive distribution) and ``mean_token_accuracy`` (argmax == label, the first maximum winning a
+tie) over the trained tokens; for DPO, entropy over both responses' completion tokens, accuracy over
+the chosen ones, and ``logits/chosen``, ``logits/rejected`` (the mean logit over the vocabulary,
+averaged over completion tokens). They come from one extra no-grad pass through the LM head, in
+chunks of rows, so no ``[B, T, V]`` logits tensor exists there either.
 """
 
 from __future__ import annotations
@@ -11,10 +19,42 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import solar_kernels as sk
 from solar_kernels.model import CausalLM
+
+
+# Rows of logits per chunk of the metrics pass: about 2**24 logits (64 MB in fp32) at a time.
+_LOGITS_PER_CHUNK = 1 << 24
+
+
+@torch.no_grad()
+def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                     ignore_index: int = -100) -> Dict[str, torch.Tensor]:
+    """Per-token ``entropy``, ``is_top1`` and ``mean_logit`` of ``hidden @ weight.T`` ([B, T] each,
+    fp32, 0 where ``labels == ignore_index``), as TRL 1.16's fused LM head computes them.
+
+    ``hidden`` [B, T, d], ``weight`` [V, d], ``labels`` [B, T] (shifted: position t predicts
+    labels[t]). The logits are made in chunks of rows in the dtype ``F.linear`` gives (autocast's
+    compute dtype when active), then taken to fp32. Every position is scored (selecting the labeled
+    ones would wait for the device), so a step pays one LM-head forward matmul more (SOLAR 10.7B:
+    ~0.4% of its FLOPs).
+    """
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])  # [N, d]
+    targets = labels.reshape(-1)  # [N]
+    rows = max(1, _LOGITS_PER_CHUNK // weight.shape[0])
+    entropy, top1, mean = [], [], []
+    for start in range(0, flat.shape[0], rows):
+        logits = F.linear(flat[start:start + rows], weight.detach()).float()  # [rows, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy.append(-(logp.exp() * logp).sum(-1))
+        top1.append(logits.argmax(-1) == targets[start:start + rows])  # argmax: the first maximum
+        mean.append(logits.mean(-1))
+    keep = (targets != ignore_index).float()
+    return {name: (torch.cat(parts).float() * keep).view(labels.shape)
+            for name, parts in (("entropy", entropy), ("is_top1", top1), ("mean_logit", mean))}
 
 
 class LanguageModeling(nn.Module):
@@ -39,13 +79,16 @@ class LanguageModeling(nn.Module):
         hidden = self.model(input_ids, position_ids=position_ids if self.packed else None, return_hidden=True)
         loss = sk.linear_cross_entropy(hidden, self.model.lm_head.weight, labels, reduction="sum",
                                        backend=self.model.config.backend)
-        return loss, {}
+        stats = token_statistics(hidden, self.model.lm_head.weight, labels)  # over the trained tokens
+        return loss, {"mean_token_accuracy": stats["is_top1"].sum(), "entropy": stats["entropy"].sum()}
 
 
-def sequence_logps(model: CausalLM, input_ids, labels) -> torch.Tensor:
-    """log p(completion | prompt) per row [R] through the fused kernel (prompt tokens carry -100)."""
+def sequence_logps(model: CausalLM, input_ids, labels, *, return_hidden: bool = False):
+    """log p(completion | prompt) per row [R] through the fused kernel (prompt tokens carry -100);
+    with ``return_hidden``, also the final hidden states [R, T, d]."""
     hidden = model(input_ids, return_hidden=True)
-    return sk.sequence_logprobs(hidden, model.lm_head.weight, labels, backend=model.config.backend)
+    logps = sk.sequence_logprobs(hidden, model.lm_head.weight, labels, backend=model.config.backend)
+    return (logps, hidden) if return_hidden else logps
 
 
 class DirectPreference(nn.Module):
@@ -72,7 +115,7 @@ class DirectPreference(nn.Module):
         """(loss_sum, metrics); without ``reference_logps``, just the rows' log-probs [2B] (the
         reference pass goes through here too, so a sharded model needs no other entry point)."""
         # Rows are single right-padded sequences: plain causal attention is exact, position_ids unused.
-        logps = sequence_logps(self.model, input_ids, labels)
+        logps, hidden = sequence_logps(self.model, input_ids, labels, return_hidden=True)
         if reference_logps is None:
             return logps
         pairs = input_ids.shape[0] // 2
@@ -91,6 +134,12 @@ class DirectPreference(nn.Module):
             "logps/chosen": chosen.detach().sum(),
             "logps/rejected": rejected.detach().sum(),
         }
+        stats = token_statistics(hidden, self.model.lm_head.weight, labels)  # completion tokens only
+        chosen_tokens, rejected_tokens = lengths[:pairs].sum(), lengths[pairs:].sum()
+        metrics["entropy"] = (stats["entropy"].sum(), chosen_tokens + rejected_tokens)
+        metrics["mean_token_accuracy"] = (stats["is_top1"][:pairs].sum(), chosen_tokens)  # TRL: chosen only
+        metrics["logits/chosen"] = (stats["mean_logit"][:pairs].sum(), chosen_tokens)
+        metrics["logits/rejected"] = (stats["mean_logit"][pairs:].sum(), rejected_tokens)
         return loss * pairs, metrics
 
 

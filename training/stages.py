@@ -110,9 +110,15 @@ def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_ou
         examples = list(data_lib.pretrain_rows(records, tokenizer, config.data.seq_len, text_field=text_field))
     else:
         examples = data_lib.sft_examples(records, tokenizer, config.data.seq_len,
-                                         prompt_format=config.data.prompt_format)
+                                         prompt_format=config.data.prompt_format,
+                                         completion_only=config.data.completion_only)
         if config.data.packing:
-            examples = data_lib.pack_examples(examples, config.data.seq_len, pad_id=tokenizer.pad_token_id)
+            count = len(examples)
+            examples = data_lib.pack_examples(examples, config.data.seq_len, pad_id=tokenizer.pad_token_id,
+                                              strategy=config.data.packing_strategy)
+            logger.info("%s: packed %d%s examples into %d rows of %d tokens (%s): packing efficiency %.1f%%",
+                        stage, count, " held-out" if held_out else "", len(examples), config.data.seq_len,
+                        config.data.packing_strategy, 100 * data_lib.packing_efficiency(examples))
     if not examples:
         split = "held-out" if held_out else "training"
         raise ValueError(f"{stage}: the data gave no {split} rows (fewer tokens than data.seq_len?)")

@@ -616,7 +616,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """``eval/<name>`` of the held-out batches, in eval mode without gradients, reduced over every
         process (each evaluates its slice of every batch); reads the values back (one synchronization)."""
-        totals, names = _Totals(self.device), None
+        totals = _Totals(self.device)
         training = self.objective.training
         self.objective.eval()
         try:
@@ -631,8 +631,9 @@ class Trainer:
             self.objective.train(training)
         names = list(totals.metrics)
         values = all_reduce_sum(totals.vector(names)).tolist()  # waits for the device
-        record = {f"eval/{key}": value for key, value in _Totals.means(values, names).items() if key != "num_tokens"}
-        logger.info("%s step eval: %s", self.name, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+        means = _Totals.means(values, names)
+        record = {f"eval/{key}": value for key, value in means.items() if key not in ("num_tokens", "packing_efficiency")}
+        logger.info("%s eval: %s", self.name, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
         return record
 
     def _start_window(self) -> None:
@@ -684,33 +685,34 @@ class _Totals:
 
     def __init__(self, device: torch.device):
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        self.items, self.loss, self.tokens = zero, zero, zero
+        self.items, self.loss, self.tokens, self.slots = zero, zero, zero, zero
         self.metrics: Dict[str, List[torch.Tensor]] = {}
 
     def add(self, batch: Dict[str, torch.Tensor], items: torch.Tensor, loss: torch.Tensor, metrics: Dict) -> None:
-        mask = batch.get("attention_mask")
-        tokens = mask.sum() if mask is not None else torch.tensor(batch["input_ids"].numel(), device=self.items.device)
+        mask, slots = batch.get("attention_mask"), batch["input_ids"].numel()
+        tokens = mask.sum().double() if mask is not None else slots
         self.items = self.items + items.double()
         self.loss = self.loss + loss.detach().double()
-        self.tokens = self.tokens + tokens.double()
+        self.tokens, self.slots = self.tokens + tokens, self.slots + slots
         for key, value in metrics.items():
             total, count = value if isinstance(value, tuple) else (value, items)
             previous = self.metrics.get(key, [0, 0])
             self.metrics[key] = [previous[0] + total.detach().double(), previous[1] + torch.as_tensor(count).double()]
 
     def vector(self, names: List[str]) -> torch.Tensor:
-        """[items, loss, tokens, sum and count of each of ``names``] (float64, on the device)."""
+        """[items, loss, tokens, token slots, sum and count of each of ``names``] (float64, on the device)."""
         pairs = [part for name in names for part in self.metrics[name]]
-        return torch.stack([self.items, self.loss, self.tokens, *(torch.as_tensor(p, dtype=torch.float64,
+        return torch.stack([self.items, self.loss, self.tokens, self.slots, *(torch.as_tensor(p, dtype=torch.float64,
                                                                                    device=self.items.device)
                                                                    for p in pairs)])
 
     @staticmethod
     def means(values: List[float], names: List[str]) -> Dict[str, float]:
-        """{"loss", "num_tokens", each name}: the loss per item, the tokens, each metric per its count
-        (0 when its count is 0, as TRL logs an empty batch)."""
-        items, loss, tokens, *pairs = values
-        out = {"loss": loss / max(items, 1.0), "num_tokens": tokens}
+        """{"loss", "num_tokens", "packing_efficiency", each name}: the loss per item, the real tokens,
+        their share of the token slots, each metric per its count (0 when its count is 0, as TRL logs
+        an empty batch)."""
+        items, loss, tokens, slots, *pairs = values
+        out = {"loss": loss / max(items, 1.0), "num_tokens": tokens, "packing_efficiency": tokens / max(slots, 1.0)}
         for index, name in enumerate(names):
             total, count = pairs[2 * index], pairs[2 * index + 1]
             out[name] = total / count if count > 0 else 0.0

@@ -67,6 +67,7 @@ def test_example_configs_load(name, tmp_path, monkeypatch):
         (["--train.device=tpu"], r"train.device must be auto, cpu, cuda or cuda:N, got 'tpu'$"),
         (["--train.device=cuda:x"], r"train.device must be auto, cpu, cuda or cuda:N, got 'cuda:x'$"),
         (["--dpo.stages=[a.jsonl"], r"override --dpo.stages: '\[a.jsonl' is not a valid YAML value \(expected"),
+        (["--data.packing_strategy=ffd"], r"data.packing_strategy must be greedy, bfd, wrapped, got 'ffd'$"),
         (["--train.eval_every=-1"], r"train.eval_every must be >= 0, got -1$"),
         (["--train.eval_steps=-3"], r"train.eval_steps must be >= 0, got -3$"),
         (["--data.eval_fraction=1"], r"data.eval_fraction must be in \[0, 1\) \(0: no split\), got 1.0$"),

@@ -7,6 +7,7 @@ The label convention under test: ``labels[t]`` is ``input_ids[t+1]`` or -100 (al
 import functools
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from training.data import (  # noqa: E402
     load_records,
     num_tokens,
     pack_examples,
+    packing_efficiency,
     pretrain_rows,
     sft_examples,
     solar_prompt,
@@ -457,7 +459,11 @@ def test_pack_examples_greedy_rows():
         assert row["input_ids"] == ids + [3] * pad
         assert row["labels"] == labels + [IGNORE_INDEX] * pad
         assert row["position_ids"] == positions + list(range(positions[-1] + 1, positions[-1] + 1 + pad))
+        assert row["attention_mask"] == [1] * len(ids) + [0] * pad
         _check_shifted(row["input_ids"], row["labels"])
+    assert packing_efficiency(rows) == (12 + 4 + 12 + 12) / 48
+    padded = collate_lm(rows[1:2], pad_id=3)  # a packed row's padding stays out of the mask
+    assert padded["attention_mask"].tolist() == [[1] * 4 + [0] * 8]
 
 
 def test_pack_sft_examples_keeps_labels(tokenizer):
@@ -553,9 +559,10 @@ def test_collate_lm_pads_right():
     examples = [_toy_example(10, 3), _toy_example(20, 5)]
     examples[1]["position_ids"] = [0, 1, 0, 1, 2]  # packed: positions restart
     batch = collate_lm(examples, pad_id=3)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
     for value in batch.values():
         assert value.shape == (2, 5) and value.dtype == torch.long
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["input_ids"].tolist() == [[10, 11, 12, 3, 3], [20, 21, 22, 23, 24]]
     assert batch["labels"].tolist() == [[11, 12, -100, -100, -100], [21, 22, 23, 24, -100]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
@@ -677,3 +684,69 @@ def test_split_records_holds_out_a_seeded_share_disjoint_from_training(tmp_path)
     assert split_records(list(range(7)), 0.01, seed=0)[1] != []  # at least one row is held out
     with pytest.raises(ValueError, match="holding out 0.9 of 2 records leaves 0 to train on"):
         split_records([1, 2], 0.9, seed=0)
+
+
+# ----------------------------------------------------------------------------- packing strategies
+
+TRL_PACKING = json.loads((Path(__file__).parents[1] / "fixtures" / "trl" / "token_metrics.json").read_text())["packing"]
+
+
+def _real(row):
+    return [token for token, keep in zip(row["input_ids"], row["attention_mask"]) if keep]
+
+
+def _examples_of(sequences):
+    return [{"input_ids": ids, "labels": ids[1:] + [IGNORE_INDEX]} for ids in sequences]
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped"])
+def test_packing_strategies_match_trl(strategy):
+    # TRL 1.16's pack_dataset on the same token lists (tests/fixtures/trl/token_metrics.py)
+    seq_len, sequences = TRL_PACKING["seq_length"], TRL_PACKING["sequences"]
+    rows = pack_examples(_examples_of(sequences), seq_len, pad_id=-1, strategy=strategy)
+    assert [_real(row) for row in rows] == TRL_PACKING[strategy]
+    starts = {ids[0] for ids in sequences}
+    for row in rows:
+        real = _real(row)
+        assert len(row["input_ids"]) == seq_len
+        # positions restart at every document start and at a row's start (a wrapped document's continuation)
+        assert [t for t, p in zip(real, row["position_ids"]) if p == 0] == [real[0]] + [t for t in real[1:] if t in starts]
+        _check_shifted(row["input_ids"], row["labels"])
+
+
+def test_bfd_fills_rows_better_than_greedy_and_never_splits():
+    lengths = [6, 5, 4, 5]  # greedy in order: [6] [5 4] [5]; best fit decreasing: [6 4] [5 5]
+    starts = [0, 100, 200, 300]
+    examples = [_toy_example(start, n) for start, n in zip(starts, lengths)]
+    greedy = pack_examples(examples, 10, pad_id=0, strategy="greedy")
+    bfd = pack_examples(examples, 10, pad_id=0, strategy="bfd")
+    assert [len(_real(row)) for row in greedy] == [6, 9, 5] and packing_efficiency(greedy) == 20 / 30
+    assert [_real(row) for row in bfd] == [examples[0]["input_ids"] + examples[2]["input_ids"],
+                                           examples[1]["input_ids"] + examples[3]["input_ids"]]
+    assert packing_efficiency(bfd) == 1.0
+    # every example whole, once, with its labels, and fewer rows than greedy on a bigger mix
+    mixed = [_toy_example(1000 * k, n) for k, n in enumerate([9, 2, 7, 3, 8, 1, 5, 6, 4, 4, 2, 9])]
+    rows = pack_examples(mixed, 12, pad_id=0, strategy="bfd")
+    pieces = sorted(tuple(row["input_ids"][a:b]) for row in rows for a, b in _documents(row))
+    assert pieces == sorted(tuple(e["input_ids"]) for e in mixed)
+    assert len(rows) < len(pack_examples(mixed, 12, pad_id=0, strategy="greedy"))
+    with pytest.raises(ValueError, match="strategy='first_fit', expected one of greedy, bfd, wrapped"):
+        pack_examples(mixed, 12, pad_id=0, strategy="first_fit")
+
+
+def _documents(row):
+    """(start, end) of each packed document of a row, from its position restarts and mask."""
+    n = sum(row["attention_mask"])
+    starts = [t for t in range(n) if row["position_ids"][t] == 0]
+    return list(zip(starts, starts[1:] + [n]))
+
+
+def test_sft_completion_only_switch(tokenizer):
+    records = [{"prompt": "What is 2 + 3?", "response": "5."}]
+    (answers,) = sft_examples(records, tokenizer, 128)
+    (everything,) = sft_examples(records, tokenizer, 128, completion_only=False)
+    assert answers["input_ids"] == everything["input_ids"]
+    prompt = len(_encode(tokenizer, solar_prompt(records[0]["prompt"])))
+    trained = [label != IGNORE_INDEX for label in answers["labels"]]
+    assert trained.index(True) >= prompt - 1 and sum(trained) == len(_encode(tokenizer, "5.")) + 1  # answer and eos
+    assert everything["labels"] == everything["input_ids"][1:] + [IGNORE_INDEX]  # every next token, prompt included

@@ -44,13 +44,21 @@ def metrics(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_sft(workspace, base_model, tmp_path, packing):
+@pytest.mark.parametrize("packing, strategy, completion_only", [(False, "greedy", True), (True, "bfd", False)])
+def test_sft(workspace, base_model, tmp_path, packing, strategy, completion_only):
     config = stage_config(tmp_path / "sft.yaml", base_model, tmp_path / "sft",
-                          data={"train": str(workspace / "sft.jsonl"), "packing": packing}, train={"steps": 10})
+                          data={"train": str(workspace / "sft.jsonl"), "packing": packing,
+                                "packing_strategy": strategy, "completion_only": completion_only},
+                          train={"steps": 10})
     history = run_stage("sft", config)["sft"]
     assert len(history) == 10 and history[-1]["loss"] < history[0]["loss"]
     assert load_pretrained(tmp_path / "sft" / "final").config.num_layers == 4
+    for record in history:  # TRL's token metrics, and the share of the rows that is not padding
+        assert 0 <= record["mean_token_accuracy"] <= 1 and record["entropy"] > 0
+        assert 0 < record["packing_efficiency"] <= 1
+    assert history[-1]["mean_token_accuracy"] > history[0]["mean_token_accuracy"]
+    steps_tokens = [b["num_tokens"] - a["num_tokens"] for a, b in zip(history, history[1:])]
+    assert all(0 < n <= 4 * 96 for n in steps_tokens)  # real tokens per step, cumulative
 
 
 def test_dpo_metrics_and_export(workspace, base_model, tmp_path):
@@ -64,7 +72,7 @@ def test_dpo_metrics_and_export(workspace, base_model, tmp_path):
     history = run_stage("dpo", config)["dpo"]
     records = metrics(tmp_path / "dpo")
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected"):
+                "logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected"):
         assert key in records[0]
         assert [r["step"] for r in records if f"eval/{key}" in r] == [8, 16]  # the held-out pairs, same names
     assert records[7]["eval/rewards/margins"] != 0 and "eval/loss" in records[15]
