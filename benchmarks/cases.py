@@ -263,7 +263,8 @@ _UNMOVED_CASES = {
         _rms_norm_case(count, shape["d"], dtype, device, residual, contenders) for residual in (False, True)],
     "rotary": lambda count, shape, dtype, device, contenders: [_rotary_case(count, shape, dtype, device, contenders)],
     "linear_logprobs": lambda count, shape, dtype, device, contenders: [
-        _logprob_case(op, count, shape, dtype, device, contenders) for op in ("linear_cross_entropy", "linear_logprobs")],
+        _logprob_case(op, count, shape, dtype, device, contenders)
+        for op in ("linear_cross_entropy", "linear_logprobs")],
 }
 
 

@@ -100,7 +100,8 @@ using RowsLauncher = cudaError_t (*)(int32_t dtype, const Rows* rows, cudaStream
 
 }  // namespace solar
 
-#define SOLAR_ROWS_LAUNCHER(name) extern "C" cudaError_t name(int32_t dtype, const ::solar::Rows* rows, cudaStream_t stream)
+#define SOLAR_ROWS_LAUNCHER(name) \
+  extern "C" cudaError_t name(int32_t dtype, const ::solar::Rows* rows, cudaStream_t stream)
 
 namespace solar {
 

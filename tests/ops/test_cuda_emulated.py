@@ -9,9 +9,10 @@ The torch-facing host functions (*_host.cpp) need a GPU; the wrappers below do w
 side-input dtype rule, output allocation) and stand in for ``torch.ops.solar_kernels_C``, so the
 public API runs with ``backend="cuda"`` on CPU tensors. Out-variant elementwise ops (every
 out-variant record of solar_kernels/ops/_registry.py) need no wrapper: their outputs come from the
-Python side, and their extern "C" launchers are called by name with a ``Rows`` block. What this cannot check: speed, register
-use, memory ordering beyond barriers, and the host functions themselves (tests/ops/test_cuda_ops.py
-does on a GPU; their argument checks are tested in tests/ops/test_cuda_build.py).
+Python side, and their extern "C" launchers are called by name with a ``Rows`` block. What this
+cannot check: speed, register use, memory ordering beyond barriers, and the host functions
+themselves (tests/ops/test_cuda_ops.py does on a GPU; their argument checks are tested in
+tests/ops/test_cuda_build.py).
 """
 
 import ctypes

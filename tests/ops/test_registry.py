@@ -108,7 +108,8 @@ def test_every_op_names_records_and_a_model_width():
 def test_registering_a_name_twice_from_another_family_is_an_error():
     taken = swiglu_module.SWIGLU_FWD
     impostor = elementwise(taken.name, "not_swiglu", taken.triton, inputs=2, outputs=1)
-    with pytest.raises(ValueError, match="'swiglu_fwd' is registered by swiglu already, got a second record from not_swiglu"):
+    message = "'swiglu_fwd' is registered by swiglu already, got a second record from not_swiglu"
+    with pytest.raises(ValueError, match=message):
         register(impostor)
     assert _registry.KERNELS["swiglu_fwd"] is taken
 
