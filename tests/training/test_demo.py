@@ -1,5 +1,6 @@
-"""`solar demo`: its output folder rules, `--write-data`, the quick run end to end, and the committed
-report (docs/demo/report.md and the README's demo section) in the format the code writes today."""
+"""`solar demo`: its output folder rules, `--write-data`, the toy's quick run end to end, which recipe
+`--toy`/`--quick`/the default run, `--publish` and the README's demo section generated from
+docs/demo/report.md (whose format tests/training/test_demo_real.py checks)."""
 
 from __future__ import annotations
 
