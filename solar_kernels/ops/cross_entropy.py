@@ -35,7 +35,9 @@ backward either.
 
 Backends: "triton" and "torch" have every option; "cuda" (the C++ twin of the row step) only the
 plain loss, and refuses the options with a one-line error; "auto" picks one that has the call.
-Under ``torch.autocast`` nothing is cast (PyTorch's eager cross-entropy runs in fp32 there too).
+Under ``torch.autocast`` on the logits' device the loss and z-loss come back in fp32, as eager
+``torch.nn.functional.cross_entropy`` does there (autocast runs it in fp32); the gradient still
+comes back in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import torch
 
 from .._backend import resolve_backend
 from .._checks import check_float_tensor
+from ._autocast import autocast_on
 from ._common import as_rows
 from .linear_logprobs import (
     _REDUCTIONS,
@@ -69,6 +72,11 @@ from .linear_logprobs import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["CrossEntropyOutput", "cross_entropy", "cross_entropy_ref"]
+
+
+def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The logits' dtype, or fp32 under autocast (module docstring)."""
+    return torch.float32 if autocast_on(logits.device) else logits.dtype
 
 
 def cross_entropy_ref(
@@ -112,7 +120,7 @@ def cross_entropy_ref(
             z_total = z_loss.sum() / count.clamp_min(1)
             loss = ce.sum() / torch.where(count > 0, weight_total, 1.0) + z_total
         accuracy = correct.sum() / count
-    dtype = logits.dtype
+    dtype = _loss_dtype(logits)
     return ce_result(loss.to(dtype), z_total.detach().to(dtype), accuracy.detach(), return_z_loss,
                      return_token_accuracy)
 
@@ -223,7 +231,7 @@ def cross_entropy(
         rows, labels.contiguous(), ignore_index, resolved, class_weight, label_smoothing, lse_square_scale,
         softcap, return_token_accuracy,
     )
-    dtype = logits.dtype
+    dtype = _loss_dtype(logits)
     if reduction == "none":
         loss, z_total, accuracy = ce + z_loss, z_loss, correct
     else:

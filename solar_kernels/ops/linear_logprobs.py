@@ -27,6 +27,31 @@ references (full ``[N, V]`` logits) that tests compare against.
   computed during the forward, while the logits are at hand, and only scaled in backward
   (3 matmuls in all, the minimum).
 
+Cross-entropy options (``linear_cross_entropy``, and ``cross_entropy`` in cross_entropy.py, which runs
+the same row step on logits it is given), as Liger-Kernel 0.8.5's fused linear cross-entropy has
+them. For a row with logits z [V], class weights w (1 without ``ce_weight``), s = label_smoothing,
+eps = s / V, c = softcap, a = lse_square_scale:
+
+    z'_i = c * tanh(z_i / c)                (softcap; in fp32 inside the row step; else z' = z)
+    ce_t = (1 - s) * w_y * (lse - z'_y) + eps * (W * lse - S),   W = sum_i w_i,  S = sum_i w_i z'_i
+    zl_t = a * lse^2                        (z-loss, unweighted)
+
+"mean" is sum_t ce_t / sum_t w_y + sum_t zl_t / n over the n non-ignored tokens (PyTorch's
+normalization of class weights; Liger's unweighted z-loss), "sum" the sums, "none" ce_t + zl_t
+per token. The returned loss includes the z-loss; ``return_z_loss`` also returns it alone
+(reduced like the loss), ``return_token_accuracy`` the share of non-ignored tokens whose first
+largest z' is the label (per token for "none"; NaN when n = 0, as Liger), both without gradient,
+together in a ``CrossEntropyOutput``. The row step computes lse, logp = z'_y - lse, S and the
+argmax per row; the loss is put together from these [N] vectors. Its gradient mode writes
+
+    dz_i = (1 - tanh^2(z_i / c)) * (g (onehot_i - p_i) + h (W p_i - w_i) + q lse p_i),  p = softmax(z')
+
+with per-row coefficients g = -(1 - s) w_y G, h = eps G, q = 2 a Gz for G = d loss / d ce_t and
+Gz = d loss / d zl_t (``ce_gradient``); without options this is the log-probs' g (onehot - p). The
+CUDA C++ twin has no options: an explicit ``backend="cuda"`` with one is refused, "auto" runs
+Triton (or, where only CUDA runs, PyTorch). ``reduction="none"`` keeps the log-sum-exp per token
+and computes the gradients in backward, like ``linear_logprobs``.
+
 Chunk rule (``default_chunk_rows``): 4096 rows, fewer when they do not fit, i.e. at most
 ``2**28 // V`` rows (a chunk's logits stay within 2**28 elements, 512 MiB in bf16: 4096 rows up to
 V = 65536, 2048 at V = 128256) and fewer than half of the N tokens (chunking always saves at least

@@ -209,6 +209,22 @@ def test_lm_head_ops_cast_like_linear(device, any_backend):
     assert (ours - torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE)).abs() > 1e-6
 
 
+def test_logits_cross_entropy_under_autocast(device, any_backend):
+    """sk.cross_entropy on bf16 logits under autocast: an fp32 loss, as eager F.cross_entropy there,
+    and the gradient in the logits' dtype."""
+    logits = (3 * torch.randn(13, 77, device=device)).bfloat16().requires_grad_()
+    labels = torch.randint(0, 77, (13,), device=device)
+    labels[:3] = IGNORE
+    with torch.autocast(device.type, dtype=AMP):
+        ours = sk.cross_entropy(logits, labels, label_smoothing=0.1, backend=any_backend)
+        expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=0.1)
+    assert ours.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert grad.dtype == torch.bfloat16
+    assert sk.cross_entropy(logits, labels, backend=any_backend).dtype == torch.bfloat16  # outside autocast
+
+
 @pytest.mark.parametrize("which", ["cross_entropy", "rms_norm"])
 def test_torch_compile_fullgraph_under_autocast(which, device, any_backend):
     hidden, weight, _, labels = _lm_head_inputs(device, torch.float32, shape=(3, 7), d=16, vocab=90)
