@@ -130,9 +130,11 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(workspace, tmp_path, monke
 
 
 def test_two_processes_match_one(workspace, tmp_path):
-    single = pretrain_config(workspace, tmp_path / "one", steps=4, batch_size=4, export=True)
+    single = pretrain_config(workspace, tmp_path / "one", steps=4, batch_size=4, export=True, eval_every=2)
+    single["data"]["eval_fraction"] = 0.2  # and the eval loop runs on every rank, reduced
     run_stage("pretrain", load_config(write_config(tmp_path / "one.yaml", **single)))
-    double = pretrain_config(workspace, tmp_path / "two", steps=4, batch_size=2, export=True)
+    double = pretrain_config(workspace, tmp_path / "two", steps=4, batch_size=2, export=True, eval_every=2)
+    double["data"]["eval_fraction"] = 0.2
     config = write_config(tmp_path / "two.yaml", **double)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -140,6 +142,11 @@ def test_two_processes_match_one(workspace, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    one_eval, two_eval = _eval_records(tmp_path / "one"), _eval_records(tmp_path / "two")
+    assert sorted(two_eval) == sorted(one_eval) == [2, 4]
+    for step in (2, 4):
+        for key in ("eval/loss", "eval/mean_token_accuracy", "eval/entropy", "num_tokens"):
+            assert two_eval[step][key] == pytest.approx(one_eval[step][key], rel=1e-5), (step, key)
     one, two = load_pretrained(tmp_path / "one" / "final"), load_pretrained(tmp_path / "two" / "final")
     # Elementwise equality is not expected: Adam's first steps move every weight by about +-lr
     # whatever the gradient's size, so reduction-order noise on near-zero gradients flips some.
