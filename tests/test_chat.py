@@ -15,8 +15,7 @@ pytest.importorskip("transformers", reason="the tokenizer loads through transfor
 from solar_kernels import chat, convert  # noqa: E402
 from solar_kernels.cli import build_parser  # noqa: E402
 from solar_kernels.model import generate, load_pretrained  # noqa: E402
-
-from .test_convert import write_tiny_gguf  # noqa: E402
+from tests.helpers import write_tiny_gguf  # noqa: E402
 
 
 class Recorder(io.StringIO):

@@ -14,11 +14,10 @@ pytest.importorskip("gguf", reason="the tiny test model is written as a GGUF fil
 pytest.importorskip("transformers", reason="the tokenizer loads through transformers")
 pytest.importorskip("datasets", reason="solar eval reads --text through datasets")
 
-from solar_kernels import convert, evaluate  # noqa: E402
+from solar_kernels import evaluate  # noqa: E402
 from solar_kernels.cli import build_parser  # noqa: E402
 from solar_kernels.model import hf as model_hf  # noqa: E402
-
-from .test_convert import write_tiny_gguf  # noqa: E402
+from tests.helpers import tiny_checkpoint  # noqa: E402
 
 DOCUMENTS = ["The capital of France is Paris, and the capital of Italy is Rome.",
              "There are 1234 apples in the basket; 7 of them are red and 56 are green.",
@@ -27,13 +26,6 @@ DOCUMENTS = ["The capital of France is Paris, and the capital of Italy is Rome."
 PAIRS = [{"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a basket of pears."},
          {"prompt": "Numbers:", "chosen": " 2024, 3.14", "rejected": " hello hello hello"},
          {"prompt": "There are", "chosen": " 1234 apples", "rejected": " 56 pears and 7 red ones in it"}]
-
-
-def tiny_checkpoint(root):
-    """A tiny random Llama converted from GGUF (byte-level BPE tokenizer with a chat template, eos 2)."""
-    write_tiny_gguf(root / "tiny.gguf", "F32", seed=5, std=0.1)
-    convert.convert_gguf(root / "tiny.gguf", root / "hf")
-    return root / "hf"
 
 
 @pytest.fixture(scope="module")

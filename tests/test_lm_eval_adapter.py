@@ -24,8 +24,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noq
 
 from solar_kernels.lm_eval_adapter import SolarLM  # noqa: E402
 from solar_kernels.model import generate  # noqa: E402
-
-from .test_evaluate import tiny_checkpoint  # noqa: E402
+from tests.helpers import tiny_checkpoint  # noqa: E402
 
 TASKS = Path(__file__).parent / "fixtures" / "lm_eval"
 REPO = Path(__file__).parent.parent
