@@ -32,7 +32,7 @@ from tests.ops.test_rms_norm import check as check_rms_norm
 from tests.ops.test_rotary import check as check_rotary
 from tests.ops.test_rotary import rope_tables
 from tests.ops.test_swiglu import check as check_swiglu
-from tests.tolerances import DTYPE_IDS, DTYPES
+from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 EMULATOR = Path(__file__).with_name("cuda_emulator")
@@ -258,6 +258,27 @@ def test_rotary_many_token_blocks_and_head_groups(emulated, dtype):
 @pytest.mark.parametrize("shape", [(3, 1), (2, 5, 123), (4, 4097), (2, 14336)])
 def test_swiglu(emulated, shape, dtype):
     check_swiglu((torch.randn(shape) * 3).to(dtype), torch.randn(shape).to(dtype), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("op", [op.name for op in _registry.ops()])
+def test_every_registry_op_on_its_emulated_kernels(emulated, op, dtype):
+    """Each op of the registry with backend="cuda" (its records' launchers, forward and backward) on
+    odd rows and widths, against its reference in float64."""
+    record = _registry.OPS[op]
+    for rows, width in ((3, 123), (4, 1024)):
+        inputs = [t.requires_grad_() for t in record.example(rows, width, dtype, "cpu")]
+        outs = record.fn(*inputs, backend="cuda")
+        upstream = torch.randn_like(outs)
+        grads = torch.autograd.grad(outs, inputs, upstream)
+        eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+        eager = record.ref(*eager_inputs)
+        eager_grads = torch.autograd.grad(eager, eager_inputs, upstream)
+        exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+        exact = record.ref(*exact_inputs)
+        exact_grads = torch.autograd.grad(exact, exact_inputs, upstream.double())
+        for i, (a, b, c) in enumerate(zip([outs, *grads], [eager, *eager_grads], [exact, *exact_grads])):
+            assert_close(f"{op} result {i}", a, b, c, dtype)
 
 
 def test_every_out_variant_kernel_has_a_launcher_by_name(lib):
