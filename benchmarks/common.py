@@ -1,6 +1,6 @@
 """What every benchmark shares: the environment record, timing, the ceilings, and result files.
 
-Method (shared/BENCHMARKING.md): time with CUDA events through ``triton.testing.do_bench`` after
+Method (docs/benchmarking.md#method): time with CUDA events through ``triton.testing.do_bench`` after
 warm-up, report the median with p20/p80; rotate among several input sets when one set would fit
 in L2; measure the device-to-device copy bandwidth and the bf16 GEMM rate in the same run, so every
 GB/s and TFLOP/s is read against this card's own ceilings. On the CPU (``--cpu``) the same code runs

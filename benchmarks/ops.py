@@ -162,13 +162,15 @@ def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
     return written
 
 
-# Ceilings measured on the validation machines (SPEC §7), for the floors in --counts.
-SPEC_CEILINGS = {"H100": (3.0e12, 798e12), "H200": (4.3e12, 790e12)}
+# Ceilings measured on the validation machines (docs/benchmarking.md#the-validation-gpus), for the
+# floors in --counts.
+VALIDATION_CEILINGS = {"H100": (3.0e12, 798e12), "H200": (4.3e12, 790e12)}
 
 
 def counts_table() -> str:
     """Markdown: minimum bytes or FLOPs per SOLAR-shaped bf16 case and mode, and the floor time
-    they imply on the H100 and H200 at the copy bandwidth / GEMM rate measured there (SPEC §7)."""
+    they imply on the H100 and H200 at the copy bandwidth / GEMM rate measured there
+    (docs/benchmarking.md#the-validation-gpus)."""
     lines = ["| op | tokens | mode | minimum | H100 floor | H200 floor |", "|---|---|---|---|---|---|"]
     for case in build_cases(torch.device("cpu"), [torch.bfloat16], cpu=False, sweep=False):
         for mode in MODES:
@@ -178,7 +180,7 @@ def counts_table() -> str:
             else:
                 amount, index = case.flops[mode], 1
                 shown = f"{amount / 1e12:.2f} TFLOP"
-            floors = [f"{amount / SPEC_CEILINGS[card][index] * 1e3:.3f} ms" for card in ("H100", "H200")]
+            floors = [f"{amount / VALIDATION_CEILINGS[card][index] * 1e3:.3f} ms" for card in ("H100", "H200")]
             lines.append(f"| {case.op} | {case.shape['tokens']} | {mode} | {shown} | {floors[0]} | {floors[1]} |")
     return "\n".join(lines)
 

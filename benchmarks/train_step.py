@@ -23,7 +23,7 @@ classes globally). Each row records the attention path that ran (``CausalLM.last
 ``hf-sdpa-packed``/``hf-sdpa-causal`` for transformers), tokens/s, TFLOP/s, MFU and peak memory;
 the results are written after every case. On a GPU each row of ours carries the target verdicts.
 
-FLOP convention (SPEC §7): FLOPs/token = 6 * N (parameters without the input embedding, LM head
+FLOP convention (docs/method.md#byte-and-flop-counts): FLOPs/token = 6 * N (parameters without the input embedding, LM head
 included) + 12 * L * d * seq; MFU = achieved / the card's dense bf16 peak (989 TFLOP/s on H100/H200).
 """
 

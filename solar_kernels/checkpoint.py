@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint directories, read lazily and written atomically (SPEC §3).
+"""Hugging Face checkpoint directories, read lazily and written atomically (docs/method.md#checkpoint-layout).
 
 A checkpoint directory holds ``config.json``, optionally ``generation_config.json`` and tokenizer
 files, and the weights as one ``model.safetensors`` or as ``model-0000k-of-0000N.safetensors``
