@@ -3,7 +3,9 @@ GPU-compile tool know about it, written once.
 
 Adding a kernel
 ---------------
-An elementwise kernel over rows [N, width] (SwiGLU is the worked example) touches four files:
+An elementwise kernel over rows [N, width] (SwiGLU is the worked example) touches four files, plus
+its two export lines in ``solar_kernels/ops/__init__.py`` (the import and ``__all__``) when it is
+public:
 
 1. ``solar_kernels/ops/<op>.py``, in the order of STYLE.md: the ``<op>_ref`` reference, the
    ``@triton.jit`` kernels, one out-variant Triton launcher per kernel (``launcher(*inputs,
@@ -14,8 +16,9 @@ An elementwise kernel over rows [N, width] (SwiGLU is the worked example) touche
 
    then the ``torch.library`` custom ops, whose real implementation is ``FWD.launch(backend,
    *rows)`` and whose fake is ``FWD.allocate(*inputs)`` (the contract), the public function (its
-   argument checks, one-line errors, before any work) and ``register_op(Op(...))``, which lets the
-   self-check and the benchmarks run it. Export it from ``solar_kernels/ops/__init__.py`` (a line).
+   argument checks, one-line errors, before any work) and ``register_op(Op(name, fn, ref, (FWD,
+   BWD), width="intermediate_size"))``, which lets the self-check, the benchmarks, the GPU-compile
+   tool and the emulated-CUDA test run it (``width`` names the ModelConfig field a row is as wide as).
 2. ``csrc/<op>.cu``: the CUDA kernels and one ``SOLAR_ROWS_LAUNCHER(solar_<op>_fwd)`` per record,
    reading a ``Rows`` block (csrc/launch.h) whose tensors come in the record's order, inputs then
    outputs. setup.py builds every ``.cu`` in csrc/.
@@ -28,14 +31,16 @@ An elementwise kernel over rows [N, width] (SwiGLU is the worked example) touche
 What then follows from the record with no further edit: the ``auto`` backend's choice per shape
 class (``pick`` with ``rows_width``, timed on ``example`` inputs), the fake of the CUDA op (an
 out-variant needs none), the CPU emulation of the CUDA kernel (tests/ops/test_cuda_emulated.py
-binds every ``SOLAR_ROWS_LAUNCHER`` by name), the schema and registration checks of the built
-extension (tests/ops/test_cuda_build.py), the compiled-code report (tools/compile_for_gpu.py drives
-``triton`` on ``example`` inputs at SOLAR's width), the self-check (solar_kernels.selfcheck) and the
-op benchmarks (benchmarks/cases.py: minimum bytes from the contract). The compiled-code budgets of
-tests/ops/test_gpu_compile.py name each kernel function and are the one table to extend by hand.
+binds every ``SOLAR_ROWS_LAUNCHER`` by name and checks every registry op against its reference), the
+schema and registration checks of the built extension (tests/ops/test_cuda_build.py), the
+compiled-code report (tools/compile_for_gpu.py drives ``triton`` on ``example`` inputs at SOLAR's
+width), the self-check (solar_kernels.selfcheck) and the op benchmarks (benchmarks/cases.py: minimum
+bytes from the contract). The compiled-code expectations of tests/ops/test_gpu_compile.py name each
+kernel function (its register budget) and are, for now, the one table to extend by hand.
 
-A kernel that is not elementwise writes its own ``Kernel(...)`` with its contract and
-``rows_width``, and its own host function in csrc/ (see rms_norm, rotary, logprobs).
+A kernel that is not elementwise writes its own ``Kernel(name, family, triton, outputs, rows_width,
+example)`` and its own out-variant host function in csrc/ (``Tensor(a!)`` outputs, returning
+``()``; the checks it keeps are those that protect memory), declared in csrc/ops.h.
 
 Op files not moved onto the registry yet (rms_norm, rotary, linear_logprobs) register their timing
 hook through ``solar_kernels._autotune.register_kernel``; that makes a record holding only ``name``,
