@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -52,12 +52,12 @@ SWEEP_ELEMENTS = 1 << 26  # rows x width for the width sweep: 128 MB of bf16, we
 class Case:
     op: str
     dtype: torch.dtype
-    shape: Dict[str, int]
-    make_inputs: Callable[[], Dict[str, torch.Tensor]]
+    shape: dict[str, int]
+    make_inputs: Callable[[], dict[str, torch.Tensor]]
     # contender -> fn(inputs); the "matmul" floor takes (inputs, mode) and needs no autograd
-    contenders: Dict[str, Callable[..., object]]
-    bytes: Dict[str, int] = field(default_factory=dict)   # per mode, memory-bound ops
-    flops: Dict[str, int] = field(default_factory=dict)   # per mode, matmul-bound ops
+    contenders: dict[str, Callable[..., object]]
+    bytes: dict[str, int] = field(default_factory=dict)   # per mode, memory-bound ops
+    flops: dict[str, int] = field(default_factory=dict)   # per mode, matmul-bound ops
     grad_inputs: tuple = ()  # names of the inputs whose gradients the backward computes
 
     @property
@@ -65,7 +65,7 @@ class Case:
         return ",".join(f"{k}={v}" for k, v in self.shape.items())
 
 
-def available_contenders(device: torch.device) -> List[str]:
+def available_contenders(device: torch.device) -> list[str]:
     names = ["torch", "torch_compile"]
     for backend in ("triton", "cuda"):
         if unavailable_reason(backend, device) is None:
@@ -268,13 +268,13 @@ _UNMOVED_CASES = {
 }
 
 
-def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: Optional[List[str]] = None,
-                sweep: bool = True, tokens: Optional[List[int]] = None) -> List[Case]:
+def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: list[str] | None = None,
+                sweep: bool = True, tokens: list[int] | None = None) -> list[Case]:
     everyone = available_contenders(device)
     without_compile = [c for c in everyone if c != "torch_compile"]
     shape = TINY if cpu else SOLAR
     token_counts = tokens or (CPU_TOKENS if cpu else GPU_TOKENS)
-    cases: List[Case] = []
+    cases: list[Case] = []
     for dtype in dtypes:
         for count in token_counts:
             contenders = everyone if cpu or count == COMPILE_TOKENS else without_compile

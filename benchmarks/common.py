@@ -20,8 +20,8 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -52,7 +52,7 @@ def _commit() -> str:
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
-def environment(device: torch.device) -> Dict[str, object]:
+def environment(device: torch.device) -> dict[str, object]:
     import triton
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU"
@@ -75,7 +75,7 @@ def card_slug(card: str) -> str:
     return "".join(c for c in card.lower() if c.isalnum())[:16] or "device"
 
 
-def peak_bf16_tflops(card: str) -> Optional[float]:
+def peak_bf16_tflops(card: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
 
 
@@ -84,7 +84,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3, graph: bool = False) -> Dict[str, object]:
+def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3, graph: bool = False) -> dict[str, object]:
     """Median, p20 and p80 of ``fn``'s time in milliseconds, and ``timing``: how it was measured.
 
     ``graph=True`` (the memory-bound ops: 60-130 us kernels behind ~50 us of custom-op dispatch and
@@ -117,7 +117,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3
     return {"median_ms": statistics.median(samples), "p20_ms": samples[0], "p80_ms": samples[-1], "timing": "wall clock"}
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Device memory ``fn`` allocates above what is allocated before it (outputs included)."""
     if device.type != "cuda":
         return None
@@ -142,7 +142,7 @@ def rotation(bytes_per_set: int, device: torch.device, limit: int = 8) -> int:
     return max(1, min(limit, math.ceil(2 * l2_bytes(device) / max(bytes_per_set, 1))))
 
 
-def ceilings(device: torch.device) -> Dict[str, float]:
+def ceilings(device: torch.device) -> dict[str, float]:
     """Device-to-device copy GB/s (read + write) and bf16 GEMM TFLOP/s, measured now."""
     if device.type == "cuda":
         src = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_()
@@ -176,8 +176,8 @@ def write_csv(path: Path, rows: list[dict[str, object]], env: dict[str, object])
     return path
 
 
-def write_rows(rows: List[Dict[str, object]], env: Dict[str, object], extra: Dict[str, object], out_dir: Path,
-               stem: str) -> List[Path]:
+def write_rows(rows: list[dict[str, object]], env: dict[str, object], extra: dict[str, object], out_dir: Path,
+               stem: str) -> list[Path]:
     """``<stem>.csv`` (one row per measurement, environment in every row) and ``<stem>.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
@@ -186,7 +186,7 @@ def write_rows(rows: List[Dict[str, object]], env: Dict[str, object], extra: Dic
     return [csv_path, json_path]
 
 
-def format_table(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
+def format_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
     def cell(value):
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"

@@ -22,7 +22,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import torch
 
@@ -35,12 +34,12 @@ logger = logging.getLogger(__name__)
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-def _outputs(result) -> List[torch.Tensor]:
+def _outputs(result) -> list[torch.Tensor]:
     items = result if isinstance(result, (tuple, list)) else (result,)
     return [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _timed_fn(case: Case, contender: str, mode: str, input_sets: List[Dict[str, torch.Tensor]]):
+def _timed_fn(case: Case, contender: str, mode: str, input_sets: list[dict[str, torch.Tensor]]):
     """A no-argument function that runs one ``mode`` of ``contender``, cycling over input sets."""
     fn = case.contenders[contender]
     if contender == "matmul":
@@ -73,7 +72,7 @@ def _timed_fn(case: Case, contender: str, mode: str, input_sets: List[Dict[str, 
     return backward
 
 
-def run_case(case: Case, device: torch.device, ceiling: Dict[str, float]) -> List[Dict[str, object]]:
+def run_case(case: Case, device: torch.device, ceiling: dict[str, float]) -> list[dict[str, object]]:
     per_set = sum(case.bytes.values()) // 3 if case.bytes else 0
     input_sets = [case.make_inputs() for _ in range(rotation(per_set, device) if per_set else 1)]
     rows = []
@@ -103,9 +102,9 @@ def run_case(case: Case, device: torch.device, ceiling: Dict[str, float]) -> Lis
     return rows
 
 
-def add_speedups(rows: List[Dict[str, object]]) -> None:
+def add_speedups(rows: list[dict[str, object]]) -> None:
     """speedup_vs_<other> = other's median time / this row's, within one op, shape, dtype and mode."""
-    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    groups: dict[tuple, list[dict[str, object]]] = {}
     for row in rows:
         if "median_ms" in row:
             groups.setdefault((row["op"], row["shape"], row["dtype"], row["mode"]), []).append(row)
@@ -116,7 +115,7 @@ def add_speedups(rows: List[Dict[str, object]]) -> None:
                     row[f"speedup_vs_{other['contender']}"] = other["median_ms"] / row["median_ms"]
 
 
-def charts(rows: List[Dict[str, object]], out_dir: Path) -> List[Path]:
+def charts(rows: list[dict[str, object]], out_dir: Path) -> list[Path]:
     # Charts are a view of the CSV: without matplotlib (fetch_wheels.sh brings it) the numbers remain.
     written = []
     sweep = [r for r in rows if r["op"] == "rms_norm_sweep" and "gbps" in r]
@@ -215,7 +214,7 @@ def main(argv=None) -> int:
     ceiling = json.loads(Path(args.ceilings_from).read_text())["ceilings"] if args.ceilings_from else ceilings(device)
     print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "
           f"(measured now)", flush=True)
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     out = Path(args.out)
     start = time.perf_counter()
     cases = build_cases(device, dtypes, cpu=args.cpu, ops=args.ops, sweep=not args.no_sweep, tokens=args.tokens)

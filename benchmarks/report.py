@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from benchmarks.common import card_slug, write_csv
 
@@ -38,7 +37,7 @@ TARGETS = {
 }
 
 
-def _steps(run_dir: Path) -> List[Dict[str, object]]:
+def _steps(run_dir: Path) -> list[dict[str, object]]:
     """gpu_check.sh's steps.tsv: one line per step (name, exit status, seconds, file it writes)."""
     path = run_dir / "steps.tsv"
     if not path.exists():
@@ -76,7 +75,7 @@ def collect(run_dir: Path, into: Path) -> Path:
     return stem.with_suffix(".json")
 
 
-def target_verdict(row: Dict, matmul_ms: Optional[float]) -> str:
+def target_verdict(row: dict, matmul_ms: float | None) -> str:
     target = TARGETS.get((row["op"], row["mode"]))
     if target is None or row.get("tokens", 0) < 16384:
         return ""
@@ -93,7 +92,7 @@ def target_verdict(row: Dict, matmul_ms: Optional[float]) -> str:
 
 
 def section(results_dir: Path) -> str:
-    newest: Dict[str, Path] = {}
+    newest: dict[str, Path] = {}
     for path in sorted(results_dir.glob("*.json")):
         data = json.loads(path.read_text())
         if "ops" in data and "environment" in data:

@@ -32,9 +32,8 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -144,7 +143,7 @@ def write_config(directory: Path, config: dict, *, source: str = "config.json") 
     write_json(Path(directory) / "config.json", _without_remote_code(config, source))
 
 
-def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if isinstance(name, torch.dtype):
@@ -155,7 +154,7 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return DTYPE_NAMES[key]
 
 
-def parse_size(size: Union[int, str]) -> int:
+def parse_size(size: int | str) -> int:
     """Bytes from an int or a string such as "5GB", "500MB", "2GiB"."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
@@ -171,7 +170,7 @@ def parse_size(size: Union[int, str]) -> int:
     return value
 
 
-def read_header(path: Path) -> Dict[str, dict]:
+def read_header(path: Path) -> dict[str, dict]:
     """The JSON header of a safetensors file, checked against the file's size."""
     try:
         file_size = path.stat().st_size
@@ -213,7 +212,7 @@ def read_header(path: Path) -> Dict[str, dict]:
 class CheckpointReader:
     """A Hugging Face checkpoint directory, validated on open, read one tensor at a time."""
 
-    def __init__(self, path: Union[str, os.PathLike]):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a checkpoint directory (it does not exist or is a file)")
@@ -221,8 +220,8 @@ class CheckpointReader:
         if not config_path.is_file():
             raise CheckpointError(f"{self.path}: config.json is missing")
         self.config: dict = read_config(config_path)
-        self._file_of: Dict[str, Path] = {}
-        self._info: Dict[str, dict] = {}
+        self._file_of: dict[str, Path] = {}
+        self._info: dict[str, dict] = {}
         index_path = self.path / INDEX_FILE
         if index_path.is_file():
             self._read_index(index_path)
@@ -239,7 +238,7 @@ class CheckpointReader:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise CheckpointError(f"{index_path}: not a safetensors index (needs a weight_map)") from error
-        headers: Dict[str, dict] = {}
+        headers: dict[str, dict] = {}
         for name, file_name in weight_map.items():
             if file_name not in headers:
                 headers[file_name] = read_header(self.path / file_name)
@@ -248,13 +247,13 @@ class CheckpointReader:
             self._file_of[name] = self.path / file_name
             self._info[name] = headers[file_name][name]
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return list(self._file_of)
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def shape(self, name: str) -> Tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._info[name]["shape"])
 
     def dtype(self, name: str) -> torch.dtype:
@@ -282,12 +281,12 @@ class ShardWriter:
     """Writes tensors, in the order given, into safetensors shards of at most ``max_shard_size``
     bytes (a single tensor larger than that gets a shard of its own)."""
 
-    def __init__(self, directory: Path, max_shard_size: Union[int, str] = "5GB"):
+    def __init__(self, directory: Path, max_shard_size: int | str = "5GB"):
         self.directory = Path(directory)
         self.max_shard_size = parse_size(max_shard_size)
-        self._pending: Dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: List[Tuple[str, List[str]]] = []  # (temporary file name, tensor names)
+        self._shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self.total_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -307,7 +306,7 @@ class ShardWriter:
         self._shards.append((file_name, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
-    def finish(self) -> List[str]:
+    def finish(self) -> list[str]:
         """Names the shards (one file: model.safetensors; else model-k-of-N + index); returns them."""
         if self._pending or not self._shards:
             self._flush()
@@ -351,7 +350,7 @@ def follow_umask(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~_current_umask())
 
 
-def path_relation(path: Union[str, os.PathLike], other: Union[str, os.PathLike]) -> str | None:
+def path_relation(path: str | os.PathLike, other: str | os.PathLike) -> str | None:
     """How ``path`` overlaps ``other`` once symlinks and ``..`` are resolved: "is", "is inside",
     "contains", or None when they do not."""
     path, other = Path(path).resolve(), Path(other).resolve()
@@ -364,7 +363,7 @@ def path_relation(path: Union[str, os.PathLike], other: Union[str, os.PathLike])
     return None
 
 
-def check_destination(dst: Union[str, os.PathLike], sources: Sequence[Union[str, os.PathLike]]) -> None:
+def check_destination(dst: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> None:
     """Refuses a ``dst`` that is, is inside or contains one of ``sources`` (``path_relation``), so
     that no run, with ``force`` or not, can replace or write into its own input."""
     for source in sources:
@@ -412,7 +411,7 @@ def _remove_stale_partials(dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expected_bytes: int = 0,
+def output_directory(dst: str | os.PathLike, *, force: bool = False, expected_bytes: int = 0,
                      tool: str = "solar_kernels") -> Iterator[Path]:
     """Yields a temporary directory that becomes ``dst`` when the block completes without error.
 
@@ -453,7 +452,7 @@ def output_directory(dst: Union[str, os.PathLike], *, force: bool = False, expec
         raise
 
 
-def copy_side_files(src: Path, dst: Path) -> List[str]:
+def copy_side_files(src: Path, dst: Path) -> list[str]:
     """Copies the tokenizer and generation files that exist in ``src`` into ``dst`` (new files,
     so their mode follows the umask); a tokenizer_config.json loses its ``auto_map``, if any."""
     copied = []
@@ -473,18 +472,18 @@ def copy_side_files(src: Path, dst: Path) -> List[str]:
 
 
 def write_hf_directory(
-    dst: Union[str, os.PathLike],
-    tensors: Iterable[Tuple[str, torch.Tensor]],
+    dst: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
     config: dict,
     *,
     config_source: str = "config.json",
-    side_files_from: Optional[Union[str, os.PathLike]] = None,
-    max_shard_size: Union[int, str] = "5GB",
+    side_files_from: str | os.PathLike | None = None,
+    max_shard_size: int | str = "5GB",
     force: bool = False,
     expected_bytes: int = 0,
     tool: str = "solar_kernels",
-    finish: Optional[Callable[[Path], None]] = None,
-) -> List[str]:
+    finish: Callable[[Path], None] | None = None,
+) -> list[str]:
     """The one Hugging Face directory writer (save_pretrained, merge, upscale): inside
     ``output_directory(dst)``, the side files of ``side_files_from`` (tokenizer, generation
     config), config.json (``write_config``: never ``auto_map``), the ``(name, tensor)`` pairs in
