@@ -603,6 +603,11 @@ def _label_weights(labels: torch.Tensor, ignore_index: int, class_weight: Option
     return torch.where(valid, class_weight[index], 0.0)
 
 
+def _per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """``values`` ([rows] or a scalar) as a contiguous fp32 [rows] tensor (the kernel reads stride 1)."""
+    return values.float().expand(rows).contiguous()
+
+
 def ce_gradient(
     labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor], label_smoothing: float,
     lse_square_scale: float, softcap: Optional[float], vocab: int,
@@ -617,8 +622,8 @@ def ce_gradient(
         softcap=softcap,
         class_weight=class_weight if label_smoothing > 0 else None,
         class_weight_sum=class_weight.sum() if class_weight is not None and label_smoothing > 0 else None,
-        grad_smooth=(label_smoothing / vocab * grad_ce).float().expand(rows).contiguous() if label_smoothing > 0 else None,
-        grad_z=(2.0 * lse_square_scale * grad_z).float().expand(rows).contiguous() if lse_square_scale != 0 else None,
+        grad_smooth=_per_row(label_smoothing / vocab * grad_ce, rows) if label_smoothing > 0 else None,
+        grad_z=_per_row(2.0 * lse_square_scale * grad_z, rows) if lse_square_scale != 0 else None,
     )
     return g.float().expand(rows), options
 

@@ -13,6 +13,7 @@ from solar_kernels.ops.linear_logprobs import (
     sequence_logprobs_ref,
 )
 from tests.ops.test_cross_entropy import exact as exact_cross_entropy
+from tests.ops.test_cross_entropy import options_backend
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
 IGNORE = -100
@@ -191,8 +192,8 @@ def _loss(out):
 def check_cross_entropy_options(hidden, weight, bias, labels, reduction, options, backend, **kwargs):
     upstream = torch.randn(labels.shape if reduction == "none" else (), device=hidden.device)
     check(
-        lambda h, w, y, b: _loss(sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=backend,
-                                                         **options, **kwargs)),
+        lambda h, w, y, b: _loss(sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction,
+                                                         backend=options_backend(backend), **options, **kwargs)),
         lambda h, w, y, b: _loss(linear_cross_entropy_ref(h, w, y, b, reduction=reduction, **options)),
         _exact_ce(reduction, options), hidden, weight, bias, labels, upstream,
     )
@@ -238,7 +239,7 @@ def test_cross_entropy_options_partial_grads(reduction, device, any_backend):
     for wants in ("weight", "hidden"):
         h = hidden.clone().requires_grad_(wants == "hidden")
         w = weight.clone().requires_grad_(wants == "weight")
-        out = sk.linear_cross_entropy(h, w, labels, reduction=reduction, backend=any_backend, **options)
+        out = sk.linear_cross_entropy(h, w, labels, reduction=reduction, backend=options_backend(any_backend), **options)
         (grad,) = torch.autograd.grad(out.loss, [w if wants == "weight" else h], upstream)
         h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         ref = linear_cross_entropy_ref(h2, w2, labels, reduction=reduction, **options)
@@ -252,11 +253,11 @@ def test_cross_entropy_output_type(device, any_backend):
     plain = sk.linear_cross_entropy(hidden, weight, labels, backend=any_backend)
     assert isinstance(plain, torch.Tensor) and plain.shape == ()
     out = sk.linear_cross_entropy(hidden, weight, labels, reduction="none", lse_square_scale=0.1,
-                                  return_z_loss=True, return_token_accuracy=True, backend=any_backend)
+                                  return_z_loss=True, return_token_accuracy=True, backend=options_backend(any_backend))
     assert isinstance(out, sk.CrossEntropyOutput)
     assert out.loss.shape == out.z_loss.shape == out.token_accuracy.shape == (3, 5)
     only_z = sk.linear_cross_entropy(hidden, weight, labels, lse_square_scale=0.1, return_z_loss=True,
-                                     backend=any_backend)
+                                     backend=options_backend(any_backend))
     assert only_z.token_accuracy is None and only_z.z_loss.shape == ()
     torch.testing.assert_close(only_z.loss - only_z.z_loss, plain)
 
@@ -330,7 +331,8 @@ def test_full_logits_never_exist(which, dtype, device, any_backend):
             out = sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend)
         elif which.startswith("cross_entropy_options"):
             reduction = "none" if which.endswith("none") else "mean"
-            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, backend=any_backend,
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction,
+                                          backend=options_backend(any_backend),
                                           **_ce_options("all", vocab, device)).loss.sum()
         else:
             out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=any_backend).sum()
@@ -462,7 +464,8 @@ def test_torch_rows_follow_the_triton_kernel_with_options(weighted, dtype, devic
     tolerance = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     for index, (ours, kernel) in enumerate(zip(results["torch"], results["triton"])):
         # the smoothing sum adds 4100 terms of either sign: its summation order shows at ~1e-7 of sum |z|
-        torch.testing.assert_close(ours, kernel, equal_nan=True, **(dict(rtol=1e-5, atol=2e-3) if index == 2 else tolerance))
+        close = dict(rtol=1e-5, atol=2e-3) if index == 2 else tolerance
+        torch.testing.assert_close(ours, kernel, equal_nan=True, **close)
     logp, lse, smooth_sum, correct, dz = results["triton"]
     capped = 5.0 * torch.tanh(logits.float() / 5.0)
     expected_sum = (capped * (class_weight if weighted else 1.0)).sum(1)
@@ -495,7 +498,8 @@ def test_torch_compile_fullgraph(which, device, any_backend):
         if which == "sequence":
             return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend=any_backend).pow(2).sum()
         if which.startswith("options"):
-            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=which[8:], backend=any_backend, **options)
+            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=which[8:],
+                                          backend=options_backend(any_backend), **options)
             return (out.loss * 1.5).sum() + out.z_loss.sum()
         return sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend) * 1.5
 
