@@ -76,7 +76,7 @@ if [ -n "$REHEARSAL" ]; then
   OPS_ARGS=(--cpu --ops swiglu --no-sweep)
   TRAIN_ARGS=(--cpu --seq 16 --layers 1 --steps 1 --warmup 0 --ac none --contenders ours-triton hf)
   TESTS=(tests/ops/test_swiglu.py -m gpu)
-  LIMIT_OPS=90 LIMIT_TRAIN=90 LIMIT_CUDA=60 LIMIT_TESTS=60  # a shared CI CPU: imports alone take 5-20 s
+  LIMIT_OPS=90 LIMIT_TRAIN=90 LIMIT_CUDA=60 LIMIT_TESTS=60 LIMIT_REPORT=60  # a shared CI CPU: imports alone take 5-20 s
 else
   CPU=()
   OPS_ARGS=(--tokens 16384 --no-sweep --budget-s 100)
@@ -84,7 +84,7 @@ else
   TRAIN_ARGS=(--batch 4 --seq 4096 --layers 8 --steps 3 --warmup 1 --ac none selective full --packing unpacked packed
               --contenders ours-triton hf hf+liger ours-cuda hf+solar)
   TESTS=(tests/ops)
-  LIMIT_OPS=130 LIMIT_TRAIN=100 LIMIT_CUDA=70 LIMIT_TESTS=90
+  LIMIT_OPS=130 LIMIT_TRAIN=100 LIMIT_CUDA=70 LIMIT_TESTS=90 LIMIT_REPORT=20
 fi
 export -f install
 export PY REHEARSAL
@@ -111,7 +111,7 @@ fi
       $PY -m tools.cuda_sanitize > >(tee "$OUT/sanitize.log") 2>&1
   fi
   REPORT_RESERVE_S=0
-  step "report" 20 "" $PY -m benchmarks.report "$OUT" --into "$OUT"
+  step "report" "$LIMIT_REPORT" "" $PY -m benchmarks.report "$OUT" --into "$OUT"
   echo "== done in ${SECONDS}s"
   column -t -s $'\t' "$OUT/steps.tsv" 2> /dev/null || cat "$OUT/steps.tsv"
 } 2>&1 | tee "$OUT/log"
