@@ -125,16 +125,24 @@ def heading_anchors(markdown: str) -> set[str]:
     return anchors
 
 
+def text_files(root: Path) -> list[tuple[Path, str]]:
+    """(path, text) of the source, config and documentation files under ``root``, outside .venv,
+    .git, runs/ and build/; this file is left out (its examples are not citations)."""
+    suffixes = {".py", ".md", ".yaml", ".yml", ".sh", ".cu", ".cpp", ".h", ".toml", ".txt"}
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()):
+        if path.relative_to(root).parts[0] in (".venv", ".git", "runs", "build") or path == Path(__file__).resolve():
+            continue
+        found.append((path, path.read_text(encoding="utf-8", errors="replace")))
+    return found
+
+
 def docs_citations(root: Path) -> list[tuple[str, str, str]]:
     """(where, doc file, anchor) for every ``docs/NAME.md#anchor`` in the tracked text files under
     ``root``, and every ``NAME.md#anchor`` / ``#anchor`` link inside ``docs/*.md``."""
     found = []
-    suffixes = {".py", ".md", ".yaml", ".yml", ".sh", ".cu", ".cpp", ".h", ".toml", ".txt"}
-    for path in sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()):
+    for path, text in text_files(root):
         parts = path.relative_to(root).parts
-        if parts[0] in (".venv", ".git", "runs", "build") or path == Path(__file__).resolve():
-            continue  # (this file's examples are not citations)
-        text = path.read_text(encoding="utf-8", errors="replace")
         where = str(path.relative_to(root))
         found += [(where, f"docs/{name}.md", anchor) for name, anchor in re.findall(r"docs/(\w+)\.md#([\w-]+)", text)]
         if parts[0] == "docs" and len(parts) == 2:
