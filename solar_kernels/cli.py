@@ -93,10 +93,12 @@ def _merge(args) -> None:
 # entry point of this group names a function ``main(argv) -> int`` that parses its own arguments and
 # answers --help without importing torch. The library itself never imports those packages.
 COMMAND_GROUP = "solar_kernels.commands"
+BUILT_IN_COMMANDS = ("upscale", "merge", "convert", "generate", "chat", "eval")
 
 
 def _added_commands() -> dict[str, EntryPoint]:
-    return {point.name: point for point in entry_points(group=COMMAND_GROUP)}
+    """The entry points of COMMAND_GROUP by name; a built-in command's name stays the built-in's."""
+    return {point.name: point for point in entry_points(group=COMMAND_GROUP) if point.name not in BUILT_IN_COMMANDS}
 
 
 def _summary(point: EntryPoint) -> str:

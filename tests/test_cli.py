@@ -183,9 +183,12 @@ def test_added_commands_come_from_entry_points(capsys, monkeypatch):
         return 7
 
     monkeypatch.setitem(sys.modules, "fake_commands", types.SimpleNamespace(run=run))
-    monkeypatch.setattr(cli, "_added_commands", lambda: {"fake": EntryPoint("fake", "fake_commands:run",
-                                                                            cli.COMMAND_GROUP)})
+    points = [EntryPoint(name, "fake_commands:run", cli.COMMAND_GROUP) for name in ("fake", "merge")]
+    monkeypatch.setattr(cli, "entry_points", lambda group: points if group == cli.COMMAND_GROUP else [])
     assert main(["fake", "--x", "1"]) == 7 and calls == [["--x", "1"]]
+    with pytest.raises(SystemExit):  # the built-in merge's parser: DST is missing
+        main(["merge", "--no-progress"])
+    assert calls == [["--x", "1"]]
     with pytest.raises(SystemExit):
         main(["--help"])
     listed = capsys.readouterr().out
