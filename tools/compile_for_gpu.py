@@ -150,9 +150,10 @@ def _empty(*shape, dtype):
     return torch.empty(*shape, dtype=dtype)
 
 
-def triton_launches() -> list[Launch]:
+def triton_launches() -> tuple[list[Launch], list[str]]:
     """Drive every Triton launcher of the kernel registry at SOLAR shapes (and RMSNorm's wide two-pass
-    rows); catch the launches."""
+    rows); catch the launches. Returns them and the name of every ``*_kernel`` of the registry's op
+    files (what the report must hold a variant of)."""
     names = _registry.families()
     missing = [name for name in names if name not in _UNMOVED_DRIVERS and not _records_of(name)]
     if missing:
@@ -179,7 +180,7 @@ def triton_launches() -> list[Launch]:
             setattr(module, attr, obj)
         if programs_fn is not None:
             rms.persistent_programs = programs_fn
-    return launches
+    return launches, sorted(obj.__name__ for obj in originals.values())
 
 
 def _records_of(family: str) -> list[tuple[_registry.Op, _registry.Kernel]]:
@@ -444,14 +445,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.time()
-    variants = compile_triton(triton_launches(), args.archs)
+    launches, triton_kernels = triton_launches()
+    variants = compile_triton(launches, args.archs)
     if not args.no_cuda:
         variants += compile_cuda()
     for v in variants:
         print(f"{v.arch} {v.kernel} *{v.dtype} {v.case} {v.config}: REG:{v.registers} STACK:{v.stack_bytes} "
               f"LDG128:{v.ldg128} (LDGSTS128:{v.ldgsts128}) STG128:{v.stg128} FP64:{v.fp64}")
     print(f"compiled {len(variants)} kernel variants in {time.time() - start:.1f} s")
-    report = {"environment": _versions(), "sms": SMS, "variants": [v.as_dict() for v in variants]}
+    report = {"environment": _versions(), "sms": SMS, "triton_kernels": triton_kernels,
+              "variants": [v.as_dict() for v in variants]}
     text = json.dumps(report, indent=2, default=str) + "\n"
     if args.json:
         Path(args.json).write_text(text)

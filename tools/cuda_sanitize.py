@@ -1,8 +1,9 @@
 """Usage: compute-sanitizer --tool memcheck --error-exitcode 1 python -m tools.cuda_sanitize (from the repository)
 
 A small case of every CUDA C++ op, forward and backward, to run under compute-sanitizer. Each case
-runs through the public API with ``backend="cuda"`` (so the backward kernels run too) and through ``torch.ops.solar_kernels_C`` directly on inputs that start one element into their buffer
-(the scalar path), at widths that are odd, that fill the vector path exactly, and that overflow the
+runs through the public API with ``backend="cuda"`` (so the backward kernels run too) and through
+``torch.ops.solar_kernels_C`` directly (every out-variant record of the kernel registry, against its
+Triton launcher) on inputs that start one element into their buffer (the scalar path), at widths that are odd, that fill the vector path exactly, and that overflow the
 kernels' register caches (the re-read path). PyTorch's caching allocator serves tensors from large
 blocks, where an access past a tensor's end stays inside the block and memcheck cannot see it:
 the script turns caching off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) before CUDA starts.
@@ -24,9 +25,10 @@ import torch  # noqa: E402
 import solar_kernels as sk  # noqa: E402
 from tests.helpers import misaligned  # noqa: E402
 
+from solar_kernels.ops import _registry  # noqa: E402
+
 # The Triton launchers, as the second opinion on the backward kernels called directly below.
 rms_norm_module = importlib.import_module("solar_kernels.ops.rms_norm")
-swiglu_module = importlib.import_module("solar_kernels.ops.swiglu")
 
 DEVICE = "cuda"
 BOUND = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -65,6 +67,19 @@ def report(name, dtype, error):
     torch.cuda.synchronize()
     ok = error <= BOUND[dtype]
     print(f"{name:<40}{str(dtype).replace('torch.', ''):<10}{error:10.2e}  {'ok' if ok else 'WRONG'}", flush=True)
+    return ok
+
+
+def registry_cases(dtype) -> bool:
+    """Every out-variant record of the kernel registry on misaligned example inputs (the scalar path):
+    its CUDA op against its Triton launcher."""
+    ok = True
+    for kernel in _registry.kernels():
+        if not kernel.out_variant:
+            continue
+        inputs = kernel.example(5, 4096, dtype, DEVICE, shifted)
+        got, expected = kernel.launch("cuda", *inputs), kernel.launch("triton", *inputs)
+        ok &= report(f"{kernel.name} misaligned", dtype, max(rel(a, b) for a, b in zip(got, expected)))
     return ok
 
 
@@ -110,11 +125,7 @@ def cases(dtype):
         gate, up = rand(5, width, dtype=dtype, scale=3), rand(5, width, dtype=dtype)
         ok &= through_api(f"swiglu I={width}", dtype, lambda g, u: sk.swiglu(g, u, backend="cuda"), sk.swiglu_ref,
                           [gate, up])
-    gate, up = shifted(5, 4096, dtype=dtype, scale=3), shifted(5, 4096, dtype=dtype)
-    ok &= report("swiglu_fwd misaligned", dtype, rel(ops.swiglu_fwd(gate, up), sk.swiglu_ref(gate, up)))
-    dy = shifted(5, 4096, dtype=dtype)
-    got, expected = ops.swiglu_bwd(dy, gate, up), swiglu_module._swiglu_bwd(dy, gate, up, "triton")
-    ok &= report("swiglu_bwd misaligned", dtype, max(rel(a, b) for a, b in zip(got, expected)))
+    ok &= registry_cases(dtype)
 
     for vocab in (4097, 32000):
         hidden, weight = rand(3, 7, 64, dtype=dtype), rand(vocab, 64, dtype=dtype, scale=0.2)

@@ -88,7 +88,7 @@ def _failures(row) -> dict[str, str]:
         writes_tensor = row["config"].get("WRITE_GRAD", True)  # the lse-only log-prob pass stores 2 floats a row
         if writes_tensor and key not in FEW_STORES_BY_DESIGN and row["stg128"] == 0:
             missed["stg128"] = "no 128-bit global store"
-    budget = REGISTER_BUDGET[key][0]
+    budget = REGISTER_BUDGET.get(key, (64, "default for an elementwise kernel"))[0]
     if row["registers"] > budget:
         missed["registers"] = f"{row['registers']} registers > {budget}"
     return missed
@@ -96,10 +96,10 @@ def _failures(row) -> dict[str, str]:
 
 def test_every_kernel_compiles_for_hopper_and_ampere(report):
     triton_rows = [v for v in report["variants"] if v["backend"] == "triton"]
-    assert {v["kernel"] for v in triton_rows} == {
-        "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_column_sum_kernel", "_swiglu_fwd_kernel",
-        "_swiglu_bwd_kernel", "_rotary_kernel", "_logprobs_kernel",
-    }
+    # Every *_kernel of the registry's op files (the tool lists them) was launched and compiled.
+    expected = set(report["data"]["triton_kernels"])
+    assert {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"} <= expected, expected
+    assert {v["kernel"] for v in triton_rows} == expected
     for arch in ("sm_90", "sm_80"):
         for dtype in ("bf16", "fp16", "fp32"):
             assert any(v["arch"] == arch and v["dtype"] == dtype for v in triton_rows), (arch, dtype)
