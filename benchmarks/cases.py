@@ -12,10 +12,11 @@ Minimum bytes count each input read once and each output written once (b = bytes
 | swiglu fwd | gate, up read; y written: 3·N·I·b |
 | swiglu bwd | dy, gate, up read; dgate, dup written: 5·N·I·b |
 
-The ops of the kernel registry (solar_kernels/ops/_registry.py; swiglu so far) get their case from
-their records: rows of the op's model width (``Op.width`` of the ``solar-10.7b`` preset, ``tiny`` on
-the CPU), minimum bytes from the contract (every input and output of the forward kernel, and of the
-backward kernel), and as contenders the reference, it compiled, each backend and Liger's twin.
+The ops of the kernel registry (solar_kernels/ops/_registry.py; swiglu and apply_rotary so far) get
+their case from their records: rows of the op's model width (``Op.model_width`` of the
+``solar-10.7b`` preset, ``tiny`` on the CPU), minimum bytes from the outputs the records allocate
+(every input and output of the forward kernel, and of the backward kernel; rotary's backward is its
+forward kernel), and as contenders the reference, it compiled, each backend and Liger's twin.
 
 (fwd+bwd is the sum.) The log-prob ops are matmul-bound: 2·N·d·V FLOPs for the logits, 4·N·d·V
 more for dhidden and dweight; the table counts 2·N·d·V (fwd) and 6·N·d·V (fwd+bwd), and the
@@ -38,8 +39,8 @@ from solar_kernels._backend import unavailable_reason
 from solar_kernels.model.config import PRESETS
 from solar_kernels.ops import _registry
 
-SOLAR = {"d": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "vocab": 32000}
-TINY = {"d": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "vocab": 512}
+SOLAR = {"d": 4096, "vocab": 32000}
+TINY = {"d": 64, "vocab": 512}
 GPU_TOKENS = (16384, 32768, 4096)  # the size the targets are set at first, should a run be cut short
 # torch.compile spends 10-30 s per op and shape compiling; on the GPU it is timed at this size only.
 COMPILE_TOKENS = 16384
@@ -131,60 +132,37 @@ def _rms_norm_case(tokens, d, dtype, device, residual, contenders):
                 grad_inputs=("x", "w", "r") if residual else ("x", "w"))
 
 
-def _rotary_case(tokens, shape, dtype, device, contenders):
-    hq, hkv, hd = shape["heads"], shape["kv_heads"], shape["head_dim"]
-
-    def make():
-        positions = torch.arange(tokens, device=device)
-        inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, device=device).float() / hd)
-        emb = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)[None]  # [1, T, D], as transformers
-        return {
-            "q": torch.randn(1, hq, tokens, hd, device=device, dtype=dtype, requires_grad=True),
-            "k": torch.randn(1, hkv, tokens, hd, device=device, dtype=dtype, requires_grad=True),
-            "cos": emb.cos().to(dtype), "sin": emb.sin().to(dtype),
-        }
-
-    compiled = _compiled(sk.apply_rotary_ref, device)
-    run = {
-        "torch": lambda i: sk.apply_rotary_ref(i["q"], i["k"], i["cos"], i["sin"]),
-        "torch_compile": lambda i: compiled(i["q"], i["k"], i["cos"], i["sin"]),
-        "triton": lambda i: sk.apply_rotary(i["q"], i["k"], i["cos"], i["sin"], backend="triton"),
-        "cuda": lambda i: sk.apply_rotary(i["q"], i["k"], i["cos"], i["sin"], backend="cuda"),
-    }
-    if "liger" in contenders:
-        from liger_kernel.transformers.functional import liger_rope
-
-        run["liger"] = lambda i: liger_rope(i["q"], i["k"], i["cos"], i["sin"])
-    b = torch.empty((), dtype=dtype).element_size()
-    once = 2 * tokens * (hq + hkv) * hd * b + 2 * tokens * hd * b
-    return Case("apply_rotary", dtype, {"tokens": tokens, "heads": hq, "kv_heads": hkv, "head_dim": hd}, make,
-                {k: v for k, v in run.items() if k in contenders},
-                bytes={"fwd": once, "bwd": once, "fwd+bwd": 2 * once}, grad_inputs=("q", "k"))
-
-
 def _liger_swiglu(inputs):
     from liger_kernel.transformers.functional import liger_swiglu
 
     return liger_swiglu(inputs["gate"], inputs["up"])
 
 
+def _liger_rope(inputs):
+    from liger_kernel.transformers.functional import liger_rope
+
+    cos, sin = (t if t.dim() == 3 else t[None] for t in (inputs["cos"], inputs["sin"]))  # Liger takes [1|B, T, D]
+    return liger_rope(inputs["q"], inputs["k"], cos, sin)
+
+
 # Liger-Kernel's twin of a registry op, where it has one.
-_LIGER = {"swiglu": _liger_swiglu}
+_LIGER = {"swiglu": _liger_swiglu, "apply_rotary": _liger_rope}
 
 
 def _minimum_bytes(kernel: _registry.Kernel, rows: int, width: int, dtype: torch.dtype) -> int:
-    """Each input of one launch read once and each output written once (shapes from the contract)."""
+    """Each input of one launch read once and each output written once (outputs as the record allocates them)."""
     inputs = kernel.example(rows, width, dtype, "meta", torch.empty)
-    sizes = [(t.shape, t.dtype) for t in inputs] + list(kernel.outputs(*inputs))
-    return sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size() for shape, dt in sizes)
+    return sum(t.numel() * t.element_size() for t in (*inputs, *kernel.allocate(*inputs)))
 
 
 def _registry_case(op: _registry.Op, tokens, cpu, dtype, device, contenders):
-    width = getattr(PRESETS["tiny" if cpu else "solar-10.7b"], op.width)
+    width = op.model_width(PRESETS["tiny" if cpu else "solar-10.7b"])
     names = list(inspect.signature(op.ref).parameters)[: len(op.example(1, 1, dtype, "meta", torch.empty))]
+    grad_names = names[: len(op.split(names)[0])]
 
     def make():
-        return {n: t.requires_grad_() for n, t in zip(names, op.example(tokens, width, dtype, device))}
+        inputs = dict(zip(names, op.example(tokens, width, dtype, device)))
+        return {n: t.requires_grad_() if n in grad_names else t for n, t in inputs.items()}
 
     compiled = _compiled(op.ref, device)
     run = {
@@ -195,10 +173,10 @@ def _registry_case(op: _registry.Op, tokens, cpu, dtype, device, contenders):
     }
     if "liger" in contenders and op.name in _LIGER:
         run["liger"] = _LIGER[op.name]
-    fwd, bwd = (_minimum_bytes(kernel, tokens, width, dtype) for kernel in op.kernels)
+    fwd, bwd = (_minimum_bytes(kernel, tokens, width, dtype) for kernel in (op.kernels[0], op.kernels[-1]))
     return Case(op.name, dtype, {"tokens": tokens, op.width.removesuffix("_size"): width}, make,
                 {k: v for k, v in run.items() if k in contenders},
-                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, grad_inputs=tuple(names))
+                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, grad_inputs=tuple(grad_names))
 
 
 def _logprob_case(op, tokens, shape, dtype, device, contenders):
@@ -261,7 +239,6 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
 _UNMOVED_CASES = {
     "rms_norm": lambda count, shape, dtype, device, contenders: [
         _rms_norm_case(count, shape["d"], dtype, device, residual, contenders) for residual in (False, True)],
-    "rotary": lambda count, shape, dtype, device, contenders: [_rotary_case(count, shape, dtype, device, contenders)],
     "linear_logprobs": lambda count, shape, dtype, device, contenders: [
         _logprob_case(op, count, shape, dtype, device, contenders)
         for op in ("linear_cross_entropy", "linear_logprobs")],

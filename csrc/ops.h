@@ -32,10 +32,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
                                                 const at::Tensor& rstd, const std::optional<at::Tensor>& dh);
 
 // q [B, Hq, T, D], k [B, Hkv, T, D] (any strides, one dtype), cos and sin [T, D], [1, T, D] or
-// [B, T, D] (any float dtype, any strides). Returns (q', k') with q's and k's memory layout; with
-// backward = true, the transposed rotation (the gradient).
-std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                          const at::Tensor& sin, bool backward);
+// [B, T, D] (any float dtype, any strides). Writes q' and k' into q_out and k_out (shaped like q and
+// k, any strides); with backward = true, the transposed rotation (the gradient).
+void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+            const at::Tensor& q_out, const at::Tensor& k_out, bool backward);
 
 // In place, over one chunk of logits [C, V] (unit column stride): labels [C] int32/int64;
 // logp, lse [C] fp32 contiguous (written when compute_lse; lse read otherwise); grad [C] fp32, any

@@ -1,7 +1,7 @@
-// Host function of the rotary kernel (rotary.cu): checks, device guard, stream, dispatch, launch,
+// Host function of the rotary kernel (rotary.cu), an out-variant op: the caller allocates q_out and
+// k_out (solar_kernels/ops/rotary.py, in q's and k's layouts). Checks what protects memory (devices,
+// dtypes, shapes of every tensor, alignment, grid), then device guard, stream, dispatch, launch,
 // launch check.
-#include <ATen/ops/empty_like.h>
-
 #include "host.h"
 #include "launch.h"
 #include "ops.h"
@@ -32,8 +32,8 @@ void check_table(const char* op, const char* name, const at::Tensor& t, const at
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                          const at::Tensor& sin, bool backward) {
+void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+            const at::Tensor& q_out, const at::Tensor& k_out, bool backward) {
   constexpr const char* op = "solar_kernels_C::rotary";
   check_float(op, "q", q);
   check_dim(op, "q", q, 4, "4-D [B, Hq, T, D]");
@@ -45,6 +45,15 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
   SOLAR_CHECK(q.size(3) % 2 == 0, op, "head_dim must be even (rotate-half pairs its halves), got ", q.size(3));
   check_table(op, "cos", cos, q);
   check_table(op, "sin", sin, q);
+  // The outputs are written through their own strides: each must be shaped like its input.
+  const auto check_out = [&](const char* name, const at::Tensor& out, const char* in_name, const at::Tensor& in) {
+    check_same_device(op, name, out, in_name, in);
+    check_same_dtype(op, name, out, in_name, in);
+    check_same_shape(op, name, out, in_name, in);
+    check_element_aligned(op, name, out);
+  };
+  check_out("q_out", q_out, "q", q);
+  check_out("k_out", k_out, "k", k);
   check_grid(op, "batch x tokens", q.size(0) * q.size(2));
   check_cuda(op, "q", q);
 
@@ -60,8 +69,6 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
   check_element_aligned(op, "cos", cos_t);
   check_element_aligned(op, "sin", sin_t);
 
-  at::Tensor q_out = at::empty_like(q, at::MemoryFormat::Preserve);
-  at::Tensor k_out = at::empty_like(k, at::MemoryFormat::Preserve);
   dispatch_float(op, q.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto launch = [&](auto table_tag) {
@@ -93,7 +100,6 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
       launch(Type<float>{});
     }
   });
-  return {q_out, k_out};
 }
 
 }  // namespace solar

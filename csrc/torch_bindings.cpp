@@ -29,7 +29,7 @@ TORCH_LIBRARY(solar_kernels_C, m) {
   m.set_python_module("solar_kernels._cuda");
   m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor y, Tensor h, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) -> (Tensor dx, Tensor dweight)");
-  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) -> (Tensor q_out, Tensor k_out)");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!) k_out, bool backward) -> ()");
   m.def("swiglu_fwd(Tensor gate, Tensor up, Tensor(a!) y) -> ()");
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up, Tensor(a!) dgate, Tensor(b!) dup) -> ()");
   m.def(

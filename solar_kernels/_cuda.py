@@ -98,10 +98,6 @@ def _register_fakes() -> None:
     def _(dy, h, weight, rstd, dh):
         return h.new_empty(h.shape), weight.new_empty(weight.shape)
 
-    @torch.library.register_fake("solar_kernels_C::rotary")
-    def _(q, k, cos, sin, backward):
-        return torch.empty_like(q, memory_format=torch.preserve_format), torch.empty_like(k, memory_format=torch.preserve_format)
-
     @torch.library.register_fake("solar_kernels_C::logprobs_")
     def _(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
         return None

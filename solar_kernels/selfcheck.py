@@ -35,24 +35,18 @@ def _cases(device, dtype):
 
     labels = torch.randint(0, 1000, (2, 9), device=device)
     labels[:, :3] = -100
-    positions = torch.arange(9, device=device)
-    inv_freq = 10000.0 ** (-torch.arange(0, 64, 2, device=device).float() / 64)
-    emb = torch.cat([positions[:, None] * inv_freq] * 2, dim=-1)
-    cos, sin = emb.cos(), emb.sin()
-    recorded = [
-        (op.name, op.example(4, getattr(PRESETS["solar-10.7b"], op.width), dtype, device),
-         lambda b, *inputs, op=op: op.fn(*inputs, backend=b), op.ref)
-        for op in _registry.ops()
-    ]
+    recorded = []
+    for op in _registry.ops():
+        # the inputs that take gradients are the leaves; the rest (rotary's cos/sin) are constants
+        leaves, constants = op.split(op.example(4, op.model_width(PRESETS["solar-10.7b"]), dtype, device))
+        recorded.append((op.name, leaves, lambda b, *inputs, op=op, rest=constants: op.fn(*inputs, *rest, backend=b),
+                         lambda *inputs, op=op, rest=constants: op.ref(*inputs, *rest)))
     return recorded + [
         ("rms_norm", (rand(3, 5, 4096), rand(4096)),
          lambda b, x, w: sk.rms_norm(x, w, 1e-5, backend=b), lambda x, w: sk.rms_norm_ref(x, w, 1e-5)),
         ("rms_norm+residual", (rand(7, 4096), rand(7, 4096), rand(4096)),
          lambda b, x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=b),
          lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r)),
-        ("apply_rotary", (rand(2, 8, 9, 64), rand(2, 2, 9, 64)),
-         lambda b, q, k: sk.apply_rotary(q, k, cos, sin, backend=b),
-         lambda q, k: sk.apply_rotary_ref(q, k, cos.to(q.dtype), sin.to(q.dtype))),
         ("linear_logprobs", (rand(2, 9, 256), rand(1000, 256, scale=0.1)),
          lambda b, h, w: sk.linear_logprobs(h, w, labels, backend=b),
          lambda h, w: sk.linear_logprobs_ref(h, w, labels).to(h.dtype)),

@@ -188,12 +188,15 @@ def _records_of(family: str) -> list[tuple[_registry.Op, _registry.Kernel]]:
 
 
 def _drive_records(family, module, context, dtype, name, solar) -> None:
-    """Out-variant records: each Triton launcher on its example inputs at SOLAR's width for the op."""
+    """Out-variant records: each Triton launcher on its example inputs at SOLAR's width for the op,
+    once per variant of its non-tensor options."""
     for op, kernel in _records_of(family):
-        width = getattr(PRESETS["solar-10.7b"], op.width)
+        width = op.model_width(PRESETS["solar-10.7b"])
         inputs = kernel.example(SOLAR["tokens"], width, dtype, "cpu", torch.empty)
-        context[:] = [f"{kernel.name} {op.width}={width}", name, solar]
-        kernel.triton(*inputs, *kernel.allocate(*inputs))
+        for options in kernel.variants:
+            label = "".join(f" {key}={value}" for key, value in options.items())
+            context[:] = [f"{kernel.name} {op.width}={width}{label}", name, solar]
+            kernel.triton(*inputs, *kernel.allocate(*inputs), **options)
 
 
 def _drive_rms_norm(rms, context, dtype, name, solar) -> None:
@@ -214,15 +217,6 @@ def _drive_rms_norm(rms, context, dtype, name, solar) -> None:
         rms._rms_norm_bwd(_empty(n, d, dtype=torch.float32), x, w32, rstd, None, backend="triton")
 
 
-def _drive_rotary(rot, context, dtype, name, solar) -> None:
-    n, hq, hkv, hd = SOLAR["tokens"], SOLAR["heads"], SOLAR["kv_heads"], SOLAR["head_dim"]
-    q, k = _empty(1, hq, n, hd, dtype=dtype), _empty(1, hkv, n, hd, dtype=dtype)
-    cos = _empty(1, n, hd, dtype=dtype)
-    for backward in (False, True):
-        context[:] = [f"rotary {'bwd' if backward else 'fwd'} {hq}/{hkv}x{hd}", name, solar]
-        rot._rotary(q, k, cos, cos, backward, backend="triton")
-
-
 def _drive_logprobs(lp, context, dtype, name, solar) -> None:
     chunk = lp.default_chunk_rows(SOLAR["tokens"], SOLAR["vocab"])
     logits, labels = _empty(chunk, SOLAR["vocab"], dtype=dtype), torch.zeros(chunk, dtype=torch.int64)
@@ -233,7 +227,7 @@ def _drive_logprobs(lp, context, dtype, name, solar) -> None:
 
 
 # The op files not moved onto the kernel registry yet drive their own launchers at SOLAR shapes.
-_UNMOVED_DRIVERS = {"rms_norm": _drive_rms_norm, "rotary": _drive_rotary, "linear_logprobs": _drive_logprobs}
+_UNMOVED_DRIVERS = {"rms_norm": _drive_rms_norm, "linear_logprobs": _drive_logprobs}
 
 
 def _drive(modules, context) -> None:

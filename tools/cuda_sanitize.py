@@ -78,8 +78,10 @@ def registry_cases(dtype) -> bool:
         if not kernel.out_variant:
             continue
         inputs = kernel.example(5, 4096, dtype, DEVICE, shifted)
-        got, expected = kernel.launch("cuda", *inputs), kernel.launch("triton", *inputs)
-        ok &= report(f"{kernel.name} misaligned", dtype, max(rel(a, b) for a, b in zip(got, expected)))
+        for options in kernel.variants:
+            got, expected = kernel.launch("cuda", *inputs, **options), kernel.launch("triton", *inputs, **options)
+            label = "".join(f" {key}={value}" for key, value in options.items())
+            ok &= report(f"{kernel.name} misaligned{label}", dtype, max(rel(a, b) for a, b in zip(got, expected)))
     return ok
 
 
@@ -112,14 +114,6 @@ def cases(dtype):
     ok &= through_api("apply_rotary [B, T, H, D] view", dtype,
                       lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
                       lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin), [q_bthd.transpose(1, 2), k])
-    q, k = shifted(1, 4, 9, 128, dtype=dtype), shifted(1, 2, 9, 128, dtype=dtype)
-    cos, sin = shifted(9, 128, dtype=dtype), shifted(9, 128, dtype=dtype)
-    # The backward is the forward with sin1, sin2 := -sin2, -sin1 (solar_kernels/ops/rotary.py).
-    transposed_sin = torch.cat((-sin[:, 64:], -sin[:, :64]), dim=-1)
-    for backward, table in ((False, sin), (True, transposed_sin)):
-        got = ops.rotary(q, k, cos, sin, backward)
-        expected = sk.apply_rotary_ref(q.float(), k.float(), cos.float(), table.float())
-        ok &= report(f"rotary misaligned backward={backward}", dtype, max(rel(a, b) for a, b in zip(got, expected)))
 
     for width in (123, 14336):
         gate, up = rand(5, width, dtype=dtype, scale=3), rand(5, width, dtype=dtype)

@@ -40,9 +40,14 @@ kernel function (its register budget) and are, for now, the one table to extend 
 
 A kernel that is not elementwise writes its own ``Kernel(name, family, triton, outputs, rows_width,
 example)`` and its own out-variant host function in csrc/ (``Tensor(a!)`` outputs, returning
-``()``; the checks it keeps are those that protect memory), declared in csrc/ops.h.
+``()``; the checks it keeps are those that protect memory), declared in csrc/ops.h. Rotary is the
+worked example: its outputs keep the inputs' memory layout, so its record has an ``allocator``
+instead of a shape/dtype contract; its one non-tensor argument (``backward``) follows the outputs in
+the schema and is passed through ``launch(backend, *inputs, backward=...)`` by name; ``variants``
+lists the values the compile tool and the tests launch it with; its ``Op`` takes gradients for q
+and k only (``grad_inputs=2``) and is as wide as ``width_of(ModelConfig)``.
 
-Op files not moved onto the registry yet (rms_norm, rotary, linear_logprobs) register their timing
+Op files not moved onto the registry yet (rms_norm, linear_logprobs) register their timing
 hook through ``solar_kernels._autotune.register_kernel``; that makes a record holding only ``name``,
 ``family`` and ``time_case``, so the lists in tests, benchmarks and tools already come from here.
 """
@@ -77,6 +82,11 @@ class Kernel:
     rows_width: Callable[..., tuple[int, int]] | None = None  # inputs -> (rows, width): auto's shape class
     example: Example | None = None
     time_case: MakeCase | None = None  # an op file's own timing hook (files not moved yet)
+    # allocator(*inputs) -> fresh outputs, for outputs a shape/dtype contract cannot say (a layout)
+    allocator: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    # The non-tensor arguments each example launch is run with, by name (they follow the outputs in
+    # the CUDA op's schema and in the Triton launcher's signature): one dict per variant to compile/test.
+    variants: tuple[dict[str, object], ...] = ({},)
 
     @property
     def out_variant(self) -> bool:
@@ -90,18 +100,21 @@ class Kernel:
 
     def allocate(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Fresh outputs by the contract, on the device of the first input (fake tensors under tracing)."""
+        if self.allocator is not None:
+            return self.allocator(*inputs)
         device = inputs[0].device
         return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs(*inputs))
 
-    def launch(self, backend: str, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def launch(self, backend: str, *inputs: torch.Tensor, **options) -> tuple[torch.Tensor, ...]:
         """Allocate the outputs, run the implementation ``backend`` names ("triton", "cuda", or "auto":
-        this GPU's choice for the launch's shape class), return the outputs."""
+        this GPU's choice for the launch's shape class) with the non-tensor ``options`` after the
+        outputs, return the outputs."""
         outputs = self.allocate(*inputs)
         rows, width = self.rows_width(*inputs)
         if pick(backend, self.name, rows, width, inputs[0].device) == "cuda":
-            self.cuda_op()(*inputs, *outputs)
+            self.cuda_op()(*inputs, *outputs, **options)
         else:
-            self.triton(*inputs, *outputs)
+            self.triton(*inputs, *outputs, **options)
         return outputs
 
     def make_case(self, backend: str, rows: int, width: int, device: torch.device) -> Callable[[], object]:
@@ -109,7 +122,7 @@ class Kernel:
         if self.time_case is not None:
             return self.time_case(backend, rows, width, device)
         inputs = self.example(rows, width, torch.bfloat16, device, torch.randn)
-        return lambda: self.launch(backend, *inputs)
+        return lambda: self.launch(backend, *inputs, **self.variants[0])
 
 
 @dataclass(frozen=True)
@@ -120,10 +133,21 @@ class Op:
     fn: Callable[..., torch.Tensor]  # fn(*inputs, backend=...)
     ref: Callable[..., torch.Tensor]  # the PyTorch reference, ref(*inputs)
     kernels: tuple[Kernel, ...]  # forward first; its example gives the op's inputs
-    width: str  # the ModelConfig field a row is as wide as ("intermediate_size")
+    width: str  # the ModelConfig field a row is as wide as ("intermediate_size"), or width_of's label
+    width_of: Callable[..., int] | None = None  # ModelConfig -> row width, where no one field is it
+    grad_inputs: int | None = None  # the leading inputs that take gradients (None: every input)
 
     def example(self, rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
         return self.kernels[0].example(rows, width, dtype, device, make)
+
+    def model_width(self, config) -> int:
+        """The width of a row of this op in the model ``config`` (a ModelConfig)."""
+        return self.width_of(config) if self.width_of is not None else getattr(config, self.width)
+
+    def split(self, inputs) -> tuple[tuple, tuple]:
+        """(inputs that take gradients, the constant rest) of an example."""
+        count = len(inputs) if self.grad_inputs is None else self.grad_inputs
+        return tuple(inputs[:count]), tuple(inputs[count:])
 
 
 KERNELS: dict[str, Kernel] = {}
@@ -197,8 +221,7 @@ def _check_count(name: str, tensors: tuple, expected: int) -> None:
 
 # Families of the op files that still register a bare timing hook (solar_kernels._autotune.register_kernel);
 # an entry goes when its op file moves onto records of its own.
-_UNMOVED_FAMILIES = {"rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm", "rotary": "rotary",
-                     "logprobs": "linear_logprobs"}
+_UNMOVED_FAMILIES = {"rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm", "logprobs": "linear_logprobs"}
 
 
 def register_unmoved(name: str, make_case: MakeCase) -> Kernel:

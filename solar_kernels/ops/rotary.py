@@ -33,7 +33,9 @@ code promotes q' to fp32 there and attention casts it back to bf16: the same val
 come back in q's and k's dtype.
 
 Backends: the Triton kernel below, or its CUDA C++ twin (csrc/rotary.cu, the same formula and the
-same transpose for the backward); ``_rotary`` switches between them under one custom op.
+same transpose for the backward), under one custom op. Both are out-variant launchers of the record
+``ROTARY`` (solar_kernels/ops/_registry.py), which allocates the outputs in the inputs' layouts,
+picks the implementation and is what the fake uses.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import pick, register_kernel
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device, check_same_device_dtype
 from ._common import cast_to
+from ._registry import Kernel, Op, register, register_op
 
 OP = "apply_rotary"
 # Token rows per program: cos/sin for BLOCK_T tokens are loaded once and reused for every head.
@@ -143,13 +145,10 @@ def _batched_strides(table: torch.Tensor) -> Tuple[int, int, int]:
     return (table.stride(0) if table.shape[0] > 1 else 0), table.stride(1), table.stride(2)
 
 
-def _rotary(q, k, cos, sin, backward: bool, backend: str = "triton"):
+def _rotary_triton(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
+    """q' and k' (their transposed rotation when ``backward``), written into q_out and k_out."""
     batch, n_heads_q, n_tokens, head_dim = q.shape
-    # Rows for the auto backend: tokens, each (Hq + Hkv) * D wide.
-    if pick(backend, "rotary", batch * n_tokens, (n_heads_q + k.shape[1]) * head_dim, q.device) == "cuda":
-        return torch.ops.solar_kernels_C.rotary(q, k, cos, sin, backward)
     half = head_dim // 2
-    q_out, k_out = _empty_like_layout(q), _empty_like_layout(k)
     block_half = triton.next_power_of_2(half)
     block_t = max(1, min(64, _TILE_ELEMENTS // block_half, triton.next_power_of_2(n_tokens)))
     grid = (triton.cdiv(n_tokens, block_t), batch)
@@ -161,19 +160,47 @@ def _rotary(q, k, cos, sin, backward: bool, backend: str = "triton"):
         BACKWARD=backward, BLOCK_T=block_t, BLOCK_HALF=block_half, NUM_STAGES=_STAGES,
         num_warps=4,
     )
-    return q_out, k_out
+
+
+def _rotary_outputs(q, k, cos, sin) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _empty_like_layout(q), _empty_like_layout(k)
+
+
+def _rotary_rows_width(q, k, cos, sin) -> Tuple[int, int]:
+    """auto's shape class: rows are tokens, each (Hq + Hkv) * D wide."""
+    batch, n_heads_q, n_tokens, head_dim = q.shape
+    return batch * n_tokens, (n_heads_q + k.shape[1]) * head_dim
+
+
+def _rotary_example(rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
+    """q, k, cos, sin for ``rows`` tokens of about ``width`` = (Hq + Hkv) * D columns: heads of 128
+    (narrower, even, for narrow widths), a fifth of them k heads as in SOLAR (32 + 8 heads at 5120)."""
+    head_dim = 128 if width >= 256 else max(2, width // 4 * 2)
+    heads = max(2, width // head_dim)
+    kv_heads = max(1, heads // 5)
+    q = make(1, heads - kv_heads, rows, head_dim, dtype=dtype, device=device)
+    k = make(1, kv_heads, rows, head_dim, dtype=dtype, device=device)
+    cos, sin = (make(rows, head_dim, dtype=dtype, device=device) for _ in range(2))
+    return q, k, cos, sin
+
+
+# (q, k, cos, sin) -> (q', k') in q's and k's layouts; the CUDA op (csrc/rotary.cu, rotary_host.cpp)
+# takes backward after the outputs.
+ROTARY = register(Kernel("rotary", "rotary", triton=_rotary_triton, rows_width=_rotary_rows_width,
+                         example=_rotary_example, allocator=_rotary_outputs,
+                         variants=({"backward": False}, {"backward": True})))
 
 
 @torch.library.custom_op("solar_kernels::apply_rotary", mutates_args=())
 def _rotary_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, backend: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _rotary(q, k, cos, sin, backward, backend)
+    return ROTARY.launch(backend, q, k, cos, sin, backward=backward)
 
 
 @_rotary_op.register_fake
 def _(q, k, cos, sin, backward, backend):
-    return _empty_like_layout(q), _empty_like_layout(k)
+    return ROTARY.allocate(q, k, cos, sin)
 
 
 def _setup_context(ctx, inputs, output):
@@ -189,18 +216,6 @@ def _backward(ctx, dq, dk):
 
 
 torch.library.register_autograd("solar_kernels::apply_rotary", _backward, setup_context=_setup_context)
-
-
-def _time(backend, rows, width, device):
-    # rows tokens of (Hq + Hkv) * 128 columns, split evenly between q and k heads.
-    head_dim = 128 if width >= 256 else width // 2
-    heads = max(1, width // head_dim // 2)
-    q, k = (torch.randn(1, heads, rows, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-    cos, sin = (torch.randn(rows, head_dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return lambda: _rotary(q, k, cos, sin, False, backend)
-
-
-register_kernel("rotary", _time)
 
 
 def _check_args(q, k, cos, sin):
@@ -245,3 +260,7 @@ def apply_rotary(
     if resolved == "torch":
         return apply_rotary_ref(q, k, cos, sin)
     return _rotary_op(q, k, cos, sin, False, resolved)
+
+
+register_op(Op("apply_rotary", apply_rotary, apply_rotary_ref, (ROTARY,), width="qkv_size",
+               width_of=lambda config: (config.num_heads + config.num_kv_heads) * config.head_dim, grad_inputs=2))

@@ -27,8 +27,6 @@ SCHEMAS = {
                     "-> (Tensor y, Tensor h, Tensor rstd)",
     "rms_norm_bwd": "solar_kernels_C::rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) "
                     "-> (Tensor dx, Tensor dweight)",
-    "rotary": "solar_kernels_C::rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool backward) "
-              "-> (Tensor q_out, Tensor k_out)",
     "logprobs_": "solar_kernels_C::logprobs_(Tensor(a!) logits, Tensor labels, Tensor(b!) logp, Tensor(c!) lse, "
                  "Tensor grad, int ignore_index, bool compute_lse, bool write_grad) -> ()",
 }
@@ -56,20 +54,24 @@ def _out_variant_kernels():
 
 
 def test_out_variant_schemas_match_their_records(ops):
-    """Each out-variant record's CUDA op takes its inputs and then one written Tensor(x!) per output
-    of its contract, returns nothing, and is implemented for CUDA."""
+    """Each out-variant record's CUDA op takes its inputs, then one written Tensor(x!) per output it
+    allocates, then its non-tensor options by name, returns nothing, and is implemented for CUDA."""
     kernels = _out_variant_kernels()
-    assert {"swiglu_fwd", "swiglu_bwd"} <= {k.name for k in kernels}
+    assert {"swiglu_fwd", "swiglu_bwd", "rotary"} <= {k.name for k in kernels}
     for kernel in kernels:
         inputs = kernel.example(2, 8, torch.float32, "meta", torch.empty)
-        outputs = kernel.outputs(*inputs)
+        outputs = kernel.allocate(*inputs)
+        options = list(kernel.variants[0])
         schema = kernel.cuda_op().default._schema
         arguments = schema.arguments
+        tensors = len(inputs) + len(outputs)
         assert schema.returns == [], (kernel.name, str(schema))
-        assert len(arguments) == len(inputs) + len(outputs), (kernel.name, str(schema))
-        assert all(str(a.type) == "Tensor" for a in arguments), (kernel.name, str(schema))
+        assert len(arguments) == tensors + len(options), (kernel.name, str(schema))
+        assert all(str(a.type) == "Tensor" for a in arguments[:tensors]), (kernel.name, str(schema))
+        assert [a.name for a in arguments[tensors:]] == options, (kernel.name, str(schema))
         written = [a.alias_info is not None and a.alias_info.is_write for a in arguments]
-        assert written == [False] * len(inputs) + [True] * len(outputs), (kernel.name, str(schema))
+        expected = [False] * len(inputs) + [True] * len(outputs) + [False] * len(options)
+        assert written == expected, (kernel.name, str(schema))
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"solar_kernels_C::{kernel.name}", "CUDA"), kernel.name
 
 
@@ -104,10 +106,6 @@ def test_fake_implementations(ops):
     dx, dw = ops.rms_norm_bwd(x, x, w, _meta(6, dtype=torch.float32), None)
     assert (dx.shape, dx.dtype, dw.shape, dw.dtype) == ((6, 32), torch.bfloat16, (32,), torch.float32)
 
-    q = _meta(2, 5, 4, 8).transpose(1, 2)  # [B, H, T, D] view of a [B, T, H, D] tensor
-    q2, k2 = ops.rotary(q, _meta(2, 1, 5, 8), _meta(5, 8), _meta(5, 8), False)
-    assert q2.shape == q.shape and q2.stride() == q.stride() and k2.shape == (2, 1, 5, 8)
-
     rows = _meta(4, dtype=torch.float32)
     assert ops.logprobs_(_meta(4, 50), _meta(4, dtype=torch.int64), rows, rows, rows, -100, True, True) is None
 
@@ -135,6 +133,11 @@ def _cpu(*shape, dtype=torch.float32):
     return torch.randn(*shape).to(dtype)
 
 
+def _rotary_args(q, k, cos, sin, backward=False):
+    """rotary's arguments with outputs shaped like q and k."""
+    return q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward
+
+
 BAD_CALLS = [
     ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8, dtype=torch.float64), _cpu(8), None, 1e-5),
      "x must be float32, float16 or bfloat16, got Double"),
@@ -152,16 +155,23 @@ BAD_CALLS = [
      r"rstd has shape \[5\], expected \[4\]"),
     ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(_cpu(4, 8, dtype=torch.bfloat16), _cpu(4, 8), _cpu(8), _cpu(4), None),
      "dy has dtype BFloat16, expected Float"),
-    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5), _cpu(2, 4, 5), _cpu(5, 8), _cpu(5, 8), False),
+    ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5), _cpu(2, 4, 5), _cpu(5, 8), _cpu(5, 8))),
      r"q must be 4-D \[B, Hq, T, D\], got 3 dimensions"),
-    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 7), _cpu(2, 2, 5, 7), _cpu(5, 7), _cpu(5, 7), False),
+    ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 7), _cpu(2, 2, 5, 7), _cpu(5, 7), _cpu(5, 7))),
      "head_dim must be even"),
-    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 6, 8), _cpu(5, 8), _cpu(5, 8), False),
+    ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 8), _cpu(2, 2, 6, 8), _cpu(5, 8), _cpu(5, 8))),
      r"k must be \[B, Hkv, T, D\] with B, T, D of q"),
-    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(3, 5, 8), _cpu(5, 8), False),
+    ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(3, 5, 8), _cpu(5, 8))),
      r"cos must be \[T, D\] = \[5, 8\] or \[B, T, D\] = \[2, 5, 8\] \(B may be 1\), got \[3, 5, 8\]"),
-    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8, dtype=torch.float16), _cpu(5, 8), _cpu(5, 8), False),
+    ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8, dtype=torch.float16), _cpu(5, 8),
+                                                    _cpu(5, 8))),
      "k has dtype Half, expected Float"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(5, 8), _cpu(5, 8), _cpu(2, 4, 5, 8),
+                                      _cpu(2, 4, 5, 8), False),
+     r"k_out has shape \[2, 4, 5, 8\], expected \[2, 2, 5, 8\] \(the shape of k\)"),
+    ("rotary", lambda ops: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(5, 8), _cpu(5, 8),
+                                      _cpu(2, 4, 5, 8, dtype=torch.float16), _cpu(2, 2, 5, 8), False),
+     r"q_out has dtype Half, expected Float \(the dtype of q\)"),
     ("swiglu_fwd", lambda ops: ops.swiglu_fwd(_cpu(3, 4), _cpu(3, 5), _cpu(3, 4)),
      r"up has shape \[3, 5\], expected \[3, 4\]"),
     ("swiglu_fwd", lambda ops: ops.swiglu_fwd(_cpu(3, 4), _cpu(3, 4), _cpu(3, 5)),
@@ -195,7 +205,8 @@ def test_bad_arguments_raise_runtime_error_naming_the_op(ops, op, call, message)
 def test_good_arguments_on_cpu_say_cuda_only(ops):
     calls = {
         "rms_norm_fwd": lambda: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), None, 1e-5),
-        "rotary": lambda: ops.rotary(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(5, 8), _cpu(1, 5, 8), True),
+        "rotary": lambda: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(5, 8), _cpu(1, 5, 8),
+                                                   True)),
         "swiglu_bwd": lambda: ops.swiglu_bwd(*(_cpu(3, 4),) * 5),
         "logprobs_": lambda: ops.logprobs_(_cpu(4, 10), torch.zeros(4, dtype=torch.int32), _cpu(4), _cpu(4),
                                            _cpu(8)[::2], -100, True, True),

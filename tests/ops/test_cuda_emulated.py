@@ -6,10 +6,11 @@ reductions and NaN rules against the references.
 The .cu sources compile unchanged with g++ except for the launch syntax, rewritten from
 ``kernel<<<grid, block, smem, stream>>>(args)`` to ``solar_emu::launch(grid, block, smem, stream)(kernel, args)``.
 The torch-facing host functions (*_host.cpp) need a GPU; the wrappers below do what they do (the
-side-input dtype rule, output allocation) and stand in for ``torch.ops.solar_kernels_C``, so the
-public API runs with ``backend="cuda"`` on CPU tensors. Out-variant elementwise ops (every
-out-variant record of solar_kernels/ops/_registry.py) need no wrapper: their outputs come from the
-Python side, and their extern "C" launchers are called by name with a ``Rows`` block. What this
+side-input dtype rule, output allocation where the op still allocates) and stand in for
+``torch.ops.solar_kernels_C``, so the public API runs with ``backend="cuda"`` on CPU tensors.
+Out-variant elementwise ops (the elementwise records of solar_kernels/ops/_registry.py) need no
+wrapper: their outputs come from the Python side, and their extern "C" launchers are called by name
+with a ``Rows`` block; rotary's record is out-variant too, its wrapper only fills the typed block. What this
 cannot check: speed, register use, memory ordering beyond barriers, and the host functions
 themselves (tests/ops/test_cuda_ops.py does on a GPU; their argument checks are tested in
 tests/ops/test_cuda_build.py).
@@ -128,11 +129,10 @@ class EmulatedOps:
             "rms_norm_bwd")
         return dx, dweight.to(weight.dtype)
 
-    def rotary(self, q, k, cos, sin, backward):
+    def rotary(self, q, k, cos, sin, q_out, k_out, backward):
+        """The out-variant rotary op: q' and k' written into q_out and k_out."""
         as_is = cos.dtype == sin.dtype and cos.dtype in (q.dtype, torch.float32)
         cos, sin = (cos, sin) if as_is else (cos.float(), sin.float())
-        q_out = torch.empty_like(q, memory_format=torch.preserve_format)
-        k_out = torch.empty_like(k, memory_format=torch.preserve_format)
 
         def strides(t):
             return [0 if size == 1 else stride for size, stride in zip(t.shape, t.stride())]
@@ -146,7 +146,6 @@ class EmulatedOps:
             CODES[q.dtype], int(cos.dtype != q.dtype), ptr(q), ptr(k), ptr(cos), ptr(sin), ptr(q_out), ptr(k_out),
             (ctypes.c_int64 * len(flat))(*flat), *i64(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3] // 2),
             int(backward)), "rotary")
-        return q_out, k_out
 
     def out_variant(self, name):
         """torch.ops.solar_kernels_C.<name> of an out-variant elementwise op: its launcher solar_<name>,
@@ -175,11 +174,12 @@ def emulated(lib, monkeypatch):
 
     ops = EmulatedOps(lib)
     namespace = torch.ops.solar_kernels_C
-    for name in ("rms_norm_fwd", "rms_norm_bwd", "rotary", "logprobs_"):
+    for name in ("rms_norm_fwd", "rms_norm_bwd", "logprobs_"):
         monkeypatch.setattr(namespace, name, getattr(ops, name), raising=False)  # with or without _C built
     for kernel in _registry.kernels():
-        if kernel.out_variant:
-            monkeypatch.setattr(namespace, kernel.name, ops.out_variant(kernel.name), raising=False)
+        if kernel.out_variant:  # an elementwise launcher by name, else its emulated host function above
+            run = getattr(ops, kernel.name, None) or ops.out_variant(kernel.name)
+            monkeypatch.setattr(namespace, kernel.name, run, raising=False)
     real = backend.unavailable_reason
     monkeypatch.setattr(backend, "unavailable_reason",
                         lambda name, device: None if name == "cuda" else real(name, device))
@@ -267,25 +267,31 @@ def test_every_registry_op_on_its_emulated_kernels(emulated, op, dtype):
     odd rows and widths, against its reference in float64."""
     record = _registry.OPS[op]
     for rows, width in ((3, 123), (4, 1024)):
-        inputs = [t.requires_grad_() for t in record.example(rows, width, dtype, "cpu")]
-        outs = record.fn(*inputs, backend="cuda")
-        upstream = torch.randn_like(outs)
+        leaves, constants = record.split(record.example(rows, width, dtype, "cpu"))
+        inputs = [t.requires_grad_() for t in leaves]
+        outs = _as_tuple(record.fn(*inputs, *constants, backend="cuda"))
+        upstream = [torch.randn_like(o) for o in outs]
         grads = torch.autograd.grad(outs, inputs, upstream)
         eager_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-        eager = record.ref(*eager_inputs)
+        eager = _as_tuple(record.ref(*eager_inputs, *constants))
         eager_grads = torch.autograd.grad(eager, eager_inputs, upstream)
         exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
-        exact = record.ref(*exact_inputs)
-        exact_grads = torch.autograd.grad(exact, exact_inputs, upstream.double())
-        for i, (a, b, c) in enumerate(zip([outs, *grads], [eager, *eager_grads], [exact, *exact_grads])):
+        exact = _as_tuple(record.ref(*exact_inputs, *(t.double() for t in constants)))
+        exact_grads = torch.autograd.grad(exact, exact_inputs, [u.double() for u in upstream])
+        for i, (a, b, c) in enumerate(zip([*outs, *grads], [*eager, *eager_grads], [*exact, *exact_grads])):
             assert_close(f"{op} result {i}", a, b, c, dtype)
 
 
+def _as_tuple(result):
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
 def test_every_out_variant_kernel_has_a_launcher_by_name(lib):
-    """Each out-variant record is bound (in torch_bindings.cpp and here) through solar_<name>."""
+    """Each out-variant record is bound (in torch_bindings.cpp and here) through solar_<name>, or
+    (rotary: not elementwise) through its emulated host function in EmulatedOps."""
     names = [k.name for k in _registry.kernels() if k.out_variant]
-    assert "swiglu_fwd" in names and "swiglu_bwd" in names
-    missing = [name for name in names if not hasattr(lib, f"solar_{name}")]
+    assert {"swiglu_fwd", "swiglu_bwd", "rotary"} <= set(names)
+    missing = [name for name in names if not hasattr(lib, f"solar_{name}") and not hasattr(EmulatedOps, name)]
     assert not missing, f"no SOLAR_ROWS_LAUNCHER(solar_<name>) in csrc/*.cu for {missing}"
 
 

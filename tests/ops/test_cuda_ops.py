@@ -57,7 +57,7 @@ def test_opcheck_cuda_ops(ops, dtype=torch.bfloat16):
     k = rand(2, 2, 9, 128, dtype=dtype)
     cos, sin = rope_tables(torch.arange(9, device="cuda"), 128)
     for backward in (False, True):
-        torch.library.opcheck(ops.rotary, (q, k, cos, sin, backward))
+        torch.library.opcheck(ops.rotary, (q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward))
     gate, up = rand(13, 2 * 1000, dtype=dtype).chunk(2, dim=-1)
     torch.library.opcheck(ops.swiglu_fwd, (gate, up, torch.empty_like(gate)))
     torch.library.opcheck(ops.swiglu_bwd, (rand(13, 1000, dtype=dtype), gate, up, rand(13, 1000, dtype=dtype),
@@ -235,8 +235,11 @@ def test_scalar_and_vector_paths_agree_on_elementwise_ops(ops, dtype):
     q, k = rand(1, 4, 7, 64, dtype=dtype), rand(1, 2, 7, 64, dtype=dtype)
     cos, sin = rope_tables(torch.arange(7, device="cuda"), 64)
     q_shifted, k_shifted = misaligned(1, 4, 7, 64, dtype=dtype).copy_(q), misaligned(1, 2, 7, 64, dtype=dtype).copy_(k)
+    rotary = _registry.KERNELS["rotary"]
     for backward in (False, True):
-        for a, b in zip(ops.rotary(q, k, cos, sin, backward), ops.rotary(q_shifted, k_shifted, cos, sin, backward)):
+        shifted_outputs = [misaligned(*t.shape, dtype=dtype) for t in (q, k)]  # written through the scalar path
+        ops.rotary(q_shifted, k_shifted, cos, sin, *shifted_outputs, backward)
+        for a, b in zip(rotary.launch("cuda", q, k, cos, sin, backward=backward), shifted_outputs):
             torch.testing.assert_close(a, b)
 
 
@@ -268,8 +271,12 @@ BAD = [
     ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(4, 8), rand(9), None, 1e-5), "weight has 9 elements, expected 8"),
     ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(rand(4, 8), rand(4, 8), rand(8), torch.rand(3, device="cuda"), None),
      r"rstd has shape \[3\], expected \[4\]"),
-    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(6, 8), rand(5, 8), False), "cos must be"),
-    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8).cpu(), rand(5, 8), rand(5, 8), False), "k is on cpu"),
+    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(6, 8), rand(5, 8), rand(1, 2, 5, 8),
+                                      rand(1, 1, 5, 8), False), "cos must be"),
+    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8).cpu(), rand(5, 8), rand(5, 8), rand(1, 2, 5, 8),
+                                      rand(1, 1, 5, 8), False), "k is on cpu"),
+    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(5, 8), rand(5, 8), rand(1, 2, 5, 8),
+                                      rand(1, 2, 5, 8), False), r"k_out has shape \[1, 2, 5, 8\], expected \[1, 1, 5, 8\]"),
     ("swiglu_fwd", lambda ops: ops.swiglu_fwd(rand(3, 8), rand(3, 8, dtype=torch.float16), rand(3, 8)),
      "up has dtype Half, expected BFloat16"),
     ("swiglu_fwd", lambda ops: ops.swiglu_fwd(rand(3, 8), rand(3, 8), rand(3, 8).cpu()), "y is on cpu, expected cuda:0"),

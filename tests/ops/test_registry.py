@@ -22,8 +22,8 @@ class FakeCudaOp:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, *tensors):
-        self.calls.append(tensors)
+    def __call__(self, *tensors, **options):
+        self.calls.append((tensors, options) if options else tensors)
         for out in tensors[-2:]:
             out.fill_(7.0)
 
@@ -102,7 +102,30 @@ def test_every_op_names_records_and_a_model_width():
     for op in _registry.ops():
         assert getattr(sk, op.name) is op.fn
         assert all(_registry.KERNELS[k.name] is k for k in op.kernels), op.name
-        assert isinstance(getattr(ModelConfig(), op.width), int), op.width
+        assert isinstance(op.model_width(ModelConfig()), int), op.width
+    assert _registry.OPS["apply_rotary"].model_width(ModelConfig()) == (32 + 8) * 128
+
+
+def test_rotary_record_allocates_in_the_inputs_layout():
+    """Rotary's outputs keep q's and k's memory layout (its allocator, not a contract); the custom
+    op's fake is that allocation (opcheck compares it with the real outputs)."""
+    rotary = importlib.import_module("solar_kernels.ops.rotary")
+    q = torch.randn(2, 5, 4, 8).transpose(1, 2)  # [B, H, T, D] view of a [B, T, H, D] tensor
+    k = torch.randn(2, 1, 5, 8)
+    cos, sin = torch.randn(5, 8), torch.randn(5, 8)
+    q_out, k_out = rotary.ROTARY.allocate(q, k, cos, sin)
+    assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
+    assert rotary.ROTARY.rows_width(q, k, cos, sin) == (10, (4 + 1) * 8)
+    for backward in (False, True):
+        torch.library.opcheck(torch.ops.solar_kernels.apply_rotary, (q, k, cos, sin, backward, "triton"))
+
+
+def test_rotary_dispatch_hands_the_cuda_op_its_outputs_and_option(cuda_choice):
+    rotary = importlib.import_module("solar_kernels.ops.rotary")
+    q, k, cos, sin = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    got = rotary._rotary_op(q, k, cos, sin, True, "auto")
+    (call,) = cuda_choice["rotary"].calls
+    assert call[-1] == {"backward": True} and [t.data_ptr() for t in call[0][4:]] == [t.data_ptr() for t in got]
 
 
 def test_registering_a_name_twice_from_another_family_is_an_error():
