@@ -1,4 +1,4 @@
-"""Depth up-scaling (DUS, SPEC §1): grow an n-layer checkpoint by stacking layer slices.
+"""Depth up-scaling (DUS, docs/method.md#dus-layer-plan): grow an n-layer checkpoint by stacking layer slices.
 
 The SOLAR recipe: two copies of an n-layer model, the last m layers dropped from the first and the
 first m from the second, stacked: s = 2(n - m) layers (n = 32, m = 8 gives SOLAR 10.7B's 48).
@@ -95,7 +95,7 @@ class UpscaleReport:
 
 
 def drop_plan(source: PathLike, num_layers: int, drop: int) -> List[Slice]:
-    """SPEC §1: layers [0, n - m) then [m, n) of one checkpoint."""
+    """docs/method.md#dus-layer-plan: layers [0, n - m) then [m, n) of one checkpoint."""
     if isinstance(drop, bool) or not isinstance(drop, int) or drop <= 0 or 2 * drop >= num_layers:
         raise ValueError(
             f"depth_upscale: drop must be an int with 0 < drop < n/2 = {num_layers / 2:g} "

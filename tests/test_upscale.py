@@ -22,7 +22,7 @@ def base(tmp_path):
 
 
 def test_solar_layer_map(base, tmp_path):
-    """SPEC §1 with n = 6, m = 2: new[i] = base[i] for i < 4, base[i - 4 + 2] after."""
+    """docs/method.md#dus-layer-plan with n = 6, m = 2: new[i] = base[i] for i < 4, base[i - 4 + 2] after."""
     report = depth_upscale(base, tmp_path / "up", drop=2, max_shard_size="40KB")
     assert report.num_layers == 8
     src, out = tensors(base), tensors(tmp_path / "up")

@@ -15,7 +15,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 
 @dataclass
@@ -52,7 +52,7 @@ class DataSection:
     # SFT: train on the answers only (TRL's completion_only_loss=True, its default for prompt/completion
     # data), or false: on every token, prompts included.
     completion_only: bool = True
-    # SFT/DPO prompt format: "solar" (### User: / ### Assistant:, SPEC §2) or "chat_template".
+    # SFT/DPO prompt format: "solar" (### User: / ### Assistant:, docs/method.md#prompt-format) or "chat_template".
     prompt_format: str = "solar"
     # DPO: tokens of prompt kept when prompt + response exceed seq_len (the prompt's end is kept).
     max_prompt_length: int = 512
@@ -77,7 +77,7 @@ class OptimSection:
     weight_decay: float = 0.0
     # Learning-rate shape after warmup: "cosine", "linear" or "constant".
     schedule: str = "cosine"
-    # Warmup as a share of the steps (SPEC §5: 0.1 for DPO), or absolute steps when warmup_steps > 0.
+    # Warmup as a share of the steps (docs/method.md#training-recipe: 0.1 for DPO), or absolute steps when warmup_steps > 0.
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
     # Floor of the decay, as a share of lr.
@@ -153,9 +153,6 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     dpo: DPOSection = field(default_factory=DPOSection)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -290,7 +287,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
     return config
 
 
-# data.prompt_format: SOLAR's "### User:" format (SPEC §2) or the tokenizer's own chat template.
+# data.prompt_format: SOLAR's "### User:" format (docs/method.md#prompt-format) or the tokenizer's own chat template.
 PROMPT_FORMATS = ("solar", "chat_template")
 # data.packing_strategy (training/data.py: pack_examples).
 PACKING_STRATEGIES = ("greedy", "bfd", "wrapped")

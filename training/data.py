@@ -49,7 +49,7 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "
 _TEXT_BUILDERS = ("json", "text")  # builders that decode their files as UTF-8 text
 _ROLES = ("system", "user", "assistant")
 
-# SPEC §2, and the chat template shipped with upstage/SOLAR-10.7B-Instruct-v1.0 (which also gives
+# docs/method.md#prompt-format, and the chat template shipped with upstage/SOLAR-10.7B-Instruct-v1.0 (which also gives
 # the system header). One assistant turn: USER_HEADER + prompt + "\n\n" + ASSISTANT_HEADER + response.
 SYSTEM_HEADER = "### System:\n"
 USER_HEADER = "### User:\n"
@@ -373,7 +373,7 @@ def _string_field(record, index: int, field: str, caller: str, expected: str) ->
 
 
 def _solar_segments(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list[tuple[list[int], bool]]:
-    """(token ids, trained) segments of a conversation in SOLAR's format (SPEC §2).
+    """(token ids, trained) segments of a conversation in SOLAR's format (docs/method.md#prompt-format).
 
     ``[### System:\\n{system}\\n\\n]`` then per turn ``### User:\\n{user}\\n\\n### Assistant:\\n``
     (not trained) and ``{assistant}`` + eos (trained); turns follow each other directly, the eos
@@ -485,7 +485,7 @@ def sft_examples(
     "system"|"user"|"assistant", "content": str}, ...]}``: an optional system message, then user and
     assistant turns alternating and ending with assistant. Every assistant turn is trained on.
 
-    ``prompt_format="solar"`` (SPEC §2): ``### User:\\n{prompt}\\n\\n### Assistant:\\n{response}`` + eos.
+    ``prompt_format="solar"`` (docs/method.md#prompt-format): ``### User:\\n{prompt}\\n\\n### Assistant:\\n{response}`` + eos.
     A system message comes first as ``### System:\\n{system}\\n\\n`` (the header upstage's
     SOLAR-Instruct chat template uses); further turns follow the previous answer's eos directly,
     each formatted the same way. ``prompt_format="chat_template"``: the tokenizer's chat template

@@ -3,7 +3,7 @@
 - ``stdlib_corpus``: a pretraining corpus of English technical prose, the docstrings of the
   running Python's standard library.
 - ``math_sft_records``: arithmetic word problems with worked answers, a small stand-in for the
-  paper's "Synth. Math-Instruct" (SPEC §6).
+  paper's "Synth. Math-Instruct" (docs/method.md#training-recipe).
 - ``math_preference_records``: the same kind of problems with a correct (chosen) and a wrong
   (rejected) worked answer, a small "Synth. Math-Alignment", with a ``difficulty`` for sDPO's
   easy-to-hard order.

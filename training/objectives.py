@@ -144,7 +144,7 @@ class DirectPreference(nn.Module):
 
 
 def flops_per_token_fn(config) -> "callable":
-    """FLOPs/token = 6 N (no input embedding, LM head included) + 12 L d T (SPEC §7)."""
+    """FLOPs/token = 6 N (no input embedding, LM head included) + 12 L d T (docs/method.md#byte-and-flop-counts)."""
     n = config.num_parameters() - config.vocab_size * config.hidden_size
 
     def flops(seq_len: int) -> float:

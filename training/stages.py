@@ -6,7 +6,7 @@ A stage: build the model (from a Hugging Face checkpoint, or a preset at random)
 data with the checkpoint's tokenizer, wrap the model in its objective, parallelize, train, and
 export the result in Hugging Face format to ``<output_dir>/final`` (with the tokenizer files).
 
-sDPO (SPEC §5): the preference data come as a list of stages; stage t starts from the model at the
+sDPO (docs/method.md#sdpo): the preference data come as a list of stages; stage t starts from the model at the
 end of stage t-1 and uses it as its reference (its log-probs computed once, before the stage's
 first step). With ``dpo.order_by_accuracy`` the stages are first ordered easy to hard by the
 initial model's preference accuracy on each (the share of pairs whose chosen response has the

@@ -21,7 +21,7 @@ A step never waits for the device: item counts, losses and metrics stay tensors 
 tensors) and are read back once per ``train.log_every`` steps (and before every checkpoint), when
 every step of the window goes to ``metrics.jsonl``, the log and the progress bar, with the window's
 average time per step; loss, lr, grad norm, tokens/s, TFLOP/s, MFU (FLOPs/token = 6 N + 12 L d T,
-SPEC §7) and peak memory. A NaN or infinite loss found there stops training with an error naming
+docs/method.md#byte-and-flop-counts) and peak memory. A NaN or infinite loss found there stops training with an error naming
 its step and the last good checkpoint; nothing is saved after it (a checkpoint is written only
 after the steps before it were read back and found finite).
 
@@ -58,7 +58,7 @@ from .plots import plot_losses
 
 logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, per device (SPEC §7)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, per device (docs/benchmarking.md#the-validation-gpus)
 # What a run writes into its output_dir (sDPO: also into stage1/, stage2/, ...).
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
 RUN_FILES = RUN_MARKERS + ("loss.png",)

@@ -1,4 +1,4 @@
-"""Model merging of Hugging Face Llama/Mistral checkpoints, mergekit-compatible (SPEC §6).
+"""Model merging of Hugging Face Llama/Mistral checkpoints, mergekit-compatible (docs/method.md#merging).
 
 SOLAR-10.7B-Instruct was released as Average(0.5, 0.5) of two fine-tunes; the paper also reports
 Average(0.6, 0.4) and SLERP. The methods, each in its own module and registered with its

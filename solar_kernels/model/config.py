@@ -1,6 +1,6 @@
 """Model configuration: one dataclass, named presets, and Hugging Face ``config.json`` round trips.
 
-Presets carry the published config values (SPEC §2): ``solar-10.7b`` (48 layers, 10,731,524,096
+Presets carry the published config values (docs/method.md#model-presets): ``solar-10.7b`` (48 layers, 10,731,524,096
 parameters), ``mistral-7b``, ``llama-2-7b``, and ``tiny`` for tests and the demo.
 
 ``from_hf_config`` reads a Llama or Mistral ``config.json`` dict (transformers 4.x ``rope_theta`` or

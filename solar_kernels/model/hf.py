@@ -1,4 +1,4 @@
-"""Load and save Hugging Face checkpoint directories for ``CausalLM`` (SPEC §3).
+"""Load and save Hugging Face checkpoint directories for ``CausalLM`` (docs/method.md#checkpoint-layout).
 
 ``load_pretrained`` builds the model on the meta device and fills it tensor by tensor from the
 safetensors files (read lazily by ``CheckpointReader``), so a model is allocated once, on its

@@ -43,7 +43,7 @@ __all__ = ["HAS_FLASH_ATTN", "Attention", "Block", "CausalLM", "Decoder", "KVCac
 
 
 class RotaryEmbedding(nn.Module):
-    """cos, sin [B, T, head_dim] in fp32 for integer positions [B, T] (SPEC §4, as transformers).
+    """cos, sin [B, T, head_dim] in fp32 for integer positions [B, T] (docs/method.md#rotary-embedding, as transformers).
 
     ``inv_freq`` [head_dim / 2] is a non-persistent fp32 buffer. It is recomputed on first use when it
     is not an fp32 tensor on the positions' device: a model built on the meta device and filled

@@ -9,7 +9,7 @@ def test_solar_preset_matches_the_published_model():
     config = preset("solar-10.7b")
     assert (config.num_layers, config.hidden_size, config.intermediate_size) == (48, 4096, 14336)
     assert (config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size) == (32, 8, 128, 32000)
-    assert config.num_parameters() == 10_731_524_096  # SPEC §2
+    assert config.num_parameters() == 10_731_524_096  # docs/method.md#model-presets
     assert preset("mistral-7b").sliding_window == 4096 and preset("mistral-7b").model_type == "mistral"
     assert preset("llama-2-7b").num_kv_heads == 32 and preset("llama-2-7b").intermediate_size == 11008
     assert set(PRESETS) >= {"tiny", "llama-2-7b", "mistral-7b", "solar-10.7b"}

@@ -13,7 +13,7 @@ def logsigmoid64(x):
 
 
 def exact_losses(pc, pr, rc, rr, beta, loss_type, eps):
-    """SPEC §5 per pair, in Python floats (float64), from the formulas alone."""
+    """docs/method.md#dpo-loss-types per pair, in Python floats (float64), from the formulas alone."""
     out = []
     for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist()):
         h = (a - c) - (b - d)

@@ -29,7 +29,7 @@ def make(tokens_shape, d, vocab, dtype, device, bias=False, ignore_share=0.3):
 
 
 def exact_logprobs(hidden, weight, labels, bias):
-    """SPEC §4 in float64 from scratch: full logits, log-softmax, gather, 0 where ignored."""
+    """docs/method.md#log-probs-through-the-lm-head in float64 from scratch: full logits, log-softmax, gather, 0 where ignored."""
     logits = hidden.double() @ weight.double().t()
     if bias is not None:
         logits = logits + bias.double()

@@ -15,7 +15,7 @@ LIGER = {name: case for name, case in load_cases("norm_rotary.safetensors").item
 
 
 def exact_rms_norm(x, weight, dy, residual=None, dh=None, offset=0.0, eps=EPS):
-    """SPEC §4 in float64, written out: forward, and the closed-form backward (with Liger's
+    """docs/method.md#rmsnorm in float64, written out: forward, and the closed-form backward (with Liger's
     ``offset + weight`` scale; weight None: no scale, dweight None). Every casting mode has this
     exact result: the modes differ only in where they round."""
     h = x.double() + (residual.double() if residual is not None else 0)

@@ -10,7 +10,7 @@ LIGER = {name: case for name, case in load_cases("norm_rotary.safetensors").item
 
 
 def rope_tables(positions, head_dim, theta=10000.0, dtype=torch.float32):
-    """SPEC §4: cos/sin [..., T, D] from integer positions [..., T]."""
+    """docs/method.md#rotary-embedding: cos/sin [..., T, D] from integer positions [..., T]."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     freqs = positions.double()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)

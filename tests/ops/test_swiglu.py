@@ -7,7 +7,7 @@ from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
 
 def exact_swiglu(gate, up, dy):
-    """SPEC §4 in float64: forward and the closed-form backward."""
+    """docs/method.md#swiglu in float64: forward and the closed-form backward."""
     g, u, dy = gate.double(), up.double(), dy.double()
     sig = torch.sigmoid(g)
     y = g * sig * u
