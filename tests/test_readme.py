@@ -1,6 +1,6 @@
-"""The README's shell commands work as written on a fresh checkout.
+"""The shell commands of the README and of ``docs/*.md`` work as written on a fresh checkout.
 
-Every command in the README's ``bash`` code blocks is either run here, exactly as written (its
+Every command in their ``bash`` code blocks is either run here, exactly as written (its
 words, without a shell: none uses pipes or redirections), in a fresh folder holding only a copy of ``training/configs`` (the outputs land in that
 temporary folder, never in the checkout), or listed in ``NOT_RUN`` with the reason; a command
 that is not run still has its files checked (configs exist and parse, the Makefile target exists,
@@ -25,6 +25,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README first: its commands build on each other
+
+
+def documented_commands() -> list[str]:
+    """The commands of the README, then of each docs/*.md page, in order."""
+    return [command for page in DOCS for command in readme_commands(page.read_text(encoding="utf-8"))]
 
 # command as written in the README (without its trailing comment) -> why it is not run here
 NOT_RUN = {
@@ -69,16 +75,16 @@ def readme_commands(markdown: str) -> list[str]:
 
 
 def test_readme_commands_are_found():
-    commands = readme_commands(README.read_text())
+    commands = documented_commands()
     assert "make demo" in commands and any(c.startswith("solar pretrain") for c in commands)
     # the extraction drops comments and keeps quoting: a command round-trips through the shell's rules
     assert readme_commands("```bash\nsolar x 'a b'   # note\n\n```\n") == ["solar x 'a b'"]
 
 
 def test_every_readme_command_is_run_or_has_a_reason():
-    commands = readme_commands(README.read_text())
+    commands = documented_commands()
     gone = sorted(set(NOT_RUN) - set(commands))
-    assert not gone, f"NOT_RUN lists commands the README no longer has: {gone}"
+    assert not gone, f"NOT_RUN lists commands neither the README nor docs/ has any more: {gone}"
 
 
 def _check_training_config(path: Path) -> None:
@@ -118,7 +124,7 @@ def test_commands_not_run_have_their_files(command):
 
 def test_readme_commands_run_as_written(tmp_path):
     """The commands not in NOT_RUN, in README order, in one fresh folder (they build on each other)."""
-    commands = [c for c in readme_commands(README.read_text()) if c not in NOT_RUN]
+    commands = [c for c in documented_commands() if c not in NOT_RUN]
     assert any(c.startswith("solar demo --write-data") for c in commands), commands
     shutil.copytree(ROOT / "training" / "configs", tmp_path / "training" / "configs")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SOLAR_KERNELS_BACKEND")}
