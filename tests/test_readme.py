@@ -34,7 +34,7 @@ def documented_commands() -> list[str]:
 
 # command as written in the README (without its trailing comment) -> why it is not run here
 NOT_RUN = {
-    "make demo": "minutes of CPU (the full demo); its quick variant runs in tests/training/test_demo.py",
+    "make demo": "about 30 min of CPU (the real demo); tests/training/test_demo_real.py runs it on a stand-in",
     "make test": "the whole test suite: it would run this test again",
     "python -m benchmarks.ops": "needs a CUDA GPU",
     "python -m benchmarks.train_step": "needs a CUDA GPU",

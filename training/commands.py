@@ -54,7 +54,7 @@ def dpo(argv: list[str]) -> int:
 
 
 def demo(argv: list[str]) -> int:
-    """the whole recipe on embedded data (solar demo --quick: under a minute)"""
+    """the whole recipe on SmolLM2-135M and real text (--toy: the synthetic recipe; --quick: under a minute)"""
     if _asks_for_help(argv):
         from .demo_cli import build_parser
 

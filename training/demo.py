@@ -316,18 +316,33 @@ def render_report(results: dict, plot_names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Sections of the report the README's block leaves out (they stay in docs/demo/report.md): the README
+# keeps the numbers and the first plot, the report keeps everything.
+README_OMITS = ("Stages", "Generations", "Data")
+
+
 def readme_section(report: str, note: str, image_prefix: str = "docs/demo/") -> str:
     """The README's demo block from a report: headings three levels down (the README's section is
-    ``##``), ``note`` (machine, date, commit) after the title, image paths under ``image_prefix``."""
-    lines = []
+    ``##``), ``note`` (machine, date, commit) after the title, image paths under ``image_prefix``;
+    the sections named in ``README_OMITS`` and every plot but the first are left to the report."""
+    lines, skipping, images = [], False, 0
     for line in report.rstrip("\n").split("\n"):
+        if line.startswith("## "):
+            skipping = line[3:].startswith(README_OMITS)
+        elif line.startswith("Wall time:"):
+            skipping = False
+        if skipping:
+            continue
         if line.startswith("#"):
             line = "###" + line + (f" — {note}" if not lines else "")
         elif line.startswith("![") and line.endswith(")") and "](" in line:
+            images += 1
+            if images > 1:
+                continue
             label, target = line[2:-1].split("](", 1)
             line = f"![{label}]({image_prefix}{target})"
         lines.append(line)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _atomic_write(path: Path, text: str) -> None:
