@@ -239,6 +239,10 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
 _UNMOVED_CASES = {
     "rms_norm": lambda count, shape, dtype, device, contenders: [
         _rms_norm_case(count, shape["d"], dtype, device, residual, contenders) for residual in (False, True)],
+}
+# Op files whose public ops are more than their kernel (the log-prob row step inside chunked
+# matmuls): the ops are timed whole, against the matmuls they must do.
+_COMPOSITE_CASES = {
     "linear_logprobs": lambda count, shape, dtype, device, contenders: [
         _logprob_case(op, count, shape, dtype, device, contenders)
         for op in ("linear_cross_entropy", "linear_logprobs")],
@@ -259,8 +263,8 @@ def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: list[str] | Non
                 recorded = [op for op in _registry.ops() if op.kernels[0].family == family]
                 if recorded:
                     cases += [_registry_case(op, count, cpu, dtype, device, contenders) for op in recorded]
-                elif family in _UNMOVED_CASES:
-                    cases += _UNMOVED_CASES[family](count, shape, dtype, device, contenders)
+                elif family in _UNMOVED_CASES or family in _COMPOSITE_CASES:
+                    cases += {**_UNMOVED_CASES, **_COMPOSITE_CASES}[family](count, shape, dtype, device, contenders)
                 else:
                     raise ValueError(f"benchmarks: the kernels of {family} have neither an Op record nor a case here")
         if sweep:

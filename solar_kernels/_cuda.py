@@ -98,10 +98,6 @@ def _register_fakes() -> None:
     def _(dy, h, weight, rstd, dh):
         return h.new_empty(h.shape), weight.new_empty(weight.shape)
 
-    @torch.library.register_fake("solar_kernels_C::logprobs_")
-    def _(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
-        return None
-
 
 # torch imports this module when it needs a fake the extension has not had registered yet (the
 # extension was imported directly): register them then.

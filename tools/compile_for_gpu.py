@@ -158,7 +158,7 @@ def triton_launches() -> tuple[list[Launch], list[str]]:
     missing = [name for name in names if name not in _UNMOVED_DRIVERS and not _records_of(name)]
     if missing:
         raise SystemExit(f"compile_for_gpu: no SOLAR launch for the kernels of {missing}: give their records an Op "
-                         f"(register_op) or a driver here")
+                         f"(register_op) or a shape_of")
     modules = {name: importlib.import_module(f"solar_kernels.ops.{name}") for name in names}
     launches: list[Launch] = []
     context = ["", "", False]
@@ -183,19 +183,29 @@ def triton_launches() -> tuple[list[Launch], list[str]]:
     return launches, sorted(obj.__name__ for obj in originals.values())
 
 
-def _records_of(family: str) -> list[tuple[_registry.Op, _registry.Kernel]]:
-    return [(op, kernel) for op in _registry.ops() for kernel in op.kernels if kernel.family == family]
+def _records_of(family: str) -> list[tuple[str, int, int, _registry.Kernel]]:
+    """(what the width is, rows, width, record) of each SOLAR launch of the family's out-variant
+    records: SOLAR's tokens of the op's model width, or a record's own ``shape_of`` (the log-prob
+    row step's chunk of the vocabulary)."""
+    config = PRESETS["solar-10.7b"]
+    found = [(op.width, SOLAR["tokens"], op.model_width(config), kernel)
+             for op in _registry.ops() for kernel in op.kernels if kernel.family == family]
+    covered = {kernel.name for *_, kernel in found}
+    for kernel in _registry.kernels():
+        if kernel.family == family and kernel.shape_of is not None and kernel.name not in covered:
+            rows, width = kernel.shape_of(config, SOLAR["tokens"])
+            found.append((f"rows={rows} width", rows, width, kernel))
+    return found
 
 
 def _drive_records(family, module, context, dtype, name, solar) -> None:
-    """Out-variant records: each Triton launcher on its example inputs at SOLAR's width for the op,
-    once per variant of its non-tensor options."""
-    for op, kernel in _records_of(family):
-        width = op.model_width(PRESETS["solar-10.7b"])
-        inputs = kernel.example(SOLAR["tokens"], width, dtype, "cpu", torch.empty)
+    """Out-variant records: each Triton launcher on its example inputs at SOLAR's shape, once per
+    variant of its non-tensor options."""
+    for what, rows, width, kernel in _records_of(family):
+        inputs = kernel.example(rows, width, dtype, "cpu", torch.empty)
         for options in kernel.variants:
             label = "".join(f" {key}={value}" for key, value in options.items())
-            context[:] = [f"{kernel.name} {op.width}={width}{label}", name, solar]
+            context[:] = [f"{kernel.name} {what}={width}{label}", name, solar]
             kernel.triton(*inputs, *kernel.allocate(*inputs), **options)
 
 
@@ -217,17 +227,8 @@ def _drive_rms_norm(rms, context, dtype, name, solar) -> None:
         rms._rms_norm_bwd(_empty(n, d, dtype=torch.float32), x, w32, rstd, None, backend="triton")
 
 
-def _drive_logprobs(lp, context, dtype, name, solar) -> None:
-    chunk = lp.default_chunk_rows(SOLAR["tokens"], SOLAR["vocab"])
-    logits, labels = _empty(chunk, SOLAR["vocab"], dtype=dtype), torch.zeros(chunk, dtype=torch.int64)
-    stats = [_empty(chunk, dtype=torch.float32) for _ in range(3)]
-    for label, lse, grad in (("lse", True, False), ("lse+grad", True, True), ("grad", False, True)):
-        context[:] = [f"logprobs rows {label} V={SOLAR['vocab']}", name, solar]
-        lp._logprobs_rows("triton", logits, labels, *stats, -100, lse, grad)
-
-
 # The op files not moved onto the kernel registry yet drive their own launchers at SOLAR shapes.
-_UNMOVED_DRIVERS = {"rms_norm": _drive_rms_norm, "linear_logprobs": _drive_logprobs}
+_UNMOVED_DRIVERS = {"rms_norm": _drive_rms_norm}
 
 
 def _drive(modules, context) -> None:

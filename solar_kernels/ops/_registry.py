@@ -47,9 +47,16 @@ the schema and is passed through ``launch(backend, *inputs, backward=...)`` by n
 lists the values the compile tool and the tests launch it with; its ``Op`` takes gradients for q
 and k only (``grad_inputs=2``) and is as wide as ``width_of(ModelConfig)``.
 
-Op files not moved onto the registry yet (rms_norm, linear_logprobs) register their timing
-hook through ``solar_kernels._autotune.register_kernel``; that makes a record holding only ``name``,
-``family`` and ``time_case``, so the lists in tests, benchmarks and tools already come from here.
+The op file not moved onto the registry yet (rms_norm) registers its timing hooks through
+``solar_kernels._autotune.register_kernel``; that makes a record holding only ``name``, ``family``
+and ``time_case``, so the lists in tests, benchmarks and tools already come from here.
+
+A kernel that writes in place (the log-prob row step, ``LOGPROBS`` in linear_logprobs.py) declares
+no outputs (``outputs=lambda *inputs: ()``) and names the inputs it writes (``in_place``); a CUDA twin
+that lacks some of the Triton launcher's options says which launches it runs (``cuda_runs``: "auto"
+then takes Triton for the others, a named "cuda" is refused) and which options it takes
+(``cuda_options``); a kernel no ``Op`` covers gives its SOLAR launch shape (``shape_of``) for the
+compile tool.
 """
 
 from __future__ import annotations
@@ -87,6 +94,13 @@ class Kernel:
     # The non-tensor arguments each example launch is run with, by name (they follow the outputs in
     # the CUDA op's schema and in the Triton launcher's signature): one dict per variant to compile/test.
     variants: tuple[dict[str, object], ...] = ({},)
+    cuda_name: str | None = None  # the CUDA op's name where it is not ``name`` (logprobs_: in place)
+    # cuda_runs(*inputs, **options): whether the CUDA twin implements this launch (else Triton runs it)
+    cuda_runs: Callable[..., bool] | None = None
+    cuda_options: tuple[str, ...] | None = None  # the options the CUDA op takes (None: every one)
+    in_place: tuple[int, ...] = ()  # the inputs the kernel writes (an in-place kernel has no outputs)
+    # shape_of(config, tokens) -> (rows, width) of one launch in that model, for a kernel no Op covers
+    shape_of: Callable[..., tuple[int, int]] | None = None
 
     @property
     def out_variant(self) -> bool:
@@ -94,9 +108,13 @@ class Kernel:
         launchers still switch between backends themselves)."""
         return self.triton is not None
 
+    @property
+    def cuda_op_name(self) -> str:
+        return self.cuda_name or self.name
+
     def cuda_op(self):
         """torch.ops.solar_kernels_C.<name>, looked up when called (the extension loads lazily)."""
-        return getattr(torch.ops.solar_kernels_C, self.name)
+        return getattr(torch.ops.solar_kernels_C, self.cuda_op_name)
 
     def allocate(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Fresh outputs by the contract, on the device of the first input (fake tensors under tracing)."""
@@ -111,11 +129,26 @@ class Kernel:
         outputs, return the outputs."""
         outputs = self.allocate(*inputs)
         rows, width = self.rows_width(*inputs)
-        if pick(backend, self.name, rows, width, inputs[0].device) == "cuda":
+        runs = self.cuda_runs is None or self.cuda_runs(*inputs, **options)
+        if self.choose(backend, rows, width, inputs[0].device, cuda_runs=runs) == "cuda":
+            if self.cuda_options is not None:
+                options = {key: value for key, value in options.items() if key in self.cuda_options}
             self.cuda_op()(*inputs, *outputs, **options)
         else:
             self.triton(*inputs, *outputs, **options)
         return outputs
+
+    def choose(self, backend: str, rows: int, width: int, device: torch.device, *, cuda_runs: bool = True) -> str:
+        """The implementation a launch over rows x width runs: ``backend`` itself, or for "auto" this
+        GPU's choice for the shape class; Triton where the CUDA twin does not run the launch
+        (``cuda_runs`` False: an option it lacks), which a named "cuda" may not be."""
+        implementation = pick(backend, self.name, rows, width, device)
+        if implementation == "cuda" and not cuda_runs:
+            if backend == "cuda":
+                raise ValueError(f"{self.name}: the CUDA kernel does not implement this launch's options, "
+                                 f"got backend='cuda' (use 'triton' or 'auto')")
+            return "triton"
+        return implementation
 
     def make_case(self, backend: str, rows: int, width: int, device: torch.device) -> Callable[[], object]:
         """A callable running one launch of a bf16 problem of rows x width (what auto times)."""
@@ -221,7 +254,7 @@ def _check_count(name: str, tensors: tuple, expected: int) -> None:
 
 # Families of the op files that still register a bare timing hook (solar_kernels._autotune.register_kernel);
 # an entry goes when its op file moves onto records of its own.
-_UNMOVED_FAMILIES = {"rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm", "logprobs": "linear_logprobs"}
+_UNMOVED_FAMILIES = {"rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm"}
 
 
 def register_unmoved(name: str, make_case: MakeCase) -> Kernel:

@@ -15,8 +15,9 @@ from one matmul in the hidden dtype (cuBLAS on a GPU); a per-row step reduces ea
 log-sum-exp and label logit in fp32 and, when a gradient is wanted, overwrites the chunk's logits
 in place with ``g_t * (onehot - softmax)``; two more matmuls turn that into the chunk's dhidden
 and its share of dweight. Only one chunk's logits exist at a time, in forward and backward. The
-per-row step is the Triton ``_logprobs_kernel`` below, its CUDA C++ twin
-(``torch.ops.solar_kernels_C.logprobs_``, csrc/logprobs.cu), or for ``backend="torch"`` the same
+per-row step is the Triton ``_logprobs_kernel`` below or its CUDA C++ twin
+(``torch.ops.solar_kernels_C.logprobs_``, csrc/logprobs.cu), both behind the kernel record
+``LOGPROBS`` (solar_kernels/ops/_registry.py), or for ``backend="torch"`` the same
 arithmetic in PyTorch ops (``_logprobs_rows_torch``, in place on the chunk): the chunking, the
 matmuls and the autograd are shared by all three backends. ``*_ref`` below are the plain unchunked
 references (full ``[N, V]`` logits) that tests compare against.
@@ -96,13 +97,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import pick, register_kernel
 from .._backend import BACKEND_ENV_VAR, resolve_backend
 from .._checks import (
     FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape,
 )
 from ._autocast import autocast_disabled, cast_like_linear
 from ._common import as_rows, cast_to
+from ._registry import Kernel, register, rows_width
 
 logger = logging.getLogger(__name__)
 
@@ -372,15 +373,18 @@ def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_
 
 
 def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options=_PLAIN):
-    """The per-row step over one chunk's logits [C, V], in place: Triton's kernel, its CUDA twin (no
-    cross-entropy options), or the PyTorch ops of ``_logprobs_rows_torch``."""
+    """The per-row step over one chunk's logits [C, V], in place: the record ``LOGPROBS`` (Triton's
+    kernel or its CUDA twin, which has no cross-entropy options), or the PyTorch ops of
+    ``_logprobs_rows_torch``."""
     if backend == "torch":
         _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options)
         return
-    if backend == "cuda":
-        assert options.plain, "the CUDA kernel takes no cross-entropy options (checked by the caller)"
-        torch.ops.solar_kernels_C.logprobs_(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad)
-        return
+    LOGPROBS.launch(backend, logits, labels, logp, lse, grad, ignore_index=ignore_index, compute_lse=compute_lse,
+                    write_grad=write_grad, options=options)
+
+
+def _logprobs_triton(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options=_PLAIN):
+    """``_logprobs_kernel`` over the chunk, in place (the arguments of ``_logprobs_rows``)."""
     vocab = logits.shape[1]
     dummy = lse  # for the pointers of options that are off: never read or written
 
@@ -402,14 +406,34 @@ def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compu
     )
 
 
+def _logprobs_example(rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
+    """One chunk of ``rows`` rows over a vocabulary of ``width``: logits, labels, logp, lse, grad."""
+    logits = make(rows, width, dtype=dtype, device=device)
+    labels = torch.randint(0, max(1, width), (rows,), device=device)
+    logp, lse, grad = (make(rows, dtype=torch.float32, device=device) for _ in range(3))
+    return logits, labels, logp, lse, grad
+
+
+# The per-row step, in place on (logits, labels, logp, lse, grad): no outputs of its own. The CUDA op
+# (csrc/logprobs.cu, logprobs_host.cpp) is torch.ops.solar_kernels_C.logprobs_ and runs the plain
+# step only. Variants: the cross-entropy forward (lse and gradient in one pass, what auto times), the
+# log-probs forward (lse only) and backward (gradient from the saved lse).
+LOGPROBS = register(Kernel(
+    "logprobs", "linear_logprobs", triton=_logprobs_triton, outputs=lambda *inputs: (),
+    rows_width=lambda logits, *rest: rows_width(logits), example=_logprobs_example,
+    variants=tuple({"ignore_index": -100, "compute_lse": lse, "write_grad": grad}
+                   for lse, grad in ((True, True), (True, False), (False, True))),
+    cuda_name="logprobs_", cuda_runs=lambda *inputs, options=_PLAIN, **rest: options.plain,
+    cuda_options=("ignore_index", "compute_lse", "write_grad"), in_place=(0, 2, 3),
+    shape_of=lambda config, tokens: (default_chunk_rows(tokens, config.vocab_size), config.vocab_size),
+))
+
+
 def row_backend(backend: str, rows: int, vocab: int, device: torch.device, options: RowOptions) -> str:
     """The implementation of the row step for a pass over ``rows`` rows: ``backend``, or for "auto"
     this GPU's choice, which is Triton where options are on (the CUDA kernel has none; an explicit
     "cuda" with options was refused by ``backend_for_options``)."""
-    implementation = pick(backend, "logprobs", rows, vocab, device)
-    if implementation == "cuda" and not options.plain:
-        implementation = "triton"
-    return implementation
+    return LOGPROBS.choose(backend, rows, vocab, device, cuda_runs=options.plain)
 
 
 def default_chunk_rows(n_rows: int, vocab_size: int) -> int:
@@ -805,18 +829,6 @@ torch.library.register_autograd(
     setup_context=_cross_entropy_tokens_setup_context,
 )
 
-
-def _time(backend, rows, width, device):
-    # One chunk of rows tokens over a vocabulary of width: log-sum-exp and the in-place gradient,
-    # as the cross-entropy forward runs it.
-    logits = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
-    labels = torch.randint(0, width, (rows,), device=device)
-    logp, lse = (torch.empty(rows, device=device) for _ in range(2))
-    grad = torch.full((rows,), -1.0 / rows, device=device)
-    return lambda: _logprobs_rows(backend, logits, labels, logp, lse, grad, -100, True, True)
-
-
-register_kernel("logprobs", _time)
 
 
 def _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(2, 3)):

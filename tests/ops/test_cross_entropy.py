@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import solar_kernels as sk
+from solar_kernels.ops import _registry
 from solar_kernels.ops.cross_entropy import cross_entropy_ref
 from tests.fixtures.liger import load_cases
 from tests.tolerances import DTYPE_IDS, DTYPES, FLOOR, assert_close, rel_err
@@ -273,7 +274,7 @@ def test_cuda_backend_refuses_the_options(monkeypatch):
     assert module.backend_for_options("cross_entropy", "cuda", "cuda", []) == "cuda"
     assert module.backend_for_options("cross_entropy", "triton", "triton", ["softcap"]) == "triton"
     rows = module.RowOptions(softcap=2.0)
-    monkeypatch.setattr(module, "pick", lambda *args: "cuda")  # "auto" on a GPU choosing CUDA
+    monkeypatch.setattr(_registry, "pick", lambda *args: "cuda")  # "auto" on a GPU choosing CUDA
     assert module.row_backend("auto", 8, 100, torch.device("cpu"), rows) == "triton"
     assert module.row_backend("auto", 8, 100, torch.device("cpu"), module.RowOptions()) == "cuda"
 

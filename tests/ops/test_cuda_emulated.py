@@ -10,7 +10,8 @@ side-input dtype rule, output allocation where the op still allocates) and stand
 ``torch.ops.solar_kernels_C``, so the public API runs with ``backend="cuda"`` on CPU tensors.
 Out-variant elementwise ops (the elementwise records of solar_kernels/ops/_registry.py) need no
 wrapper: their outputs come from the Python side, and their extern "C" launchers are called by name
-with a ``Rows`` block; rotary's record is out-variant too, its wrapper only fills the typed block. What this
+with a ``Rows`` block; rotary's and the log-prob row step's records are out-variant too, their
+wrappers only fill the typed argument blocks. What this
 cannot check: speed, register use, memory ordering beyond barriers, and the host functions
 themselves (tests/ops/test_cuda_ops.py does on a GPU; their argument checks are tested in
 tests/ops/test_cuda_build.py).
@@ -174,12 +175,12 @@ def emulated(lib, monkeypatch):
 
     ops = EmulatedOps(lib)
     namespace = torch.ops.solar_kernels_C
-    for name in ("rms_norm_fwd", "rms_norm_bwd", "logprobs_"):
+    for name in ("rms_norm_fwd", "rms_norm_bwd"):
         monkeypatch.setattr(namespace, name, getattr(ops, name), raising=False)  # with or without _C built
     for kernel in _registry.kernels():
         if kernel.out_variant:  # an elementwise launcher by name, else its emulated host function above
-            run = getattr(ops, kernel.name, None) or ops.out_variant(kernel.name)
-            monkeypatch.setattr(namespace, kernel.name, run, raising=False)
+            name = kernel.cuda_op_name
+            monkeypatch.setattr(namespace, name, getattr(ops, name, None) or ops.out_variant(name), raising=False)
     real = backend.unavailable_reason
     monkeypatch.setattr(backend, "unavailable_reason",
                         lambda name, device: None if name == "cuda" else real(name, device))
@@ -288,9 +289,9 @@ def _as_tuple(result):
 
 def test_every_out_variant_kernel_has_a_launcher_by_name(lib):
     """Each out-variant record is bound (in torch_bindings.cpp and here) through solar_<name>, or
-    (rotary: not elementwise) through its emulated host function in EmulatedOps."""
-    names = [k.name for k in _registry.kernels() if k.out_variant]
-    assert {"swiglu_fwd", "swiglu_bwd", "rotary"} <= set(names)
+    (rotary, logprobs_: not elementwise) through its emulated host function in EmulatedOps."""
+    names = [k.cuda_op_name for k in _registry.kernels() if k.out_variant]
+    assert {"swiglu_fwd", "swiglu_bwd", "rotary", "logprobs_"} <= set(names)
     missing = [name for name in names if not hasattr(lib, f"solar_{name}") and not hasattr(EmulatedOps, name)]
     assert not missing, f"no SOLAR_ROWS_LAUNCHER(solar_<name>) in csrc/*.cu for {missing}"
 

@@ -37,7 +37,7 @@ def cuda_choice(monkeypatch):
     for kernel in _registry.kernels():
         if kernel.out_variant:
             fakes[kernel.name] = FakeCudaOp()
-            monkeypatch.setattr(torch.ops.solar_kernels_C, kernel.name, fakes[kernel.name], raising=False)
+            monkeypatch.setattr(torch.ops.solar_kernels_C, kernel.cuda_op_name, fakes[kernel.name], raising=False)
     return fakes
 
 
@@ -126,6 +126,39 @@ def test_rotary_dispatch_hands_the_cuda_op_its_outputs_and_option(cuda_choice):
     got = rotary._rotary_op(q, k, cos, sin, True, "auto")
     (call,) = cuda_choice["rotary"].calls
     assert call[-1] == {"backward": True} and [t.data_ptr() for t in call[0][4:]] == [t.data_ptr() for t in got]
+
+
+def _logprobs_chunk():
+    logits, labels = torch.randn(4, 30), torch.randint(0, 30, (4,))
+    return logits, labels, torch.empty(4), torch.empty(4), torch.randn(4)
+
+
+def test_in_place_record_hands_the_cuda_op_its_tensors_and_its_options_only(cuda_choice):
+    """The log-prob row step declares no outputs: the CUDA op (logprobs_) gets the chunk's tensors,
+    written in place, and the options its schema has (not the Triton launcher's RowOptions)."""
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    chunk = _logprobs_chunk()
+    module._logprobs_rows("auto", *chunk, -100, True, True)
+    ((tensors, options),) = cuda_choice["logprobs"].calls
+    assert [t.data_ptr() for t in tensors] == [t.data_ptr() for t in chunk]
+    assert options == {"ignore_index": -100, "compute_lse": True, "write_grad": True}
+    assert module.LOGPROBS.allocate(*chunk) == () and module.LOGPROBS.rows_width(*chunk) == (4, 30)
+
+
+def test_a_launch_the_cuda_twin_lacks_runs_triton_on_auto_and_is_refused_by_name(cuda_choice):
+    module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+    options = module.RowOptions(softcap=3.0)
+    chunk = _logprobs_chunk()
+    expected = [t.clone() for t in chunk]
+    module._logprobs_rows("auto", *chunk, -100, True, False, options)
+    assert cuda_choice["logprobs"].calls == []  # Triton ran it: the soft-capped log-probs
+    module._logprobs_rows_torch(*expected, -100, True, False, options)
+    torch.testing.assert_close(chunk[2:4], expected[2:4])
+    with pytest.raises(ValueError, match="logprobs: the CUDA kernel does not implement this launch's options, "
+                                         "got backend='cuda'"):
+        module._logprobs_rows("cuda", *chunk, -100, True, False, options)
+    assert module.row_backend("auto", 4, 30, torch.device("cpu"), options) == "triton"
+    assert module.row_backend("auto", 4, 30, torch.device("cpu"), module.RowOptions()) == "cuda"
 
 
 def test_registering_a_name_twice_from_another_family_is_an_error():
