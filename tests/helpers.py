@@ -4,8 +4,10 @@ Tiny Hugging Face checkpoints (``hf_tiny_config``, ``make_checkpoint``, ``tensor
 that fails on demand (``break_shard_writer``), tensors that start one element into their buffer
 (``misaligned``), which sends the CUDA kernels down their scalar path, and a tiny random Llama written
 as a GGUF file (``write_tiny_gguf``, with a byte-level BPE trained on ``CORPUS``) and converted to a
-Hugging Face directory (``tiny_checkpoint``). Optional packages (transformers, gguf, tokenizers) are
-imported by the helpers that need them, when called.
+Hugging Face directory (``tiny_checkpoint``). For the trainer's tests: a config file writer
+(``write_config``), a small pretraining config (``pretrain_config``), a pretraining run through the
+stage runner (``run_pretrain``) and its logged losses (``losses``). Optional packages (transformers,
+gguf, tokenizers, yaml) are imported by the helpers that need them, when called.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import torch
 
 from solar_kernels import checkpoint
 from solar_kernels.checkpoint import CheckpointReader
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
 def hf_tiny_config(kind: str, **overrides):
@@ -77,6 +81,42 @@ def misaligned(*shape: int, dtype: torch.dtype, scale: float = 1.0, device: str 
     if tensor.data_ptr() % 16 == 0:
         raise AssertionError(f"misaligned: {dtype} view at {tensor.data_ptr():#x} is 16-byte aligned")
     return tensor
+
+
+# ----------------------------------------------------------------------------- trainer runs
+
+def write_config(path: Path, **sections) -> Path:
+    """Writes ``sections`` (``model={...}, train={...}``) to ``path`` as a YAML config file."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def pretrain_config(workspace: Path, out: Path, **train) -> dict[str, dict]:
+    """A tiny float32 pretraining config on the ``workspace`` fixture's tokenizer and corpus, writing
+    to ``out``; ``train`` overrides keys of its ``train`` section."""
+    return {
+        "model": {"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": "float32", "backend": "torch"},
+        "data": {"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
+        "optim": {"lr": 3.0e-3, "warmup_steps": 2},
+        "train": {"steps": 8, "batch_size": 4, "output_dir": str(out), "seed": 3, **train},
+    }
+
+
+def losses(out: Path) -> list[float]:
+    """The loss of every step the run in ``out`` logged to its metrics.jsonl."""
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_pretrain(workspace: Path, out: Path, **train):
+    """Runs ``pretrain_config(workspace, out, **train)`` through the stage runner (config written
+    next to ``out``); returns the stage's history."""
+    from training.config import load_config
+    from training.stages import run_stage
+
+    path = write_config(Path(str(out) + ".yaml"), **pretrain_config(workspace, out, **train))
+    return run_stage("pretrain", load_config(path))["pretrain"]
 
 
 # ----------------------------------------------------------------------------- a tiny GGUF model

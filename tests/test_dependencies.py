@@ -190,8 +190,8 @@ def imports_of_test_modules(path: Path, root: Path = ROOT) -> list[str]:
 
 
 # Cross-imports left in files other helpers own (tests/ops: the kernels' check functions;
-# tests/training: the trainer's run helpers, and the demo's use of the tiny GGUF writer, now in
-# tests/helpers.py); each goes to tests/helpers.py, then leaves this list.
+# tests/training: the demo's use of the tiny GGUF writer, now in tests/helpers.py); each goes to
+# tests/helpers.py, then leaves this list.
 PENDING_TEST_CROSS_IMPORTS = {
     "tests/ops/test_autocast.py: tests.ops.test_rotary",
     "tests/ops/test_cuda_emulated.py: tests.ops.test_linear_logprobs",
@@ -205,13 +205,6 @@ PENDING_TEST_CROSS_IMPORTS = {
     "tests/ops/test_linear_logprobs.py: tests.ops.test_cross_entropy",
     "tests/training/test_demo_real.py: ..",
     "tests/training/test_demo_real.py: ..test_convert",
-    "tests/training/test_stages.py: tests.training.conftest",
-    "tests/training/test_trainer.py: tests.training.conftest",
-    "tests/training/test_trainer_precision.py: tests.training.conftest",
-    "tests/training/test_trainer_precision.py: tests.training.test_trainer",
-    "tests/training/test_trainer_safety.py: tests.training.conftest",
-    "tests/training/test_trainer_safety.py: tests.training.test_trainer",
-    "tests/training/test_trainer_step.py: tests.training.test_trainer",
 }
 
 

@@ -19,10 +19,3 @@ def workspace(tmp_path_factory):
     (root / "easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs if r["difficulty"] == 1))
     (root / "hard.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs if r["difficulty"] > 1))
     return root
-
-
-def write_config(path, **sections):
-    import yaml
-
-    path.write_text(yaml.safe_dump(sections))
-    return path

@@ -9,7 +9,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels.model import load_pretrained
-from tests.training.conftest import write_config
+from tests.helpers import write_config
 from training import data as data_lib
 from training.config import load_config
 from training.objectives import DirectPreference

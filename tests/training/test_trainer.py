@@ -13,35 +13,15 @@ import pytest
 import torch
 
 from solar_kernels.model import load_pretrained
+from tests.helpers import ROOT, losses, pretrain_config, run_pretrain, write_config
 from tests.tolerances import rel_err
-from tests.training.conftest import write_config
 from training.config import load_config
 from training.stages import run_stage
 from training.trainer import TrainingError
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def pretrain_config(workspace, out, **train):
-    return {
-        "model": {"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": "float32", "backend": "torch"},
-        "data": {"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
-        "optim": {"lr": 3.0e-3, "warmup_steps": 2},
-        "train": {"steps": 8, "batch_size": 4, "output_dir": str(out), "seed": 3, **train},
-    }
-
-
-def losses(out):
-    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def run(workspace, out, **train):
-    path = write_config(Path(str(out) + ".yaml"), **pretrain_config(workspace, out, **train))
-    return run_stage("pretrain", load_config(path))["pretrain"]
-
 
 def test_pretrain_logs_plots_and_exports(workspace, tmp_path):
-    history = run(workspace, tmp_path / "run", steps=12)
+    history = run_pretrain(workspace, tmp_path / "run", steps=12)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "peak_mem_gb"):
@@ -54,8 +34,8 @@ def test_pretrain_logs_plots_and_exports(workspace, tmp_path):
 
 
 def test_deterministic_on_cpu(workspace, tmp_path):
-    run(workspace, tmp_path / "a", export=False)
-    run(workspace, tmp_path / "b", export=False)
+    run_pretrain(workspace, tmp_path / "a", export=False)
+    run_pretrain(workspace, tmp_path / "b", export=False)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
 
 
@@ -67,7 +47,7 @@ def _stage_process(config_path, extra=()):
 
 def test_resume_after_a_killed_process_matches_an_uninterrupted_run(workspace, tmp_path):
     steps = 24  # long enough that the kill always lands mid-run
-    run(workspace, tmp_path / "straight", steps=steps, export=False)
+    run_pretrain(workspace, tmp_path / "straight", steps=steps, export=False)
     config = write_config(tmp_path / "killed.yaml", **pretrain_config(workspace, tmp_path / "killed", steps=steps,
                                                                      save_every=2, export=False))
     process = _stage_process(config)
@@ -103,11 +83,11 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint(workspace, tmp_path,
 
     monkeypatch.setattr(dcp, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        run(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
+        run_pretrain(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step-")] == ["step-00000002"]
     monkeypatch.setattr(dcp, "save", original)
-    history = run(workspace, tmp_path / "run", steps=8, save_every=2, export=False, resume=True)
+    history = run_pretrain(workspace, tmp_path / "run", steps=8, save_every=2, export=False, resume=True)
     assert history[0]["step"] == 3  # continued after the last complete checkpoint
     assert not list(checkpoints.glob(".step-*.partial"))  # the half-written one is cleaned up
 
@@ -125,7 +105,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(workspace, tmp_path, monke
 
     monkeypatch.setattr(objectives.LanguageModeling, "forward", poisoned)
     with pytest.raises(TrainingError, match=r"loss is nan at step 5; .* Last good checkpoint: .*step-00000004"):
-        run(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
+        run_pretrain(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -165,19 +145,19 @@ def test_cli_entry_and_bad_config(workspace, tmp_path, capsys):
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(workspace, tmp_path):
-    run(workspace, tmp_path / "plain", steps=3, export=False)
-    run(workspace, tmp_path / "ac", steps=3, export=False, activation_checkpointing=True)
+    run_pretrain(workspace, tmp_path / "plain", steps=3, export=False)
+    run_pretrain(workspace, tmp_path / "ac", steps=3, export=False, activation_checkpointing=True)
     assert losses(tmp_path / "ac") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
 
 
 def test_resume_with_a_checkpoint_of_another_shape_fails_clearly(workspace, tmp_path, monkeypatch):
-    run(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
     import training.stages as stages
 
     original = stages.preset
     monkeypatch.setattr(stages, "preset", lambda name, **kw: original(name, **{**kw, "intermediate_size": 96}))
     with pytest.raises(TrainingError, match="cannot resume from .*step-00000002.*another model shape"):
-        run(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
+        run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
 
 
 def test_streaming_pretraining_resumes_exactly(workspace, tmp_path):

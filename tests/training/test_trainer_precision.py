@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import write_config
+from tests.helpers import ROOT, losses, pretrain_config, write_config
 from training import data as data_lib
 from training import stages
 from training.config import load_config
@@ -120,7 +120,6 @@ def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
     import sys
 
     from solar_kernels.model import load_pretrained
-    from tests.training.test_trainer import ROOT, losses, pretrain_config
 
     def config(out, batch_size):
         values = pretrain_config(workspace, out, steps=4, batch_size=batch_size, export=True)
@@ -141,8 +140,6 @@ def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
 @pytest.mark.parametrize("mode", ["autocast", "kahan"])
 def test_bf16_modes_resume_exactly(workspace, tmp_path, mode):
     """Checkpoints keep what the optimizer holds (fp32 masters; bf16 weights with their compensation)."""
-    from tests.training.test_trainer import losses, pretrain_config
-
     dtype, master_weights = MODES[mode]
     values = pretrain_config(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
     values["model"]["dtype"], values["optim"]["master_weights"] = dtype, master_weights

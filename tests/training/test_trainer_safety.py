@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import training.stages as stages
-from tests.training.conftest import write_config
-from tests.training.test_trainer import losses, pretrain_config, run
+from tests.helpers import losses, pretrain_config, run_pretrain, write_config
 from training.trainer import TrainingError
 
 
@@ -26,7 +25,7 @@ class _WritesAFile:
 
 
 def test_an_output_dir_holding_a_run_is_refused_before_the_model_is_built(workspace, tmp_path, monkeypatch):
-    run(workspace, tmp_path / "run", steps=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=2, export=False)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
 
     def no_model(*args, **kwargs):
@@ -34,14 +33,14 @@ def test_an_output_dir_holding_a_run_is_refused_before_the_model_is_built(worksp
 
     monkeypatch.setattr(stages, "build_model", no_model)
     with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl, .*--train.resume=true.*--train.overwrite=true"):
-        run(workspace, tmp_path / "run", steps=2, export=False)
+        run_pretrain(workspace, tmp_path / "run", steps=2, export=False)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # the old run is untouched
 
 
 def test_overwrite_replaces_the_previous_run_and_nothing_else(workspace, tmp_path):
-    run(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    history = run(workspace, tmp_path / "run", steps=4, save_every=2, export=False, overwrite=True)
+    history = run_pretrain(workspace, tmp_path / "run", steps=4, save_every=2, export=False, overwrite=True)
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-00000002"]
     assert len(losses(tmp_path / "run")) == 4
@@ -49,7 +48,7 @@ def test_overwrite_replaces_the_previous_run_and_nothing_else(workspace, tmp_pat
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one_and_is_replaced(workspace, tmp_path, caplog):
-    run(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
     straight = losses(tmp_path / "run")
     checkpoints = tmp_path / "run" / "checkpoints"
     newest = checkpoints / "step-00000004"
@@ -57,7 +56,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one_and_is_replaced(wor
         data.write_bytes(data.read_bytes()[:100])  # truncated
     (checkpoints / ".step-00000004.partial").write_text("a stale file where a folder would go")
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
-        history = run(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
+        history = run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
     assert [r["step"] for r in history] == [3, 4, 5, 6]
     assert losses(tmp_path / "run") == straight  # resumed exactly from step 2
     assert any("step-00000004 is unusable" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
@@ -65,16 +64,16 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one_and_is_replaced(wor
 
 
 def test_no_usable_checkpoint_is_a_one_line_error(workspace, tmp_path):
-    run(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
     (tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer.json").write_text('{"step": ')
     with pytest.raises(TrainingError, match=r"cannot resume from any checkpoint in .*trainer.json") as error:
-        run(workspace, tmp_path / "run", steps=4, save_every=2, export=False, resume=True)
+        run_pretrain(workspace, tmp_path / "run", steps=4, save_every=2, export=False, resume=True)
     assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("target", ["rank files", "dcp metadata"])
 def test_a_crafted_pickle_in_a_checkpoint_is_never_run(workspace, tmp_path, target):
-    run(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=4, save_every=2, export=False)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
     marker = tmp_path / "pwned"
     # the per-rank tensor file (rank0.pt before this change), or torch.distributed.checkpoint's metadata
@@ -87,19 +86,19 @@ def test_a_crafted_pickle_in_a_checkpoint_is_never_run(workspace, tmp_path, targ
             else:
                 torch.save(_WritesAFile(marker), f)
     with pytest.raises(TrainingError, match=r"cannot resume from any checkpoint") as error:
-        run(workspace, tmp_path / "run", steps=4, save_every=2, export=False, resume=True)
+        run_pretrain(workspace, tmp_path / "run", steps=4, save_every=2, export=False, resume=True)
     assert not marker.exists()
     named = "rank0.tensors.pt" if target == "rank files" else "step-00000002"
     assert named in str(error.value)
 
 
 def test_a_half_written_metrics_line_is_dropped_on_resume(workspace, tmp_path, caplog):
-    run(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
+    run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False)
     straight = losses(tmp_path / "run")
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 3.1')  # the process died while writing it
     with caplog.at_level(logging.WARNING, logger="training.trainer"):
-        run(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
+        run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
     assert losses(tmp_path / "run") == straight
     assert any("half-written last line" in r.getMessage() for r in caplog.records)
 

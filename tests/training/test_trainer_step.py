@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from solar_kernels.model import CausalLM, preset
-from tests.training.test_trainer import losses, run
+from tests.helpers import losses, run_pretrain
 from training.config import load_config
 from training.trainer import Trainer, parallelize
 from training.objectives import LanguageModeling
@@ -103,7 +103,7 @@ def test_a_non_logging_step_never_waits_for_the_device(workspace, tmp_path, monk
     # pretraining rows are packed (position_ids, document masks); SFT rows by default are not
     monkeypatch.setattr(stages, "LanguageModeling",
                         lambda model, packed: LanguageModeling(model, packed=stage_shape == "packed"))
-    run(workspace, tmp_path / "run", steps=6, log_every=3, export=False, grad_accum=2)
+    run_pretrain(workspace, tmp_path / "run", steps=6, log_every=3, export=False, grad_accum=2)
     assert sorted(probes) == [1, 2, 4, 5]
     for step, probe in probes.items():
         ours = sorted({f"{func} in {path}:{name}" for func, (path, name) in probe.calls if (path, name) not in ELSEWHERE})
@@ -141,8 +141,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, every)
 
 
 def test_selective_checkpointing_in_a_run_matches_no_checkpointing(workspace, tmp_path):
-    run(workspace, tmp_path / "plain", steps=3, export=False)
-    run(workspace, tmp_path / "selective", steps=3, export=False, activation_checkpointing="selective", ac_every=2)
+    run_pretrain(workspace, tmp_path / "plain", steps=3, export=False)
+    run_pretrain(workspace, tmp_path / "selective", steps=3, export=False, activation_checkpointing="selective", ac_every=2)
     assert losses(tmp_path / "selective") == losses(tmp_path / "plain")
 
 
