@@ -35,8 +35,9 @@ binds every ``SOLAR_ROWS_LAUNCHER`` by name and checks every registry op against
 schema and registration checks of the built extension (tests/ops/test_cuda_build.py), the
 compiled-code report (tools/compile_for_gpu.py drives ``triton`` on ``example`` inputs at SOLAR's
 width), the self-check (solar_kernels.selfcheck) and the op benchmarks (benchmarks/cases.py: minimum
-bytes from the contract). The compiled-code expectations of tests/ops/test_gpu_compile.py name each
-kernel function (its register budget) and are, for now, the one table to extend by hand.
+bytes from the contract). The compiled-code expectations of tests/ops/test_gpu_compile.py hold every
+``*_kernel`` of the op file (the tool lists them) to 64 registers per thread, the elementwise
+default; a kernel that needs another budget gets a line in its REGISTER_BUDGET table.
 
 A kernel that is not elementwise writes its own ``Kernel(name, family, triton, outputs, rows_width,
 example)`` and its own out-variant host function in csrc/ (``Tensor(a!)`` outputs, returning
