@@ -7,6 +7,8 @@ same dtype on the same input: ``err(ours) <= 2 * err(eager torch) + FLOOR[dtype]
 
 import torch
 
+from solar_kernels import selfcheck
+
 FLOOR = {
     torch.float32: 1e-5,
     torch.float16: 1e-3,
@@ -17,13 +19,12 @@ DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected|| in float64 (absolute error when expected is all zero)."""
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    """``selfcheck.rel_err`` (||actual - expected|| / ||expected|| in float64, the absolute error when
+    expected is all zero), on the CPU, after checking that the shapes match and actual is finite."""
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), "non-finite values in the result"
-    diff = (actual - expected).norm().item()
-    scale = expected.norm().item()
-    return diff / scale if scale > 0 else diff
+    return selfcheck.rel_err(actual, expected)
 
 
 def assert_close(name: str, ours: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype):

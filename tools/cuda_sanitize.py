@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import solar_kernels as sk  # noqa: E402
 from tests.helpers import misaligned  # noqa: E402
 
+from solar_kernels import selfcheck  # noqa: E402
 from solar_kernels.ops import _registry  # noqa: E402
 
 # The Triton launchers, as the second opinion on the backward kernels called directly below.
@@ -42,10 +43,7 @@ def rand(*shape, dtype, scale=1.0):
 shifted = functools.partial(misaligned, device=DEVICE)
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    scale = b.norm().item()
-    return (a - b).norm().item() / (scale or 1.0)
+rel = selfcheck.rel_err
 
 
 def through_api(name, dtype, fn, ref, inputs):
