@@ -19,10 +19,11 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels._backend import BACKENDS, unavailable_reason
+from solar_kernels.checkpoint import SHORT_DTYPE_NAMES
 from solar_kernels.model.config import PRESETS
 from solar_kernels.ops import _registry
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {short: dtype for dtype, short in SHORT_DTYPE_NAMES.items()}  # "fp32": torch.float32, ...
 # Loose bounds for a smoke test; the test suite holds the kernels to eager torch's own error.
 BOUNDS = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 

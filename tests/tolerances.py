@@ -8,6 +8,7 @@ same dtype on the same input: ``err(ours) <= 2 * err(eager torch) + FLOOR[dtype]
 import torch
 
 from solar_kernels import selfcheck
+from solar_kernels.checkpoint import SHORT_DTYPE_NAMES
 
 FLOOR = {
     torch.float32: 1e-5,
@@ -15,7 +16,7 @@ FLOOR = {
     torch.bfloat16: 8e-3,
 }
 DTYPES = list(FLOOR)
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
+DTYPE_IDS = [SHORT_DTYPE_NAMES[dtype] for dtype in DTYPES]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

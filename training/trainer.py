@@ -53,11 +53,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from solar_kernels.checkpoint import parse_dtype
+
 from .config import Config
 from .plots import plot_losses
 
 logger = logging.getLogger(__name__)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, per device (docs/benchmarking.md#the-validation-gpus)
 # What a run writes into its output_dir (sDPO: also into stage1/, stage2/, ...).
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final")
@@ -156,13 +157,13 @@ def _remove(path: Path) -> None:
 
 def parameter_dtype(config: Config) -> torch.dtype:
     """The dtype the optimizer's parameters are stored in: fp32 masters unless bf16_kahan."""
-    return torch.float32 if config.optim.master_weights == "fp32" else DTYPES[config.model.dtype]
+    return torch.float32 if config.optim.master_weights == "fp32" else parse_dtype(config.model.dtype)
 
 
 def compute_context(config: Config, world: int, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """The context a forward runs in: autocast to model.dtype over fp32 parameters on one process
     (several processes cast through FSDP2's policy instead); nothing when they already agree."""
-    compute = DTYPES[config.model.dtype]
+    compute = parse_dtype(config.model.dtype)
     if world > 1 or compute == parameter_dtype(config):
         return contextlib.nullcontext
     return functools.partial(torch.autocast, device_type=device.type, dtype=compute)
@@ -226,7 +227,7 @@ def parallelize(objective: torch.nn.Module, blocks, config: Config, world: int, 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # fp32 masters are sharded; each block is gathered in the compute dtype; gradients reduce in fp32.
-        policy = MixedPrecisionPolicy(param_dtype=DTYPES[config.model.dtype], reduce_dtype=torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=parse_dtype(config.model.dtype), reduce_dtype=torch.float32)
         for block in blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(objective, mp_policy=policy)

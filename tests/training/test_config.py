@@ -46,6 +46,7 @@ def test_example_configs_load(name, tmp_path, monkeypatch):
         (["--train.steps=ten"], "train.steps: expected an integer, got 'ten'"),
         (["--train.resume=maybe"], "train.resume: expected true or false, got 'maybe'"),
         (["--train.steps=0"], "train.steps must be >= 1, got 0"),
+        (["--model.dtype=fp8"], r"model.dtype must be bfloat16, float16 or float32, got 'fp8'$"),
         (["--optim.schedule=step"], "optim.schedule must be cosine, linear or constant"),
         (["optim.lr=1"], "must look like --section.key=value"),
         (["--model.checkpoint=x"], "exactly one of model.checkpoint and model.preset"),
