@@ -1,9 +1,9 @@
 """Every plot the training code draws: a run's loss curve (``loss.png``) and the demo's figures.
 
-One matplotlib set-up for all of them (``_figure``): matplotlib is optional (the ``train`` extra),
-imported only when a plot is drawn, and drawn on its Agg canvas (files only: no display, no
-pyplot state shared with the caller). Without matplotlib a plot is skipped with one warning and
-the functions that save return ``None`` / ``[]``.
+One matplotlib set-up for all of them (``figure``, and ``save`` to write one): matplotlib is
+optional (the ``train`` extra), imported only when a plot is drawn, and drawn on its Agg canvas
+(files only: no display, no pyplot state shared with the caller). Without matplotlib a plot is
+skipped with one warning and the functions that save return ``None`` / ``[]``.
 
 The figure builders (``loss_figure``, ``demo_loss_figure``, ``accuracy_figure``) return the
 ``matplotlib.figure.Figure`` so tests can read what was drawn (axis labels, x offsets, limits)
@@ -12,7 +12,8 @@ place).
 
 Per-step curves are noisy: each is drawn raw and faint with its exponential moving average bold
 over it, as TensorBoard shows scalars (``ema``). Lines carry a ``gid`` of ``"<series>/raw"`` or
-``"<series>/ema"``.
+``"<series>/ema"``; the held-out loss of a run (``eval/loss``, logged every ``eval_every`` steps)
+is drawn as it is, with markers, gid ``"eval/loss"``.
 """
 
 from __future__ import annotations
@@ -57,23 +58,25 @@ def ema(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
     return smoothed
 
 
-def _figure(**kwargs: Any):
-    """A new Figure on the Agg canvas, or None (with a warning) when matplotlib is not installed."""
+def figure(**kwargs: Any):
+    """A new Figure on the Agg canvas (``kwargs`` go to ``matplotlib.figure.Figure``), or None (with a
+    warning) when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         logger.warning("matplotlib is not installed (pip install -e .[train]): plots are skipped")
         return None
-    figure = Figure(**kwargs)
-    FigureCanvasAgg(figure)
-    return figure
+    drawn = Figure(**kwargs)
+    FigureCanvasAgg(drawn)
+    return drawn
 
 
-def _save(figure, png: Path, dpi: int = 100) -> Path:
+def save(drawn, png: Path, dpi: int = 100) -> Path:
+    """Writes the Figure ``drawn`` to ``png`` atomically (a hidden partial file renamed into place)."""
     png = Path(png)
     partial = png.with_name(f".{png.name}.partial")
-    figure.savefig(partial, dpi=dpi, format="png")
+    drawn.savefig(partial, dpi=dpi, format="png")
     os.replace(partial, png)
     return png
 
@@ -110,13 +113,20 @@ def read_metrics(metrics_jsonl: Path) -> list[dict]:
 
 
 def loss_figure(records: Sequence[Mapping[str, float]], title: str):
-    """Loss (raw and smoothed) against step, the learning rate on a second axis; None without matplotlib."""
-    figure = _figure(figsize=(7, 4), layout="tight")
-    if figure is None:
+    """Loss (raw and smoothed) against step, the held-out loss where records have ``eval/loss``, the
+    learning rate on a second axis; None without matplotlib."""
+    drawn = figure(figsize=(7, 4), layout="tight")
+    if drawn is None:
         return None
-    ax = figure.add_subplot()
+    ax = drawn.add_subplot()
     steps = [r["step"] for r in records]
-    _smoothed_line(ax, steps, [r["loss"] for r in records], "loss")
+    _smoothed_line(ax, steps, [r["loss"] for r in records], "loss", label="training loss")
+    evaluated = [r for r in records if "eval/loss" in r]
+    if evaluated:
+        (line,) = ax.plot([r["step"] for r in evaluated], [r["eval/loss"] for r in evaluated], color="tab:orange",
+                          marker="o", markersize=4, linewidth=1.4, label="held-out loss")
+        line.set_gid("eval/loss")
+        ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -126,7 +136,7 @@ def loss_figure(records: Sequence[Mapping[str, float]], title: str):
                                linestyle="--", label="learning rate")
         line.set_gid("lr")
         lr_axis.set_ylabel("learning rate")
-    return figure
+    return drawn
 
 
 def plot_losses(metrics_jsonl: Path, png: Path, title: str) -> Path | None:
@@ -134,8 +144,8 @@ def plot_losses(metrics_jsonl: Path, png: Path, title: str) -> Path | None:
     records = read_metrics(metrics_jsonl)
     if not records:
         return None
-    figure = loss_figure(records, title)
-    return None if figure is None else _save(figure, png, dpi=110)
+    drawn = loss_figure(records, title)
+    return None if drawn is None else save(drawn, png, dpi=110)
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -171,10 +181,10 @@ def _chain(ax, named: Sequence[tuple[str, Sequence[Mapping[str, float]]]], bound
 def demo_loss_figure(stages: Mapping[str, Sequence[Mapping[str, float]]]):
     """The demo's three loss panels: pretraining (base, then the up-scaled model continued), SFT,
     and preference tuning (sDPO's stages one after the other; DPO on all pairs on the same steps)."""
-    figure = _figure(figsize=(15, 4.2), layout="tight")
-    if figure is None:
+    drawn = figure(figsize=(15, 4.2), layout="tight")
+    if drawn is None:
         return None
-    pretraining, sft, preference = figure.subplots(1, 3)
+    pretraining, sft, preference = drawn.subplots(1, 3)
     _chain(pretraining, [("base (4 layers)", stages["base pretraining"]),
                          ("up-scaled (6 layers), continued", stages["continued pretraining"])],
            "depth up-scaling")
@@ -193,15 +203,15 @@ def demo_loss_figure(stages: Mapping[str, Sequence[Mapping[str, float]]]):
     for ax in (pretraining, sft, preference):
         ax.set_xlabel("step (cumulative over stages)" if ax is not sft else "step")
         ax.legend(fontsize=8)
-    return figure
+    return drawn
 
 
 def accuracy_figure(accuracy: Mapping[str, float], title: str, ylabel: str, *, chance: float | None = None):
     """Bars of accuracies in [0, 1], the axis scaled to the largest value (and the chance line)."""
-    figure = _figure(figsize=(8, 3.6), layout="tight")
-    if figure is None:
+    drawn = figure(figsize=(8, 3.6), layout="tight")
+    if drawn is None:
         return None
-    ax = figure.add_subplot()
+    ax = drawn.add_subplot()
     names, values = list(accuracy), [float(v) for v in accuracy.values()]
     ax.bar(names, values, color="tab:blue")
     top = max(values + ([chance] if chance is not None else []) + [0.0])
@@ -217,7 +227,7 @@ def accuracy_figure(accuracy: Mapping[str, float], title: str, ylabel: str, *, c
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.tick_params(axis="x", labelsize=8)
-    return figure
+    return drawn
 
 
 def demo_figures(stages: Mapping[str, Sequence[Mapping[str, float]]], answer_accuracy: Mapping[str, float],
@@ -239,6 +249,11 @@ def save_demo_plots(out: Path, stages: Mapping[str, Sequence[Mapping[str, float]
                     answer_accuracy: Mapping[str, float], preference_accuracy: Mapping[str, float]) -> list[str]:
     """Write the demo's PNGs into ``out``; their file names (none without matplotlib)."""
     figures = demo_figures(stages, answer_accuracy, preference_accuracy)
-    for name, figure in figures.items():
-        _save(figure, Path(out) / name)
+    for name, drawn in figures.items():
+        save(drawn, Path(out) / name)
     return list(figures)
+
+
+# The demo's real-model run (training/demo_real.py) still calls the old private names; they go once it
+# calls ``figure`` and ``save``.
+_figure, _save = figure, save

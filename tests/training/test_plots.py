@@ -140,3 +140,24 @@ def test_plots_are_skipped_with_a_warning_without_matplotlib(monkeypatch, tmp_pa
     assert plots.plot_losses(metrics, tmp_path / "loss.png", "x") is None
     assert "matplotlib is not installed" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_loss_plot_draws_the_held_out_loss_where_records_have_it(tmp_path):
+    records = _history(12, 5, 0)
+    for record in records[3::4]:  # steps 4, 8, 12: eval_every=4
+        record["eval/loss"] = record["loss"] + 0.5
+    lines = _lines(plots.loss_figure(records, "pretrain"))
+    held_out = lines["eval/loss"]
+    assert list(held_out.get_xdata()) == [4, 8, 12]
+    assert list(held_out.get_ydata()) == [r["eval/loss"] for r in records[3::4]]
+    assert held_out.get_marker() == "o" and held_out.get_label() == "held-out loss"
+    assert len(lines["loss/raw"].get_xdata()) == 12
+    assert "eval/loss" not in _lines(plots.loss_figure(_history(12, 5, 0), "pretrain"))
+
+
+def test_figure_and_save_write_a_png_atomically(tmp_path):
+    drawn = plots.figure(figsize=(2, 2))
+    drawn.add_subplot().plot([1, 2], [3, 4])
+    png = plots.save(drawn, tmp_path / "x.png", dpi=50)
+    assert png == tmp_path / "x.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
