@@ -6,8 +6,11 @@ that fails on demand (``break_shard_writer``), tensors that start one element in
 as a GGUF file (``write_tiny_gguf``, with a byte-level BPE trained on ``CORPUS``) and converted to a
 Hugging Face directory (``tiny_checkpoint``). For the trainer's tests: a config file writer
 (``write_config``), a small pretraining config (``pretrain_config``), a pretraining run through the
-stage runner (``run_pretrain``) and its logged losses (``losses``). Optional packages (transformers,
-gguf, tokenizers, yaml) are imported by the helpers that need them, when called.
+stage runner (``run_pretrain``) and its logged losses (``losses``). For the kernel tests
+(tests/ops): each op's float64 form, run and check against eager torch (``exact_*``, ``run_*``,
+``check_*``), ``rope_tables``, ``make_lm_head``, ``options_backend`` and ``IGNORE``. Optional
+packages (transformers, gguf, tokenizers, yaml) and the ops are imported by the helpers that need
+them, when called.
 """
 
 from __future__ import annotations
@@ -261,3 +264,235 @@ def tiny_checkpoint(root: Path) -> Path:
     write_tiny_gguf(root / "tiny.gguf", "F32", seed=5, std=0.1)
     convert.convert_gguf(root / "tiny.gguf", root / "hf")
     return root / "hf"
+
+
+# ----------------------------------------------------------------------------- kernel checks (tests/ops)
+# Each kernel test judges ours against eager torch and a float64 computation (tests/tolerances.py);
+# the ops and their references are imported when a check is called, so importing this module does
+# not import Triton.
+
+IGNORE = -100  # the ignore_index of the cross-entropy and log-prob ops
+RMS_NORM_EPS = 1e-5
+
+
+def exact_rms_norm(x, weight, dy, residual=None, dh=None, offset=0.0, eps=RMS_NORM_EPS):
+    """docs/method.md#rmsnorm in float64, written out: forward, and the closed-form backward (with Liger's
+    ``offset + weight`` scale; weight None: no scale, dweight None). Every casting mode has this
+    exact result: the modes differ only in where they round."""
+    h = x.double() + (residual.double() if residual is not None else 0)
+    w = offset + weight.double() if weight is not None else torch.ones((), dtype=torch.float64, device=x.device)
+    dy = dy.double()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    n = h * rstd
+    y = w * n
+    g = dy * w
+    dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
+    if dh is not None:
+        dx = dx + dh.double()
+    dw = (dy * n).reshape(-1, n.shape[-1]).sum(0) if weight is not None else None
+    return y, h, dx, dw
+
+
+def run_rms_norm(fn, x, weight, dy, residual=None, dh=None):
+    """Forward and gradients of x, weight (and residual) for upstream grads dy (and dh); a None
+    weight stays None and gets no gradient."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight)]
+    if residual is not None:
+        leaves.append(residual.detach().clone().requires_grad_())
+        y, h = fn(leaves[0], leaves[1], residual=leaves[2])
+        torch.autograd.backward([y, h], [dy, dh])
+        return y, h, [leaf.grad if leaf is not None else None for leaf in leaves]
+    y = fn(leaves[0], leaves[1])
+    y.backward(dy)
+    return y, None, [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+def check_rms_norm(x, weight, residual=None, backend="triton", offset=0.0, casting_mode="llama"):
+    """``sk.rms_norm`` (and its fused residual form) on ``backend``: y, h and every gradient."""
+    import solar_kernels as sk
+    from solar_kernels.ops.rms_norm import rms_norm_ref
+    from tests.tolerances import assert_close
+
+    dtype = x.dtype
+    dy = torch.randn(x.shape, dtype=dtype, device=x.device)
+    dh = torch.randn(x.shape, dtype=dtype, device=x.device) if residual is not None else None
+    options = dict(eps=RMS_NORM_EPS, offset=offset, casting_mode=casting_mode)
+    ours_fn = lambda *a, **k: sk.rms_norm(*a, backend=backend, **options, **k)  # noqa: E731
+    torch_fn = lambda *a, **k: rms_norm_ref(*a, **options, **k)  # noqa: E731
+    y, h, grads = run_rms_norm(ours_fn, x, weight, dy, residual, dh)
+    y_ref, h_ref, grads_ref = run_rms_norm(torch_fn, x, weight, dy, residual, dh)
+    y64, h64, dx64, dw64 = exact_rms_norm(x, weight, dy, residual, dh, offset)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close("y", y, y_ref, y64, dtype)
+    assert_close("dx", grads[0], grads_ref[0], dx64, dtype)
+    if weight is not None:
+        assert_close("dweight", grads[1], grads_ref[1], dw64, dtype)
+        assert grads[1].dtype == weight.dtype
+    if residual is not None:
+        assert torch.equal(h, h_ref), "h = x + residual must round exactly like eager torch"
+        assert_close("h", h, h_ref, h64, dtype)
+        assert_close("dresidual", grads[2], grads_ref[2], dx64, dtype)
+
+
+def rope_tables(positions, head_dim, theta=10000.0, dtype=torch.float32):
+    """docs/method.md#rotary-embedding: cos/sin [..., T, D] from integer positions [..., T]."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = positions.double()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def exact_rotary(q, k, cos, sin, dq, dk):
+    """The rotate-half formula in float64, with gradients by float64 autograd."""
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    c, s = cos.double().unsqueeze(-3), sin.double().unsqueeze(-3)
+
+    def rot(x):
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+    q2, k2 = q64 * c + rot(q64) * s, k64 * c + rot(k64) * s
+    dq64, dk64 = torch.autograd.grad((q2, k2), (q64, k64), (dq.double(), dk.double()))
+    return q2.detach(), k2.detach(), dq64, dk64
+
+
+def run_rotary(fn, q, k, cos, sin, dq, dk):
+    """Rotated q, k and their gradients for upstream grads dq, dk."""
+    ql, kl = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    q2, k2 = fn(ql, kl, cos, sin)
+    torch.autograd.backward((q2, k2), (dq, dk))
+    return q2, k2, ql.grad, kl.grad
+
+
+def check_rotary(q, k, cos, sin, backend="triton"):
+    """``sk.apply_rotary`` on ``backend``: q', k', dq and dk."""
+    import solar_kernels as sk
+    from solar_kernels.ops.rotary import apply_rotary_ref
+    from tests.tolerances import assert_close
+
+    dtype = q.dtype
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    ours = run_rotary(lambda *a: sk.apply_rotary(*a, backend=backend), q, k, cos, sin, dq, dk)
+    eager = run_rotary(apply_rotary_ref, q, k, cos, sin, dq, dk)
+    exact = exact_rotary(q, k, cos, sin, dq, dk)
+    for name, a, b, c in zip(("q'", "k'", "dq", "dk"), ours, eager, exact):
+        assert a.dtype == dtype
+        assert_close(name, a, b, c, dtype)
+
+
+def exact_swiglu(gate, up, dy):
+    """docs/method.md#swiglu in float64: forward and the closed-form backward."""
+    g, u, dy = gate.double(), up.double(), dy.double()
+    sig = torch.sigmoid(g)
+    y = g * sig * u
+    du = dy * g * sig
+    dg = dy * u * sig * (1 + g * (1 - sig))
+    return y, dg, du
+
+
+def run_swiglu(fn, gate, up, dy):
+    """y and the gradients of gate and up for upstream grad dy."""
+    g = gate.detach().clone().requires_grad_()
+    u = up.detach().clone().requires_grad_()
+    y = fn(g, u)
+    y.backward(dy)
+    return y, g.grad, u.grad
+
+
+def check_swiglu(gate, up, backend="triton"):
+    """``sk.swiglu`` on ``backend``: y, dgate and dup."""
+    import solar_kernels as sk
+    from solar_kernels.ops.swiglu import swiglu_ref
+    from tests.tolerances import assert_close
+
+    dtype = gate.dtype
+    dy = torch.randn(gate.shape, dtype=dtype, device=gate.device)
+    y, dg, du = run_swiglu(lambda g, u: sk.swiglu(g, u, backend=backend), gate, up, dy)
+    y_ref, dg_ref, du_ref = run_swiglu(swiglu_ref, gate, up, dy)
+    y64, dg64, du64 = exact_swiglu(gate, up, dy)
+    assert y.dtype == dtype and y.shape == gate.shape
+    assert_close("y", y, y_ref, y64, dtype)
+    assert_close("dgate", dg, dg_ref, dg64, dtype)
+    assert_close("dup", du, du_ref, du64, dtype)
+
+
+def make_lm_head(tokens_shape, d, vocab, dtype, device, bias=False, ignore_share=0.3):
+    """Random LM-head inputs: hidden [*tokens_shape, d], weight [vocab, d], bias [vocab] or None,
+    labels [*tokens_shape] with about ``ignore_share`` of them IGNORE."""
+    hidden = torch.randn(*tokens_shape, d, dtype=dtype, device=device)
+    weight = torch.randn(vocab, d, dtype=dtype, device=device) / d**0.5 * 2
+    labels = torch.randint(0, vocab, tokens_shape, device=device)
+    labels[torch.rand(tokens_shape, device=device) < ignore_share] = IGNORE
+    b = torch.randn(vocab, dtype=dtype, device=device) if bias else None
+    return hidden, weight, b, labels
+
+
+def exact_logprobs(hidden, weight, labels, bias):
+    """docs/method.md#log-probs-through-the-lm-head in float64 from scratch: full logits, log-softmax, gather, 0 where ignored."""
+    logits = hidden.double() @ weight.double().t()
+    if bias is not None:
+        logits = logits + bias.double()
+    logp = logits - logits.logsumexp(-1, keepdim=True)
+    valid = labels != IGNORE
+    picked = logp.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+def run_lm_head(fn, hidden, weight, bias, labels, upstream):
+    """Output of fn and the gradients of (hidden, weight[, bias]) for the given upstream grad."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    out = fn(leaves[0], leaves[1], labels, leaves[2] if bias is not None else None)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    return out.detach(), grads
+
+
+def check_lm_head(fn_ours, fn_eager, fn_exact, hidden, weight, bias, labels, upstream):
+    """An LM-head op ``fn(hidden, weight, labels, bias)`` against its eager reference and its float64
+    form: a float32 output, and gradients of the inputs' dtypes and shapes."""
+    from tests.tolerances import assert_close
+
+    dtype = hidden.dtype
+    out, grads = run_lm_head(fn_ours, hidden, weight, bias, labels, upstream)
+    out_eager, grads_eager = run_lm_head(fn_eager, hidden, weight, bias, labels, upstream)
+    out_exact, grads_exact = run_lm_head(fn_exact, hidden.double(), weight.double(),
+                                         bias.double() if bias is not None else None, labels, upstream.double())
+    assert out.dtype == torch.float32
+    assert_close("output", out, out_eager, out_exact, dtype)
+    for name, a, b, c, like in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads_exact, (hidden, weight, bias)):
+        assert a.dtype == like.dtype and a.shape == like.shape
+        assert_close(name, a, b, c, dtype)
+
+
+def check_logprobs(hidden, weight, bias, labels, backend="triton", **kwargs):
+    """``sk.linear_logprobs`` on ``backend`` (``kwargs`` passed on) through ``check_lm_head``."""
+    import solar_kernels as sk
+    from solar_kernels.ops.linear_logprobs import linear_logprobs_ref
+
+    upstream = torch.randn(labels.shape, device=hidden.device)
+    check_lm_head(
+        lambda h, w, y, b: sk.linear_logprobs(h, w, y, bias=b, backend=backend, **kwargs),
+        lambda h, w, y, b: linear_logprobs_ref(h, w, y, b),
+        exact_logprobs,
+        hidden, weight, bias, labels, upstream,
+    )
+
+
+def options_backend(backend: str) -> str:
+    """The backend for a call with cross-entropy options: on a GPU the "cuda" run takes them through
+    "auto" (the CUDA kernel has none, refused as tests/ops/test_cross_entropy.py checks)."""
+    return "auto" if backend == "cuda" else backend
+
+
+def exact_cross_entropy(logits64, labels, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0,
+                        softcap=None, weight=None, **_flags):
+    """float64, from PyTorch's own cross-entropy of the soft-capped logits plus the z-loss."""
+    if softcap is not None:
+        logits64 = softcap * torch.tanh(logits64 / softcap)
+    loss = torch.nn.functional.cross_entropy(
+        logits64, labels.long(), weight=weight.double() if weight is not None else None, ignore_index=IGNORE,
+        reduction=reduction, label_smoothing=label_smoothing)
+    valid = labels != IGNORE
+    z_loss = torch.where(valid, lse_square_scale * logits64.logsumexp(-1).square(), 0.0)
+    if reduction == "none":
+        return loss + z_loss
+    return loss + (z_loss.sum() / valid.sum() if reduction == "mean" else z_loss.sum())

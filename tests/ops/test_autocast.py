@@ -12,11 +12,10 @@ from solar_kernels.ops.linear_logprobs import linear_cross_entropy_ref, linear_l
 from solar_kernels.ops.rms_norm import rms_norm_ref
 from solar_kernels.ops.rotary import apply_rotary_ref
 from solar_kernels.ops.swiglu import swiglu_ref
-from tests.ops.test_rotary import rope_tables
+from tests.helpers import IGNORE, rope_tables
 from tests.tolerances import assert_close
 
 AMP = torch.bfloat16
-IGNORE = -100
 
 
 def _outputs(out):

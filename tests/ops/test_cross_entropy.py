@@ -11,32 +11,11 @@ import solar_kernels as sk
 from solar_kernels.ops import _registry
 from solar_kernels.ops.cross_entropy import cross_entropy_ref
 from tests.fixtures.liger import load_cases
+from tests.helpers import IGNORE, exact_cross_entropy, options_backend
 from tests.tolerances import DTYPE_IDS, DTYPES, FLOOR, assert_close, rel_err
 
-IGNORE = -100
 LIGER = load_cases("cross_entropy.safetensors")
 OPTION_NAMES = ("label_smoothing", "lse_square_scale", "return_z_loss", "softcap", "return_token_accuracy")
-
-
-def options_backend(backend):
-    """The backend for a call with options: on a GPU the "cuda" run takes them through "auto" (the
-    CUDA kernel has none, refused as test_cuda_backend_refuses_the_options checks)."""
-    return "auto" if backend == "cuda" else backend
-
-
-def exact(logits64, labels, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=None,
-          weight=None, **_flags):
-    """float64, from PyTorch's own cross-entropy of the soft-capped logits plus the z-loss."""
-    if softcap is not None:
-        logits64 = softcap * torch.tanh(logits64 / softcap)
-    loss = torch.nn.functional.cross_entropy(
-        logits64, labels.long(), weight=weight.double() if weight is not None else None, ignore_index=IGNORE,
-        reduction=reduction, label_smoothing=label_smoothing)
-    valid = labels != IGNORE
-    z_loss = torch.where(valid, lse_square_scale * logits64.logsumexp(-1).square(), 0.0)
-    if reduction == "none":
-        return loss + z_loss
-    return loss + (z_loss.sum() / valid.sum() if reduction == "mean" else z_loss.sum())
 
 
 def loss_of(out):
@@ -90,7 +69,7 @@ def _exact_liger_case(options, tensors):
         [tensors["logits"]] if options["op"] == "ce"
         else [tensors["hidden"], tensors["weight"]] + ([tensors["bias"]] if "bias" in tensors else []))]
     logits64 = leaves[0] if options["op"] == "ce" else torch.nn.functional.linear(*leaves)
-    loss = exact(logits64, tensors["labels"], options["reduction"], weight=tensors.get("ce_weight"), **kwargs)
+    loss = exact_cross_entropy(logits64, tensors["labels"], options["reduction"], weight=tensors.get("ce_weight"), **kwargs)
     return loss.detach(), torch.autograd.grad(loss, leaves, tensors["upstream"].double())
 
 
@@ -170,7 +149,7 @@ def test_every_dtype_against_float64(shape, dtype, device, any_backend):
     backend = options_backend(any_backend)
     out, grads = grads_of(lambda z: sk.cross_entropy(z, labels, backend=backend, **options), [logits], upstream)
     eager, eager_grads = grads_of(lambda z: cross_entropy_ref(z, labels, **options), [logits], upstream)
-    loss64, grads64 = grads_of(lambda z: exact(z, labels, **options), [logits.double()], upstream.double())
+    loss64, grads64 = grads_of(lambda z: exact_cross_entropy(z, labels, **options), [logits.double()], upstream.double())
     assert out.dtype == dtype and grads[0].dtype == dtype
     assert_close("loss", out, eager, loss64, dtype)
     assert_close("dlogits", grads[0], eager_grads[0], grads64[0], dtype)

@@ -12,62 +12,10 @@ from solar_kernels.ops.linear_logprobs import (
     linear_logprobs_ref,
     sequence_logprobs_ref,
 )
-from tests.ops.test_cross_entropy import exact as exact_cross_entropy
-from tests.ops.test_cross_entropy import options_backend
-from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
-
-IGNORE = -100
-
-
-def make(tokens_shape, d, vocab, dtype, device, bias=False, ignore_share=0.3):
-    hidden = torch.randn(*tokens_shape, d, dtype=dtype, device=device)
-    weight = torch.randn(vocab, d, dtype=dtype, device=device) / d**0.5 * 2
-    labels = torch.randint(0, vocab, tokens_shape, device=device)
-    labels[torch.rand(tokens_shape, device=device) < ignore_share] = IGNORE
-    b = torch.randn(vocab, dtype=dtype, device=device) if bias else None
-    return hidden, weight, b, labels
-
-
-def exact_logprobs(hidden, weight, labels, bias):
-    """docs/method.md#log-probs-through-the-lm-head in float64 from scratch: full logits, log-softmax, gather, 0 where ignored."""
-    logits = hidden.double() @ weight.double().t()
-    if bias is not None:
-        logits = logits + bias.double()
-    logp = logits - logits.logsumexp(-1, keepdim=True)
-    valid = labels != IGNORE
-    picked = logp.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
-    return picked * valid
-
-
-def run(fn, hidden, weight, bias, labels, upstream):
-    """Output of fn and the gradients of (hidden, weight[, bias]) for the given upstream grad."""
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-    out = fn(leaves[0], leaves[1], labels, leaves[2] if bias is not None else None)
-    grads = torch.autograd.grad(out, leaves, upstream)
-    return out.detach(), grads
-
-
-def check(fn_ours, fn_eager, fn_exact, hidden, weight, bias, labels, upstream):
-    dtype = hidden.dtype
-    out, grads = run(fn_ours, hidden, weight, bias, labels, upstream)
-    out_eager, grads_eager = run(fn_eager, hidden, weight, bias, labels, upstream)
-    out_exact, grads_exact = run(fn_exact, hidden.double(), weight.double(),
-                                 bias.double() if bias is not None else None, labels, upstream.double())
-    assert out.dtype == torch.float32
-    assert_close("output", out, out_eager, out_exact, dtype)
-    for name, a, b, c, like in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads_exact, (hidden, weight, bias)):
-        assert a.dtype == like.dtype and a.shape == like.shape
-        assert_close(name, a, b, c, dtype)
-
-
-def check_logprobs(hidden, weight, bias, labels, backend="triton", **kwargs):
-    upstream = torch.randn(labels.shape, device=hidden.device)
-    check(
-        lambda h, w, y, b: sk.linear_logprobs(h, w, y, bias=b, backend=backend, **kwargs),
-        lambda h, w, y, b: linear_logprobs_ref(h, w, y, b),
-        exact_logprobs,
-        hidden, weight, bias, labels, upstream,
-    )
+from tests.helpers import IGNORE, check_logprobs, exact_cross_entropy, exact_logprobs, options_backend
+from tests.helpers import check_lm_head as check
+from tests.helpers import make_lm_head as make
+from tests.tolerances import DTYPE_IDS, DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -7,29 +7,14 @@ import torch
 import solar_kernels as sk
 from solar_kernels.ops.rms_norm import rms_norm_ref
 from tests.fixtures.liger import load_cases
+from tests.helpers import RMS_NORM_EPS as EPS
+from tests.helpers import check_rms_norm as check
+from tests.helpers import exact_rms_norm
+from tests.helpers import run_rms_norm as run
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
-EPS = 1e-5
 MODES = ["llama", "gemma", "none"]
 LIGER = {name: case for name, case in load_cases("norm_rotary.safetensors").items() if case[0]["op"] == "rms_norm"}
-
-
-def exact_rms_norm(x, weight, dy, residual=None, dh=None, offset=0.0, eps=EPS):
-    """docs/method.md#rmsnorm in float64, written out: forward, and the closed-form backward (with Liger's
-    ``offset + weight`` scale; weight None: no scale, dweight None). Every casting mode has this
-    exact result: the modes differ only in where they round."""
-    h = x.double() + (residual.double() if residual is not None else 0)
-    w = offset + weight.double() if weight is not None else torch.ones((), dtype=torch.float64, device=x.device)
-    dy = dy.double()
-    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    n = h * rstd
-    y = w * n
-    g = dy * w
-    dx = rstd * (g - n * (g * n).mean(-1, keepdim=True))
-    if dh is not None:
-        dx = dx + dh.double()
-    dw = (dy * n).reshape(-1, n.shape[-1]).sum(0) if weight is not None else None
-    return y, h, dx, dw
 
 
 @pytest.fixture
@@ -37,42 +22,6 @@ def option_backend(kernel_backend):
     """The backend for calls using an option the CUDA twin lacks: Triton, and in the CUDA run "auto",
     which must take such calls to Triton (naming "cuda" is refused, see the refusal tests)."""
     return "auto" if kernel_backend == "cuda" else kernel_backend
-
-
-def run(fn, x, weight, dy, residual=None, dh=None):
-    """Forward and gradients of x, weight (and residual) for upstream grads dy (and dh); a None
-    weight stays None and gets no gradient."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight)]
-    if residual is not None:
-        leaves.append(residual.detach().clone().requires_grad_())
-        y, h = fn(leaves[0], leaves[1], residual=leaves[2])
-        torch.autograd.backward([y, h], [dy, dh])
-        return y, h, [leaf.grad if leaf is not None else None for leaf in leaves]
-    y = fn(leaves[0], leaves[1])
-    y.backward(dy)
-    return y, None, [leaf.grad if leaf is not None else None for leaf in leaves]
-
-
-def check(x, weight, residual=None, backend="triton", offset=0.0, casting_mode="llama"):
-    dtype = x.dtype
-    dy = torch.randn(x.shape, dtype=dtype, device=x.device)
-    dh = torch.randn(x.shape, dtype=dtype, device=x.device) if residual is not None else None
-    options = dict(eps=EPS, offset=offset, casting_mode=casting_mode)
-    ours_fn = lambda *a, **k: sk.rms_norm(*a, backend=backend, **options, **k)  # noqa: E731
-    torch_fn = lambda *a, **k: rms_norm_ref(*a, **options, **k)  # noqa: E731
-    y, h, grads = run(ours_fn, x, weight, dy, residual, dh)
-    y_ref, h_ref, grads_ref = run(torch_fn, x, weight, dy, residual, dh)
-    y64, h64, dx64, dw64 = exact_rms_norm(x, weight, dy, residual, dh, offset)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert_close("y", y, y_ref, y64, dtype)
-    assert_close("dx", grads[0], grads_ref[0], dx64, dtype)
-    if weight is not None:
-        assert_close("dweight", grads[1], grads_ref[1], dw64, dtype)
-        assert grads[1].dtype == weight.dtype
-    if residual is not None:
-        assert torch.equal(h, h_ref), "h = x + residual must round exactly like eager torch"
-        assert_close("h", h, h_ref, h64, dtype)
-        assert_close("dresidual", grads[2], grads_ref[2], dx64, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -4,49 +4,12 @@ import torch
 import solar_kernels as sk
 from solar_kernels.ops.rotary import apply_rotary_ref
 from tests.fixtures.liger import load_cases
+from tests.helpers import check_rotary as check
+from tests.helpers import exact_rotary, rope_tables
+from tests.helpers import run_rotary as run
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
 LIGER = {name: case for name, case in load_cases("norm_rotary.safetensors").items() if case[0]["op"] == "apply_rotary"}
-
-
-def rope_tables(positions, head_dim, theta=10000.0, dtype=torch.float32):
-    """docs/method.md#rotary-embedding: cos/sin [..., T, D] from integer positions [..., T]."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    freqs = positions.double()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def exact_rotary(q, k, cos, sin, dq, dk):
-    """The rotate-half formula in float64, with gradients by float64 autograd."""
-    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
-    c, s = cos.double().unsqueeze(-3), sin.double().unsqueeze(-3)
-
-    def rot(x):
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), -1)
-
-    q2, k2 = q64 * c + rot(q64) * s, k64 * c + rot(k64) * s
-    dq64, dk64 = torch.autograd.grad((q2, k2), (q64, k64), (dq.double(), dk.double()))
-    return q2.detach(), k2.detach(), dq64, dk64
-
-
-def run(fn, q, k, cos, sin, dq, dk):
-    ql, kl = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-    q2, k2 = fn(ql, kl, cos, sin)
-    torch.autograd.backward((q2, k2), (dq, dk))
-    return q2, k2, ql.grad, kl.grad
-
-
-def check(q, k, cos, sin, backend="triton"):
-    dtype = q.dtype
-    dq, dk = torch.randn_like(q), torch.randn_like(k)
-    ours = run(lambda *a: sk.apply_rotary(*a, backend=backend), q, k, cos, sin, dq, dk)
-    eager = run(apply_rotary_ref, q, k, cos, sin, dq, dk)
-    exact = exact_rotary(q, k, cos, sin, dq, dk)
-    for name, a, b, c in zip(("q'", "k'", "dq", "dk"), ours, eager, exact):
-        assert a.dtype == dtype
-        assert_close(name, a, b, c, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

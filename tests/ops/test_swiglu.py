@@ -2,38 +2,8 @@ import pytest
 import torch
 
 import solar_kernels as sk
-from solar_kernels.ops.swiglu import swiglu_ref
-from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
-
-
-def exact_swiglu(gate, up, dy):
-    """docs/method.md#swiglu in float64: forward and the closed-form backward."""
-    g, u, dy = gate.double(), up.double(), dy.double()
-    sig = torch.sigmoid(g)
-    y = g * sig * u
-    du = dy * g * sig
-    dg = dy * u * sig * (1 + g * (1 - sig))
-    return y, dg, du
-
-
-def run(fn, gate, up, dy):
-    g = gate.detach().clone().requires_grad_()
-    u = up.detach().clone().requires_grad_()
-    y = fn(g, u)
-    y.backward(dy)
-    return y, g.grad, u.grad
-
-
-def check(gate, up, backend="triton"):
-    dtype = gate.dtype
-    dy = torch.randn(gate.shape, dtype=dtype, device=gate.device)
-    y, dg, du = run(lambda g, u: sk.swiglu(g, u, backend=backend), gate, up, dy)
-    y_ref, dg_ref, du_ref = run(swiglu_ref, gate, up, dy)
-    y64, dg64, du64 = exact_swiglu(gate, up, dy)
-    assert y.dtype == dtype and y.shape == gate.shape
-    assert_close("y", y, y_ref, y64, dtype)
-    assert_close("dgate", dg, dg_ref, dg64, dtype)
-    assert_close("dup", du, du_ref, du64, dtype)
+from tests.helpers import check_swiglu as check
+from tests.tolerances import DTYPE_IDS, DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
