@@ -13,10 +13,15 @@ class as measured on that GPU, see ``solar_kernels._autotune``).
 
 The public names are imported on first use (``sk.rms_norm``, ``from solar_kernels import *``), so
 that ``import solar_kernels`` alone, and the ``solar`` command's ``--help`` and ``--version``, do
-not import torch or Triton. ``TRITON_INTERPRET`` is read at that first use.
+not import torch or Triton. ``TRITON_INTERPRET`` is read at that first use. A submodule
+(``from solar_kernels import merge``, ``sk.checkpoint``) is imported as itself, without the ops, so
+the parts that need only torch work where Triton is not installed.
 """
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 _importing = False
@@ -46,6 +51,10 @@ def _import_submodules() -> None:
 def __getattr__(name: str):
     # A private name (`from . import _cuda` inside a submodule) is the import system's business.
     public = name == "__all__" or not name.startswith("_")
+    # `from solar_kernels import merge` asks this module for `merge` before importing the submodule:
+    # answer with the submodule, not by importing the ops first (which need Triton).
+    if public and name != "__all__" and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     if public and "__all__" not in globals() and not _importing:
         _import_public_names()
         if name in globals():

@@ -68,13 +68,19 @@ def test_the_training_commands_are_registered_as_entry_points():
 
 
 # Import one module in a fresh interpreter where `import triton` fails as it does where Triton is
-# not installed; print the error, or "" when the import worked.
+# not installed, as `import solar_kernels.x` ("import") or as `from solar_kernels import x`
+# ("from", which asks the package for x first); print the error, or "" when the import worked.
 _WITHOUT_TRITON = """
 import importlib, sys
 sys.modules["triton"] = None
 import solar_kernels
+module, form = sys.argv[1:]
+parent, _, name = module.rpartition(".")
 try:
-    importlib.import_module(sys.argv[1])
+    if form == "import":
+        importlib.import_module(module)
+    elif getattr(__import__(parent, fromlist=[name]), name) is not sys.modules[module]:
+        raise SystemExit(f"from {parent} import {name} gave another object than the module")
 except ImportError as error:
     print(error)
 else:
@@ -92,8 +98,9 @@ else:
     ("solar_kernels.upscale", "import of triton halted; None in sys.modules"),
     ("solar_kernels.convert", "import of triton halted; None in sys.modules"),
 ])
-def test_without_triton_only_merge_imports_and_the_rest_says_triton_is_missing(module, error):
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON, module], capture_output=True, text=True,
+@pytest.mark.parametrize("form", ["import", "from"])
+def test_without_triton_only_merge_imports_and_the_rest_says_triton_is_missing(module, error, form):
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON, module, form], capture_output=True, text=True,
                           timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == error
