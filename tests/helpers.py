@@ -496,3 +496,14 @@ def exact_cross_entropy(logits64, labels, reduction="mean", label_smoothing=0.0,
     if reduction == "none":
         return loss + z_loss
     return loss + (z_loss.sum() / valid.sum() if reduction == "mean" else z_loss.sum())
+
+
+def assert_compiles_like_eager(f, *leaves: torch.Tensor) -> None:
+    """``f(*leaves)`` (a scalar) compiled by ``torch.compile(fullgraph=True)`` gives eager's value and
+    eager's gradients of ``leaves``: the op traces without a graph break."""
+    eager = f(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
+    torch.testing.assert_close(out, eager)
+    for grad, eager_grad in zip(torch.autograd.grad(out, leaves), eager_grads):
+        torch.testing.assert_close(grad, eager_grad)

@@ -11,7 +11,7 @@ import solar_kernels as sk
 from solar_kernels.ops import _registry
 from solar_kernels.ops.cross_entropy import cross_entropy_ref
 from tests.fixtures.liger import load_cases
-from tests.helpers import IGNORE, exact_cross_entropy, options_backend
+from tests.helpers import IGNORE, assert_compiles_like_eager, exact_cross_entropy, options_backend
 from tests.tolerances import DTYPE_IDS, DTYPES, FLOOR, assert_close, rel_err
 
 LIGER = load_cases("cross_entropy.safetensors")
@@ -226,11 +226,7 @@ def test_torch_compile_fullgraph(device, any_backend):
                                return_z_loss=True, backend=options_backend(any_backend))
         return out.loss * 2 + out.z_loss
 
-    z = logits.clone().requires_grad_()
-    eager = f(z)
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)(z)
-    torch.testing.assert_close(compiled, eager)
-    torch.testing.assert_close(torch.autograd.grad(compiled, z)[0], torch.autograd.grad(eager, z)[0])
+    assert_compiles_like_eager(f, logits.clone().requires_grad_())
 
 
 # -- refusals and bad input ----------------------------------------------------------------------

@@ -12,7 +12,14 @@ from solar_kernels.ops.linear_logprobs import (
     linear_logprobs_ref,
     sequence_logprobs_ref,
 )
-from tests.helpers import IGNORE, check_logprobs, exact_cross_entropy, exact_logprobs, options_backend
+from tests.helpers import (
+    IGNORE,
+    assert_compiles_like_eager,
+    check_logprobs,
+    exact_cross_entropy,
+    exact_logprobs,
+    options_backend,
+)
 from tests.helpers import check_lm_head as check
 from tests.helpers import make_lm_head as make
 from tests.tolerances import DTYPE_IDS, DTYPES
@@ -452,13 +459,7 @@ def test_torch_compile_fullgraph(which, device, any_backend):
         return sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend) * 1.5
 
     options = _ce_options("all", 90, device)
-    eager = f(h, w, b)
-    eager_grads = torch.autograd.grad(eager, (h, w, b))
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(h, w, b)
-    torch.testing.assert_close(out, eager)
-    for a, e in zip(torch.autograd.grad(out, (h, w, b)), eager_grads):
-        torch.testing.assert_close(a, e)
+    assert_compiles_like_eager(f, h, w, b)
 
 
 def _args(**overrides):

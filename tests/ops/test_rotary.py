@@ -4,8 +4,8 @@ import torch
 import solar_kernels as sk
 from solar_kernels.ops.rotary import apply_rotary_ref
 from tests.fixtures.liger import load_cases
+from tests.helpers import assert_compiles_like_eager, exact_rotary, rope_tables
 from tests.helpers import check_rotary as check
-from tests.helpers import exact_rotary, rope_tables
 from tests.helpers import run_rotary as run
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
@@ -105,13 +105,7 @@ def test_torch_compile_fullgraph(device, kernel_backend):
         q2, k2 = sk.apply_rotary(q, k, cos, sin, backend=kernel_backend)
         return (q2 * q2).sum() + (k2 * 3).sum()
 
-    eager = f(q, k)
-    eager_grads = torch.autograd.grad(eager, (q, k))
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(q, k)
-    torch.testing.assert_close(out, eager)
-    for a, b in zip(torch.autograd.grad(out, (q, k)), eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiles_like_eager(f, q, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import solar_kernels as sk
+from tests.helpers import assert_compiles_like_eager
 from tests.helpers import check_swiglu as check
 from tests.tolerances import DTYPE_IDS, DTYPES
 
@@ -57,13 +58,7 @@ def test_torch_compile_fullgraph(device, kernel_backend):
     def f(gate, up):
         return (sk.swiglu(gate, up, backend=kernel_backend) ** 2).sum()
 
-    eager = f(gate, up)
-    eager_grads = torch.autograd.grad(eager, (gate, up))
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(gate, up)
-    torch.testing.assert_close(out, eager)
-    for a, b in zip(torch.autograd.grad(out, (gate, up)), eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiles_like_eager(f, gate, up)
 
 
 @pytest.mark.parametrize(
