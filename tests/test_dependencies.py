@@ -236,3 +236,14 @@ def test_no_spec_section_citation_is_left():
             if str(path.relative_to(ROOT)) not in CITATIONS_LEFT_TO_THE_README_REWRITE
             for number, line in enumerate(text.splitlines(), 1) if "SPEC §" in line]
     assert left == [], "cite the section of docs/method.md or docs/benchmarking.md instead"
+
+
+# Notes that live only outside the repository (the machine's shared folder, the original task's
+# spec and benchmarking pages); what the code needs from them is in docs/.
+OUTSIDE_POINTERS = ("/work/shared", "shared/TRITON_CPU", "shared/PEERS", "SPEC.md", "BENCHMARKING.md")
+
+
+def test_nothing_points_outside_the_repository():
+    left = [f"{path.relative_to(ROOT)}:{number}: {pointer}" for path, text in text_files(ROOT)
+            for number, line in enumerate(text.splitlines(), 1) for pointer in OUTSIDE_POINTERS if pointer in line]
+    assert left == [], "point at the section of docs/ that says it instead"
