@@ -8,8 +8,8 @@ import solar_kernels as sk
 from solar_kernels.ops.rms_norm import rms_norm_ref
 from tests.fixtures.liger import load_cases
 from tests.helpers import RMS_NORM_EPS as EPS
+from tests.helpers import assert_compiles_like_eager, exact_rms_norm
 from tests.helpers import check_rms_norm as check
-from tests.helpers import exact_rms_norm
 from tests.helpers import run_rms_norm as run
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
@@ -111,14 +111,7 @@ def test_torch_compile_fullgraph(options, device, kernel_backend, option_backend
             h = sk.rms_norm(h, None, eps=EPS, casting_mode="none", backend=option_backend)
         return (y * h).sum()
 
-    eager = f(x, r, w)
-    eager_grads = torch.autograd.grad(eager, (x, r, w))
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(x, r, w)
-    grads = torch.autograd.grad(out, (x, r, w))
-    torch.testing.assert_close(out, eager)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b)
+    assert_compiles_like_eager(f, x, r, w)
 
 
 @pytest.mark.parametrize(
