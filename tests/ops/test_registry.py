@@ -200,3 +200,12 @@ def test_benchmark_cases_of_registry_ops_count_bytes_from_the_contract():
     n = 8 * 14336 * 4  # 8 tokens of SOLAR's I in fp32
     assert swiglu.bytes == {"fwd": 3 * n, "bwd": 5 * n, "fwd+bwd": 8 * n}  # cases.py's table: 3·N·I·b, 5·N·I·b
     assert swiglu.grad_inputs == ("gate", "up") and swiglu.shape == {"tokens": 8, "intermediate": 14336}
+
+
+def test_selfcheck_fails_a_nan_error_wherever_it_comes(monkeypatch):
+    from solar_kernels import selfcheck
+
+    errors = iter([0.0, float("nan")] * 1000)  # the output exact, a gradient NaN (max() would say 0.0)
+    monkeypatch.setattr(selfcheck, "rel_err", lambda a, b: next(errors))
+    rows, failed = selfcheck.check(torch.device("cpu"), ["fp32"], ["torch"])
+    assert failed and not any(row[-1] for row in rows)
