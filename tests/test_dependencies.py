@@ -199,18 +199,7 @@ def imports_of_test_modules(path: Path, root: Path = ROOT) -> list[str]:
 # Cross-imports left in files other helpers own (tests/ops: the kernels' check functions;
 # tests/training: the demo's use of the tiny GGUF writer, now in tests/helpers.py); each goes to
 # tests/helpers.py, then leaves this list.
-PENDING_TEST_CROSS_IMPORTS = {
-    "tests/ops/test_cuda_emulated.py: tests.ops.test_linear_logprobs",
-    "tests/ops/test_cuda_emulated.py: tests.ops.test_rms_norm",
-    "tests/ops/test_cuda_emulated.py: tests.ops.test_rotary",
-    "tests/ops/test_cuda_emulated.py: tests.ops.test_swiglu",
-    "tests/ops/test_cuda_ops.py: tests.ops.test_linear_logprobs",
-    "tests/ops/test_cuda_ops.py: tests.ops.test_rms_norm",
-    "tests/ops/test_cuda_ops.py: tests.ops.test_rotary",
-    "tests/ops/test_cuda_ops.py: tests.ops.test_swiglu",
-    "tests/training/test_demo_real.py: ..",
-    "tests/training/test_demo_real.py: ..test_convert",
-}
+PENDING_TEST_CROSS_IMPORTS: set[str] = set()
 
 
 def test_the_scan_finds_imports_of_test_modules_and_conftests(tmp_path):

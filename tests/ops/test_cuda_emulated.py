@@ -29,11 +29,8 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels.ops import _registry
-from tests.ops.test_linear_logprobs import check_logprobs, make
-from tests.ops.test_rms_norm import check as check_rms_norm
-from tests.ops.test_rotary import check as check_rotary
-from tests.ops.test_rotary import rope_tables
-from tests.ops.test_swiglu import check as check_swiglu
+from tests.helpers import check_logprobs, check_rms_norm, check_rotary, check_swiglu, rope_tables
+from tests.helpers import make_lm_head as make
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """The real recipe of ``solar demo`` (training/demo_real.py) on a 2-layer stand-in: a tiny Llama written
-as GGUF with ``gguf``'s writer (as tests/test_convert.py does), small in-memory text, tiny sizes. The
+as GGUF with ``gguf``'s writer (with tests/helpers.py's writer, as tests/test_convert.py), small in-memory text, tiny sizes. The
 model cache (reuse, refusal of a corrupt cache), the m-sweep, the held-out split, the report format."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ pytest.importorskip("gguf", reason="the real demo converts a GGUF (pip install g
 
 from training import demo, demo_real, demo_text  # noqa: E402
 
-from .. import test_convert  # noqa: E402
-from ..test_convert import write_tiny_gguf  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import write_tiny_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_REPORT = ROOT / "docs" / "demo" / "report.md"
@@ -39,7 +39,7 @@ def _sources() -> demo_real.TextSources:
 def gguf_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
     with pytest.MonkeyPatch.context() as monkeypatch:  # 4 layers, so that m = 1 is a real drop (m < n/2)
-        monkeypatch.setitem(test_convert.TINY, "num_layers", 4)
+        monkeypatch.setitem(helpers.TINY, "num_layers", 4)
         write_tiny_gguf(path, "F32")
     return path
 
