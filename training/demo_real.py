@@ -406,7 +406,7 @@ def save_real_plots(out: Path, results: dict, stages: dict[str, list[dict]]) -> 
     """heldout_loss.png (the CPT curve against the base line, the m-sweep points), stage_losses.png
     (training loss vs tokens per stage), preference_accuracy.png; the names written."""
     written = []
-    figure = plots._figure(figsize=(7, 4), layout="tight")
+    figure = plots.figure(figsize=(7, 4), layout="tight")
     if figure is None:
         return written
     ax = figure.add_subplot()
@@ -418,20 +418,20 @@ def save_real_plots(out: Path, results: dict, stages: dict[str, list[dict]]) -> 
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("held-out loss: the drop at depth up-scaling, then the recovery")
     ax.legend(fontsize=8)
-    plots._save(figure, out / "heldout_loss.png")
+    plots.save(figure, out / "heldout_loss.png")
     written.append("heldout_loss.png")
-    figure = plots._figure(figsize=(12, 3.6), layout="tight")
+    figure = plots.figure(figsize=(12, 3.6), layout="tight")
     axes = list(figure.subplots(1, len(stages)))
     for ax, (name, history) in zip(axes, stages.items()):
         ax.plot([r["step"] for r in history], [r["loss"] for r in history], marker=".")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
     axes[0].set_ylabel("training loss")
-    plots._save(figure, out / "stage_losses.png")
+    plots.save(figure, out / "stage_losses.png")
     written.append("stage_losses.png")
     figure = plots.accuracy_figure(results["preference_accuracy"], "held-out preference accuracy (chat pairs)",
                                    "pairs with chosen more likely", chance=0.5)
-    plots._save(figure, out / "preference_accuracy.png")
+    plots.save(figure, out / "preference_accuracy.png")
     written.append("preference_accuracy.png")
     return written
 

@@ -252,8 +252,3 @@ def save_demo_plots(out: Path, stages: Mapping[str, Sequence[Mapping[str, float]
     for name, drawn in figures.items():
         save(drawn, Path(out) / name)
     return list(figures)
-
-
-# The demo's real-model run (training/demo_real.py) still calls the old private names; they go once it
-# calls ``figure`` and ``save``.
-_figure, _save = figure, save
