@@ -1,4 +1,4 @@
-"""Tests of training/data.py and training/tokenizer.py: records, token rows, labels, batches.
+"""Tests of training/data/ and training/tokenizer.py: records, token rows, labels, batches.
 
 Everything runs on the CPU with a byte-level BPE trained here on a small corpus (no download).
 The label convention under test: ``labels[t]`` is ``input_ids[t+1]`` or -100 (already shifted).
