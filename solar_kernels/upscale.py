@@ -133,17 +133,11 @@ def slices_from_yaml(config_path: PathLike) -> Tuple[List[Slice], Optional[str]]
 
 def _passthrough_parameters(where: str, parameters: Optional[dict]) -> Optional[dict]:
     """Checked passthrough parameters (only ``scale``: a number, gradient or filters), or None."""
-    from .merge.settings import check_setting
+    from .merge.settings import check_parameters
 
     if not parameters:
         return None
-    if not isinstance(parameters, dict):
-        raise ValueError(f"{where}: parameters must be a mapping, got {parameters!r}")
-    unknown = [key for key in parameters if key not in PASSTHROUGH_PARAMETERS]
-    if unknown:
-        raise ValueError(f"{where}: parameter {unknown[0]!r} does not apply to passthrough; expected "
-                         f"{', '.join(PASSTHROUGH_PARAMETERS)}")
-    return {key: check_setting(f"{where}: {key}", value) for key, value in parameters.items()}
+    return check_parameters(where, parameters, PASSTHROUGH_PARAMETERS, "passthrough")
 
 
 def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:

@@ -664,6 +664,13 @@ BAD_YAML = {
                   r"model 'upstage/SOLAR-10.7B-v1.0' resolves to .* which is not a directory"),
     "two_documents": (TWO + "merge_method: linear\n---\nmerge_method: slerp\n",
                       r"cannot read the merge YAML"),
+    "models_not_a_list": ("models: {model: @a}\nmerge_method: linear\n", r"models must be a list, got \{'model': "),
+    "slices_not_a_list": ("slices: {sources: []}\nmerge_method: linear\n", r"slices must be a list, got \{'sources'"),
+    # entries are checked in the file's order: the first model's bad path before the second's bad key
+    "errors_in_file_order": ("models: [{model: ./nowhere}, {model: @b, wieght: 1}]\nmerge_method: linear\n",
+                             r"models\[0\]: model './nowhere' resolves to"),
+    "bad_slice_key": ("slices:\n  - sources: [{model: @a, layer_range: [0, 1]}]\n    weight: 1\nmerge_method: linear\n",
+                      r"slices\[0\]: unknown key 'weight'; expected some of"),
 }
 
 

@@ -13,7 +13,7 @@ import torch
 
 from solar_kernels.cli import main
 from solar_kernels.merge import METHODS, merge, merge_from_yaml
-from solar_kernels.merge.settings import check_setting, evaluate, resolve
+from solar_kernels.merge.settings import check_parameters, check_setting, evaluate, resolve
 from solar_kernels.merge.task_arithmetic import bernoulli_sparsify, della_sparsify
 from tests.fixtures.mergekit import tiny
 from tests.helpers import make_checkpoint, tensors
@@ -53,6 +53,24 @@ def test_filters_first_match_wins_and_fall_through():
 def test_bad_settings(value, message):
     with pytest.raises(ValueError, match=message):
         check_setting("parameters: t", value)
+
+
+def test_a_level_of_parameters_is_checked_name_by_name():
+    """One check for merges and depth up-scaling: None is no parameters, any mapping is taken, and
+    an unknown name lists what the method takes (``some of`` only when it takes several)."""
+    from types import MappingProxyType
+
+    assert check_parameters("parameters", None, ("t",), "slerp") == {}
+    assert check_parameters("parameters", MappingProxyType({"t": [0, 1]}), ("t",), "slerp") == {"t": [0, 1]}
+    with pytest.raises(ValueError, match=r"^parameters: expected a mapping of parameter names to values, got \[0\.5\]$"):
+        check_parameters("parameters", [0.5], ("t",), "slerp")
+    with pytest.raises(ValueError, match=r"^parameters: t: expected a number"):
+        check_parameters("parameters", {"t": "half"}, ("t",), "slerp")
+    for allowed, expected in [((), r"expected \(none\)"), (("t",), "expected t"),
+                              (("weight", "density"), "expected some of weight, density")]:
+        with pytest.raises(ValueError, match=rf"^models\[1\] parameters: parameter 'gamma' does not apply to "
+                                             rf"ties; {expected}$"):
+            check_parameters("models[1] parameters", {"gamma": 0.1}, allowed, "ties")
 
 
 def test_every_method_declares_its_parameters():

@@ -227,6 +227,20 @@ def test_scale_parameter_zeroes_filtered_tensors(base, tmp_path):
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"] * 0.5)
 
 
+def test_parameters_are_checked_as_a_merge_checks_them(base, tmp_path):
+    """depth_upscale's parameters go through the merge's check: any mapping is taken, anything else
+    is refused with the merge's message before anything is written."""
+    from types import MappingProxyType
+
+    depth_upscale(None, tmp_path / "up", slices=[Slice(base, 0, 6)], parameters=MappingProxyType({"scale": 0.5}))
+    name = "model.layers.2.mlp.up_proj.weight"
+    assert torch.equal(tensors(tmp_path / "up")[name], tensors(base)[name] * 0.5)
+    with pytest.raises(ValueError, match=r"^depth_upscale: parameters: expected a mapping of parameter names to "
+                                         r"values, got \[\('scale', 0\.5\)\]$"):
+        depth_upscale(None, tmp_path / "refused", slices=[Slice(base, 0, 6)], parameters=[("scale", 0.5)])
+    assert not (tmp_path / "refused").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Nothing a user has is lost (issue 9)
 # ----------------------------------------------------------------------------------------------

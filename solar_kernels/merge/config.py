@@ -38,6 +38,7 @@ Refused (mergekit has them, this package does not): ``modules``, ``chat_template
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,18 @@ def _keys(where: str, data, allowed: tuple[str, ...], refused: dict[str, str] | 
         if key not in allowed:
             raise ValueError(f"{where}: unknown key {key!r}; expected some of {', '.join(allowed)}")
     return data
+
+
+def _entries(path: Path, data: dict, key: str, allowed: tuple[str, ...],
+             refused: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, entry) for each entry of the list ``data[key]``, each entry's keys checked as it is
+    reached (so the errors come in the file's order)."""
+    entries = data[key]
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: {key} must be a list, got {entries!r}")
+    for i, entry in enumerate(entries):
+        where = f"{path}: {key}[{i}]"
+        yield where, _keys(where, entry, allowed, refused)
 
 
 def resolve_model(where: str, model, yaml_directory: Path | None = None) -> Path:
@@ -183,23 +196,12 @@ def read_recipe(config_path) -> Recipe:
         raise ValueError(f"{path}: give exactly one of models or slices (a non-empty list), got "
                          f"{'both' if 'models' in data and 'slices' in data else 'neither'}")
     if data.get("models"):
-        models = data["models"]
-        if not isinstance(models, list):
-            raise ValueError(f"{path}: models must be a list, got {models!r}")
-        recipe.models = []
-        for i, entry in enumerate(models):
-            where = f"{path}: models[{i}]"
-            entry = _keys(where, entry, MODEL_KEYS)
-            recipe.models.append(Source(resolve_model(where, entry.get("model"), path.parent),
-                                        parameters=_parameters(where, entry.get("parameters"))))
+        recipe.models = [Source(resolve_model(where, entry.get("model"), path.parent),
+                                parameters=_parameters(where, entry.get("parameters")))
+                         for where, entry in _entries(path, data, "models", MODEL_KEYS)]
     else:
-        slices = data["slices"]
-        if not isinstance(slices, list):
-            raise ValueError(f"{path}: slices must be a list, got {slices!r}")
         recipe.slices = []
-        for number, layer_slice in enumerate(slices):
-            where = f"{path}: slices[{number}]"
-            layer_slice = _keys(where, layer_slice, SLICE_KEYS, SLICE_REFUSED)
+        for where, layer_slice in _entries(path, data, "slices", SLICE_KEYS, SLICE_REFUSED):
             sources = layer_slice.get("sources")
             if not isinstance(sources, list) or not sources:
                 raise ValueError(f"{where}: sources must be a non-empty list, got {sources!r}")

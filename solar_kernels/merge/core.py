@@ -41,7 +41,7 @@ from ..checkpoint import (
 from . import linear, model_stock, nuslerp, slerp, task_arithmetic  # noqa: F401  (each registers its methods)
 from .card import write_card
 from .registry import REQUIRED, MergeMethod, get_method
-from .settings import check_setting, resolve
+from .settings import check_parameters, resolve
 from .tokenizer import VOCABULARY_TENSORS, TokenizerPlan, plan_tokenizer, token_source_yaml
 
 logger = logging.getLogger(__name__)
@@ -107,25 +107,13 @@ def _check_same_tensors(reference: CheckpointReader, others: Sequence[Checkpoint
 def _check_levels(method: MergeMethod, parameters, slice_parameters, model_parameters, count: int):
     """Checked settings: (top-level dict, slice dict, one dict per model)."""
     global_names = method.parameter_names() + method.tensor_parameter_names()
-
-    def checked(where: str, level, allowed: tuple[str, ...]) -> dict:
-        if level is None:
-            return {}
-        if not isinstance(level, Mapping):
-            raise ValueError(f"{where}: expected a mapping of parameter names to values, got {level!r}")
-        unknown = [key for key in level if key not in allowed]
-        if unknown:
-            raise ValueError(f"{where}: parameter {unknown[0]!r} does not apply to {method.name}; expected some of "
-                             f"{', '.join(allowed) or '(none)'}")
-        return {key: check_setting(f"{where}: {key}", value) for key, value in level.items()}
-
-    top = checked("parameters", parameters, global_names)
-    in_slice = checked("slice parameters", slice_parameters, global_names)
+    top = check_parameters("parameters", parameters, global_names, method.name)
+    in_slice = check_parameters("slice parameters", slice_parameters, global_names, method.name)
     if model_parameters is None:
         model_parameters = [None] * count
     if isinstance(model_parameters, Mapping) or len(model_parameters) != count:
         raise ValueError(f"model_parameters must be one mapping (or None) per model ({count}), got {model_parameters!r}")
-    per_model = [checked(f"models[{i}] parameters", level, method.tensor_parameter_names())
+    per_model = [check_parameters(f"models[{i}] parameters", level, method.tensor_parameter_names(), method.name)
                  for i, level in enumerate(model_parameters)]
     return top, in_slice, per_model
 

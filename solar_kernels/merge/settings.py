@@ -50,6 +50,20 @@ def check_setting(where: str, value) -> Setting:
                      f"{{filter: ..., value: ...}} entries, got {value!r}")
 
 
+def check_parameters(where: str, level, allowed: Sequence[str], method: str) -> dict[str, Setting]:
+    """One level of parameters (a mapping of names in ``allowed`` to settings, or None: no
+    parameters) in the checked form, or a one-line ValueError naming ``where`` and what was given."""
+    if level is None:
+        return {}
+    if not isinstance(level, Mapping):
+        raise ValueError(f"{where}: expected a mapping of parameter names to values, got {level!r}")
+    unknown = [key for key in level if key not in allowed]
+    if unknown:
+        expected = ("some of " if len(allowed) > 1 else "") + (", ".join(allowed) or "(none)")
+        raise ValueError(f"{where}: parameter {unknown[0]!r} does not apply to {method}; expected {expected}")
+    return {key: check_setting(f"{where}: {key}", value) for key, value in level.items()}
+
+
 def _check_filter(where: str, entry: Mapping) -> tuple[str | None, Setting]:
     unknown = [key for key in entry if key not in _FILTER_KEYS]
     if unknown:
