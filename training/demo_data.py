@@ -168,12 +168,21 @@ def _one_step_problem(rng: random.Random) -> _Problem:
         return _Problem(f"What is {a} * {b}?", (_Step("{expr}.", a, "*", b),))
     if kind == 3:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
-        prompt = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-        return _Problem(prompt, (_Step(f"{name} has {{expr}} {item}.", a, "+", b),))
+        return _story(name, item, a, f"gets {b} more", "+", b, asked=" now")
     a = rng.randint(2, 99)
     b = rng.randint(1, a)
-    prompt = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
-    return _Problem(prompt, (_Step(f"{name} has {{expr}} {item} left.", a, "-", b),))
+    return _story(name, item, a, f"gives away {b}", "-", b)
+
+
+def _story(name: str, item: str, a: int, event: str, op: str, change: int | _Ref, *, asked: str = "",
+           first: _Step | None = None) -> _Problem:
+    """The problem ``{name} has {a} {item} and {event}. How many {item} does {name} have{asked}?``,
+    answered by ``a op change`` (``op`` "+" or "-"; a "-" story asks and answers with "left"), after
+    ``first`` (the step that works out ``change``) when given."""
+    left = " left" if op == "-" else ""
+    prompt = f"{name} has {a} {item} and {event}. How many {item} does {name} have{asked or left}?"
+    last = _Step(f"{name} has {{expr}} {item}{left}.", a, op, change)
+    return _Problem(prompt, (first, last) if first is not None else (last,))
 
 
 def _two_step_problem(rng: random.Random) -> _Problem:
@@ -181,27 +190,13 @@ def _two_step_problem(rng: random.Random) -> _Problem:
     kind = rng.randrange(4)
     if kind == 0:
         a, count, size = rng.randint(1, 99), rng.randint(2, 9), rng.randint(2, 12)
-        prompt = (
-            f"{name} has {a} {item} and buys {count} {container} of {size} {item}. "
-            f"How many {item} does {name} have?"
-        )
-        steps = (
-            _Step(f"{count} {container} of {size} {item} is {{expr}} {item}.", count, "*", size),
-            _Step(f"{name} has {{expr}} {item}.", a, "+", _Ref(0)),
-        )
-        return _Problem(prompt, steps)
+        bought = _Step(f"{count} {container} of {size} {item} is {{expr}} {item}.", count, "*", size)
+        return _story(name, item, a, f"buys {count} {container} of {size} {item}", "+", _Ref(0), first=bought)
     if kind == 1:
         friends, each = rng.randint(2, 9), rng.randint(2, 9)
         a = rng.randint(friends * each, 99)
-        prompt = (
-            f"{name} has {a} {item} and gives each of {friends} friends {each} {item}. "
-            f"How many {item} does {name} have left?"
-        )
-        steps = (
-            _Step(f"{name} gives away {{expr}} {item}.", friends, "*", each),
-            _Step(f"{name} has {{expr}} {item} left.", a, "-", _Ref(0)),
-        )
-        return _Problem(prompt, steps)
+        given = _Step(f"{name} gives away {{expr}} {item}.", friends, "*", each)
+        return _story(name, item, a, f"gives each of {friends} friends {each} {item}", "-", _Ref(0), first=given)
     if kind == 2:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         c = rng.randint(1, min(99, a + b))
