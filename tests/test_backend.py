@@ -43,11 +43,19 @@ def test_cuda_backend_without_the_extension_says_not_built(monkeypatch):
         sk.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend="cuda")
 
 
-def test_import_never_loads_the_extension_and_works_without_it():
+def _fresh_python(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter (nothing this process imported is loaded
+    there); its stderr when it fails."""
     import subprocess
     import sys
 
-    code = (
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()
+
+
+def test_import_never_loads_the_extension_and_works_without_it():
+    assert _fresh_python(
         "import sys; sys.modules['solar_kernels._C'] = None\n"
         "import torch, solar_kernels as sk\n"
         "assert sk.rms_norm(torch.ones(2, 4), torch.ones(4), backend='torch').shape == (2, 4)\n"
@@ -55,29 +63,20 @@ def test_import_never_loads_the_extension_and_works_without_it():
         "assert resolve_backend('op', 'auto', torch.device('cpu')) in ('torch', 'triton')\n"
         "assert 'not built' in unavailable_reason('cuda', torch.device('cuda'))\n"
         "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
-    loaded = subprocess.run([sys.executable, "-c", "import sys, solar_kernels; print('solar_kernels._C' in sys.modules)"],
-                            capture_output=True, text=True, timeout=300)
-    assert loaded.stdout.strip() == "False", loaded.stderr[-3000:]
+    ) == "ok"
+    assert _fresh_python("import sys, solar_kernels; print('solar_kernels._C' in sys.modules)") == "False"
 
 
 def test_first_backend_resolution_inside_torch_compile_is_not_a_graph_break():
     """Loading the extension on first use happens at trace time, outside the graph (fullgraph holds)."""
-    import subprocess
-    import sys
-
-    code = (
+    assert _fresh_python(
         "import sys, torch\n"
         "from solar_kernels._backend import unavailable_reason\n"
         "def f(x):\n"
         "    return x + (0 if unavailable_reason('cuda', x.device) is None else 1)\n"
         "assert torch.compile(f, backend='eager', fullgraph=True)(torch.zeros(2)).tolist() == [1.0, 1.0]\n"
         "print('ok')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    ) == "ok"
 
 
 def _availability(monkeypatch, **runs):
