@@ -310,14 +310,14 @@ def test_sft_solar_format_and_labels(tokenizer):
     assert _labeled_spans(tokenizer, ids, labels) == [response + "</s>"]
 
 
+def _conversation(*contents: str) -> list[dict]:
+    """A system message, then user and assistant messages alternating: one per content, in order."""
+    roles = ["system"] + ["user" if k % 2 == 0 else "assistant" for k in range(len(contents) - 1)]
+    return [{"role": role, "content": content} for role, content in zip(roles, contents, strict=True)]
+
+
 def test_sft_messages_system_and_two_turns(tokenizer):
-    messages = [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "4."},
-        {"role": "user", "content": "And 3 + 3?"},
-        {"role": "assistant", "content": "6."},
-    ]
+    messages = _conversation("Answer briefly.", "What is 2 + 2?", "4.", "And 3 + 3?", "6.")
     (example,) = sft_examples([{"messages": messages}], tokenizer, 256)
     assert tokenizer.decode(example["input_ids"]) == (
         "### System:\nAnswer briefly.\n\n### User:\nWhat is 2 + 2?\n\n### Assistant:\n4.</s>"
@@ -328,13 +328,7 @@ def test_sft_messages_system_and_two_turns(tokenizer):
 
 
 def test_sft_chat_template(fresh_tokenizer, tokenizer):
-    messages = [
-        {"role": "system", "content": "Be exact."},
-        {"role": "user", "content": "What is 5 + 4?"},
-        {"role": "assistant", "content": "9."},
-        {"role": "user", "content": "Double it."},
-        {"role": "assistant", "content": "18."},
-    ]
+    messages = _conversation("Be exact.", "What is 5 + 4?", "9.", "Double it.", "18.")
     with pytest.raises(ValueError, match="no chat template"):
         sft_examples([{"messages": messages}], fresh_tokenizer, 256, prompt_format="chat_template")
 
@@ -710,7 +704,8 @@ def test_packing_strategies_match_trl(strategy):
         real = _real(row)
         assert len(row["input_ids"]) == seq_len
         # positions restart at every document start and at a row's start (a wrapped document's continuation)
-        assert [t for t, p in zip(real, row["position_ids"]) if p == 0] == [real[0]] + [t for t in real[1:] if t in starts]
+        restarts = [t for t, p in zip(real, row["position_ids"]) if p == 0]
+        assert restarts == [real[0]] + [t for t in real[1:] if t in starts]
         _check_shifted(row["input_ids"], row["labels"])
 
 
