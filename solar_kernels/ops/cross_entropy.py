@@ -47,25 +47,22 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._backend import resolve_backend
 from .._checks import check_float_tensor
 from ._autocast import autocast_on
 from ._common import as_rows
 from .linear_logprobs import (
-    _REDUCTIONS,
     CrossEntropyOutput,
     RowOptions,
     _check_label_values,
     _logprobs_rows,
-    active_ce_options,
-    backend_for_options,
     ce_forward_options,
     ce_gradient,
     ce_result,
     ce_scales,
     ce_token_losses,
-    check_ce_options,
+    check_ce_call,
     check_labels,
+    fake_row_outputs,
     row_backend,
 )
 
@@ -149,7 +146,7 @@ def _cross_entropy_fwd_op(
 
 @_cross_entropy_fwd_op.register_fake
 def _(logits, labels, ignore_index, backend, class_weight, label_smoothing, lse_square_scale, softcap, want_accuracy):
-    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(4))
+    return fake_row_outputs(logits, 4)
 
 
 @torch.library.custom_op("solar_kernels::cross_entropy_bwd", mutates_args=())
@@ -160,10 +157,7 @@ def _cross_entropy_bwd_op(
 ) -> torch.Tensor:
     """d loss / d logits [N, V] in the logits' dtype: a copy of the logits, overwritten by the row
     step from the saved log-sum-exp and the per-row coefficients (``ce_gradient``)."""
-    options = RowOptions(
-        softcap=softcap, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
-        class_weight_sum=class_weight.sum() if class_weight is not None else None,
-    )
+    options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
     rows, vocab = logits.shape
     dlogits = logits.clone(memory_format=torch.contiguous_format)
     implementation = row_backend(backend, rows, vocab, logits.device, options)
@@ -215,17 +209,11 @@ def cross_entropy(
     op = "cross_entropy"
     check_float_tensor(op, "logits", logits, ndims=(2,))
     check_labels(op, labels, ignore_index, "logits", logits, (logits.shape[0],), "logits.shape[0]")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     vocab = logits.shape[1]
-    label_smoothing, lse_square_scale, softcap, class_weight = check_ce_options(
-        op, label_smoothing, lse_square_scale, softcap, weight, return_z_loss, return_token_accuracy,
-        vocab, logits.device, "weight")
     _check_label_values(op, labels, vocab, ignore_index)
-    resolved = resolve_backend(op, backend, logits.device)
-    active = active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy,
-                               "weight")
-    resolved = backend_for_options(op, resolved, backend, active)
+    label_smoothing, lse_square_scale, softcap, class_weight, resolved = check_ce_call(
+        op, reduction, label_smoothing, lse_square_scale, softcap, weight, return_z_loss, return_token_accuracy,
+        vocab, logits.device, "weight", backend)
     rows = as_rows(logits, vocab)
     ce, z_loss, correct, _ = _cross_entropy_fwd_op(
         rows, labels.contiguous(), ignore_index, resolved, class_weight, label_smoothing, lse_square_scale,

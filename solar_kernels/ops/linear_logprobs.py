@@ -125,10 +125,24 @@ def linear_logprobs_ref(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Plain PyTorch log-probs: full logits in the hidden dtype, upcast to fp32 (as HF does)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    logits = _full_logits(hidden, weight, bias)
     valid = labels != ignore_index
     picked = logits.log_softmax(-1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1))
     return torch.where(valid, picked.squeeze(-1), 0.0)
+
+
+def _full_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The references' logits: one matmul in the hidden dtype, upcast to fp32 (as HF does)."""
+    return torch.nn.functional.linear(hidden, weight, bias).float()
+
+
+def _per_sequence(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: bool) -> torch.Tensor:
+    """Token log-probs [B, T] (0 where ignored) summed per row, or averaged over the row's counted
+    tokens (a row with none gives 0): [B]."""
+    total = logp.sum(-1)
+    if average:
+        return total / (labels != ignore_index).sum(-1).clamp_min(1)
+    return total
 
 
 def linear_cross_entropy_ref(
@@ -147,7 +161,7 @@ def linear_cross_entropy_ref(
 
     if "ce_weight" in options:
         options["weight"] = options.pop("ce_weight")
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    logits = _full_logits(hidden, weight, bias)
     return cross_entropy_ref(logits, labels, ignore_index=ignore_index, reduction=reduction, **options)
 
 
@@ -160,10 +174,7 @@ def sequence_logprobs_ref(
     average: bool = False,
 ) -> torch.Tensor:
     """Per-row sum (or mean) of ``linear_logprobs_ref`` over non-ignored tokens; [B, T] -> [B]."""
-    total = linear_logprobs_ref(hidden, weight, labels, bias, ignore_index).sum(-1)
-    if average:
-        return total / (labels != ignore_index).sum(-1).clamp_min(1)
-    return total
+    return _per_sequence(linear_logprobs_ref(hidden, weight, labels, bias, ignore_index), labels, ignore_index, average)
 
 
 @triton.jit
@@ -306,6 +317,14 @@ class RowOptions:
             self, smooth_sum=part(self.smooth_sum), correct=part(self.correct),
             grad_smooth=part(self.grad_smooth), grad_z=part(self.grad_z),
         )
+
+    @classmethod
+    def for_gradient(cls, softcap: float | None, class_weight: torch.Tensor | None,
+                     grad_smooth: torch.Tensor | None, grad_z: torch.Tensor | None) -> RowOptions:
+        """The options of a gradient pass, from a backward custom op's flat arguments (a schema has
+        no place for a dataclass)."""
+        return cls(softcap=softcap, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
+                   class_weight_sum=class_weight.sum() if class_weight is not None else None)
 
     @property
     def plain(self) -> bool:
@@ -541,6 +560,24 @@ def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tenso
     return tensor if tensor is not None else like.new_empty(0)
 
 
+def fake_row_outputs(like: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
+    """A fake's ``count`` per-row outputs: fp32 [like.shape[0]] each, on ``like``'s device."""
+    return tuple(like.new_empty(like.shape[0], dtype=torch.float32) for _ in range(count))
+
+
+def _fake_gradients(
+    hidden: torch.Tensor, weight: torch.Tensor, need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    accumulator_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fake's (dhidden, dweight, dbias) as the real op returns them: contiguous, shaped like hidden,
+    weight and [V] when asked for (dweight and dbias in ``accumulator_dtype``), empty otherwise."""
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dhidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape, dtype=accumulator_dtype) if need_dweight else weight.new_empty(0),
+        weight.new_empty(weight.shape[0], dtype=accumulator_dtype) if need_dbias else weight.new_empty(0),
+    )
+
+
 @torch.library.custom_op("solar_kernels::linear_logprobs_fwd", mutates_args=())
 def _logprobs_fwd_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
@@ -552,8 +589,7 @@ def _logprobs_fwd_op(
 
 @_logprobs_fwd_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
-    rows = hidden.shape[0]
-    return hidden.new_empty(rows, dtype=torch.float32), hidden.new_empty(rows, dtype=torch.float32)
+    return fake_row_outputs(hidden, 2)
 
 
 @torch.library.custom_op("solar_kernels::linear_logprobs_bwd", mutates_args=())
@@ -565,10 +601,7 @@ def _logprobs_bwd_op(
     grad_smooth: Optional[torch.Tensor] = None, grad_z: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The trailing arguments are the cross-entropy options of the row step (RowOptions).
-    options = RowOptions(
-        softcap=softcap, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
-        class_weight_sum=class_weight.sum() if class_weight is not None else None,
-    )
+    options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
         hidden, weight, bias, labels, ignore_index, chunk_rows, lse=lse, grad=grad,
         need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
@@ -583,11 +616,7 @@ def _logprobs_bwd_op(
 @_logprobs_bwd_op.register_fake
 def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias,
       backend, softcap=None, class_weight=None, grad_smooth=None, grad_z=None):
-    return (
-        torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_dweight else weight.new_empty(0),
-        weight.new_empty(weight.shape[0]) if need_dbias else weight.new_empty(0),
-    )
+    return _fake_gradients(hidden, weight, need_dhidden, need_dweight, need_dbias, weight.dtype)
 
 
 def _logprobs_setup_context(ctx, inputs, output):
@@ -598,19 +627,27 @@ def _logprobs_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _logprobs_backward(ctx, grad_logp, _grad_lse):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+def _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_inputs, options=_PLAIN):
+    """The backward of a per-token forward (log-probs, per-token cross-entropy): ``_logprobs_bwd_op``
+    from the saved log-sum-exp, for the gradients autograd asks for; None for the ``n_other_inputs``
+    inputs after (hidden, weight, bias)."""
     need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
+    need_dbias = need_dbias and ctx.has_bias
     dhidden, dweight, dbias = _logprobs_bwd_op(
-        grad_logp, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
-        need_dhidden, need_dweight, need_dbias and ctx.has_bias, ctx.backend,
+        grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
+        need_dhidden, need_dweight, need_dbias, ctx.backend,
+        options.softcap, options.class_weight, options.grad_smooth, options.grad_z,
     )
     return (
         dhidden if need_dhidden else None,
         dweight if need_dweight else None,
-        dbias if need_dbias and ctx.has_bias else None,
-        None, None, None, None,
+        dbias if need_dbias else None,
+        *([None] * n_other_inputs),
     )
+
+
+def _logprobs_backward(ctx, grad_logp, _grad_lse):
+    return _per_token_backward(ctx, grad_logp, *ctx.saved_tensors, n_other_inputs=4)
 
 
 torch.library.register_autograd(
@@ -730,13 +767,8 @@ def _cross_entropy_fwd_op(
 @_cross_entropy_fwd_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias,
       backend, class_weight=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=None, want_accuracy=False):
-    scalar = hidden.new_empty((), dtype=torch.float32)
-    return (
-        scalar, torch.empty_like(scalar), torch.empty_like(scalar),
-        torch.empty_like(hidden) if need_dhidden else hidden.new_empty(0),
-        weight.new_empty(weight.shape, dtype=torch.float32) if need_dweight else weight.new_empty(0),
-        weight.new_empty(weight.shape[0], dtype=torch.float32) if need_dbias else weight.new_empty(0),
-    )
+    scalars = tuple(hidden.new_empty((), dtype=torch.float32) for _ in range(3))  # loss, z-loss, accuracy
+    return *scalars, *_fake_gradients(hidden, weight, need_dhidden, need_dweight, need_dbias, torch.float32)
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):
@@ -792,7 +824,7 @@ def _cross_entropy_tokens_fwd_op(
 @_cross_entropy_tokens_fwd_op.register_fake
 def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend, class_weight, label_smoothing,
       lse_square_scale, softcap, want_accuracy):
-    return tuple(hidden.new_empty(hidden.shape[0], dtype=torch.float32) for _ in range(4))
+    return fake_row_outputs(hidden, 4)
 
 
 def _cross_entropy_tokens_setup_context(ctx, inputs, output):
@@ -807,21 +839,10 @@ def _cross_entropy_tokens_setup_context(ctx, inputs, output):
 
 def _cross_entropy_tokens_backward(ctx, grad_loss, *_unused):
     hidden, weight, bias, labels, lse, class_weight = ctx.saved_tensors
-    need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     grad_loss = grad_loss.float()
     grad, options = ce_gradient(labels, ctx.ignore_index, class_weight, ctx.label_smoothing, ctx.lse_square_scale,
                                 ctx.softcap, weight.shape[0], grad_loss, grad_loss)
-    dhidden, dweight, dbias = _logprobs_bwd_op(
-        grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
-        need_dhidden, need_dweight, need_dbias and ctx.has_bias, ctx.backend,
-        options.softcap, options.class_weight, options.grad_smooth, options.grad_z,
-    )
-    return (
-        dhidden if need_dhidden else None,
-        dweight if need_dweight else None,
-        dbias if need_dbias and ctx.has_bias else None,
-        *([None] * 9),
-    )
+    return _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_inputs=9, options=options)
 
 
 torch.library.register_autograd(
@@ -831,7 +852,10 @@ torch.library.register_autograd(
 
 
 
-def _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(2, 3)):
+def _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(2, 3)):
+    """(hidden, weight, bias) in the dtype autocast gives ``F.linear`` (``cast_like_linear``), after
+    every check of the LM-head ops' shared arguments: nothing runs on bad input."""
+    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
     check_float_tensor(op, "hidden", hidden, ndims=hidden_ndims)
     check_float_tensor(op, "weight", weight, ndims=(2,))
     check_same_device_dtype(op, "hidden", hidden, weight=weight, bias=bias)
@@ -847,6 +871,7 @@ def _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidd
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_label_values(op, labels, weight.shape[0], ignore_index)
+    return hidden, weight, bias
 
 
 def check_labels(op, labels, ignore_index, reference_name, reference, shape, why):
@@ -883,6 +908,15 @@ def _flat_inputs(hidden, labels, weight, chunk_size):
     return hidden2d, labels1d, chunk_rows
 
 
+def _token_logprobs(op, hidden, weight, labels, bias, ignore_index, chunk_size, backend, hidden_ndims):
+    """The log-prob ops' path: checks, backend, the chunked forward; fp32 [..] shaped like ``labels``."""
+    hidden, weight, bias = _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims)
+    resolved = resolve_backend(op, backend, hidden.device)
+    hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
+    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
+    return logp.view(labels.shape)
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -897,13 +931,8 @@ def linear_logprobs(
 
     0 where ``labels == ignore_index``. ``chunk_size`` (rows per chunk) overrides the default.
     """
-    op = "linear_logprobs"
-    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
-    _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
-    resolved = resolve_backend(op, backend, hidden.device)
-    hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
-    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
-    return logp.view(labels.shape)
+    return _token_logprobs("linear_logprobs", hidden, weight, labels, bias, ignore_index, chunk_size, backend,
+                           hidden_ndims=(2, 3))
 
 
 @dataclasses.dataclass
@@ -976,6 +1005,25 @@ def active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, 
     return names
 
 
+def check_ce_call(
+    op: str, reduction: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss,
+    return_token_accuracy, vocab: int, device: torch.device, weight_name: str, backend: Optional[str],
+) -> tuple[float, float, Optional[float], Optional[torch.Tensor], str]:
+    """The cross-entropy ops' checks after their tensor checks, before any work: ``reduction``, the
+    options (``check_ce_options``, as returned there) and the backend that has them (resolved, then
+    ``backend_for_options``), which comes last in the tuple. ``weight_name``: the class weights'
+    argument name in ``op``."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    label_smoothing, lse_square_scale, softcap, class_weight = check_ce_options(
+        op, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss, return_token_accuracy,
+        vocab, device, weight_name)
+    resolved = resolve_backend(op, backend, device)
+    active = active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy,
+                               weight_name)
+    return label_smoothing, lse_square_scale, softcap, class_weight, backend_for_options(op, resolved, backend, active)
+
+
 def ce_result(loss, z_loss, accuracy, return_z_loss: bool, return_token_accuracy: bool):
     """``loss`` alone, or a ``CrossEntropyOutput`` when z-loss or accuracy was asked for (as Liger)."""
     if not return_z_loss and not return_token_accuracy:
@@ -1009,17 +1057,10 @@ def linear_cross_entropy(
     ``return_z_loss`` or ``return_token_accuracy`` is set.
     """
     op = "linear_cross_entropy"
-    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
-    _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    label_smoothing, lse_square_scale, softcap, class_weight = check_ce_options(
-        op, label_smoothing, lse_square_scale, softcap, ce_weight, return_z_loss, return_token_accuracy,
-        weight.shape[0], hidden.device, "ce_weight")
-    resolved = resolve_backend(op, backend, hidden.device)
-    active = active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy,
-                               "ce_weight")
-    resolved = backend_for_options(op, resolved, backend, active)
+    hidden, weight, bias = _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size)
+    label_smoothing, lse_square_scale, softcap, class_weight, resolved = check_ce_call(
+        op, reduction, label_smoothing, lse_square_scale, softcap, ce_weight, return_z_loss, return_token_accuracy,
+        weight.shape[0], hidden.device, "ce_weight", backend)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
     if reduction == "none":
         loss, z_loss, correct, _ = _cross_entropy_tokens_fwd_op(
@@ -1055,13 +1096,6 @@ def sequence_logprobs(
     Only tokens whose label is not ``ignore_index`` count (prompt tokens carry -100 in DPO); a row
     with none gives 0.
     """
-    op = "sequence_logprobs"
-    hidden, weight, bias = cast_like_linear(hidden, weight, bias)
-    _check_args(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(3,))
-    resolved = resolve_backend(op, backend, hidden.device)
-    hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
-    logp, _ = _logprobs_fwd_op(hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved)
-    total = logp.view(labels.shape).sum(-1)
-    if average:
-        return total / (labels != ignore_index).sum(-1).clamp_min(1)
-    return total
+    logp = _token_logprobs("sequence_logprobs", hidden, weight, labels, bias, ignore_index, chunk_size, backend,
+                           hidden_ndims=(3,))
+    return _per_sequence(logp, labels, ignore_index, average)

@@ -430,6 +430,31 @@ def test_torch_rows_follow_the_triton_kernel_with_options(weighted, dtype, devic
     assert torch.isnan(logp[3]) and torch.isnan(dz[3]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_custom_op_fakes_match_the_real_outputs(dtype):
+    """torch.library.opcheck on every LM-head custom op: schema, autograd registration and the fakes
+    (built by one helper) against the real outputs, with each gradient asked for or not."""
+    ops = torch.ops.solar_kernels
+    hidden, weight, bias, labels = make((9,), 16, 40, dtype, "cpu", bias=True)
+    labels[2] = IGNORE
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    class_weight = torch.rand(40) + 0.5
+    torch.library.opcheck(ops.linear_logprobs_fwd, (*leaves, labels, IGNORE, 4, "torch"))
+    logp, lse = ops.linear_logprobs_fwd(hidden, weight, bias, labels, IGNORE, 4, "torch")
+    torch.library.opcheck(ops.linear_cross_entropy_tokens_fwd,
+                          (*leaves, labels, IGNORE, 4, "torch", class_weight, 0.1, 1e-3, 3.0, True))
+    for need in ((True, True, True), (False, True, False), (True, False, True)):
+        torch.library.opcheck(ops.linear_logprobs_bwd,
+                              (torch.randn(9), hidden, weight, bias, labels, lse, IGNORE, 4, *need, "torch"))
+        torch.library.opcheck(ops.linear_cross_entropy_fwd,
+                              (hidden, weight, bias, labels, IGNORE, "mean", 4, *need, "torch", class_weight, 0.1,
+                               1e-3, 3.0, True))
+    logits = torch.randn(9, 40, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(ops.cross_entropy_fwd, (logits, labels, IGNORE, "torch", class_weight, 0.1, 1e-3, 3.0, True))
+    torch.library.opcheck(ops.cross_entropy_bwd, (logits.detach(), labels, lse, torch.randn(9), IGNORE, "torch", 3.0,
+                                                   class_weight, torch.rand(9), torch.rand(9)))
+
+
 def test_default_chunk_rows_rule():
     assert default_chunk_rows(16384, 32000) == 4096  # 4096 rows where they fit
     assert default_chunk_rows(16384, 49152) == 4096
