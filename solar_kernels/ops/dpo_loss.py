@@ -61,9 +61,10 @@ tests/fixtures/trl/):
 
 Inputs: four tensors of one shape ([B]), one float dtype (float64 too), one device; lengths [B] of
 any real dtype on that device; the result is in the inputs' dtype. The work is a handful of
-elementwise ops on B numbers, plain PyTorch on every device, so the op takes no ``backend``. It is
-no custom op, so under ``torch.autocast`` autocast's own rules apply to that code (its inputs, fp32
-sequence log-probs, stay fp32).
+elementwise ops on B numbers, plain PyTorch on every device, so the op takes no ``backend`` and is
+its own reference (``dpo_loss_ref`` is ``dpo_loss``, argument checks included). It is no custom
+op, so under ``torch.autocast`` autocast's own rules apply to that code (its inputs, fp32 sequence
+log-probs, stay fp32).
 """
 
 from __future__ import annotations
@@ -137,34 +138,6 @@ def _per_pair_loss(loss_type, pc, pr, rc, rr, c, r, beta, eps, chosen_lengths, r
         return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
     # sft: one token mean over the whole batch's chosen completions
     return -pc.sum() / chosen_lengths.to(pc.dtype).sum().clamp(min=1)
-
-
-def dpo_loss_ref(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    reference_chosen: torch.Tensor,
-    reference_rejected: torch.Tensor,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    label_smoothing: float = 0.0,
-    *,
-    loss_weights: Sequence[float] | None = None,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-    discopop_tau: float = 0.05,
-    bco_delta: float | torch.Tensor = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-    chosen_logratio = policy_chosen - reference_chosen
-    rejected_logratio = policy_rejected - reference_rejected
-    loss = None
-    for one_type, weight in zip(loss_types, weights):
-        term = _per_pair_loss(one_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                              chosen_logratio, rejected_logratio, beta, label_smoothing, chosen_lengths,
-                              rejected_lengths, discopop_tau, bco_delta).mean() * weight
-        loss = term if loss is None else loss + term
-    return loss, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
 
 
 def _is_real(value) -> bool:
@@ -256,6 +229,7 @@ def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_reje
             raise TypeError(f"{OP}: {name} must be a tensor of token counts (integer or float), got {given}")
         check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
         check_same_device(OP, "policy_chosen", policy_chosen, **{name: tensor})
+    return loss_types
 
 
 def dpo_loss(
@@ -278,10 +252,20 @@ def dpo_loss(
     ``chosen_lengths`` / ``rejected_lengths``: completion token counts [B], needed by ipo and
     sigmoid_norm (both) and sft (chosen). ``bco_delta``: the reward shift of bco_pair (0 = TRL 1.x).
     """
-    _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
-                label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta)
-    return dpo_loss_ref(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type, label_smoothing,
-        loss_weights=loss_weights, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
-        discopop_tau=discopop_tau, bco_delta=bco_delta,
-    )
+    loss_types = _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
+                             label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta)
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    chosen_logratio = policy_chosen - reference_chosen
+    rejected_logratio = policy_rejected - reference_rejected
+    loss = None
+    for one_type, weight in zip(loss_types, weights):
+        term = _per_pair_loss(one_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                              chosen_logratio, rejected_logratio, beta, label_smoothing, chosen_lengths,
+                              rejected_lengths, discopop_tau, bco_delta).mean() * weight
+        loss = term if loss is None else loss + term
+    return loss, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
+
+
+# The op is its own plain-PyTorch reference (a few elementwise ops on B numbers: no kernel to check
+# against it), under the name every op's reference has; it checks its arguments like the op.
+dpo_loss_ref = dpo_loss

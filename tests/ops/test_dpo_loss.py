@@ -132,9 +132,18 @@ def test_bad_arguments_raise_before_any_work(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the loss ran before the arguments were checked")
 
-    monkeypatch.setattr(module, "dpo_loss_ref", must_not_run)
+    monkeypatch.setattr(module, "_per_pair_loss", must_not_run)
     with pytest.raises(ValueError, match="'ipo' needs chosen_lengths"):
         module.dpo_loss(*_inputs(), loss_type=["sigmoid", "ipo"])
+
+
+def test_reference_is_the_checked_op():
+    """The op is its own reference: ``dpo_loss_ref`` refuses what ``dpo_loss`` refuses (an unknown
+    loss type once fell through to the sft formula there): it is the op."""
+    inputs, lengths = _inputs(), torch.full((4,), 3)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        sk.dpo_loss_ref(*inputs, loss_type="simpo", chosen_lengths=lengths)
+    assert sk.dpo_loss_ref is sk.dpo_loss
 
 
 def test_loss_weights_combine_the_means():
