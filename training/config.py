@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
+from solar_kernels.fields import at_least, below_minimum
+
 
 @dataclass
 class ModelSection:
@@ -42,7 +44,7 @@ class DataSection:
     # Field with the raw text (pretraining).
     text_field: str = "text"
     # Tokens per row: packed rows for pretraining and packed SFT, the length limit otherwise.
-    seq_len: int = 2048
+    seq_len: int = at_least(1, 2048)
     # SFT: pack several examples into one row (positions restart per example; no cross-example attention).
     packing: bool = False
     # SFT packing: "greedy" (in order, a new row when the next example does not fit; the behaviour
@@ -79,7 +81,7 @@ class OptimSection:
     schedule: str = "cosine"
     # Warmup as a share of the steps (docs/method.md#training-recipe: 0.1 for DPO), or absolute steps when warmup_steps > 0.
     warmup_ratio: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = at_least(0, 0)
     # Floor of the decay, as a share of lr.
     min_lr_ratio: float = 0.1
     # Global gradient-norm clip (0 disables).
@@ -94,18 +96,18 @@ class OptimSection:
 @dataclass
 class TrainSection:
     # Optimizer steps to run (per stage for sDPO).
-    steps: int = 100
+    steps: int = at_least(1, 100)
     # Rows per process per micro-batch; the global batch is batch_size * grad_accum * processes.
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = at_least(1, 8)
+    grad_accum: int = at_least(1, 1)
     seed: int = 0
     # Where metrics.jsonl, checkpoints/, the loss plot and the exported model go.
     output_dir: str = "runs/default"
     # Log every N steps (every step goes to metrics.jsonl regardless).
-    log_every: int = 1
+    log_every: int = at_least(1, 1)
     # Checkpoint every N steps (0: only the final export); keep the last K checkpoints.
-    save_every: int = 0
-    keep_last: int = 2
+    save_every: int = at_least(0, 0)
+    keep_last: int = at_least(0, 2)
     # Continue from the newest complete checkpoint in output_dir/checkpoints.
     resume: bool = False
     # Replace a previous run in output_dir instead of refusing; see resume.
@@ -124,8 +126,8 @@ class TrainSection:
     # Evaluate on the held-out split (data.eval_path or data.eval_fraction) every N steps and after the
     # last one (0: never), over eval_steps batches of batch_size rows per process (0: the whole split);
     # logged as eval/<name> in the same metrics.jsonl record as the step's training metrics.
-    eval_every: int = 0
-    eval_steps: int = 0
+    eval_every: int = at_least(0, 0)
+    eval_steps: int = at_least(0, 0)
 
 
 @dataclass
@@ -291,12 +293,6 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
 PROMPT_FORMATS = ("solar", "chat_template")
 # data.packing_strategy (training/data.py: pack_examples).
 PACKING_STRATEGIES = ("greedy", "bfd", "wrapped")
-# Integer fields and their smallest allowed value.
-_MINIMUMS = {
-    ("train", "steps"): 1, ("train", "batch_size"): 1, ("train", "grad_accum"): 1, ("data", "seq_len"): 1,
-    ("train", "log_every"): 1, ("train", "save_every"): 0, ("train", "keep_last"): 0, ("optim", "warmup_steps"): 0,
-    ("train", "eval_every"): 0, ("train", "eval_steps"): 0,
-}
 # Fields that are shares, in [0, 1].
 _FRACTIONS = (("optim", "warmup_ratio"), ("optim", "min_lr_ratio"))
 # "name" or "org/name": what the Hugging Face hub accepts as a repository id.
@@ -329,10 +325,11 @@ def validate(config: Config) -> None:
                            config.dpo.loss_weights, config.dpo.discopop_tau)
     except ValueError as error:
         raise ValueError(f"config: dpo: {error}") from None
-    for (section, key), minimum in _MINIMUMS.items():
-        value = getattr(getattr(config, section), key)
-        if value < minimum:
-            raise ValueError(f"config: {section}.{key} must be >= {minimum}, got {value}")
+    for section in dataclasses.fields(config):  # the integer bounds declared with at_least
+        bad = below_minimum(getattr(config, section.name))
+        if bad is not None:
+            key, minimum, value = bad
+            raise ValueError(f"config: {section.name}.{key} must be >= {minimum}, got {value}")
     for section, key in _FRACTIONS:
         value = getattr(getattr(config, section), key)
         if not 0 <= value <= 1:  # NaN fails too

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from ..fields import at_least, below_minimum
 from ..checkpoint import check_config_types
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -35,16 +36,16 @@ def check_architecture(hf: dict, where: str) -> None:
 @dataclass
 class ModelConfig:
     # Vocabulary size V of the embedding and LM head.
-    vocab_size: int = 32000
+    vocab_size: int = at_least(1, 32000)
     # Model width d.
-    hidden_size: int = 4096
+    hidden_size: int = at_least(1, 4096)
     # Width of the SwiGLU MLP's inner layer.
-    intermediate_size: int = 14336
+    intermediate_size: int = at_least(1, 14336)
     # Decoder blocks; SOLAR 10.7B is 48 (two 24-layer slices of a 32-layer base).
-    num_layers: int = 32
+    num_layers: int = at_least(1, 32)
     # Query heads; key/value heads below (GQA when fewer).
-    num_heads: int = 32
-    num_kv_heads: int = 8
+    num_heads: int = at_least(1, 32)
+    num_kv_heads: int = at_least(1, 8)
     # Per-head width; None means hidden_size // num_heads (derived in __post_init__).
     head_dim: Optional[int] = None
     # RoPE base; inverse frequencies theta^(-2j/head_dim).
@@ -89,10 +90,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"ModelConfig: model_type must be one of {sorted(ARCHITECTURES)}, got {self.model_type!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig: {name} must be a positive int, got {value!r}")
+        bad = below_minimum(self)
+        if bad is not None:
+            name, _, value = bad
+            raise ValueError(f"ModelConfig: {name} must be a positive int, got {value!r}")
 
     def replace(self, **changes) -> "ModelConfig":
         changes.setdefault("hf_extra", copy.deepcopy(self.hf_extra))
