@@ -1,7 +1,8 @@
-"""Parity with mergekit 0.1.5: every recipe in tests/fixtures/mergekit/tiny.py, run here on the same
-tiny models, gives mergekit's tensors bit for bit (compared by sha256; expected.json was made by
-mergekit itself with tests/fixtures/mergekit/regenerate.py), mergekit's config.json fields and, for
-tokenizer_source over different vocabularies, mergekit's output vocabulary."""
+"""Parity with mergekit 0.1.5: every recipe in tests/fixtures/mergekit/recipes/ (tiny.CASES), run here
+on the same tiny models (tests/fixtures/mergekit/tiny.py), gives mergekit's tensors bit for bit
+(compared by sha256; expected.json was made by mergekit itself with
+tests/fixtures/mergekit/regenerate.py), mergekit's config.json fields and, for tokenizer_source over
+different vocabularies, mergekit's output vocabulary."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit_sources")
     tiny.make_models(root)
     return root
+
+
+def test_every_recipe_has_mergekit_outputs_and_every_output_a_recipe():
+    assert len(tiny.CASES) >= 30
+    assert sorted(tiny.CASES) == sorted(EXPECTED["cases"]), "run regenerate.py for new recipes, delete gone ones"
+    kinds = {name: kind for name, (_, kind) in tiny.CASES.items()}
+    assert {name for name, kind in kinds.items() if kind == "upscale"} == {
+        "passthrough_base_model", "passthrough_scale", "passthrough_tokenizer_source_union",
+        "passthrough_tokenizer_source_union_vocabularies"}
 
 
 @pytest.mark.parametrize("case", sorted(tiny.CASES))
