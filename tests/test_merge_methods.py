@@ -62,7 +62,8 @@ def test_a_level_of_parameters_is_checked_name_by_name():
 
     assert check_parameters("parameters", None, ("t",), "slerp") == {}
     assert check_parameters("parameters", MappingProxyType({"t": [0, 1]}), ("t",), "slerp") == {"t": [0, 1]}
-    with pytest.raises(ValueError, match=r"^parameters: expected a mapping of parameter names to values, got \[0\.5\]$"):
+    with pytest.raises(ValueError, match=r"^parameters: expected a mapping of parameter names to values, "
+                                         r"got \[0\.5\]$"):
         check_parameters("parameters", [0.5], ("t",), "slerp")
     with pytest.raises(ValueError, match=r"^parameters: t: expected a number"):
         check_parameters("parameters", {"t": "half"}, ("t",), "slerp")
