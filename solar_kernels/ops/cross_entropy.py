@@ -58,8 +58,8 @@ from .linear_logprobs import (
     ce_forward_options,
     ce_gradient,
     ce_result,
+    ce_row_outputs,
     ce_scales,
-    ce_token_losses,
     check_ce_call,
     check_labels,
     fake_row_outputs,
@@ -137,10 +137,8 @@ def _cross_entropy_fwd_op(
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     _logprobs_rows(implementation, source, labels, logp, lse, lse, ignore_index, True, False, options)
-    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
-                                 lse_square_scale, vocab)
-    z_loss = z_loss if z_loss is not None else torch.zeros_like(ce)
-    correct = options.correct if want_accuracy else torch.zeros_like(ce)
+    ce, z_loss, correct = ce_row_outputs(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
+                                         lse_square_scale, vocab, want_accuracy)
     return ce, z_loss, correct, lse
 
 

@@ -716,6 +716,19 @@ def ce_token_losses(
     return ce, z_loss
 
 
+def ce_row_outputs(
+    logp: torch.Tensor, lse: torch.Tensor, options: RowOptions, labels: torch.Tensor, ignore_index: int,
+    class_weight: Optional[torch.Tensor], label_smoothing: float, lse_square_scale: float, vocab: int,
+    want_accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_t, zl_t, correct), fp32 [N], as the per-row custom ops return them (``ce_token_losses``;
+    the z-loss and the accuracy flags are zeros when off: a custom op returns tensors)."""
+    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
+                                 lse_square_scale, vocab)
+    z_loss = z_loss if z_loss is not None else torch.zeros_like(ce)
+    return ce, z_loss, options.correct if want_accuracy else torch.zeros_like(ce)
+
+
 def ce_scales(
     labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor], reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -814,10 +827,8 @@ def _cross_entropy_tokens_fwd_op(
     options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
     logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend,
                                  options=options)
-    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
-                                 lse_square_scale, vocab)
-    z_loss = z_loss if z_loss is not None else torch.zeros_like(ce)
-    correct = options.correct if want_accuracy else torch.zeros_like(ce)
+    ce, z_loss, correct = ce_row_outputs(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
+                                         lse_square_scale, vocab, want_accuracy)
     return ce + z_loss, z_loss, correct, lse
 
 
@@ -909,7 +920,7 @@ def _flat_inputs(hidden, labels, weight, chunk_size):
 
 
 def _token_logprobs(op, hidden, weight, labels, bias, ignore_index, chunk_size, backend, hidden_ndims):
-    """The log-prob ops' path: checks, backend, the chunked forward; fp32 [..] shaped like ``labels``."""
+    """The log-prob ops' path: checks, backend, the chunked forward; fp32 log-probs shaped like ``labels``."""
     hidden, weight, bias = _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims)
     resolved = resolve_backend(op, backend, hidden.device)
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
