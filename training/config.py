@@ -91,6 +91,11 @@ class OptimSection:
     # FSDP2's param_dtype on several), so no update is lost to bf16 rounding; "bf16_kahan" keeps bf16
     # parameters with a Kahan-compensated AdamW (2 bytes/parameter less, the same updates).
     master_weights: str = "fp32"
+    # Update each parameter as soon as its gradient is complete in backward and free that gradient
+    # (torchtune's optimizer_in_bwd): the step never holds every gradient at once, which saves one
+    # parameter-sized buffer (4 bytes/parameter with fp32 masters). Needs grad_clip 0 and grad_accum 1
+    # (both need every gradient before any update) and one process; the grad_norm metric is kept.
+    step_in_backward: bool = False
 
 
 @dataclass
@@ -123,6 +128,10 @@ class TrainSection:
     device: str = "auto"
     # Export the final model in Hugging Face format to output_dir/final.
     export: bool = True
+    # The exported weights' dtype: "auto" is the dtype the optimizer kept them in (fp32 masters export
+    # fp32, as transformers' Trainer saves an fp32 model trained with bf16=True; bf16_kahan exports
+    # bfloat16), or bfloat16 / float16 / float32.
+    export_dtype: str = "auto"
     # Evaluate on the held-out split (data.eval_path or data.eval_fraction) every N steps and after the
     # last one (0: never), over eval_steps batches of batch_size rows per process (0: the whole split);
     # logged as eval/<name> in the same metrics.jsonl record as the step's training metrics.
@@ -399,6 +408,7 @@ def _check_export_target(config: Config) -> None:
 
 MASTER_WEIGHTS = ("fp32", "bf16_kahan")
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+EXPORT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _validate_training(config: Config) -> None:
@@ -410,6 +420,12 @@ def _validate_training(config: Config) -> None:
     if optim.master_weights == "bf16_kahan" and config.model.dtype != "bfloat16":
         raise ValueError(f"config: optim.master_weights=bf16_kahan keeps bfloat16 parameters, so it needs "
                          f"model.dtype=bfloat16, got {config.model.dtype!r}")
+    if optim.step_in_backward and (optim.grad_clip > 0 or train.grad_accum > 1):
+        raise ValueError(f"config: optim.step_in_backward updates each parameter before the others' gradients "
+                         f"exist, so it needs optim.grad_clip=0 and train.grad_accum=1, got grad_clip="
+                         f"{optim.grad_clip} and grad_accum={train.grad_accum}")
+    if train.export_dtype not in EXPORT_DTYPES:
+        raise ValueError(f"config: train.export_dtype must be {', '.join(EXPORT_DTYPES)}, got {train.export_dtype!r}")
     if isinstance(train.activation_checkpointing, bool):  # the older true/false spelling
         train.activation_checkpointing = "full" if train.activation_checkpointing else "none"
     if train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:

@@ -183,8 +183,9 @@ def preference_accuracy(objective, examples: List[Dict], pad_id: int, batch_size
 
 def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, rank: int, tokenizer) -> None:
     """Gather the full state dict (from every shard) and write a Hugging Face directory on rank 0, in
-    the compute dtype (model.dtype), whatever dtype the optimizer kept its weights in, with the
-    tokenizer's files (copied from its folder, or saved from ``tokenizer`` when it came by hub name)."""
+    ``train.export_dtype`` ("auto": the dtype the optimizer kept the weights in, so fp32 masters are
+    not rounded to the compute dtype), with the tokenizer's files (copied from its folder, or saved
+    from ``tokenizer`` when it came by hub name)."""
     import tempfile
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -198,7 +199,8 @@ def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, r
                 tokenizer.save_pretrained(saved)
                 side_files = Path(saved)
             write_pretrained(tensors, model_config, path, force=True, side_files_from=side_files,
-                             dtype=config.model.dtype)
+                             dtype=parameter_dtype(config) if config.train.export_dtype == "auto"
+                             else config.train.export_dtype)
     barrier()
 
 
@@ -254,10 +256,11 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
         else:
             stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=config.train.seed,
                                           rank=rank, world_size=world)
-        trainer = Trainer(config, objective, objective.count, stream, rank=rank, world=world, device=device,
-                          flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name,
-                          evaluation=evaluation_batches(held_out, collate, config, rank, world))
-        histories[name] = trainer.run()
+        # no reference to the trainer outlives its run: its optimizer state is freed before the next
+        # stage's reference pass and the export
+        histories[name] = Trainer(config, objective, objective.count, stream, rank=rank, world=world, device=device,
+                                  flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name,
+                                  evaluation=evaluation_batches(held_out, collate, config, rank, world)).run()
     if config.train.export:
         export(config, objective, model.config, output_dir / "final", rank, tokenizer)
     return histories

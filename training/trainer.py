@@ -465,6 +465,10 @@ class Trainer:
         self.num_tokens = 0  # real input tokens trained on so far, every process (TRL's num_tokens)
         self.params = [p for p in objective.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config, self.params, device)
+        self._grad_norms: Optional[List[torch.Tensor]] = None  # step_in_backward's, while run() runs
+        if config.optim.step_in_backward and world > 1:
+            raise ValueError(f"config: optim.step_in_backward runs on one process (FSDP2 reduces gradients after "
+                             f"backward), got {world} processes")
         self.autocast = compute_context(config, world, device)
         optim = config.optim
         steps = config.train.steps
@@ -479,6 +483,22 @@ class Trainer:
         self._bar = None
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         self.peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
+
+    def _step_in_backward(self) -> list:
+        """``optim.step_in_backward``: each parameter is updated by the optimizer as soon as backward
+        has accumulated its gradient, which is then freed, so no step holds every gradient at once.
+        When a hook runs, the parameters before it have had their gradients freed and the ones after
+        it have none yet, so ``optimizer.step()`` updates this parameter alone (one optimizer: the
+        checkpoint and the schedule are the same as without it). The hooks' handles, removed when
+        the run ends (the next sDPO stage's trainer registers its own)."""
+        self._grad_norms = []
+
+        def step(param: torch.Tensor) -> None:
+            self._grad_norms.append(torch.linalg.vector_norm(param.grad.detach()))
+            self.optimizer.step()
+            param.grad = None
+
+        return [param.register_post_accumulate_grad_hook(step) for param in self.params]
 
     def _log(self, record: Dict[str, float]) -> None:
         self.history.append(record)
@@ -559,6 +579,7 @@ class Trainer:
         batches = iter(self.stream)
         self._start_window()
         step = start_step
+        hooks = self._step_in_backward() if config.optim.step_in_backward else []
         try:
             for step in range(start_step + 1, config.train.steps + 1):
                 self._train_step(step, batches)
@@ -576,6 +597,9 @@ class Trainer:
             self._flush()  # the steps that finished are kept in metrics.jsonl
             raise TrainingInterrupted(self.name, step, self.checkpointer.latest()) from None
         finally:
+            for hook in hooks:
+                hook.remove()
+            self._grad_norms = None
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
@@ -599,15 +623,20 @@ class Trainer:
             totals.add(batch, batch_items, batch_loss, metrics)
         if self.metric_names is None:
             self.metric_names = list(totals.metrics)
-        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        sums = all_reduce_sum(totals.vector(self.metric_names))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self._grad_norms is not None:  # step_in_backward: every parameter was updated in backward
+            grad_norm = torch.linalg.vector_norm(torch.stack(self._grad_norms)) if self._grad_norms else \
+                torch.zeros((), device=self.device)
+            self._grad_norms.clear()
+        else:
+            clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        sums = all_reduce_sum(totals.vector(self.metric_names))
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self._pending.append(_StepResult(step, lr, torch.cat([sums, grad_norm.detach().double().reshape(1)]),
                                          sum(batch["input_ids"].numel() for batch in micro),
                                          micro[0]["input_ids"].shape[-1]))
