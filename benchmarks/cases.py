@@ -4,19 +4,21 @@ Minimum bytes count each input read once and each output written once (b = bytes
 
 | op (mode) | minimum bytes |
 |---|---|
-| rms_norm fwd | x, w read; y written: 2·N·d·b + d·b |
-| rms_norm bwd | dy, x, w read; dx, dw written: 3·N·d·b + 2·d·b |
+| rms_norm fwd | x, w read; y, rstd written: 2·N·d·b + d·b + 4·N |
+| rms_norm bwd | dy, x, w, rstd read; dx, dw written: 3·N·d·b + 2·d·b + 4·N |
 | rms_norm+residual fwd | x, r, w read; y, h written: 4·N·d·b + d·b |
 | rms_norm+residual bwd | dy, dh, h, w read; dx written once (dx = dr), dw: 4·N·d·b + 2·d·b |
 | apply_rotary fwd, bwd | q, k, cos, sin read; q', k' written: 2·T·(Hq+Hkv)·D·b + 2·T·D·b |
 | swiglu fwd | gate, up read; y written: 3·N·I·b |
 | swiglu bwd | dy, gate, up read; dgate, dup written: 5·N·I·b |
 
-The ops of the kernel registry (solar_kernels/ops/_registry.py; swiglu and apply_rotary so far) get
+The ops of the kernel registry (solar_kernels/ops/_registry.py: rms_norm, apply_rotary, swiglu) get
 their case from their records: rows of the op's model width (``Op.model_width`` of the
 ``solar-10.7b`` preset, ``tiny`` on the CPU), minimum bytes from the outputs the records allocate
 (every input and output of the forward kernel, and of the backward kernel; rotary's backward is its
-forward kernel), and as contenders the reference, it compiled, each backend and Liger's twin.
+forward kernel), and as contenders the reference, it compiled, each backend and the other
+libraries' twins (``_TWINS``). RMSNorm's fused residual add is a variant case of its own
+(``_VARIANT_CASES``), and its width sweep is its registry case at each width of ``RMS_SWEEP``.
 
 (fwd+bwd is the sum.) The log-prob ops are matmul-bound: 2·N·d·V FLOPs for the logits, 4·N·d·V
 more for dhidden and dweight; the table counts 2·N·d·V (fwd) and 6·N·d·V (fwd+bwd), and the
@@ -40,6 +42,7 @@ from solar_kernels.model.config import PRESETS
 from solar_kernels.ops import _registry
 
 SOLAR = {"d": 4096, "vocab": 32000}
+RMS_EPS = 1e-6  # rms_norm's default, for every contender
 TINY = {"d": 64, "vocab": 512}
 GPU_TOKENS = (16384, 32768, 4096)  # the size the targets are set at first, should a run be cut short
 # torch.compile spends 10-30 s per op and shape compiling; on the GPU it is timed at this size only.
@@ -88,48 +91,20 @@ def _compiled(fn, device):
     return torch.compile(fn, backend="inductor" if device.type == "cuda" else "aot_eager")
 
 
-def _rms_norm_case(tokens, d, dtype, device, residual, contenders):
-    eps = 1e-5
+def _liger_rms_norm(inputs):
+    from liger_kernel.transformers.functional import liger_fused_add_rms_norm, liger_rms_norm
 
-    def make():
-        x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
-        w = (1 + 0.1 * torch.randn(d, device=device, dtype=dtype)).requires_grad_()
-        inputs = {"x": x, "w": w}
-        if residual:
-            inputs["r"] = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
-        return inputs
+    if "residual" in inputs:
+        return liger_fused_add_rms_norm(inputs["x"], inputs["residual"], inputs["weight"], RMS_EPS)
+    return liger_rms_norm(inputs["x"], inputs["weight"], RMS_EPS)
 
-    def ours(backend):
-        if residual:
-            return lambda i: sk.rms_norm(i["x"], i["w"], eps, residual=i["r"], backend=backend)
-        return lambda i: sk.rms_norm(i["x"], i["w"], eps, backend=backend)
 
-    ref = (lambda x, w, r: sk.rms_norm_ref(x, w, eps, r)) if residual else (lambda x, w: sk.rms_norm_ref(x, w, eps))
-    compiled = _compiled(ref, device)
-    run = {
-        "torch": (lambda i: ref(i["x"], i["w"], i["r"])) if residual else (lambda i: ref(i["x"], i["w"])),
-        "torch_compile": (lambda i: compiled(i["x"], i["w"], i["r"])) if residual else (lambda i: compiled(i["x"], i["w"])),
-        "triton": ours("triton"),
-        "cuda": ours("cuda"),
-    }
-    if "liger" in contenders:
-        from liger_kernel.transformers.functional import liger_fused_add_rms_norm, liger_rms_norm
+def _flash_attn_rms_norm(inputs):
+    from flash_attn.ops.triton.layer_norm import rms_norm_fn
 
-        run["liger"] = ((lambda i: liger_fused_add_rms_norm(i["x"], i["r"], i["w"], eps)) if residual
-                        else (lambda i: liger_rms_norm(i["x"], i["w"], eps)))
-    if "flash_attn" in contenders:
-        from flash_attn.ops.triton.layer_norm import rms_norm_fn
-
-        run["flash_attn"] = ((lambda i: rms_norm_fn(i["x"], i["w"], None, residual=i["r"], eps=eps,
-                                                    prenorm=True)) if residual
-                             else (lambda i: rms_norm_fn(i["x"], i["w"], None, eps=eps)))
-    b = torch.empty((), dtype=dtype).element_size()
-    nd = tokens * d * b
-    fwd, bwd = (4 * nd + d * b, 4 * nd + 2 * d * b) if residual else (2 * nd + d * b, 3 * nd + 2 * d * b)
-    return Case("rms_norm+residual" if residual else "rms_norm", dtype, {"tokens": tokens, "d": d}, make,
-                {k: v for k, v in run.items() if k in contenders},
-                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
-                grad_inputs=("x", "w", "r") if residual else ("x", "w"))
+    if "residual" in inputs:
+        return rms_norm_fn(inputs["x"], inputs["weight"], None, residual=inputs["residual"], eps=RMS_EPS, prenorm=True)
+    return rms_norm_fn(inputs["x"], inputs["weight"], None, eps=RMS_EPS)
 
 
 def _liger_swiglu(inputs):
@@ -145,18 +120,52 @@ def _liger_rope(inputs):
     return liger_rope(inputs["q"], inputs["k"], cos, sin)
 
 
-# Liger-Kernel's twin of a registry op, where it has one.
-_LIGER = {"swiglu": _liger_swiglu, "apply_rotary": _liger_rope}
+# Other libraries' twins of an op, by contender (run where the library is installed), on the inputs
+# by the reference's argument names.
+_TWINS = {
+    "rms_norm": {"liger": _liger_rms_norm, "flash_attn": _flash_attn_rms_norm},
+    "swiglu": {"liger": _liger_swiglu},
+    "apply_rotary": {"liger": _liger_rope},
+}
+
+
+def _rms_norm_residual_case(tokens, d, dtype, device, contenders):
+    """RMSNorm with the fused residual add (a variant its record's example does not cover)."""
+
+    def make():
+        return {"x": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True),
+                "weight": (1 + 0.1 * torch.randn(d, device=device, dtype=dtype)).requires_grad_(),
+                "residual": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)}
+
+    def ref(x, weight, residual):
+        return sk.rms_norm_ref(x, weight, RMS_EPS, residual)
+
+    compiled = _compiled(ref, device)
+    run = {
+        "torch": lambda i: ref(i["x"], i["weight"], i["residual"]),
+        "torch_compile": lambda i: compiled(i["x"], i["weight"], i["residual"]),
+        **{backend: (lambda i, backend=backend: sk.rms_norm(i["x"], i["weight"], RMS_EPS, residual=i["residual"],
+                                                            backend=backend)) for backend in ("triton", "cuda")},
+        **_TWINS["rms_norm"],
+    }
+    b = torch.empty((), dtype=dtype).element_size()
+    nd = tokens * d * b
+    fwd, bwd = 4 * nd + d * b, 4 * nd + 2 * d * b
+    return Case("rms_norm+residual", dtype, {"tokens": tokens, "d": d}, make,
+                {k: v for k, v in run.items() if k in contenders},
+                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, grad_inputs=("x", "weight", "residual"))
 
 
 def _minimum_bytes(kernel: _registry.Kernel, rows: int, width: int, dtype: torch.dtype) -> int:
-    """Each input of one launch read once and each output written once (outputs as the record allocates them)."""
+    """Each input of one launch read once and each output written once (outputs as the record allocates
+    them; an optional one the example leaves out, None, moves nothing)."""
     inputs = kernel.example(rows, width, dtype, "meta", torch.empty)
-    return sum(t.numel() * t.element_size() for t in (*inputs, *kernel.allocate(*inputs)))
+    return sum(t.numel() * t.element_size() for t in (*inputs, *kernel.allocate(*inputs)) if t is not None)
 
 
-def _registry_case(op: _registry.Op, tokens, cpu, dtype, device, contenders):
-    width = op.model_width(PRESETS["tiny" if cpu else "solar-10.7b"])
+def _registry_case(op: _registry.Op, tokens, cpu, dtype, device, contenders, width: int | None = None):
+    """The case of a registry op: ``tokens`` rows of its model width (or of ``width``)."""
+    width = width or op.model_width(PRESETS["tiny" if cpu else "solar-10.7b"])
     names = list(inspect.signature(op.ref).parameters)[: len(op.example(1, 1, dtype, "meta", torch.empty))]
     grad_names = names[: len(op.split(names)[0])]
 
@@ -171,8 +180,7 @@ def _registry_case(op: _registry.Op, tokens, cpu, dtype, device, contenders):
         "triton": lambda i: op.fn(*(i[n] for n in names), backend="triton"),
         "cuda": lambda i: op.fn(*(i[n] for n in names), backend="cuda"),
     }
-    if "liger" in contenders and op.name in _LIGER:
-        run["liger"] = _LIGER[op.name]
+    run.update(_TWINS.get(op.name, {}))
     fwd, bwd = (_minimum_bytes(kernel, tokens, width, dtype) for kernel in (op.kernels[0], op.kernels[-1]))
     return Case(op.name, dtype, {"tokens": tokens, op.width.removesuffix("_size"): width}, make,
                 {k: v for k, v in run.items() if k in contenders},
@@ -235,10 +243,10 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
                 flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops}, grad_inputs=("hidden", "weight"))
 
 
-# The op files not moved onto the kernel registry yet, by family: their hand-written cases.
-_UNMOVED_CASES = {
+# Variants of a registry op that its record's example does not cover, by family: timed as well.
+_VARIANT_CASES = {
     "rms_norm": lambda count, shape, dtype, device, contenders: [
-        _rms_norm_case(count, shape["d"], dtype, device, residual, contenders) for residual in (False, True)],
+        _rms_norm_residual_case(count, shape["d"], dtype, device, contenders)],
 }
 # Op files whose public ops are more than their kernel (the log-prob row step inside chunked
 # matmuls): the ops are timed whole, against the matmuls they must do.
@@ -259,20 +267,23 @@ def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: list[str] | Non
     for dtype in dtypes:
         for count in token_counts:
             contenders = everyone if cpu or count == COMPILE_TOKENS else without_compile
-            for family in _registry.families():  # every op file with kernels, moved or not
+            for family in _registry.families():  # every op file with kernels
                 recorded = [op for op in _registry.ops() if op.kernels[0].family == family]
                 if recorded:
                     cases += [_registry_case(op, count, cpu, dtype, device, contenders) for op in recorded]
-                elif family in _UNMOVED_CASES or family in _COMPOSITE_CASES:
-                    cases += {**_UNMOVED_CASES, **_COMPOSITE_CASES}[family](count, shape, dtype, device, contenders)
+                    if family in _VARIANT_CASES:
+                        cases += _VARIANT_CASES[family](count, shape, dtype, device, contenders)
+                elif family in _COMPOSITE_CASES:
+                    cases += _COMPOSITE_CASES[family](count, shape, dtype, device, contenders)
                 else:
                     raise ValueError(f"benchmarks: the kernels of {family} have neither an Op record nor a case here")
         if sweep:
             widths = (64, 4096) if cpu else RMS_SWEEP
             elements = 64 * 64 if cpu else SWEEP_ELEMENTS
+            rms_norm = _registry.OPS["rms_norm"]
             for width in widths:
-                case = _rms_norm_case(max(1, elements // width), width, dtype, device, False,
-                                      everyone if cpu else without_compile)
+                case = _registry_case(rms_norm, max(1, elements // width), cpu, dtype, device,
+                                      everyone if cpu else without_compile, width=width)
                 case.op = "rms_norm_sweep"
                 cases.append(case)
     return [c for c in cases if ops is None or c.op in ops]

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -70,6 +71,27 @@ inline void check_element_aligned(const char* op, const char* name, const at::Te
               "'s data pointer is not aligned to its element size (", t.element_size(), " bytes)");
 }
 
+// t is rows [N, width] like ref (checked with check_rows): its device, dtype and shape, element-aligned.
+inline void check_rows_like(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                            const at::Tensor& ref) {
+  check_same_device(op, name, t, ref_name, ref);
+  check_rows(op, name, t);
+  check_same_dtype(op, name, t, ref_name, ref);
+  check_same_shape(op, name, t, ref_name, ref);
+  check_element_aligned(op, name, t);
+}
+
+// One fp32 value per row of rows [N, width] (RMSNorm's rstd, the log-probs' logp, lse and grad), on
+// their device; contiguous where the kernel indexes it without a stride.
+inline void check_row_values(const char* op, const char* name, const at::Tensor& t, const char* rows_name,
+                             const at::Tensor& rows, bool contiguous) {
+  check_same_device(op, name, t, rows_name, rows);
+  SOLAR_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ", t.scalar_type());
+  SOLAR_CHECK(t.dim() == 1 && t.size(0) == rows.size(0), op, name, " has shape ", t.sizes(), ", expected [",
+              rows.size(0), "] (one value per row of ", rows_name, ")");
+  SOLAR_CHECK(!contiguous || t.stride(0) == 1 || t.size(0) <= 1, op, name, " must be contiguous, got stride ", t.stride(0));
+}
+
 // One block per row (or per token): grid.x holds at most 2^31 - 1 blocks.
 inline void check_grid(const char* op, const char* what, int64_t blocks) {
   SOLAR_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, what, " is ", blocks, ", more than the 2^31 - 1 a launch holds");
@@ -106,14 +128,33 @@ inline at::Tensor as_side_dtype(const at::Tensor& t, at::ScalarType activation) 
   return t.to(at::kFloat);
 }
 
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return static_cast<const T*>(t.data_ptr());
+// Calls body(p) with p a zeroed argument block Params<T, S> (launch.h): T the CUDA type of the
+// activation dtype, S the side input's (as_side_dtype): T itself, or float where the side input is
+// fp32 and the activations are not.
+template <template <typename, typename> class Params, typename Body>
+void with_params(const char* op, at::ScalarType activation, at::ScalarType side, Body&& body) {
+  dispatch_float(op, activation, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (side == activation) {
+      Params<T, T> p{};
+      body(p);
+    } else {
+      Params<T, float> p{};
+      body(p);
+    }
+  });
 }
 
-template <typename T>
-T* mutable_ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
+// Points an argument block's field at t's data, as the field's own type (const for what is read);
+// an absent optional tensor is nullptr.
+template <typename P>
+void bind(P*& field, const at::Tensor& t) {
+  field = static_cast<P*>(t.data_ptr());
+}
+
+template <typename P>
+void bind(P*& field, const std::optional<at::Tensor>& t) {
+  field = t.has_value() ? static_cast<P*>(t->data_ptr()) : nullptr;
 }
 
 }  // namespace solar

@@ -6,19 +6,6 @@
 #include "ops.h"
 
 namespace solar {
-namespace {
-
-// A per-row fp32 vector [C] on the logits' device.
-void check_row_values(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits, bool contiguous) {
-  check_same_device(op, name, t, "logits", logits);
-  SOLAR_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ", t.scalar_type());
-  SOLAR_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), op, name, " has shape ", t.sizes(), ", expected [",
-              logits.size(0), "] (one value per row of logits)");
-  SOLAR_CHECK(!contiguous || t.stride(0) == 1 || t.size(0) <= 1, op, name, " must be contiguous, got stride ", t.stride(0));
-}
-
-}  // namespace
-
 void logprobs_(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& lse,
                const at::Tensor& grad, int64_t ignore_index, bool compute_lse, bool write_grad) {
   constexpr const char* op = "solar_kernels_C::logprobs_";
@@ -28,9 +15,9 @@ void logprobs_(const at::Tensor& logits, const at::Tensor& labels, const at::Ten
               "labels must be int64 or int32, got ", labels.scalar_type());
   SOLAR_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), op, "labels has shape ", labels.sizes(),
               ", expected [", logits.size(0), "] (one label per row of logits)");
-  check_row_values(op, "logp", logp, logits, /*contiguous=*/true);
-  check_row_values(op, "lse", lse, logits, /*contiguous=*/true);
-  check_row_values(op, "grad", grad, logits, /*contiguous=*/false);
+  check_row_values(op, "logp", logp, "logits", logits, /*contiguous=*/true);
+  check_row_values(op, "lse", lse, "logits", logits, /*contiguous=*/true);
+  check_row_values(op, "grad", grad, "logits", logits, /*contiguous=*/false);
   check_grid(op, "the number of rows", logits.size(0));
   check_cuda(op, "logits", logits);
   check_element_aligned(op, "logits", logits);
@@ -42,11 +29,11 @@ void logprobs_(const at::Tensor& logits, const at::Tensor& labels, const at::Ten
     auto launch = [&](auto label_tag) {
       using L = typename decltype(label_tag)::type;
       Logprobs<T, L> p{};
-      p.logits = mutable_ptr<T>(logits);
-      p.labels = ptr<L>(labels);
-      p.logp = mutable_ptr<float>(logp);
-      p.lse = mutable_ptr<float>(lse);
-      p.grad = ptr<float>(grad);
+      bind(p.logits, logits);
+      bind(p.labels, labels);
+      bind(p.logp, logp);
+      bind(p.lse, lse);
+      bind(p.grad, grad);
       p.stride_logits = logits.stride(0);
       p.stride_labels = labels.stride(0);
       p.stride_grad = grad.stride(0);

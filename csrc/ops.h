@@ -1,5 +1,6 @@
 // Host entry points of solar_kernels._C, registered in torch_bindings.cpp as torch.ops.solar_kernels_C.*
-// (schemas there; fake implementations in solar_kernels/_cuda.py). Each checks its arguments and
+// (schemas there). Every op is an out-variant: the caller allocates what it writes (the records of
+// solar_kernels/ops/_registry.py), so no op needs a fake. Each checks what protects memory and
 // raises a RuntimeError naming the op and the problem before any kernel runs, then launches on the
 // current stream of the inputs' device. The Python ops (solar_kernels/ops/*.py) flatten inputs to
 // the row views these take. Dtypes: fp32, fp16, bf16 activations; fp32 accumulation everywhere.
@@ -20,16 +21,16 @@ class OperatorHandle;
 namespace solar {
 
 // x [N, d] (row-strided, unit column stride), weight [d] (x's dtype or another float dtype),
-// residual like x or none. Returns y [N, d] in x's dtype, h [N, d] = x + residual rounded to x's
-// dtype (an empty [0] tensor without residual), rstd [N] fp32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                            const std::optional<at::Tensor>& residual, double eps);
+// residual like x or none. Writes y [N, d] = weight * to_T(h * rstd) in x's dtype, h [N, d] =
+// x + residual rounded to x's dtype (given exactly when residual is) and rstd [N] fp32 (contiguous).
+void rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+                  const at::Tensor& y, const std::optional<at::Tensor>& h, const at::Tensor& rstd, double eps);
 
 // dy [N, d], h [N, d] (the normalized input: x, or h of the residual variant), weight [d],
-// rstd [N] fp32 from the forward, dh like h or none (added to dx). Returns dx [N, d] in h's dtype
+// rstd [N] fp32 from the forward, dh like h or none (added to dx). Writes dx [N, d] in h's dtype
 // and dweight [d] in weight's dtype.
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& weight,
-                                                const at::Tensor& rstd, const std::optional<at::Tensor>& dh);
+void rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& rstd,
+                  const std::optional<at::Tensor>& dh, const at::Tensor& dx, const at::Tensor& dweight);
 
 // q [B, Hq, T, D], k [B, Hkv, T, D] (any strides, one dtype), cos and sin [T, D], [1, T, D] or
 // [B, T, D] (any float dtype, any strides). Writes q' and k' into q_out and k_out (shaped like q and

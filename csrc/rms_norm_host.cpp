@@ -1,5 +1,7 @@
-// Host functions of the RMSNorm kernels (rms_norm.cu): checks, device guard, stream, dispatch,
-// launch, launch check.
+// Host functions of the RMSNorm kernels (rms_norm.cu), out-variant ops: the caller allocates y, h,
+// rstd and dx, dweight (solar_kernels/ops/rms_norm.py, its records' allocators). Checks what protects
+// memory (devices, dtypes, shapes, unit column stride, alignment, grid), then device guard, stream,
+// dispatch, launch, launch check. The dweight partial sums are a workspace allocated here.
 #include <ATen/ops/empty.h>
 
 #include "host.h"
@@ -7,133 +9,100 @@
 #include "ops.h"
 
 namespace solar {
+namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
-                                                            const std::optional<at::Tensor>& residual, double eps) {
-  constexpr const char* op = "solar_kernels_C::rms_norm_fwd";
-  check_rows(op, "x", x);
-  check_same_device(op, "weight", weight, "x", x);
+// weight [d] of a float dtype on the rows' device, as the kernels read it: in the rows' dtype or fp32
+// (widened on its device where it is neither; the launch's only copy of an input).
+at::Tensor side_weight(const char* op, const at::Tensor& weight, const char* rows_name, const at::Tensor& rows) {
+  check_same_device(op, "weight", weight, rows_name, rows);
   check_float(op, "weight", weight);
   check_dim(op, "weight", weight, 1, "1-D [d]");
-  SOLAR_CHECK(weight.size(0) == x.size(1), op, "weight has ", weight.size(0), " elements, expected ", x.size(1), " (x.size(1))");
-  if (residual.has_value()) {
-    check_same_device(op, "residual", *residual, "x", x);
-    check_rows(op, "residual", *residual);
-    check_same_dtype(op, "residual", *residual, "x", x);
-    check_same_shape(op, "residual", *residual, "x", x);
-  }
-  SOLAR_CHECK(eps >= 0, op, "eps must be non-negative, got ", eps);
+  SOLAR_CHECK(weight.size(0) == rows.size(1), op, "weight has ", weight.size(0), " elements, expected ", rows.size(1), " (",
+              rows_name, ".size(1))");
+  const at::Tensor w = as_side_dtype(weight, rows.scalar_type()).contiguous();
+  check_element_aligned(op, "weight", w);
+  return w;
+}
+
+}  // namespace
+
+void rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+                  const at::Tensor& y, const std::optional<at::Tensor>& h, const at::Tensor& rstd, double eps) {
+  constexpr const char* op = "solar_kernels_C::rms_norm_fwd";
+  check_rows(op, "x", x);
+  check_element_aligned(op, "x", x);
+  if (residual.has_value()) check_rows_like(op, "residual", *residual, "x", x);
+  check_rows_like(op, "y", y, "x", x);
+  SOLAR_CHECK(h.has_value() == residual.has_value(), op, "h (x + residual) is written exactly when residual is given, got ",
+              residual.has_value() ? "a residual and no h" : "an h and no residual");
+  if (h.has_value()) check_rows_like(op, "h", *h, "x", x);
+  check_row_values(op, "rstd", rstd, "x", x, /*contiguous=*/true);
+  const at::Tensor w = side_weight(op, weight, "x", x);
   check_grid(op, "the number of rows", x.size(0));
   check_cuda(op, "x", x);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = as_side_dtype(weight, x.scalar_type()).contiguous();
-  check_element_aligned(op, "x", x);
-  check_element_aligned(op, "weight", w);
-  if (residual.has_value()) check_element_aligned(op, "residual", *residual);
-
-  const int64_t n_rows = x.size(0), n_cols = x.size(1);
-  at::Tensor y = at::empty({n_rows, n_cols}, x.options());
-  at::Tensor h = residual.has_value() ? at::empty({n_rows, n_cols}, x.options()) : at::empty({0}, x.options());
-  at::Tensor rstd = at::empty({n_rows}, x.options().dtype(at::kFloat));
-  dispatch_float(op, x.scalar_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    auto launch = [&](auto weight_tag) {
-      using W = typename decltype(weight_tag)::type;
-      RmsNormFwd<T, W> p{};
-      p.x = ptr<T>(x);
-      p.residual = residual.has_value() ? ptr<T>(*residual) : nullptr;
-      p.weight = ptr<W>(w);
-      p.y = mutable_ptr<T>(y);
-      p.h = residual.has_value() ? mutable_ptr<T>(h) : nullptr;
-      p.rstd = mutable_ptr<float>(rstd);
-      p.stride_x = x.stride(0);
-      p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
-      p.stride_y = y.stride(0);
-      p.stride_h = residual.has_value() ? h.stride(0) : 0;
-      p.n_rows = n_rows;
-      p.n_cols = n_cols;
-      p.eps = static_cast<float>(eps);
-      check_launch(op, launch_rms_norm_fwd(p, stream));
-    };
-    if (w.scalar_type() == x.scalar_type()) {
-      launch(Type<T>{});
-    } else {
-      launch(Type<float>{});
-    }
+  with_params<RmsNormFwd>(op, x.scalar_type(), w.scalar_type(), [&](auto& p) {
+    bind(p.x, x);
+    bind(p.residual, residual);
+    bind(p.weight, w);
+    bind(p.y, y);
+    bind(p.h, h);
+    bind(p.rstd, rstd);
+    p.stride_x = x.stride(0);
+    p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
+    p.stride_y = y.stride(0);
+    p.stride_h = h.has_value() ? h->stride(0) : 0;
+    p.n_rows = x.size(0);
+    p.n_cols = x.size(1);
+    p.eps = static_cast<float>(eps);
+    check_launch(op, launch_rms_norm_fwd(p, c10::cuda::getCurrentCUDAStream()));
   });
-  return {y, h, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& weight,
-                                                const at::Tensor& rstd, const std::optional<at::Tensor>& dh) {
+void rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& rstd,
+                  const std::optional<at::Tensor>& dh, const at::Tensor& dx, const at::Tensor& dweight) {
   constexpr const char* op = "solar_kernels_C::rms_norm_bwd";
   check_rows(op, "h", h);
-  check_same_device(op, "dy", dy, "h", h);
-  check_same_device(op, "weight", weight, "h", h);
-  check_same_device(op, "rstd", rstd, "h", h);
-  check_rows(op, "dy", dy);
-  check_same_dtype(op, "dy", dy, "h", h);
-  check_same_shape(op, "dy", dy, "h", h);
-  check_float(op, "weight", weight);
-  check_dim(op, "weight", weight, 1, "1-D [d]");
-  SOLAR_CHECK(weight.size(0) == h.size(1), op, "weight has ", weight.size(0), " elements, expected ", h.size(1), " (h.size(1))");
-  SOLAR_CHECK(rstd.scalar_type() == at::kFloat, op, "rstd must be float32, got ", rstd.scalar_type());
-  SOLAR_CHECK(rstd.dim() == 1 && rstd.size(0) == h.size(0), op, "rstd has shape ", rstd.sizes(), ", expected [", h.size(0),
-              "] (one value per row of h)");
-  if (dh.has_value()) {
-    check_same_device(op, "dh", *dh, "h", h);
-    check_rows(op, "dh", *dh);
-    check_same_dtype(op, "dh", *dh, "h", h);
-    check_same_shape(op, "dh", *dh, "h", h);
-  }
+  check_element_aligned(op, "h", h);
+  check_rows_like(op, "dy", dy, "h", h);
+  if (dh.has_value()) check_rows_like(op, "dh", *dh, "h", h);
+  check_rows_like(op, "dx", dx, "h", h);
+  check_row_values(op, "rstd", rstd, "h", h, /*contiguous=*/false);
+  const at::Tensor w = side_weight(op, weight, "h", h);
+  check_same_device(op, "dweight", dweight, "weight", weight);
+  check_same_dtype(op, "dweight", dweight, "weight", weight);
+  check_same_shape(op, "dweight", dweight, "weight", weight);
+  check_grid(op, "the number of rows", h.size(0));
   check_cuda(op, "h", h);
 
   const c10::cuda::CUDAGuard guard(h.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor w = as_side_dtype(weight, h.scalar_type()).contiguous();
   const at::Tensor rstd_c = rstd.contiguous();
-  check_element_aligned(op, "dy", dy);
-  check_element_aligned(op, "h", h);
-  check_element_aligned(op, "weight", w);
-  if (dh.has_value()) check_element_aligned(op, "dh", *dh);
-
-  const int64_t n_rows = h.size(0), n_cols = h.size(1);
-  at::Tensor dx = at::empty({n_rows, n_cols}, h.options());
-  at::Tensor dweight = at::empty({n_cols}, w.options());
-  dispatch_float(op, h.scalar_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    auto launch = [&](auto weight_tag) {
-      using W = typename decltype(weight_tag)::type;
-      RmsNormBwd<T, W> p{};
-      p.dy = ptr<T>(dy);
-      p.x = ptr<T>(h);
-      p.weight = ptr<W>(w);
-      p.rstd = ptr<float>(rstd_c);
-      p.dh = dh.has_value() ? ptr<T>(*dh) : nullptr;
-      p.dx = mutable_ptr<T>(dx);
-      p.dweight = mutable_ptr<W>(dweight);
-      p.stride_dy = dy.stride(0);
-      p.stride_x = h.stride(0);
-      p.stride_dh = dh.has_value() ? dh->stride(0) : 0;
-      p.stride_dx = dx.stride(0);
-      p.n_rows = n_rows;
-      p.n_cols = n_cols;
-      // One fp32 row of dweight partial sums per block, reduced in a fixed order (no atomics).
-      p.blocks = rms_norm_bwd_blocks(p);
-      const at::Tensor partial = at::empty({p.blocks, n_cols}, h.options().dtype(at::kFloat));
-      p.dweight_partial = mutable_ptr<float>(partial);
-      check_launch(op, launch_rms_norm_bwd(p, stream));
-    };
-    if (w.scalar_type() == h.scalar_type()) {
-      launch(Type<T>{});
-    } else {
-      launch(Type<float>{});
-    }
+  // The column sum writes dweight contiguous in the dtype the kernel reads weight in; any other
+  // dweight (a widened weight's, a strided one) gets the result copied in.
+  const bool direct = dweight.scalar_type() == w.scalar_type() && dweight.is_contiguous();
+  const at::Tensor dw = direct ? dweight : at::empty({h.size(1)}, w.options());
+  with_params<RmsNormBwd>(op, h.scalar_type(), w.scalar_type(), [&](auto& p) {
+    bind(p.dy, dy);
+    bind(p.x, h);
+    bind(p.weight, w);
+    bind(p.rstd, rstd_c);
+    bind(p.dh, dh);
+    bind(p.dx, dx);
+    bind(p.dweight, dw);
+    p.stride_dy = dy.stride(0);
+    p.stride_x = h.stride(0);
+    p.stride_dh = dh.has_value() ? dh->stride(0) : 0;
+    p.stride_dx = dx.stride(0);
+    p.n_rows = h.size(0);
+    p.n_cols = h.size(1);
+    // One fp32 row of dweight partial sums per block, reduced in a fixed order (no atomics).
+    p.blocks = rms_norm_bwd_blocks(p);
+    const at::Tensor partial = at::empty({p.blocks, h.size(1)}, h.options().dtype(at::kFloat));
+    bind(p.dweight_partial, partial);
+    check_launch(op, launch_rms_norm_bwd(p, c10::cuda::getCurrentCUDAStream()));
   });
-  // A weight widened to fp32 for the kernel gets its gradient back in its own dtype.
-  return {dx, dweight.scalar_type() == weight.scalar_type() ? dweight : dweight.to(weight.scalar_type())};
+  if (!direct) dweight.copy_(dw);
 }
 
 }  // namespace solar

@@ -69,36 +69,26 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
   check_element_aligned(op, "cos", cos_t);
   check_element_aligned(op, "sin", sin_t);
 
-  dispatch_float(op, q.scalar_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    auto launch = [&](auto table_tag) {
-      using C = typename decltype(table_tag)::type;
-      Rotary<T, C> p{};
-      p.q = ptr<T>(q);
-      p.k = ptr<T>(k);
-      p.cos = ptr<C>(cos_t);
-      p.sin = ptr<C>(sin_t);
-      p.q_out = mutable_ptr<T>(q_out);
-      p.k_out = mutable_ptr<T>(k_out);
-      p.q_stride = strides4(q);
-      p.k_stride = strides4(k);
-      p.q_out_stride = strides4(q_out);
-      p.k_out_stride = strides4(k_out);
-      p.cos_stride = strides3(cos_t);
-      p.sin_stride = strides3(sin_t);
-      p.batch = q.size(0);
-      p.n_tokens = q.size(2);
-      p.n_heads_q = q.size(1);
-      p.n_heads_k = k.size(1);
-      p.half = q.size(3) / 2;
-      p.backward = backward;
-      check_launch(op, launch_rotary(p, stream));
-    };
-    if (cos_t.scalar_type() == q.scalar_type()) {
-      launch(Type<T>{});
-    } else {
-      launch(Type<float>{});
-    }
+  with_params<Rotary>(op, q.scalar_type(), cos_t.scalar_type(), [&](auto& p) {
+    bind(p.q, q);
+    bind(p.k, k);
+    bind(p.cos, cos_t);
+    bind(p.sin, sin_t);
+    bind(p.q_out, q_out);
+    bind(p.k_out, k_out);
+    p.q_stride = strides4(q);
+    p.k_stride = strides4(k);
+    p.q_out_stride = strides4(q_out);
+    p.k_out_stride = strides4(k_out);
+    p.cos_stride = strides3(cos_t);
+    p.sin_stride = strides3(sin_t);
+    p.batch = q.size(0);
+    p.n_tokens = q.size(2);
+    p.n_heads_q = q.size(1);
+    p.n_heads_k = k.size(1);
+    p.half = q.size(3) / 2;
+    p.backward = backward;
+    check_launch(op, launch_rotary(p, stream));
   });
 }
 

@@ -47,12 +47,7 @@ void rows_op(RowsLauncher launcher, const c10::OperatorHandle& handle, torch::ji
   check_rows(op, first_name, first);
   check_element_aligned(op, first_name, first);
   for (size_t i = 1; i < count; ++i) {
-    const char* arg = arguments[i].name().c_str();
-    check_same_device(op, arg, tensors[i], first_name, first);
-    check_rows(op, arg, tensors[i]);
-    check_same_dtype(op, arg, tensors[i], first_name, first);
-    check_same_shape(op, arg, tensors[i], first_name, first);
-    check_element_aligned(op, arg, tensors[i]);
+    check_rows_like(op, arguments[i].name().c_str(), tensors[i], first_name, first);
   }
   check_grid(op, "the number of rows", first.size(0));
   check_cuda(op, first_name, first);

@@ -1,9 +1,9 @@
 // The ops of solar_kernels._C as torch.ops.solar_kernels_C.*: string schemas (mutated arguments
 // marked; this file is the only place a schema is written), implementations for CUDA (and for CPU,
 // where the same functions run every argument check and then say that they need a CUDA device), and
-// the Python module the extension loads as. Fake (meta) implementations, so torch.compile can trace
-// the ops, are in solar_kernels/_cuda.py; out-variant ops (outputs allocated by the caller, nothing
-// returned) need none: torch traces them as writing their Tensor(a!) arguments.
+// the Python module the extension loads as. Every op is an out-variant (outputs allocated by the
+// caller, nothing returned), so none needs a fake (meta) implementation: torch.compile traces them as
+// writing their Tensor(a!) arguments.
 //
 // An elementwise kernel over rows binds in three lines: its launcher's declaration below, its
 // schema in TORCH_LIBRARY (inputs, then outputs as Tensor(a!), Tensor(b!), ...; returns ()), and
@@ -27,8 +27,11 @@ SOLAR_ROWS_LAUNCHER(solar_swiglu_bwd);
 TORCH_LIBRARY(solar_kernels_C, m) {
   // torch imports this module for the fake implementations when it meets an op without one.
   m.set_python_module("solar_kernels._cuda");
-  m.def("rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) -> (Tensor y, Tensor h, Tensor rstd)");
-  m.def("rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) -> (Tensor dx, Tensor dweight)");
+  m.def(
+      "rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, Tensor(a!) y, Tensor(b!)? h, Tensor(c!) rstd, float eps) "
+      "-> ()");
+  m.def(
+      "rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh, Tensor(a!) dx, Tensor(b!) dweight) -> ()");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!) k_out, bool backward) -> ()");
   m.def("swiglu_fwd(Tensor gate, Tensor up, Tensor(a!) y) -> ()");
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up, Tensor(a!) dgate, Tensor(b!) dup) -> ()");

@@ -52,14 +52,6 @@ _FEW_ROWS = 64
 _MANY_ELEMENTS = 2**25
 
 
-def register_kernel(name: str, make_case: Callable[[str, int, int, torch.device], Callable[[], object]]) -> None:
-    """For op files not moved onto ``solar_kernels.ops._registry`` yet: record kernel ``name`` and
-    ``make_case(backend, rows, width, device)``, which returns a callable running one launch."""
-    from .ops import _registry
-
-    _registry.register_unmoved(name, make_case)
-
-
 def shape_class(rows: int, width: int) -> str:
     """``"<width class>/<rows class>"`` of a launch over ``rows`` rows of ``width`` elements."""
     width_name = next(name for name, limit in WIDTH_CLASSES if limit is None or width <= limit)

@@ -43,11 +43,6 @@ def _cases(device, dtype):
         recorded.append((op.name, leaves, lambda b, *inputs, op=op, rest=constants: op.fn(*inputs, *rest, backend=b),
                          lambda *inputs, op=op, rest=constants: op.ref(*inputs, *rest)))
     return recorded + [
-        ("rms_norm", (rand(3, 5, 4096), rand(4096)),
-         lambda b, x, w: sk.rms_norm(x, w, 1e-5, backend=b), lambda x, w: sk.rms_norm_ref(x, w, 1e-5)),
-        ("rms_norm+residual", (rand(7, 4096), rand(7, 4096), rand(4096)),
-         lambda b, x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=b),
-         lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r)),
         ("linear_logprobs", (rand(2, 9, 256), rand(1000, 256, scale=0.1)),
          lambda b, h, w: sk.linear_logprobs(h, w, labels, backend=b),
          lambda h, w: sk.linear_logprobs_ref(h, w, labels).to(h.dtype)),

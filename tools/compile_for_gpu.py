@@ -151,11 +151,12 @@ def _empty(*shape, dtype):
 
 
 def triton_launches() -> tuple[list[Launch], list[str]]:
-    """Drive every Triton launcher of the kernel registry at SOLAR shapes (and RMSNorm's wide two-pass
-    rows); catch the launches. Returns them and the name of every ``*_kernel`` of the registry's op
+    """Drive every Triton launcher of the kernel registry at SOLAR shapes (and the launches a record
+    lists besides: RMSNorm's wide two-pass rows, its residual variant and autocast's dtypes); catch
+    the launches. Returns them and the name of every ``*_kernel`` of the registry's op
     files (what the report must hold a variant of)."""
     names = _registry.families()
-    missing = [name for name in names if name not in _UNMOVED_DRIVERS and not _records_of(name)]
+    missing = [name for name in names if not _records_of(name)]
     if missing:
         raise SystemExit(f"compile_for_gpu: no SOLAR launch for the kernels of {missing}: give their records an Op "
                          f"(register_op) or a shape_of")
@@ -174,7 +175,7 @@ def triton_launches() -> tuple[list[Launch], list[str]]:
     if programs_fn is not None:  # the persistent grid of an H100/H200, not the interpreter's
         rms.persistent_programs = lambda device, work, per_sm=4: max(1, min(work, SMS * per_sm))
     try:
-        _drive(modules, context)
+        _drive(names, context)
     finally:
         for (module, attr), obj in originals.items():
             setattr(module, attr, obj)
@@ -198,47 +199,27 @@ def _records_of(family: str) -> list[tuple[str, int, int, _registry.Kernel]]:
     return found
 
 
-def _drive_records(family, module, context, dtype, name, solar) -> None:
+def _drive_records(family, context, dtype, name, solar) -> None:
     """Out-variant records: each Triton launcher on its example inputs at SOLAR's shape, once per
-    variant of its non-tensor options."""
+    variant of its non-tensor options, or on the launches its record lists (``compile_launches``)."""
     for what, rows, width, kernel in _records_of(family):
+        if kernel.compile_launches is not None:
+            for label, at_solar, inputs, options in kernel.compile_launches(rows, width, dtype, _empty):
+                context[:] = [label, name, solar and at_solar]
+                kernel.launch("triton", *inputs, **options)
+            continue
         inputs = kernel.example(rows, width, dtype, "cpu", torch.empty)
         for options in kernel.variants:
             label = "".join(f" {key}={value}" for key, value in options.items())
             context[:] = [f"{kernel.name} {what}={width}{label}", name, solar]
-            kernel.triton(*inputs, *kernel.allocate(*inputs), **options)
+            kernel.launch("triton", *inputs, **options)
 
 
-def _drive_rms_norm(rms, context, dtype, name, solar) -> None:
-    n, d = SOLAR["tokens"], SOLAR["d"]
-    for rows, width in ((n, d), (64, 65536)):
-        x, w, rstd = _empty(rows, width, dtype=dtype), _empty(width, dtype=dtype), _empty(rows, dtype=torch.float32)
-        for residual in (None, _empty(rows, width, dtype=dtype)):
-            suffix = "+residual" if residual is not None else ""
-            context[:] = [f"rms_norm{suffix} fwd d={width}", name, solar and width == d]
-            rms._rms_norm_fwd(x, w, residual, 1e-5, backend="triton")
-            context[:] = [f"rms_norm{suffix} bwd d={width}", name, solar and width == d]
-            rms._rms_norm_bwd(x, x, w, rstd, residual, backend="triton")
-    if solar:  # under autocast: bf16 x, fp32 weight, an fp32 y (and so an fp32 dy in the backward)
-        x, w32, rstd = _empty(n, d, dtype=dtype), _empty(d, dtype=torch.float32), _empty(n, dtype=torch.float32)
-        context[:] = [f"rms_norm fwd d={d} fp32 weight -> fp32 y", name, True]
-        rms._rms_norm_fwd(x, w32, None, 1e-5, backend="triton", y_dtype=torch.float32)
-        context[:] = [f"rms_norm bwd d={d} fp32 dy, fp32 weight", name, True]
-        rms._rms_norm_bwd(_empty(n, d, dtype=torch.float32), x, w32, rstd, None, backend="triton")
-
-
-# The op files not moved onto the kernel registry yet drive their own launchers at SOLAR shapes.
-_UNMOVED_DRIVERS = {"rms_norm": _drive_rms_norm}
-
-
-def _drive(modules, context) -> None:
+def _drive(families, context) -> None:
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         name, solar = SHORT_DTYPE_NAMES[dtype], dtype == torch.bfloat16
-        for family, module in modules.items():
-            if family in _UNMOVED_DRIVERS:
-                _UNMOVED_DRIVERS[family](module, context, dtype, name, solar)
-            else:
-                _drive_records(family, module, context, dtype, name, solar)
+        for family in families:
+            _drive_records(family, context, dtype, name, solar)
 
 
 def _tool(name: str) -> str | None:

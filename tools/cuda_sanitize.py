@@ -18,7 +18,6 @@ import sys
 os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 
 import functools  # noqa: E402
-import importlib  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -27,9 +26,6 @@ from tests.helpers import misaligned  # noqa: E402
 
 from solar_kernels import selfcheck  # noqa: E402
 from solar_kernels.ops import _registry  # noqa: E402
-
-# The Triton launchers, as the second opinion on the backward kernels called directly below.
-rms_norm_module = importlib.import_module("solar_kernels.ops.rms_norm")
 
 DEVICE = "cuda"
 BOUND = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -69,19 +65,17 @@ def report(name, dtype, error):
 
 
 def registry_cases(dtype) -> bool:
-    """Every out-variant record of the kernel registry on misaligned example inputs (the scalar path):
+    """Every record of the kernel registry on misaligned example inputs (the scalar path):
     its CUDA op against its Triton launcher, on the outputs and on the inputs it writes in place."""
     ok = True
     for kernel in _registry.kernels():
-        if not kernel.out_variant:
-            continue
         for options in kernel.variants:
             written = {}
             for backend in ("cuda", "triton"):
                 torch.manual_seed(0)  # the same inputs for both
                 inputs = kernel.example(5, 4096, dtype, DEVICE, shifted)
                 outputs = kernel.launch(backend, *inputs, **options)
-                written[backend] = [*outputs, *(inputs[i] for i in kernel.in_place)]
+                written[backend] = [t for t in (*outputs, *(inputs[i] for i in kernel.in_place)) if t is not None]
             label = "".join(f" {key}={value}" for key, value in options.items())
             error = max(rel(a, b) for a, b in zip(written["cuda"], written["triton"]))
             ok &= report(f"{kernel.name} misaligned{label}", dtype, error)
@@ -99,13 +93,6 @@ def cases(dtype):
         ok &= through_api(f"rms_norm+residual d={width}", dtype,
                           lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend="cuda"),
                           lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r), [x, r, w])
-    x, w = shifted(4, 4096, dtype=dtype), shifted(4096, dtype=dtype)
-    y, _, rstd = ops.rms_norm_fwd(x, w, None, 1e-5)
-    ok &= report("rms_norm_fwd misaligned", dtype, rel(y, sk.rms_norm_ref(x, w, 1e-5)))
-    dy, dh = shifted(4, 4096, dtype=dtype), shifted(4, 4096, dtype=dtype)
-    dx, dw = ops.rms_norm_bwd(dy, x, w, rstd, dh)
-    dx_triton, dw_triton = rms_norm_module._rms_norm_bwd(dy, x, w, rstd, dh, "triton")
-    ok &= report("rms_norm_bwd misaligned", dtype, max(rel(dx, dx_triton), rel(dw, dw_triton)))
 
     for head_dim in (6, 128):
         q, k = rand(2, 4, 9, head_dim, dtype=dtype), rand(2, 2, 9, head_dim, dtype=dtype)

@@ -48,9 +48,13 @@ the schema and is passed through ``launch(backend, *inputs, backward=...)`` by n
 lists the values the compile tool and the tests launch it with; its ``Op`` takes gradients for q
 and k only (``grad_inputs=2``) and is as wide as ``width_of(ModelConfig)``.
 
-The op file not moved onto the registry yet (rms_norm) registers its timing hooks through
-``solar_kernels._autotune.register_kernel``; that makes a record holding only ``name``, ``family``
-and ``time_case``, so the lists in tests, benchmarks and tools already come from here.
+Every kernel of the package is such a record. RMSNorm (rms_norm.py) shows the rest: optional
+tensors (``residual``, ``h``: ``Tensor?`` in the schema, None in the launch), an allocator that
+takes an option (``allocate_options``: ``promote`` widens y under autocast), options only Triton has
+(``cuda_options=("eps",)``; ``cuda_lacks`` names the one a launch uses, which a named "cuda" refuses
+by name), dtypes only Triton has (``cuda_takes``: Triton on every backend), an ``Op`` whose inputs
+are not its forward kernel's (``inputs``) and the launches the compile tool compiles besides SOLAR's
+(``compile_launches``: the residual variant, wide rows, autocast's dtypes).
 
 A kernel that writes in place (the log-prob row step, ``LOGPROBS`` in linear_logprobs.py) declares
 no outputs (``outputs=lambda *inputs: ()``) and names the inputs it writes (``in_place``); a CUDA twin
@@ -72,8 +76,6 @@ from .._autotune import pick
 
 # (shape, dtype) of each output, in order.
 Contract = tuple[tuple[tuple[int, ...], torch.dtype], ...]
-# make_case(backend, rows, width, device) -> a callable that runs one launch (the autotuner times it).
-MakeCase = Callable[[str, int, int, torch.device], Callable[[], object]]
 # example(rows, width, dtype, device, make) -> the inputs of a launch over rows x width, made by
 # ``make(rows, width, dtype=..., device=...)`` (torch.randn to time, torch.empty to compile).
 Example = Callable[..., tuple[torch.Tensor, ...]]
@@ -89,7 +91,6 @@ class Kernel:
     outputs: Callable[..., Contract] | None = None  # the output contract: inputs -> (shape, dtype) each
     rows_width: Callable[..., tuple[int, int]] | None = None  # inputs -> (rows, width): auto's shape class
     example: Example | None = None
-    time_case: MakeCase | None = None  # an op file's own timing hook (files not moved yet)
     # allocator(*inputs) -> fresh outputs, for outputs a shape/dtype contract cannot say (a layout)
     allocator: Callable[..., tuple[torch.Tensor, ...]] | None = None
     # The non-tensor arguments each example launch is run with, by name (they follow the outputs in
@@ -102,11 +103,20 @@ class Kernel:
     in_place: tuple[int, ...] = ()  # the inputs the kernel writes (an in-place kernel has no outputs)
     # shape_of(config, tokens) -> (rows, width) of one launch in that model, for a kernel no Op covers
     shape_of: Callable[..., tuple[int, int]] | None = None
+    allocate_options: tuple[str, ...] = ()  # the options the allocator takes (not passed to the launchers)
+    # cuda_lacks(*inputs, **options) -> the option of this launch the CUDA twin lacks, named in the
+    # refusal of a named "cuda" ("" when none; "auto" takes Triton for the others)
+    cuda_lacks: Callable[..., str] | None = None
+    # cuda_takes(*inputs, *outputs): whether the CUDA twin reads and writes these dtypes (else Triton
+    # runs the launch on every backend, "cuda" included: the twin has no code for them)
+    cuda_takes: Callable[..., bool] | None = None
+    # compile_launches(dtype, make) -> [(label, at SOLAR's shape, inputs, options)]: the launches the
+    # compile tool compiles, where one example per variant at SOLAR's shape is not all of them
+    compile_launches: Callable[..., list[tuple[str, bool, tuple, dict]]] | None = None
 
     @property
     def out_variant(self) -> bool:
-        """Whether dispatch, allocation and the CUDA op go through this record (else the op file's
-        launchers still switch between backends themselves)."""
+        """Whether dispatch, allocation and the CUDA op go through this record (every registered one's do)."""
         return self.triton is not None
 
     @property
@@ -117,21 +127,27 @@ class Kernel:
         """torch.ops.solar_kernels_C.<name>, looked up when called (the extension loads lazily)."""
         return getattr(torch.ops.solar_kernels_C, self.cuda_op_name)
 
-    def allocate(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Fresh outputs by the contract, on the device of the first input (fake tensors under tracing)."""
+    def allocate(self, *inputs: torch.Tensor | None, **options) -> tuple[torch.Tensor | None, ...]:
+        """Fresh outputs by the contract, on the device of the first input (fake tensors under tracing);
+        ``options`` are the launch's, of which the allocator takes its ``allocate_options``."""
         if self.allocator is not None:
-            return self.allocator(*inputs)
+            return self.allocator(*inputs, **{key: options[key] for key in self.allocate_options if key in options})
         device = inputs[0].device
         return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.outputs(*inputs))
 
-    def launch(self, backend: str, *inputs: torch.Tensor, **options) -> tuple[torch.Tensor, ...]:
+    def launch(self, backend: str, *inputs: torch.Tensor | None, **options) -> tuple[torch.Tensor | None, ...]:
         """Allocate the outputs, run the implementation ``backend`` names ("triton", "cuda", or "auto":
         this GPU's choice for the launch's shape class) with the non-tensor ``options`` after the
         outputs, return the outputs."""
-        outputs = self.allocate(*inputs)
+        outputs = self.allocate(*inputs, **options)
+        options = {key: value for key, value in options.items() if key not in self.allocate_options}
+        if self.cuda_takes is not None and not self.cuda_takes(*inputs, *outputs):
+            self.triton(*inputs, *outputs, **options)
+            return outputs
         rows, width = self.rows_width(*inputs)
-        runs = self.cuda_runs is None or self.cuda_runs(*inputs, **options)
-        if self.choose(backend, rows, width, inputs[0].device, cuda_runs=runs) == "cuda":
+        lacking = self.cuda_lacks(*inputs, **options) if self.cuda_lacks is not None else ""
+        runs = not lacking and (self.cuda_runs is None or self.cuda_runs(*inputs, **options))
+        if self.choose(backend, rows, width, inputs[0].device, cuda_runs=runs, lacking=lacking) == "cuda":
             if self.cuda_options is not None:
                 options = {key: value for key, value in options.items() if key in self.cuda_options}
             self.cuda_op()(*inputs, *outputs, **options)
@@ -139,12 +155,17 @@ class Kernel:
             self.triton(*inputs, *outputs, **options)
         return outputs
 
-    def choose(self, backend: str, rows: int, width: int, device: torch.device, *, cuda_runs: bool = True) -> str:
+    def choose(self, backend: str, rows: int, width: int, device: torch.device, *, cuda_runs: bool = True,
+               lacking: str = "") -> str:
         """The implementation a launch over rows x width runs: ``backend`` itself, or for "auto" this
         GPU's choice for the shape class; Triton where the CUDA twin does not run the launch
-        (``cuda_runs`` False: an option it lacks), which a named "cuda" may not be."""
+        (``cuda_runs`` False: an option it lacks, named by ``lacking`` where the record says which),
+        which a named "cuda" may not be."""
         implementation = pick(backend, self.name, rows, width, device)
         if implementation == "cuda" and not cuda_runs:
+            if backend == "cuda" and lacking:
+                raise ValueError(f"{self.family}: {lacking} is implemented by the 'torch', 'triton' backends only, "
+                                 f"got backend='cuda'")
             if backend == "cuda":
                 raise ValueError(f"{self.name}: the CUDA kernel does not implement this launch's options, "
                                  f"got backend='cuda' (use 'triton' or 'auto')")
@@ -153,8 +174,6 @@ class Kernel:
 
     def make_case(self, backend: str, rows: int, width: int, device: torch.device) -> Callable[[], object]:
         """A callable running one launch of a bf16 problem of rows x width (what auto times)."""
-        if self.time_case is not None:
-            return self.time_case(backend, rows, width, device)
         inputs = self.example(rows, width, torch.bfloat16, device, torch.randn)
         return lambda: self.launch(backend, *inputs, **self.variants[0])
 
@@ -170,9 +189,12 @@ class Op:
     width: str  # the ModelConfig field a row is as wide as ("intermediate_size"), or width_of's label
     width_of: Callable[..., int] | None = None  # ModelConfig -> row width, where no one field is it
     grad_inputs: int | None = None  # the leading inputs that take gradients (None: every input)
+    # inputs(rows, width, dtype, device, make) -> the op's inputs, where they are not its forward
+    # kernel's example (rms_norm's are x and weight; its kernel's are x, weight and residual)
+    inputs: Example | None = None
 
     def example(self, rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
-        return self.kernels[0].example(rows, width, dtype, device, make)
+        return (self.inputs or self.kernels[0].example)(rows, width, dtype, device, make)
 
     def model_width(self, config) -> int:
         """The width of a row of this op in the model ``config`` (a ModelConfig)."""
@@ -194,8 +216,9 @@ def register(kernel: Kernel) -> Kernel:
     if known is not None and known.family != kernel.family:  # a reloaded op file replaces its own
         raise ValueError(f"kernel registry: {kernel.name!r} is registered by {known.family} already, "
                          f"got a second record from {kernel.family}")
-    if kernel.time_case is None and kernel.example is None:
-        raise ValueError(f"kernel registry: {kernel.name!r} needs example inputs or a time_case, got neither")
+    if kernel.triton is None or kernel.example is None:
+        raise ValueError(f"kernel registry: {kernel.name!r} needs a Triton launcher and example inputs, "
+                         f"got triton={kernel.triton!r}, example={kernel.example!r}")
     KERNELS[kernel.name] = kernel
     return kernel
 
@@ -252,16 +275,3 @@ def _check_count(name: str, tensors: tuple, expected: int) -> None:
     if len(tensors) != expected:
         raise TypeError(f"{name}: expected {expected} input tensors, got {len(tensors)}")
 
-
-# Families of the op files that still register a bare timing hook (solar_kernels._autotune.register_kernel);
-# an entry goes when its op file moves onto records of its own.
-_UNMOVED_FAMILIES = {"rms_norm_fwd": "rms_norm", "rms_norm_bwd": "rms_norm"}
-
-
-def register_unmoved(name: str, make_case: MakeCase) -> Kernel:
-    """The record of a kernel whose op file has not moved onto the registry: its name, its family and
-    its timing hook."""
-    if name not in _UNMOVED_FAMILIES:
-        raise ValueError(f"kernel registry: {name!r} is not one of the unmoved kernels "
-                         f"{sorted(_UNMOVED_FAMILIES)}; register a Kernel record instead")
-    return register(Kernel(name, _UNMOVED_FAMILIES[name], time_case=make_case))

@@ -50,10 +50,12 @@ the gemma and none modes write y in h's dtype under autocast too (as Gemma's RMS
 fp32 inside regardless; h still follows eager promotion (an fp32 residual stream makes h fp32).
 
 Backends: the Triton kernels below, or their CUDA C++ twins (csrc/rms_norm.cu, same math and
-roundings); the launchers switch between them, so both share the custom ops and autograd here. The
-CUDA twins implement the llama mode with a weight and no offset: for any other option
-``backend="auto"`` (or None) runs Triton (or torch where Triton does not run), and naming
-``"cuda"`` is refused in one line naming the option.
+roundings), under one pair of custom ops and one autograd formula. Both are out-variant launchers
+of the records ``RMS_NORM_FWD`` and ``RMS_NORM_BWD`` (solar_kernels/ops/_registry.py), which
+allocate the outputs, pick the implementation and hold what the fakes allocate. The CUDA twins
+implement the llama mode with a weight and no offset: for any other option ``backend="auto"`` (or
+None) runs Triton (or torch where Triton does not run), and naming ``"cuda"`` is refused in one
+line naming the option.
 """
 
 from __future__ import annotations
@@ -65,11 +67,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._autotune import pick, register_kernel
 from .._backend import BACKENDS, TRITON_INTERPRETED, resolve_backend
 from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
 from ._autocast import autocast_on
 from ._common import as_rows, cast_to, persistent_programs, warps_for
+from ._registry import Kernel, Op, register, register_op, rows_width
 
 OP = "rms_norm"
 CASTING_MODES = ("llama", "gemma", "none")
@@ -315,10 +317,9 @@ def _column_sum_kernel(PARTIAL, OUT, n_partials, n_cols, BLOCK_R: tl.constexpr, 
     tl.store(OUT + cols, cast_to(acc, OUT.dtype.element_ty), mask=col_mask)
 
 
-def _column_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column sums of ``partial`` [programs, d] (fp32) in ``dtype``, in one launch."""
+def _column_sum(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``partial`` [programs, d] (fp32) written into ``out`` [d] (its dtype), in one launch."""
     n_partials, n_cols = partial.shape
-    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
     # Under the interpreter each program is Python: a few wide programs instead of d / 32 narrow ones.
     block_n = triton.next_power_of_2(triton.cdiv(n_cols, 4)) if TRITON_INTERPRETED else _SUM_BLOCK_N
     block_r = triton.next_power_of_2(n_partials) if TRITON_INTERPRETED else _SUM_BLOCK_R
@@ -335,82 +336,143 @@ def _bwd_stages(block_elements: int, *inputs: torch.Tensor) -> int:
     return 1 + max(1, min(_BWD_MAX_PREFETCH, _BWD_PREFETCH_BYTES // block_bytes))
 
 
-def _tile(n_cols: int) -> Tuple[int, bool]:
+def _tile(n_cols: int) -> tuple[int, bool]:
     block_d = triton.next_power_of_2(n_cols)
     if block_d <= _MAX_TILE:
         return block_d, True
     return _MAX_TILE, False
 
 
-def _cuda_lacks(weight, offset, casting_mode, backend) -> str:
-    """The option of this launch the CUDA twin lacks ("" if none; the launch then may run CUDA).
-    The public API resolves such calls to torch or Triton; a direct ``backend="cuda"`` is refused."""
-    lacking = _non_default_option(weight, offset, casting_mode)
-    if lacking and backend == "cuda":
-        raise ValueError(f"{OP}: {lacking} is implemented by the 'torch', 'triton' backends only, got backend='cuda'")
-    return lacking
-
-
-def _rms_norm_fwd(x2d, weight, residual2d, eps, backend="triton", y_dtype=None, offset=0.0, casting_mode="llama"):
-    """(y, h, rstd) for rows x2d [N, d]; h is y itself without residual. y in ``y_dtype`` (default
-    x's; a wider one runs Triton, the CUDA twin writes x's dtype only)."""
-    n_rows, n_cols = x2d.shape
-    y_dtype = y_dtype or x2d.dtype
-    lacking = _cuda_lacks(weight, offset, casting_mode, backend)
-    if (not lacking and y_dtype == x2d.dtype
-            and pick(backend, "rms_norm_fwd", n_rows, n_cols, x2d.device) == "cuda"):
-        y, h, rstd = torch.ops.solar_kernels_C.rms_norm_fwd(x2d, weight, residual2d, eps)
-        return y, (h if residual2d is not None else y), rstd
-    y = torch.empty((n_rows, n_cols), dtype=y_dtype, device=x2d.device)
-    h = torch.empty_like(x2d, memory_format=torch.contiguous_format) if residual2d is not None else y
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+def _rms_norm_fwd_triton(x, weight, residual, y, h, rstd, eps, offset=0.0, casting_mode="llama") -> None:
+    """y, h = x + residual (with a residual; h is None without) and rstd of rows x [N, d], written
+    into them; y in its own dtype (x's, or wider under autocast)."""
+    n_rows, n_cols = x.shape
     block_d, single_tile = _tile(n_cols)
     block_m = max(1, min(64, _FWD_ELEMENTS // block_d)) if single_tile else 1
-    res = residual2d if residual2d is not None else x2d
+    res = residual if residual is not None else x
+    h = h if h is not None else y  # not written without a residual
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x2d, res, weight if weight is not None else x2d, y, h, rstd,
-        x2d.stride(0), res.stride(0), y.stride(0), h.stride(0),
+        x, res, weight if weight is not None else x, y, h, rstd,
+        x.stride(0), res.stride(0), y.stride(0), h.stride(0),
         n_rows, n_cols, eps, offset,
-        HAS_RESIDUAL=residual2d is not None, HAS_WEIGHT=weight is not None, MODE=_MODE_CODES[casting_mode],
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, MODE=_MODE_CODES[casting_mode],
         BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
         num_warps=warps_for(block_m * block_d),
     )
-    return y, h, rstd
 
 
-def _rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d, backend="triton", offset=0.0):
-    """(dx, dweight) for rows [N, d]; dh2d (the residual variant's gradient of h) is added to dx. A dy
-    wider than h (the promoted y under autocast) runs Triton: the CUDA twin takes dy in h's dtype.
-    The same for every casting mode (the modes' backwards differ only in roundings of fp32 values:
-    dy and x are read in fp32, rstd is the forward's). Without a weight dweight is None."""
-    n_rows, n_cols = h2d.shape
-    lacking = _cuda_lacks(weight, offset, "llama", backend)
-    if (not lacking and dy2d.dtype == h2d.dtype
-            and pick(backend, "rms_norm_bwd", n_rows, n_cols, h2d.device) == "cuda"):
-        return torch.ops.solar_kernels_C.rms_norm_bwd(dy2d, h2d, weight, rstd, dh2d)
-    dx = torch.empty((n_rows, n_cols), dtype=h2d.dtype, device=h2d.device)
+def _rms_norm_bwd_triton(dy, h, weight, rstd, dh, dx, dweight, offset=0.0) -> None:
+    """dx (+ dh, the residual variant's gradient of h, when given) and dweight (None without a weight)
+    for rows [N, d], written into them. The same for every casting mode (the modes' backwards differ
+    only in roundings of fp32 values: dy and x are read in fp32, rstd is the forward's)."""
+    n_rows, n_cols = h.shape
     block_d, single_tile = _tile(n_cols)
     block_m = max(1, min(16, _FWD_ELEMENTS // block_d)) if single_tile else 1
-    programs = persistent_programs(h2d.device, triton.cdiv(n_rows, block_m), per_sm=_BWD_PROGRAMS_PER_SM)
+    programs = persistent_programs(h.device, triton.cdiv(n_rows, block_m), per_sm=_BWD_PROGRAMS_PER_SM)
     rows_per_program = triton.cdiv(n_rows, programs)
     alloc = torch.empty if single_tile else torch.zeros
     has_weight = weight is not None
-    dw_partial = alloc((programs, n_cols) if has_weight else (1,), dtype=torch.float32, device=h2d.device)
-    dh = dh2d if dh2d is not None else dy2d
+    dw_partial = alloc((programs, n_cols) if has_weight else (1,), dtype=torch.float32, device=h.device)
+    dh_rows = dh if dh is not None else dy
     _rms_norm_bwd_kernel[(programs,)](
-        dy2d, h2d, weight if has_weight else h2d, rstd, dh, dx, dw_partial,
-        dy2d.stride(0), h2d.stride(0), dh.stride(0), dx.stride(0),
+        dy, h, weight if has_weight else h, rstd, dh_rows, dx, dw_partial,
+        dy.stride(0), h.stride(0), dh_rows.stride(0), dx.stride(0),
         n_rows, n_cols, rows_per_program, offset,
-        HAS_DH=dh2d is not None, HAS_WEIGHT=has_weight,
+        HAS_DH=dh is not None, HAS_WEIGHT=has_weight,
         BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
-        NUM_STAGES=_bwd_stages(block_m * block_d, dy2d, h2d, *([dh2d] if dh2d is not None else [])),
+        NUM_STAGES=_bwd_stages(block_m * block_d, dy, h, *([dh] if dh is not None else [])),
         num_warps=warps_for(block_m * block_d, _BWD_ELEMENTS_PER_THREAD),
     )
-    return dx, (_column_sum(dw_partial, weight.dtype) if has_weight else None)
+    if has_weight:
+        _column_sum(dw_partial, dweight)
 
 
 def _y_dtype(x: torch.Tensor, weight: torch.Tensor | None, promote: bool) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype) if promote and weight is not None else x.dtype
+
+
+def _fwd_outputs(x, weight, residual, *, promote=False):
+    """y [..., d] (x's dtype; with ``promote``, autocast's, the promotion of x's and weight's), h like x
+    (None without a residual) and rstd [rows] fp32."""
+    y = torch.empty(x.shape, dtype=_y_dtype(x, weight, promote), device=x.device)
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    return y, h, torch.empty(rows_width(x)[0], dtype=torch.float32, device=x.device)
+
+
+def _bwd_outputs(dy, h, weight, rstd, dh):
+    """dx like h and dweight like weight (None without a weight)."""
+    dweight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight is not None else None
+    return torch.empty(h.shape, dtype=h.dtype, device=h.device), dweight
+
+
+def _fwd_example(rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
+    return make(rows, width, dtype=dtype, device=device), make(width, dtype=dtype, device=device), None
+
+
+def _bwd_example(rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
+    dy, h = (make(rows, width, dtype=dtype, device=device) for _ in range(2))
+    rstd = make(rows, dtype=torch.float32, device=device)
+    return dy, h, make(width, dtype=dtype, device=device), rstd, None
+
+
+def _compile_launches(backward: bool):
+    """The launches the compile tool compiles for one record: SOLAR's rows (``rows`` x ``width``) and
+    rows too wide for registers (64 x 65536, the two-pass loop), each with and without a residual,
+    and in bf16 autocast's dtypes (bf16 x, fp32 weight: an fp32 y, so an fp32 dy)."""
+    kind = "bwd" if backward else "fwd"
+
+    def launches(rows: int, width: int, dtype: torch.dtype, make) -> list[tuple[str, bool, tuple, dict]]:
+        found = []
+        for n, d, solar in ((rows, width, True), (64, 65536, False)):
+            x, w, rstd = make(n, d, dtype=dtype), make(d, dtype=dtype), make(n, dtype=torch.float32)
+            for residual in (None, make(n, d, dtype=dtype)):
+                label = f"rms_norm{'+residual' if residual is not None else ''} {kind} d={d}"
+                found.append((label, solar, (x, x, w, rstd, residual) if backward else (x, w, residual),
+                              {} if backward else {"eps": 1e-5}))
+        if dtype == torch.bfloat16:
+            x, w32 = make(rows, width, dtype=dtype), make(width, dtype=torch.float32)
+            rstd = make(rows, dtype=torch.float32)
+            if backward:
+                found.append((f"rms_norm bwd d={width} fp32 dy, fp32 weight", True,
+                              (make(rows, width, dtype=torch.float32), x, w32, rstd, None), {}))
+            else:
+                found.append((f"rms_norm fwd d={width} fp32 weight -> fp32 y", True, (x, w32, None),
+                              {"eps": 1e-5, "promote": True}))
+        return found
+
+    return launches
+
+
+def _non_default_option(weight, offset=0.0, casting_mode="llama") -> str:
+    """The first option of this call that the CUDA twin does not implement, or "" when none."""
+    if casting_mode != "llama":
+        return f"casting_mode={casting_mode!r}"
+    if offset != 0:
+        return f"offset={offset!r}"
+    if weight is None:
+        return "weight=None"
+    return ""
+
+
+# (x, weight, residual) -> (y, h, rstd) and (dy, h, weight, rstd, dh) -> (dx, dweight), over rows
+# [N, d]; the CUDA ops (csrc/rms_norm.cu, rms_norm_host.cpp) implement the llama mode with a weight
+# and no offset, y in x's dtype (dy in h's), and take eps only.
+RMS_NORM_FWD = register(Kernel(
+    "rms_norm_fwd", "rms_norm", triton=_rms_norm_fwd_triton, rows_width=lambda x, *rest: rows_width(x),
+    example=_fwd_example, allocator=_fwd_outputs, allocate_options=("promote",), variants=({"eps": 1e-5},),
+    cuda_options=("eps",),
+    cuda_lacks=lambda x, weight, residual, offset=0.0, casting_mode="llama", **_: _non_default_option(
+        weight, offset, casting_mode),
+    cuda_takes=lambda x, weight, residual, y, h, rstd: y.dtype == x.dtype,
+    compile_launches=_compile_launches(backward=False),
+))
+RMS_NORM_BWD = register(Kernel(
+    "rms_norm_bwd", "rms_norm", triton=_rms_norm_bwd_triton, rows_width=lambda dy, h, *rest: rows_width(h),
+    example=_bwd_example, allocator=_bwd_outputs, cuda_options=(),
+    cuda_lacks=lambda dy, h, weight, rstd, dh, offset=0.0: _non_default_option(weight, offset),
+    cuda_takes=lambda dy, h, weight, rstd, dh, dx, dweight: dy.dtype == h.dtype,
+    compile_launches=_compile_launches(backward=True),
+))
 
 
 @torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
@@ -422,24 +484,17 @@ def _rms_norm_fwd_op(
     "triton", "cuda" or "auto" (decided per launch, forward and backward apart). ``promote``: y in
     the promotion of x's and weight's dtypes (autocast), else in x's."""
     n_cols = x.shape[-1]
-    y, h, rstd = _rms_norm_fwd(
-        as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None, eps, backend,
-        _y_dtype(x, weight, promote), offset, casting_mode,
+    y, h, rstd = RMS_NORM_FWD.launch(
+        backend, as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None,
+        eps=eps, offset=offset, casting_mode=casting_mode, promote=promote,
     )
-    if residual is None:
-        h = torch.empty(0, dtype=x.dtype, device=x.device)
-    return y.view(x.shape), h.view(x.shape) if residual is not None else h, rstd
+    return y.view(x.shape), (h.view(x.shape) if h is not None else x.new_empty(0)), rstd
 
 
 @_rms_norm_fwd_op.register_fake
 def _(x, weight, residual, eps, backend, promote=False, offset=0.0, casting_mode="llama"):
-    rows = x.numel() // x.shape[-1]
-    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_y_dtype(x, weight, promote)),
-        h,
-        x.new_empty(rows, dtype=torch.float32),
-    )
+    y, h, rstd = RMS_NORM_FWD.allocate(x, weight, residual, promote=promote)
+    return y, (h if h is not None else x.new_empty(0)), rstd
 
 
 @torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
@@ -449,17 +504,17 @@ def _rms_norm_bwd_op(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is empty without a weight (a custom op returns tensors only)."""
     n_cols = h.shape[-1]
-    dx, dw = _rms_norm_bwd(
-        as_rows(dy, n_cols), as_rows(h, n_cols), weight, rstd,
-        as_rows(dh, n_cols) if dh is not None else None, backend, offset,
+    dx, dw = RMS_NORM_BWD.launch(
+        backend, as_rows(dy, n_cols), as_rows(h, n_cols), weight, rstd,
+        as_rows(dh, n_cols) if dh is not None else None, offset=offset,
     )
     return dx.view(h.shape), (dw if dw is not None else h.new_empty(0))
 
 
 @_rms_norm_bwd_op.register_fake
 def _(dy, h, weight, rstd, dh, backend, offset=0.0):
-    dw = torch.empty_like(weight) if weight is not None else h.new_empty(0)
-    return torch.empty_like(h, memory_format=torch.contiguous_format), dw
+    dx, dw = RMS_NORM_BWD.allocate(dy, h, weight, rstd, dh)
+    return dx, (dw if dw is not None else h.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -484,23 +539,6 @@ def _backward(ctx, dy, dh, _drstd):
 torch.library.register_autograd("solar_kernels::rms_norm_fwd", _backward, setup_context=_setup_context)
 
 
-def _time_fwd(backend, rows, width, device):
-    x = torch.randn(rows, width, device=device, dtype=torch.bfloat16)
-    weight = torch.randn(width, device=device, dtype=torch.bfloat16)
-    return lambda: _rms_norm_fwd(x, weight, None, 1e-5, backend)
-
-
-def _time_bwd(backend, rows, width, device):
-    dy, x = (torch.randn(rows, width, device=device, dtype=torch.bfloat16) for _ in range(2))
-    weight = torch.randn(width, device=device, dtype=torch.bfloat16)
-    rstd = torch.rand(rows, device=device) + 0.5
-    return lambda: _rms_norm_bwd(dy, x, weight, rstd, None, backend)
-
-
-register_kernel("rms_norm_fwd", _time_fwd)
-register_kernel("rms_norm_bwd", _time_bwd)
-
-
 def _check_args(x, weight, residual, eps, offset, casting_mode):
     check_float_tensor(OP, "x", x)
     if weight is not None:
@@ -523,17 +561,6 @@ def _check_args(x, weight, residual, eps, offset, casting_mode):
     if weight is None and offset != 0:
         # Liger ignores offset without a weight; y = normed * (offset + weight) needs one.
         raise ValueError(f"{OP}: offset={offset!r} scales by (offset + weight) and needs a weight, got weight=None")
-
-
-def _non_default_option(weight, offset, casting_mode) -> str:
-    """The first option of this call that the CUDA twin does not implement, or "" when none."""
-    if casting_mode != "llama":
-        return f"casting_mode={casting_mode!r}"
-    if offset != 0:
-        return f"offset={offset!r}"
-    if weight is None:
-        return "weight=None"
-    return ""
 
 
 def rms_norm(
@@ -616,3 +643,13 @@ class RMSNorm(torch.nn.Module):
         if self.offset != 0 or self.casting_mode != "llama":
             options += f", offset={self.offset}, casting_mode={self.casting_mode!r}"
         return f"{self.hidden_size}, eps={self.variance_epsilon}{options}, backend={self.backend!r}"
+
+
+def _op_inputs(rows: int, width: int, dtype: torch.dtype, device, make=torch.randn):
+    """x and weight: the forward kernel's example without its residual."""
+    return _fwd_example(rows, width, dtype, device, make)[:2]
+
+
+# Rows are d = hidden_size wide.
+register_op(Op("rms_norm", rms_norm, rms_norm_ref, (RMS_NORM_FWD, RMS_NORM_BWD), width="d",
+               width_of=lambda config: config.hidden_size, inputs=_op_inputs))

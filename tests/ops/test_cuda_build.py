@@ -1,6 +1,6 @@
 """The CUDA C++ extension as CI sees it, without a GPU: it was built (when it can be), it imports,
-every op is registered with its schema for CUDA, the library carries sm_80 and sm_90a code, the
-fake implementations give the right outputs, and every argument check raises its RuntimeError
+every op is the out-variant CUDA op of a kernel record with its schema, the library carries sm_80
+and sm_90a code, the ops trace without fakes, and every argument check raises its RuntimeError
 (the ops are registered for CPU too, so the checks run here and end with "CUDA devices only")."""
 
 import os
@@ -19,17 +19,6 @@ pytestmark = pytest.mark.skipif(
     not CAN_BUILD, reason="no CUDA build of torch, no nvcc, or SOLAR_KERNELS_SKIP_CUDA=1: the extension is not built"
 )
 
-# The ops that allocate their outputs in C++ (not moved onto the registry yet); out-variant ops are
-# checked against their records (test_out_variant_schemas_match_their_records), so their schemas
-# are written in csrc/torch_bindings.cpp only.
-SCHEMAS = {
-    "rms_norm_fwd": "solar_kernels_C::rms_norm_fwd(Tensor x, Tensor weight, Tensor? residual, float eps) "
-                    "-> (Tensor y, Tensor h, Tensor rstd)",
-    "rms_norm_bwd": "solar_kernels_C::rms_norm_bwd(Tensor dy, Tensor h, Tensor weight, Tensor rstd, Tensor? dh) "
-                    "-> (Tensor dx, Tensor dweight)",
-}
-
-
 @pytest.fixture(scope="module")
 def ops():
     from solar_kernels import _cuda
@@ -39,10 +28,14 @@ def ops():
     return torch.ops.solar_kernels_C
 
 
-def test_every_op_is_registered_for_cuda(ops):
-    for name, schema in SCHEMAS.items():
-        assert str(getattr(ops, name).default._schema) == schema
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"solar_kernels_C::{name}", "CUDA"), name
+def test_every_op_is_an_out_variant_of_a_record(ops):
+    """Every op the extension registers is the CUDA op of a record (no op allocates its outputs in
+    C++, so none has a schema or a fake written outside csrc/torch_bindings.cpp)."""
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("solar_kernels_C::")}
+    assert registered == {k.cuda_op_name for k in _out_variant_kernels()}, registered
+    for name in registered:
+        assert getattr(ops, name).default._schema.returns == [], name
 
 
 def _out_variant_kernels():
@@ -56,7 +49,8 @@ def test_out_variant_schemas_match_their_records(ops):
     one written Tensor(x!) per output it allocates, then the non-tensor options it takes by name,
     returns nothing, and is implemented for CUDA."""
     kernels = _out_variant_kernels()
-    assert {"swiglu_fwd", "swiglu_bwd", "rotary", "logprobs"} <= {k.name for k in kernels}
+    names = {k.name for k in kernels}
+    assert {"rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary", "logprobs"} <= names
     for kernel in kernels:
         inputs = kernel.example(2, 8, torch.float32, "meta", torch.empty)
         outputs = kernel.allocate(*inputs)
@@ -66,7 +60,9 @@ def test_out_variant_schemas_match_their_records(ops):
         tensors = len(inputs) + len(outputs)
         assert schema.returns == [], (kernel.name, str(schema))
         assert len(arguments) == tensors + len(options), (kernel.name, str(schema))
-        assert all(str(a.type) == "Tensor" for a in arguments[:tensors]), (kernel.name, str(schema))
+        optional = [t is None for t in (*inputs, *outputs)]  # rms_norm's residual and h: Tensor?
+        expected_types = [("Optional[Tensor]" if o else "Tensor") for o in optional]
+        assert [str(a.type) for a in arguments[:tensors]] == expected_types, (kernel.name, str(schema))
         assert [a.name for a in arguments[tensors:]] == options, (kernel.name, str(schema))
         written = [a.alias_info is not None and a.alias_info.is_write for a in arguments]
         expected = [i in kernel.in_place for i in range(len(inputs))] + [True] * len(outputs) + [False] * len(options)
@@ -97,33 +93,21 @@ def _meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def test_fake_implementations(ops):
-    """Calling the ops on meta tensors runs the Python fakes: outputs as the C++ functions make them."""
-    x, w = _meta(6, 32), _meta(32, dtype=torch.float32)
-    y, h, rstd = ops.rms_norm_fwd(x, w, _meta(6, 32), 1e-5)
-    assert (y.shape, y.dtype, h.shape, rstd.shape, rstd.dtype) == ((6, 32), torch.bfloat16, (6, 32), (6,), torch.float32)
-    assert ops.rms_norm_fwd(x, w, None, 1e-5)[1].shape == (0,)
-    dx, dw = ops.rms_norm_bwd(x, x, w, _meta(6, dtype=torch.float32), None)
-    assert (dx.shape, dx.dtype, dw.shape, dw.dtype) == ((6, 32), torch.bfloat16, (32,), torch.float32)
-
-
-def test_fakes_let_the_ops_be_traced(ops):
-    """Fake-tensor tracing (what torch.compile does) runs the fakes, never the kernels; out-variant
-    ops (swiglu_fwd, logprobs_) trace with no fake at all."""
+def test_out_variant_ops_are_traced_without_fakes(ops):
+    """Fake-tensor tracing (what torch.compile does) never runs the kernels, and the out-variant ops
+    (swiglu_fwd, logprobs_) trace with no fake at all."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    def f(x, w, gate, logits, labels, rows):
-        y, _, rstd = ops.rms_norm_fwd(x, w, None, 1e-5)
+    def f(gate, logits, labels, rows):
         ops.logprobs_(logits, labels, rows, rows, rows, -100, True, True)
         swiglu = torch.empty_like(gate)
         ops.swiglu_fwd(gate, gate, swiglu)
-        return y.sum() + rstd.sum() + swiglu.sum() + logits.sum()
+        return swiglu.sum() + logits.sum()
 
-    args = (_cpu(4, 8), _cpu(8), _cpu(3, 8), _cpu(4, 10), torch.zeros(4, dtype=torch.long), _cpu(4))
+    args = (_cpu(3, 8), _cpu(4, 10), torch.zeros(4, dtype=torch.long), _cpu(4))
     graph = make_fx(f, tracing_mode="fake")(*args)
     called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-    assert {"solar_kernels_C.rms_norm_fwd.default", "solar_kernels_C.logprobs_.default",
-            "solar_kernels_C.swiglu_fwd.default"} <= called, called
+    assert {"solar_kernels_C.logprobs_.default", "solar_kernels_C.swiglu_fwd.default"} <= called, called
 
 
 def _cpu(*shape, dtype=torch.float32):
@@ -135,23 +119,49 @@ def _rotary_args(q, k, cos, sin, backward=False):
     return q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward
 
 
+def _rms_fwd_args(x, weight, residual=None, **given):
+    """rms_norm_fwd's arguments with y, h and rstd as the record allocates them, or as ``given``."""
+    outputs = {"y": torch.empty_like(x), "h": torch.empty_like(x) if residual is not None else None,
+               "rstd": x.new_empty(x.shape[0], dtype=torch.float32), **given}
+    return x, weight, residual, outputs["y"], outputs["h"], outputs["rstd"], 1e-5
+
+
+def _rms_bwd_args(dy, h, weight, rstd, **given):
+    outputs = {"dx": torch.empty_like(h), "dweight": torch.empty_like(weight), **given}
+    return dy, h, weight, rstd, None, outputs["dx"], outputs["dweight"]
+
+
 BAD_CALLS = [
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8, dtype=torch.float64), _cpu(8), None, 1e-5),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8, dtype=torch.float64), _cpu(8))),
      "x must be float32, float16 or bfloat16, got Double"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(7), None, 1e-5),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(7))),
      r"weight has 7 elements, expected 8 \(x.size\(1\)\)"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(8, 4).t(), _cpu(8), None, 1e-5),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(8, 4).t(), _cpu(8), y=_cpu(4, 8))),
      "x must have unit stride along its last dimension"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), _cpu(4, 8, dtype=torch.float16), 1e-5),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8), _cpu(4, 8, dtype=torch.float16))),
      "residual has dtype Half, expected Float"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), _cpu(4, 9), 1e-5),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8), _cpu(4, 9))),
      r"residual has shape \[4, 9\], expected \[4, 8\]"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), None, -1.0),
-     "eps must be non-negative"),
-    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(_cpu(4, 8), _cpu(4, 8), _cpu(8), _cpu(5), None),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8),
+                                                                 y=_cpu(4, 8, dtype=torch.bfloat16))),
+     r"y has dtype BFloat16, expected Float \(the dtype of x\)"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8), _cpu(4, 8), h=None)),
+     "h \\(x \\+ residual\\) is written exactly when residual is given, got a residual and no h"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8), _cpu(4, 8), h=_cpu(3, 8))),
+     r"h has shape \[3, 8\], expected \[4, 8\]"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8), rstd=_cpu(8)[::2])),
+     "rstd must be contiguous"),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(*_rms_bwd_args(_cpu(4, 8), _cpu(4, 8), _cpu(8), _cpu(5))),
      r"rstd has shape \[5\], expected \[4\]"),
-    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(_cpu(4, 8, dtype=torch.bfloat16), _cpu(4, 8), _cpu(8), _cpu(4), None),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(*_rms_bwd_args(_cpu(4, 8, dtype=torch.bfloat16), _cpu(4, 8), _cpu(8),
+                                                                 _cpu(4))),
      "dy has dtype BFloat16, expected Float"),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(*_rms_bwd_args(_cpu(4, 8), _cpu(4, 8), _cpu(8), _cpu(4),
+                                                                 dx=_cpu(4, 7))),
+     r"dx has shape \[4, 7\], expected \[4, 8\]"),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(*_rms_bwd_args(_cpu(4, 8), _cpu(4, 8), _cpu(8), _cpu(4),
+                                                                 dweight=_cpu(8, dtype=torch.float16))),
+     r"dweight has dtype Half, expected Float \(the dtype of weight\)"),
     ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5), _cpu(2, 4, 5), _cpu(5, 8), _cpu(5, 8))),
      r"q must be 4-D \[B, Hq, T, D\], got 3 dimensions"),
     ("rotary", lambda ops: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 7), _cpu(2, 2, 5, 7), _cpu(5, 7), _cpu(5, 7))),
@@ -201,7 +211,9 @@ def test_bad_arguments_raise_runtime_error_naming_the_op(ops, op, call, message)
 
 def test_good_arguments_on_cpu_say_cuda_only(ops):
     calls = {
-        "rms_norm_fwd": lambda: ops.rms_norm_fwd(_cpu(4, 8), _cpu(8), None, 1e-5),
+        "rms_norm_fwd": lambda: ops.rms_norm_fwd(*_rms_fwd_args(_cpu(4, 8), _cpu(8), _cpu(4, 8))),
+        "rms_norm_bwd": lambda: ops.rms_norm_bwd(*_rms_bwd_args(_cpu(4, 8), _cpu(4, 8), _cpu(8, dtype=torch.bfloat16),
+                                                                _cpu(4), dweight=_cpu(8, dtype=torch.bfloat16))),
         "rotary": lambda: ops.rotary(*_rotary_args(_cpu(2, 4, 5, 8), _cpu(2, 2, 5, 8), _cpu(5, 8), _cpu(1, 5, 8),
                                                    True)),
         "swiglu_bwd": lambda: ops.swiglu_bwd(*(_cpu(3, 4),) * 5),

@@ -5,13 +5,12 @@ reductions and NaN rules against the references.
 
 The .cu sources compile unchanged with g++ except for the launch syntax, rewritten from
 ``kernel<<<grid, block, smem, stream>>>(args)`` to ``solar_emu::launch(grid, block, smem, stream)(kernel, args)``.
-The torch-facing host functions (*_host.cpp) need a GPU; the wrappers below do what they do (the
-side-input dtype rule, output allocation where the op still allocates) and stand in for
-``torch.ops.solar_kernels_C``, so the public API runs with ``backend="cuda"`` on CPU tensors.
-Out-variant elementwise ops (the elementwise records of solar_kernels/ops/_registry.py) need no
-wrapper: their outputs come from the Python side, and their extern "C" launchers are called by name
-with a ``Rows`` block; rotary's and the log-prob row step's records are out-variant too, their
-wrappers only fill the typed argument blocks. What this
+The torch-facing host functions (*_host.cpp) need a GPU; every op is an out-variant of a record of
+solar_kernels/ops/_registry.py (its outputs come from the Python side), so what stands in for
+``torch.ops.solar_kernels_C`` here, letting the public API run with ``backend="cuda"`` on CPU
+tensors, is: the elementwise ops' extern "C" launchers, called by name with a ``Rows`` block (no
+wrapper), and for RMSNorm, rotary and the log-prob row step wrappers that fill their typed argument
+blocks (with the host functions' side-input dtype rule and RMSNorm's workspace). What this
 cannot check: speed, register use, memory ordering beyond barriers, and the host functions
 themselves (tests/ops/test_cuda_ops.py does on a GPU; their argument checks are tested in
 tests/ops/test_cuda_build.py).
@@ -29,7 +28,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels.ops import _registry
-from tests.helpers import check_logprobs, check_rms_norm, check_rotary, check_swiglu, rope_tables
+from tests.helpers import check_logprobs, check_rms_norm, check_rotary, check_swiglu, misaligned, rope_tables
 from tests.helpers import make_lm_head as make
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 
@@ -97,35 +96,28 @@ class EmulatedOps:
         self.lib = lib
         lib.emu_rms_norm_bwd_blocks.restype = ctypes.c_int64
 
-    def rms_norm_fwd(self, x, weight, residual, eps):
+    def rms_norm_fwd(self, x, weight, residual, y, h, rstd, eps):
+        """The out-variant rms_norm_fwd: y, h (given with a residual) and rstd written."""
         w = side_input(weight, x.dtype).contiguous()
-        rows, cols = x.shape
-        y = torch.empty(rows, cols, dtype=x.dtype)
-        h = torch.empty(rows, cols, dtype=x.dtype) if residual is not None else torch.empty(0, dtype=x.dtype)
-        rstd = torch.empty(rows)
         check(self.lib.emu_rms_norm_fwd(
-            CODES[x.dtype], int(w.dtype != x.dtype), ptr(x), ptr(residual), ptr(w), ptr(y),
-            ptr(h if residual is not None else None), ptr(rstd),
+            CODES[x.dtype], int(w.dtype != x.dtype), ptr(x), ptr(residual), ptr(w), ptr(y), ptr(h), ptr(rstd),
             *i64(x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-                 h.stride(0) if residual is not None else 0, rows, cols), ctypes.c_float(eps)), "rms_norm_fwd")
-        return y, h, rstd
+                 h.stride(0) if h is not None else 0, *x.shape), ctypes.c_float(eps)), "rms_norm_fwd")
 
-    def rms_norm_bwd(self, dy, h, weight, rstd, dh):
+    def rms_norm_bwd(self, dy, h, weight, rstd, dh, dx, dweight):
+        """The out-variant rms_norm_bwd: dx and dweight written, through the host function's
+        workspace (one fp32 row per block, poisoned here: every row must be written)."""
         w = side_input(weight, h.dtype).contiguous()
-        rows, cols = h.shape
-        dx = torch.empty(rows, cols, dtype=h.dtype)
-        dweight = torch.empty(cols, dtype=w.dtype)
-        pointers = (ptr(dy), ptr(h), ptr(w))
-        strides = i64(dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0), rows, cols)
-        blocks = self.lib.emu_rms_norm_bwd_blocks(CODES[h.dtype], int(w.dtype != h.dtype), *pointers, ptr(dh), ptr(dx),
-                                                  *strides)
-        partial = torch.full((blocks, cols), float("nan"))  # poisoned: every row must be written
-        check(self.lib.emu_rms_norm_bwd(
-            CODES[h.dtype], int(w.dtype != h.dtype), *pointers, ptr(rstd.contiguous()), ptr(dh), ptr(dx),
-            ptr(partial), ctypes.c_int64(blocks), ptr(dweight),
-            *i64(dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0), rows, cols)),
-            "rms_norm_bwd")
-        return dx, dweight.to(weight.dtype)
+        types = CODES[h.dtype], int(w.dtype != h.dtype)
+        strides = i64(dy.stride(0), h.stride(0), dh.stride(0) if dh is not None else 0, dx.stride(0), *h.shape)
+        blocks = self.lib.emu_rms_norm_bwd_blocks(*types, ptr(dy), ptr(h), ptr(w), ptr(dh), ptr(dx), *strides)
+        partial = torch.full((blocks, h.shape[1]), float("nan"))
+        direct = dweight.dtype == w.dtype and dweight.is_contiguous()
+        out = dweight if direct else torch.empty(h.shape[1], dtype=w.dtype)
+        check(self.lib.emu_rms_norm_bwd(*types, ptr(dy), ptr(h), ptr(w), ptr(rstd.contiguous()), ptr(dh), ptr(dx),
+                                        ptr(partial), ctypes.c_int64(blocks), ptr(out), *strides), "rms_norm_bwd")
+        if not direct:
+            dweight.copy_(out)
 
     def rotary(self, q, k, cos, sin, q_out, k_out, backward):
         """The out-variant rotary op: q' and k' written into q_out and k_out."""
@@ -172,26 +164,13 @@ def emulated(lib, monkeypatch):
 
     ops = EmulatedOps(lib)
     namespace = torch.ops.solar_kernels_C
-    for name in ("rms_norm_fwd", "rms_norm_bwd"):
-        monkeypatch.setattr(namespace, name, getattr(ops, name), raising=False)  # with or without _C built
-    for kernel in _registry.kernels():
-        if kernel.out_variant:  # an elementwise launcher by name, else its emulated host function above
-            name = kernel.cuda_op_name
-            monkeypatch.setattr(namespace, name, getattr(ops, name, None) or ops.out_variant(name), raising=False)
+    for kernel in _registry.kernels():  # an elementwise launcher by name, else its emulated host function above
+        name = kernel.cuda_op_name
+        monkeypatch.setattr(namespace, name, getattr(ops, name, None) or ops.out_variant(name), raising=False)
     real = backend.unavailable_reason
     monkeypatch.setattr(backend, "unavailable_reason",
                         lambda name, device: None if name == "cuda" else real(name, device))
     return ops
-
-
-def shifted(*shape, dtype, scale=1.0):
-    """A tensor one element into its buffer: not 16-byte aligned (the scalar path)."""
-    count = 1
-    for size in shape:
-        count *= size
-    tensor = (torch.randn(count + 1) * scale).to(dtype)[1:].view(shape)
-    assert tensor.data_ptr() % 16 != 0
-    return tensor
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -207,7 +186,8 @@ def test_rms_norm_strided_misaligned_and_mixed(emulated, dtype):
     d = 123
     x = torch.randn(17, 2 * d + 5).to(dtype)[:, 3:3 + d]  # row-strided view
     check_rms_norm(x, torch.randn(2 * d).to(dtype)[::2], backend="cuda")
-    check_rms_norm(shifted(9, 1024, dtype=dtype), shifted(1024, dtype=dtype), shifted(9, 1024, dtype=dtype), backend="cuda")
+    check_rms_norm(misaligned(9, 1024, dtype=dtype), misaligned(1024, dtype=dtype), misaligned(9, 1024, dtype=dtype),
+                   backend="cuda")
     check_rms_norm(torch.randn(4, 256).to(dtype), torch.randn(256), backend="cuda")  # fp32 weight
     check_rms_norm(torch.randn(4, 256).to(torch.bfloat16), torch.randn(256).half(), backend="cuda")  # widened
 
@@ -240,8 +220,9 @@ def test_rotary_layouts_tables_and_misaligned(emulated, dtype):
     general = torch.randn(5, 8), torch.randn(5, 8)  # halves differ: the backward must be the transpose
     check_rotary(torch.randn(1, 2, 5, 8).to(dtype), torch.randn(1, 1, 5, 8).to(dtype), *general, backend="cuda")
     table = rope_tables(torch.arange(7), 64, dtype=dtype)
-    check_rotary(shifted(1, 4, 7, 64, dtype=dtype), shifted(1, 2, 7, 64, dtype=dtype),
-                 shifted(7, 64, dtype=dtype).copy_(table[0]), shifted(7, 64, dtype=dtype).copy_(table[1]), backend="cuda")
+    check_rotary(misaligned(1, 4, 7, 64, dtype=dtype), misaligned(1, 2, 7, 64, dtype=dtype),
+                 misaligned(7, 64, dtype=dtype).copy_(table[0]), misaligned(7, 64, dtype=dtype).copy_(table[1]),
+                 backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -285,10 +266,10 @@ def _as_tuple(result):
 
 
 def test_every_out_variant_kernel_has_a_launcher_by_name(lib):
-    """Each out-variant record is bound (in torch_bindings.cpp and here) through solar_<name>, or
-    (rotary, logprobs_: not elementwise) through its emulated host function in EmulatedOps."""
-    names = [k.cuda_op_name for k in _registry.kernels() if k.out_variant]
-    assert {"swiglu_fwd", "swiglu_bwd", "rotary", "logprobs_"} <= set(names)
+    """Each record is bound (in torch_bindings.cpp and here) through solar_<name>, or (rms_norm_fwd,
+    rms_norm_bwd, rotary, logprobs_: not elementwise) through its emulated host function in EmulatedOps."""
+    names = [k.cuda_op_name for k in _registry.kernels()]
+    assert {"rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary", "logprobs_"} <= set(names)
     missing = [name for name in names if not hasattr(lib, f"solar_{name}") and not hasattr(EmulatedOps, name)]
     assert not missing, f"no SOLAR_ROWS_LAUNCHER(solar_<name>) in csrc/*.cu for {missing}"
 
@@ -306,7 +287,7 @@ def test_a_launcher_refuses_another_count_of_tensors(lib):
 def test_swiglu_halves_and_misaligned(emulated, dtype):
     gate, up = (torch.randn(2, 7, 2 * 123) * 2).to(dtype).chunk(2, dim=-1)
     check_swiglu(gate, up, backend="cuda")
-    check_swiglu(shifted(3, 2048, dtype=dtype, scale=3), shifted(3, 2048, dtype=dtype), backend="cuda")
+    check_swiglu(misaligned(3, 2048, dtype=dtype, scale=3), misaligned(3, 2048, dtype=dtype), backend="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

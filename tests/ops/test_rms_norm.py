@@ -151,7 +151,7 @@ def test_dweight_column_sum_is_one_kernel_in_weight_dtype(shape, dtype, device):
     from solar_kernels.ops.rms_norm import _column_sum
 
     partial = torch.randint(-64, 64, shape, device=device).float() / 8
-    out = _column_sum(partial, dtype)
+    out = _column_sum(partial, torch.empty(shape[1], dtype=dtype, device=device))
     assert out.dtype == dtype and out.shape == (shape[1],)
     assert torch.equal(out, partial.double().sum(0).to(dtype))
 
@@ -283,16 +283,16 @@ def test_cuda_backend_refuses_options_it_lacks(options, named, monkeypatch):
 
 
 def test_launchers_refuse_cuda_for_options_it_lacks():
-    """Direct callers of the launchers (tools, benchmarks) get the same refusal, never a silent switch."""
-    from solar_kernels.ops.rms_norm import _rms_norm_bwd, _rms_norm_fwd
+    """Direct callers of the records (tools, benchmarks) get the same refusal, never a silent switch."""
+    from solar_kernels.ops.rms_norm import RMS_NORM_BWD, RMS_NORM_FWD
 
     x, weight = torch.randn(4, 8), torch.randn(8)
     with pytest.raises(ValueError, match="rms_norm: offset=1.0 is implemented by the 'torch', 'triton' backends only"):
-        _rms_norm_fwd(x, weight, None, EPS, "cuda", offset=1.0)
+        RMS_NORM_FWD.launch("cuda", x, weight, None, eps=EPS, offset=1.0)
     with pytest.raises(ValueError, match="rms_norm: casting_mode='gemma' is implemented"):
-        _rms_norm_fwd(x, weight, None, EPS, "cuda", casting_mode="gemma")
+        RMS_NORM_FWD.launch("cuda", x, weight, None, eps=EPS, casting_mode="gemma")
     with pytest.raises(ValueError, match="rms_norm: weight=None is implemented"):
-        _rms_norm_bwd(x, x, None, torch.ones(4), None, "cuda")
+        RMS_NORM_BWD.launch("cuda", x, x, None, torch.ones(4), None)
 
 
 def test_auto_routes_options_away_from_cuda(monkeypatch):
