@@ -4,6 +4,7 @@ against Triton on the same inputs, misaligned inputs (the scalar fallback), bad 
 RuntimeError that names the op (and no illegal access after it), and the auto backend measuring,
 storing and reusing its choices."""
 
+import functools
 import importlib
 import json
 import math
@@ -14,6 +15,7 @@ import torch
 import solar_kernels as sk
 from solar_kernels import _autotune
 from solar_kernels.ops import _registry
+from tests import helpers
 from tests.helpers import check_logprobs, check_rms_norm, check_rotary, check_swiglu, rope_tables
 from tests.helpers import make_lm_head as make
 from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
@@ -21,6 +23,7 @@ from tests.tolerances import DTYPE_IDS, DTYPES, assert_close
 pytestmark = pytest.mark.gpu
 
 logprobs_module = importlib.import_module("solar_kernels.ops.linear_logprobs")
+RMS_NORM_FWD, RMS_NORM_BWD = _registry.KERNELS["rms_norm_fwd"], _registry.KERNELS["rms_norm_bwd"]
 
 
 @pytest.fixture
@@ -32,12 +35,17 @@ def rand(*shape, dtype=torch.bfloat16, scale=1.0):
     return torch.randn(*shape, device="cuda").mul_(scale).to(dtype)
 
 
-def misaligned(*shape, dtype=torch.bfloat16):
-    """A tensor starting one element into its buffer: not 16-byte aligned, so the kernels take
-    their scalar path."""
-    tensor = rand(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
-    assert tensor.data_ptr() % 16 != 0
-    return tensor
+# A tensor starting one element into its buffer: not 16-byte aligned, so the kernels take their scalar path.
+misaligned = functools.partial(helpers.misaligned, device="cuda")
+
+
+def rms_fwd_args(x, weight, residual=None):
+    """rms_norm_fwd's arguments, the outputs allocated by its record."""
+    return x, weight, residual, *RMS_NORM_FWD.allocate(x, weight, residual), 1e-5
+
+
+def rms_bwd_args(dy, h, weight, rstd, dh=None):
+    return dy, h, weight, rstd, dh, *RMS_NORM_BWD.allocate(dy, h, weight, rstd, dh)
 
 
 # ---- opcheck (bf16: each opcheck traces and compiles; the other dtypes run in the op tests) -------
@@ -45,11 +53,11 @@ def misaligned(*shape, dtype=torch.bfloat16):
 def test_opcheck_cuda_ops(ops, dtype=torch.bfloat16):
     x, r = rand(37, 4096, dtype=dtype), rand(37, 4096, dtype=dtype)
     for weight in (rand(4096, dtype=dtype), rand(4096, dtype=torch.float32)):
-        torch.library.opcheck(ops.rms_norm_fwd, (x, weight, None, 1e-5))
-        torch.library.opcheck(ops.rms_norm_fwd, (x, weight, r, 1e-5))
+        torch.library.opcheck(ops.rms_norm_fwd, rms_fwd_args(x, weight))
+        torch.library.opcheck(ops.rms_norm_fwd, rms_fwd_args(x, weight, r))
         rstd = torch.rand(37, device="cuda") + 0.5
-        torch.library.opcheck(ops.rms_norm_bwd, (r, x, weight, rstd, None))
-        torch.library.opcheck(ops.rms_norm_bwd, (r, x, weight, rstd, rand(37, 4096, dtype=dtype)))
+        torch.library.opcheck(ops.rms_norm_bwd, rms_bwd_args(r, x, weight, rstd))
+        torch.library.opcheck(ops.rms_norm_bwd, rms_bwd_args(r, x, weight, rstd, rand(37, 4096, dtype=dtype)))
     q = rand(2, 9, 8, 128, dtype=dtype).transpose(1, 2)  # [B, H, T, D] view of [B, T, H, D]
     k = rand(2, 2, 9, 128, dtype=dtype)
     cos, sin = rope_tables(torch.arange(9, device="cuda"), 128)
@@ -261,12 +269,18 @@ def test_many_rows_and_tokens(ops):
 # ---- bad input ----------------------------------------------------------------------------------
 
 BAD = [
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(4, 8), torch.randn(8), None, 1e-5), "weight is on cpu, expected cuda:0"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(torch.ones(4, 8, dtype=torch.int32, device="cuda"), rand(8), None, 1e-5),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*rms_fwd_args(rand(4, 8), torch.randn(8))),
+     "weight is on cpu, expected cuda:0"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*rms_fwd_args(torch.ones(4, 8, dtype=torch.int32, device="cuda"),
+                                                                rand(8))),
      "x must be float32, float16 or bfloat16, got Int"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(8, 4).t(), rand(8), None, 1e-5), "x must have unit stride"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(4, 8), rand(9), None, 1e-5), "weight has 9 elements, expected 8"),
-    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(rand(4, 8), rand(4, 8), rand(8), torch.rand(3, device="cuda"), None),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(8, 4).t(), rand(8), None, rand(4, 8), None, rand(4).float(), 1e-5),
+     "x must have unit stride"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*rms_fwd_args(rand(4, 8), rand(9))), "weight has 9 elements, expected 8"),
+    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(4, 8), rand(8), rand(4, 8), rand(4, 8), rand(4, 8).cpu(),
+                                                  rand(4).float(), 1e-5), "h is on cpu, expected cuda:0"),
+    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(*rms_bwd_args(rand(4, 8), rand(4, 8), rand(8),
+                                                                torch.rand(3, device="cuda"))),
      r"rstd has shape \[3\], expected \[4\]"),
     ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(6, 8), rand(5, 8), rand(1, 2, 5, 8),
                                       rand(1, 1, 5, 8), False), "cos must be"),
