@@ -66,6 +66,17 @@ __device__ __forceinline__ void store_normed(const float (&h)[VEC], float rstd, 
   store_pack<VEC>(y + col, out);
 }
 
+// body(k, v) for each pack k < CACHED that this thread keeps in registers, v = threadIdx.x + k * step
+// its index in the row, where it lies inside the row's n_vecs packs (unrolled: k is a constant).
+template <int CACHED, typename Body>
+__device__ __forceinline__ void for_cached_packs(int64_t step, int64_t n_vecs, Body&& body) {
+#pragma unroll
+  for (int k = 0; k < CACHED; ++k) {
+    const int64_t v = threadIdx.x + k * step;
+    if (v < n_vecs) body(k, v);
+  }
+}
+
 template <typename T, typename W, int VEC, bool RESIDUAL>
 __global__ void __launch_bounds__(kFwdMaxThreads) rms_norm_fwd_kernel(const RmsNormFwd<T, W> p) {
   __shared__ float scratch[32];
@@ -79,15 +90,11 @@ __global__ void __launch_bounds__(kFwdMaxThreads) rms_norm_fwd_kernel(const RmsN
 
   float cached[kFwdCached][VEC];
   float sum_sq = 0.f;
+  for_cached_packs<kFwdCached>(step, n_vecs, [&](int k, int64_t v) {
+    load_input<T, VEC, RESIDUAL>(x, residual, h, v * VEC, cached[k]);
 #pragma unroll
-  for (int k = 0; k < kFwdCached; ++k) {
-    const int64_t v = threadIdx.x + k * step;
-    if (v < n_vecs) {
-      load_input<T, VEC, RESIDUAL>(x, residual, h, v * VEC, cached[k]);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) sum_sq += cached[k][i] * cached[k][i];
-    }
-  }
+    for (int i = 0; i < VEC; ++i) sum_sq += cached[k][i] * cached[k][i];
+  });
   for (int64_t v = threadIdx.x + kFwdCached * step; v < n_vecs; v += step) {
     float vals[VEC];
     load_input<T, VEC, RESIDUAL>(x, residual, h, v * VEC, vals);
@@ -98,11 +105,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads) rms_norm_fwd_kernel(const RmsN
   const float rstd = accurate_rsqrt(mean_sq + p.eps);
   if (threadIdx.x == 0) p.rstd[row] = rstd;
 
-#pragma unroll
-  for (int k = 0; k < kFwdCached; ++k) {
-    const int64_t v = threadIdx.x + k * step;
-    if (v < n_vecs) store_normed<T, W, VEC>(cached[k], rstd, p.weight, y, v * VEC);
-  }
+  for_cached_packs<kFwdCached>(step, n_vecs,
+                               [&](int k, int64_t v) { store_normed<T, W, VEC>(cached[k], rstd, p.weight, y, v * VEC); });
   // Wide rows: re-read what did not fit in registers (h was written by this same thread).
   for (int64_t v = threadIdx.x + kFwdCached * step; v < n_vecs; v += step) {
     float vals[VEC];
@@ -144,21 +148,17 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const RmsN
     float dy_cached[kBwdCached][VEC];
     float n_cached[kBwdCached][VEC];
     float sum_gn = 0.f;
+    for_cached_packs<kBwdCached>(step, n_vecs, [&](int k, int64_t v) {
+      float w[VEC];
+      load_pack<VEC>(dy_row + v * VEC, dy_cached[k]);
+      load_pack<VEC>(x_row + v * VEC, n_cached[k]);
+      load_pack<VEC>(p.weight + v * VEC, w);
 #pragma unroll
-    for (int k = 0; k < kBwdCached; ++k) {
-      const int64_t v = threadIdx.x + k * step;
-      if (v < n_vecs) {
-        float w[VEC];
-        load_pack<VEC>(dy_row + v * VEC, dy_cached[k]);
-        load_pack<VEC>(x_row + v * VEC, n_cached[k]);
-        load_pack<VEC>(p.weight + v * VEC, w);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          n_cached[k][i] *= rstd;
-          sum_gn += dy_cached[k][i] * w[i] * n_cached[k][i];
-        }
+      for (int i = 0; i < VEC; ++i) {
+        n_cached[k][i] *= rstd;
+        sum_gn += dy_cached[k][i] * w[i] * n_cached[k][i];
       }
-    }
+    });
     for (int64_t v = threadIdx.x + kBwdCached * step; v < n_vecs; v += step) {
       float dy[VEC], x[VEC], w[VEC];
       load_pack<VEC>(dy_row + v * VEC, dy);
@@ -169,22 +169,18 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const RmsN
     }
     const float mean_gn = block_sum(sum_gn, scratch) / static_cast<float>(p.n_cols);
 
+    for_cached_packs<kBwdCached>(step, n_vecs, [&](int k, int64_t v) {
+      float w[VEC], dx[VEC];
+      load_pack<VEC>(p.weight + v * VEC, w);
+      if constexpr (HAS_DH) load_pack<VEC>(dh_row + v * VEC, dx);
 #pragma unroll
-    for (int k = 0; k < kBwdCached; ++k) {
-      const int64_t v = threadIdx.x + k * step;
-      if (v < n_vecs) {
-        float w[VEC], dx[VEC];
-        load_pack<VEC>(p.weight + v * VEC, w);
-        if constexpr (HAS_DH) load_pack<VEC>(dh_row + v * VEC, dx);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          const float value = rstd * (dy_cached[k][i] * w[i] - n_cached[k][i] * mean_gn);
-          dx[i] = HAS_DH ? dx[i] + value : value;
-          dw[k][i] += dy_cached[k][i] * n_cached[k][i];
-        }
-        store_pack<VEC>(dx_row + v * VEC, dx);
+      for (int i = 0; i < VEC; ++i) {
+        const float value = rstd * (dy_cached[k][i] * w[i] - n_cached[k][i] * mean_gn);
+        dx[i] = HAS_DH ? dx[i] + value : value;
+        dw[k][i] += dy_cached[k][i] * n_cached[k][i];
       }
-    }
+      store_pack<VEC>(dx_row + v * VEC, dx);
+    });
     for (int64_t v = threadIdx.x + kBwdCached * step; v < n_vecs; v += step) {
       float dy[VEC], n[VEC], w[VEC], dx[VEC], acc[VEC];
       load_pack<VEC>(dy_row + v * VEC, dy);
@@ -203,11 +199,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads) rms_norm_bwd_kernel(const RmsN
       store_pack<VEC>(partial + v * VEC, acc);
     }
   }
-#pragma unroll
-  for (int k = 0; k < kBwdCached; ++k) {
-    const int64_t v = threadIdx.x + k * step;
-    if (v < n_vecs) store_pack<VEC>(partial + v * VEC, dw[k]);
-  }
+  for_cached_packs<kBwdCached>(step, n_vecs, [&](int k, int64_t v) { store_pack<VEC>(partial + v * VEC, dw[k]); });
 }
 
 // dweight[col] = sum over blocks of partial[block, col], in fp32, in a fixed order (deterministic),

@@ -47,6 +47,15 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _row_tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile: its row indices (int64, so row * stride cannot
+    overflow) as a column, its column indices as a row, and the mask of those inside the rows."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    return rows, cols, (rows < n_rows) & (cols < n_cols)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     G, U, Y,
     stride_g_row, stride_u_row, stride_y_row,
@@ -54,13 +63,11 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    g = tl.load(G + rows[:, None] * stride_g_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows[:, None] * stride_u_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _row_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    g = tl.load(G + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u_row + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * u
-    tl.store(Y + rows[:, None] * stride_y_row + cols[None, :], cast_to(y, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows * stride_y_row + cols, cast_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -71,18 +78,16 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    dy = tl.load(DY + rows[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + rows[:, None] * stride_g_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows[:, None] * stride_u_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask = _row_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
+    dy = tl.load(DY + rows * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + rows * stride_u_row + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     du = dy * silu
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(DG + rows[:, None] * stride_dg_row + cols[None, :], cast_to(dg, DG.dtype.element_ty), mask=mask)
-    tl.store(DU + rows[:, None] * stride_du_row + cols[None, :], cast_to(du, DU.dtype.element_ty), mask=mask)
+    tl.store(DG + rows * stride_dg_row + cols, cast_to(dg, DG.dtype.element_ty), mask=mask)
+    tl.store(DU + rows * stride_du_row + cols, cast_to(du, DU.dtype.element_ty), mask=mask)
 
 
 def _blocks(n_rows: int, n_cols: int) -> Tuple[int, int, tuple]:
