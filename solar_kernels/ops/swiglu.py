@@ -56,18 +56,23 @@ def _row_tile(n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(
-    G, U, Y,
-    stride_g_row, stride_u_row, stride_y_row,
-    n_rows, n_cols,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _load(PTR, rows, cols, stride_row, mask):
+    """A tile of PTR's rows in fp32 (0 where masked)."""
+    return tl.load(PTR + rows * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(PTR, rows, cols, stride_row, mask, value):
+    """value (fp32) into a tile of PTR's rows, rounded once to PTR's dtype."""
+    tl.store(PTR + rows * stride_row + cols, cast_to(value, PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(G, U, Y, stride_g_row, stride_u_row, stride_y_row, n_rows, n_cols,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows, cols, mask = _row_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
-    g = tl.load(G + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows * stride_u_row + cols, mask=mask, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
-    tl.store(Y + rows * stride_y_row + cols, cast_to(y, Y.dtype.element_ty), mask=mask)
+    g = _load(G, rows, cols, stride_g_row, mask)
+    _store(Y, rows, cols, stride_y_row, mask, g * tl.sigmoid(g) * _load(U, rows, cols, stride_u_row, mask))
 
 
 @triton.jit
@@ -79,15 +84,14 @@ def _swiglu_bwd_kernel(
     BLOCK_N: tl.constexpr,
 ):
     rows, cols, mask = _row_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
-    dy = tl.load(DY + rows * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + rows * stride_g_row + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + rows * stride_u_row + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = _load(DY, rows, cols, stride_dy_row, mask)
+    g = _load(G, rows, cols, stride_g_row, mask)
+    u = _load(U, rows, cols, stride_u_row, mask)
     sig = tl.sigmoid(g)
-    silu = g * sig
-    du = dy * silu
+    du = dy * (g * sig)  # dy * silu(g)
     dg = dy * u * sig * (1.0 + g * (1.0 - sig))
-    tl.store(DG + rows * stride_dg_row + cols, cast_to(dg, DG.dtype.element_ty), mask=mask)
-    tl.store(DU + rows * stride_du_row + cols, cast_to(du, DU.dtype.element_ty), mask=mask)
+    _store(DG, rows, cols, stride_dg_row, mask, dg)
+    _store(DU, rows, cols, stride_du_row, mask, du)
 
 
 def _blocks(n_rows: int, n_cols: int) -> Tuple[int, int, tuple]:
