@@ -141,11 +141,11 @@ class Kernel:
         outputs, return the outputs."""
         outputs = self.allocate(*inputs, **options)
         options = {key: value for key, value in options.items() if key not in self.allocate_options}
-        if self.cuda_takes is not None and not self.cuda_takes(*inputs, *outputs):
-            self.triton(*inputs, *outputs, **options)
+        lacking = self.cuda_lacks(*inputs, **options) if self.cuda_lacks is not None else ""
+        if not lacking and self.cuda_takes is not None and not self.cuda_takes(*inputs, *outputs):
+            self.triton(*inputs, *outputs, **options)  # dtypes the twin has no code for: on any backend
             return outputs
         rows, width = self.rows_width(*inputs)
-        lacking = self.cuda_lacks(*inputs, **options) if self.cuda_lacks is not None else ""
         runs = not lacking and (self.cuda_runs is None or self.cuda_runs(*inputs, **options))
         if self.choose(backend, rows, width, inputs[0].device, cuda_runs=runs, lacking=lacking) == "cuda":
             if self.cuda_options is not None:
@@ -160,9 +160,9 @@ class Kernel:
         """The implementation a launch over rows x width runs: ``backend`` itself, or for "auto" this
         GPU's choice for the shape class; Triton where the CUDA twin does not run the launch
         (``cuda_runs`` False: an option it lacks, named by ``lacking`` where the record says which),
-        which a named "cuda" may not be."""
-        implementation = pick(backend, self.name, rows, width, device)
-        if implementation == "cuda" and not cuda_runs:
+        which a named "cuda" may not be; "auto" then asks nothing of this GPU's table (no timing
+        runs for a launch only one backend has)."""
+        if not cuda_runs:
             if backend == "cuda" and lacking:
                 raise ValueError(f"{self.family}: {lacking} is implemented by the 'torch', 'triton' backends only, "
                                  f"got backend='cuda'")
@@ -170,7 +170,7 @@ class Kernel:
                 raise ValueError(f"{self.name}: the CUDA kernel does not implement this launch's options, "
                                  f"got backend='cuda' (use 'triton' or 'auto')")
             return "triton"
-        return implementation
+        return pick(backend, self.name, rows, width, device)
 
     def make_case(self, backend: str, rows: int, width: int, device: torch.device) -> Callable[[], object]:
         """A callable running one launch of a bf16 problem of rows x width (what auto times)."""

@@ -163,6 +163,17 @@ def test_rms_norm_launches_the_cuda_twin_lacks_run_triton(cuda_choice):
     assert cuda_choice["rms_norm_fwd"].calls == [] and cuda_choice["rms_norm_bwd"].calls == []
 
 
+def test_a_launch_only_triton_has_asks_nothing_of_the_auto_table(monkeypatch):
+    """An option the CUDA twin lacks goes to Triton on "auto" without a lookup (which could time
+    both backends on a GPU), as the rms_norm launchers did before their records."""
+    module = importlib.import_module("solar_kernels.ops.rms_norm")
+    monkeypatch.setattr(_registry, "pick", lambda *args: pytest.fail(f"asked the auto table: {args}"))
+    x, weight = torch.randn(3, 16), torch.randn(16)
+    y, _, rstd = module.RMS_NORM_FWD.launch("auto", x, weight, None, eps=1e-5, casting_mode="gemma")
+    torch.testing.assert_close(y, sk.rms_norm_ref(x, weight, 1e-5, casting_mode="gemma"))
+    module.RMS_NORM_BWD.launch("auto", torch.randn(3, 16), x, None, rstd, None)
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_rms_norm_fakes_follow_the_records(residual):
     """torch.library.opcheck: the fakes (the records' allocators) agree with the real outputs."""

@@ -293,6 +293,9 @@ def test_launchers_refuse_cuda_for_options_it_lacks():
         RMS_NORM_FWD.launch("cuda", x, weight, None, eps=EPS, casting_mode="gemma")
     with pytest.raises(ValueError, match="rms_norm: weight=None is implemented"):
         RMS_NORM_BWD.launch("cuda", x, x, None, torch.ones(4), None)
+    # An option is refused by name before autocast's wider y would send the launch to Triton.
+    with pytest.raises(ValueError, match="rms_norm: offset=1.0 is implemented"):
+        RMS_NORM_FWD.launch("cuda", x.bfloat16(), weight, None, eps=EPS, offset=1.0, promote=True)
 
 
 def test_auto_routes_options_away_from_cuda(monkeypatch):
