@@ -59,7 +59,7 @@ from . import data as data_lib
 from . import demo_data, plots
 from .config import Config, validate
 from .demo_cli import MARKER, build_parser
-from .demo_real import held_out_loss, write_jsonl as _write_jsonl
+from .demo_real import held_out_loss, preference_accuracy, write_jsonl as _write_jsonl
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -182,18 +182,6 @@ def answer_accuracy(model_dir: Path, problems: list[dict], tokenizer) -> float:
     return sum(a == p["answer"] for a, p in zip(answers, problems)) / len(problems)
 
 
-@torch.no_grad()
-def preference_accuracy(model_dir: Path, pairs: list[dict], tokenizer, seq_len: int) -> float:
-    """Share of held-out pairs whose chosen answer has the higher log-prob under the model."""
-    model = load_pretrained(model_dir).eval()
-    examples = data_lib.dpo_examples(pairs, tokenizer, seq_len, seq_len // 2)
-    batch = data_lib.collate_dpo(examples, tokenizer.pad_token_id)
-    hidden = model(batch["input_ids"], return_hidden=True)
-    logps = sk.sequence_logprobs(hidden, model.lm_head.weight, batch["labels"])
-    n = len(examples)
-    return float((logps[:n] > logps[n:]).float().mean())
-
-
 def _stage_summary(history: list[dict]) -> dict[str, float]:
     return {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
             "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history), "steps": len(history)}
@@ -274,7 +262,8 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     for name, path in (("after sDPO", out / "sdpo" / "final"), ("after DPO", out / "dpo" / "final"),
                        ("merged (0.5/0.5)", out / "merged")):
         accuracy[name] = answer_accuracy(path, eval_problems, tokenizer)
-    preference = {name: preference_accuracy(path, eval_pairs, tokenizer, sizes["seq"]) for name, path in (
+    solar_pairs = [dict(pair, prompt=data_lib.solar_prompt(pair["prompt"])) for pair in eval_pairs]
+    preference = {name: preference_accuracy(path, solar_pairs, chat=False) for name, path in (
         ("SFT", out / "sft" / "final"), ("sDPO", out / "sdpo" / "final"), ("DPO", out / "dpo" / "final"),
         ("merged", out / "merged"))}
     timed("evaluation")

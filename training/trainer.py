@@ -166,7 +166,11 @@ def compute_context(config: Config, world: int, device: torch.device) -> Callabl
     compute = parse_dtype(config.model.dtype)
     if world > 1 or compute == parameter_dtype(config):
         return contextlib.nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=compute)
+    # With activation checkpointing autocast's weight cache is off: it would hold a compute-dtype copy
+    # of every weight until the forward ends (2 bytes/parameter), which checkpointing is there to avoid;
+    # the recomputation in backward casts again either way.
+    checkpointing = config.train.activation_checkpointing not in ("none", False)
+    return functools.partial(torch.autocast, device_type=device.type, dtype=compute, cache_enabled=not checkpointing)
 
 
 def make_optimizer(config: Config, params, device: torch.device) -> torch.optim.Optimizer:

@@ -22,7 +22,7 @@ from tests.helpers import write_tiny_gguf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_REPORT = ROOT / "docs" / "demo" / "report.md"
 TINY_SIZES = dict(seq=24, cpt=2, cpt_batch=2, eval_every=1, sft=2, sft_batch=2, sft_seq=48, dpo=1,
-                  dpo_batch=2, dpo_seq=48, pref_held_out=3, gen_tokens=3, sweep=(0, 1), drop=1, chat_held_out=3,
+                  dpo_batch=2, dpo_seq=48, dpo_lr=3e-5, pref_held_out=2, gen_tokens=3, sweep=(0, 1), drop=1, chat_held_out=3,
                   docs_held_out={"prose": 2, "verse": 1})
 WORDS = "the king river light answer garden number window letter morning question stone".split()
 
@@ -70,7 +70,8 @@ def test_real_recipe_on_a_stand_in(real_run):
     assert {m: v["layers"] for m, v in results["sweep"].items()} == {"0": 8, "1": 6}
     assert results["held_out_loss"]["DUS"] == results["sweep"]["1"]["loss"]
     assert json.loads((out / "upscaled" / "config.json").read_text())["num_hidden_layers"] == 6
-    assert json.loads((out / "cpt" / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"  # bf16 compute
+    # bf16 compute over fp32 masters, exported as the masters are
+    assert json.loads((out / "cpt" / "final" / "config.json").read_text())["torch_dtype"] == "float32"
     assert not (out / "sweep").exists() or not any((out / "sweep").iterdir())
     # the curve starts at the up-scaled model and has one point per eval_every steps
     assert results["cpt_curve"][0] == {"tokens": 0, "loss": results["held_out_loss"]["DUS"]}
@@ -79,6 +80,10 @@ def test_real_recipe_on_a_stand_in(real_run):
     assert all(len(replies) == len(demo_real.PROMPTS) for replies in results["generations"].values())
     assert set(results["preference_accuracy"]) == {"SFT", "DPO", "sDPO", "merged"}
     assert set(results["stages"]) == {"CPT", "SFT", "sDPO dpo-stage1", "sDPO dpo-stage2", "DPO"}
+    # every DPO stage evaluated the held-out pairs against its own reference (TRL's eval rewards/accuracies)
+    assert set(results["reward_accuracy"]) == {"sDPO dpo-stage1", "sDPO dpo-stage2", "DPO"}
+    assert all(0 <= value <= 1 for value in results["reward_accuracy"].values())
+    assert "| sDPO dpo-stage2 | " in report.read_text()
     assert 0 < results["peak_rss_gb"] < 64
     for name in ("heldout_loss.png", "stage_losses.png", "preference_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

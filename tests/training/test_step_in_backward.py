@@ -1,4 +1,5 @@
-"""``optim.step_in_backward`` (each parameter updated as its gradient completes) and ``train.export_dtype``.
+"""Memory and export settings of the trainer: ``optim.step_in_backward`` (each parameter updated as its
+gradient completes), autocast's weight cache under activation checkpointing, ``train.export_dtype``.
 
 The oracle for step_in_backward is the ordinary step (every gradient, then ``optimizer.step()``)
 with clipping off: the same AdamW arithmetic per parameter, so the weights must come out equal.
@@ -19,7 +20,7 @@ from training import stages
 from training.config import load_config
 from training.objectives import LanguageModeling, flops_per_token_fn
 from training.tokenizer import load_tokenizer
-from training.trainer import Trainer, parallelize, seed_everything
+from training.trainer import Trainer, compute_context, parallelize, seed_everything
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,12 @@ def test_a_bad_export_dtype_is_refused(workspace, tmp_path):
     values = pretrain_config(workspace, tmp_path / "run", export_dtype="fp8")
     with pytest.raises(ValueError, match="train.export_dtype must be auto, bfloat16, float16, float32, got 'fp8'"):
         load_config(write_config(tmp_path / "c.yaml", **values))
+
+
+@pytest.mark.parametrize("checkpointing, cache", [("none", True), ("full", False), ("selective", False)])
+def test_autocast_keeps_no_weight_copies_under_activation_checkpointing(workspace, tied_checkpoint, tmp_path,
+                                                                       checkpointing, cache):
+    config = config_for(workspace, tied_checkpoint, tmp_path / "run", step_in_backward=False, dtype="bfloat16",
+                        checkpointing=checkpointing)
+    with compute_context(config, 1, torch.device("cpu"))():
+        assert torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled() == cache
