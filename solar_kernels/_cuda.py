@@ -1,10 +1,12 @@
-"""The CUDA C++ extension ``solar_kernels._C``: loading it, which GPUs it has code for, and the fake
-implementations of its ops (``torch.ops.solar_kernels_C.*``, schemas in csrc/torch_bindings.cpp).
+"""The CUDA C++ extension ``solar_kernels._C``: loading it and which GPUs it has code for.
 
 ``import solar_kernels`` never imports the extension: ``load_error()`` tries once, when a backend
 decision first needs it, so an install without it (pure Triton/torch, CPU builds of torch) works as
-before. The fakes let ``torch.compile`` and ``torch.library.opcheck`` trace the ops; they must live
-in this module, which the C++ library names as its Python module (torch imports it on demand).
+before. Its ops (``torch.ops.solar_kernels_C.*``, schemas in csrc/torch_bindings.cpp) are all
+out-variants: the caller allocates the outputs by the contract of their record in
+solar_kernels/ops/_registry.py and the op returns nothing, so they need no fakes (torch traces them
+as writing their ``Tensor(a!)`` arguments). The C++ library still names this module as its Python
+module.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ _load_error: object = _NOT_TRIED  # None once loaded, else the reason it is not
 # keeps their result as a constant, instead of tracing an import (a graph break).
 @torch.compiler.assume_constant_result
 def load_error() -> Optional[str]:
-    """None when ``solar_kernels._C`` is loaded (ops and fakes registered), else why it is not."""
+    """None when ``solar_kernels._C`` is loaded (its ops registered), else why it is not."""
     global _load_error
     if _load_error is _NOT_TRIED:
         try:
@@ -36,7 +38,6 @@ def load_error() -> Optional[str]:
                 "builds it when torch is a CUDA build and nvcc is found"
             )
         else:
-            _register_fakes()
             _load_error = None
     return _load_error  # type: ignore[return-value]
 
@@ -81,25 +82,3 @@ def device_error(device: torch.device) -> Optional[str]:
         f"{EXTENSION} was built for {', '.join(archs)}, which cannot run on this sm_{major}{minor} GPU; "
         f"rebuild with SOLAR_KERNELS_CUDA_ARCHS={major}.{minor}"
     )
-
-
-def _register_fakes() -> None:
-    """Output shapes, dtypes and strides of each op that allocates its outputs in C++. Out-variant
-    ops (the caller allocates by the contract in solar_kernels/ops/_registry.py, the op returns
-    nothing, e.g. swiglu_fwd) need no fake: torch traces them as writing their Tensor(a!) arguments."""
-
-    @torch.library.register_fake("solar_kernels_C::rms_norm_fwd")
-    def _(x, weight, residual, eps):
-        rows, width = x.shape
-        h = x.new_empty(rows, width) if residual is not None else x.new_empty(0)
-        return x.new_empty(rows, width), h, x.new_empty(rows, dtype=torch.float32)
-
-    @torch.library.register_fake("solar_kernels_C::rms_norm_bwd")
-    def _(dy, h, weight, rstd, dh):
-        return h.new_empty(h.shape), weight.new_empty(weight.shape)
-
-
-# torch imports this module when it needs a fake the extension has not had registered yet (the
-# extension was imported directly): register them then.
-if EXTENSION in sys.modules and _load_error is _NOT_TRIED:
-    load_error()

@@ -300,7 +300,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
 
 # data.prompt_format: SOLAR's "### User:" format (docs/method.md#prompt-format) or the tokenizer's own chat template.
 PROMPT_FORMATS = ("solar", "chat_template")
-# data.packing_strategy (training/data.py: pack_examples).
+# data.packing_strategy (training/data/packing.py: pack_examples).
 PACKING_STRATEGIES = ("greedy", "bfd", "wrapped")
 # Fields that are shares, in [0, 1].
 _FRACTIONS = (("optim", "warmup_ratio"), ("optim", "min_lr_ratio"))

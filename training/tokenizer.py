@@ -6,7 +6,7 @@ ids out; everything else asks the tokenizer (``tokenizer.eos_token_id`` ...).
 
 A trained tokenizer is byte-level (GPT-2 style): every string is representable, so it needs no
 normalizer and ``decode(encode(text)) == text``. It adds no special tokens by itself (no bos on
-encode): the data pipeline (``training/data.py``) places eos at document ends where it wants it.
+encode): the data pipeline (``training/data/``) places eos at document ends where it wants it.
 """
 
 from __future__ import annotations

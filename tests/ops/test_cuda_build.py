@@ -95,19 +95,22 @@ def _meta(*shape, dtype=torch.bfloat16):
 
 def test_out_variant_ops_are_traced_without_fakes(ops):
     """Fake-tensor tracing (what torch.compile does) never runs the kernels, and the out-variant ops
-    (swiglu_fwd, logprobs_) trace with no fake at all."""
+    (every op: swiglu_fwd, logprobs_, rms_norm_fwd, ...) trace with no fake at all."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def f(gate, logits, labels, rows):
         ops.logprobs_(logits, labels, rows, rows, rows, -100, True, True)
         swiglu = torch.empty_like(gate)
         ops.swiglu_fwd(gate, gate, swiglu)
-        return swiglu.sum() + logits.sum()
+        y, rstd = torch.empty_like(gate), gate.new_empty(gate.shape[0])
+        ops.rms_norm_fwd(gate, gate[0], None, y, None, rstd, 1e-5)
+        return swiglu.sum() + logits.sum() + y.sum() + rstd.sum()
 
     args = (_cpu(3, 8), _cpu(4, 10), torch.zeros(4, dtype=torch.long), _cpu(4))
     graph = make_fx(f, tracing_mode="fake")(*args)
     called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-    assert {"solar_kernels_C.logprobs_.default", "solar_kernels_C.swiglu_fwd.default"} <= called, called
+    assert {"solar_kernels_C.logprobs_.default", "solar_kernels_C.swiglu_fwd.default",
+            "solar_kernels_C.rms_norm_fwd.default"} <= called, called
 
 
 def _cpu(*shape, dtype=torch.float32):
