@@ -3,11 +3,18 @@ argument, what was expected and what was given."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def is_finite_number(value: object) -> bool:
+    """``value`` is a finite real number (``int``, ``float``, ``numpy`` scalars, ``Fraction``), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_float_tensor(

@@ -16,10 +16,10 @@ dtype by the caller.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .._checks import is_finite_number
 
 # Marks a parameter without a default: every model (or the merge) must give it.
 REQUIRED = object()
@@ -42,7 +42,7 @@ class Parameter:
             if not isinstance(value, bool):
                 raise ValueError(f"{where}: {self.name} must be true or false, got {value!r}")
             return value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise ValueError(f"{where}: {self.name} must be a finite number, got {value!r}")
         if self.allowed is not None and not self.allowed(value):
             raise ValueError(f"{where}: {self.name} must be {self.expected}, got {value!r}")

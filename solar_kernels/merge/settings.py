@@ -19,9 +19,9 @@ The arithmetic is mergekit's, in Python floats, so a gradient gives the same val
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
+
+from .._checks import is_finite_number
 
 # A checked setting: a number/bool, a list of numbers, or a tuple of (filter | None, number | list).
 Setting = object
@@ -29,20 +29,16 @@ Setting = object
 _FILTER_KEYS = ("filter", "value")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_setting(where: str, value) -> Setting:
     """``value`` in the checked form, or a one-line ValueError naming ``where`` and what was given."""
-    if isinstance(value, bool) or _is_number(value):
+    if isinstance(value, bool) or is_finite_number(value):
         return value
     if isinstance(value, tuple) and value and all(isinstance(e, tuple) and len(e) == 2 for e in value):
         return tuple(_check_filter(f"{where}[{i}]", {"filter": f, "value": v}) for i, (f, v) in enumerate(value))
     if isinstance(value, Mapping):  # one {filter, value} entry: a one-item list (as mergekit)
         return (_check_filter(where, value),)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and value:
-        if all(_is_number(v) for v in value):
+        if all(is_finite_number(v) for v in value):
             return list(value)
         if all(isinstance(v, Mapping) for v in value):
             return tuple(_check_filter(f"{where}[{i}]", entry) for i, entry in enumerate(value))
@@ -74,8 +70,8 @@ def _check_filter(where: str, entry: Mapping) -> tuple[str | None, Setting]:
     if name_filter is not None and not isinstance(name_filter, str):
         raise ValueError(f"{where}: filter must be a piece of a tensor name (a string), got {name_filter!r}")
     value = entry["value"]
-    if not (isinstance(value, bool) or _is_number(value)
-            or (isinstance(value, list) and value and all(_is_number(v) for v in value))):
+    if not (isinstance(value, bool) or is_finite_number(value)
+            or (isinstance(value, list) and value and all(is_finite_number(v) for v in value))):
         raise ValueError(f"{where}: value must be a number or a gradient (a list of numbers), got {value!r}")
     return name_filter, value
 

@@ -75,7 +75,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from .._checks import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_same_device,
+    check_same_device_dtype,
+    check_shape,
+    is_finite_number,
+)
 
 OP = "dpo_loss"
 LOSS_TYPES = (
@@ -140,10 +147,6 @@ def _per_pair_loss(loss_type, pc, pr, rc, rr, c, r, beta, eps, chosen_lengths, r
     return -pc.sum() / chosen_lengths.to(pc.dtype).sum().clamp(min=1)
 
 
-def _is_real(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
 def check_loss_options(
     beta: float = 0.1,
     loss_type: str | Sequence[str] = "sigmoid",
@@ -171,12 +174,12 @@ def check_loss_options(
         if len(loss_weights) != len(loss_types):
             raise ValueError(f"{OP}: loss_weights has {len(loss_weights)} entries, expected {len(loss_types)} "
                              f"(one per loss_type {loss_types})")
-        if not all(_is_real(w) for w in loss_weights):
+        if not all(is_finite_number(w) for w in loss_weights):
             raise ValueError(f"{OP}: loss_weights must be finite floats, got {list(loss_weights)!r}")
 
-    if not _is_real(beta) or not beta > 0:
+    if not is_finite_number(beta) or not beta > 0:
         raise ValueError(f"{OP}: beta must be a positive float, got {beta!r}")
-    if not _is_real(label_smoothing) or not 0 <= label_smoothing < 0.5:
+    if not is_finite_number(label_smoothing) or not 0 <= label_smoothing < 0.5:
         raise ValueError(f"{OP}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and "sigmoid" in loss_types:
         raise ValueError(f"{OP}: loss_type 'sigmoid' ignores label_smoothing (TRL >= 0.29); for conservative DPO "
@@ -187,7 +190,7 @@ def check_loss_options(
     if "exo_pair" in loss_types and not label_smoothing > 0:
         raise ValueError(f"{OP}: loss_type 'exo_pair' needs label_smoothing in (0, 0.5) (the EXO paper uses 1e-3), "
                          f"got {label_smoothing!r}")
-    if not _is_real(discopop_tau) or not discopop_tau > 0:
+    if not is_finite_number(discopop_tau) or not discopop_tau > 0:
         raise ValueError(f"{OP}: discopop_tau must be a positive float, got {discopop_tau!r}")
     return loss_types
 
@@ -212,7 +215,7 @@ def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_reje
             raise ValueError(f"{OP}: bco_delta must be a float or a 0-d float tensor, got a {bco_delta.dtype} "
                              f"tensor of shape {tuple(bco_delta.shape)}")
         check_same_device(OP, "policy_chosen", policy_chosen, bco_delta=bco_delta)
-    elif not _is_real(bco_delta):
+    elif not is_finite_number(bco_delta):
         raise ValueError(f"{OP}: bco_delta must be a finite float, got {bco_delta!r}")
 
     lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}

@@ -89,7 +89,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Optional, Tuple
 
@@ -99,7 +98,12 @@ import triton.language as tl
 
 from .._backend import BACKEND_ENV_VAR, resolve_backend
 from .._checks import (
-    FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape,
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_same_device,
+    check_same_device_dtype,
+    check_shape,
+    is_finite_number,
 )
 from ._autocast import autocast_disabled, cast_like_linear
 from ._common import as_rows, cast_to
@@ -957,21 +961,17 @@ class CrossEntropyOutput:
     token_accuracy: Optional[torch.Tensor] = None
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_ce_options(
     op: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss, return_token_accuracy,
     vocab: int, device: torch.device, weight_name: str,
 ) -> tuple[float, float, Optional[float], Optional[torch.Tensor]]:
     """The cross-entropy options, checked before any work: (label_smoothing, lse_square_scale,
     softcap) as floats and the class weights as a contiguous fp32 [V] tensor (or None)."""
-    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+    if not is_finite_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not _is_number(lse_square_scale) or lse_square_scale < 0:
+    if not is_finite_number(lse_square_scale) or lse_square_scale < 0:
         raise ValueError(f"{op}: lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
-    if softcap is not None and (not _is_number(softcap) or softcap <= 0):
+    if softcap is not None and (not is_finite_number(softcap) or softcap <= 0):
         raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
     for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy)):
         if not isinstance(flag, bool):

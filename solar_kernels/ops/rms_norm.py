@@ -60,7 +60,6 @@ line naming the option.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -68,7 +67,14 @@ import triton
 import triton.language as tl
 
 from .._backend import BACKENDS, TRITON_INTERPRETED, resolve_backend
-from .._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_same_device_dtype, check_shape
+from .._checks import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_same_device,
+    check_same_device_dtype,
+    check_shape,
+    is_finite_number,
+)
 from ._autocast import autocast_on
 from ._common import as_rows, cast_to, persistent_programs, warps_for
 from ._registry import Kernel, Op, register, register_op, rows_width
@@ -556,7 +562,7 @@ def _check_args(x, weight, residual, eps, offset, casting_mode):
         raise ValueError(f"{OP}: eps must be a non-negative float, got {eps!r}")
     if casting_mode not in CASTING_MODES:
         raise ValueError(f"{OP}: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}")
-    if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+    if not is_finite_number(offset):
         raise ValueError(f"{OP}: offset must be a finite float, got {offset!r}")
     if weight is None and offset != 0:
         # Liger ignores offset without a weight; y = normed * (offset + weight) needs one.
