@@ -13,6 +13,7 @@ Environment:
     CUDA_HOME                           the CUDA toolkit (default: the one whose nvcc is on PATH)
     MAX_JOBS                            parallel compile jobs (default: from the cores and memory)
 """
+from __future__ import annotations
 
 import os
 import re

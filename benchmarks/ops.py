@@ -28,7 +28,8 @@ import torch
 from benchmarks.cases import Case, build_cases
 from benchmarks.common import ceilings, environment, format_table, peak_extra_bytes, rotation, time_ms, write_rows
 from solar_kernels.checkpoint import SHORT_DTYPE_NAMES, parse_dtype
-from training.plots import figure as _figure, save as _save
+from training.plots import figure as _figure
+from training.plots import save as _save
 
 logger = logging.getLogger(__name__)
 MODES = ("fwd", "bwd", "fwd+bwd")

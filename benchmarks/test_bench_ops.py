@@ -6,6 +6,7 @@
 Each round is synchronized with the device, so the wall clock pytest-benchmark reads is the GPU
 time of the work. ``python -m benchmarks.ops`` is the fuller report (CUDA events, GB/s, ceilings).
 """
+from __future__ import annotations
 
 import pytest
 import torch

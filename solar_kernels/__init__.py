@@ -38,8 +38,8 @@ def _import_public_names() -> None:
 
 
 def _import_submodules() -> None:
-    from ._backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend
     from . import ops
+    from ._backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend
     from .patch import patch_hf_model, unpatch_hf_model
 
     public = {"BACKENDS": BACKENDS, "BACKEND_ENV_VAR": BACKEND_ENV_VAR, "patch_hf_model": patch_hf_model,

@@ -35,7 +35,7 @@ import math
 import os
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -59,7 +59,7 @@ def shape_class(rows: int, width: int) -> str:
     return f"{width_name}/{rows_name}"
 
 
-def representative_shape(cls: str) -> Tuple[int, int]:
+def representative_shape(cls: str) -> tuple[int, int]:
     """(rows, width) of the problem timed for shape class ``cls``."""
     width_name, rows_name = cls.split("/")
     width = _REPRESENTATIVE_WIDTH[width_name]
@@ -107,13 +107,13 @@ class AutoBackend:
     """
 
     def __init__(self, device_name: str, version: str, measure: Callable[[str, str, str], float],
-                 cache_path: Optional[str] = None):
+                 cache_path: str | None = None):
         self.key = f"{device_name} | solar_kernels {version}"
         self.cache_path = cache_path or default_cache_path()
         self._measure = measure
         entry = _read_cache(self.cache_path).get(self.key, {})
         choices = entry.get("choices", {}) if isinstance(entry, dict) else {}
-        self.choices: Dict[str, Dict[str, str]] = {
+        self.choices: dict[str, dict[str, str]] = {
             kernel: {cls: b for cls, b in by_class.items() if b in CANDIDATES}
             for kernel, by_class in choices.items() if isinstance(by_class, dict)
         }
@@ -142,7 +142,7 @@ class AutoBackend:
             return math.inf
         return ms if ms >= 0 and not math.isnan(ms) else math.inf
 
-    def _store(self, kernel: str, cls: str, choice: str, timings: Dict[str, float]) -> None:
+    def _store(self, kernel: str, cls: str, choice: str, timings: dict[str, float]) -> None:
         # Re-read first: another process may have stored other classes since this one loaded.
         try:
             data = _read_cache(self.cache_path)
@@ -185,7 +185,7 @@ def _measure_on(device: torch.device) -> Callable[[str, str, str], float]:
     return measure
 
 
-_TUNERS: Dict[int, AutoBackend] = {}  # by CUDA device index
+_TUNERS: dict[int, AutoBackend] = {}  # by CUDA device index
 
 
 def _tuner(device: torch.device) -> AutoBackend:

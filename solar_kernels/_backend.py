@@ -20,7 +20,6 @@ between compiled and interpreted kernels when the kernels are defined.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -37,7 +36,7 @@ TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # merge and the checkpoint reader run without it.
 
 
-def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why implementation ``backend`` cannot run on ``device``, or ``None`` when it can."""
     if backend == "torch":
         return None
@@ -76,7 +75,7 @@ def _resolve_auto(device: torch.device, implemented: tuple[str, ...] = BACKENDS)
 
 
 def resolve_backend(
-    op: str, backend: Optional[str], device: torch.device, *, implemented: tuple[str, ...] = BACKENDS, option: str = ""
+    op: str, backend: str | None, device: torch.device, *, implemented: tuple[str, ...] = BACKENDS, option: str = ""
 ) -> str:
     """Turn the ``backend`` argument of ``op`` into ``"torch"``, ``"triton"``, ``"cuda"`` or ``"auto"``
     (the last only where both Triton and CUDA run on ``device``).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -18,7 +18,7 @@ def is_finite_number(value: object) -> bool:
 
 
 def check_float_tensor(
-    op: str, name: str, tensor: object, ndims: Optional[Iterable[int]] = None, dtypes=FLOAT_DTYPES
+    op: str, name: str, tensor: object, ndims: Iterable[int] | None = None, dtypes=FLOAT_DTYPES
 ) -> None:
     """``tensor`` is a non-empty tensor of one of ``dtypes`` with one of the ranks in ``ndims``."""
     if not isinstance(tensor, torch.Tensor):
@@ -32,7 +32,7 @@ def check_float_tensor(
         raise ValueError(f"{op}: {name} must not be empty, got shape {tuple(tensor.shape)}")
 
 
-def check_rank(op: str, name: str, tensor: torch.Tensor, ndims: Optional[Iterable[int]]) -> None:
+def check_rank(op: str, name: str, tensor: torch.Tensor, ndims: Iterable[int] | None) -> None:
     if ndims is None:
         if tensor.dim() == 0:
             raise ValueError(f"{op}: {name} must have at least 1 dimension, got a 0-d tensor")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import re
 import sys
-from typing import Optional, Tuple
 
 import torch
 
@@ -26,7 +25,7 @@ _load_error: object = _NOT_TRIED  # None once loaded, else the reason it is not
 # Backend resolution runs inside torch.compile'd code: Dynamo calls these two at trace time and
 # keeps their result as a constant, instead of tracing an import (a graph break).
 @torch.compiler.assume_constant_result
-def load_error() -> Optional[str]:
+def load_error() -> str | None:
     """None when ``solar_kernels._C`` is loaded (its ops registered), else why it is not."""
     global _load_error
     if _load_error is _NOT_TRIED:
@@ -42,12 +41,12 @@ def load_error() -> Optional[str]:
     return _load_error  # type: ignore[return-value]
 
 
-def built_archs() -> Tuple[str, ...]:
+def built_archs() -> tuple[str, ...]:
     """The targets the extension carries, e.g. ("sm_80", "sm_90a"); call after load_error() is None."""
     return tuple(sys.modules[EXTENSION].cuda_archs.split("+"))
 
 
-def runs_on(archs, capability: Tuple[int, int]) -> bool:
+def runs_on(archs, capability: tuple[int, int]) -> bool:
     """Whether a GPU of compute ``capability`` (major, minor) can run code built for ``archs``.
 
     ``sm_XY`` cubins run on major X with minor >= Y; ``sm_XYa`` (arch-specific, e.g. Hopper's sm_90a)
@@ -71,7 +70,7 @@ def runs_on(archs, capability: Tuple[int, int]) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def device_error(device: torch.device) -> Optional[str]:
+def device_error(device: torch.device) -> str | None:
     """None when the loaded extension has code for this CUDA device, else why not."""
     capability = torch.cuda.get_device_capability(device)
     archs = built_archs()

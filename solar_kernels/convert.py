@@ -242,7 +242,6 @@ def _plan_tensors(reader, config: ModelConfig, src: Path) -> list:
 def dequantize(tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A GGUF tensor as a float32 torch tensor of ``shape`` (Hugging Face order), in memory of its own."""
     import numpy as np
-
     from gguf.quants import dequantize as gguf_dequantize
 
     values = gguf_dequantize(tensor.data, tensor.tensor_type)

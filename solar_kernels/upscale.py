@@ -41,9 +41,11 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
 
 from .checkpoint import (
     CheckpointError,
@@ -57,7 +59,7 @@ from .model.config import check_architecture
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # mergekit passthrough's one parameter: a factor every tensor is multiplied by (None: unchanged).
 PASSTHROUGH_PARAMETERS = ("scale",)
@@ -94,7 +96,7 @@ class UpscaleReport:
         return self.bytes_written / 1e9 / max(self.seconds, 1e-9)
 
 
-def drop_plan(source: PathLike, num_layers: int, drop: int) -> List[Slice]:
+def drop_plan(source: PathLike, num_layers: int, drop: int) -> list[Slice]:
     """docs/method.md#dus-layer-plan: layers [0, n - m) then [m, n) of one checkpoint."""
     if isinstance(drop, bool) or not isinstance(drop, int) or drop <= 0 or 2 * drop >= num_layers:
         raise ValueError(
@@ -104,7 +106,7 @@ def drop_plan(source: PathLike, num_layers: int, drop: int) -> List[Slice]:
     return [Slice(Path(source), 0, num_layers - drop), Slice(Path(source), drop, num_layers)]
 
 
-def parse_slices(text: str, default_source: PathLike) -> List[Slice]:
+def parse_slices(text: str, default_source: PathLike) -> list[Slice]:
     """``"0:24,8:32"`` (layers of ``default_source``) or ``"path/a:0:24,path/b:8:32"``."""
     slices = []
     for item in text.split(","):
@@ -124,14 +126,14 @@ def parse_slices(text: str, default_source: PathLike) -> List[Slice]:
     return slices
 
 
-def slices_from_yaml(config_path: PathLike) -> Tuple[List[Slice], Optional[str]]:
+def slices_from_yaml(config_path: PathLike) -> tuple[list[Slice], str | None]:
     """(slices, dtype) from a mergekit passthrough YAML (read by ``merge.config.read_recipe``:
     model paths relative to the working directory, as mergekit; every key implemented or refused)."""
     recipe = _passthrough_recipe(config_path)
     return recipe[0], recipe[1]["dtype"]
 
 
-def _passthrough_parameters(where: str, parameters: Optional[dict]) -> Optional[dict]:
+def _passthrough_parameters(where: str, parameters: dict | None) -> dict | None:
     """Checked passthrough parameters (only ``scale``: a number, gradient or filters), or None."""
     from .merge.settings import check_parameters
 
@@ -140,7 +142,7 @@ def _passthrough_parameters(where: str, parameters: Optional[dict]) -> Optional[
     return check_parameters(where, parameters, PASSTHROUGH_PARAMETERS, "passthrough")
 
 
-def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:
+def _passthrough_recipe(config_path: PathLike) -> tuple[list[Slice], dict]:
     """(slices, depth_upscale keyword arguments) of a mergekit passthrough YAML."""
     from .merge.config import read_recipe
 
@@ -172,9 +174,9 @@ def _passthrough_recipe(config_path: PathLike) -> Tuple[List[Slice], dict]:
     return slices, kwargs
 
 
-def _layer_tensors(reader: CheckpointReader) -> Dict[int, Dict[str, str]]:
+def _layer_tensors(reader: CheckpointReader) -> dict[int, dict[str, str]]:
     """{layer: {suffix: tensor name}} for a checkpoint's decoder layers."""
-    layers: Dict[int, Dict[str, str]] = {}
+    layers: dict[int, dict[str, str]] = {}
     for name in reader.names():
         match = _LAYER.match(name)
         if match:
@@ -189,7 +191,7 @@ def _open(path: PathLike) -> CheckpointReader:
     return reader
 
 
-def _check_plan(slices: Sequence[Slice], readers: Dict[Path, CheckpointReader], vocabularies_may_differ: bool) -> None:
+def _check_plan(slices: Sequence[Slice], readers: dict[Path, CheckpointReader], vocabularies_may_differ: bool) -> None:
     first = readers[slices[0].source]
     for path, reader in readers.items():
         for key in _ARCHITECTURE_KEYS:
@@ -216,22 +218,22 @@ def _check_plan(slices: Sequence[Slice], readers: Dict[Path, CheckpointReader], 
 
 
 def depth_upscale(
-    src: Optional[PathLike],
+    src: PathLike | None,
     dst: PathLike,
     *,
-    drop: Optional[int] = 8,
-    slices: Optional[Sequence[Slice]] = None,
-    dtype: Optional[str] = None,
-    out_dtype: Optional[str] = None,
-    parameters: Optional[dict] = None,
-    base_model: Optional[PathLike] = None,
-    tokenizer_source: Optional[PathLike] = None,
-    pad_to_multiple_of: Optional[int] = None,
-    tokens: Optional[dict] = None,
-    max_shard_size: Union[int, str] = "5GB",
+    drop: int | None = 8,
+    slices: Sequence[Slice] | None = None,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    parameters: dict | None = None,
+    base_model: PathLike | None = None,
+    tokenizer_source: PathLike | None = None,
+    pad_to_multiple_of: int | None = None,
+    tokens: dict | None = None,
+    max_shard_size: int | str = "5GB",
     force: bool = False,
     progress: bool = False,
-    recipe: Optional[str] = None,
+    recipe: str | None = None,
 ) -> UpscaleReport:
     """Write the up-scaled checkpoint to ``dst``: ``drop=m`` on ``src``, or an explicit slice plan.
 
@@ -296,7 +298,7 @@ def depth_upscale(
             raise ValueError(f"depth_upscale: scale for {input_name} must be a number, got {value!r}")
         return value
 
-    plan: List[Tuple[str, CheckpointReader, str, Optional[float]]] = []
+    plan: list[tuple[str, CheckpointReader, str, float | None]] = []
     outside_layers = [n for n in first.names() if not _LAYER.match(n)]
     head_from_last = {"model.norm.weight", "lm_head.weight", "lm_head.bias"}
     for name in outside_layers:
@@ -318,13 +320,13 @@ def depth_upscale(
                 raise CheckpointError(f"{last.path}: tensor {name!r} is missing")
             plan.append((name, last, name, scale_of(slices[-1], name, 0.0)))
 
-    def stored(reader, name) -> "torch.dtype":
+    def stored(reader, name) -> torch.dtype:
         source = reader.dtype(name)
         if not source.is_floating_point:
             return source
         return store_dtype or load_dtype or source
 
-    def out_shape(reader, name) -> Tuple[int, ...]:
+    def out_shape(reader, name) -> tuple[int, ...]:
         shape = tuple(reader.shape(name))
         return (vocabulary.rows, *shape[1:]) if vocabulary is not None and name in VOCABULARY_TENSORS else shape
 

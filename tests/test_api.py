@@ -1,4 +1,5 @@
 """The public API as a user meets it: names, output dtypes, and no input ever written."""
+from __future__ import annotations
 
 import pytest
 import torch

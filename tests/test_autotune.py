@@ -1,4 +1,5 @@
 """The auto backend's decisions, on the CPU: fake timings stand in for the GPU measurement."""
+from __future__ import annotations
 
 import importlib
 import json

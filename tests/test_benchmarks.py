@@ -1,5 +1,6 @@
 """The benchmark suite's CPU mode: every benchmark runs on tiny shapes, so CI catches a broken one.
 (Timings on the CPU mean nothing and are not judged; the structure of the results is.)"""
+from __future__ import annotations
 
 import json
 import os

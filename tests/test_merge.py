@@ -1,6 +1,7 @@
 """Tests for solar_kernels/merge.py: the per-tensor math against hand-computed and independent
 results, whole-checkpoint merges against the loaded state dicts, the YAML forms, the output
 directory (transformers loads it, shards, dtype, side files), atomicity and every bad input."""
+from __future__ import annotations
 
 import json
 import math

@@ -18,7 +18,6 @@ from solar_kernels.merge.task_arithmetic import bernoulli_sparsify, della_sparsi
 from tests.fixtures.mergekit import tiny
 from tests.helpers import make_checkpoint, tensors
 
-
 # ----------------------------------------------------------------------------------------------
 # Settings
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def test_tokenizer_tokens_entries_that_cannot_be_met_are_refused_before_work(mod
         "no source where one is needed": (
             {"w3": TokenSource(None, force=True)}, r"tokens\['w3'\]: a source is needed \(force: true is set\), got none"),
     }
-    for name, (tokens, message) in cases.items():
+    for tokens, message in cases.values():
         with pytest.raises(ValueError, match=message):
             merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="union", tokens=tokens, **kwargs)
     with pytest.raises(ValueError, match=r"tokens: '<x>' is not in the base vocabulary; adding tokens to source: base "

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import json
 import os
 import shutil
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from solar_kernels import checkpoint
 from solar_kernels.checkpoint import PARTIAL_MARKER, CheckpointError, CheckpointReader
 from solar_kernels.upscale import Slice, depth_upscale, parse_slices, upscale_from_yaml

@@ -11,6 +11,7 @@ the script turns caching off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) before CUDA star
 Prints one line per case and exits non-zero when a result is off (a relative error against the
 op's *_ref above a loose bound); memcheck itself reports any illegal access.
 """
+from __future__ import annotations
 
 import os
 import sys
@@ -22,10 +23,9 @@ import functools  # noqa: E402
 import torch  # noqa: E402
 
 import solar_kernels as sk  # noqa: E402
-from tests.helpers import misaligned  # noqa: E402
-
 from solar_kernels import selfcheck  # noqa: E402
 from solar_kernels.ops import _registry  # noqa: E402
+from tests.helpers import misaligned  # noqa: E402
 
 DEVICE = "cuda"
 BOUND = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}

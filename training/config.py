@@ -13,9 +13,10 @@ import json
 import os
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Union
 
 from solar_kernels.fields import at_least, below_minimum
 
@@ -23,13 +24,13 @@ from solar_kernels.fields import at_least, below_minimum
 @dataclass
 class ModelSection:
     # Hugging Face checkpoint directory to start from (what `solar upscale` writes, say).
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     # Or a solar_kernels preset ("tiny", "solar-10.7b", ...) initialized at random (pretraining from scratch).
-    preset: Optional[str] = None
+    preset: str | None = None
     # Tokenizer directory; None: the checkpoint's own (SPEC: tokenized with the checkpoint's tokenizer).
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     # Kernel backend for the model's ops (None: solar_kernels decides per device).
-    backend: Optional[str] = None
+    backend: str | None = None
     # Parameter dtype: bfloat16 on GPUs (FSDP2 reduces gradients in float32); float32 on the CPU.
     dtype: str = "bfloat16"
 
@@ -37,7 +38,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     # Local json/jsonl/parquet/text files (or a folder), or a Hugging Face hub dataset name.
-    train: Union[str, List[str]] = ""
+    train: str | list[str] = ""
     # Pretraining only: stream the dataset (large hub sets): rows are tokenized and packed on the fly,
     # in stream order (no shuffle), never held in memory; resume re-reads and skips what was consumed.
     streaming: bool = False
@@ -59,12 +60,12 @@ class DataSection:
     # DPO: tokens of prompt kept when prompt + response exceed seq_len (the prompt's end is kept).
     max_prompt_length: int = 512
     # Use only the first N examples (None: all); for smoke runs and the demo.
-    max_examples: Optional[int] = None
+    max_examples: int | None = None
     # Held-out split for train.eval_every (docs/training.md), one of: files in the format of data.train
     # (for sDPO one preference set evaluated in every stage), or a share of data.train's records set
     # aside before tokenization (by a permutation seeded with eval_seed, not train.seed, so the split
     # stays put when the training seed changes); held-out records are never trained on.
-    eval_path: Union[str, List[str]] = ""
+    eval_path: str | list[str] = ""
     eval_fraction: float = 0.0
     eval_seed: int = 0
 
@@ -74,7 +75,7 @@ class OptimSection:
     # Peak learning rate (AdamW). SOLAR's DPO used 5e-7 (Zephyr recipe); pretraining uses far larger.
     lr: float = 1e-5
     # AdamW betas, epsilon and decoupled weight decay.
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
     # Learning-rate shape after warmup: "cosine", "linear" or "constant".
@@ -119,7 +120,7 @@ class TrainSection:
     overwrite: bool = False
     # Recompute activations in backward (memory for compute): "none", "full" (keep only each block's
     # input), "selective" (keep matmul and attention outputs, recompute the cheap ops); true is "full".
-    activation_checkpointing: Union[bool, str] = "none"
+    activation_checkpointing: bool | str = "none"
     # Checkpoint every k-th block only (1: every block); the others keep all their activations.
     ac_every: int = 1
     # torch.compile each block.
@@ -145,14 +146,14 @@ class DPOSection:
     # "sigmoid" is plain DPO, conservative DPO with label_smoothing is "cdpo").
     beta: float = 0.1
     # One loss type, or several combined with loss_weights (RPO: [sigmoid, sft] with [1, alpha]).
-    loss_type: Union[str, List[str]] = "sigmoid"
+    loss_type: str | list[str] = "sigmoid"
     label_smoothing: float = 0.0
     # Weights of the loss types (None: 1 each), and discopop's temperature (TRL's default).
-    loss_weights: Optional[List[float]] = None
+    loss_weights: list[float] | None = None
     discopop_tau: float = 0.05
     # sDPO: preference data per stage, trained in order; each stage starts from and is referenced
     # against the model at the end of the previous one. Empty: one stage on data.train.
-    stages: List[Union[str, List[str]]] = field(default_factory=list)
+    stages: list[str | list[str]] = field(default_factory=list)
     # Order the stages easy to hard by the initial model's preference accuracy on each.
     order_by_accuracy: bool = False
 
@@ -180,7 +181,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ValueError as error:
                 errors.append(str(error))
         raise ValueError(errors[-1] if errors else f"{where}: unsupported value {value!r}")
-    if origin in (list, List):
+    if origin in (list, list):
         items = value if isinstance(value, (list, tuple)) else None
         if items is None:
             raise ValueError(f"{where}: expected a list, got {value!r}")
@@ -277,7 +278,7 @@ def read_yaml_or_json(path: Path, caller: str = "config") -> Any:
         raise ValueError(f"{caller}: {path}{where} not valid YAML ({_yaml_problem(error)})") from error
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """A Config from a YAML/JSON file (sections of keys), then ``--section.key=value`` overrides."""
     config = Config()
     if path is not None:

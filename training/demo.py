@@ -59,7 +59,8 @@ from . import data as data_lib
 from . import demo_data, plots
 from .config import Config, validate
 from .demo_cli import MARKER, build_parser
-from .demo_real import held_out_loss, preference_accuracy, write_jsonl as _write_jsonl
+from .demo_real import held_out_loss, preference_accuracy
+from .demo_real import write_jsonl as _write_jsonl
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 

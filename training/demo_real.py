@@ -30,7 +30,6 @@ import logging
 import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date

@@ -16,8 +16,6 @@ chunks of rows, so no ``[B, T, V]`` logits tensor exists there either.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,14 +23,13 @@ from torch import nn
 import solar_kernels as sk
 from solar_kernels.model import CausalLM
 
-
 # Rows of logits per chunk of the metrics pass: about 2**24 logits (64 MB in fp32) at a time.
 _LOGITS_PER_CHUNK = 1 << 24
 
 
 @torch.no_grad()
 def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     ignore_index: int = -100) -> Dict[str, torch.Tensor]:
+                     ignore_index: int = -100) -> dict[str, torch.Tensor]:
     """Per-token ``entropy``, ``is_top1`` and ``mean_logit`` of ``hidden @ weight.T`` ([B, T] each,
     fp32, 0 where ``labels == ignore_index``), as TRL 1.16's fused LM head computes them.
 
@@ -71,11 +68,11 @@ class LanguageModeling(nn.Module):
         self.packed = packed
 
     @staticmethod
-    def count(batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Labeled tokens, as a tensor on the batch's device (reading it would wait for the device)."""
         return (batch["labels"] != -100).sum()
 
-    def forward(self, input_ids, labels, position_ids=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def forward(self, input_ids, labels, position_ids=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = self.model(input_ids, position_ids=position_ids if self.packed else None, return_hidden=True)
         loss = sk.linear_cross_entropy(hidden, self.model.lm_head.weight, labels, reduction="sum",
                                        backend=self.model.config.backend)
@@ -108,7 +105,7 @@ class DirectPreference(nn.Module):
         self.loss_weights, self.discopop_tau = loss_weights, discopop_tau
 
     @staticmethod
-    def count(batch: Dict[str, torch.Tensor]) -> int:
+    def count(batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
     def forward(self, input_ids, labels, reference_logps=None, position_ids=None):
@@ -143,7 +140,7 @@ class DirectPreference(nn.Module):
         return loss * pairs, metrics
 
 
-def flops_per_token_fn(config) -> "callable":
+def flops_per_token_fn(config) -> callable:
     """FLOPs/token = 6 N (no input embedding, LM head included) + 12 L d T (docs/method.md#byte-and-flop-counts)."""
     n = config.num_parameters() - config.vocab_size * config.hidden_size
 

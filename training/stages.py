@@ -26,8 +26,8 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -36,10 +36,21 @@ from solar_kernels.model.hf import write_pretrained
 
 from . import data as data_lib
 from .config import Config, load_config
-from .tokenizer import load_tokenizer
 from .objectives import DirectPreference, LanguageModeling, flops_per_token_fn
-from .trainer import (Checkpointer, Trainer, TrainingError, TrainingInterrupted, barrier, compute_context, parallelize,
-                      parameter_dtype, prepare_output_dir, seed_everything, setup_distributed)
+from .tokenizer import load_tokenizer
+from .trainer import (
+    Checkpointer,
+    Trainer,
+    TrainingError,
+    TrainingInterrupted,
+    barrier,
+    compute_context,
+    parallelize,
+    parameter_dtype,
+    prepare_output_dir,
+    seed_everything,
+    setup_distributed,
+)
 
 logger = logging.getLogger(__name__)
 STAGES = ("pretrain", "sft", "dpo")
@@ -68,14 +79,14 @@ def tokenizer_path(config: Config) -> str:
     return path
 
 
-def _records(source, config: Config, *, streaming: bool = False, text_field: Optional[str] = None):
+def _records(source, config: Config, *, streaming: bool = False, text_field: str | None = None):
     records = data_lib.load_records(source, streaming=streaming, text_field=text_field)
     if config.data.max_examples is not None and not streaming:
         records = records.select(range(min(config.data.max_examples, len(records))))
     return records
 
 
-def split_records(source, config: Config, *, held_out: bool, text_field: Optional[str] = None):
+def split_records(source, config: Config, *, held_out: bool, text_field: str | None = None):
     """The records of ``source`` to train on (``held_out=False``) or to evaluate on: with
     ``data.eval_fraction`` its seeded held-out share (the two parts never overlap), else
     ``data.eval_path``'s records; None when there is no held-out split."""
@@ -100,7 +111,7 @@ def streaming_rows(config: Config, tokenizer):
     return rows
 
 
-def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_out: bool = False) -> Optional[List[Dict]]:
+def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_out: bool = False) -> list[dict] | None:
     """The training rows of data.train (``held_out``: of the held-out split; None without one)."""
     text_field = config.data.text_field if stage == "pretrain" else None
     records = split_records(config.data.train, config, held_out=held_out, text_field=text_field)
@@ -125,7 +136,7 @@ def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_ou
     return examples
 
 
-def preference_examples(source, config: Config, tokenizer, *, held_out: bool = False) -> Optional[List[Dict]]:
+def preference_examples(source, config: Config, tokenizer, *, held_out: bool = False) -> list[dict] | None:
     """The preference pairs of ``source`` (``held_out``: of the held-out split; None without one)."""
     records = split_records(source, config, held_out=held_out)
     if records is None:
@@ -135,7 +146,7 @@ def preference_examples(source, config: Config, tokenizer, *, held_out: bool = F
                                  prompt_format=config.data.prompt_format, source=where)
 
 
-def evaluation_batches(examples: Optional[List[Dict]], collate, config: Config, rank: int, world: int):
+def evaluation_batches(examples: list[dict] | None, collate, config: Config, rank: int, world: int):
     """A function giving a fresh iterator of the held-out batches (the same ones every time, in order):
     ``train.eval_steps`` batches, at most one pass (0: one pass; its last batch is completed with the
     first rows, as every batch of every process has batch_size rows); None without held-out rows."""
@@ -152,7 +163,7 @@ def evaluation_batches(examples: Optional[List[Dict]], collate, config: Config, 
     return batches
 
 
-def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: int, device, compute=None) -> List[Dict]:
+def _with_reference(examples: list[dict], objective, batch_size: int, pad_id: int, device, compute=None) -> list[dict]:
     """Each pair gets its reference log-probs: one no-grad pass of the current model (through the
     objective, so a sharded model works) over the pairs, in order, in the training compute dtype."""
     size = batch_size
@@ -168,14 +179,14 @@ def _with_reference(examples: List[Dict], objective, batch_size: int, pad_id: in
     return out
 
 
-def collate_preferences(examples: List[Dict], pad_id: int) -> Dict[str, torch.Tensor]:
+def collate_preferences(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = data_lib.collate_dpo(examples, pad_id)
     batch["reference_logps"] = torch.tensor([e["reference_chosen"] for e in examples]
                                             + [e["reference_rejected"] for e in examples], dtype=torch.float32)
     return batch
 
 
-def preference_accuracy(objective, examples: List[Dict], pad_id: int, batch_size: int, device, compute=None) -> float:
+def preference_accuracy(objective, examples: list[dict], pad_id: int, batch_size: int, device, compute=None) -> float:
     """Share of pairs whose chosen response has the higher log-prob (as the objective computes it)."""
     scored = _with_reference(examples, objective, batch_size, pad_id, device, compute)
     return sum(e["reference_chosen"] > e["reference_rejected"] for e in scored) / len(scored)
@@ -204,7 +215,7 @@ def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, r
     barrier()
 
 
-def run_stage(stage: str, config: Config) -> Dict[str, object]:
+def run_stage(stage: str, config: Config) -> dict[str, object]:
     """Train one stage (every sDPO stage for ``dpo``); returns each stage's per-step history."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -245,7 +256,7 @@ def run_stage(stage: str, config: Config) -> Dict[str, object]:
         order = sorted(range(len(runs)), key=lambda i: -accuracy[i])  # easy (high accuracy) first
         logger.info("sDPO: initial preference accuracy per stage %s; training order %s", accuracy, order)
         runs = [runs[i] for i in order]
-    histories: Dict[str, object] = {}
+    histories: dict[str, object] = {}
     for name, examples, held_out, collate, stage_dir in runs:
         if stage == "dpo":  # the model as it is now (the end of the previous stage) is the reference
             examples = _with_reference(examples, objective, config.train.batch_size, pad_id, device, compute)
@@ -279,7 +290,7 @@ def resume_command(stage: str, argv: Sequence[str]) -> str:
     return " ".join([launcher, *(shlex.quote(a) for a in kept), "--train.resume=true"])
 
 
-def _report_interrupt(name: str, interrupt: KeyboardInterrupt, config: Optional[Config], argv: Sequence[str]) -> None:
+def _report_interrupt(name: str, interrupt: KeyboardInterrupt, config: Config | None, argv: Sequence[str]) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     checkpoint = getattr(interrupt, "checkpoint", None)
@@ -291,7 +302,7 @@ def _report_interrupt(name: str, interrupt: KeyboardInterrupt, config: Optional[
     print(f"resume with: {resume_command(name, argv)}", file=sys.stderr)
 
 
-def main(stage: Optional[str] = None, argv: Optional[Sequence[str]] = None) -> int:
+def main(stage: str | None = None, argv: Sequence[str] | None = None) -> int:
     """``solar <stage>``: 0 when done, 2 with a one-line error for bad input, 130 on Ctrl-C (after
     saying where the last checkpoint is and how to resume)."""
     import yaml

@@ -46,9 +46,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -72,7 +72,7 @@ class TrainingError(RuntimeError):
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training: a KeyboardInterrupt that knows the step and the newest checkpoint."""
 
-    def __init__(self, name: str, step: int, checkpoint: Optional[Path]):
+    def __init__(self, name: str, step: int, checkpoint: Path | None):
         super().__init__(f"{name} interrupted at step {step}")
         self.name, self.step, self.checkpoint = name, step, checkpoint
 
@@ -298,12 +298,12 @@ class Checkpointer:
     def __init__(self, directory: Path, keep_last: int, rank: int):
         self.directory, self.keep_last, self.rank = Path(directory), keep_last, rank
 
-    def complete(self) -> List[Path]:
+    def complete(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
         return sorted(p for p in self.directory.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
-    def latest(self) -> Optional[Path]:
+    def latest(self) -> Path | None:
         found = self.complete()
         return found[-1] if found else None
 
@@ -456,10 +456,10 @@ class Trainer:
     they are evaluated every ``train.eval_every`` steps and after the last step.
     """
 
-    def __init__(self, config: Config, objective: torch.nn.Module, count: Callable[[Dict], object], stream,
+    def __init__(self, config: Config, objective: torch.nn.Module, count: Callable[[dict], object], stream,
                  *, rank: int, world: int, device: torch.device, flops_per_token: Callable[[int], float],
-                 output_dir: Optional[Path] = None, name: str = "train",
-                 evaluation: Optional[Callable[[], object]] = None):
+                 output_dir: Path | None = None, name: str = "train",
+                 evaluation: Callable[[], object] | None = None):
         self.config, self.objective, self.count, self.stream = config, objective, count, stream
         self.rank, self.world, self.device = rank, world, device
         self.flops_per_token = flops_per_token
@@ -469,7 +469,7 @@ class Trainer:
         self.num_tokens = 0  # real input tokens trained on so far, every process (TRL's num_tokens)
         self.params = [p for p in objective.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(config, self.params, device)
-        self._grad_norms: Optional[List[torch.Tensor]] = None  # step_in_backward's, while run() runs
+        self._grad_norms: list[torch.Tensor] | None = None  # step_in_backward's, while run() runs
         if config.optim.step_in_backward and world > 1:
             raise ValueError(f"config: optim.step_in_backward runs on one process (FSDP2 reduces gradients after "
                              f"backward), got {world} processes")
@@ -480,9 +480,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, steps, warmup, optim.schedule, optim.min_lr_ratio))
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.train.keep_last, rank)
-        self.history: List[Dict[str, float]] = []
-        self.metric_names: Optional[List[str]] = None
-        self._pending: List[_StepResult] = []
+        self.history: list[dict[str, float]] = []
+        self.metric_names: list[str] | None = None
+        self._pending: list[_StepResult] = []
         self._window_started = time.perf_counter()
         self._bar = None
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -504,7 +504,7 @@ class Trainer:
 
         return [param.register_post_accumulate_grad_hook(step) for param in self.params]
 
-    def _log(self, record: Dict[str, float]) -> None:
+    def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
         if self.rank != 0:
             return
@@ -565,7 +565,7 @@ class Trainer:
         temporary.write_text("".join(kept))
         os.replace(temporary, path)
 
-    def run(self) -> List[Dict[str, float]]:
+    def run(self) -> list[dict[str, float]]:
         config = self.config
         if not config.train.resume and (found := previous_run(self.output_dir)):
             raise TrainingError(f"{self.name}: {self.output_dir} already holds a run ({', '.join(p.name for p in found)}); "
@@ -675,7 +675,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _flush(self, evaluated: Optional[Dict[int, Dict[str, float]]] = None) -> None:
+    def _flush(self, evaluated: dict[int, dict[str, float]] | None = None) -> None:
         """Read the pending steps back from the device (one synchronization), log them (with the eval
         metrics of the steps in ``evaluated``), and stop on a NaN or infinite loss."""
         if not self._pending:
@@ -702,7 +702,7 @@ class Trainer:
             self._log(record)
 
 
-def _model_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch without ``attention_mask``: rows are right-padded and causal, so the objective needs
     no mask; the trainer counts the real tokens with it (``num_tokens``)."""
     return {k: v for k, v in batch.items() if k != "attention_mask"}
@@ -720,9 +720,9 @@ class _Totals:
     def __init__(self, device: torch.device):
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self.items, self.loss, self.tokens, self.slots = zero, zero, zero, zero
-        self.metrics: Dict[str, List[torch.Tensor]] = {}
+        self.metrics: dict[str, list[torch.Tensor]] = {}
 
-    def add(self, batch: Dict[str, torch.Tensor], items: torch.Tensor, loss: torch.Tensor, metrics: Dict) -> None:
+    def add(self, batch: dict[str, torch.Tensor], items: torch.Tensor, loss: torch.Tensor, metrics: dict) -> None:
         mask, slots = batch.get("attention_mask"), batch["input_ids"].numel()
         tokens = mask.sum().double() if mask is not None else slots
         self.items = self.items + items.double()
@@ -733,7 +733,7 @@ class _Totals:
             previous = self.metrics.get(key, [0, 0])
             self.metrics[key] = [previous[0] + total.detach().double(), previous[1] + torch.as_tensor(count).double()]
 
-    def vector(self, names: List[str]) -> torch.Tensor:
+    def vector(self, names: list[str]) -> torch.Tensor:
         """[items, loss, tokens, token slots, sum and count of each of ``names``] (float64, on the device)."""
         pairs = [part for name in names for part in self.metrics[name]]
         return torch.stack([self.items, self.loss, self.tokens, self.slots, *(torch.as_tensor(p, dtype=torch.float64,
@@ -741,7 +741,7 @@ class _Totals:
                                                                    for p in pairs)])
 
     @staticmethod
-    def means(values: List[float], names: List[str]) -> Dict[str, float]:
+    def means(values: list[float], names: list[str]) -> dict[str, float]:
         """{"loss", "num_tokens", "packing_efficiency", each name}: the loss per item, the real tokens,
         their share of the token slots, each metric per its count (0 when its count is 0, as TRL logs
         an empty batch)."""

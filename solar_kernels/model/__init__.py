@@ -1,4 +1,5 @@
 """The lean Llama/Mistral model: config, decoder, attention paths, generation, Hugging Face checkpoint interop."""
+from __future__ import annotations
 
 from .attention import ATTENTION_PATHS, choose_attention_path
 from .config import PRESETS, ModelConfig, preset

@@ -13,10 +13,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any
 
-from ..fields import at_least, below_minimum
 from ..checkpoint import check_config_types
+from ..fields import at_least, below_minimum
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
@@ -47,7 +47,7 @@ class ModelConfig:
     num_heads: int = at_least(1, 32)
     num_kv_heads: int = at_least(1, 8)
     # Per-head width; None means hidden_size // num_heads (derived in __post_init__).
-    head_dim: Optional[int] = None
+    head_dim: int | None = None
     # RoPE base; inverse frequencies theta^(-2j/head_dim).
     rope_theta: float = 10000.0
     # Longest position the model was trained for (informational; RoPE itself has no limit).
@@ -56,20 +56,20 @@ class ModelConfig:
     # Share the embedding matrix with the LM head (no lm_head.weight in checkpoints).
     tie_word_embeddings: bool = False
     # Mistral's sliding-window attention: a token sees at most this many positions back.
-    sliding_window: Optional[int] = None
+    sliding_window: int | None = None
     # Biases on q/k/v/o projections and on the MLP projections (both False in Llama and Mistral).
     attention_bias: bool = False
     mlp_bias: bool = False
     # "llama" or "mistral": the Hugging Face model_type and architecture written to config.json.
     model_type: str = "llama"
     initializer_range: float = 0.02
-    bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
-    pad_token_id: Optional[int] = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
     # Which kernels the model calls (None: solar_kernels picks per device; see solar_kernels._backend).
-    backend: Optional[str] = None
+    backend: str | None = None
     # config.json keys this class does not model, written back unchanged by to_hf_config.
-    hf_extra: Dict[str, Any] = field(default_factory=dict)
+    hf_extra: dict[str, Any] = field(default_factory=dict)
     # The keys the source config.json had (empty for a config not read from one): to_hf_config
     # writes a modeled key the source lacked only when its value differs from Hugging Face's default.
     hf_keys: tuple = ()
@@ -95,7 +95,7 @@ class ModelConfig:
             name, _, value = bad
             raise ValueError(f"ModelConfig: {name} must be a positive int, got {value!r}")
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         changes.setdefault("hf_extra", copy.deepcopy(self.hf_extra))
         return dataclasses.replace(self, **changes)
 
@@ -116,7 +116,7 @@ class ModelConfig:
     # ---------------------------------------------------------------- Hugging Face config.json
 
     @classmethod
-    def from_hf_config(cls, hf: Dict[str, Any], **overrides) -> "ModelConfig":
+    def from_hf_config(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
         """A config from a Hugging Face Llama/Mistral ``config.json`` dict."""
         check_config_types(hf, "from_hf_config: config.json")
         check_architecture(hf, "from_hf_config")
@@ -160,7 +160,7 @@ class ModelConfig:
         taken.update(overrides)
         return cls(**taken, hf_extra=hf, hf_keys=keys)
 
-    def to_hf_config(self) -> Dict[str, Any]:
+    def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` dict for this config; for one read by ``from_hf_config`` and not
         changed, exactly the dict it was read from."""
         out = copy.deepcopy(self.hf_extra)
@@ -203,7 +203,7 @@ class ModelConfig:
         return out
 
 
-PRESETS: Dict[str, ModelConfig] = {
+PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=4, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5),
     "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,

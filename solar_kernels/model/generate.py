@@ -7,15 +7,15 @@ Each row stops at its first EOS (which is kept in its output) or after ``max_new
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .transformer import CausalLM, KVCache
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: argmax when temperature is 0, else a filtered sample."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -41,12 +41,12 @@ def generate(
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    eos_token_id: Optional[int] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
     pad_token_id: int = 0,
-    generator: Optional[torch.Generator] = None,
-) -> List[List[int]]:
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
     """New tokens for each prompt (token id lists); ``eos_token_id`` defaults to the config's."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: prompts must be a non-empty list of non-empty token lists")
@@ -66,7 +66,7 @@ def generate(
         mask[row, longest - len(prompt):longest] = 1
     cache = KVCache(model.config, batch, longest + max_new_tokens, device=device, dtype=dtype)
     logits = model(ids, attention_mask=mask[:, :longest], cache=cache)[:, -1]
-    outputs: List[List[int]] = [[] for _ in range(batch)]
+    outputs: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Union
 
 import torch
 
@@ -31,11 +30,11 @@ _IGNORED_TENSORS = ("rotary_emb.inv_freq",)
 
 
 def load_pretrained(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
-    device: Union[str, torch.device] = "cpu",
-    dtype: Optional[Union[str, torch.dtype]] = None,
-    backend: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    backend: str | None = None,
 ) -> CausalLM:
     """A ``CausalLM`` from a Hugging Face Llama/Mistral directory; ``dtype`` None keeps the checkpoint's."""
     reader = CheckpointReader(path)
@@ -66,12 +65,12 @@ def load_pretrained(
 
 def save_pretrained(
     model: CausalLM,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
-    max_shard_size: Union[int, str] = "5GB",
-    dtype: Optional[Union[str, torch.dtype]] = None,
+    max_shard_size: int | str = "5GB",
+    dtype: str | torch.dtype | None = None,
     force: bool = False,
-    side_files_from: Optional[Union[str, os.PathLike]] = None,
+    side_files_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory at ``path`` (atomically; refuses an existing
     ``path`` unless ``force``). ``side_files_from`` copies tokenizer files from another checkpoint."""
@@ -81,14 +80,14 @@ def save_pretrained(
 
 
 def write_pretrained(
-    tensors: Dict[str, torch.Tensor],
+    tensors: dict[str, torch.Tensor],
     config: ModelConfig,
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
-    max_shard_size: Union[int, str] = "5GB",
-    dtype: Optional[Union[str, torch.dtype]] = None,
+    max_shard_size: int | str = "5GB",
+    dtype: str | torch.dtype | None = None,
     force: bool = False,
-    side_files_from: Optional[Union[str, os.PathLike]] = None,
+    side_files_from: str | os.PathLike | None = None,
 ) -> Path:
     """``save_pretrained`` for a state dict (e.g. gathered from an FSDP-sharded model) in HF names."""
     target_dtype = parse_dtype(dtype)

@@ -34,8 +34,15 @@ from torch import nn
 from ..ops.rms_norm import RMSNorm
 from ..ops.rotary import apply_rotary
 from ..ops.swiglu import SwiGLU
-from .attention import HAS_FLASH_ATTN, AttentionPlan, attend, build_attention_mask, choose_attention_path, \
-    document_bounds, plan_attention
+from .attention import (
+    HAS_FLASH_ATTN,
+    AttentionPlan,
+    attend,
+    build_attention_mask,
+    choose_attention_path,
+    document_bounds,
+    plan_attention,
+)
 from .config import ModelConfig
 
 __all__ = ["HAS_FLASH_ATTN", "Attention", "Block", "CausalLM", "Decoder", "KVCache", "LayerKVCache",
@@ -179,7 +186,7 @@ class CausalLM(nn.Module):
             self.tie_weights()
 
     @classmethod
-    def from_config(cls, config: ModelConfig, *, device="cpu", dtype=torch.float32, init: bool = True) -> "CausalLM":
+    def from_config(cls, config: ModelConfig, *, device="cpu", dtype=torch.float32, init: bool = True) -> CausalLM:
         """Build on the meta device, then allocate once on ``device`` (and initialize unless ``init=False``)."""
         with torch.device("meta"):
             model = cls(config).to(dtype)

@@ -14,7 +14,7 @@ on (the dispatcher passes it through), so bodies that call matmuls run them unde
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -42,7 +42,7 @@ def as_rows(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return rows
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

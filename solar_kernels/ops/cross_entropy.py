@@ -43,7 +43,6 @@ comes back in the logits' dtype.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
 
 import torch
 
@@ -85,8 +84,8 @@ def cross_entropy_ref(
     label_smoothing: float = 0.0,
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
-    softcap: Optional[float] = None,
-    weight: Optional[torch.Tensor] = None,
+    softcap: float | None = None,
+    weight: torch.Tensor | None = None,
     return_token_accuracy: bool = False,
 ):
     """The module docstring's math in plain PyTorch, on logits [..., V] and labels [...]: full
@@ -125,9 +124,9 @@ def cross_entropy_ref(
 @torch.library.custom_op("solar_kernels::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, backend: str,
-    class_weight: Optional[torch.Tensor], label_smoothing: float, lse_square_scale: float,
-    softcap: Optional[float], want_accuracy: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    class_weight: torch.Tensor | None, label_smoothing: float, lse_square_scale: float,
+    softcap: float | None, want_accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ce_t, zl_t, correct flag and log-sum-exp, fp32 [N]; the logits are only read."""
     rows, vocab = logits.shape
     options = ce_forward_options(rows, logits.device, class_weight, label_smoothing, softcap, want_accuracy)
@@ -150,8 +149,8 @@ def _(logits, labels, ignore_index, backend, class_weight, label_smoothing, lse_
 @torch.library.custom_op("solar_kernels::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(
     logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, ignore_index: int,
-    backend: str, softcap: Optional[float], class_weight: Optional[torch.Tensor],
-    grad_smooth: Optional[torch.Tensor], grad_z: Optional[torch.Tensor],
+    backend: str, softcap: float | None, class_weight: torch.Tensor | None,
+    grad_smooth: torch.Tensor | None, grad_z: torch.Tensor | None,
 ) -> torch.Tensor:
     """d loss / d logits [N, V] in the logits' dtype: a copy of the logits, overwritten by the row
     step from the saved log-sum-exp and the per-row coefficients (``ce_gradient``)."""
@@ -197,10 +196,10 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
-    softcap: Optional[float] = None,
-    weight: Optional[torch.Tensor] = None,
+    softcap: float | None = None,
+    weight: torch.Tensor | None = None,
     return_token_accuracy: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ):
     """Cross-entropy of ``logits`` [N, V] against ``labels`` [N] (module docstring): the loss in
     the logits' dtype, or a ``CrossEntropyOutput`` with ``return_z_loss``/``return_token_accuracy``."""

@@ -90,7 +90,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -125,7 +124,7 @@ def linear_logprobs_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """Plain PyTorch log-probs: full logits in the hidden dtype, upcast to fp32 (as HF does)."""
@@ -153,7 +152,7 @@ def linear_cross_entropy_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     **options,
@@ -173,7 +172,7 @@ def sequence_logprobs_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     average: bool = False,
 ) -> torch.Tensor:
@@ -305,15 +304,15 @@ class RowOptions:
     (module docstring) ``grad_smooth`` h and ``grad_z`` q, [C] contiguous fp32. Unset ones are off.
     """
 
-    softcap: Optional[float] = None
-    class_weight: Optional[torch.Tensor] = None
-    class_weight_sum: Optional[torch.Tensor] = None
-    smooth_sum: Optional[torch.Tensor] = None
-    correct: Optional[torch.Tensor] = None
-    grad_smooth: Optional[torch.Tensor] = None
-    grad_z: Optional[torch.Tensor] = None
+    softcap: float | None = None
+    class_weight: torch.Tensor | None = None
+    class_weight_sum: torch.Tensor | None = None
+    smooth_sum: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    grad_smooth: torch.Tensor | None = None
+    grad_z: torch.Tensor | None = None
 
-    def rows(self, start: int, end: int) -> "RowOptions":
+    def rows(self, start: int, end: int) -> RowOptions:
         def part(t):
             return t[start:end] if t is not None else None
 
@@ -503,13 +502,13 @@ def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 def _chunked_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     labels: torch.Tensor,
     ignore_index: int,
     chunk_rows: int,
     *,
-    lse: Optional[torch.Tensor] = None,
-    grad: Optional[torch.Tensor] = None,
+    lse: torch.Tensor | None = None,
+    grad: torch.Tensor | None = None,
     need_dhidden: bool = False,
     need_dweight: bool = False,
     need_dbias: bool = False,
@@ -560,7 +559,7 @@ def _chunked_pass(
     return logp, lse, (dhidden, dweight, dbias)
 
 
-def _or_empty(tensor: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else like.new_empty(0)
 
 
@@ -584,9 +583,9 @@ def _fake_gradients(
 
 @torch.library.custom_op("solar_kernels::linear_logprobs_fwd", mutates_args=())
 def _logprobs_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ignore_index: int, chunk_rows: int, backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend)
     return logp, lse
 
@@ -598,12 +597,12 @@ def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
 
 @torch.library.custom_op("solar_kernels::linear_logprobs_bwd", mutates_args=())
 def _logprobs_bwd_op(
-    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, chunk_rows: int,
     need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
-    softcap: Optional[float] = None, class_weight: Optional[torch.Tensor] = None,
-    grad_smooth: Optional[torch.Tensor] = None, grad_z: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    softcap: float | None = None, class_weight: torch.Tensor | None = None,
+    grad_smooth: torch.Tensor | None = None, grad_z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The trailing arguments are the cross-entropy options of the row step (RowOptions).
     options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
@@ -659,7 +658,7 @@ torch.library.register_autograd(
 )
 
 
-def _label_weights(labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor]) -> torch.Tensor:
+def _label_weights(labels: torch.Tensor, ignore_index: int, class_weight: torch.Tensor | None) -> torch.Tensor:
     """w_y per row, fp32 [N]: the label's class weight (1 without class weights), 0 where ignored."""
     valid = labels != ignore_index
     if class_weight is None:
@@ -674,8 +673,8 @@ def _per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def ce_gradient(
-    labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor], label_smoothing: float,
-    lse_square_scale: float, softcap: Optional[float], vocab: int,
+    labels: torch.Tensor, ignore_index: int, class_weight: torch.Tensor | None, label_smoothing: float,
+    lse_square_scale: float, softcap: float | None, vocab: int,
     grad_ce: torch.Tensor, grad_z: torch.Tensor,
 ) -> tuple[torch.Tensor, RowOptions]:
     """The per-row gradient arguments of the row step for d loss / d ce_t = ``grad_ce`` and
@@ -694,8 +693,8 @@ def ce_gradient(
 
 
 def ce_forward_options(
-    rows: int, device: torch.device, class_weight: Optional[torch.Tensor], label_smoothing: float,
-    softcap: Optional[float], want_accuracy: bool,
+    rows: int, device: torch.device, class_weight: torch.Tensor | None, label_smoothing: float,
+    softcap: float | None, want_accuracy: bool,
 ) -> RowOptions:
     """The row step's options for a forward pass, with its per-row outputs allocated."""
     return RowOptions(
@@ -708,8 +707,8 @@ def ce_forward_options(
 
 def ce_token_losses(
     logp: torch.Tensor, lse: torch.Tensor, options: RowOptions, labels: torch.Tensor, ignore_index: int,
-    class_weight: Optional[torch.Tensor], label_smoothing: float, lse_square_scale: float, vocab: int,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    class_weight: torch.Tensor | None, label_smoothing: float, lse_square_scale: float, vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row cross-entropy ce_t and z-loss (None when its scale is 0), fp32 [N], from a forward
     pass's log-probs, log-sum-exps and smoothing sums; 0 on ignored rows."""
     ce = -(1.0 - label_smoothing) * _label_weights(labels, ignore_index, class_weight) * logp
@@ -722,7 +721,7 @@ def ce_token_losses(
 
 def ce_row_outputs(
     logp: torch.Tensor, lse: torch.Tensor, options: RowOptions, labels: torch.Tensor, ignore_index: int,
-    class_weight: Optional[torch.Tensor], label_smoothing: float, lse_square_scale: float, vocab: int,
+    class_weight: torch.Tensor | None, label_smoothing: float, lse_square_scale: float, vocab: int,
     want_accuracy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_t, zl_t, correct), fp32 [N], as the per-row custom ops return them (``ce_token_losses``;
@@ -734,7 +733,7 @@ def ce_row_outputs(
 
 
 def ce_scales(
-    labels: torch.Tensor, ignore_index: int, class_weight: Optional[torch.Tensor], reduction: str,
+    labels: torch.Tensor, ignore_index: int, class_weight: torch.Tensor | None, reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(non-ignored count, scale of the summed ce_t, scale of the summed z-loss), fp32 scalars: for
     "mean" 1 / sum of w_y (the count without class weights) and 1 / count, 1 and 1 for "sum"; a
@@ -749,12 +748,12 @@ def ce_scales(
 
 @torch.library.custom_op("solar_kernels::linear_cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
     ignore_index: int, reduction: str, chunk_rows: int,
     need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
-    class_weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-    softcap: Optional[float] = None, want_accuracy: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    class_weight: torch.Tensor | None = None, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+    softcap: float | None = None, want_accuracy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scalar loss, z-loss and token accuracy and, when asked, the loss's gradients (computed now,
     scaled by the upstream grad later): dhidden in the hidden dtype, dweight and dbias as fp32
     accumulators, cast once in backward. z-loss and accuracy are 0 when not asked for."""
@@ -821,10 +820,10 @@ torch.library.register_autograd(
 
 @torch.library.custom_op("solar_kernels::linear_cross_entropy_tokens_fwd", mutates_args=())
 def _cross_entropy_tokens_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-    ignore_index: int, chunk_rows: int, backend: str, class_weight: Optional[torch.Tensor],
-    label_smoothing: float, lse_square_scale: float, softcap: Optional[float], want_accuracy: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int, chunk_rows: int, backend: str, class_weight: torch.Tensor | None,
+    label_smoothing: float, lse_square_scale: float, softcap: float | None, want_accuracy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loss (cross-entropy plus z-loss), z-loss, correct flag and log-sum-exp, fp32 [N];
     the gradients come in backward, from the saved log-sum-exp (4 matmuls in all, as log-probs)."""
     vocab = weight.shape[0]
@@ -937,10 +936,10 @@ def linear_logprobs(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
-    chunk_size: Optional[int] = None,
-    backend: Optional[str] = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T + bias)[label] per token, fp32, shaped like ``labels``.
 
@@ -957,14 +956,14 @@ class CrossEntropyOutput:
     z-loss; ``z_loss`` and ``token_accuracy`` are None unless asked for, and carry no gradient."""
 
     loss: torch.Tensor
-    z_loss: Optional[torch.Tensor] = None
-    token_accuracy: Optional[torch.Tensor] = None
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
 
 
 def check_ce_options(
     op: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss, return_token_accuracy,
     vocab: int, device: torch.device, weight_name: str,
-) -> tuple[float, float, Optional[float], Optional[torch.Tensor]]:
+) -> tuple[float, float, float | None, torch.Tensor | None]:
     """The cross-entropy options, checked before any work: (label_smoothing, lse_square_scale,
     softcap) as floats and the class weights as a contiguous fp32 [V] tensor (or None)."""
     if not is_finite_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
@@ -989,7 +988,7 @@ def check_ce_options(
     return float(label_smoothing), float(lse_square_scale), None if softcap is None else float(softcap), class_weight
 
 
-def backend_for_options(op: str, resolved: str, requested: Optional[str], active: list[str]) -> str:
+def backend_for_options(op: str, resolved: str, requested: str | None, active: list[str]) -> str:
     """The resolved backend, if it has the cross-entropy options in ``active`` (names): the CUDA
     C++ kernel has none. An explicit "cuda" is refused; "auto" that resolved to CUDA alone (no
     Triton here) runs the PyTorch backend; "auto" over both runs Triton (``_chunked_pass``)."""
@@ -1018,8 +1017,8 @@ def active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, 
 
 def check_ce_call(
     op: str, reduction: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss,
-    return_token_accuracy, vocab: int, device: torch.device, weight_name: str, backend: Optional[str],
-) -> tuple[float, float, Optional[float], Optional[torch.Tensor], str]:
+    return_token_accuracy, vocab: int, device: torch.device, weight_name: str, backend: str | None,
+) -> tuple[float, float, float | None, torch.Tensor | None, str]:
     """The cross-entropy ops' checks after their tensor checks, before any work: ``reduction``, the
     options (``check_ce_options``, as returned there) and the backend that has them (resolved, then
     ``backend_for_options``), which comes last in the tuple. ``weight_name``: the class weights'
@@ -1047,17 +1046,17 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     lse_square_scale: float = 0.0,
     return_z_loss: bool = False,
-    softcap: Optional[float] = None,
-    ce_weight: Optional[torch.Tensor] = None,
+    softcap: float | None = None,
+    ce_weight: torch.Tensor | None = None,
     return_token_accuracy: bool = False,
-    chunk_size: Optional[int] = None,
-    backend: Optional[str] = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
 ):
     """Cross-entropy of the LM head's logits against ``labels``, in fp32 (Liger-Kernel 0.8.5's
     ``liger_fused_linear_cross_entropy``; module docstring, "Cross-entropy options").
@@ -1096,11 +1095,11 @@ def sequence_logprobs(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     average: bool = False,
-    chunk_size: Optional[int] = None,
-    backend: Optional[str] = None,
+    chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Sum (or, with ``average=True``, mean) of token log-probs per row: hidden [B, T, d] -> [B], fp32.
 

@@ -60,8 +60,6 @@ line naming the option.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -483,9 +481,9 @@ RMS_NORM_BWD = register(Kernel(
 
 @torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
-    x: torch.Tensor, weight: Optional[torch.Tensor], residual: Optional[torch.Tensor], eps: float, backend: str,
+    x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, backend: str,
     promote: bool = False, offset: float = 0.0, casting_mode: str = "llama",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, rstd) shaped like x, x, [rows]; h is empty without residual. ``backend`` is
     "triton", "cuda" or "auto" (decided per launch, forward and backward apart). ``promote``: y in
     the promotion of x's and weight's dtypes (autocast), else in x's."""
@@ -505,9 +503,9 @@ def _(x, weight, residual, eps, backend, promote=False, offset=0.0, casting_mode
 
 @torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(
-    dy: torch.Tensor, h: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor, dh: Optional[torch.Tensor],
+    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, dh: torch.Tensor | None,
     backend: str, offset: float = 0.0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is empty without a weight (a custom op returns tensors only)."""
     n_cols = h.shape[-1]
     dx, dw = RMS_NORM_BWD.launch(

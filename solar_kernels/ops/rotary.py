@@ -40,8 +40,6 @@ picks the implementation and is what the fake uses.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -66,7 +64,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary_ref(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch rotary embedding (Hugging Face's ``apply_rotary_pos_emb``)."""
     cos = cos.to(q.dtype).unsqueeze(-3)  # [T, D] -> [1, T, D]; [B, T, D] -> [B, 1, T, D]
     sin = sin.to(q.dtype).unsqueeze(-3)
@@ -138,7 +136,7 @@ def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.preserve_format)
 
 
-def _batched_strides(table: torch.Tensor) -> Tuple[int, int, int]:
+def _batched_strides(table: torch.Tensor) -> tuple[int, int, int]:
     """(batch, token, column) strides of a cos/sin table; batch stride 0 for [T, D] and [1, T, D]."""
     if table.dim() == 2:
         return 0, table.stride(0), table.stride(1)
@@ -162,11 +160,11 @@ def _rotary_triton(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None
     )
 
 
-def _rotary_outputs(q, k, cos, sin) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rotary_outputs(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
     return _empty_like_layout(q), _empty_like_layout(k)
 
 
-def _rotary_rows_width(q, k, cos, sin) -> Tuple[int, int]:
+def _rotary_rows_width(q, k, cos, sin) -> tuple[int, int]:
     """auto's shape class: rows are tokens, each (Hq + Hkv) * D wide."""
     batch, n_heads_q, n_tokens, head_dim = q.shape
     return batch * n_tokens, (n_heads_q + k.shape[1]) * head_dim
@@ -194,7 +192,7 @@ ROTARY = register(Kernel("rotary", "rotary", triton=_rotary_triton, rows_width=_
 @torch.library.custom_op("solar_kernels::apply_rotary", mutates_args=())
 def _rotary_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, backend: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return ROTARY.launch(backend, q, k, cos, sin, backward=backward)
 
 
@@ -248,8 +246,8 @@ def apply_rotary(
     cos: torch.Tensor,
     sin: torch.Tensor,
     *,
-    backend: Optional[str] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, T, D] and k [B, Hkv, T, D] by per-token cos/sin ([T, D], [1, T, D] or [B, T, D]).
 
     Returns new tensors (q', k'). For the [B, T, H, D] layout pass ``q.transpose(1, 2)`` and

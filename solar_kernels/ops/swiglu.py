@@ -24,8 +24,6 @@ names (``gate_proj``, ``up_proj``, ``down_proj``) so ``LlamaMLP`` state dicts lo
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -94,7 +92,7 @@ def _swiglu_bwd_kernel(
     _store(DU, rows, cols, stride_du_row, mask, du)
 
 
-def _blocks(n_rows: int, n_cols: int) -> Tuple[int, int, tuple]:
+def _blocks(n_rows: int, n_cols: int) -> tuple[int, int, tuple]:
     block_n = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_N)
     block_m = max(1, _BLOCK_ELEMENTS // block_n)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
@@ -143,7 +141,7 @@ def _(gate, up, backend):
 @torch.library.custom_op("solar_kernels::swiglu_bwd", mutates_args=())
 def _swiglu_bwd_op(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     n_cols = gate.shape[-1]
     dg, du = SWIGLU_BWD.launch(backend, as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols))
     return dg.view(gate.shape), du.view(gate.shape)
@@ -169,7 +167,7 @@ def _backward(ctx, dy):
 torch.library.register_autograd("solar_kernels::swiglu_fwd", _backward, setup_context=_setup_context)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``silu(gate) * up`` for gate and up [..., I]; a new tensor in their dtype."""
     check_float_tensor(OP, "gate", gate)
     check_float_tensor(OP, "up", up)
@@ -188,7 +186,7 @@ class SwiGLU(torch.nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *,
-                 backend: Optional[str] = None, device=None, dtype=None):
+                 backend: str | None = None, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)

@@ -15,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from solar_kernels.model import CausalLM, preset
-from solar_kernels.model import attention
-from solar_kernels.model.attention import (attend, attention_ref, build_attention_mask,
-                                           choose_attention_path, document_bounds, plan_attention)
+from solar_kernels.model import CausalLM, attention, preset
+from solar_kernels.model.attention import (
+    attend,
+    attention_ref,
+    build_attention_mask,
+    choose_attention_path,
+    document_bounds,
+    plan_attention,
+)
 from tests.tolerances import rel_err
 
 CPU = torch.device("cpu")

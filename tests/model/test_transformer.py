@@ -1,10 +1,10 @@
+from __future__ import annotations
+
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from solar_kernels.model import CausalLM, KVCache, ModelConfig, load_pretrained, preset
-from solar_kernels.model import attention
+from solar_kernels.model import CausalLM, KVCache, ModelConfig, attention, load_pretrained, preset
 from solar_kernels.model.transformer import HAS_FLASH_ATTN, LayerKVCache, build_attention_mask
 from tests.tolerances import rel_err
 

@@ -3,6 +3,7 @@ and TRL run ``bf16=True``: forward and every gradient against the op's ``*_ref``
 autocast (both judged against float64), outputs in the reference's dtype, each gradient in its
 leaf's dtype, on every backend; backward outside the autocast region (the Trainer's way) and inside.
 """
+from __future__ import annotations
 
 import pytest
 import torch

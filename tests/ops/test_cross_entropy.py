@@ -1,6 +1,7 @@
 """cross_entropy (logits level) and linear_cross_entropy's options against Liger-Kernel 0.8.5's
 own outputs (tests/fixtures/liger/cross_entropy.safetensors), against torch.nn.functional's
 cross-entropy, and against a float64 computation; plus the refusals and bad-input errors."""
+from __future__ import annotations
 
 import importlib
 

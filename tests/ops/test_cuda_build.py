@@ -2,6 +2,7 @@
 every op is the out-variant CUDA op of a kernel record with its schema, the library carries sm_80
 and sm_90a code, the ops trace without fakes, and every argument check raises its RuntimeError
 (the ops are registered for CPU too, so the checks run here and end with "CUDA devices only")."""
+from __future__ import annotations
 
 import os
 import shutil

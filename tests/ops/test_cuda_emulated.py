@@ -15,6 +15,7 @@ cannot check: speed, register use, memory ordering beyond barriers, and the host
 themselves (tests/ops/test_cuda_ops.py does on a GPU; their argument checks are tested in
 tests/ops/test_cuda_build.py).
 """
+from __future__ import annotations
 
 import ctypes
 import importlib

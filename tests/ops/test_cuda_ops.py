@@ -3,6 +3,7 @@ backends through the ``kernel_backend`` fixture): ``torch.library.opcheck`` on e
 against Triton on the same inputs, misaligned inputs (the scalar fallback), bad input raising a
 RuntimeError that names the op (and no illegal access after it), and the auto backend measuring,
 storing and reusing its choices."""
+from __future__ import annotations
 
 import functools
 import importlib

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import math
 import re
 from pathlib import Path
@@ -131,7 +133,7 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
 
 def test_non_utf8_config_names_file_and_byte_offset(tmp_path):
     path = tmp_path / "run.yaml"
-    raw = "model:\n  preset: tiny\ntrain:\n  output_dir: runs/caf".encode() + b"\xe9\n"
+    raw = b"model:\n  preset: tiny\ntrain:\n  output_dir: runs/caf" + b"\xe9\n"
     path.write_bytes(raw)
     offset = raw.index(b"\xe9")
     assert one_line_error(path) == (

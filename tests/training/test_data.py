@@ -3,6 +3,7 @@
 Everything runs on the CPU with a byte-level BPE trained here on a small corpus (no download).
 The label convention under test: ``labels[t]`` is ``input_ids[t+1]`` or -100 (already shifted).
 """
+from __future__ import annotations
 
 import functools
 import json

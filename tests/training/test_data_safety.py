@@ -18,6 +18,7 @@ pytest.importorskip("tokenizers")
 from training.data import dpo_examples, load_records  # noqa: E402
 from training.tokenizer import load_tokenizer  # noqa: E402
 
+
 def one_line_error(call, *args, **kwargs) -> str:
     with pytest.raises(ValueError) as error:
         call(*args, **kwargs)

@@ -3,6 +3,7 @@
 Every generated answer is checked against an independent evaluation of its problem: the prompt is
 parsed back into numbers and the arithmetic is redone here.
 """
+from __future__ import annotations
 
 import ast
 import operator

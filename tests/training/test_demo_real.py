@@ -14,10 +14,9 @@ import torch
 
 pytest.importorskip("gguf", reason="the real demo converts a GGUF (pip install gguf)")
 
-from training import demo, demo_real, demo_text  # noqa: E402
-
 from tests import helpers  # noqa: E402
 from tests.helpers import write_tiny_gguf  # noqa: E402
+from training import demo, demo_real, demo_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_REPORT = ROOT / "docs" / "demo" / "report.md"

@@ -1,5 +1,6 @@
 """SFT and DPO/sDPO stages on the CPU: they run, train what they should, and DPO with precomputed
 reference log-probs equals DPO with a live reference model."""
+from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_sdpo_stages_chain_references(workspace, base_model, tmp_path):
         assert [r["step"] for r in metrics(tmp_path / "sdpo" / stage) if "eval/loss" in r] == [4]
     # both stages trained, in the order of their initial accuracy (which the data decides)
     assert sorted(histories) == ["dpo-stage1", "dpo-stage2"]
-    for name, history in histories.items():
+    for history in histories.values():
         # each stage starts from its own reference (the previous stage's end): zero rewards at step 1
         assert history[0]["rewards/margins"] == 0 and history[0]["loss"] == pytest.approx(0.6931472, abs=1e-6)
     stage2_start = metrics(tmp_path / "sdpo" / "stage2")[0]["logps/chosen"]

@@ -1,5 +1,6 @@
 """The trainer on the CPU: stages run and export, determinism, exact resume after a killed
 process, a crash during a save, NaN handling, and 2 processes (gloo, FSDP2) == 1 process."""
+from __future__ import annotations
 
 import json
 import os
@@ -220,10 +221,10 @@ def test_eval_loop_logs_the_held_out_loss_every_eval_every_steps_and_at_the_end(
     assert sorted(evaluated) == [2, 4, 5]
     assert all(r["loss"] > 0 for r in evaluated.values())  # eval keys join the step's training record
     # the last eval is the exported model's loss on the first held-out batch, computed independently
+    import solar_kernels as sk
     from training.data import collate_lm
     from training.stages import language_modeling_examples
     from training.tokenizer import load_tokenizer
-    import solar_kernels as sk
 
     rows = language_modeling_examples("pretrain", config, load_tokenizer(str(workspace / "tokenizer")), held_out=True)
     batch = collate_lm(rows[:4], pad_id=0)

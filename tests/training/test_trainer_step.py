@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from solar_kernels.model import CausalLM, preset
 from tests.helpers import losses, run_pretrain
 from training.config import load_config
-from training.trainer import Trainer, parallelize
 from training.objectives import LanguageModeling
+from training.trainer import Trainer, parallelize
 
 aten = torch.ops.aten
 # aten ops that copy a value to the host (on a GPU: wait for the device), and the Python methods
