@@ -13,6 +13,7 @@ Environment:
     CUDA_HOME                           the CUDA toolkit (default: the one whose nvcc is on PATH)
     MAX_JOBS                            parallel compile jobs (default: from the cores and memory)
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ def _find_cuda_home():
     if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
         return home
     # nvcc on PATH may be a wrapper script: nvcc itself reports its real bin folder as _HERE_.
-    dry_run = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                             capture_output=True, text=True)
+    dry_run = subprocess.run(
+        [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True
+    )
     found = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
     return os.path.dirname(found.group(1).strip()) if found else home
 
@@ -60,7 +62,9 @@ def _gencode_flags(archs: str):
     for entry in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
         match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
         if match is None:
-            raise SystemExit(f"solar_kernels setup: SOLAR_KERNELS_CUDA_ARCHS entry {entry!r} is not like 8.0, 9.0a or 9.0+PTX")
+            raise SystemExit(
+                f"solar_kernels setup: SOLAR_KERNELS_CUDA_ARCHS entry {entry!r} is not like 8.0, 9.0a or 9.0+PTX"
+            )
         number = match.group(1) + match.group(2) + match.group(3)
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
         tags.append(f"sm_{number}")
@@ -89,8 +93,10 @@ def _cuda_extension():
     try:
         import torch
     except ImportError:
-        _note("torch is not importable at build time (install it first and use --no-build-isolation): "
-              "the CUDA extension solar_kernels._C is not built")
+        _note(
+            "torch is not importable at build time (install it first and use --no-build-isolation): "
+            "the CUDA extension solar_kernels._C is not built"
+        )
         return [], {}
     if torch.version.cuda is None:
         _note(f"torch {torch.__version__} is a CPU build: the CUDA extension solar_kernels._C is not built")
@@ -109,7 +115,9 @@ def _cuda_extension():
     gencode, arch_tag = _gencode_flags(os.environ.get("SOLAR_KERNELS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
     _note(f"building solar_kernels._C for {arch_tag} with {cuda_home}/bin/nvcc, MAX_JOBS={os.environ['MAX_JOBS']}")
     # Kernels in .cu files with no torch header; torch only in the *_host.cpp files and the bindings.
-    sources = sorted(f"csrc/{name}" for name in os.listdir(os.path.join(HERE, "csrc")) if name.endswith((".cu", ".cpp")))
+    sources = sorted(
+        f"csrc/{name}" for name in os.listdir(os.path.join(HERE, "csrc")) if name.endswith((".cu", ".cpp"))
+    )
     extension = cpp_extension.CUDAExtension(
         name="solar_kernels._C",
         sources=sources,

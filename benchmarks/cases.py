@@ -60,8 +60,8 @@ class Case:
     make_inputs: Callable[[], dict[str, torch.Tensor]]
     # contender -> fn(inputs); the "matmul" floor takes (inputs, mode) and needs no autograd
     contenders: dict[str, Callable[..., object]]
-    bytes: dict[str, int] = field(default_factory=dict)   # per mode, memory-bound ops
-    flops: dict[str, int] = field(default_factory=dict)   # per mode, matmul-bound ops
+    bytes: dict[str, int] = field(default_factory=dict)  # per mode, memory-bound ops
+    flops: dict[str, int] = field(default_factory=dict)  # per mode, matmul-bound ops
     grad_inputs: tuple = ()  # names of the inputs whose gradients the backward computes
 
     @property
@@ -133,9 +133,11 @@ def _rms_norm_residual_case(tokens, d, dtype, device, contenders):
     """RMSNorm with the fused residual add (a variant its record's example does not cover)."""
 
     def make():
-        return {"x": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True),
-                "weight": (1 + 0.1 * torch.randn(d, device=device, dtype=dtype)).requires_grad_(),
-                "residual": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)}
+        return {
+            "x": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True),
+            "weight": (1 + 0.1 * torch.randn(d, device=device, dtype=dtype)).requires_grad_(),
+            "residual": torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True),
+        }
 
     def ref(x, weight, residual):
         return sk.rms_norm_ref(x, weight, RMS_EPS, residual)
@@ -144,16 +146,28 @@ def _rms_norm_residual_case(tokens, d, dtype, device, contenders):
     run = {
         "torch": lambda i: ref(i["x"], i["weight"], i["residual"]),
         "torch_compile": lambda i: compiled(i["x"], i["weight"], i["residual"]),
-        **{backend: (lambda i, backend=backend: sk.rms_norm(i["x"], i["weight"], RMS_EPS, residual=i["residual"],
-                                                            backend=backend)) for backend in ("triton", "cuda")},
+        **{
+            backend: (
+                lambda i, backend=backend: sk.rms_norm(
+                    i["x"], i["weight"], RMS_EPS, residual=i["residual"], backend=backend
+                )
+            )
+            for backend in ("triton", "cuda")
+        },
         **_TWINS["rms_norm"],
     }
     b = torch.empty((), dtype=dtype).element_size()
     nd = tokens * d * b
     fwd, bwd = 4 * nd + d * b, 4 * nd + 2 * d * b
-    return Case("rms_norm+residual", dtype, {"tokens": tokens, "d": d}, make,
-                {k: v for k, v in run.items() if k in contenders},
-                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, grad_inputs=("x", "weight", "residual"))
+    return Case(
+        "rms_norm+residual",
+        dtype,
+        {"tokens": tokens, "d": d},
+        make,
+        {k: v for k, v in run.items() if k in contenders},
+        bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
+        grad_inputs=("x", "weight", "residual"),
+    )
 
 
 def _minimum_bytes(kernel: _registry.Kernel, rows: int, width: int, dtype: torch.dtype) -> int:
@@ -182,9 +196,15 @@ def _registry_case(op: _registry.Op, tokens, cpu, dtype, device, contenders, wid
     }
     run.update(_TWINS.get(op.name, {}))
     fwd, bwd = (_minimum_bytes(kernel, tokens, width, dtype) for kernel in (op.kernels[0], op.kernels[-1]))
-    return Case(op.name, dtype, {"tokens": tokens, op.width.removesuffix("_size"): width}, make,
-                {k: v for k, v in run.items() if k in contenders},
-                bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}, grad_inputs=tuple(grad_names))
+    return Case(
+        op.name,
+        dtype,
+        {"tokens": tokens, op.width.removesuffix("_size"): width},
+        make,
+        {k: v for k, v in run.items() if k in contenders},
+        bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd},
+        grad_inputs=tuple(grad_names),
+    )
 
 
 def _logprob_case(op, tokens, shape, dtype, device, contenders):
@@ -200,12 +220,14 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
         }
 
     if op == "linear_cross_entropy":
+
         def ref(h, w, y):
             return sk.linear_cross_entropy_ref(h, w, y)
 
         def ours(backend):
             return lambda i: sk.linear_cross_entropy(i["hidden"], i["weight"], i["labels"], backend=backend)
     else:
+
         def ref(h, w, y):
             return sk.linear_logprobs_ref(h, w, y)
 
@@ -238,27 +260,41 @@ def _logprob_case(op, tokens, shape, dtype, device, contenders):
 
         run["liger"] = lambda i: liger_fused_linear_cross_entropy(i["hidden"], i["weight"], i["labels"])
     flops = 2 * tokens * d * vocab
-    return Case(op, dtype, {"tokens": tokens, "d": d, "vocab": vocab}, make,
-                {k: v for k, v in run.items() if k in contenders or k == "matmul"},
-                flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops}, grad_inputs=("hidden", "weight"))
+    return Case(
+        op,
+        dtype,
+        {"tokens": tokens, "d": d, "vocab": vocab},
+        make,
+        {k: v for k, v in run.items() if k in contenders or k == "matmul"},
+        flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops},
+        grad_inputs=("hidden", "weight"),
+    )
 
 
 # Variants of a registry op that its record's example does not cover, by family: timed as well.
 _VARIANT_CASES = {
     "rms_norm": lambda count, shape, dtype, device, contenders: [
-        _rms_norm_residual_case(count, shape["d"], dtype, device, contenders)],
+        _rms_norm_residual_case(count, shape["d"], dtype, device, contenders)
+    ],
 }
 # Op files whose public ops are more than their kernel (the log-prob row step inside chunked
 # matmuls): the ops are timed whole, against the matmuls they must do.
 _COMPOSITE_CASES = {
     "linear_logprobs": lambda count, shape, dtype, device, contenders: [
-        _logprob_case(op, count, shape, dtype, device, contenders)
-        for op in ("linear_cross_entropy", "linear_logprobs")],
+        _logprob_case(op, count, shape, dtype, device, contenders) for op in ("linear_cross_entropy", "linear_logprobs")
+    ],
 }
 
 
-def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: list[str] | None = None,
-                sweep: bool = True, tokens: list[int] | None = None) -> list[Case]:
+def build_cases(
+    device: torch.device,
+    dtypes,
+    *,
+    cpu: bool,
+    ops: list[str] | None = None,
+    sweep: bool = True,
+    tokens: list[int] | None = None,
+) -> list[Case]:
     everyone = available_contenders(device)
     without_compile = [c for c in everyone if c != "torch_compile"]
     shape = TINY if cpu else SOLAR
@@ -282,8 +318,15 @@ def build_cases(device: torch.device, dtypes, *, cpu: bool, ops: list[str] | Non
             elements = 64 * 64 if cpu else SWEEP_ELEMENTS
             rms_norm = _registry.OPS["rms_norm"]
             for width in widths:
-                case = _registry_case(rms_norm, max(1, elements // width), cpu, dtype, device,
-                                      everyone if cpu else without_compile, width=width)
+                case = _registry_case(
+                    rms_norm,
+                    max(1, elements // width),
+                    cpu,
+                    dtype,
+                    device,
+                    everyone if cpu else without_compile,
+                    width=width,
+                )
                 case.op = "rms_norm_sweep"
                 cases.append(case)
     return [c for c in cases if ops is None or c.op in ops]

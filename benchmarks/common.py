@@ -43,10 +43,16 @@ def _commit() -> str:
     if shutil.which("git") is None or not (root / ".git").exists():
         return "unknown"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
@@ -84,7 +90,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3, graph: bool = False) -> dict[str, object]:
+def time_ms(
+    fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3, graph: bool = False
+) -> dict[str, object]:
     """Median, p20 and p80 of ``fn``'s time in milliseconds, and ``timing``: how it was measured.
 
     ``graph=True`` (the memory-bound ops: 60-130 us kernels behind ~50 us of custom-op dispatch and
@@ -114,7 +122,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, cpu_reps: int = 3
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
-    return {"median_ms": statistics.median(samples), "p20_ms": samples[0], "p80_ms": samples[-1], "timing": "wall clock"}
+    return {
+        "median_ms": statistics.median(samples),
+        "p20_ms": samples[0],
+        "p80_ms": samples[-1],
+        "timing": "wall clock",
+    }
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
@@ -176,8 +189,9 @@ def write_csv(path: Path, rows: list[dict[str, object]], env: dict[str, object])
     return path
 
 
-def write_rows(rows: list[dict[str, object]], env: dict[str, object], extra: dict[str, object], out_dir: Path,
-               stem: str) -> list[Path]:
+def write_rows(
+    rows: list[dict[str, object]], env: dict[str, object], extra: dict[str, object], out_dir: Path, stem: str
+) -> list[Path]:
     """``<stem>.csv`` (one row per measurement, environment in every row) and ``<stem>.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.json"
@@ -216,8 +230,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "environment.json").write_text(json.dumps({"environment": env, "ceilings": ceiling}, indent=2) + "\n")
-    print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s; "
-          f"torch {env['torch']}, triton {env['triton']}, cuda {env['cuda']}, commit {env['commit']}")
+    print(
+        f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s; "
+        f"torch {env['torch']}, triton {env['triton']}, cuda {env['cuda']}, commit {env['commit']}"
+    )
     return 0
 
 

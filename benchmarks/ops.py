@@ -79,9 +79,15 @@ def run_case(case: Case, device: torch.device, ceiling: dict[str, float]) -> lis
     rows = []
     for contender in case.contenders:
         for mode in MODES:
-            row = {"op": case.op, "mode": mode, "dtype": str(case.dtype).replace("torch.", ""),
-                   "shape": case.label, "tokens": case.shape.get("tokens"),
-                   "width": case.shape.get("d", case.shape.get("intermediate")), "contender": contender}
+            row = {
+                "op": case.op,
+                "mode": mode,
+                "dtype": str(case.dtype).replace("torch.", ""),
+                "shape": case.label,
+                "tokens": case.shape.get("tokens"),
+                "width": case.shape.get("d", case.shape.get("intermediate")),
+                "contender": contender,
+            }
             try:
                 # memory-bound cases replay a CUDA graph: their kernels are shorter than the dispatch
                 timing = time_ms(_timed_fn(case, contender, mode, input_sets), device, graph=bool(case.bytes))
@@ -127,8 +133,11 @@ def charts(rows: list[dict[str, object]], out_dir: Path) -> list[Path]:
         axes = fig.subplots(1, 2)
         for ax, mode in zip(axes, ("fwd", "bwd")):
             for contender in sorted({r["contender"] for r in sweep}):
-                points = sorted((r["width"], r["gbps"]) for r in sweep
-                                if r["dtype"] == dtype and r["mode"] == mode and r["contender"] == contender)
+                points = sorted(
+                    (r["width"], r["gbps"])
+                    for r in sweep
+                    if r["dtype"] == dtype and r["mode"] == mode and r["contender"] == contender
+                )
                 if points:
                     ax.plot(*zip(*points), marker="o", label=contender)
             ax.set_xscale("log", base=2)
@@ -142,7 +151,7 @@ def charts(rows: list[dict[str, object]], out_dir: Path) -> list[Path]:
     if main_rows:
         tokens = max(r["tokens"] for r in main_rows)
         ours = [r for r in main_rows if r["tokens"] == tokens and r["contender"] in ("triton", "cuda")]
-        baselines = sorted({k[len("speedup_vs_"):] for r in ours for k in r if k.startswith("speedup_vs_")})
+        baselines = sorted({k[len("speedup_vs_") :] for r in ours for k in r if k.startswith("speedup_vs_")})
         labels = [f"{r['op']}\n{r['contender']} {r['dtype']}" for r in ours]
         fig = _figure(figsize=(max(6, 1.2 * len(ours)), 4))
         if fig is None:
@@ -150,8 +159,12 @@ def charts(rows: list[dict[str, object]], out_dir: Path) -> list[Path]:
         ax = fig.subplots()
         width = 0.8 / max(1, len(baselines))
         for k, base in enumerate(baselines):
-            ax.bar([i + k * width for i in range(len(ours))], [r.get(f"speedup_vs_{base}", 0) for r in ours],
-                   width, label=f"vs {base}")
+            ax.bar(
+                [i + k * width for i in range(len(ours))],
+                [r.get(f"speedup_vs_{base}", 0) for r in ours],
+                width,
+                label=f"vs {base}",
+            )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks([i + width * (len(baselines) - 1) / 2 for i in range(len(ours))], labels, fontsize=7)
         ax.set_ylabel("speedup, forward+backward")
@@ -188,20 +201,38 @@ def counts_table() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on the CPU (checks the suite, no real numbers)")
-    parser.add_argument("--dtype", action="append", choices=list(SHORT_DTYPE_NAMES.values()), help="repeatable; default bf16 (fp32 on --cpu)")
+    parser.add_argument(
+        "--dtype",
+        action="append",
+        choices=list(SHORT_DTYPE_NAMES.values()),
+        help="repeatable; default bf16 (fp32 on --cpu)",
+    )
     parser.add_argument("--ops", nargs="+", help="subset of ops (default all)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the RMSNorm width sweep")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts (default 16384 32768 4096)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no new case after this many seconds (results so far are kept)")
-    parser.add_argument("--contenders", nargs="+", help="subset of contenders (default all that run here; "
-                        "the log-prob ops keep their matmul floor)")
-    parser.add_argument("--ceilings-from", help="environment.json of `python -m benchmarks.common` from this run: "
-                        "reuse its ceilings instead of measuring them again")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no new case after this many seconds (results so far are kept)",
+    )
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        help="subset of contenders (default all that run here; the log-prob ops keep their matmul floor)",
+    )
+    parser.add_argument(
+        "--ceilings-from",
+        help="environment.json of `python -m benchmarks.common` from this run: "
+        "reuse its ceilings instead of measuring them again",
+    )
     parser.add_argument("--stem", default="ops", help="result file names: <stem>.csv, <stem>.json")
     parser.add_argument("--out", default="benchmarks/results/local", help="output folder")
-    parser.add_argument("--counts", action="store_true",
-                        help="print the minimum bytes / FLOPs of every SOLAR-shaped case and the floors they imply, then exit")
+    parser.add_argument(
+        "--counts",
+        action="store_true",
+        help="print the minimum bytes / FLOPs of every SOLAR-shaped case and the floors they imply, then exit",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.counts:
@@ -213,8 +244,11 @@ def main(argv=None) -> int:
     dtypes = [parse_dtype(d) for d in (args.dtype or (["fp32"] if args.cpu else ["bf16"]))]
     env = environment(device)
     ceiling = json.loads(Path(args.ceilings_from).read_text())["ceilings"] if args.ceilings_from else ceilings(device)
-    print(f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "
-          f"(measured now)", flush=True)
+    print(
+        f"{env['card']}: copy {ceiling['copy_gbps']:.0f} GB/s, bf16 GEMM {ceiling['gemm_tflops']:.1f} TFLOP/s "
+        f"(measured now)",
+        flush=True,
+    )
     rows: list[dict[str, object]] = []
     out = Path(args.out)
     start = time.perf_counter()
@@ -236,13 +270,33 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     files = write_rows(rows, env, {"ceilings": ceiling}, out, args.stem) + (charts(rows, out) if rows else [])
-    shown = [r for r in rows if r["op"] != "rms_norm_sweep" and "median_ms" in r
-             and r["tokens"] == max(r2["tokens"] for r2 in rows if r2["op"] != "rms_norm_sweep")]
+    shown = [
+        r
+        for r in rows
+        if r["op"] != "rms_norm_sweep"
+        and "median_ms" in r
+        and r["tokens"] == max(r2["tokens"] for r2 in rows if r2["op"] != "rms_norm_sweep")
+    ]
     for r in shown:
         r["rate"] = f"{r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['tflops']:.1f} TF/s"
         r["of_ceiling"] = r.get("of_copy", r.get("of_gemm"))
-    print(format_table(shown, ["op", "mode", "dtype", "tokens", "contender", "median_ms", "rate", "of_ceiling",
-                               "peak_extra_mb", "speedup_vs_torch"]))
+    print(
+        format_table(
+            shown,
+            [
+                "op",
+                "mode",
+                "dtype",
+                "tokens",
+                "contender",
+                "median_ms",
+                "rate",
+                "of_ceiling",
+                "peak_extra_mb",
+                "speedup_vs_torch",
+            ],
+        )
+    )
     print("wrote " + ", ".join(str(f) for f in files))
     failed = [r for r in rows if "error" in r and r["contender"] in ("triton", "cuda")]
     return 1 if failed else 0

@@ -45,8 +45,15 @@ def _steps(run_dir: Path) -> list[dict[str, object]]:
     steps = []
     for line in path.read_text().splitlines():
         name, status, seconds, output = (line.split("\t") + ["", "", "", ""])[:4]
-        steps.append({"step": name, "status": status, "seconds": int(seconds or 0), "file": output,
-                      "wrote": bool(output) and (run_dir / output).exists()})
+        steps.append(
+            {
+                "step": name,
+                "status": status,
+                "seconds": int(seconds or 0),
+                "file": output,
+                "wrote": bool(output) and (run_dir / output).exists(),
+            }
+        )
     return steps
 
 
@@ -65,12 +72,20 @@ def collect(run_dir: Path, into: Path) -> Path:
     ops_rows = [row for part in op_parts for row in part.get("rows", [])]
     add_speedups(ops_rows)
     ceilings = next((part.get("ceilings") for part in [*op_parts, measured] if part.get("ceilings")), None)
-    combined = {"environment": env, "ceilings": ceilings, "ops": ops_rows, "train_step": train.get("rows", []),
-                "train_step_flops_per_token": train.get("flops_per_token"), "steps": _steps(run_dir)}
+    combined = {
+        "environment": env,
+        "ceilings": ceilings,
+        "ops": ops_rows,
+        "train_step": train.get("rows", []),
+        "train_step_flops_per_token": train.get("flops_per_token"),
+        "steps": _steps(run_dir),
+    }
     into.mkdir(parents=True, exist_ok=True)
     stem = into / f"{env['date']}-{card_slug(env['card'])}"
     stem.with_suffix(".json").write_text(json.dumps(combined, indent=2) + "\n")
-    rows = [{"suite": "ops", **r} for r in combined["ops"]] + [{"suite": "train_step", **r} for r in combined["train_step"]]
+    rows = [{"suite": "ops", **r} for r in combined["ops"]] + [
+        {"suite": "train_step", **r} for r in combined["train_step"]
+    ]
     write_csv(stem.with_suffix(".csv"), rows, env)
     return stem.with_suffix(".json")
 
@@ -82,8 +97,11 @@ def target_verdict(row: dict, matmul_ms: float | None) -> str:
     measure, goal = target
     if measure == "of_copy":
         value = row.get("of_copy")
-        return "" if value is None else (f"met ({value:.0%} ≥ {goal:.0%})" if value >= goal
-                                         else f"missed: {value:.0%} < {goal:.0%}")
+        return (
+            ""
+            if value is None
+            else (f"met ({value:.0%} ≥ {goal:.0%})" if value >= goal else f"missed: {value:.0%} < {goal:.0%}")
+        )
     if not matmul_ms:
         return ""
     ratio = row["median_ms"] / matmul_ms
@@ -98,43 +116,67 @@ def section(results_dir: Path) -> str:
         if "ops" in data and "environment" in data:
             newest[data["environment"]["card"]] = path
     if not newest:
-        return ("No GPU measurements have been made yet: `benchmarks/gpu_check.sh` produces them, and this\n"
-                "section is generated from `benchmarks/results/` by `python -m benchmarks.report`.")
+        return (
+            "No GPU measurements have been made yet: `benchmarks/gpu_check.sh` produces them, and this\n"
+            "section is generated from `benchmarks/results/` by `python -m benchmarks.report`."
+        )
     lines = []
     for card, path in sorted(newest.items()):
         data = json.loads(path.read_text())
         env, ceil = data["environment"], data.get("ceilings") or {}
-        lines += [f"### {card} — {env['date']}, commit {env['commit']} (`{path.as_posix()}`)", "",
-                  f"Measured in the same run: copy {ceil.get('copy_gbps', 0):.0f} GB/s, bf16 GEMM "
-                  f"{ceil.get('gemm_tflops', 0):.0f} TFLOP/s. torch {env['torch']}, triton {env['triton']}.", ""]
+        lines += [
+            f"### {card} — {env['date']}, commit {env['commit']} (`{path.as_posix()}`)",
+            "",
+            f"Measured in the same run: copy {ceil.get('copy_gbps', 0):.0f} GB/s, bf16 GEMM "
+            f"{ceil.get('gemm_tflops', 0):.0f} TFLOP/s. torch {env['torch']}, triton {env['triton']}.",
+            "",
+        ]
         ops = [r for r in data["ops"] if "median_ms" in r and r["op"] != "rms_norm_sweep"]
         if ops:
             tokens = 16384 if any(r["tokens"] == 16384 for r in ops) else max(r["tokens"] for r in ops)
-            matmul = {(r["op"], r["mode"], r["dtype"]): r["median_ms"] for r in ops
-                      if r["contender"] == "matmul" and r["tokens"] == tokens}
-            lines += [f"Ops at {tokens} tokens (SOLAR shapes):", "",
-                      "| op | mode | dtype | contender | ms | rate | of ceiling | vs torch | vs torch.compile | vs liger | target |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            matmul = {
+                (r["op"], r["mode"], r["dtype"]): r["median_ms"]
+                for r in ops
+                if r["contender"] == "matmul" and r["tokens"] == tokens
+            }
+            lines += [
+                f"Ops at {tokens} tokens (SOLAR shapes):",
+                "",
+                "| op | mode | dtype | contender | ms | rate | of ceiling | vs torch | vs torch.compile | vs liger | target |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for r in ops:
                 if r["tokens"] != tokens or r["contender"] not in ("triton", "cuda"):
                     continue
                 rate = f"{r['gbps']:.0f} GB/s" if "gbps" in r else f"{r['tflops']:.0f} TFLOP/s"
                 share = r.get("of_copy", r.get("of_gemm"))
                 vs = [r.get(f"speedup_vs_{c}") for c in ("torch", "torch_compile", "liger")]
-                verdict = target_verdict(r, matmul.get((r["op"], r["mode"], r["dtype"]))) if r["contender"] == "triton" else ""
+                verdict = (
+                    target_verdict(r, matmul.get((r["op"], r["mode"], r["dtype"])))
+                    if r["contender"] == "triton"
+                    else ""
+                )
                 share = f"{share:.0%}" if share is not None else "–"
-                lines.append(f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['contender']} | {r['median_ms']:.3f} | {rate} | "
-                             f"{share} | " + " | ".join(f"{v:.2f}x" if v else "–" for v in vs) + f" | {verdict} |")
+                lines.append(
+                    f"| {r['op']} | {r['mode']} | {r['dtype']} | {r['contender']} | {r['median_ms']:.3f} | {rate} | "
+                    f"{share} | " + " | ".join(f"{v:.2f}x" if v else "–" for v in vs) + f" | {verdict} |"
+                )
             lines.append("")
         train = [r for r in data.get("train_step", []) if "step_s" in r]
         if train:
-            lines += [f"Training step ({train[0]['layers']} SOLAR layers, seq {train[0]['seq']}, batch {train[0]['batch']}):", "",
-                      "| contender | ms/step | tokens/s | TFLOP/s | MFU | peak memory |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"Training step ({train[0]['layers']} SOLAR layers, seq {train[0]['seq']}, batch {train[0]['batch']}):",
+                "",
+                "| contender | ms/step | tokens/s | TFLOP/s | MFU | peak memory |",
+                "|---|---|---|---|---|---|",
+            ]
             for r in train:
                 mfu = f"{r['mfu']:.1%}" if r.get("mfu") else "–"
                 memory = f"{r['peak_mem_gb']:.1f} GB" if r.get("peak_mem_gb") is not None else "–"
-                lines.append(f"| {r['contender']} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
-                             f"{mfu} | {memory} |")
+                lines.append(
+                    f"| {r['contender']} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | {r['tflops']:.0f} | "
+                    f"{mfu} | {memory} |"
+                )
             lines.append("")
     return "\n".join(lines).rstrip()
 

@@ -6,6 +6,7 @@
 Each round is synchronized with the device, so the wall clock pytest-benchmark reads is the GPU
 time of the work. ``python -m benchmarks.ops`` is the fuller report (CUDA events, GB/s, ceilings).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,10 +18,14 @@ from benchmarks.ops import _timed_fn
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPU = DEVICE.type == "cpu"
-CASES = build_cases(DEVICE, [torch.float32 if CPU else torch.bfloat16], cpu=CPU, sweep=False,
-                    tokens=None if CPU else [COMPILE_TOKENS])
-PARAMS = [pytest.param(case, contender, id=f"{case.op}-{case.label}-{contender}")
-          for case in CASES for contender in case.contenders]
+CASES = build_cases(
+    DEVICE, [torch.float32 if CPU else torch.bfloat16], cpu=CPU, sweep=False, tokens=None if CPU else [COMPILE_TOKENS]
+)
+PARAMS = [
+    pytest.param(case, contender, id=f"{case.op}-{case.label}-{contender}")
+    for case in CASES
+    for contender in case.contenders
+]
 
 
 @pytest.mark.parametrize("case, contender", PARAMS)

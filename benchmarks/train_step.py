@@ -115,8 +115,12 @@ class HFLanguageModeling(nn.Module):
         # transformers shifts the labels itself: give it labels[t-1] at t, the same targets. No KV
         # cache: with one, transformers ignores the documents in position_ids (and recomputation under
         # activation checkpointing would append to it a second time).
-        loss = self.model(input_ids=input_ids, position_ids=positions, labels=F.pad(labels[:, :-1], (1, 0), value=-100),
-                          use_cache=False).loss
+        loss = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            labels=F.pad(labels[:, :-1], (1, 0), value=-100),
+            use_cache=False,
+        ).loss
         return loss * self.count({"labels": labels}), {}
 
 
@@ -125,15 +129,16 @@ def build(name: str, config: ModelConfig, train: Config, device: torch.device, p
     torch.manual_seed(0)
     dtype = parameter_dtype(train)
     if name.startswith("ours-"):
-        model = CausalLM.from_config(config.replace(backend=name[len("ours-"):]), device=device, dtype=dtype)
+        model = CausalLM.from_config(config.replace(backend=name[len("ours-") :]), device=device, dtype=dtype)
         objective = LanguageModeling(model, packed=packed)
         return parallelize(objective, model.model.layers, train, 1, device)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = CausalLM.from_config(config, device=device, dtype=dtype)  # the same weights as ours
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_hf_config()), dtype=dtype,
-                                                 attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.for_model(**config.to_hf_config()), dtype=dtype, attn_implementation="sdpa"
+        )
     model.load_state_dict(source.state_dict())
     del source
     patch = name.partition("+")[2]
@@ -152,15 +157,36 @@ def attention_path(objective: nn.Module) -> str | None:
     return getattr(inner, "last_attention_path", None) or getattr(objective, "last_attention_path", None)
 
 
-def measure(objective: nn.Module, train: Config, batch: dict, device: torch.device, *, steps: int, warmup: int,
-            repeats: int, flops: float, work_dir: Path) -> dict[str, object]:
+def measure(
+    objective: nn.Module,
+    train: Config,
+    batch: dict,
+    device: torch.device,
+    *,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    flops: float,
+    work_dir: Path,
+) -> dict[str, object]:
     """``repeats`` windows of ``steps`` trainer steps after ``warmup`` steps; the trainer's records."""
+
     def forever():
         while True:
             yield batch
 
-    trainer = Trainer(train, objective, LanguageModeling.count, forever(), rank=0, world=1, device=device,
-                      flops_per_token=lambda seq: flops, output_dir=work_dir, name="bench")
+    trainer = Trainer(
+        train,
+        objective,
+        LanguageModeling.count,
+        forever(),
+        rank=0,
+        world=1,
+        device=device,
+        flops_per_token=lambda seq: flops,
+        output_dir=work_dir,
+        name="bench",
+    )
     batches, step = forever(), 0
     for _ in range(warmup):
         step += 1
@@ -175,10 +201,17 @@ def measure(objective: nn.Module, train: Config, batch: dict, device: torch.devi
         windows.append(trainer.history[-1])
     rates = [w["tokens_per_s"] for w in windows]
     best = windows[rates.index(statistics.median_low(rates))]
-    return {"step_s": best["seconds"], "tokens_per_s": best["tokens_per_s"], "tokens_per_s_min": min(rates),
-            "tokens_per_s_max": max(rates), "tflops": best["tflops"], "mfu": best["mfu"],
-            "peak_mem_gb": max((w["peak_mem_gb"] or 0) for w in windows) or None,
-            "first_loss": trainer.history[0]["loss"], "last_loss": trainer.history[-1]["loss"]}
+    return {
+        "step_s": best["seconds"],
+        "tokens_per_s": best["tokens_per_s"],
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        "tflops": best["tflops"],
+        "mfu": best["mfu"],
+        "peak_mem_gb": max((w["peak_mem_gb"] or 0) for w in windows) or None,
+        "first_loss": trainer.history[0]["loss"],
+        "last_loss": trainer.history[-1]["loss"],
+    }
 
 
 def verdicts(rows: list[dict[str, object]]) -> None:
@@ -196,12 +229,20 @@ def verdicts(rows: list[dict[str, object]]) -> None:
             if ratio is not None:
                 found[f"vs_{other}"] = f"{'met' if ratio >= target else 'missed'}: {ratio:.2f}x vs {target:.2f}x"
         if row["packing"] == "packed":
-            base = next((r for r in timed if r["contender"] == row["contender"] and r["ac"] == row["ac"]
-                         and r["packing"] == "unpacked"), None)
+            base = next(
+                (
+                    r
+                    for r in timed
+                    if r["contender"] == row["contender"] and r["ac"] == row["ac"] and r["packing"] == "unpacked"
+                ),
+                None,
+            )
             if base is not None:
                 loss = 1 - row["tokens_per_s"] / base["tokens_per_s"]
-                found["packed"] = (f"{'met' if loss <= TARGET_PACKED_LOSS else 'missed'}: {loss:.1%} slower than "
-                                   f"unpacked vs {TARGET_PACKED_LOSS:.0%}")
+                found["packed"] = (
+                    f"{'met' if loss <= TARGET_PACKED_LOSS else 'missed'}: {loss:.1%} slower than "
+                    f"unpacked vs {TARGET_PACKED_LOSS:.0%}"
+                )
         row["verdicts"] = found
 
 
@@ -215,19 +256,28 @@ def speedups(rows: list[dict[str, object]]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="the CPU (tiny model unless --preset/--layers say otherwise)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="the CPU (tiny model unless --preset/--layers say otherwise)"
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default solar-10.7b; tiny with --cpu)")
-    parser.add_argument("--hidden", type=int, help="override the preset's hidden size (intermediate = 2.75x, heads d/64)")
+    parser.add_argument(
+        "--hidden", type=int, help="override the preset's hidden size (intermediate = 2.75x, heads d/64)"
+    )
     parser.add_argument("--layers", default="auto", help="decoder layers, or 'auto': as many as fit (max 48)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (default 4096; 32 with --cpu)")
     parser.add_argument("--batch", type=int, default=None, help="rows per step (default 4: 16K tokens; 2 with --cpu)")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed window")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1, help="timed windows per case (their spread is recorded)")
-    parser.add_argument("--ac", nargs="+", choices=AC_POLICIES, default=list(AC_POLICIES), help="activation checkpointing")
+    parser.add_argument(
+        "--ac", nargs="+", choices=AC_POLICIES, default=list(AC_POLICIES), help="activation checkpointing"
+    )
     parser.add_argument("--packing", nargs="+", choices=PACKINGS, default=list(PACKINGS))
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="compute dtype over fp32 masters "
-                        "(default bfloat16; float32 with --cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        help="compute dtype over fp32 masters (default bfloat16; float32 with --cpu)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (train.compile)")
     parser.add_argument("--contenders", nargs="+", help="subset, in the order to run, e.g. ours-triton hf hf+liger")
     parser.add_argument("--out", default="benchmarks/results/local")
@@ -247,8 +297,12 @@ def main(argv=None) -> int:
     batch_size = args.batch or (2 if args.cpu else 4)
     base = preset(args.preset or ("tiny" if args.cpu else "solar-10.7b"))
     if args.hidden:
-        base = base.replace(hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden) // 64 * 64 or 64,
-                            num_heads=max(1, args.hidden // 64), num_kv_heads=max(1, args.hidden // 256))
+        base = base.replace(
+            hidden_size=args.hidden,
+            intermediate_size=int(2.75 * args.hidden) // 64 * 64 or 64,
+            num_heads=max(1, args.hidden // 64),
+            num_kv_heads=max(1, args.hidden // 256),
+        )
     if args.layers != "auto":
         layers = int(args.layers)
     else:
@@ -268,12 +322,21 @@ def main(argv=None) -> int:
     contenders = [c for c in args.contenders if c in available] if args.contenders else available
     skipped = [c for c in args.contenders or [] if c not in available]
     per_token = flops_per_token(config, seq)
-    print(f"{env['card']}: {layers} layers, d {config.hidden_size}, seq {seq}, batch {batch_size}, "
-          f"{config.num_parameters() / 1e9:.3f}B parameters, {per_token / 1e9:.2f} GFLOP/token, compute {compute} "
-          f"over fp32 masters" + (f"; not available here: {', '.join(skipped)}" if skipped else ""), flush=True)
+    print(
+        f"{env['card']}: {layers} layers, d {config.hidden_size}, seq {seq}, batch {batch_size}, "
+        f"{config.num_parameters() / 1e9:.3f}B parameters, {per_token / 1e9:.2f} GFLOP/token, compute {compute} "
+        f"over fp32 masters" + (f"; not available here: {', '.join(skipped)}" if skipped else ""),
+        flush=True,
+    )
     rows: list[dict[str, object]] = []
-    extra = {"flops_per_token": per_token, "peak_bf16_tflops": peak, "compute_dtype": compute, "master_dtype": "float32",
-             "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size}
+    extra = {
+        "flops_per_token": per_token,
+        "peak_bf16_tflops": peak,
+        "compute_dtype": compute,
+        "master_dtype": "float32",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+    }
 
     def save() -> list[Path]:
         """The rows so far: written after every case, so a run cut short keeps what it measured."""
@@ -282,9 +345,16 @@ def main(argv=None) -> int:
             verdicts(rows)
         return write_rows(rows, env, extra, Path(args.out), "train_step")
 
-    batches = {p: make_batch(batch_size, seq, config.vocab_size, packed=p == "packed",
-                             eos=config.eos_token_id if config.eos_token_id is not None else 2)
-               for p in args.packing}
+    batches = {
+        p: make_batch(
+            batch_size,
+            seq,
+            config.vocab_size,
+            packed=p == "packed",
+            eos=config.eos_token_id if config.eos_token_id is not None else 2,
+        )
+        for p in args.packing
+    }
     for ac in args.ac:
         for packing in args.packing:
             train = Config()
@@ -293,14 +363,31 @@ def main(argv=None) -> int:
             train.train.steps, train.train.batch_size = args.warmup + args.steps * args.repeats, batch_size
             batch = {k: v.to(device) for k, v in batches[packing].items()}
             for name in contenders:
-                row = {"contender": name, "ac": ac, "packing": packing, "layers": layers, "seq": seq,
-                       "batch": batch_size, "compile": args.compile, "compute_dtype": compute}
+                row = {
+                    "contender": name,
+                    "ac": ac,
+                    "packing": packing,
+                    "layers": layers,
+                    "seq": seq,
+                    "batch": batch_size,
+                    "compile": args.compile,
+                    "compute_dtype": compute,
+                }
                 objective = None
                 try:
                     objective = build(name, config, train, device, packing == "packed")
                     with tempfile.TemporaryDirectory() as work_dir:
-                        result = measure(objective, train, batch, device, steps=args.steps, warmup=args.warmup,
-                                         repeats=args.repeats, flops=per_token, work_dir=Path(work_dir))
+                        result = measure(
+                            objective,
+                            train,
+                            batch,
+                            device,
+                            steps=args.steps,
+                            warmup=args.warmup,
+                            repeats=args.repeats,
+                            flops=per_token,
+                            work_dir=Path(work_dir),
+                        )
                     row["attention_path"] = attention_path(objective)
                     row.update(result)
                 except Exception as error:  # report a case that cannot run (out of memory, say) and go on
@@ -312,12 +399,34 @@ def main(argv=None) -> int:
                         torch.cuda.empty_cache()
                 rows.append(row)
                 save()
-                print(f"{name} ac={ac} {packing}: " + (row["error"] if "error" in row else
-                      f"{row['step_s'] * 1e3:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s, {row['attention_path']}"),
-                      flush=True)
+                print(
+                    f"{name} ac={ac} {packing}: "
+                    + (
+                        row["error"]
+                        if "error" in row
+                        else f"{row['step_s'] * 1e3:.1f} ms/step, {row['tokens_per_s']:.0f} tokens/s, {row['attention_path']}"
+                    ),
+                    flush=True,
+                )
     files = save()
-    print(format_table(rows, ["contender", "ac", "packing", "attention_path", "step_s", "tokens_per_s", "tflops", "mfu",
-                              "peak_mem_gb", "speedup_vs_hf", "error"]))
+    print(
+        format_table(
+            rows,
+            [
+                "contender",
+                "ac",
+                "packing",
+                "attention_path",
+                "step_s",
+                "tokens_per_s",
+                "tflops",
+                "mfu",
+                "peak_mem_gb",
+                "speedup_vs_hf",
+                "error",
+            ],
+        )
+    )
     print("wrote " + ", ".join(str(f) for f in files))
     return 1 if any("error" in r and str(r["contender"]).startswith("ours-") for r in rows) else 0
 

@@ -60,14 +60,23 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    config = preset("llama-2-7b", hidden_size=2048, intermediate_size=5632, num_heads=16, num_kv_heads=16,
-                    num_layers=args.layers)
+    config = preset(
+        "llama-2-7b", hidden_size=2048, intermediate_size=5632, num_heads=16, num_kv_heads=16, num_layers=args.layers
+    )
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dus-bench-"))
     try:
         src, dst = work / "src", work / "dst"
         read_bytes = synthetic_checkpoint(src, config, "1GB")
-        command = ["upscale", str(src), str(dst), "--drop", str(args.drop), "--max-shard-size", args.shard_size,
-                   "--no-progress"]
+        command = [
+            "upscale",
+            str(src),
+            str(dst),
+            "--drop",
+            str(args.drop),
+            "--max-shard-size",
+            args.shard_size,
+            "--no-progress",
+        ]
         start = time.perf_counter()
         peak_rss = child_peak_rss(f"from solar_kernels.cli import main\nassert main({command!r}) == 0")
         seconds = time.perf_counter() - start
@@ -77,16 +86,27 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {
-        "benchmark": "upscale_stream", "date": datetime.date.today().isoformat(), "commit": commit,
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads", "python": platform.python_version(),
-        "torch": torch.__version__, "layers_in": args.layers, "layers_out": 2 * (args.layers - args.drop),
-        "gb_read_source": read_bytes / 1e9, "gb_written": written / 1e9, "seconds": seconds,
-        "gb_per_second_written": written / 1e9 / seconds, "max_shard_size_mb": parse_size(args.shard_size) / 1e6,
-        "peak_rss_mb": peak_rss / 1e6, "rss_after_import_mb": import_rss / 1e6,
+        "benchmark": "upscale_stream",
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "layers_in": args.layers,
+        "layers_out": 2 * (args.layers - args.drop),
+        "gb_read_source": read_bytes / 1e9,
+        "gb_written": written / 1e9,
+        "seconds": seconds,
+        "gb_per_second_written": written / 1e9 / seconds,
+        "max_shard_size_mb": parse_size(args.shard_size) / 1e6,
+        "peak_rss_mb": peak_rss / 1e6,
+        "rss_after_import_mb": import_rss / 1e6,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{result['date']}-cpu-upscale-stream-{args.layers}l-{args.shard_size}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{result['date']}-cpu-upscale-stream-{args.layers}l-{args.shard_size}.json").write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -42,8 +42,13 @@ def _import_submodules() -> None:
     from ._backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend
     from .patch import patch_hf_model, unpatch_hf_model
 
-    public = {"BACKENDS": BACKENDS, "BACKEND_ENV_VAR": BACKEND_ENV_VAR, "patch_hf_model": patch_hf_model,
-              "resolve_backend": resolve_backend, "unpatch_hf_model": unpatch_hf_model}
+    public = {
+        "BACKENDS": BACKENDS,
+        "BACKEND_ENV_VAR": BACKEND_ENV_VAR,
+        "patch_hf_model": patch_hf_model,
+        "resolve_backend": resolve_backend,
+        "unpatch_hf_model": unpatch_hf_model,
+    }
     public.update({name: getattr(ops, name) for name in ops.__all__})
     globals().update(public, __all__=[*public, "__version__"])
 

@@ -68,7 +68,9 @@ def representative_shape(cls: str) -> tuple[int, int]:
 
 
 def default_cache_path() -> str:
-    return os.environ.get(CACHE_ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "solar_kernels", "autotune.json")
+    return os.environ.get(CACHE_ENV_VAR) or os.path.join(
+        os.path.expanduser("~"), ".cache", "solar_kernels", "autotune.json"
+    )
 
 
 def _read_cache(path: str) -> dict:
@@ -106,8 +108,9 @@ class AutoBackend:
     fails); it runs only for (kernel, shape class) pairs that are neither in memory nor in the file.
     """
 
-    def __init__(self, device_name: str, version: str, measure: Callable[[str, str, str], float],
-                 cache_path: str | None = None):
+    def __init__(
+        self, device_name: str, version: str, measure: Callable[[str, str, str], float], cache_path: str | None = None
+    ):
         self.key = f"{device_name} | solar_kernels {version}"
         self.cache_path = cache_path or default_cache_path()
         self._measure = measure
@@ -115,7 +118,8 @@ class AutoBackend:
         choices = entry.get("choices", {}) if isinstance(entry, dict) else {}
         self.choices: dict[str, dict[str, str]] = {
             kernel: {cls: b for cls, b in by_class.items() if b in CANDIDATES}
-            for kernel, by_class in choices.items() if isinstance(by_class, dict)
+            for kernel, by_class in choices.items()
+            if isinstance(by_class, dict)
         }
 
     def choose(self, kernel: str, rows: int, width: int, may_measure: bool = True) -> str:
@@ -128,8 +132,14 @@ class AutoBackend:
         timings = {backend: self._timed(kernel, cls, backend) for backend in CANDIDATES}
         choice = min(CANDIDATES, key=lambda b: (timings[b], CANDIDATES.index(b)))
         self.choices.setdefault(kernel, {})[cls] = choice
-        logger.info("auto backend on %s: %s %s -> %s (%s)", self.key, kernel, cls, choice,
-                    ", ".join(f"{b} {t:.4g} ms" for b, t in timings.items()))
+        logger.info(
+            "auto backend on %s: %s %s -> %s (%s)",
+            self.key,
+            kernel,
+            cls,
+            choice,
+            ", ".join(f"{b} {t:.4g} ms" for b, t in timings.items()),
+        )
         self._store(kernel, cls, choice, timings)
         return choice
 
@@ -137,8 +147,9 @@ class AutoBackend:
         try:
             ms = float(self._measure(kernel, cls, backend))
         except Exception as error:  # an implementation that cannot run this problem loses
-            logger.warning("auto backend: timing %s %s on %s failed (%s: %s)", kernel, cls, backend,
-                           type(error).__name__, error)
+            logger.warning(
+                "auto backend: timing %s %s on %s failed (%s: %s)", kernel, cls, backend, type(error).__name__, error
+            )
             return math.inf
         return ms if ms >= 0 and not math.isnan(ms) else math.inf
 
@@ -194,8 +205,9 @@ def _tuner(device: torch.device) -> AutoBackend:
     if tuner is None:
         from . import __version__
 
-        tuner = _TUNERS[index] = AutoBackend(torch.cuda.get_device_name(index), __version__,
-                                             _measure_on(torch.device("cuda", index)))
+        tuner = _TUNERS[index] = AutoBackend(
+            torch.cuda.get_device_name(index), __version__, _measure_on(torch.device("cuda", index))
+        )
     return tuner
 
 

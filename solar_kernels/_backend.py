@@ -60,7 +60,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
 
 def _resolve_auto(device: torch.device, implemented: tuple[str, ...] = BACKENDS) -> str:
-    """"auto" where both fast backends run (the launchers then pick per kernel), else the one that does
+    """ "auto" where both fast backends run (the launchers then pick per kernel), else the one that does
     (among the ``implemented`` ones)."""
     triton_runs = "triton" in implemented and unavailable_reason("triton", device) is None
     # Only a CUDA device ever loads the extension for this decision.
@@ -90,9 +90,7 @@ def resolve_backend(
     if backend is None:
         backend = "auto"
     if backend not in CHOICES:
-        raise ValueError(
-            f"{op}: {source} must be one of None, 'torch', 'triton', 'cuda', 'auto'; got {backend!r}"
-        )
+        raise ValueError(f"{op}: {source} must be one of None, 'torch', 'triton', 'cuda', 'auto'; got {backend!r}")
     if backend == "auto":
         return _resolve_auto(device, implemented)
     if backend not in implemented:

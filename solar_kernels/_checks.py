@@ -41,8 +41,7 @@ def check_rank(op: str, name: str, tensor: torch.Tensor, ndims: Iterable[int] | 
     if tensor.dim() not in ndims:
         expected = " or ".join(str(n) for n in ndims)
         raise ValueError(
-            f"{op}: {name} must have {expected} dimensions, got {tensor.dim()} "
-            f"(shape {tuple(tensor.shape)})"
+            f"{op}: {name} must have {expected} dimensions, got {tensor.dim()} (shape {tuple(tensor.shape)})"
         )
 
 
@@ -53,13 +52,11 @@ def check_same_device_dtype(op: str, reference_name: str, reference: torch.Tenso
             continue
         if tensor.device != reference.device:
             raise ValueError(
-                f"{op}: {name} is on {tensor.device}, expected {reference.device} "
-                f"(the device of {reference_name})"
+                f"{op}: {name} is on {tensor.device}, expected {reference.device} (the device of {reference_name})"
             )
         if tensor.dtype != reference.dtype:
             raise TypeError(
-                f"{op}: {name} has dtype {tensor.dtype}, expected {reference.dtype} "
-                f"(the dtype of {reference_name})"
+                f"{op}: {name} has dtype {tensor.dtype}, expected {reference.dtype} (the dtype of {reference_name})"
             )
 
 
@@ -67,13 +64,10 @@ def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **o
     for name, tensor in others.items():
         if tensor is not None and tensor.device != reference.device:
             raise ValueError(
-                f"{op}: {name} is on {tensor.device}, expected {reference.device} "
-                f"(the device of {reference_name})"
+                f"{op}: {name} is on {tensor.device}, expected {reference.device} (the device of {reference_name})"
             )
 
 
 def check_shape(op: str, name: str, tensor: torch.Tensor, expected: tuple, why: str) -> None:
     if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(
-            f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} ({why})"
-        )
+        raise ValueError(f"{op}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected)} ({why})")

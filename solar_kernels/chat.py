@@ -69,8 +69,10 @@ def load_tokenizer(path: str | Path):
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{config_file}: not valid JSON ({error})") from None
         if isinstance(tokenizer_config, dict) and REMOTE_CODE_KEY in tokenizer_config:
-            raise CheckpointError(f"{config_file}: names remote code ({REMOTE_CODE_KEY}), which is never run; "
-                                  f"expected a tokenizer transformers loads with its own classes")
+            raise CheckpointError(
+                f"{config_file}: names remote code ({REMOTE_CODE_KEY}), which is never run; "
+                f"expected a tokenizer transformers loads with its own classes"
+            )
     try:
         from transformers import AutoTokenizer
     except ImportError as error:
@@ -85,8 +87,10 @@ def load_tokenizer(path: str | Path):
 def require_chat_template(tokenizer, path: str | Path, hint: str) -> None:
     """A one-line error (ending with ``hint``) when the tokenizer has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise CheckpointError(f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template "
-                              f"or chat_template.jinja); {hint}")
+        raise CheckpointError(
+            f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template "
+            f"or chat_template.jinja); {hint}"
+        )
 
 
 def end_of_sequence_ids(path: str | Path, tokenizer, model_config) -> set[int]:
@@ -124,13 +128,14 @@ def stream_tokens(model, prompt: list[int], sampling: Sampling, eos_ids: set[int
     mask = torch.ones((1, length + steps), dtype=torch.long, device=device)
     logits = model(torch.tensor([prompt], device=device), attention_mask=mask[:, :length], cache=cache)[:, -1]
     for step in range(steps):
-        next_id = sample_next(logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                              generator=generator)
+        next_id = sample_next(
+            logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, generator=generator
+        )
         token = int(next_id[0])
         yield token
         if token in eos_ids or step == steps - 1:
             return
-        logits = model(next_id[:, None], attention_mask=mask[:, :length + step + 1], cache=cache)[:, -1]
+        logits = model(next_id[:, None], attention_mask=mask[:, : length + step + 1], cache=cache)[:, -1]
 
 
 def stream_reply(tokenizer, tokens: Iterable[int], eos_ids: set[int], out: TextIO) -> tuple[list[int], str]:
@@ -145,12 +150,12 @@ def stream_reply(tokenizer, tokens: Iterable[int], eos_ids: set[int], out: TextI
         text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         if text.endswith("\ufffd") or not text.startswith(printed):
             continue  # an incomplete byte sequence: wait for the rest of the character
-        out.write(text[len(printed):])
+        out.write(text[len(printed) :])
         out.flush()
         printed = text
     text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     if text.startswith(printed) and text != printed:
-        out.write(text[len(printed):])
+        out.write(text[len(printed) :])
         out.flush()
     return ids, text
 
@@ -161,8 +166,17 @@ def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, sampling: Sampling, eos_ids: set[int], *,
-              system: str | None = None, prompt_marker: str = "") -> list[dict]:
+def chat_loop(
+    model,
+    tokenizer,
+    lines: Iterable[str],
+    out: TextIO,
+    sampling: Sampling,
+    eos_ids: set[int],
+    *,
+    system: str | None = None,
+    prompt_marker: str = "",
+) -> list[dict]:
     """One reply per non-empty input line, each from the whole conversation so far; returns it."""
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     if prompt_marker:
@@ -172,8 +186,9 @@ def chat_loop(model, tokenizer, lines: Iterable[str], out: TextIO, sampling: Sam
         content = line.rstrip("\r\n")
         if content.strip():
             messages.append({"role": "user", "content": content})
-            _, reply = stream_reply(tokenizer, stream_tokens(model, chat_prompt(tokenizer, messages), sampling, eos_ids),
-                                    eos_ids, out)
+            _, reply = stream_reply(
+                tokenizer, stream_tokens(model, chat_prompt(tokenizer, messages), sampling, eos_ids), eos_ids, out
+            )
             out.write("\n")
             messages.append({"role": "assistant", "content": reply})
         if prompt_marker:
@@ -223,8 +238,16 @@ def run(args: argparse.Namespace, *, stdin: TextIO | None = None, stdout: TextIO
             _generate(args, sampling, stdin, stdout)
         else:
             model, tokenizer, eos_ids = _load(args)
-            chat_loop(model, tokenizer, stdin, stdout, sampling, eos_ids, system=args.system,
-                      prompt_marker="> " if stdin.isatty() else "")
+            chat_loop(
+                model,
+                tokenizer,
+                stdin,
+                stdout,
+                sampling,
+                eos_ids,
+                system=args.system,
+                prompt_marker="> " if stdin.isatty() else "",
+            )
     except (ValueError, OSError, RuntimeError) as error:
         print(f"solar {command}: error: {error}", file=sys.stderr)
         return 2

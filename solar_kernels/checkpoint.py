@@ -53,23 +53,45 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 # The float dtypes a user names (--dtype, YAML, benchmark and self-check options): short names, used
 # in result files and test ids, and torch's own names; parse_dtype accepts both.
 SHORT_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-DTYPE_NAMES = {**{str(dtype).removeprefix("torch."): dtype for dtype in SHORT_DTYPE_NAMES},
-               **{short: dtype for dtype, short in SHORT_DTYPE_NAMES.items()}}
+DTYPE_NAMES = {
+    **{str(dtype).removeprefix("torch."): dtype for dtype in SHORT_DTYPE_NAMES},
+    **{short: dtype for dtype, short in SHORT_DTYPE_NAMES.items()},
+}
 
 
 # config.json keys this package reads, and the JSON types each may have (None: JSON null).
 _INT, _NUMBER, _BOOL, _STR = (int,), (int, float), (bool,), (str,)
 CONFIG_KEY_TYPES: dict[str, tuple] = {
-    **{key: _INT for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                             "num_attention_heads", "max_position_embeddings")},
-    **{key: (*_INT, type(None)) for key in ("num_key_value_heads", "head_dim", "sliding_window",
-                                            "bos_token_id", "pad_token_id")},
+    **{
+        key: _INT
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        )
+    },
+    **{
+        key: (*_INT, type(None))
+        for key in ("num_key_value_heads", "head_dim", "sliding_window", "bos_token_id", "pad_token_id")
+    },
     "eos_token_id": (int, list, type(None)),
     **{key: _NUMBER for key in ("rms_norm_eps", "rope_theta", "initializer_range")},
     **{key: _BOOL for key in ("tie_word_embeddings", "attention_bias", "mlp_bias")},
@@ -132,9 +154,13 @@ def _without_remote_code(data: dict, source: str) -> dict:
         return data
     data = dict(data)
     classes = data.pop(REMOTE_CODE_KEY)
-    logger.warning("dropped %s %s from %s: it names remote code that transformers would download and run "
-                   "(trust_remote_code=True); the output loads with transformers' own classes", REMOTE_CODE_KEY,
-                   json.dumps(classes, sort_keys=True), source)
+    logger.warning(
+        "dropped %s %s from %s: it names remote code that transformers would download and run "
+        "(trust_remote_code=True); the output loads with transformers' own classes",
+        REMOTE_CODE_KEY,
+        json.dumps(classes, sort_keys=True),
+        source,
+    )
     return data
 
 
@@ -162,8 +188,18 @@ def parse_size(size: int | str) -> int:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
         if not match:
             raise ValueError(f"max_shard_size must be bytes or a size like '5GB', got {size!r}")
-        units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        units = {
+            None: 1,
+            "B": 1,
+            "KB": 10**3,
+            "MB": 10**6,
+            "GB": 10**9,
+            "TB": 10**12,
+            "KIB": 2**10,
+            "MIB": 2**20,
+            "GIB": 2**30,
+            "TIB": 2**40,
+        }
         value = int(float(match.group(1)) * units[match.group(2)])
     if value <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")
@@ -372,8 +408,10 @@ def check_destination(dst: str | os.PathLike, sources: Sequence[str | os.PathLik
             continue
         target, origin = Path(dst).resolve(), Path(source).resolve()
         resolved = "" if (str(target), str(origin)) == (str(dst), str(source)) else f" ({target} and {origin})"
-        raise ValueError(f"destination {dst} {relation} the source checkpoint {source}{resolved}; "
-                         f"write the output to a directory outside every source")
+        raise ValueError(
+            f"destination {dst} {relation} the source checkpoint {source}{resolved}; "
+            f"write the output to a directory outside every source"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -402,17 +440,30 @@ def _remove_stale_partials(dst: Path) -> None:
             pid, host, destination = marker["pid"], marker["host"], marker["destination"]
         except (OSError, ValueError, TypeError, KeyError):
             continue  # not ours, or unreadable: leave it alone
-        if not (marker.get("kind") == _PARTIAL_KIND and destination == target and host == socket.gethostname()
-                and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0) or _pid_alive(pid):
+        if not (
+            marker.get("kind") == _PARTIAL_KIND
+            and destination == target
+            and host == socket.gethostname()
+            and isinstance(pid, int)
+            and not isinstance(pid, bool)
+            and pid > 0
+        ) or _pid_alive(pid):
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        logger.info("removed %s: the partial output of an interrupted %s (pid %d on %s, started %s)",
-                    folder, marker.get("tool", "run"), pid, host, marker.get("started", "?"))
+        logger.info(
+            "removed %s: the partial output of an interrupted %s (pid %d on %s, started %s)",
+            folder,
+            marker.get("tool", "run"),
+            pid,
+            host,
+            marker.get("started", "?"),
+        )
 
 
 @contextlib.contextmanager
-def output_directory(dst: str | os.PathLike, *, force: bool = False, expected_bytes: int = 0,
-                     tool: str = "solar_kernels") -> Iterator[Path]:
+def output_directory(
+    dst: str | os.PathLike, *, force: bool = False, expected_bytes: int = 0, tool: str = "solar_kernels"
+) -> Iterator[Path]:
     """Yields a temporary directory that becomes ``dst`` when the block completes without error.
 
     Refuses an existing ``dst`` unless ``force``; removes the partial outputs earlier runs for
@@ -434,9 +485,14 @@ def output_directory(dst: str | os.PathLike, *, force: bool = False, expected_by
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=parent))
     try:
         follow_umask(tmp)
-        marker = {"kind": _PARTIAL_KIND, "tool": tool, "pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  "destination": str(dst.resolve())}
+        marker = {
+            "kind": _PARTIAL_KIND,
+            "tool": tool,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "destination": str(dst.resolve()),
+        }
         write_json(tmp / PARTIAL_MARKER, marker)
         yield tmp
         (tmp / PARTIAL_MARKER).unlink()

@@ -41,8 +41,13 @@ YAML's dtype, out_dtype and compute_dtype. As in mergekit, --dtype is the dtype 
 in and the merge is computed in; models of different architectures need --allow-crimes.
 """
 # merge options that describe the merge itself: the YAML does that with --config.
-MERGE_PLAN_OPTIONS = {"method": "--method", "weights": "--weights", "t": "--t", "base_model": "--base-model",
-                      "density": "--density"}
+MERGE_PLAN_OPTIONS = {
+    "method": "--method",
+    "weights": "--weights",
+    "t": "--t",
+    "base_model": "--base-model",
+    "density": "--density",
+}
 
 
 def _upscale(args) -> None:
@@ -58,34 +63,55 @@ def _upscale(args) -> None:
             raise ValueError(f"expected SRC DST, got {len(args.paths)} path(s)")
         src, dst = args.paths
         slices = parse_slices(args.slices, src) if args.slices else None
-        report = depth_upscale(src, dst, drop=args.drop, slices=slices, dtype=args.dtype, out_dtype=args.out_dtype,
-                               **common)
-    print(f"wrote {report.path}: {report.num_layers} layers, {report.bytes_written / 1e9:.2f} GB "
-          f"in {report.seconds:.1f} s ({report.gb_per_second:.2f} GB/s)")
+        report = depth_upscale(
+            src, dst, drop=args.drop, slices=slices, dtype=args.dtype, out_dtype=args.out_dtype, **common
+        )
+    print(
+        f"wrote {report.path}: {report.num_layers} layers, {report.bytes_written / 1e9:.2f} GB "
+        f"in {report.seconds:.1f} s ({report.gb_per_second:.2f} GB/s)"
+    )
 
 
 def _merge(args) -> None:
     from .merge import merge, merge_from_yaml
 
-    common = dict(max_shard_size=args.max_shard_size, force=args.force, progress=args.progress,
-                  dtype=args.dtype, out_dtype=args.out_dtype, compute_dtype=args.compute_dtype,
-                  seed=args.random_seed, allow_crimes=args.allow_crimes)
+    common = dict(
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        progress=args.progress,
+        dtype=args.dtype,
+        out_dtype=args.out_dtype,
+        compute_dtype=args.compute_dtype,
+        seed=args.random_seed,
+        allow_crimes=args.allow_crimes,
+    )
     if args.config:
         if args.models:
             raise ValueError("give either --config or --models, not both")
         given = [flag for key, flag in MERGE_PLAN_OPTIONS.items() if getattr(args, key) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} cannot be combined with --config: the YAML describes the merge "
-                             f"(only the dtype and output options apply to it)")
+            raise ValueError(
+                f"{', '.join(given)} cannot be combined with --config: the YAML describes the merge "
+                f"(only the dtype and output options apply to it)"
+            )
         path = merge_from_yaml(args.config, args.dst, **common)
     else:
         if not args.models:
             raise ValueError("give --models (two or more checkpoints) or --config FILE.yml")
         if len(args.models) < 2 and args.base_model is None:
-            raise ValueError(f"--models needs two or more checkpoints, got 1: {args.models[0]} (one is enough "
-                             f"with --base-model)")
-        path = merge(args.models, args.dst, method=args.method or "linear", weights=args.weights, t=args.t,
-                     base_model=args.base_model, density=args.density, **common)
+            raise ValueError(
+                f"--models needs two or more checkpoints, got 1: {args.models[0]} (one is enough with --base-model)"
+            )
+        path = merge(
+            args.models,
+            args.dst,
+            method=args.method or "linear",
+            weights=args.weights,
+            t=args.t,
+            base_model=args.base_model,
+            density=args.density,
+            **common,
+        )
     print(f"wrote {path}")
 
 
@@ -115,8 +141,11 @@ def _run_added(name: str, point: EntryPoint, argv: list[str]) -> int:
         command = point.load()
     except ImportError as error:
         package = point.value.split(":")[0].split(".")[0]
-        print(f"solar {name}: error: the {package} package is not importable ({error}); "
-              "run from the repository or install it with `pip install -e .[train]`", file=sys.stderr)
+        print(
+            f"solar {name}: error: the {package} package is not importable ({error}); "
+            "run from the repository or install it with `pip install -e .[train]`",
+            file=sys.stderr,
+        )
         return 2
     return command(argv)
 
@@ -124,9 +153,12 @@ def _run_added(name: str, point: EntryPoint, argv: list[str]) -> int:
 def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """``solar convert gguf FILE DST [--dtype ...] [--max-shard-size ...] [--force]``."""
     formats = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    gguf = formats.add_parser("gguf", help="a llama.cpp GGUF file (llama architecture) -> Hugging Face directory",
-                              description="Dequantizes a llama-architecture GGUF file into a Hugging Face "
-                                          "safetensors directory with its tokenizer and chat template.")
+    gguf = formats.add_parser(
+        "gguf",
+        help="a llama.cpp GGUF file (llama architecture) -> Hugging Face directory",
+        description="Dequantizes a llama-architecture GGUF file into a Hugging Face "
+        "safetensors directory with its tokenizer and chat template.",
+    )
     gguf.add_argument("src", metavar="FILE", help="the .gguf file")
     gguf.add_argument("dst", metavar="DST", help="output directory (a new one, unless --force)")
     gguf.add_argument("--dtype", help="output dtype: float32 (default: exact), float16 or bfloat16")
@@ -137,10 +169,14 @@ def _add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """The options of ``solar generate`` or ``solar chat`` (``command``)."""
     parser.set_defaults(chat_command=command)
-    parser.add_argument("model", metavar="DIR", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)")
+    parser.add_argument(
+        "model", metavar="DIR", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)"
+    )
     if command == "generate":
         parser.add_argument("prompt", nargs="*", help="prompt text (default: read from stdin)")
-        parser.add_argument("--chat", action="store_true", help="send the prompt as a user turn under the chat template")
+        parser.add_argument(
+            "--chat", action="store_true", help="send the prompt as a user turn under the chat template"
+        )
     parser.add_argument("--system", help="a system message before the first user turn (chat template)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per reply (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
@@ -154,14 +190,23 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, command: str) -> 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``solar eval``."""
-    parser.add_argument("model", metavar="CHECKPOINT", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)")
-    parser.add_argument("--text", metavar="FILE_OR_DIR",
-                        help="held-out text: a .txt (one document), .jsonl/.json/.parquet file, or a folder of them")
+    parser.add_argument(
+        "model", metavar="CHECKPOINT", help="Hugging Face checkpoint directory (config.json, weights, tokenizer)"
+    )
+    parser.add_argument(
+        "--text",
+        metavar="FILE_OR_DIR",
+        help="held-out text: a .txt (one document), .jsonl/.json/.parquet file, or a folder of them",
+    )
     parser.add_argument("--text-field", default="text", help="the field holding each row's text (default: text)")
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
     parser.add_argument("--max-tokens", type=int, help="read at most this many tokens of --text")
-    parser.add_argument("--pairs", metavar="FILE.jsonl", help='preference pairs: {"prompt", "chosen", "rejected"} per line')
-    parser.add_argument("--chat", action="store_true", help="put each pair's prompt under the chat template (one user turn)")
+    parser.add_argument(
+        "--pairs", metavar="FILE.jsonl", help='preference pairs: {"prompt", "chosen", "rejected"} per line'
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="put each pair's prompt under the chat template (one user turn)"
+    )
     parser.add_argument("--out", metavar="RESULT.json", help="write the results as JSON here")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
@@ -193,40 +238,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"solar_kernels {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = commands.add_parser("upscale", help="depth up-scale a checkpoint (SOLAR DUS)", epilog=UPSCALE_EXAMPLES,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("paths", nargs="+", metavar="SRC DST",
-                    help="source checkpoint directory and output directory (DST outside every source)")
+    up = commands.add_parser(
+        "upscale",
+        help="depth up-scale a checkpoint (SOLAR DUS)",
+        epilog=UPSCALE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SRC DST",
+        help="source checkpoint directory and output directory (DST outside every source)",
+    )
     plan = up.add_mutually_exclusive_group()
     plan.add_argument("--drop", type=int, default=8, help="m: layers dropped at the seam of each copy (default 8)")
     plan.add_argument("--slices", help="layer plan START:END[,...] or PATH:START:END[,...] (half-open)")
     plan.add_argument("--config", help="mergekit passthrough YAML (--dtype overrides its dtype)")
     up.set_defaults(run=_upscale)
 
-    mg = commands.add_parser("merge", help="merge checkpoints (linear, SLERP, TIES, DARE, ...)", epilog=MERGE_EXAMPLES,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    mg = commands.add_parser(
+        "merge",
+        help="merge checkpoints (linear, SLERP, TIES, DARE, ...)",
+        epilog=MERGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mg.add_argument("dst", metavar="DST", help="output directory (outside every source)")
     mg.add_argument("--models", nargs="+", help="checkpoint directories to merge (two or more)")
-    mg.add_argument("--config", help="mergekit YAML; not with --method, --weights, --t, --base-model, --density; "
-                                     "--dtype, --out-dtype, --compute-dtype override its keys")
-    mg.add_argument("--method", help="linear (default), slerp, nuslerp, task_arithmetic, ties, dare_ties, "
-                                     "dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock")
+    mg.add_argument(
+        "--config",
+        help="mergekit YAML; not with --method, --weights, --t, --base-model, --density; "
+        "--dtype, --out-dtype, --compute-dtype override its keys",
+    )
+    mg.add_argument(
+        "--method",
+        help="linear (default), slerp, nuslerp, task_arithmetic, ties, dare_ties, "
+        "dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock",
+    )
     mg.add_argument("--weights", type=float, nargs="+", help="one weight per model (all methods but slerp)")
     mg.add_argument("--t", type=float, help="SLERP factor: 0 gives the base (else first) model")
     mg.add_argument("--base-model", help="base checkpoint (task-vector methods; slerp: the t = 0 end)")
     mg.add_argument("--density", type=float, help="share of each task vector kept (ties, dare, breadcrumbs, della)")
-    mg.add_argument("--compute-dtype", help="dtype of the merge math only, e.g. float32 for exact fp32 math on "
-                                            "unrounded sources (default: --dtype, as mergekit)")
+    mg.add_argument(
+        "--compute-dtype",
+        help="dtype of the merge math only, e.g. float32 for exact fp32 math on "
+        "unrounded sources (default: --dtype, as mergekit)",
+    )
     mg.add_argument("--random-seed", type=int, default=0, help="seed of the dare/della random masks (default 0)")
-    mg.add_argument("--allow-crimes", action="store_true",
-                    help="merge models of different architectures (e.g. Llama with Mistral), as mergekit's flag")
+    mg.add_argument(
+        "--allow-crimes",
+        action="store_true",
+        help="merge models of different architectures (e.g. Llama with Mistral), as mergekit's flag",
+    )
     mg.set_defaults(run=_merge)
 
     cv = commands.add_parser("convert", help="convert a GGUF file to a Hugging Face directory")
     _add_convert_arguments(cv)
     cv.set_defaults(run=_convert)
-    for name, text in (("generate", "continue a prompt with a checkpoint, streamed"),
-                       ("chat", "chat with a checkpoint under its chat template (one turn per line)")):
+    for name, text in (
+        ("generate", "continue a prompt with a checkpoint, streamed"),
+        ("chat", "chat with a checkpoint under its chat template (one turn per line)"),
+    ):
         sub = commands.add_parser(name, help=text)
         _add_generation_arguments(sub, name)
         sub.set_defaults(run=_generation)
@@ -240,13 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
         added.add_argument("arguments", nargs=argparse.REMAINDER)
 
     for sub in (up, mg):
-        sub.add_argument("--dtype", help="dtype the sources are read and merged in, and stored in unless --out-dtype: "
-                                         "float32, float16 or bfloat16 (default: keep)")
+        sub.add_argument(
+            "--dtype",
+            help="dtype the sources are read and merged in, and stored in unless --out-dtype: "
+            "float32, float16 or bfloat16 (default: keep)",
+        )
         sub.add_argument("--out-dtype", help="stored dtype (default: --dtype)")
         sub.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
         sub.add_argument("--force", action="store_true", help="replace an existing DST")
-        sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
-                         help="progress bar (default: when stderr is a terminal)")
+        sub.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=sys.stderr.isatty(),
+            help="progress bar (default: when stderr is a terminal)",
+        )
     return parser
 
 
@@ -280,8 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         # The output is built beside DST and renamed into place only when complete (its partial
         # folder is removed on the way out), so DST is either as it was or complete.
         done = _identity(dst) != before
-        print(f"solar {args.command}: interrupted; "
-              + (f"{dst} was already complete" if done else f"nothing was written to {dst}"), file=sys.stderr)
+        print(
+            f"solar {args.command}: interrupted; "
+            + (f"{dst} was already complete" if done else f"nothing was written to {dst}"),
+            file=sys.stderr,
+        )
         return 130
     return 0
 

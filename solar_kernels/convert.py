@@ -47,11 +47,13 @@ from .model.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 # GGML tensor types whose dequantization gguf.quants implements and the tests cover.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # GGUF tensor name -> Hugging Face name ("{i}": the layer index).
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -71,8 +73,10 @@ PRE_TOKENIZERS = {
     **dict.fromkeys(("gpt-2", "gpt2", "default", "mpt", "olmo", "jais"), "gpt2"),
     **dict.fromkeys(("llama-bpe", "llama3"), "llama3"),
 }
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # GGUF token types (gguf.TokenType): CONTROL tokens are special, USER_DEFINED ones are added tokens.
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -141,8 +145,10 @@ def gguf_config(reader, src: Path) -> ModelConfig:
     value_dim = int(_field(reader, "llama.attention.value_length", head_dim))
     rotary_dim = int(_field(reader, "llama.rope.dimension_count", head_dim))
     if value_dim != head_dim or rotary_dim != head_dim:
-        raise GGUFError(f"{src}: key, value and rotary widths must be equal; got key {head_dim}, value {value_dim}, "
-                        f"rotary {rotary_dim}")
+        raise GGUFError(
+            f"{src}: key, value and rotary widths must be equal; got key {head_dim}, value {value_dim}, "
+            f"rotary {rotary_dim}"
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = _field(reader, "llama.vocab_size") or len(tokens) or (int(embedding.shape[-1]) if embedding else 0)
@@ -193,11 +199,17 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
-    per_layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-                 "self_attn.q_proj.weight": (q_out, d), "self_attn.k_proj.weight": (kv_out, d),
-                 "self_attn.v_proj.weight": (kv_out, d), "self_attn.o_proj.weight": (d, q_out),
-                 "mlp.gate_proj.weight": (config.intermediate_size, d), "mlp.up_proj.weight": (config.intermediate_size, d),
-                 "mlp.down_proj.weight": (d, config.intermediate_size)}
+    per_layer = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q_out, d),
+        "self_attn.k_proj.weight": (kv_out, d),
+        "self_attn.v_proj.weight": (kv_out, d),
+        "self_attn.o_proj.weight": (d, q_out),
+        "mlp.gate_proj.weight": (config.intermediate_size, d),
+        "mlp.up_proj.weight": (config.intermediate_size, d),
+        "mlp.down_proj.weight": (d, config.intermediate_size),
+    }
     for i in range(config.num_layers):
         shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
     return shapes
@@ -222,16 +234,22 @@ def _plan_tensors(reader, config: ModelConfig, src: Path) -> list:
             unsupported.append(f"{tensor.name} ({tensor.tensor_type.name})")
         by_name[name] = tensor
     if unknown:
-        raise GGUFError(f"{src}: tensors a llama model does not have: {', '.join(unknown[:5])}"
-                        f"{'...' if len(unknown) > 5 else ''}; expected only {', '.join(_GLOBAL_NAMES)} and blk.N.*")
+        raise GGUFError(
+            f"{src}: tensors a llama model does not have: {', '.join(unknown[:5])}"
+            f"{'...' if len(unknown) > 5 else ''}; expected only {', '.join(_GLOBAL_NAMES)} and blk.N.*"
+        )
     if unsupported:
-        raise GGUFError(f"{src}: unsupported tensor type(s): {', '.join(unsupported[:5])}"
-                        f"{'...' if len(unsupported) > 5 else ''}; supported: {', '.join(SUPPORTED_TYPES)}")
+        raise GGUFError(
+            f"{src}: unsupported tensor type(s): {', '.join(unsupported[:5])}"
+            f"{'...' if len(unsupported) > 5 else ''}; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
     shapes = expected_shapes(config)
     missing = [name for name in shapes if name not in by_name]
     if missing:
-        raise GGUFError(f"{src}: tensors missing for a {config.num_layers}-layer model: {', '.join(missing[:5])}"
-                        f"{'...' if len(missing) > 5 else ''}")
+        raise GGUFError(
+            f"{src}: tensors missing for a {config.num_layers}-layer model: {', '.join(missing[:5])}"
+            f"{'...' if len(missing) > 5 else ''}"
+        )
     for name, shape in shapes.items():
         given = tuple(int(n) for n in reversed(by_name[name].shape))  # GGUF lists dimensions innermost first
         if given != shape:
@@ -267,8 +285,9 @@ def check_tokenizer(reader, src: Path) -> str:
         raise GGUFError(f"{src}: tokenizer.ggml.model {model!r} is not supported; expected 'gpt2' (byte-level BPE)")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
-        raise GGUFError(f"{src}: tokenizer.ggml.pre {pre!r} is not supported; expected one of "
-                        f"{', '.join(sorted(PRE_TOKENIZERS))}")
+        raise GGUFError(
+            f"{src}: tokenizer.ggml.pre {pre!r} is not supported; expected one of {', '.join(sorted(PRE_TOKENIZERS))}"
+        )
     _token_strings(reader, src)
     if not _field(reader, "tokenizer.ggml.merges"):
         raise GGUFError(f"{src}: no tokenizer.ggml.merges; expected the BPE merges of a 'gpt2' tokenizer")
@@ -298,10 +317,16 @@ def build_tokenizer(reader, src: Path):
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                  for i, kind_ in enumerate(types) if kind_ == _CONTROL])
-    tokenizer.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                          for i, kind_ in enumerate(types) if kind_ == _USER_DEFINED])
+    tokenizer.add_special_tokens(
+        [AddedToken(tokens[i], special=True, normalized=False) for i, kind_ in enumerate(types) if kind_ == _CONTROL]
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(tokens[i], special=False, normalized=False)
+            for i, kind_ in enumerate(types)
+            if kind_ == _USER_DEFINED
+        ]
+    )
     bos = _optional_int(_field(reader, "tokenizer.ggml.bos_token_id"))
     eos = _optional_int(_field(reader, "tokenizer.ggml.eos_token_id"))
     add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
@@ -310,9 +335,9 @@ def build_tokenizer(reader, src: Path):
         first = [f"{tokens[bos]}:0"] * add_bos + ["$A:0"] + [f"{tokens[eos]}:0"] * add_eos
         second = [f"{tokens[bos]}:1"] * add_bos + ["$B:1"] + [f"{tokens[eos]}:1"] * add_eos
         special = sorted({(tokens[i], i) for i, on in ((bos, add_bos), (eos, add_eos)) if on}, key=lambda t: t[1])
-        tokenizer.post_processor = processors.TemplateProcessing(single=" ".join(first),
-                                                                 pair=" ".join(first + second),
-                                                                 special_tokens=special)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=" ".join(first), pair=" ".join(first + second), special_tokens=special
+        )
     else:
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     return tokenizer
@@ -324,18 +349,36 @@ def write_tokenizer(reader, src: Path, directory: Path, config: ModelConfig) -> 
     tokenizer.save(str(directory / "tokenizer.json"))
     tokens, types = _token_strings(reader, src)
     special = {}
-    for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id")):
+    for role, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         index = _optional_int(_field(reader, f"tokenizer.ggml.{key}"))
         if index is not None:
             if not 0 <= index < len(tokens):
                 raise GGUFError(f"{src}: tokenizer.ggml.{key} is {index}, expected an id below {len(tokens)}")
             special[role] = tokens[index]
-    added = {str(i): {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": kind == _CONTROL}
-             for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                        "model_max_length": config.max_position_embeddings, "added_tokens_decoder": added, **special}
+    added = {
+        str(i): {
+            "content": tokens[i],
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": kind == _CONTROL,
+        }
+        for i, kind in enumerate(types)
+        if kind in (_CONTROL, _USER_DEFINED)
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.max_position_embeddings,
+        "added_tokens_decoder": added,
+        **special,
+    }
     template = _field(reader, "tokenizer.chat_template")
     if template:
         tokenizer_config["chat_template"] = template
@@ -346,8 +389,14 @@ def write_tokenizer(reader, src: Path, directory: Path, config: ModelConfig) -> 
 # ----------------------------------------------------------------------------------------- conversion
 
 
-def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False,
-                 max_shard_size: int | str = "5GB", dtype: str | torch.dtype | None = None) -> ConvertReport:
+def convert_gguf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    force: bool = False,
+    max_shard_size: int | str = "5GB",
+    dtype: str | torch.dtype | None = None,
+) -> ConvertReport:
     """Converts the llama-architecture GGUF file ``src`` into the Hugging Face directory ``dst``
     (atomically; an existing ``dst`` only with ``force``); ``dtype`` None writes float32."""
     started = time.perf_counter()
@@ -380,8 +429,15 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool 
             writer.add(name, weight.to(out_dtype))
         writer.finish()
     seconds = time.perf_counter() - started
-    logger.info("converted %s: %d tensors, %d layers, %.2f GB %s in %.1f s", src, len(plan), config.num_layers,
-                expected_bytes / 1e9, str(out_dtype).replace("torch.", ""), seconds)
+    logger.info(
+        "converted %s: %d tensors, %d layers, %.2f GB %s in %.1f s",
+        src,
+        len(plan),
+        config.num_layers,
+        expected_bytes / 1e9,
+        str(out_dtype).replace("torch.", ""),
+        seconds,
+    )
     return ConvertReport(dst, config.num_layers, len(plan), expected_bytes, seconds)
 
 
@@ -391,14 +447,17 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool 
 def run(args: argparse.Namespace) -> int:
     """Runs ``solar convert``: 0 on success, 2 (one line on stderr) on bad input, 130 on Ctrl-C."""
     try:
-        report = convert_gguf(args.src, args.dst, force=args.force, max_shard_size=args.max_shard_size,
-                              dtype=args.dtype)
+        report = convert_gguf(
+            args.src, args.dst, force=args.force, max_shard_size=args.max_shard_size, dtype=args.dtype
+        )
     except (ValueError, OSError) as error:
         print(f"solar convert: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"solar convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
         return 130
-    print(f"wrote {report.path}: {report.num_layers} layers, {report.num_tensors} tensors, "
-          f"{report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s")
+    print(
+        f"wrote {report.path}: {report.num_layers} layers, {report.num_tensors} tensors, "
+        f"{report.bytes_written / 1e9:.2f} GB in {report.seconds:.1f} s"
+    )
     return 0

@@ -84,14 +84,18 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
         table = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
     except Exception as error:  # datasets and pyarrow raise many types for a malformed file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(f"--text {path}: not a readable {builder} dataset ({type(error).__name__}: {first_line})") from None
+        raise ValueError(
+            f"--text {path}: not a readable {builder} dataset ({type(error).__name__}: {first_line})"
+        ) from None
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
     field = "text" if builder == "text" else text_field
     if field not in table.column_names:
-        raise ValueError(f"--text {path}: no field {field!r} (the rows have {table.column_names}); "
-                         f"set --text-field to the field holding the document text")
+        raise ValueError(
+            f"--text {path}: no field {field!r} (the rows have {table.column_names}); "
+            f"set --text-field to the field holding the document text"
+        )
     texts = table[field]
     for index, text in enumerate(texts):
         if not isinstance(text, str):
@@ -117,8 +121,12 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"--pairs {path}: line {number} is not JSON ({error}); expected {expected}") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            given = {k: type(v).__name__ for k, v in record.items()} if isinstance(record, dict) else type(record).__name__
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("prompt", "chosen", "rejected")
+        ):
+            given = (
+                {k: type(v).__name__ for k, v in record.items()} if isinstance(record, dict) else type(record).__name__
+            )
             raise ValueError(f"--pairs {path}: line {number} is {given}, expected {expected}")
         pairs.append({k: record[k] for k in ("prompt", "chosen", "rejected")})
     if not pairs:
@@ -130,11 +138,14 @@ def encoded_documents(tokenizer, texts: Sequence[str], batch_size: int = 256) ->
     """Token ids of each text (no special tokens), tokenized lazily in batches: a ``--max-tokens``
     cut stops the tokenizing too."""
     for start in range(0, len(texts), batch_size):
-        yield from (list(ids) for ids in tokenizer(list(texts[start:start + batch_size]), add_special_tokens=False).input_ids)
+        yield from (
+            list(ids) for ids in tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False).input_ids
+        )
 
 
-def token_windows(documents: Iterable[list[int]], seq_len: int, eos_id: int | None,
-                  max_tokens: int | None = None) -> list[list[int]]:
+def token_windows(
+    documents: Iterable[list[int]], seq_len: int, eos_id: int | None, max_tokens: int | None = None
+) -> list[list[int]]:
     """The documents (each followed by ``eos_id`` when there is one) as one stream, cut after
     ``max_tokens`` tokens, in non-overlapping windows of ``seq_len`` (the last may be shorter; one
     under 2 tokens scores nothing and is dropped)."""
@@ -148,7 +159,7 @@ def token_windows(documents: Iterable[list[int]], seq_len: int, eos_id: int | No
         if max_tokens is not None and len(stream) >= max_tokens:
             break
     stream = stream[:max_tokens]
-    windows = [stream[start:start + seq_len] for start in range(0, len(stream), seq_len)]
+    windows = [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
     return [window for window in windows if len(window) >= 2]
 
 
@@ -157,7 +168,7 @@ def token_windows(documents: Iterable[list[int]], seq_len: int, eos_id: int | No
 
 def _batches(order: Sequence[int], batch_size: int) -> Iterable[list[int]]:
     for start in range(0, len(order), batch_size):
-        yield list(order[start:start + batch_size])
+        yield list(order[start : start + batch_size])
 
 
 def _shifted_batch(rows: Sequence[list[int]], scored: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,8 +178,8 @@ def _shifted_batch(rows: Sequence[list[int]], scored: Sequence[int], device) -> 
     ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long, device=device)  # [B, T]
     targets = torch.full_like(ids, IGNORE_INDEX)
     for row, (tokens, count) in enumerate(zip(rows, scored)):
-        ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
-        targets[row, len(tokens) - count:len(tokens)] = ids[row, len(tokens) - count:len(tokens)]
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
+        targets[row, len(tokens) - count : len(tokens)] = ids[row, len(tokens) - count : len(tokens)]
     return ids[:, :-1], targets[:, 1:]
 
 
@@ -192,8 +203,14 @@ def heldout_nll(model, windows: Sequence[list[int]], *, batch_size: int = 4) -> 
 
 
 @torch.no_grad()
-def continuation_logprobs(model, requests: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 4,
-                          max_length: int | None = None, greedy: bool = False) -> list[tuple[float, bool]]:
+def continuation_logprobs(
+    model,
+    requests: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 4,
+    max_length: int | None = None,
+    greedy: bool = False,
+) -> list[tuple[float, bool]]:
     """(summed log-prob of ``continuation`` given ``context``, whether greedy decoding produces it)
     per ``(context ids, continuation ids)`` request, through ``sequence_logprobs``.
 
@@ -213,7 +230,7 @@ def continuation_logprobs(model, requests: Sequence[tuple[list[int], list[int]]]
             raise ValueError(f"request {index}: the continuation is empty after tokenization; expected >= 1 token")
         if not context:
             raise ValueError(f"request {index}: the context is empty; expected >= 1 token (a bos or eos prefix)")
-        full = (list(context) + list(continuation))[-(max_length + 1):]
+        full = (list(context) + list(continuation))[-(max_length + 1) :]
         rows.append(full)
         scored.append(min(len(continuation), len(full) - 1))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
@@ -242,7 +259,9 @@ def prompt_ids(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
-def preference_requests(tokenizer, pairs: Sequence[dict[str, str]], *, chat: bool = False) -> list[tuple[list[int], list[int]]]:
+def preference_requests(
+    tokenizer, pairs: Sequence[dict[str, str]], *, chat: bool = False
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) for each pair's chosen then rejected completion, interleaved."""
     requests = []
     for index, pair in enumerate(pairs):
@@ -257,8 +276,9 @@ def preference_requests(tokenizer, pairs: Sequence[dict[str, str]], *, chat: boo
     return requests
 
 
-def preference_scores(model, requests: Sequence[tuple[list[int], list[int]]], *,
-                      batch_size: int = 4) -> tuple[float, float]:
+def preference_scores(
+    model, requests: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 4
+) -> tuple[float, float]:
     """(accuracy, mean margin) from ``preference_requests``: chosen beats rejected strictly."""
     scores = [logprob for logprob, _ in continuation_logprobs(model, requests, batch_size=batch_size)]
     margins = [chosen - rejected for chosen, rejected in zip(scores[0::2], scores[1::2])]
@@ -314,8 +334,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     windows, requests = None, None
     if args.text is not None:
         texts = read_texts(args.text, args.text_field)
-        windows = token_windows(encoded_documents(tokenizer, texts), args.seq_len, tokenizer.eos_token_id,
-                                args.max_tokens)
+        windows = token_windows(
+            encoded_documents(tokenizer, texts), args.seq_len, tokenizer.eos_token_id, args.max_tokens
+        )
         if not windows:
             raise ValueError(f"--text {args.text}: fewer than 2 tokens of text; expected some text to score")
     if args.pairs is not None:
@@ -323,8 +344,16 @@ def evaluate(args: argparse.Namespace) -> dict:
             require_chat_template(tokenizer, path, "drop --chat to score the prompts as plain text")
         requests = preference_requests(tokenizer, read_pairs(args.pairs), chat=args.chat)
     model = load_pretrained(path, device=args.device, dtype=args.dtype, backend=args.backend).eval()
-    result: dict = {"checkpoint": str(path), "loss": None, "perplexity": None, "tokens": None, "seq_len": args.seq_len,
-                    "preference_accuracy": None, "reward_margin": None, "pairs": None}
+    result: dict = {
+        "checkpoint": str(path),
+        "loss": None,
+        "perplexity": None,
+        "tokens": None,
+        "seq_len": args.seq_len,
+        "preference_accuracy": None,
+        "reward_margin": None,
+        "pairs": None,
+    }
     if windows is not None:
         nll, tokens = heldout_nll(model, windows, batch_size=args.batch_size)
         loss = nll / tokens
@@ -339,11 +368,16 @@ def evaluate(args: argparse.Namespace) -> dict:
 def _table(result: dict) -> str:
     rows = [("checkpoint", result["checkpoint"])]
     if result["loss"] is not None:
-        rows += [("loss (nats/token)", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}"),
-                 ("scored tokens", f"{result['tokens']} (windows of {result['seq_len']})")]
+        rows += [
+            ("loss (nats/token)", f"{result['loss']:.4f}"),
+            ("perplexity", f"{result['perplexity']:.3f}"),
+            ("scored tokens", f"{result['tokens']} (windows of {result['seq_len']})"),
+        ]
     if result["pairs"] is not None:
-        rows += [("preference accuracy", f"{result['preference_accuracy']:.4f} of {result['pairs']} pairs"),
-                 ("reward margin (nats)", f"{result['reward_margin']:.4f}")]
+        rows += [
+            ("preference accuracy", f"{result['preference_accuracy']:.4f} of {result['pairs']} pairs"),
+            ("reward margin (nats)", f"{result['reward_margin']:.4f}"),
+        ]
     rows.append(("seconds", f"{result['seconds']:.1f}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -53,8 +53,10 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"solar model: {name} must be a positive integer, got {value!r}"
-                         + (" (the solar model does not search batch sizes)" if name == "batch_size" else ""))
+        raise ValueError(
+            f"solar model: {name} must be a positive integer, got {value!r}"
+            + (" (the solar model does not search batch sizes)" if name == "batch_size" else "")
+        )
     return value
 
 
@@ -62,10 +64,20 @@ def _positive_int(name: str, value) -> int:
 class SolarLM(TemplateLM):
     """A ``CausalLM`` checkpoint scored with the fused log-prob kernels (one process, one device)."""
 
-    def __init__(self, pretrained: str, *, device: str | None = None, dtype: str | None = None,
-                 backend: str | None = None, batch_size: int | str | None = 1, max_batch_size: int | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = False,
-                 prefix_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        backend: str | None = None,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        add_bos_token: bool = False,
+        prefix_token_id: int | None = None,
+    ) -> None:
         super().__init__()
         from .chat import load_tokenizer
         from .model.hf import load_pretrained
@@ -118,15 +130,20 @@ class SolarLM(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
 
     # ------------------------------------------------------------------------------- requests
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = [(context, continuation) for _, context, continuation in requests]
-        results = continuation_logprobs(self.model, pairs, batch_size=self.batch_size, max_length=self.max_length,
-                                        greedy=True)
+        results = continuation_logprobs(
+            self.model, pairs, batch_size=self.batch_size, max_length=self.max_length, greedy=True
+        )
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
         return results
@@ -135,8 +152,10 @@ class SolarLM(TemplateLM):
         windows, owners = [], []
         for index, request in enumerate(requests):
             (string,) = request.args
-            for context, predicted in map(make_disjoint_window, get_rolling_token_windows(
-                    self.tok_encode(string), self.prefix_token_id, self.max_length, 1)):
+            for context, predicted in map(
+                make_disjoint_window,
+                get_rolling_token_windows(self.tok_encode(string), self.prefix_token_id, self.max_length, 1),
+            ):
                 windows.append((context, predicted))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -171,18 +190,30 @@ class SolarLM(TemplateLM):
             context, gen_kwargs = request.args
             stops, max_new, temperature, top_k, top_p = self._generation_options(gen_kwargs)
             if max_new >= self.max_length:
-                raise ValueError(f"solar model: max_gen_toks={max_new} leaves no room for the context in "
-                                 f"max_length={self.max_length}; expected max_gen_toks < max_length")
+                raise ValueError(
+                    f"solar model: max_gen_toks={max_new} leaves no room for the context in "
+                    f"max_length={self.max_length}; expected max_gen_toks < max_length"
+                )
             options.append((context, stops))
             groups.setdefault((max_new, temperature, top_k, top_p), []).append(index)
         for (max_new, temperature, top_k, top_p), indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
+                batch = indices[start : start + self.batch_size]
                 # The context's end is kept: max_new tokens must still fit in max_length.
-                prompts = [self.tok_encode(options[i][0])[-(self.max_length - max_new):] or [self.prefix_token_id]
-                           for i in batch]
-                new_tokens = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      eos_token_id=self.eot_token_id, pad_token_id=self.eot_token_id)
+                prompts = [
+                    self.tok_encode(options[i][0])[-(self.max_length - max_new) :] or [self.prefix_token_id]
+                    for i in batch
+                ]
+                new_tokens = generate(
+                    self.model,
+                    prompts,
+                    max_new,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    eos_token_id=self.eot_token_id,
+                    pad_token_id=self.eot_token_id,
+                )
                 for i, tokens in zip(batch, new_tokens):
                     text = self.tok_decode([t for t in tokens if t != self.eot_token_id])
                     for stop in options[i][1]:

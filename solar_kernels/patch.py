@@ -110,16 +110,16 @@ def _rms_norm_forward(self, hidden_states):
 
 
 def _gemma_rms_norm_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.eps, offset=1.0, casting_mode="gemma",
-                    backend=self._solar_backend)
+    return rms_norm(hidden_states, self.weight, self.eps, offset=1.0, casting_mode="gemma", backend=self._solar_backend)
 
 
 def _mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._solar_backend))
 
 
-def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None,
-                       past_key_values=None, **kwargs):
+def _attention_forward(
+    self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs
+):
     """transformers' attention of the supported models with the rotary embedding done by sk.apply_rotary."""
     namespace = sys.modules[type(self).__module__]
     input_shape = hidden_states.shape[:-1]
@@ -141,54 +141,100 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         attention = functions.get_interface(implementation, namespace.eager_attention_forward)
     else:
         attention = namespace.eager_attention_forward if implementation == "eager" else functions[implementation]
-    out, weights = attention(self, query, key, value, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout,
-                             scaling=self.scaling, **self._solar_attention_kwargs(self), **kwargs)
+    out, weights = attention(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **self._solar_attention_kwargs(self),
+        **kwargs,
+    )
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+def _causal_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    use_cache=None,
+    logits_to_keep=0,
+    **kwargs,
+):
     skip_logits = kwargs.pop("skip_logits", None)  # Liger's switch: False builds the logits
     if skip_logits and labels is None:
         raise ValueError("patch_hf_model: skip_logits=True needs labels (the fused loss), got labels=None")
     if labels is None or skip_logits is False:
-        return self._solar_original_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                            position_ids=position_ids, past_key_values=past_key_values,
-                                            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                            logits_to_keep=logits_to_keep, **kwargs)
+        return self._solar_original_forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     # transformers' ForCausalLMLoss options, which it also takes from the forward's kwargs.
     num_items = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
     shift_labels = kwargs.pop("shift_labels", None)
-    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         **kwargs)
+    outputs = self.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        **kwargs,
+    )
     hidden = outputs.last_hidden_state
     if shift_labels is None:  # transformers' shift: position t predicts label t + 1, the last nothing
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "sum" if num_items is not None else "mean"
     softcap = getattr(self.config, "final_logit_softcapping", None)  # Gemma's cap * tanh(logits / cap)
-    loss = linear_cross_entropy(hidden, self.lm_head.weight, shift_labels.to(hidden.device), bias=self.lm_head.bias,
-                                ignore_index=ignore_index, reduction=reduction, softcap=softcap,
-                                backend=self._solar_backend)
+    loss = linear_cross_entropy(
+        hidden,
+        self.lm_head.weight,
+        shift_labels.to(hidden.device),
+        bias=self.lm_head.bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        softcap=softcap,
+        backend=self._solar_backend,
+    )
     if num_items is not None:
         loss = loss / num_items
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return CausalLMOutputWithPast(
+        loss=loss,
+        logits=None,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
 
 
 def _check_config(name: str, family: _Family, config, mlp: bool) -> None:
     """Refuse, in one line, a config whose behaviour the swapped modules would not reproduce."""
     if family.swiglu_mlp and mlp and getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"patch_hf_model: mlp=True needs hidden_act='silu' (a SwiGLU MLP), got "
-                         f"{name} with hidden_act={config.hidden_act!r}; pass mlp=False to keep its MLP")
+        raise ValueError(
+            f"patch_hf_model: mlp=True needs hidden_act='silu' (a SwiGLU MLP), got "
+            f"{name} with hidden_act={config.hidden_act!r}; pass mlp=False to keep its MLP"
+        )
 
 
-def _check_backend(name: str, model: torch.nn.Module, backend: str | None, gemma_norm: bool,
-                   softcap: float | None) -> None:
+def _check_backend(
+    name: str, model: torch.nn.Module, backend: str | None, gemma_norm: bool, softcap: float | None
+) -> None:
     """An explicit backend that lacks an option this model needs (the CUDA twins have no offset,
     casting modes or soft-capping) is refused now, by one real call on one row, rather than at the
     first forward."""
@@ -198,28 +244,49 @@ def _check_backend(name: str, model: torch.nn.Module, backend: str | None, gemma
     head = model.lm_head.weight.detach()
     probes = []
     if gemma_norm:
-        probes.append(("RMSNorm", "rms_norm", lambda: rms_norm(norm[None], norm, offset=1.0, casting_mode="gemma",
-                                                              backend=backend)))
+        probes.append(
+            (
+                "RMSNorm",
+                "rms_norm",
+                lambda: rms_norm(norm[None], norm, offset=1.0, casting_mode="gemma", backend=backend),
+            )
+        )
     if softcap is not None:
         labels = torch.zeros(1, dtype=torch.long, device=head.device)
-        probes.append(("soft-capped loss", "loss", lambda: linear_cross_entropy(
-            head[:1], head, labels, softcap=softcap, backend=backend)))
+        probes.append(
+            (
+                "soft-capped loss",
+                "loss",
+                lambda: linear_cross_entropy(head[:1], head, labels, softcap=softcap, backend=backend),
+            )
+        )
     for what, switch, probe in probes:
         try:
             with torch.no_grad():
                 probe()
         except (ValueError, RuntimeError) as error:
-            raise ValueError(f"patch_hf_model: {name}'s {what} cannot run on backend={backend!r} ({error}); "
-                             f"pass {switch}=False or another backend") from None
+            raise ValueError(
+                f"patch_hf_model: {name}'s {what} cannot run on backend={backend!r} ({error}); "
+                f"pass {switch}=False or another backend"
+            ) from None
 
 
-def patch_hf_model(model: torch.nn.Module, *, backend: str | None = None, rms_norm: bool = True,
-                   rotary: bool = True, mlp: bool = True, loss: bool = True) -> torch.nn.Module:
+def patch_hf_model(
+    model: torch.nn.Module,
+    *,
+    backend: str | None = None,
+    rms_norm: bool = True,
+    rotary: bool = True,
+    mlp: bool = True,
+    loss: bool = True,
+) -> torch.nn.Module:
     """Patch ``model`` (one of ``SUPPORTED``, a transformers causal LM) in place; returns it."""
     name = type(model).__name__
     if name == "Gemma3ForConditionalGeneration":
-        raise TypeError("patch_hf_model: expected a text-only causal LM, got Gemma3ForConditionalGeneration "
-                        "(vision-language); load the text model as Gemma3ForCausalLM to patch it")
+        raise TypeError(
+            "patch_hf_model: expected a text-only causal LM, got Gemma3ForConditionalGeneration "
+            "(vision-language); load the text model as Gemma3ForCausalLM to patch it"
+        )
     family = _FAMILIES.get(name)
     if family is None:
         raise TypeError(f"patch_hf_model: expected one of {', '.join(SUPPORTED)}, got {name}")

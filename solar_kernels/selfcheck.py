@@ -31,6 +31,7 @@ BOUNDS = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 def _cases(device, dtype):
     """(name, inputs needing grad, op(backend, *inputs), reference(*inputs)) per op: the ops of the
     kernel registry from their records (4 rows of the op's width in SOLAR 10.7B), the others by hand."""
+
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).to(dtype)
 
@@ -40,15 +41,27 @@ def _cases(device, dtype):
     for op in _registry.ops():
         # the inputs that take gradients are the leaves; the rest (rotary's cos/sin) are constants
         leaves, constants = op.split(op.example(4, op.model_width(PRESETS["solar-10.7b"]), dtype, device))
-        recorded.append((op.name, leaves, lambda b, *inputs, op=op, rest=constants: op.fn(*inputs, *rest, backend=b),
-                         lambda *inputs, op=op, rest=constants: op.ref(*inputs, *rest)))
+        recorded.append(
+            (
+                op.name,
+                leaves,
+                lambda b, *inputs, op=op, rest=constants: op.fn(*inputs, *rest, backend=b),
+                lambda *inputs, op=op, rest=constants: op.ref(*inputs, *rest),
+            )
+        )
     return recorded + [
-        ("linear_logprobs", (rand(2, 9, 256), rand(1000, 256, scale=0.1)),
-         lambda b, h, w: sk.linear_logprobs(h, w, labels, backend=b),
-         lambda h, w: sk.linear_logprobs_ref(h, w, labels).to(h.dtype)),
-        ("linear_cross_entropy", (rand(2, 9, 256), rand(1000, 256, scale=0.1)),
-         lambda b, h, w: sk.linear_cross_entropy(h, w, labels, backend=b),
-         lambda h, w: sk.linear_cross_entropy_ref(h, w, labels).to(h.dtype)),
+        (
+            "linear_logprobs",
+            (rand(2, 9, 256), rand(1000, 256, scale=0.1)),
+            lambda b, h, w: sk.linear_logprobs(h, w, labels, backend=b),
+            lambda h, w: sk.linear_logprobs_ref(h, w, labels).to(h.dtype),
+        ),
+        (
+            "linear_cross_entropy",
+            (rand(2, 9, 256), rand(1000, 256, scale=0.1)),
+            lambda b, h, w: sk.linear_cross_entropy(h, w, labels, backend=b),
+            lambda h, w: sk.linear_cross_entropy_ref(h, w, labels).to(h.dtype),
+        ),
     ]
 
 
@@ -82,7 +95,7 @@ def check(device: torch.device, dtypes, backends):
                 # NaN compares False with everything: max() would let a NaN that is not first pass.
                 ok = all(error <= BOUNDS[dtype] for error in errors)
                 failed |= not ok
-                rows.append((name, backend, dtype_name, errors[0], max(errors[len(outs):]), seconds, ok))
+                rows.append((name, backend, dtype_name, errors[0], max(errors[len(outs) :]), seconds, ok))
     return rows, failed
 
 

@@ -64,9 +64,20 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # mergekit passthrough's one parameter: a factor every tensor is multiplied by (None: unchanged).
 PASSTHROUGH_PARAMETERS = ("scale",)
 # config.json fields that must agree between checkpoints whose layers are stacked.
-_ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads",
-                      "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act",
-                      "attention_bias", "mlp_bias", "tie_word_embeddings")
+_ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "tie_word_embeddings",
+)
 
 
 @dataclass(frozen=True)
@@ -149,8 +160,10 @@ def _passthrough_recipe(config_path: PathLike) -> tuple[list[Slice], dict]:
     recipe = read_recipe(config_path)
     where = recipe.path
     if recipe.merge_method != "passthrough":
-        raise ValueError(f"{where}: depth up-scaling takes merge_method: passthrough, got {recipe.merge_method!r} "
-                         f"(other methods are `solar merge --config`)")
+        raise ValueError(
+            f"{where}: depth up-scaling takes merge_method: passthrough, got {recipe.merge_method!r} "
+            f"(other methods are `solar merge --config`)"
+        )
     if recipe.slices is None:
         raise ValueError(f"{where}: passthrough needs slices: (layer ranges to stack), got models:")
     if recipe.compute_dtype is not None:
@@ -161,16 +174,30 @@ def _passthrough_recipe(config_path: PathLike) -> tuple[list[Slice], dict]:
     slices = []
     for number, layer_slice in enumerate(recipe.slices):
         if len(layer_slice.sources) != 1:
-            raise ValueError(f"{where}: slices[{number}] must have exactly one source for passthrough, got "
-                             f"{len(layer_slice.sources)}")
+            raise ValueError(
+                f"{where}: slices[{number}] must have exactly one source for passthrough, got "
+                f"{len(layer_slice.sources)}"
+            )
         source = layer_slice.sources[0]
-        slices.append(Slice(source.model, source.layer_range[0], source.layer_range[1],
-                            parameters=checked(f"{where}: slices[{number}] parameters", layer_slice.parameters),
-                            source_parameters=checked(f"{where}: slices[{number}].sources[0] parameters",
-                                                      source.parameters)))
-    kwargs = dict(dtype=recipe.dtype, out_dtype=recipe.out_dtype, parameters=top, base_model=recipe.base_model,
-                  tokenizer_source=recipe.tokenizer_source, pad_to_multiple_of=recipe.pad_to_multiple_of,
-                  tokens=recipe.tokens, recipe=recipe.text)
+        slices.append(
+            Slice(
+                source.model,
+                source.layer_range[0],
+                source.layer_range[1],
+                parameters=checked(f"{where}: slices[{number}] parameters", layer_slice.parameters),
+                source_parameters=checked(f"{where}: slices[{number}].sources[0] parameters", source.parameters),
+            )
+        )
+    kwargs = dict(
+        dtype=recipe.dtype,
+        out_dtype=recipe.out_dtype,
+        parameters=top,
+        base_model=recipe.base_model,
+        tokenizer_source=recipe.tokenizer_source,
+        pad_to_multiple_of=recipe.pad_to_multiple_of,
+        tokens=recipe.tokens,
+        recipe=recipe.text,
+    )
     return slices, kwargs
 
 
@@ -207,7 +234,9 @@ def _check_plan(slices: Sequence[Slice], readers: dict[Path, CheckpointReader], 
         reader = readers[piece.source]
         n = reader.config.get("num_hidden_layers")
         if not (0 <= piece.start < piece.end <= n):
-            raise ValueError(f"depth_upscale: slice {piece.start}:{piece.end} is outside the {n} layers of {piece.source}")
+            raise ValueError(
+                f"depth_upscale: slice {piece.start}:{piece.end} is outside the {n} layers of {piece.source}"
+            )
         layers = _layer_tensors(reader)
         for layer in range(piece.start, piece.end):
             suffixes = set(layers.get(layer, {}))
@@ -261,10 +290,16 @@ def depth_upscale(
     if slices is None:
         base = _open(src)
         slices = drop_plan(src, base.config.get("num_hidden_layers", 0), drop)
-    slices = [Slice(Path(s.source), s.start, s.end,
-                    _passthrough_parameters(f"depth_upscale: slice {s} parameters", s.parameters),
-                    _passthrough_parameters(f"depth_upscale: slice {s} source parameters", s.source_parameters))
-              for s in slices]
+    slices = [
+        Slice(
+            Path(s.source),
+            s.start,
+            s.end,
+            _passthrough_parameters(f"depth_upscale: slice {s} parameters", s.parameters),
+            _passthrough_parameters(f"depth_upscale: slice {s} source parameters", s.source_parameters),
+        )
+        for s in slices
+    ]
     readers = {path: _open(path) for path in dict.fromkeys(s.source for s in slices)}
     config_reader = readers[slices[0].source]
     if base_model is not None:
@@ -277,14 +312,22 @@ def depth_upscale(
     vocabulary = None
     for option, value in (("pad_to_multiple_of", pad_to_multiple_of), ("tokens", tokens)):
         if value is not None and tokenizer_source is None:
-            raise ValueError(f"depth_upscale: {option} applies with tokenizer_source only, got {option} {value!r} "
-                             f"and no tokenizer_source")
+            raise ValueError(
+                f"depth_upscale: {option} applies with tokenizer_source only, got {option} {value!r} "
+                f"and no tokenizer_source"
+            )
     if tokenizer_source is not None:
         from .merge.core import tokenizer_plan
         from .merge.tokenizer import VOCABULARY_TENSORS
 
-        vocabulary = tokenizer_plan("depth_upscale: tokenizer_source", tokenizer_source, list(readers.values()),
-                                    base_model, pad_to_multiple_of, tokens)
+        vocabulary = tokenizer_plan(
+            "depth_upscale: tokenizer_source",
+            tokenizer_source,
+            list(readers.values()),
+            base_model,
+            pad_to_multiple_of,
+            tokens,
+        )
         for reader in (first, last):  # the embedding's and LM head's one source each; tokens: rules checked now
             vocabulary.row_sources([reader.path], base_model)
         side_files_from = vocabulary.donor
@@ -311,8 +354,9 @@ def depth_upscale(
         for offset, layer in enumerate(range(piece.start, piece.end)):
             t = offset / (count - 1) if count > 1 else 1.0
             for suffix, name in layers[layer].items():
-                plan.append((f"model.layers.{new_layer}.{suffix}", readers[piece.source], name,
-                             scale_of(piece, name, t)))
+                plan.append(
+                    (f"model.layers.{new_layer}.{suffix}", readers[piece.source], name, scale_of(piece, name, t))
+                )
             new_layer += 1
     for name in outside_layers:
         if name in head_from_last:
@@ -342,6 +386,7 @@ def depth_upscale(
         from tqdm import tqdm
 
         iterator = tqdm(plan, desc="upscale", unit="tensor")
+
     def written():
         for out_name, reader, name, scale in iterator:
             tensor = reader.get(name)
@@ -361,18 +406,35 @@ def depth_upscale(
     def finish(tmp: Path) -> None:
         if vocabulary is not None:
             vocabulary.write(tmp)  # the union's tokenizer.json, over the copied one
-        write_card(tmp, name=Path(dst).name, method="passthrough (depth up-scaling)",
-                   models=[s.source for s in slices],
-                   base_model=Path(base_model) if base_model is not None else None, recipe=card_recipe)
+        write_card(
+            tmp,
+            name=Path(dst).name,
+            method="passthrough (depth up-scaling)",
+            models=[s.source for s in slices],
+            base_model=Path(base_model) if base_model is not None else None,
+            recipe=card_recipe,
+        )
 
     write_hf_directory(
-        dst, written(), config, config_source=str(config_reader.path / "config.json"),
-        side_files_from=side_files_from, max_shard_size=max_shard_size, force=force, expected_bytes=expected,
+        dst,
+        written(),
+        config,
+        config_source=str(config_reader.path / "config.json"),
+        side_files_from=side_files_from,
+        max_shard_size=max_shard_size,
+        force=force,
+        expected_bytes=expected,
         tool="depth_upscale",
-        finish=finish)
+        finish=finish,
+    )
     seconds = time.perf_counter() - start_time
-    logger.info("depth_upscale: %d -> %d layers, %.2f GB in %.1f s", first.config["num_hidden_layers"],
-                new_layer, expected / 1e9, seconds)
+    logger.info(
+        "depth_upscale: %d -> %d layers, %.2f GB in %.1f s",
+        first.config["num_hidden_layers"],
+        new_layer,
+        expected / 1e9,
+        seconds,
+    )
     return UpscaleReport(Path(dst), new_layer, expected, seconds)
 
 
@@ -380,8 +442,10 @@ def _recipe(slices: Sequence[Slice], dtype, out_dtype) -> str:
     """The mergekit passthrough YAML of a slice plan (for the model card)."""
     import yaml
 
-    recipe = {"merge_method": "passthrough",
-              "slices": [{"sources": [{"model": str(s.source), "layer_range": [s.start, s.end]}]} for s in slices]}
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(s.source), "layer_range": [s.start, s.end]}]} for s in slices],
+    }
     for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
         if value is not None:
             recipe[key] = str(value).replace("torch.", "")

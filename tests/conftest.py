@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before solar_kernels (and so triton.jit) is imported; on a machine
 with a CUDA GPU the same tests run the compiled kernels on the GPU instead.
 """
+
 from __future__ import annotations
 
 import os

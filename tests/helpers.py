@@ -33,17 +33,27 @@ def hf_tiny_config(kind: str, **overrides):
     head_dim 12."""
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(vocab_size=101, hidden_size=48, intermediate_size=100, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=100,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     common.update(overrides)
     if kind == "mistral":
         return MistralConfig(sliding_window=common.pop("sliding_window", 5), **common)
     return LlamaConfig(**common)
 
 
-def make_checkpoint(path: Path, *, layers: int = 6, seed: int = 0, max_shard_size: str = "30KB",
-                    kind: str = "llama", **overrides) -> Path:
+def make_checkpoint(
+    path: Path, *, layers: int = 6, seed: int = 0, max_shard_size: str = "30KB", kind: str = "llama", **overrides
+) -> Path:
     """A random tiny checkpoint saved by transformers into ``path`` (several shards by default)."""
     from transformers import AutoModelForCausalLM
 
@@ -88,6 +98,7 @@ def misaligned(*shape: int, dtype: torch.dtype, scale: float = 1.0, device: str 
 
 # ----------------------------------------------------------------------------- trainer runs
 
+
 def write_config(path: Path, **sections) -> Path:
     """Writes ``sections`` (``model={...}, train={...}``) to ``path`` as a YAML config file."""
     import yaml
@@ -125,18 +136,33 @@ def run_pretrain(workspace: Path, out: Path, **train):
 # ----------------------------------------------------------------------------- a tiny GGUF model
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
-                 "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-                 "{% endif %}")
-CORPUS = ["The capital of France is Paris. The capital of Italy is Rome.",
-          "There are 1234 apples and 56 pears in the basket, 7 of them are red. 1234 1234 1234 1234",
-          "A tiny model trained on a tiny corpus says hello, world! Numbers: 2024, 3.14, 100%."] * 20
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "There are 1234 apples and 56 pears in the basket, 7 of them are red. 1234 1234 1234 1234",
+    "A tiny model trained on a tiny corpus says hello, world! Numbers: 2024, 3.14, 100%.",
+] * 20
 TEXT_WITH_DIGITS = "Order 1234 apples at 09:45, then 56 more; total 1290."
 # K-quants: the byte offsets of the float16 scale fields of one block (gguf.quants' block layouts).
 K_QUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-TINY = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2,
-            max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
-            pad_token_id=2)
+TINY = dict(
+    vocab_size=300,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 
 
 def train_tokenizer():
@@ -149,16 +175,21 @@ def train_tokenizer():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY["vocab_size"], special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY["vocab_size"],
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(CORPUS, trainer)
     model = json.loads(tokenizer.to_str())["model"]
     vocab = sorted(model["vocab"].items(), key=lambda item: item[1])
     assert [i for _, i in vocab] == list(range(TINY["vocab_size"]))
     assert any(sum(c.isdigit() for c in token) >= 2 for token in model["vocab"]), "no multi-digit token learnt"
     merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     return tokenizer, [token for token, _ in vocab], merges
 
 
@@ -187,12 +218,21 @@ def random_k_blocks(qtype, shape: tuple[int, int], generator: np.random.Generato
     blocks = generator.integers(0, 256, size=(shape[0] * shape[1] // block_size, type_size), dtype=np.uint8)
     for offset in K_QUANT_SCALES[qtype.name]:
         scales = generator.uniform(1e-4, 2e-3, size=blocks.shape[0]).astype(np.float16)
-        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+        blocks[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(shape[0], shape[1] // block_size * type_size)
 
 
-def write_tiny_gguf(path: Path, qtype_name: str, *, seed: int = 0, architecture: str = "llama",
-                    tokenizer_model: str = "gpt2", pre: str = "smollm", tied: bool = False, std: float = 0.02):
+def write_tiny_gguf(
+    path: Path,
+    qtype_name: str,
+    *,
+    seed: int = 0,
+    architecture: str = "llama",
+    tokenizer_model: str = "gpt2",
+    pre: str = "smollm",
+    tied: bool = False,
+    std: float = 0.02,
+):
     """Writes a 2-layer random Llama as a GGUF file with every matrix in ``qtype_name`` (norms F32).
 
     Returns (tensors GGUF dequantizes to, in HF names and order, before undoing the permutation;
@@ -454,11 +494,19 @@ def check_lm_head(fn_ours, fn_eager, fn_exact, hidden, weight, bias, labels, ups
     dtype = hidden.dtype
     out, grads = run_lm_head(fn_ours, hidden, weight, bias, labels, upstream)
     out_eager, grads_eager = run_lm_head(fn_eager, hidden, weight, bias, labels, upstream)
-    out_exact, grads_exact = run_lm_head(fn_exact, hidden.double(), weight.double(),
-                                         bias.double() if bias is not None else None, labels, upstream.double())
+    out_exact, grads_exact = run_lm_head(
+        fn_exact,
+        hidden.double(),
+        weight.double(),
+        bias.double() if bias is not None else None,
+        labels,
+        upstream.double(),
+    )
     assert out.dtype == torch.float32
     assert_close("output", out, out_eager, out_exact, dtype)
-    for name, a, b, c, like in zip(("dhidden", "dweight", "dbias"), grads, grads_eager, grads_exact, (hidden, weight, bias)):
+    for name, a, b, c, like in zip(
+        ("dhidden", "dweight", "dbias"), grads, grads_eager, grads_exact, (hidden, weight, bias)
+    ):
         assert a.dtype == like.dtype and a.shape == like.shape
         assert_close(name, a, b, c, dtype)
 
@@ -473,7 +521,11 @@ def check_logprobs(hidden, weight, bias, labels, backend="triton", **kwargs):
         lambda h, w, y, b: sk.linear_logprobs(h, w, y, bias=b, backend=backend, **kwargs),
         lambda h, w, y, b: linear_logprobs_ref(h, w, y, b),
         exact_logprobs,
-        hidden, weight, bias, labels, upstream,
+        hidden,
+        weight,
+        bias,
+        labels,
+        upstream,
     )
 
 
@@ -483,14 +535,20 @@ def options_backend(backend: str) -> str:
     return "auto" if backend == "cuda" else backend
 
 
-def exact_cross_entropy(logits64, labels, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0,
-                        softcap=None, weight=None, **_flags):
+def exact_cross_entropy(
+    logits64, labels, reduction="mean", label_smoothing=0.0, lse_square_scale=0.0, softcap=None, weight=None, **_flags
+):
     """float64, from PyTorch's own cross-entropy of the soft-capped logits plus the z-loss."""
     if softcap is not None:
         logits64 = softcap * torch.tanh(logits64 / softcap)
     loss = torch.nn.functional.cross_entropy(
-        logits64, labels.long(), weight=weight.double() if weight is not None else None, ignore_index=IGNORE,
-        reduction=reduction, label_smoothing=label_smoothing)
+        logits64,
+        labels.long(),
+        weight=weight.double() if weight is not None else None,
+        ignore_index=IGNORE,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
     valid = labels != IGNORE
     z_loss = torch.where(valid, lse_square_scale * logits64.logsumexp(-1).square(), 0.0)
     if reduction == "none":

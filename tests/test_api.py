@@ -1,4 +1,5 @@
 """The public API as a user meets it: names, output dtypes, and no input ever written."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,19 @@ import torch
 
 import solar_kernels as sk
 
-PUBLIC = ["rms_norm", "apply_rotary", "swiglu", "linear_logprobs", "linear_cross_entropy",
-          "sequence_logprobs", "dpo_loss", "RMSNorm", "SwiGLU", "cross_entropy", "CrossEntropyOutput"]
+PUBLIC = [
+    "rms_norm",
+    "apply_rotary",
+    "swiglu",
+    "linear_logprobs",
+    "linear_cross_entropy",
+    "sequence_logprobs",
+    "dpo_loss",
+    "RMSNorm",
+    "SwiGLU",
+    "cross_entropy",
+    "CrossEntropyOutput",
+]
 
 
 def test_public_names():
@@ -30,12 +42,31 @@ def _calls(device, dtype, backend="triton"):
         ("rms_norm", lambda: sk.rms_norm(x, w, residual=r, backend=backend), [x, r, w], dtype),
         ("apply_rotary", lambda: sk.apply_rotary(q, k, cos, sin, backend=backend), [q, k, cos, sin], dtype),
         ("swiglu", lambda: sk.swiglu(x, r, backend=backend), [x, r], dtype),
-        ("linear_logprobs", lambda: sk.linear_logprobs(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
-        ("linear_cross_entropy", lambda: sk.linear_cross_entropy(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
-        ("sequence_logprobs", lambda: sk.sequence_logprobs(hidden, weight, labels, backend=backend), [hidden, weight, labels], torch.float32),
+        (
+            "linear_logprobs",
+            lambda: sk.linear_logprobs(hidden, weight, labels, backend=backend),
+            [hidden, weight, labels],
+            torch.float32,
+        ),
+        (
+            "linear_cross_entropy",
+            lambda: sk.linear_cross_entropy(hidden, weight, labels, backend=backend),
+            [hidden, weight, labels],
+            torch.float32,
+        ),
+        (
+            "sequence_logprobs",
+            lambda: sk.sequence_logprobs(hidden, weight, labels, backend=backend),
+            [hidden, weight, labels],
+            torch.float32,
+        ),
         ("dpo_loss", lambda: sk.dpo_loss(*pairs), pairs, torch.float32),
-        ("cross_entropy", lambda: sk.cross_entropy(logits, labels.view(-1), label_smoothing=0.1, backend=backend),
-         [logits, labels], dtype),
+        (
+            "cross_entropy",
+            lambda: sk.cross_entropy(logits, labels.view(-1), label_smoothing=0.1, backend=backend),
+            [logits, labels],
+            dtype,
+        ),
     ]
 
 

@@ -1,4 +1,5 @@
 """The auto backend's decisions, on the CPU: fake timings stand in for the GPU measurement."""
+
 from __future__ import annotations
 
 import importlib
@@ -35,8 +36,15 @@ def tuner(tmp_path, measure, device="NVIDIA H100 80GB HBM3", version="0.1.0"):
 
 @pytest.mark.parametrize(
     "rows, width, expected",
-    [(1, 1, "narrow/few"), (511, 1024, "narrow/few"), (512, 1025, "mid/many"), (1, 8192, "mid/few"),
-     (10**6, 8193, "wide/many"), (16384, 4096, "mid/many"), (2048, 32000, "wide/many")],
+    [
+        (1, 1, "narrow/few"),
+        (511, 1024, "narrow/few"),
+        (512, 1025, "mid/many"),
+        (1, 8192, "mid/few"),
+        (10**6, 8193, "wide/many"),
+        (16384, 4096, "mid/many"),
+        (2048, 32000, "wide/many"),
+    ],
 )
 def test_shape_classes(rows, width, expected):
     assert shape_class(rows, width) == expected
@@ -62,12 +70,15 @@ def test_ties_and_double_failures_go_to_triton_and_a_failure_loses(tmp_path):
     def boom():
         raise RuntimeError("out of memory")
 
-    timings = FakeTimings({
-        ("rotary", "narrow/few", "cuda"): 2.0,                                          # a tie
-        ("rotary", "mid/few", "triton"): boom,                                          # triton fails
-        ("rotary", "wide/few", "triton"): boom, ("rotary", "wide/few", "cuda"): boom,   # both fail
-        ("rotary", "wide/many", "cuda"): math.nan,                                      # nonsense timing
-    })
+    timings = FakeTimings(
+        {
+            ("rotary", "narrow/few", "cuda"): 2.0,  # a tie
+            ("rotary", "mid/few", "triton"): boom,  # triton fails
+            ("rotary", "wide/few", "triton"): boom,
+            ("rotary", "wide/few", "cuda"): boom,  # both fail
+            ("rotary", "wide/many", "cuda"): math.nan,  # nonsense timing
+        }
+    )
     auto = tuner(tmp_path, timings)
     assert auto.choose("rotary", 8, 512) == "triton"
     assert auto.choose("rotary", 8, 4096) == "cuda"
@@ -97,8 +108,11 @@ def test_cache_is_keyed_by_device_name_and_version(tmp_path):
     assert tuner(tmp_path, prefer_triton, version="0.2.0").choose("swiglu_bwd", 4096, 4096) == "triton"
     assert len(prefer_triton.calls) == 4  # measured for the other GPU and for the other version
     keys = set(json.loads((tmp_path / "autotune.json").read_text()))
-    assert keys == {"NVIDIA H100 80GB HBM3 | solar_kernels 0.1.0", "NVIDIA H200 | solar_kernels 0.1.0",
-                    "NVIDIA H100 80GB HBM3 | solar_kernels 0.2.0"}
+    assert keys == {
+        "NVIDIA H100 80GB HBM3 | solar_kernels 0.1.0",
+        "NVIDIA H200 | solar_kernels 0.1.0",
+        "NVIDIA H100 80GB HBM3 | solar_kernels 0.2.0",
+    }
     # Each process still sees its own GPU's choice.
     assert tuner(tmp_path, FakeTimings()).choose("swiglu_bwd", 4096, 4096) == "cuda"
     assert tuner(tmp_path, FakeTimings(), device="NVIDIA H200").choose("swiglu_bwd", 4096, 4096) == "triton"
@@ -119,7 +133,9 @@ def test_unreadable_cache_is_measured_again_and_rewritten(tmp_path):
     timings = FakeTimings()
     assert tuner(tmp_path, timings).choose("rms_norm_fwd", 64, 64) == "cuda"
     assert len(timings.calls) == 2
-    assert "choices" in json.loads((tmp_path / "autotune.json").read_text())["NVIDIA H100 80GB HBM3 | solar_kernels 0.1.0"]
+    assert (
+        "choices" in json.loads((tmp_path / "autotune.json").read_text())["NVIDIA H100 80GB HBM3 | solar_kernels 0.1.0"]
+    )
 
 
 def test_nothing_is_measured_while_measuring_is_not_allowed(tmp_path):
@@ -178,8 +194,10 @@ def test_every_launcher_asks_the_table_with_its_rows_and_width(recording, device
     recorder = recording("triton")
     _run_every_op_with("auto", device)
     assert recorder.asked == [
-        ("rms_norm_fwd", 21, 123), ("rms_norm_bwd", 21, 123),
-        ("logprobs", 4, 90), ("logprobs", 4, 90),  # chunks of 4 tokens over V = 90
+        ("rms_norm_fwd", 21, 123),
+        ("rms_norm_bwd", 21, 123),
+        ("logprobs", 4, 90),
+        ("logprobs", 4, 90),  # chunks of 4 tokens over V = 90
     ] + [(k.name, 6, 40) for k in _registry.kernels() if k.out_variant]
     assert ("swiglu_fwd", 6, 40) in recorder.asked and ("swiglu_bwd", 6, 40) in recorder.asked
     assert ("rotary", 6, 40) in recorder.asked  # 6 tokens of (1 + 1) heads x 20

@@ -40,8 +40,11 @@ def test_cuda_backend_without_the_extension_says_not_built(monkeypatch):
 
     monkeypatch.setattr(_cuda, "_load_error", _cuda._NOT_TRIED)
     monkeypatch.setitem(sys.modules, "solar_kernels._C", None)  # import fails as when it was never built
-    with pytest.raises(RuntimeError, match="backend 'cuda' is not available on cpu: the CUDA C\\+\\+ extension "
-                                           "solar_kernels._C is not built in this install"):
+    with pytest.raises(
+        RuntimeError,
+        match="backend 'cuda' is not available on cpu: the CUDA C\\+\\+ extension "
+        "solar_kernels._C is not built in this install",
+    ):
         sk.swiglu(torch.randn(2, 4), torch.randn(2, 4), backend="cuda")
 
 
@@ -57,28 +60,34 @@ def _fresh_python(code: str) -> str:
 
 
 def test_import_never_loads_the_extension_and_works_without_it():
-    assert _fresh_python(
-        "import sys; sys.modules['solar_kernels._C'] = None\n"
-        "import torch, solar_kernels as sk\n"
-        "assert sk.rms_norm(torch.ones(2, 4), torch.ones(4), backend='torch').shape == (2, 4)\n"
-        "from solar_kernels._backend import resolve_backend, unavailable_reason\n"
-        "assert resolve_backend('op', 'auto', torch.device('cpu')) in ('torch', 'triton')\n"
-        "assert 'not built' in unavailable_reason('cuda', torch.device('cuda'))\n"
-        "print('ok')\n"
-    ) == "ok"
+    assert (
+        _fresh_python(
+            "import sys; sys.modules['solar_kernels._C'] = None\n"
+            "import torch, solar_kernels as sk\n"
+            "assert sk.rms_norm(torch.ones(2, 4), torch.ones(4), backend='torch').shape == (2, 4)\n"
+            "from solar_kernels._backend import resolve_backend, unavailable_reason\n"
+            "assert resolve_backend('op', 'auto', torch.device('cpu')) in ('torch', 'triton')\n"
+            "assert 'not built' in unavailable_reason('cuda', torch.device('cuda'))\n"
+            "print('ok')\n"
+        )
+        == "ok"
+    )
     assert _fresh_python("import sys, solar_kernels; print('solar_kernels._C' in sys.modules)") == "False"
 
 
 def test_first_backend_resolution_inside_torch_compile_is_not_a_graph_break():
     """Loading the extension on first use happens at trace time, outside the graph (fullgraph holds)."""
-    assert _fresh_python(
-        "import sys, torch\n"
-        "from solar_kernels._backend import unavailable_reason\n"
-        "def f(x):\n"
-        "    return x + (0 if unavailable_reason('cuda', x.device) is None else 1)\n"
-        "assert torch.compile(f, backend='eager', fullgraph=True)(torch.zeros(2)).tolist() == [1.0, 1.0]\n"
-        "print('ok')\n"
-    ) == "ok"
+    assert (
+        _fresh_python(
+            "import sys, torch\n"
+            "from solar_kernels._backend import unavailable_reason\n"
+            "def f(x):\n"
+            "    return x + (0 if unavailable_reason('cuda', x.device) is None else 1)\n"
+            "assert torch.compile(f, backend='eager', fullgraph=True)(torch.zeros(2)).tolist() == [1.0, 1.0]\n"
+            "print('ok')\n"
+        )
+        == "ok"
+    )
 
 
 def _availability(monkeypatch, **runs):
@@ -102,8 +111,9 @@ def test_none_is_auto_where_triton_and_cuda_both_run(monkeypatch):
     assert backend.resolve_backend("op", None, gpu) == "auto"
 
 
-@pytest.mark.parametrize("triton_runs, cuda_runs, expected",
-                         [(True, False, "triton"), (False, True, "cuda"), (False, False, "torch")])
+@pytest.mark.parametrize(
+    "triton_runs, cuda_runs, expected", [(True, False, "triton"), (False, True, "cuda"), (False, False, "torch")]
+)
 def test_auto_falls_back_to_what_runs(monkeypatch, triton_runs, cuda_runs, expected):
     backend = _availability(monkeypatch, triton=triton_runs, cuda=cuda_runs)
     assert backend.resolve_backend("op", None, torch.device("cuda", 0)) == expected
@@ -118,7 +128,7 @@ def test_auto_never_picks_cuda_for_cpu_tensors(monkeypatch):
     "archs, capability, runs",
     [
         (("sm_80", "sm_90a"), (8, 0), True),
-        (("sm_80", "sm_90a"), (8, 6), True),   # an sm_80 cubin runs on later 8.x
+        (("sm_80", "sm_90a"), (8, 6), True),  # an sm_80 cubin runs on later 8.x
         (("sm_80", "sm_90a"), (8, 9), True),
         (("sm_80", "sm_90a"), (9, 0), True),
         (("sm_80", "sm_90a"), (10, 0), False),  # no Blackwell code, and 9.0a is Hopper-only

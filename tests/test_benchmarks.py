@@ -1,5 +1,6 @@
 """The benchmark suite's CPU mode: every benchmark runs on tiny shapes, so CI catches a broken one.
 (Timings on the CPU mean nothing and are not judged; the structure of the results is.)"""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,10 @@ def cpu_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench")
     assert ops.main(["--cpu", "--out", str(out)]) == 0
-    assert train_step.main(["--cpu", "--out", str(out), "--seq", "16", "--layers", "1", "--steps", "1", "--warmup", "0"]) == 0
+    assert (
+        train_step.main(["--cpu", "--out", str(out), "--seq", "16", "--layers", "1", "--steps", "1", "--warmup", "0"])
+        == 0
+    )
     return out
 
 
@@ -30,8 +34,15 @@ def test_op_benchmark_rows(cpu_run):
     assert data["environment"]["commit"] and data["ceilings"]["copy_gbps"] > 0
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
     ops = {r["op"] for r in rows}
-    assert ops == {"rms_norm", "rms_norm+residual", "apply_rotary", "swiglu", "linear_cross_entropy",
-                   "linear_logprobs", "rms_norm_sweep"}
+    assert ops == {
+        "rms_norm",
+        "rms_norm+residual",
+        "apply_rotary",
+        "swiglu",
+        "linear_cross_entropy",
+        "linear_logprobs",
+        "rms_norm_sweep",
+    }
     for row in rows:
         assert row["median_ms"] > 0 and row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         assert ("gbps" in row) != ("tflops" in row)
@@ -48,8 +59,9 @@ def test_train_step_rows(cpu_run):
     data = json.loads((cpu_run / "train_step.json").read_text())
     rows = {(r["ac"], r["packing"], r["contender"]): r for r in data["rows"]}
     contenders = ("ours-torch", "ours-triton", "hf", "hf+solar")
-    assert set(rows) == {(ac, p, c) for ac in ("none", "full", "selective") for p in ("unpacked", "packed")
-                         for c in contenders}
+    assert set(rows) == {
+        (ac, p, c) for ac in ("none", "full", "selective") for p in ("unpacked", "packed") for c in contenders
+    }
     assert len(data["rows"]) == len(rows)
     assert data["flops_per_token"] > 0 and data["compute_dtype"] == "float32" and data["master_dtype"] == "float32"
     for (ac, packing, contender), row in rows.items():
@@ -61,7 +73,9 @@ def test_train_step_rows(cpu_run):
         else:
             assert row["attention_path"] == f"hf-sdpa-{'packed' if packing == 'packed' else 'causal'}", row
         if contender != "hf":
-            assert row["speedup_vs_hf"] == pytest.approx(row["tokens_per_s"] / rows[(ac, packing, "hf")]["tokens_per_s"])
+            assert row["speedup_vs_hf"] == pytest.approx(
+                row["tokens_per_s"] / rows[(ac, packing, "hf")]["tokens_per_s"]
+            )
 
 
 def test_train_step_packed_batch_restarts_positions_per_document():
@@ -109,22 +123,38 @@ def test_train_step_verdicts():
     def row(contender, packing, tokens_per_s, mfu=None):
         return {"contender": contender, "ac": "none", "packing": packing, "tokens_per_s": tokens_per_s, "mfu": mfu}
 
-    rows = [row("ours-triton", "unpacked", 1400.0, 0.55), row("hf", "unpacked", 1000.0), row("hf+liger", "unpacked", 1250.0),
-            row("ours-triton", "packed", 1200.0, 0.47), row("hf", "packed", 1000.0),
-            {"contender": "hf+liger", "ac": "none", "packing": "packed", "error": "OutOfMemoryError"}]
+    rows = [
+        row("ours-triton", "unpacked", 1400.0, 0.55),
+        row("hf", "unpacked", 1000.0),
+        row("hf+liger", "unpacked", 1250.0),
+        row("ours-triton", "packed", 1200.0, 0.47),
+        row("hf", "packed", 1000.0),
+        {"contender": "hf+liger", "ac": "none", "packing": "packed", "error": "OutOfMemoryError"},
+    ]
     speedups(rows)
     verdicts(rows)
-    assert rows[0]["verdicts"] == {"mfu": "met: 55.0% vs 50%", "vs_hf": "met: 1.40x vs 1.30x",
-                                   "vs_hf+liger": "missed: 1.12x vs 1.15x"}
-    assert rows[3]["verdicts"] == {"mfu": "missed: 47.0% vs 50%", "vs_hf": "missed: 1.20x vs 1.30x",
-                                   "packed": "missed: 14.3% slower than unpacked vs 10%"}
+    assert rows[0]["verdicts"] == {
+        "mfu": "met: 55.0% vs 50%",
+        "vs_hf": "met: 1.40x vs 1.30x",
+        "vs_hf+liger": "missed: 1.12x vs 1.15x",
+    }
+    assert rows[3]["verdicts"] == {
+        "mfu": "missed: 47.0% vs 50%",
+        "vs_hf": "missed: 1.20x vs 1.30x",
+        "packed": "missed: 14.3% slower than unpacked vs 10%",
+    }
     assert "verdicts" not in rows[1] and "speedup_vs_hf+liger" not in rows[3]
 
 
-@pytest.mark.parametrize("args, expected", [(["--batch", "0"], "--batch must be at least 1, got 0"),
-                                            (["--seq", "1"], "--seq must be at least 2, got 1"),
-                                            (["--layers", "two"], "--layers must be a positive integer or 'auto', got 'two'"),
-                                            (["--ac", "some"], "invalid choice: 'some'")])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--seq", "1"], "--seq must be at least 2, got 1"),
+        (["--layers", "two"], "--layers must be a positive integer or 'auto', got 'two'"),
+        (["--ac", "some"], "invalid choice: 'some'"),
+    ],
+)
 def test_train_step_refuses_bad_arguments(args, expected, capsys, tmp_path):
     from benchmarks import train_step
 
@@ -194,9 +224,12 @@ def test_report_merges_the_triton_and_cuda_op_files(tmp_path):
     row = {"op": "swiglu", "mode": "fwd", "dtype": "bfloat16", "shape": "tokens=16384", "tokens": 16384}
     for stem, contender, ms in (("ops", "triton", 2.0), ("ops_cuda", "cuda", 1.0)):
         rows = [{**row, "contender": contender, "median_ms": ms}]
-        (tmp_path / f"{stem}.json").write_text(json.dumps({"environment": env, "ceilings": {"copy_gbps": 4000},
-                                                           "rows": rows}))
-    (tmp_path / "steps.tsv").write_text("op benchmarks (Triton)\t0\t90\tops.json\ntrain step\t124\t100\ttrain_step.json\n")
+        (tmp_path / f"{stem}.json").write_text(
+            json.dumps({"environment": env, "ceilings": {"copy_gbps": 4000}, "rows": rows})
+        )
+    (tmp_path / "steps.tsv").write_text(
+        "op benchmarks (Triton)\t0\t90\tops.json\ntrain step\t124\t100\ttrain_step.json\n"
+    )
     combined = json.loads(report.collect(tmp_path, tmp_path / "out").read_text())
     cuda = next(r for r in combined["ops"] if r["contender"] == "cuda")
     assert cuda["speedup_vs_triton"] == 2.0
@@ -212,15 +245,34 @@ def test_gpu_check_rehearsal_runs_every_step_and_builds_the_report(tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "SANITIZE")}
     # CUDA_BUILD_S=1: the extension's build runs out of time, so the Triton-only fallback is what runs
-    env.update(GPU_CHECK_REHEARSAL="1", OUT=str(out), PY=sys.executable, BUDGET_S="420", SOLAR_KERNELS_COMMIT="rehearsal",
-               CUDA_BUILD_S="1")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=500)
+    env.update(
+        GPU_CHECK_REHEARSAL="1",
+        OUT=str(out),
+        PY=sys.executable,
+        BUDGET_S="420",
+        SOLAR_KERNELS_COMMIT="rehearsal",
+        CUDA_BUILD_S="1",
+    )
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     log = done.stdout[-4000:] + done.stderr[-2000:]
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     names = [s[0] for s in steps]
-    assert names == ["environment + ceilings", "install", "op benchmarks (Triton)", "train step", "op benchmarks (CUDA)",
-                     "tests", "report"], log
+    assert names == [
+        "environment + ceilings",
+        "install",
+        "op benchmarks (Triton)",
+        "train step",
+        "op benchmarks (CUDA)",
+        "tests",
+        "report",
+    ], log
     for name, status, _seconds, output in steps:
         assert status in ("0", "5") if name == "tests" else status == "0", (name, status, log)  # 5: no test selected
         assert not output or (out / output).stat().st_size > 0, (name, output)
@@ -230,12 +282,20 @@ def test_gpu_check_rehearsal_runs_every_step_and_builds_the_report(tmp_path):
     assert {r["contender"] for r in combined["ops"]} >= {"torch", "triton"}
     assert {r["timing"] for r in combined["ops"] if "median_ms" in r} == {"wall clock"}
     assert {r["contender"] for r in combined["train_step"]} == {"ours-triton", "hf"}
-    assert [s["step"] for s in combined["steps"]] == names[:-1] and all(s["wrote"] for s in combined["steps"] if s["file"])
+    assert [s["step"] for s in combined["steps"]] == names[:-1] and all(
+        s["wrote"] for s in combined["steps"] if s["file"]
+    )
 
 
 def test_pytest_benchmark_file_runs():
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "-q",
-                           "-p", "no:cacheprovider"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout

@@ -42,7 +42,11 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     write_tiny_gguf(root / "tiny.gguf", "F32", seed=3, std=0.1)  # at 0.02 greedy decoding repeats one token
     convert.convert_gguf(root / "tiny.gguf", root / "hf")
-    return root / "hf", AutoTokenizer.from_pretrained(root / "hf", trust_remote_code=False), load_pretrained(root / "hf", backend="torch").eval()
+    return (
+        root / "hf",
+        AutoTokenizer.from_pretrained(root / "hf", trust_remote_code=False),
+        load_pretrained(root / "hf", backend="torch").eval(),
+    )
 
 
 def _greedy(model, prompt: list[int], steps: int, eos: int = -1) -> list[int]:
@@ -86,8 +90,16 @@ def test_stream_tokens_equals_generate_greedy_and_sampled(tiny):
     assert greedy == _greedy(model, prompt, 10)
     sampling = chat.Sampling(max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=7)
     sampled = list(chat.stream_tokens(model, prompt, sampling, set()))
-    reference = generate(model, [prompt], 10, temperature=0.8, top_k=50, top_p=0.9, eos_token_id=-1,
-                         generator=torch.Generator().manual_seed(7))[0]
+    reference = generate(
+        model,
+        [prompt],
+        10,
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        eos_token_id=-1,
+        generator=torch.Generator().manual_seed(7),
+    )[0]
     assert sampled == reference
     assert sampled != greedy
 
@@ -103,8 +115,12 @@ def test_generate_stops_at_generation_config_eos(tmp_path, tiny):
     shutil.copytree(path, local)
     _set_eos(local, [tokens[stop], 2])
     out = io.StringIO()
-    assert chat.run(_parse("generate", [str(local), "hello, world", "--max-new-tokens", "16",
-                                         "--backend", "torch"]), stdout=out) == 0
+    assert (
+        chat.run(
+            _parse("generate", [str(local), "hello, world", "--max-new-tokens", "16", "--backend", "torch"]), stdout=out
+        )
+        == 0
+    )
     assert out.getvalue() == _text(tokenizer, tokens[:stop]) + "\n"
     assert _text(tokenizer, tokens[:stop]) != _text(tokenizer, tokens)
 
@@ -124,7 +140,9 @@ def test_chat_keeps_history_under_the_template(tmp_path, tiny):
     reply1 = _text(tokenizer, reply_tokens[:stop])
     history = [*turn, {"role": "assistant", "content": reply1}, {"role": "user", "content": second}]
     prompt2 = chat.chat_prompt(tokenizer, history)
-    assert tokenizer.decode(prompt2, skip_special_tokens=False).startswith(f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n{reply1}")
+    assert tokenizer.decode(prompt2, skip_special_tokens=False).startswith(
+        f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n{reply1}"
+    )
     expected2 = _greedy(model, prompt2, 12, eos=eos)
     reply2 = _text(tokenizer, [t for t in expected2 if t != eos])
     without_history = _greedy(model, chat.chat_prompt(tokenizer, [{"role": "user", "content": second}]), 12, eos=eos)
@@ -137,8 +155,9 @@ def test_chat_keeps_history_under_the_template(tmp_path, tiny):
 
 def test_chat_loop_returns_the_conversation(tiny):
     _, tokenizer, model = tiny
-    messages = chat.chat_loop(model, tokenizer, ["hi\n", "bye\n"], io.StringIO(), chat.Sampling(max_new_tokens=3),
-                              {2}, system="be brief")
+    messages = chat.chat_loop(
+        model, tokenizer, ["hi\n", "bye\n"], io.StringIO(), chat.Sampling(max_new_tokens=3), {2}, system="be brief"
+    )
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert [messages[1]["content"], messages[3]["content"]] == ["hi", "bye"]
 

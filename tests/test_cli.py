@@ -17,7 +17,9 @@ def base(tmp_path):
 
 
 def test_upscale_command(base, tmp_path, capsys):
-    assert main(["upscale", str(base), str(tmp_path / "up"), "--drop", "1", "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert (
+        main(["upscale", str(base), str(tmp_path / "up"), "--drop", "1", "--dtype", "bfloat16", "--no-progress"]) == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("wrote") and "6 layers" in out
     config = json.loads((tmp_path / "up" / "config.json").read_text())
@@ -29,7 +31,8 @@ def test_upscale_with_slices_and_yaml(base, tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["num_hidden_layers"] == 6
     (tmp_path / "dus.yml").write_text(
         "slices:\n  - sources:\n      - {model: base, layer_range: [0, 3]}\n"
-        "  - sources:\n      - {model: base, layer_range: [1, 4]}\nmerge_method: passthrough\n")
+        "  - sources:\n      - {model: base, layer_range: [1, 4]}\nmerge_method: passthrough\n"
+    )
     assert main(["upscale", "--config", str(tmp_path / "dus.yml"), str(tmp_path / "b"), "--no-progress"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["num_hidden_layers"] == 6
 
@@ -37,8 +40,23 @@ def test_upscale_with_slices_and_yaml(base, tmp_path):
 def test_merge_command(tmp_path):
     a = make_checkpoint(tmp_path / "a", layers=2, seed=1)
     b = make_checkpoint(tmp_path / "b", layers=2, seed=2)
-    assert main(["merge", str(tmp_path / "m"), "--models", str(a), str(b), "--method", "slerp", "--t", "0.3",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                str(tmp_path / "m"),
+                "--models",
+                str(a),
+                str(b),
+                "--method",
+                "slerp",
+                "--t",
+                "0.3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "m" / "config.json").exists()
 
 
@@ -49,18 +67,40 @@ def test_merge_command(tmp_path):
         (["upscale", "{base}", "{tmp}/up", "--slices", "0:9"], "slice 0:9 is outside the 4 layers"),
         (["upscale", "{tmp}/missing", "{tmp}/up"], "not a checkpoint directory"),
         (["upscale", "{base}"], "expected SRC DST, got 1 path"),
-        (["upscale", "{base}", "{base}", "--drop", "1", "--force"], "destination {base} is the source checkpoint {base}"),
+        (
+            ["upscale", "{base}", "{base}", "--drop", "1", "--force"],
+            "destination {base} is the source checkpoint {base}",
+        ),
         (["upscale", "{base}", "{base}/up", "--drop", "1"], "destination {base}/up is inside the source checkpoint"),
         (["upscale", "{base}", "{tmp}", "--force"], "destination {tmp} contains the source checkpoint {base}"),
         (["upscale", "{base}", "{tmp}/m", "--slices", "{base}:0:2,{tmp}/m/x:1:3"], "destination {tmp}/m contains"),
         (["merge", "{tmp}/m", "--models", "{base}", "{base}", "--method", "average"], "method"),
         (["merge", "{tmp}/m"], "give --models"),
         (["merge", "{tmp}/m", "--models", "{base}"], "--models needs two or more checkpoints, got 1: {base}"),
-        (["merge", "{base}", "--models", "{base}", "{tmp}/m", "--force"], "destination {base} is the source checkpoint"),
-        (["merge", "{tmp}/m", "--config", "{tmp}/merge.yml", "--method", "slerp", "--t", "0.5"],
-         "--method, --t cannot be combined with --config"),
-        (["merge", "{tmp}/m", "--config", "{tmp}/merge.yml", "--weights", "1", "1", "--base-model", "{base}",
-          "--density", "0.5"], "--weights, --base-model, --density cannot be combined with --config"),
+        (
+            ["merge", "{base}", "--models", "{base}", "{tmp}/m", "--force"],
+            "destination {base} is the source checkpoint",
+        ),
+        (
+            ["merge", "{tmp}/m", "--config", "{tmp}/merge.yml", "--method", "slerp", "--t", "0.5"],
+            "--method, --t cannot be combined with --config",
+        ),
+        (
+            [
+                "merge",
+                "{tmp}/m",
+                "--config",
+                "{tmp}/merge.yml",
+                "--weights",
+                "1",
+                "1",
+                "--base-model",
+                "{base}",
+                "--density",
+                "0.5",
+            ],
+            "--weights, --base-model, --density cannot be combined with --config",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(base, tmp_path, capsys, argv, message):
@@ -82,8 +122,11 @@ def _contents(path):
 def test_ctrl_c_exits_130_and_writes_nothing(base, tmp_path, capsys, monkeypatch, command):
     calls = break_shard_writer(monkeypatch, 5, KeyboardInterrupt())
     dst = tmp_path / "out"
-    argv = ([command, str(base), str(dst), "--drop", "1"] if command == "upscale"
-            else [command, str(dst), "--models", str(base), str(base)])
+    argv = (
+        [command, str(base), str(dst), "--drop", "1"]
+        if command == "upscale"
+        else [command, str(dst), "--models", str(base), str(base)]
+    )
     assert main(argv + ["--max-shard-size", "10KB", "--no-progress"]) == 130
     assert capsys.readouterr().err == f"solar {command}: interrupted; nothing was written to {dst}\n"
     assert len(calls) == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
@@ -93,8 +136,20 @@ def test_merge_config_with_dtype_overrides_the_yaml(tmp_path, capsys):
     make_checkpoint(tmp_path / "a", layers=2, seed=1)
     make_checkpoint(tmp_path / "b", layers=2, seed=2)
     (tmp_path / "merge.yml").write_text("models: [{model: a}, {model: b}]\nmerge_method: linear\ndtype: float16\n")
-    assert main(["merge", str(tmp_path / "m"), "--config", str(tmp_path / "merge.yml"), "--dtype", "bfloat16",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                str(tmp_path / "m"),
+                "--config",
+                str(tmp_path / "merge.yml"),
+                "--dtype",
+                "bfloat16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     from solar_kernels.checkpoint import CheckpointReader
@@ -129,12 +184,27 @@ print(json.dumps({"code": code, "heavy": heavy}))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], *([c, "--help"] for c in
-                                  ("upscale", "merge", "convert", "generate", "chat", "eval", "pretrain", "sft", "dpo",
-                                   "demo")), ["convert", "gguf", "--help"], ["pretrain"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        *(
+            [c, "--help"]
+            for c in ("upscale", "merge", "convert", "generate", "chat", "eval", "pretrain", "sft", "dpo", "demo")
+        ),
+        ["convert", "gguf", "--help"],
+        ["pretrain"],
+    ],
+)
 def test_help_and_version_do_not_import_torch(argv):
-    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"code": 2 if argv == ["pretrain"] else 0, "heavy": []}, done.stderr
     if argv[-1] == "--help":

@@ -83,23 +83,42 @@ def test_every_type_dequantizes_like_gguf(tmp_path, qtype):
         elif name.endswith("k_proj.weight"):
             values = unpermute(values, TINY["num_kv_heads"])
         assert tensors[name].dtype == torch.float32
-        assert torch.equal(tensors[name], torch.from_numpy(np.ascontiguousarray(values)).reshape(tensors[name].shape)), name
+        assert torch.equal(
+            tensors[name], torch.from_numpy(np.ascontiguousarray(values)).reshape(tensors[name].shape)
+        ), name
 
 
 def test_config_and_special_ids(tiny_gguf):
     _, out, _, _, _ = tiny_gguf
     config = json.loads((out / "config.json").read_text())
-    expected = {"vocab_size": 300, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-5,
-                "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-                "pad_token_id": 2, "model_type": "llama", "max_position_embeddings": 256}
+    expected = {
+        "vocab_size": 300,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "model_type": "llama",
+        "max_position_embeddings": 256,
+    }
     assert {key: config[key] for key in expected} == expected
     assert "auto_map" not in config
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     special = json.loads((out / "special_tokens_map.json").read_text())
-    assert special == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
-                       "pad_token": "<|im_end|>"}
+    assert special == {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|im_end|>",
+    }
 
 
 def test_tokenizer_matches_the_trained_one(tiny_gguf):
@@ -108,7 +127,12 @@ def test_tokenizer_matches_the_trained_one(tiny_gguf):
 
     _, out, _, _, hf_tokenizer = tiny_gguf
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (1, 2, 2, 0)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (
+        1,
+        2,
+        2,
+        0,
+    )
     for text in [*CORPUS[:3], TEXT_WITH_DIGITS, "unseen wörds ✓ and\n\ttabs  "]:
         ids = tokenizer(text, add_special_tokens=True).input_ids
         assert ids == hf_tokenizer.encode(text).ids, text
@@ -144,8 +168,9 @@ def test_logits_equal_transformers(tmp_path, qtype):
     convert.convert_gguf(tmp_path / "t.gguf", tmp_path / "hf")
     ours = load_pretrained(tmp_path / "hf", backend="torch").eval()
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, trust_remote_code=False).eval()
-    gguf_loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf", dtype=torch.float32,
-                                                       trust_remote_code=False).eval()
+    gguf_loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="t.gguf", dtype=torch.float32, trust_remote_code=False
+    ).eval()
     ids = torch.randint(3, TINY["vocab_size"], (2, 17))
     with torch.no_grad():
         expected = theirs(ids).logits
@@ -160,7 +185,9 @@ def test_dtype_and_shards(tmp_path):
     tensors = read_tensors(tmp_path / "hf")
     assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 1
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    v = torch.from_numpy(stored["model.layers.1.self_attn.v_proj.weight"]).reshape(tensors["model.layers.1.self_attn.v_proj.weight"].shape)
+    v = torch.from_numpy(stored["model.layers.1.self_attn.v_proj.weight"]).reshape(
+        tensors["model.layers.1.self_attn.v_proj.weight"].shape
+    )
     assert torch.equal(tensors["model.layers.1.self_attn.v_proj.weight"], v.to(torch.bfloat16))
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
@@ -177,8 +204,10 @@ def _one_line_error(callable_, match: str):
 
 def test_refuses_other_architectures(tmp_path):
     write_tiny_gguf(tmp_path / "q.gguf", "F32", architecture="qwen2")
-    _one_line_error(lambda: convert.convert_gguf(tmp_path / "q.gguf", tmp_path / "hf"),
-                    r"unsupported architecture 'qwen2'; expected 'llama'")
+    _one_line_error(
+        lambda: convert.convert_gguf(tmp_path / "q.gguf", tmp_path / "hf"),
+        r"unsupported architecture 'qwen2'; expected 'llama'",
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -204,28 +233,38 @@ def test_refuses_unsupported_tensor_type(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _one_line_error(lambda: convert.convert_gguf(tmp_path / "iq.gguf", tmp_path / "hf"),
-                    r"unsupported tensor type\(s\): blk\.1\.ffn_up\.weight \(IQ4_NL\); supported: F32, ")
+    _one_line_error(
+        lambda: convert.convert_gguf(tmp_path / "iq.gguf", tmp_path / "hf"),
+        r"unsupported tensor type\(s\): blk\.1\.ffn_up\.weight \(IQ4_NL\); supported: F32, ",
+    )
     assert not (tmp_path / "hf").exists()
 
 
 def test_refuses_sentencepiece_tokenizer_and_unknown_pre(tmp_path):
     write_tiny_gguf(tmp_path / "spm.gguf", "F32", tokenizer_model="llama")
-    _one_line_error(lambda: convert.convert_gguf(tmp_path / "spm.gguf", tmp_path / "hf"),
-                    r"tokenizer.ggml.model 'llama' is not supported; expected 'gpt2'")
+    _one_line_error(
+        lambda: convert.convert_gguf(tmp_path / "spm.gguf", tmp_path / "hf"),
+        r"tokenizer.ggml.model 'llama' is not supported; expected 'gpt2'",
+    )
     write_tiny_gguf(tmp_path / "pre.gguf", "F32", pre="qwen2")
-    _one_line_error(lambda: convert.convert_gguf(tmp_path / "pre.gguf", tmp_path / "hf"),
-                    r"tokenizer.ggml.pre 'qwen2' is not supported; expected one of ")
+    _one_line_error(
+        lambda: convert.convert_gguf(tmp_path / "pre.gguf", tmp_path / "hf"),
+        r"tokenizer.ggml.pre 'qwen2' is not supported; expected one of ",
+    )
     assert not (tmp_path / "hf").exists()
 
 
 def test_refuses_bad_sources_and_destinations(tmp_path, tiny_gguf):
     src, _, _, _, _ = tiny_gguf
     (tmp_path / "notes.gguf").write_text("not a model")
-    _one_line_error(lambda: convert.convert_gguf(tmp_path / "notes.gguf", tmp_path / "hf"),
-                    r"not a GGUF file \(expected the magic b'GGUF', got b'not '\)")
-    _one_line_error(lambda: convert.convert_gguf(tmp_path / "missing.gguf", tmp_path / "hf"),
-                    r"expected a .gguf file, it does not exist")
+    _one_line_error(
+        lambda: convert.convert_gguf(tmp_path / "notes.gguf", tmp_path / "hf"),
+        r"not a GGUF file \(expected the magic b'GGUF', got b'not '\)",
+    )
+    _one_line_error(
+        lambda: convert.convert_gguf(tmp_path / "missing.gguf", tmp_path / "hf"),
+        r"expected a .gguf file, it does not exist",
+    )
     _one_line_error(lambda: convert.convert_gguf(src, src), r"destination .* is the source")
     _one_line_error(lambda: convert.convert_gguf(src, src / "out"), r"destination .* is inside the source")
     (tmp_path / "hf").mkdir()
@@ -287,8 +326,9 @@ def test_smollm2_matches_transformers_gguf_loader(smollm2):
     pieces = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("1234 apples")
     assert [piece for piece, _ in pieces] == ["1", "2", "3", "4", "Ġapples"]  # the digit rule itself
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
-    theirs = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
-                                                  trust_remote_code=False).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=src.name, dtype=torch.float32, trust_remote_code=False
+    ).eval()
     ours = load_pretrained(out, backend="torch").eval()
     prompt = tokenizer("The capital of France is").input_ids
     with torch.no_grad():

@@ -32,18 +32,23 @@ def imported_modules(source: str, where: str) -> list[tuple[int, str]]:
 
 def imports_of_training(path: Path, root: Path = ROOT) -> list[str]:
     """``path:line: module`` (path from ``root``) for each import of the ``training`` package or below it."""
-    return [f"{path.relative_to(root)}:{line}: {module}"
-            for line, module in imported_modules(path.read_text(encoding="utf-8"), str(path))
-            if module == "training" or module.startswith("training.")]
+    return [
+        f"{path.relative_to(root)}:{line}: {module}"
+        for line, module in imported_modules(path.read_text(encoding="utf-8"), str(path))
+        if module == "training" or module.startswith("training.")
+    ]
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import training\n", ["training"]),
-    ("from training.stages import main\n", ["training.stages"]),
-    ("def f():\n    import training.demo as d\n", ["training.demo"]),
-    ("import importlib\nimportlib.import_module('training.commands')\n", ["training.commands"]),
-    ("from . import training\nimport trainingwheels\nfrom .training import x\n", []),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import training\n", ["training"]),
+        ("from training.stages import main\n", ["training.stages"]),
+        ("def f():\n    import training.demo as d\n", ["training.demo"]),
+        ("import importlib\nimportlib.import_module('training.commands')\n", ["training.commands"]),
+        ("from . import training\nimport trainingwheels\nfrom .training import x\n", []),
+    ],
+)
 def test_the_scan_finds_every_spelling_of_an_import_of_training(tmp_path, source, expected):
     (tmp_path / "m.py").write_text(source)
     hits = imports_of_training(tmp_path / "m.py", tmp_path)
@@ -64,7 +69,8 @@ def test_the_training_commands_are_registered_as_entry_points():
 
     points = {point.name: point.value for point in entry_points(group=COMMAND_GROUP)}
     assert points == {name: f"training.commands:{name}" for name in ("pretrain", "sft", "dpo", "demo")}, (
-        "rerun `pip install -e .` after changing setup.py's entry points")
+        "rerun `pip install -e .` after changing setup.py's entry points"
+    )
 
 
 # Import one module in a fresh interpreter where `import triton` fails as it does where Triton is
@@ -91,17 +97,21 @@ else:
 # The choice: Triton is a requirement (setup.py, without a platform marker; no guard pretends
 # otherwise). The checkpoint reader and merge happen to need only torch; the model, and through it
 # upscale and convert, need the kernels.
-@pytest.mark.parametrize("module, error", [
-    ("solar_kernels.checkpoint", ""),
-    ("solar_kernels.merge", ""),
-    ("solar_kernels.ops", "import of triton halted; None in sys.modules"),
-    ("solar_kernels.upscale", "import of triton halted; None in sys.modules"),
-    ("solar_kernels.convert", "import of triton halted; None in sys.modules"),
-])
+@pytest.mark.parametrize(
+    "module, error",
+    [
+        ("solar_kernels.checkpoint", ""),
+        ("solar_kernels.merge", ""),
+        ("solar_kernels.ops", "import of triton halted; None in sys.modules"),
+        ("solar_kernels.upscale", "import of triton halted; None in sys.modules"),
+        ("solar_kernels.convert", "import of triton halted; None in sys.modules"),
+    ],
+)
 @pytest.mark.parametrize("form", ["import", "from"])
 def test_without_triton_only_merge_imports_and_the_rest_says_triton_is_missing(module, error, form):
-    done = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON, module, form], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON, module, form], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == error
 
@@ -153,21 +163,29 @@ def docs_citations(root: Path) -> list[tuple[str, str, str]]:
         where = str(path.relative_to(root))
         found += [(where, f"docs/{name}.md", anchor) for name, anchor in re.findall(r"docs/(\w+)\.md#([\w-]+)", text)]
         if parts[0] == "docs" and len(parts) == 2:
-            found += [(where, f"docs/{name}.md", anchor)
-                      for name, anchor in re.findall(r"\]\((\w+)\.md#([\w-]+)\)", text)]
+            found += [
+                (where, f"docs/{name}.md", anchor) for name, anchor in re.findall(r"\]\((\w+)\.md#([\w-]+)\)", text)
+            ]
             found += [(where, where, anchor) for anchor in re.findall(r"\]\(#([\w-]+)\)", text)]
     return found
 
 
 def test_heading_anchors_follow_githubs_rule():
     assert heading_anchors("# The method\n## DUS layer plan\n### Log-probs through the LM head\n## A, b (c)\n") == {
-        "the-method", "dus-layer-plan", "log-probs-through-the-lm-head", "a-b-c"}
+        "the-method",
+        "dus-layer-plan",
+        "log-probs-through-the-lm-head",
+        "a-b-c",
+    }
 
 
 def broken_citations(root: Path) -> list[str]:
     citations = docs_citations(root)
-    anchors = {doc: heading_anchors((root / doc).read_text(encoding="utf-8"))
-               for doc in {doc for _, doc, _ in citations} if (root / doc).exists()}
+    anchors = {
+        doc: heading_anchors((root / doc).read_text(encoding="utf-8"))
+        for doc in {doc for _, doc, _ in citations}
+        if (root / doc).exists()
+    }
     return [f"{where}: {doc}#{anchor}" for where, doc, anchor in citations if anchor not in anchors.get(doc, ())]
 
 
@@ -175,8 +193,12 @@ def test_a_citation_of_a_missing_heading_or_doc_is_found(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "method.md").write_text("# M\n## DUS layer plan\nsee [x](#nowhere), [y](other.md#a)\n")
     (tmp_path / "code.py").write_text("# docs/method.md#dus-layer-plan docs/method.md#dus docs/gone.md#x\n")
-    assert broken_citations(tmp_path) == ["code.py: docs/method.md#dus", "code.py: docs/gone.md#x",
-                                          "docs/method.md: docs/other.md#a", "docs/method.md: docs/method.md#nowhere"]
+    assert broken_citations(tmp_path) == [
+        "code.py: docs/method.md#dus",
+        "code.py: docs/gone.md#x",
+        "docs/method.md: docs/other.md#a",
+        "docs/method.md: docs/method.md#nowhere",
+    ]
 
 
 def test_every_docs_citation_names_a_heading_that_exists():
@@ -203,11 +225,16 @@ PENDING_TEST_CROSS_IMPORTS: set[str] = set()
 
 
 def test_the_scan_finds_imports_of_test_modules_and_conftests(tmp_path):
-    (tmp_path / "t.py").write_text("from tests.test_upscale import x\nfrom .test_convert import y\n"
-                                   "from tests.model.conftest import z\nfrom tests.helpers import h\n"
-                                   "from .tolerances import FLOOR\nimport tests.fixtures.mergekit.tiny\n")
+    (tmp_path / "t.py").write_text(
+        "from tests.test_upscale import x\nfrom .test_convert import y\n"
+        "from tests.model.conftest import z\nfrom tests.helpers import h\n"
+        "from .tolerances import FLOOR\nimport tests.fixtures.mergekit.tiny\n"
+    )
     assert imports_of_test_modules(tmp_path / "t.py", tmp_path) == [
-        "t.py: tests.test_upscale", "t.py: .test_convert", "t.py: tests.model.conftest"]
+        "t.py: tests.test_upscale",
+        "t.py: .test_convert",
+        "t.py: tests.model.conftest",
+    ]
 
 
 def test_test_modules_share_helpers_only_through_tests_helpers():
@@ -221,9 +248,13 @@ CITATIONS_LEFT_TO_THE_README_REWRITE = {"README.md"}
 
 
 def test_no_spec_section_citation_is_left():
-    left = [f"{path.relative_to(ROOT)}:{number}" for path, text in text_files(ROOT)
-            if str(path.relative_to(ROOT)) not in CITATIONS_LEFT_TO_THE_README_REWRITE
-            for number, line in enumerate(text.splitlines(), 1) if "SPEC §" in line]
+    left = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path, text in text_files(ROOT)
+        if str(path.relative_to(ROOT)) not in CITATIONS_LEFT_TO_THE_README_REWRITE
+        for number, line in enumerate(text.splitlines(), 1)
+        if "SPEC §" in line
+    ]
     assert left == [], "cite the section of docs/method.md or docs/benchmarking.md instead"
 
 
@@ -233,6 +264,11 @@ OUTSIDE_POINTERS = ("/work/shared", "shared/TRITON_CPU", "shared/PEERS", "SPEC.m
 
 
 def test_nothing_points_outside_the_repository():
-    left = [f"{path.relative_to(ROOT)}:{number}: {pointer}" for path, text in text_files(ROOT)
-            for number, line in enumerate(text.splitlines(), 1) for pointer in OUTSIDE_POINTERS if pointer in line]
+    left = [
+        f"{path.relative_to(ROOT)}:{number}: {pointer}"
+        for path, text in text_files(ROOT)
+        for number, line in enumerate(text.splitlines(), 1)
+        for pointer in OUTSIDE_POINTERS
+        if pointer in line
+    ]
     assert left == [], "point at the section of docs/ that says it instead"

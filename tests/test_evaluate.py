@@ -19,13 +19,17 @@ from solar_kernels.cli import build_parser  # noqa: E402
 from solar_kernels.model import hf as model_hf  # noqa: E402
 from tests.helpers import tiny_checkpoint  # noqa: E402
 
-DOCUMENTS = ["The capital of France is Paris, and the capital of Italy is Rome.",
-             "There are 1234 apples in the basket; 7 of them are red and 56 are green.",
-             "Hello, world! A tiny model reads a tiny held-out text of 2024 words.",
-             "Numbers: 3.14, 100%, 09:45. The end."]
-PAIRS = [{"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a basket of pears."},
-         {"prompt": "Numbers:", "chosen": " 2024, 3.14", "rejected": " hello hello hello"},
-         {"prompt": "There are", "chosen": " 1234 apples", "rejected": " 56 pears and 7 red ones in it"}]
+DOCUMENTS = [
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "There are 1234 apples in the basket; 7 of them are red and 56 are green.",
+    "Hello, world! A tiny model reads a tiny held-out text of 2024 words.",
+    "Numbers: 3.14, 100%, 09:45. The end.",
+]
+PAIRS = [
+    {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a basket of pears."},
+    {"prompt": "Numbers:", "chosen": " 2024, 3.14", "rejected": " hello hello hello"},
+    {"prompt": "There are", "chosen": " 1234 apples", "rejected": " 56 pears and 7 red ones in it"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +38,11 @@ def tiny(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     path = tiny_checkpoint(tmp_path_factory.mktemp("eval"))
-    return (path, AutoTokenizer.from_pretrained(path, trust_remote_code=False),
-            LlamaForCausalLM.from_pretrained(path, trust_remote_code=False).float().eval())
+    return (
+        path,
+        AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+        LlamaForCausalLM.from_pretrained(path, trust_remote_code=False).float().eval(),
+    )
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -65,17 +72,19 @@ def _hf_continuation_logprob(hf_model, context: list[int], continuation: list[in
         logprobs = hf_model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
     targets = ids[0, 1:]
     picked = logprobs.gather(-1, targets[:, None])[:, 0]
-    return float(picked[len(context) - 1:].sum())
+    return float(picked[len(context) - 1 :].sum())
 
 
 def test_loss_equals_transformers_labels_loss_over_the_same_windows(tiny, tmp_path):
     path, tokenizer, hf_model = tiny
     data = tmp_path / "heldout.jsonl"
     data.write_text("".join(json.dumps({"body": text, "id": i}) + "\n" for i, text in enumerate(DOCUMENTS)))
-    result = _run([str(path), "--text", str(data), "--text-field", "body", "--seq-len", "16", "--batch-size", "3"],
-                  tmp_path / "result.json")
+    result = _run(
+        [str(path), "--text", str(data), "--text-field", "body", "--seq-len", "16", "--batch-size", "3"],
+        tmp_path / "result.json",
+    )
     stream = [t for text in DOCUMENTS for t in tokenizer(text, add_special_tokens=False).input_ids + [2]]
-    windows = [stream[i:i + 16] for i in range(0, len(stream), 16)]
+    windows = [stream[i : i + 16] for i in range(0, len(stream), 16)]
     assert len(windows[-1]) not in (1, 16), "the stream should end in a partial window"
     loss, count = _hf_window_loss(hf_model, windows)
     assert result["tokens"] == count == len(stream) - len(windows)  # the first token of each window is not scored
@@ -94,7 +103,7 @@ def test_text_folder_of_txt_documents_with_max_tokens(tiny, tmp_path):
     result = _run([str(path), "--text", str(folder), "--seq-len", "8", "--max-tokens", "30"], tmp_path / "r.json")
     texts = [DOCUMENTS[0] + "\n" + DOCUMENTS[1], DOCUMENTS[2]]
     stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False).input_ids + [2]][:30]
-    windows = [stream[i:i + 8] for i in range(0, 30, 8)]
+    windows = [stream[i : i + 8] for i in range(0, 30, 8)]
     loss, count = _hf_window_loss(hf_model, windows)
     assert result["tokens"] == count == 30 - 4
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
@@ -110,8 +119,10 @@ def test_preference_accuracy_and_margin_equal_transformers_log_probs(tiny, tmp_p
     margins = []
     for pair in pairs:
         context = tokenizer(pair["prompt"]).input_ids
-        chosen, rejected = (_hf_continuation_logprob(hf_model, context, tokenizer(pair[k], add_special_tokens=False)
-                                                     .input_ids) for k in ("chosen", "rejected"))
+        chosen, rejected = (
+            _hf_continuation_logprob(hf_model, context, tokenizer(pair[k], add_special_tokens=False).input_ids)
+            for k in ("chosen", "rejected")
+        )
         margins.append(chosen - rejected)
     assert all(abs(m) > 1e-3 for m in margins)
     assert result["pairs"] == 5 and result["loss"] is None
@@ -126,12 +137,17 @@ def test_chat_puts_prompts_under_the_chat_template(tiny, tmp_path):
     file.write_text(json.dumps(PAIRS[0]) + "\n")
     plain = _run([str(path), "--pairs", str(file)], tmp_path / "plain.json")
     chat = _run([str(path), "--pairs", str(file), "--chat"], tmp_path / "chat.json")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PAIRS[0]["prompt"]}], add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PAIRS[0]["prompt"]}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>assistant\n")
     context = tokenizer(text, add_special_tokens=False).input_ids
-    margin = -_hf_continuation_logprob(hf_model, context, tokenizer(PAIRS[0]["rejected"], add_special_tokens=False).input_ids)
-    margin += _hf_continuation_logprob(hf_model, context, tokenizer(PAIRS[0]["chosen"], add_special_tokens=False).input_ids)
+    margin = -_hf_continuation_logprob(
+        hf_model, context, tokenizer(PAIRS[0]["rejected"], add_special_tokens=False).input_ids
+    )
+    margin += _hf_continuation_logprob(
+        hf_model, context, tokenizer(PAIRS[0]["chosen"], add_special_tokens=False).input_ids
+    )
     assert chat["reward_margin"] == pytest.approx(margin, rel=1e-4, abs=1e-4)
     assert abs(chat["reward_margin"] - plain["reward_margin"]) > 1e-3
 
@@ -150,24 +166,29 @@ def test_existing_out_is_kept_without_force_and_replaced_with_it(tiny, tmp_path,
     assert "perplexity" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "nothing to evaluate"),
-    (["--text", "{tmp}/missing.jsonl"], "no such file or folder"),
-    (["--text", "{tmp}/data.csv"], "unsupported file type '.csv'"),
-    (["--text", "{tmp}/empty_dir"], "holds no .txt/.jsonl/.json/.parquet file"),
-    (["--text", "{tmp}/rows.jsonl", "--text-field", "content"], "no field 'content'"),
-    (["--text", "{tmp}/rows.jsonl", "--seq-len", "1"], "--seq-len must be >= 2"),
-    (["--pairs", "{tmp}/bad_pairs.jsonl"], "line 2 is {'prompt': 'str', 'chosen': 'int'}"),
-    (["--pairs", "{tmp}/broken.jsonl"], "line 1 is not JSON"),
-    (["--pairs", "{tmp}/rows.jsonl", "--out", "{tmp}/no/such/dir/r.json"], "does not exist"),
-    (["--pairs", "{tmp}/rows.jsonl", "--batch-size", "0"], "--batch-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "nothing to evaluate"),
+        (["--text", "{tmp}/missing.jsonl"], "no such file or folder"),
+        (["--text", "{tmp}/data.csv"], "unsupported file type '.csv'"),
+        (["--text", "{tmp}/empty_dir"], "holds no .txt/.jsonl/.json/.parquet file"),
+        (["--text", "{tmp}/rows.jsonl", "--text-field", "content"], "no field 'content'"),
+        (["--text", "{tmp}/rows.jsonl", "--seq-len", "1"], "--seq-len must be >= 2"),
+        (["--pairs", "{tmp}/bad_pairs.jsonl"], "line 2 is {'prompt': 'str', 'chosen': 'int'}"),
+        (["--pairs", "{tmp}/broken.jsonl"], "line 1 is not JSON"),
+        (["--pairs", "{tmp}/rows.jsonl", "--out", "{tmp}/no/such/dir/r.json"], "does not exist"),
+        (["--pairs", "{tmp}/rows.jsonl", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch, argv, message):
     path, _, _ = tiny
     (tmp_path / "data.csv").write_text("text\nhello\n")
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
-    (tmp_path / "bad_pairs.jsonl").write_text(json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "a", "chosen": 1}) + "\n")
+    (tmp_path / "bad_pairs.jsonl").write_text(
+        json.dumps(PAIRS[0]) + "\n" + json.dumps({"prompt": "a", "chosen": 1}) + "\n"
+    )
     (tmp_path / "broken.jsonl").write_text("{not json\n")
 
     def no_model(*args, **kwargs):
@@ -212,8 +233,10 @@ def test_parquet_and_json_array_read_like_jsonl(tiny, tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCUMENTS))
     (tmp_path / "rows.json").write_text(json.dumps([{"text": t} for t in DOCUMENTS]))
     pq.write_table(pa.table({"text": DOCUMENTS}), tmp_path / "rows.parquet")
-    results = [_run([str(path), "--text", str(tmp_path / f"rows.{kind}"), "--seq-len", "16"], tmp_path / f"{kind}.out")
-               for kind in ("jsonl", "json", "parquet")]
+    results = [
+        _run([str(path), "--text", str(tmp_path / f"rows.{kind}"), "--seq-len", "16"], tmp_path / f"{kind}.out")
+        for kind in ("jsonl", "json", "parquet")
+    ]
     assert results[0]["tokens"] > 0
     assert [(r["loss"], r["tokens"]) for r in results[1:]] == [(results[0]["loss"], results[0]["tokens"])] * 2
 
@@ -226,6 +249,7 @@ def test_max_tokens_stops_the_tokenizing():
             calls.append(list(texts))
             return argparse.Namespace(input_ids=[[7, 8, 9] for _ in texts])
 
-    windows = evaluate.token_windows(evaluate.encoded_documents(Tokenizer(), ["a"] * 1000, batch_size=2), 4, 2,
-                                     max_tokens=6)
+    windows = evaluate.token_windows(
+        evaluate.encoded_documents(Tokenizer(), ["a"] * 1000, batch_size=2), 4, 2, max_tokens=6
+    )
     assert windows == [[7, 8, 9, 2], [7, 8]] and calls == [["a", "a"]]

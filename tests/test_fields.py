@@ -17,15 +17,18 @@ class _Section:
     keep: int = at_least(0, 2)
 
 
-@pytest.mark.parametrize("changes, expected", [
-    ({}, None),
-    ({"steps": 1, "keep": 0}, None),
-    ({"steps": 0}, ("steps", 1, 0)),
-    ({"keep": -1}, ("keep", 0, -1)),
-    ({"steps": 0, "keep": -1}, ("steps", 1, 0)),  # the first in declaration order
-    ({"steps": 2.5}, ("steps", 1, 2.5)),  # not an int
-    ({"seed": -100}, None),  # a field without a bound is not checked
-])
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({}, None),
+        ({"steps": 1, "keep": 0}, None),
+        ({"steps": 0}, ("steps", 1, 0)),
+        ({"keep": -1}, ("keep", 0, -1)),
+        ({"steps": 0, "keep": -1}, ("steps", 1, 0)),  # the first in declaration order
+        ({"steps": 2.5}, ("steps", 1, 2.5)),  # not an int
+        ({"seed": -100}, None),  # a field without a bound is not checked
+    ],
+)
 def test_below_minimum_names_the_first_field_out_of_bounds(changes, expected):
     assert below_minimum(_Section(**changes)) == expected
 

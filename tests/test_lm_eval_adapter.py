@@ -56,9 +56,14 @@ def _expected_accuracy(lm: SolarLM) -> tuple[float, list[list[float]]]:
 def test_multiple_choice_task_through_simple_evaluate(tiny, monkeypatch):
     path, lm = tiny
     monkeypatch.chdir(TASKS)  # the task's data file is relative to the working directory
-    results = lm_eval.simple_evaluate(model="solar", model_args=f"pretrained={path},backend=triton,batch_size=4",
-                                      tasks=["solar_tiny_mc"], task_manager=TaskManager(include_path=str(TASKS)),
-                                      log_samples=True, bootstrap_iters=0)
+    results = lm_eval.simple_evaluate(
+        model="solar",
+        model_args=f"pretrained={path},backend=triton,batch_size=4",
+        tasks=["solar_tiny_mc"],
+        task_manager=TaskManager(include_path=str(TASKS)),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     accuracy, scores = _expected_accuracy(lm)
     assert 0 < accuracy < 1, "the fixture should have both right and wrong answers for this model"
     assert results["results"]["solar_tiny_mc"]["acc,none"] == pytest.approx(accuracy, abs=1e-12)
@@ -70,9 +75,24 @@ def test_multiple_choice_task_through_simple_evaluate(tiny, monkeypatch):
 def test_command_line_registers_solar(tiny, tmp_path):
     path, lm = tiny
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "solar_kernels.lm_eval_adapter", "run", "--model", "solar",
-               "--model_args", f"pretrained={path},backend=torch", "--tasks", "solar_tiny_mc",
-               "--include_path", str(TASKS), "--output_path", str(out), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "solar_kernels.lm_eval_adapter",
+        "run",
+        "--model",
+        "solar",
+        "--model_args",
+        f"pretrained={path},backend=torch",
+        "--tasks",
+        "solar_tiny_mc",
+        "--include_path",
+        str(TASKS),
+        "--output_path",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     environment = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     finished = subprocess.run(command, cwd=TASKS, env=environment, capture_output=True, text=True, timeout=540)
     assert finished.returncode == 0, finished.stderr[-3000:]
@@ -86,11 +106,13 @@ def test_loglikelihood_is_greedy_and_empty_context(tiny):
     context = "The capital of France is"
     greedy = generate(lm.model, [lm.tok_encode(context)], 3, eos_token_id=-1)[0]
     greedy_text = lm.tok_decode(greedy)
-    requests = [Instance("loglikelihood", {}, (context, greedy_text), 0),
-                Instance("loglikelihood", {}, (context, " Rome and Paris"), 1),
-                Instance("loglikelihood", {}, ("", "Paris"), 2)]
+    requests = [
+        Instance("loglikelihood", {}, (context, greedy_text), 0),
+        Instance("loglikelihood", {}, (context, " Rome and Paris"), 1),
+        Instance("loglikelihood", {}, ("", "Paris"), 2),
+    ]
     (greedy_lp, is_greedy), (_, other_greedy), (empty_lp, _) = lm.loglikelihood(requests)
-    assert lm.tok_encode(context + greedy_text)[len(lm.tok_encode(context)):] == greedy, "needs a stable split"
+    assert lm.tok_encode(context + greedy_text)[len(lm.tok_encode(context)) :] == greedy, "needs a stable split"
     assert is_greedy and not other_greedy
     assert greedy_lp == pytest.approx(_direct_logprob(lm, context, greedy_text), rel=1e-4)
     with torch.no_grad():  # an empty context is the prefix token (bos of this tokenizer, id 1)
@@ -107,11 +129,15 @@ def test_loglikelihood_rolling_equals_transformers(tiny, max_length):
     hf_model = LlamaForCausalLM.from_pretrained(path, trust_remote_code=False).float().eval()
     rolling = SolarLM(pretrained=str(path), device="cpu", backend="triton", batch_size=2, max_length=max_length)
     texts = ["There are 1234 apples and 56 pears in the basket, 7 of them are red.", "Hello"]
-    got = rolling.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)])
+    got = rolling.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (text,), i) for i, text in enumerate(texts)]
+    )
     for text, value in zip(texts, got):
         tokens = rolling.tok_encode(text)
         expected = 0.0
-        windows = list(map(make_disjoint_window, get_rolling_token_windows(tokens, rolling.prefix_token_id, max_length, 1)))
+        windows = list(
+            map(make_disjoint_window, get_rolling_token_windows(tokens, rolling.prefix_token_id, max_length, 1))
+        )
         assert (len(windows) > 1) == (max_length == 8 and len(tokens) > 8)
         for context, predicted in windows:
             ids = torch.tensor([context + predicted])
@@ -124,10 +150,14 @@ def test_loglikelihood_rolling_equals_transformers(tiny, max_length):
 def test_generate_until_stops_before_the_stop_string(tiny):
     _, lm = tiny
     contexts = ["The capital of France is", "Numbers:"]
-    full = [lm.tok_decode(generate(lm.model, [lm.tok_encode(c)], 12, eos_token_id=lm.eot_token_id)[0]) for c in contexts]
-    stop = full[0][len(full[0]) // 2:][:2]  # two characters from the middle of the first reply
+    full = [
+        lm.tok_decode(generate(lm.model, [lm.tok_encode(c)], 12, eos_token_id=lm.eot_token_id)[0]) for c in contexts
+    ]
+    stop = full[0][len(full[0]) // 2 :][:2]  # two characters from the middle of the first reply
     assert stop.strip(), full
-    requests = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 12}), i) for i, c in enumerate(contexts)]
+    requests = [
+        Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 12}), i) for i, c in enumerate(contexts)
+    ]
     got = lm.generate_until(requests)
     assert got == [text.split(stop, 1)[0] for text in full]
     assert len(got[0]) < len(full[0])

@@ -1,6 +1,7 @@
 """Tests for solar_kernels/merge.py: the per-tensor math against hand-computed and independent
 results, whole-checkpoint merges against the loaded state dicts, the YAML forms, the output
 directory (transformers loads it, shards, dtype, side files), atomicity and every bad input."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,15 @@ from tests.helpers import break_shard_writer
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def _save_tiny(path, seed, max_shard_size="1GB", **overrides):
@@ -146,8 +154,9 @@ def test_linear_merge_fp32_inside_cast_back():
     expected = ((0.6 * a.double() + 0.4 * b.double()) / 1.0).to(torch.bfloat16)
     assert merged.dtype == torch.bfloat16
     torch.testing.assert_close(merged, expected, rtol=2**-8, atol=0)
-    torch.testing.assert_close(linear_merge([a, b], [2.0, 1.0], normalize=False).double(),
-                               2 * a.double() + b.double(), rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(
+        linear_merge([a, b], [2.0, 1.0], normalize=False).double(), 2 * a.double() + b.double(), rtol=2**-7, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +213,9 @@ def test_slerp_checkpoint_parallel_falls_back_to_linear(sources, weights, tmp_pa
     save_file({name: 2 * tensor for name, tensor in weights["a"].items()}, str(doubled / "model.safetensors"))
     merged = _state_dict(merge([sources["a"], doubled], tmp_path / "out", method="slerp", t=0.3))
     for name, tensor in merged.items():
-        torch.testing.assert_close(tensor, 0.7 * weights["a"][name] + 0.3 * 2 * weights["a"][name],
-                                   rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(
+            tensor, 0.7 * weights["a"][name] + 0.3 * 2 * weights["a"][name], rtol=1e-6, atol=1e-7, msg=name
+        )
 
 
 @pytest.mark.parametrize("t, source", [(0.0, "a"), (1.0, "b")])
@@ -242,8 +252,15 @@ def _ties_expected(base, thetas, weights, densities, lambda_=1.0):
 
 
 def test_ties_checkpoint(sources, weights, tmp_path):
-    dst = merge([sources["a"], sources["b"], sources["c"]], tmp_path / "out", method="ties",
-                base_model=sources["base"], weights=[0.5, 0.3, 0.2], density=[0.5, 0.7, 0.3], lambda_=0.8)
+    dst = merge(
+        [sources["a"], sources["b"], sources["c"]],
+        tmp_path / "out",
+        method="ties",
+        base_model=sources["base"],
+        weights=[0.5, 0.3, 0.2],
+        density=[0.5, 0.7, 0.3],
+        lambda_=0.8,
+    )
     merged = _state_dict(dst)
     assert set(merged) == set(weights["base"])
     for name, tensor in merged.items():
@@ -309,8 +326,7 @@ def test_single_file_when_it_fits(sources, tmp_path):
 @pytest.mark.parametrize("dtype, name", [("bfloat16", "bfloat16"), (torch.float16, "float16")])
 def test_dtype_conversion(sources, weights, tmp_path, dtype, name):
     # out_dtype: fp32 math on the fp32 sources, stored once in the output dtype.
-    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", weights=[0.6, 0.4],
-                out_dtype=dtype)
+    dst = merge([sources["a"], sources["b"]], tmp_path / "out", method="linear", weights=[0.6, 0.4], out_dtype=dtype)
     config = json.loads((dst / "config.json").read_text())
     assert config["dtype"] == name
     target = getattr(torch, name)
@@ -361,11 +377,19 @@ def test_failure_midway_leaves_no_output(sources, tmp_path, monkeypatch):
 BAD_ARGUMENTS = [
     (("a", "b"), dict(method="average"), r"merge method must be one of breadcrumbs, .*ties, got 'average'"),
     (("a", "b"), dict(method="linear", weights=[1.0]), r"weights must have one value per model \(2\), got \[1.0\]"),
-    (("a", "b"), dict(method="linear", weights=[1.0, -1.0]), r"weights of tensor [\w.]+ sum "
-                                                             r"to 0, which normalize: true divides by"),
+    (
+        ("a", "b"),
+        dict(method="linear", weights=[1.0, -1.0]),
+        r"weights of tensor [\w.]+ sum "
+        r"to 0, which normalize: true divides by",
+    ),
     (("a", "b"), dict(method="linear", weights=[0, 0]), r"sum to 0.*got \[0, 0\]"),
-    (("a", "b"), dict(method="linear", weights=[1.0, "x"]), r"models\[1\] parameters: weight: expected a number, "
-                                                            r"a gradient .* got 'x'"),
+    (
+        ("a", "b"),
+        dict(method="linear", weights=[1.0, "x"]),
+        r"models\[1\] parameters: weight: expected a number, "
+        r"a gradient .* got 'x'",
+    ),
     (("a", "b"), dict(method="slerp", t=1.5), r"t must be in \[0, 1\].*got 1.5"),
     (("a", "b"), dict(method="slerp", t=-0.1), r"t must be in \[0, 1\].*got -0.1"),
     (("a", "b", "c"), dict(method="slerp"), r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 2"),
@@ -373,19 +397,33 @@ BAD_ARGUMENTS = [
     (("a", "b"), dict(method="slerp", base_model="c"), r"slerp merges exactly 1 model\(s\) besides the base model"),
     (("a", "b"), dict(method="ties", base_model="base", density=0.0), r"density must be in \(0, 1\].*got 0.0"),
     (("a", "b"), dict(method="ties", base_model="base", density=1.5), r"density must be in \(0, 1\].*got 1.5"),
-    (("a", "b"), dict(method="ties", base_model="base", density=[0.5]), r"density must have one value per model "
-                                                                        r"\(2\), got \[0.5\]"),
+    (
+        ("a", "b"),
+        dict(method="ties", base_model="base", density=[0.5]),
+        r"density must have one value per model "
+        r"\(2\), got \[0.5\]",
+    ),
     (("a", "b"), dict(method="ties"), r"method 'ties' needs base_model .* got None"),
-    (("a", "b"), dict(method="linear", density=0.5), r"density does not apply to linear; its parameters are "
-                                                     r"normalize, weight"),
+    (
+        ("a", "b"),
+        dict(method="linear", density=0.5),
+        r"density does not apply to linear; its parameters are "
+        r"normalize, weight",
+    ),
     (("a", "b"), dict(method="linear", t=0.7), r"t does not apply to linear"),
     (("a", "b"), dict(method="linear", base_model="base"), r"base_model does not apply to linear merges"),
     (("a", "b"), dict(method="linear", dtype="int8"), r"dtype must be one of float32, float16, bfloat16, got 'int8'"),
     (("a", "b"), dict(method="linear", max_shard_size="huge"), r"max_shard_size must be .* got 'huge'"),
-    (("a", "b"), dict(method="linear", parameters={"weight": [{"filter": "mlp", "valu": 1}]}),
-     r"parameters: weight\[0\]: unknown key 'valu'; expected filter and value"),
-    (("a", "b"), dict(method="slerp", parameters={"t": [{"filter": "mlp", "value": 0.5}]}),
-     r"slerp needs parameter t for tensor (?!model\.layers\.\d+\.mlp)"),
+    (
+        ("a", "b"),
+        dict(method="linear", parameters={"weight": [{"filter": "mlp", "valu": 1}]}),
+        r"parameters: weight\[0\]: unknown key 'valu'; expected filter and value",
+    ),
+    (
+        ("a", "b"),
+        dict(method="slerp", parameters={"t": [{"filter": "mlp", "value": 0.5}]}),
+        r"slerp needs parameter t for tensor (?!model\.layers\.\d+\.mlp)",
+    ),
 ]
 
 
@@ -400,8 +438,10 @@ def test_bad_arguments(sources, tmp_path, models, kwargs, message):
 
 def test_mismatched_shapes_name_model_and_tensor(sources, tmp_path):
     wide = re.escape(str(sources["wide"]))
-    message = (rf"model {wide}: tensor 'model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight' has shape "
-               rf"\[(48, 16|16, 48)\], expected \[(40, 16|16, 40)\] as in {re.escape(str(sources['a']))}")
+    message = (
+        rf"model {wide}: tensor 'model\.layers\.\d\.mlp\.(gate|up|down)_proj\.weight' has shape "
+        rf"\[(48, 16|16, 48)\], expected \[(40, 16|16, 40)\] as in {re.escape(str(sources['a']))}"
+    )
     with pytest.raises(CheckpointError, match=message):
         merge([sources["a"], sources["wide"]], tmp_path / "out", method="linear")
     assert _listing(tmp_path) == []
@@ -427,16 +467,21 @@ def test_missing_model_and_dst_equal_to_source(sources, tmp_path):
 
 
 def test_one_model_is_not_a_merge(sources, tmp_path):
-    for method, message in (("linear", r"linear merges 2 or more model\(s\), got 1: \[.*/a'\]"),
-                            ("slerp", r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 0")):
+    for method, message in (
+        ("linear", r"linear merges 2 or more model\(s\), got 1: \[.*/a'\]"),
+        ("slerp", r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 0"),
+    ):
         with pytest.raises(ValueError, match=message):
             merge([sources["a"]], tmp_path / "out", method=method)
     config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}]\nmerge_method: linear\n")
     with pytest.raises(ValueError, match=r"linear merges 2 or more model\(s\), got 1"):
         merge_from_yaml(config, tmp_path / "out")
     # ties: the base listed among the models is the base (as mergekit), so nothing is left to merge
-    config = _write_yaml(tmp_path, f"models: [{{model: {sources['base']}, parameters: {{weight: 1}}}}]\n"
-                                   f"merge_method: ties\nbase_model: {sources['base']}\n")
+    config = _write_yaml(
+        tmp_path,
+        f"models: [{{model: {sources['base']}, parameters: {{weight: 1}}}}]\n"
+        f"merge_method: ties\nbase_model: {sources['base']}\n",
+    )
     with pytest.raises(ValueError, match=r"ties merges 1 or more model\(s\) besides the base model .*, got 0"):
         merge_from_yaml(config, tmp_path / "out")
     assert _listing(tmp_path) == ["merge.yml"]
@@ -460,11 +505,15 @@ def test_destination_in_or_around_any_source_is_refused(sources, tmp_path):
     for dst, models, kwargs, relation in cases:
         with pytest.raises(ValueError, match=rf"destination {dst} {relation} the source checkpoint"):
             merge(models, dst, **{"method": "linear", **kwargs}, force=True)
-    config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}, {{model: {sources['b']}}}]\n"
-                                   f"merge_method: linear\n")
+    config = _write_yaml(
+        tmp_path, f"models: [{{model: {sources['a']}}}, {{model: {sources['b']}}}]\nmerge_method: linear\n"
+    )
     (tmp_path / "link").symlink_to(sources["b"])
-    with pytest.raises(ValueError, match=rf"destination {tmp_path / 'link'} is the source checkpoint {sources['b']} "
-                                         rf"\({sources['b']} and {sources['b']}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"destination {tmp_path / 'link'} is the source checkpoint {sources['b']} "
+        rf"\({sources['b']} and {sources['b']}\)",
+    ):
         merge_from_yaml(config, tmp_path / "link", force=True)
     assert _listing(sources["a"]) == before and _listing(tmp_path) == ["link", "merge.yml"]
 
@@ -491,7 +540,7 @@ def test_remote_code_is_not_copied_and_modes_follow_the_umask(sources, tmp_path,
         os.umask(old)
     assert json.loads((dst / "config.json").read_text()) == config  # all but auto_map, as it was
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warning.startswith(f"dropped auto_map {{\"AutoConfig\": \"configuration_x.XConfig\"}} from {a / 'config.json'}")
+    assert warning.startswith(f'dropped auto_map {{"AutoConfig": "configuration_x.XConfig"}} from {a / "config.json"}')
     modes = {name: (dst / name).stat().st_mode & 0o777 for name in _listing(dst)}
     assert sum(name.endswith(".safetensors") for name in modes) > 1 and "generation_config.json" in modes
     assert modes == dict.fromkeys(modes, 0o600) and dst.stat().st_mode & 0o777 == 0o700
@@ -505,8 +554,10 @@ def test_remote_code_is_not_copied_and_modes_follow_the_umask(sources, tmp_path,
 
 
 def test_yaml_dtype_overridden_by_the_caller(sources, tmp_path, caplog):
-    config = _write_yaml(tmp_path, f"models: [{{model: {sources['a']}}}, {{model: {sources['b']}}}]\n"
-                                   f"merge_method: linear\ndtype: float16\n")
+    config = _write_yaml(
+        tmp_path,
+        f"models: [{{model: {sources['a']}}}, {{model: {sources['b']}}}]\nmerge_method: linear\ndtype: float16\n",
+    )
     with caplog.at_level("INFO", logger="solar_kernels.merge"):
         dst = merge_from_yaml(config, tmp_path / "out", dtype="bfloat16")
     assert {t.dtype for t in _state_dict(dst).values()} == {torch.bfloat16}
@@ -534,21 +585,25 @@ def _assert_same_checkpoint(left, right):
 
 
 def test_yaml_linear_relative_paths(sources, tmp_path, monkeypatch, caplog):
-    config = _write_yaml(tmp_path, f"""
+    config = _write_yaml(
+        tmp_path,
+        f"""
 models:
-  - model: {os.path.relpath(sources['a'], tmp_path)}
+  - model: {os.path.relpath(sources["a"], tmp_path)}
     parameters: {{weight: 0.6}}
-  - model: ./{os.path.relpath(sources['b'], tmp_path)}
+  - model: ./{os.path.relpath(sources["b"], tmp_path)}
     parameters: {{weight: 0.4}}
 merge_method: linear
 parameters: {{normalize: true}}
 dtype: bfloat16
-""")
+""",
+    )
     assert not os.path.isabs(os.path.relpath(sources["a"], tmp_path))
     monkeypatch.chdir(tmp_path)  # relative paths resolve against the working directory, as in mergekit
     dst = merge_from_yaml(config, tmp_path / "yaml")
-    expected = merge([sources["a"], sources["b"]], tmp_path / "api", method="linear", weights=[0.6, 0.4],
-                     dtype="bfloat16")
+    expected = merge(
+        [sources["a"], sources["b"]], tmp_path / "api", method="linear", weights=[0.6, 0.4], dtype="bfloat16"
+    )
     _assert_same_checkpoint(dst, expected)
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
     # Where the working directory has models of those names, they are the ones merged (as mergekit)...
@@ -556,9 +611,10 @@ dtype: bfloat16
     for name in ("a", "b"):
         shutil.copytree(sources["c" if name == "a" else "b"], elsewhere / os.path.relpath(sources[name], tmp_path))
     monkeypatch.chdir(elsewhere)
-    _assert_same_checkpoint(merge_from_yaml(config, tmp_path / "cwd"),
-                            merge([sources["c"], sources["b"]], tmp_path / "api_c", method="linear",
-                                  weights=[0.6, 0.4], dtype="bfloat16"))
+    _assert_same_checkpoint(
+        merge_from_yaml(config, tmp_path / "cwd"),
+        merge([sources["c"], sources["b"]], tmp_path / "api_c", method="linear", weights=[0.6, 0.4], dtype="bfloat16"),
+    )
     # ...and a path found only beside the YAML file is used with a warning (mergekit would stop).
     monkeypatch.chdir(sources["a"])
     with caplog.at_level("WARNING", logger="solar_kernels.merge"):
@@ -567,53 +623,69 @@ dtype: bfloat16
 
 
 def test_yaml_slerp_slices(sources, tmp_path):
-    config = _write_yaml(tmp_path, f"""
+    config = _write_yaml(
+        tmp_path,
+        f"""
 slices:
   - sources:
-      - model: {sources['a']}
+      - model: {sources["a"]}
         layer_range: [0, 2]
-      - model: {sources['b']}
+      - model: {sources["b"]}
         layer_range: [0, 2]
 merge_method: slerp
-base_model: {sources['a']}
+base_model: {sources["a"]}
 parameters:
   t: 0.3
 dtype: float32
-""")
+""",
+    )
     dst = merge_from_yaml(config, tmp_path / "yaml")
     _assert_same_checkpoint(dst, merge([sources["a"], sources["b"]], tmp_path / "api", method="slerp", t=0.3))
 
 
 def test_yaml_slerp_models_list_base_is_t0_end(sources, weights, tmp_path):
-    config = _write_yaml(tmp_path, f"""
+    config = _write_yaml(
+        tmp_path,
+        f"""
 models:
-  - model: {sources['a']}
-  - model: {sources['b']}
+  - model: {sources["a"]}
+  - model: {sources["b"]}
 merge_method: slerp
-base_model: {sources['b']}
+base_model: {sources["b"]}
 parameters: {{t: 0.0}}
-""")
+""",
+    )
     dst = merge_from_yaml(config, tmp_path / "yaml")
     for name, tensor in _state_dict(dst).items():
         assert torch.equal(tensor, weights["b"][name]), name
 
 
 def test_yaml_ties(sources, tmp_path):
-    config = _write_yaml(tmp_path, f"""
+    config = _write_yaml(
+        tmp_path,
+        f"""
 models:
-  - model: {sources['base']}
-  - model: {sources['a']}
+  - model: {sources["base"]}
+  - model: {sources["a"]}
     parameters: {{density: 0.5, weight: 0.5}}
-  - model: {sources['b']}
+  - model: {sources["b"]}
     parameters: {{density: 0.3, weight: 0.5}}
 merge_method: ties
-base_model: {sources['base']}
+base_model: {sources["base"]}
 parameters: {{normalize: true, int8_mask: true}}
 dtype: float16
-""")
+""",
+    )
     dst = merge_from_yaml(config, tmp_path / "yaml", max_shard_size="10KB")
-    expected = merge([sources["a"], sources["b"]], tmp_path / "api", method="ties", base_model=sources["base"],
-                     weights=[0.5, 0.5], density=[0.5, 0.3], dtype="float16")
+    expected = merge(
+        [sources["a"], sources["b"]],
+        tmp_path / "api",
+        method="ties",
+        base_model=sources["base"],
+        weights=[0.5, 0.5],
+        density=[0.5, 0.3],
+        dtype="float16",
+    )
     _assert_same_checkpoint(dst, expected)
     assert (dst / "model.safetensors.index.json").is_file()
 
@@ -622,56 +694,95 @@ dtype: float16
 TWO = "models: [{model: @a}, {model: @b}]\n"
 BAD_YAML = {
     "unknown_key": (TWO + "merge_method: linear\nmerge_methd: ties\n", r"unknown key 'merge_methd'; expected some of"),
-    "tokenizer_source": (TWO + "merge_method: linear\ntokenizer_source: base\n", r"tokenizer_source: base needs base_model"),
-    "tokenizer_tokens": (TWO + "merge_method: linear\ntokenizer: {source: union, tokens: {x: {source: {kind: one}}}}\n",
-                         r"tokenizer: tokens\['x'\]: source must be a model path, \{kind: zero\} or \{kind: model_token, "
-                         r"model: PATH, token: TOKEN\} \(or token_id: N instead of token\), got \{'kind': 'one'\}"),
-    "tokenizer_and_source": (TWO + "merge_method: linear\ntokenizer_source: union\ntokenizer: {source: union}\n",
-                             r"give tokenizer_source or a tokenizer: block, not both"),
-    "tokenizer_pad": (TWO + "merge_method: linear\ntokenizer: {pad_to_multiple_of: 0}\n",
-                      r"tokenizer: pad_to_multiple_of must be a positive integer, got 0"),
-    "tokenizer_key": (TWO + "merge_method: linear\ntokenizer: {sauce: union}\n",
-                      r"tokenizer: unknown key 'sauce'; expected some of source, pad_to_multiple_of, tokens"),
+    "tokenizer_source": (
+        TWO + "merge_method: linear\ntokenizer_source: base\n",
+        r"tokenizer_source: base needs base_model",
+    ),
+    "tokenizer_tokens": (
+        TWO + "merge_method: linear\ntokenizer: {source: union, tokens: {x: {source: {kind: one}}}}\n",
+        r"tokenizer: tokens\['x'\]: source must be a model path, \{kind: zero\} or \{kind: model_token, "
+        r"model: PATH, token: TOKEN\} \(or token_id: N instead of token\), got \{'kind': 'one'\}",
+    ),
+    "tokenizer_and_source": (
+        TWO + "merge_method: linear\ntokenizer_source: union\ntokenizer: {source: union}\n",
+        r"give tokenizer_source or a tokenizer: block, not both",
+    ),
+    "tokenizer_pad": (
+        TWO + "merge_method: linear\ntokenizer: {pad_to_multiple_of: 0}\n",
+        r"tokenizer: pad_to_multiple_of must be a positive integer, got 0",
+    ),
+    "tokenizer_key": (
+        TWO + "merge_method: linear\ntokenizer: {sauce: union}\n",
+        r"tokenizer: unknown key 'sauce'; expected some of source, pad_to_multiple_of, tokens",
+    ),
     "modules": (TWO + "merge_method: linear\nmodules: {}\n", r"key 'modules' is not supported"),
-    "slice_base_model": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\n    base_model: @b\n"
-                         "merge_method: slerp\n", r"slices\[0\]: key 'base_model' is not supported"),
-    "unknown_source_key": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2], weight: 1}]\n"
-                           "merge_method: linear\n", r"slices\[0\]\.sources\[0\]: unknown key 'weight'"),
-    "unknown_filter_key": (TWO + "merge_method: slerp\nparameters: {t: [{filter: mlp, value: 0.5, when: 1}]}\n",
-                           r"parameters: t\[0\]: unknown key 'when'; expected filter and value"),
-    "passthrough": ("slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\nmerge_method: passthrough\n",
-                    r"'passthrough' stacks layers.*solar upscale --config"),
+    "slice_base_model": (
+        "slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\n    base_model: @b\nmerge_method: slerp\n",
+        r"slices\[0\]: key 'base_model' is not supported",
+    ),
+    "unknown_source_key": (
+        "slices:\n  - sources: [{model: @a, layer_range: [0, 2], weight: 1}]\nmerge_method: linear\n",
+        r"slices\[0\]\.sources\[0\]: unknown key 'weight'",
+    ),
+    "unknown_filter_key": (
+        TWO + "merge_method: slerp\nparameters: {t: [{filter: mlp, value: 0.5, when: 1}]}\n",
+        r"parameters: t\[0\]: unknown key 'when'; expected filter and value",
+    ),
+    "passthrough": (
+        "slices:\n  - sources: [{model: @a, layer_range: [0, 2]}]\nmerge_method: passthrough\n",
+        r"'passthrough' stacks layers.*solar upscale --config",
+    ),
     "unknown_method": (TWO + "merge_method: karcher\n", r"merge method must be one of .*, got 'karcher'"),
-    "partial_slice": ("slices:\n  - sources:\n      - {model: @a, layer_range: [0, 1]}\n"
-                      "      - {model: @b, layer_range: [0, 1]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
-                      r"layer_range \[0, 1\] is not supported: only whole-model merges are, i\.e\. \[0, 2\]"),
-    "mismatched_slice": ("slices:\n  - sources:\n      - {model: @a, layer_range: [0, 2]}\n"
-                         "      - {model: @b, layer_range: [1, 2]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
-                         r"sources\[1\]: layer_range \[1, 2\] is not supported"),
-    "two_slices": ("slices:\n  - sources: [{model: @a, layer_range: [0, 1]}, {model: @b, layer_range: [0, 1]}]\n"
-                   "  - sources: [{model: @a, layer_range: [1, 2]}, {model: @b, layer_range: [1, 2]}]\n"
-                   "merge_method: slerp\nparameters: {t: 0.5}\n", r"only one slice .* got 2 slices"),
-    "bad_gradient": (TWO + "merge_method: slerp\nparameters: {t: [0, x, 1]}\n",
-                     r"parameters: t: expected a number, a gradient \(a non-empty list of numbers\)"),
-    "models_and_slices": ("models: [{model: @a}]\nslices: []\nmerge_method: linear\n",
-                          r"exactly one of models or slices .*, got both"),
+    "partial_slice": (
+        "slices:\n  - sources:\n      - {model: @a, layer_range: [0, 1]}\n"
+        "      - {model: @b, layer_range: [0, 1]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
+        r"layer_range \[0, 1\] is not supported: only whole-model merges are, i\.e\. \[0, 2\]",
+    ),
+    "mismatched_slice": (
+        "slices:\n  - sources:\n      - {model: @a, layer_range: [0, 2]}\n"
+        "      - {model: @b, layer_range: [1, 2]}\nmerge_method: slerp\nparameters: {t: 0.5}\n",
+        r"sources\[1\]: layer_range \[1, 2\] is not supported",
+    ),
+    "two_slices": (
+        "slices:\n  - sources: [{model: @a, layer_range: [0, 1]}, {model: @b, layer_range: [0, 1]}]\n"
+        "  - sources: [{model: @a, layer_range: [1, 2]}, {model: @b, layer_range: [1, 2]}]\n"
+        "merge_method: slerp\nparameters: {t: 0.5}\n",
+        r"only one slice .* got 2 slices",
+    ),
+    "bad_gradient": (
+        TWO + "merge_method: slerp\nparameters: {t: [0, x, 1]}\n",
+        r"parameters: t: expected a number, a gradient \(a non-empty list of numbers\)",
+    ),
+    "models_and_slices": (
+        "models: [{model: @a}]\nslices: []\nmerge_method: linear\n",
+        r"exactly one of models or slices .*, got both",
+    ),
     "slerp_without_t": (TWO + "merge_method: slerp\n", r"slerp needs parameter t for tensor"),
-    "slerp_three": ("models: [{model: @a}, {model: @b}, {model: @a}]\nmerge_method: slerp\nparameters: {t: 0.5}\n",
-                    r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 2"),
+    "slerp_three": (
+        "models: [{model: @a}, {model: @b}, {model: @a}]\nmerge_method: slerp\nparameters: {t: 0.5}\n",
+        r"slerp merges exactly 1 model\(s\) besides the base model .*/a, got 2",
+    ),
     "ties_without_base": (TWO + "merge_method: ties\n", r"needs base_model"),
-    "bad_model_parameter": ("models: [{model: @a, parameters: {density: 0.5}}, {model: @b}]\nmerge_method: linear\n",
-                            r"parameter 'density' does not apply to linear"),
-    "hub_model": ("models: [{model: upstage/SOLAR-10.7B-v1.0}, {model: @b}]\nmerge_method: linear\n",
-                  r"model 'upstage/SOLAR-10.7B-v1.0' resolves to .* which is not a directory"),
-    "two_documents": (TWO + "merge_method: linear\n---\nmerge_method: slerp\n",
-                      r"cannot read the merge YAML"),
+    "bad_model_parameter": (
+        "models: [{model: @a, parameters: {density: 0.5}}, {model: @b}]\nmerge_method: linear\n",
+        r"parameter 'density' does not apply to linear",
+    ),
+    "hub_model": (
+        "models: [{model: upstage/SOLAR-10.7B-v1.0}, {model: @b}]\nmerge_method: linear\n",
+        r"model 'upstage/SOLAR-10.7B-v1.0' resolves to .* which is not a directory",
+    ),
+    "two_documents": (TWO + "merge_method: linear\n---\nmerge_method: slerp\n", r"cannot read the merge YAML"),
     "models_not_a_list": ("models: {model: @a}\nmerge_method: linear\n", r"models must be a list, got \{'model': "),
     "slices_not_a_list": ("slices: {sources: []}\nmerge_method: linear\n", r"slices must be a list, got \{'sources'"),
     # entries are checked in the file's order: the first model's bad path before the second's bad key
-    "errors_in_file_order": ("models: [{model: ./nowhere}, {model: @b, wieght: 1}]\nmerge_method: linear\n",
-                             r"models\[0\]: model './nowhere' resolves to"),
-    "bad_slice_key": ("slices:\n  - sources: [{model: @a, layer_range: [0, 1]}]\n    weight: 1\nmerge_method: linear\n",
-                      r"slices\[0\]: unknown key 'weight'; expected some of"),
+    "errors_in_file_order": (
+        "models: [{model: ./nowhere}, {model: @b, wieght: 1}]\nmerge_method: linear\n",
+        r"models\[0\]: model './nowhere' resolves to",
+    ),
+    "bad_slice_key": (
+        "slices:\n  - sources: [{model: @a, layer_range: [0, 1]}]\n    weight: 1\nmerge_method: linear\n",
+        r"slices\[0\]: unknown key 'weight'; expected some of",
+    ),
 }
 
 

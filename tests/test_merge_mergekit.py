@@ -30,8 +30,11 @@ def test_every_recipe_has_mergekit_outputs_and_every_output_a_recipe():
     assert sorted(tiny.CASES) == sorted(EXPECTED["cases"]), "run regenerate.py for new recipes, delete gone ones"
     kinds = {name: kind for name, (_, kind) in tiny.CASES.items()}
     assert {name for name, kind in kinds.items() if kind == "upscale"} == {
-        "passthrough_base_model", "passthrough_scale", "passthrough_tokenizer_source_union",
-        "passthrough_tokenizer_source_union_vocabularies"}
+        "passthrough_base_model",
+        "passthrough_scale",
+        "passthrough_tokenizer_source_union",
+        "passthrough_tokenizer_source_union_vocabularies",
+    }
 
 
 @pytest.mark.parametrize("case", sorted(tiny.CASES))

@@ -43,12 +43,19 @@ def test_filters_first_match_wins_and_fall_through():
     assert evaluate(check_setting("t", {"filter": "mlp", "value": 0.2}), "a.mlp.b", 0) == 0.2
 
 
-@pytest.mark.parametrize("value, message", [
-    ([], r"expected a number, a gradient"), ("0.5", r"expected a number"), ([0, "x"], r"expected a number"),
-    ([{"value": 1}, 0.5], r"expected a number"), ([{"filter": "mlp"}], r"a filter entry needs a value"),
-    ([{"filter": 3, "value": 1}], r"filter must be a piece of a tensor name"), (math.inf, r"expected a number"),
-    ([{"filter": "mlp", "value": [{"value": 1}]}], r"value must be a number or a gradient"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([], r"expected a number, a gradient"),
+        ("0.5", r"expected a number"),
+        ([0, "x"], r"expected a number"),
+        ([{"value": 1}, 0.5], r"expected a number"),
+        ([{"filter": "mlp"}], r"a filter entry needs a value"),
+        ([{"filter": 3, "value": 1}], r"filter must be a piece of a tensor name"),
+        (math.inf, r"expected a number"),
+        ([{"filter": "mlp", "value": [{"value": 1}]}], r"value must be a number or a gradient"),
+    ],
+)
 def test_bad_settings(value, message):
     with pytest.raises(ValueError, match=message):
         check_setting("parameters: t", value)
@@ -61,21 +68,42 @@ def test_a_level_of_parameters_is_checked_name_by_name():
 
     assert check_parameters("parameters", None, ("t",), "slerp") == {}
     assert check_parameters("parameters", MappingProxyType({"t": [0, 1]}), ("t",), "slerp") == {"t": [0, 1]}
-    with pytest.raises(ValueError, match=r"^parameters: expected a mapping of parameter names to values, "
-                                         r"got \[0\.5\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^parameters: expected a mapping of parameter names to values, "
+        r"got \[0\.5\]$",
+    ):
         check_parameters("parameters", [0.5], ("t",), "slerp")
     with pytest.raises(ValueError, match=r"^parameters: t: expected a number"):
         check_parameters("parameters", {"t": "half"}, ("t",), "slerp")
-    for allowed, expected in [((), r"expected \(none\)"), (("t",), "expected t"),
-                              (("weight", "density"), "expected some of weight, density")]:
-        with pytest.raises(ValueError, match=rf"^models\[1\] parameters: parameter 'gamma' does not apply to "
-                                             rf"ties; {expected}$"):
+    for allowed, expected in [
+        ((), r"expected \(none\)"),
+        (("t",), "expected t"),
+        (("weight", "density"), "expected some of weight, density"),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=rf"^models\[1\] parameters: parameter 'gamma' does not apply to "
+            rf"ties; {expected}$",
+        ):
             check_parameters("models[1] parameters", {"gamma": 0.1}, allowed, "ties")
 
 
 def test_every_method_declares_its_parameters():
-    assert set(METHODS) == {"linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                            "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp"}
+    assert set(METHODS) == {
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+        "nuslerp",
+    }
     # mergekit's defaults: normalize on for linear/ties/della, rescale on for dare/della
     defaults = {name: {p.name: p.default for p in m.parameters} for name, m in METHODS.items()}
     assert defaults["ties"]["normalize"] and not defaults["ties"]["rescale"]
@@ -138,8 +166,14 @@ def test_dare_merge_is_reproducible_and_seed_dependent(models, tmp_path):
 
 def test_compute_dtype_float32_reads_unrounded_sources(models, tmp_path):
     """compute_dtype float32 with dtype bfloat16: one rounding (of the fp32 result), not three."""
-    out = merge([models / "a", models / "b"], tmp_path / "out", method="linear", weights=[0.3, 0.7],
-                dtype="bfloat16", compute_dtype="float32")
+    out = merge(
+        [models / "a", models / "b"],
+        tmp_path / "out",
+        method="linear",
+        weights=[0.3, 0.7],
+        dtype="bfloat16",
+        compute_dtype="float32",
+    )
     a, b = tensors(models / "a"), tensors(models / "b")
     for name, tensor in tensors(out).items():
         assert tensor.dtype == torch.bfloat16
@@ -156,15 +190,30 @@ def test_compute_dtype_float32_reads_unrounded_sources(models, tmp_path):
 def test_llama_with_mistral_needs_allow_crimes(tmp_path, caplog):
     llama = make_checkpoint(tmp_path / "llama", kind="llama", layers=2, seed=1)
     mistral = make_checkpoint(tmp_path / "mistral", kind="mistral", layers=2, seed=2)
-    with pytest.raises(ValueError, match=r"models of different architectures: model_type 'llama' in .*llama vs "
-                                         r"'mistral' in .*mistral; pass allow_crimes=True / --allow-crimes"):
+    with pytest.raises(
+        ValueError,
+        match=r"models of different architectures: model_type 'llama' in .*llama vs "
+        r"'mistral' in .*mistral; pass allow_crimes=True / --allow-crimes",
+    ):
         merge([llama, mistral], tmp_path / "out", method="linear")
     assert not (tmp_path / "out").exists()
     code = main(["merge", str(tmp_path / "out"), "--models", str(llama), str(mistral), "--no-progress"])
     assert code == 2 and not (tmp_path / "out").exists()
     with caplog.at_level("WARNING"):
-        assert main(["merge", str(tmp_path / "out"), "--models", str(llama), str(mistral), "--allow-crimes",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "merge",
+                    str(tmp_path / "out"),
+                    "--models",
+                    str(llama),
+                    str(mistral),
+                    "--allow-crimes",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert "allowed: allow_crimes" in caplog.text
 
 
@@ -187,13 +236,60 @@ def test_model_card_holds_the_recipe_and_the_inputs(models, tmp_path, monkeypatc
 
 def test_merge_command_dtype_options(models, tmp_path):
     a, b, base = (str(models / n) for n in ("a", "b", "base"))
-    assert main(["merge", str(tmp_path / "m"), "--models", a, "--base-model", base, "--method", "task_arithmetic",
-                 "--weights", "0.5", "--dtype", "bfloat16", "--out-dtype", "float16", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                str(tmp_path / "m"),
+                "--models",
+                a,
+                "--base-model",
+                base,
+                "--method",
+                "task_arithmetic",
+                "--weights",
+                "0.5",
+                "--dtype",
+                "bfloat16",
+                "--out-dtype",
+                "float16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert {t.dtype for t in tensors(tmp_path / "m").values()} == {torch.float16}
-    assert main(["merge", str(tmp_path / "d"), "--models", a, b, "--base-model", base, "--method", "dare_linear",
-                 "--density", "0.5", "--random-seed", "3", "--compute-dtype", "float32", "--no-progress"]) == 0
-    direct = merge([models / "a", models / "b"], tmp_path / "direct", method="dare_linear", base_model=models / "base",
-                   density=0.5, seed=3)
+    assert (
+        main(
+            [
+                "merge",
+                str(tmp_path / "d"),
+                "--models",
+                a,
+                b,
+                "--base-model",
+                base,
+                "--method",
+                "dare_linear",
+                "--density",
+                "0.5",
+                "--random-seed",
+                "3",
+                "--compute-dtype",
+                "float32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    direct = merge(
+        [models / "a", models / "b"],
+        tmp_path / "direct",
+        method="dare_linear",
+        base_model=models / "base",
+        density=0.5,
+        seed=3,
+    )
     assert all(torch.equal(x, tensors(direct)[n]) for n, x in tensors(tmp_path / "d").items())
 
 
@@ -208,7 +304,6 @@ def test_tokenizer_files_mergekit_copies_are_copied(models, tmp_path):
     assert json.loads((out / "chat_template.json").read_text()) == {"chat_template": "{{ messages }}"}
 
 
-
 def test_tokenizer_source_bad_input_is_refused_before_work(models, tmp_path):
     """(Parity over different vocabularies: tests/test_merge_mergekit.py.) A missing base, an unknown
     source, a model without tokenizer.json, ids past vocab_size, rows that are not vocab_size and a
@@ -221,8 +316,11 @@ def test_tokenizer_source_bad_input_is_refused_before_work(models, tmp_path):
     odd = tmp_path / "odd"
     shutil.copytree(models / "b", odd)
     tiny.write_tokenizer(odd, tokens=[*tiny.base_tokens(), "w64"])  # 65 tokens, 64 rows
-    with pytest.raises(ValueError, match=r"odd/tokenizer.json has 1 token ids at or past the model's vocab_size 64 "
-                                         r"\(first 64\); expected every id below vocab_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"odd/tokenizer.json has 1 token ids at or past the model's vocab_size 64 "
+        r"\(first 64\); expected every id below vocab_size",
+    ):
         merge([models / "a", odd], tmp_path / "out", tokenizer_source="union", **kwargs)
     (odd / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=r"tokenizer_source: every model needs a tokenizer.json .*/odd has none"):
@@ -234,10 +332,18 @@ def test_tokenizer_source_bad_input_is_refused_before_work(models, tmp_path):
         merge([models / "a", odd], tmp_path / "out", tokenizer_source="union", **kwargs)
     for pad in (0, 2.5, True):
         with pytest.raises(ValueError, match=rf"pad_to_multiple_of must be a positive integer, got {pad!r}"):
-            merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="union", pad_to_multiple_of=pad,
-                  **kwargs)
-    with pytest.raises(ValueError, match=r"pad_to_multiple_of applies with tokenizer_source only, "
-                                         r"got pad_to_multiple_of 32 and no tokenizer_source"):
+            merge(
+                [models / "a", models / "b"],
+                tmp_path / "out",
+                tokenizer_source="union",
+                pad_to_multiple_of=pad,
+                **kwargs,
+            )
+    with pytest.raises(
+        ValueError,
+        match=r"pad_to_multiple_of applies with tokenizer_source only, "
+        r"got pad_to_multiple_of 32 and no tokenizer_source",
+    ):
         merge([models / "a", models / "b"], tmp_path / "out", pad_to_multiple_of=32, **kwargs)
     assert not (tmp_path / "out").exists()
     # a model path as the source: its tokenizer files (here its own tokenizer_config) are the output's
@@ -251,9 +357,22 @@ def test_tokenizer_source_bad_input_is_refused_before_work(models, tmp_path):
 
 def _vocabulary_model(directory, tokens, added=()):
     directory.mkdir()
-    tiny.write_tokenizer(directory, tokens=list(tokens), added=[
-        {"id": len(tokens) + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True} for i, content in enumerate(added)])
+    tiny.write_tokenizer(
+        directory,
+        tokens=list(tokens),
+        added=[
+            {
+                "id": len(tokens) + i,
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for i, content in enumerate(added)
+        ],
+    )
     return directory
 
 
@@ -270,9 +389,11 @@ def test_tokenizer_union_rows_follow_mergekits_rules(tmp_path):
     assert plan.vocab == {"x": 0, "y": 1, "z": 2, "q": 3, "s": 4, "r": 5, "<t>": 6} and plan.rows == 8
     assert [entry["content"] for entry in plan.new_added] == ["q", "s", "r", "<t>"]
     assert plan.new_added[0]["normalized"] and not plan.new_added[0]["special"] and plan.new_added[3]["special"]
-    tensors = [torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]),              # one: y x q s
-               torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0], [90.0, 100.0]]),  # two
-               torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])]               # base: x y z
+    tensors = [
+        torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]),  # one: y x q s
+        torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0], [90.0, 100.0]]),  # two
+        torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]]),
+    ]  # base: x y z
     new_one, new_two, new_base = plan.rebuild(tensors, [one, two, base], base)
     assert new_one[:7].tolist() == [[3, 4], [1, 2], [-5, -6], [5, 6], [7, 8], [70, 80], [90, 100]]
     assert new_two[:7].tolist() == [[10, 20], [30, 40], [-5, -6], [5, 6], [50, 60], [70, 80], [90, 100]]
@@ -307,25 +428,40 @@ def test_tokenizer_tokens_entries_that_cannot_be_met_are_refused_before_work(mod
     cases = {
         "a source that is not merged": (
             {"w3": TokenSource("model", models / "c", force=True)},
-            r"tokens\['w3'\]: source model .*/c is not one of the models merged"),
+            r"tokens\['w3'\]: source model .*/c is not one of the models merged",
+        ),
         "a source without the token": (
-            {"<x>": TokenSource("model", models / "a")}, r"tokens\['<x>'\]: source model .*/a has no token '<x>'"),
+            {"<x>": TokenSource("model", models / "a")},
+            r"tokens\['<x>'\]: source model .*/a has no token '<x>'",
+        ),
         "a row past the source's rows": (
             {"<x>": TokenSource("model_token", models / "a", token_id=64)},
-            r"tokens\['<x>'\]: token_id must be below the 64 rows of .*/a, got 64"),
+            r"tokens\['<x>'\]: token_id must be below the 64 rows of .*/a, got 64",
+        ),
         "a source token it lacks": (
             {"<x>": TokenSource("model_token", models / "a", token="<y>")},
-            r"tokens\['<x>'\]: source model .*/a has no token '<y>'"),
+            r"tokens\['<x>'\]: source model .*/a has no token '<y>'",
+        ),
         "no source where one is needed": (
-            {"w3": TokenSource(None, force=True)}, r"tokens\['w3'\]: a source is needed \(force: true is set\), got none"),
+            {"w3": TokenSource(None, force=True)},
+            r"tokens\['w3'\]: a source is needed \(force: true is set\), got none",
+        ),
     }
     for tokens, message in cases.values():
         with pytest.raises(ValueError, match=message):
             merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="union", tokens=tokens, **kwargs)
-    with pytest.raises(ValueError, match=r"tokens: '<x>' is not in the base vocabulary; adding tokens to source: base "
-                                         r"is not supported \(mergekit 0.1.5 fails on it\), use source: union"):
-        merge([models / "a", models / "b"], tmp_path / "out", tokenizer_source="base",
-              tokens={"<x>": TokenSource("zero")}, **kwargs)
+    with pytest.raises(
+        ValueError,
+        match=r"tokens: '<x>' is not in the base vocabulary; adding tokens to source: base "
+        r"is not supported \(mergekit 0.1.5 fails on it\), use source: union",
+    ):
+        merge(
+            [models / "a", models / "b"],
+            tmp_path / "out",
+            tokenizer_source="base",
+            tokens={"<x>": TokenSource("zero")},
+            **kwargs,
+        )
     with pytest.raises(ValueError, match=r"tokens applies with tokenizer_source only"):
         merge([models / "a", models / "b"], tmp_path / "out", tokens={"w3": TokenSource("zero")}, **kwargs)
     assert not (tmp_path / "out").exists()
@@ -338,8 +474,16 @@ def test_card_recipe_of_a_tokenizer_block_reruns_the_same(models, tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     tokens = {"<x>": TokenSource("model_token", models / "a", token="<s>"), "w3": TokenSource("zero", force=True)}
-    out = merge([models / "a", models / "b"], tmp_path / "out", method="ties", base_model=models / "base",
-                density=0.5, tokenizer_source="union", pad_to_multiple_of=16, tokens=tokens)
+    out = merge(
+        [models / "a", models / "b"],
+        tmp_path / "out",
+        method="ties",
+        base_model=models / "base",
+        density=0.5,
+        tokenizer_source="union",
+        pad_to_multiple_of=16,
+        tokens=tokens,
+    )
     again = merge_from_yaml(out / "mergekit_config.yml", tmp_path / "again")
     assert tensors(again).keys() == tensors(out).keys()
     assert all(torch.equal(tensors(again)[name], tensor) for name, tensor in tensors(out).items())

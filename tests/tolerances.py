@@ -4,6 +4,7 @@ A kernel is judged against an exact float64 computation, relative to PyTorch's o
 same dtype on the same input: ``err(ours) <= 2 * err(eager torch) + FLOOR[dtype]``, with
 ``err(a) = ||a - exact|| / ||exact||``. The floor covers outputs where eager happens to be exact.
 """
+
 from __future__ import annotations
 
 import torch

@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    raise SystemExit("compile_for_gpu: run without TRITON_INTERPRET=1 (compiled kernels are needed), got TRITON_INTERPRET=1")
+    raise SystemExit(
+        "compile_for_gpu: run without TRITON_INTERPRET=1 (compiled kernels are needed), got TRITON_INTERPRET=1"
+    )
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -158,8 +160,10 @@ def triton_launches() -> tuple[list[Launch], list[str]]:
     names = _registry.families()
     missing = [name for name in names if not _records_of(name)]
     if missing:
-        raise SystemExit(f"compile_for_gpu: no SOLAR launch for the kernels of {missing}: give their records an Op "
-                         f"(register_op) or a shape_of")
+        raise SystemExit(
+            f"compile_for_gpu: no SOLAR launch for the kernels of {missing}: give their records an Op "
+            f"(register_op) or a shape_of"
+        )
     modules = {name: importlib.import_module(f"solar_kernels.ops.{name}") for name in names}
     launches: list[Launch] = []
     context = ["", "", False]
@@ -189,8 +193,12 @@ def _records_of(family: str) -> list[tuple[str, int, int, _registry.Kernel]]:
     records: SOLAR's tokens of the op's model width, or a record's own ``shape_of`` (the log-prob
     row step's chunk of the vocabulary)."""
     config = PRESETS["solar-10.7b"]
-    found = [(op.width, SOLAR["tokens"], op.model_width(config), kernel)
-             for op in _registry.ops() for kernel in op.kernels if kernel.family == family]
+    found = [
+        (op.width, SOLAR["tokens"], op.model_width(config), kernel)
+        for op in _registry.ops()
+        for kernel in op.kernels
+        if kernel.family == family
+    ]
     covered = {kernel.name for *_, kernel in found}
     for kernel in _registry.kernels():
         if kernel.family == family and kernel.shape_of is not None and kernel.name not in covered:
@@ -247,8 +255,12 @@ def read_cubin(path: str) -> dict[str, dict]:
             current = functions.setdefault(found.group(1), {})
         elif current is not None and "REG:" in line:
             fields = dict(re.findall(r"(\w+):(\d+)", line))
-            current.update(registers=int(fields["REG"]), stack_bytes=int(fields.get("STACK", 0)),
-                           shared_bytes=int(fields.get("SHARED", 0)), local_bytes=int(fields.get("LOCAL", 0)))
+            current.update(
+                registers=int(fields["REG"]),
+                stack_bytes=int(fields.get("STACK", 0)),
+                shared_bytes=int(fields.get("SHARED", 0)),
+                local_bytes=int(fields.get("LOCAL", 0)),
+            )
     current = None
     for line in _run([cuobjdump, "--dump-sass", path]).splitlines():
         found = re.search(r"Function : (\S+)", line)
@@ -271,11 +283,14 @@ def read_cubin(path: str) -> dict[str, dict]:
 def _specialize(fn, args, kwargs, backend):
     """(signature, constexprs, attrs, options) exactly as ``JITFunction.run`` builds them for these arguments."""
     if not hasattr(fn, "_pack_args"):
-        raise RuntimeError(f"triton {triton.__version__}: JITFunction has no _pack_args (this script follows triton 3.4-3.8)")
+        raise RuntimeError(
+            f"triton {triton.__version__}: JITFunction has no _pack_args (this script follows triton 3.4-3.8)"
+        )
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, {**kwargs, "debug": False}, bound, specialization,
-                                                          options)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, {**kwargs, "debug": False}, bound, specialization, options
+    )
     return signature, constexprs, attrs, options
 
 
@@ -292,20 +307,30 @@ def compile_triton(launches: list[Launch], archs: list[int]) -> list[Variant]:
                     if launch.solar and not seen[key].solar:
                         seen[key].solar, seen[key].case, seen[key].programs = True, launch.case, launch.programs
                     continue
-                compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
-                                          options=options.__dict__)
+                compiled = triton.compile(
+                    ASTSource(launch.fn, signature, constexprs, attrs), target=target, options=options.__dict__
+                )
                 cubin = Path(tmp) / f"{launch.fn.__name__}_{len(variants)}.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 (info,) = read_cubin(str(cubin)).values()
                 ptx = compiled.asm["ptx"]
                 named = {launch.fn.arg_names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
                 variant = Variant(
-                    backend="triton", kernel=launch.fn.__name__, arch=f"sm_{arch}", case=launch.case, dtype=launch.dtype,
-                    config={**{k: v for k, v in named.items() if k.isupper()}, "num_warps": options.num_warps,
-                            "num_stages": options.num_stages},
-                    threads=32 * options.num_warps, programs=launch.programs if launch.solar else None,
+                    backend="triton",
+                    kernel=launch.fn.__name__,
+                    arch=f"sm_{arch}",
+                    case=launch.case,
+                    dtype=launch.dtype,
+                    config={
+                        **{k: v for k, v in named.items() if k.isupper()},
+                        "num_warps": options.num_warps,
+                        "num_stages": options.num_stages,
+                    },
+                    threads=32 * options.num_warps,
+                    programs=launch.programs if launch.solar else None,
                     ptx_ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
-                    ptx_st_v4=len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)), solar=launch.solar,
+                    ptx_st_v4=len(re.findall(r"st\.global(?:\.\w+)*\.v4", ptx)),
+                    solar=launch.solar,
                     **{**info, "shared_bytes": max(info.get("shared_bytes", 0), compiled.metadata.shared)},
                 )
                 seen[key] = variant
@@ -323,12 +348,12 @@ def cuda_launches() -> dict[str, tuple[int, int]]:
     """Demangled CUDA kernel name -> (threads, blocks) of its SOLAR bf16 launch, as csrc/*.cu's launchers pick them."""
     n, d, inter, vocab = SOLAR["tokens"], SOLAR["d"], SOLAR["intermediate"], SOLAR["vocab"]
     bf16, vec = "__nv_bfloat16", 8
-    fwd_threads = _threads_for(d // vec, 4, 1024)             # kFwdCached, kFwdMaxThreads
-    bwd_threads = _threads_for(d // vec, 2, 512)              # kBwdCached, kBwdMaxThreads
-    bwd_blocks = min(n, SMS * (1024 // bwd_threads))          # rms_norm_bwd_blocks
-    group = math.isqrt(bwd_blocks - 1) + 1                    # column_sum_group
-    column_blocks = -(-d // 256)                              # kColumnSumThreads
-    rotary_tokens = 256 // (SOLAR["head_dim"] // 2 // vec)    # kThreads / packs of a half
+    fwd_threads = _threads_for(d // vec, 4, 1024)  # kFwdCached, kFwdMaxThreads
+    bwd_threads = _threads_for(d // vec, 2, 512)  # kBwdCached, kBwdMaxThreads
+    bwd_blocks = min(n, SMS * (1024 // bwd_threads))  # rms_norm_bwd_blocks
+    group = math.isqrt(bwd_blocks - 1) + 1  # column_sum_group
+    column_blocks = -(-d // 256)  # kColumnSumThreads
+    rotary_tokens = 256 // (SOLAR["head_dim"] // 2 // vec)  # kThreads / packs of a half
     rotary_blocks = -(-n // rotary_tokens) * -(-(SOLAR["heads"] + SOLAR["kv_heads"]) // 8)
     swiglu_blocks = n * -(-(inter // vec) // 256)
     chunk = min(4096, 2**28 // vocab, (n - 1) // 2)
@@ -349,7 +374,9 @@ def _demangle(names: list[str]) -> list[str]:
     filt = shutil.which("c++filt") or shutil.which("cu++filt")
     if filt is None:
         raise RuntimeError("no c++filt to read the CUDA kernels' names (binutils)")
-    return subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout.splitlines()
+    return subprocess.run(
+        [filt], input="\n".join(names), capture_output=True, text=True, check=True
+    ).stdout.splitlines()
 
 
 def compile_cuda(arch: str = "90a") -> list[Variant]:
@@ -371,9 +398,20 @@ def compile_cuda(arch: str = "90a") -> list[Variant]:
                 short = name.split("<")[0]
                 threads, blocks = solar.get(name, (None, None))
                 dtype = "bf16" if "__nv_bfloat16" in name else "fp16" if "__half" in name else "fp32"
-                variants.append(Variant(backend="cuda", kernel=short, arch=f"sm_{arch}", case=name, dtype=dtype,
-                                        config={"source": source.name}, threads=threads or 0, programs=blocks,
-                                        solar=name in solar, **functions[mangled]))
+                variants.append(
+                    Variant(
+                        backend="cuda",
+                        kernel=short,
+                        arch=f"sm_{arch}",
+                        case=name,
+                        dtype=dtype,
+                        config={"source": source.name},
+                        threads=threads or 0,
+                        programs=blocks,
+                        solar=name in solar,
+                        **functions[mangled],
+                    )
+                )
     return variants
 
 
@@ -381,34 +419,51 @@ def _versions() -> dict[str, str]:
     nvcc = shutil.which("nvcc")
     release = None
     if nvcc:
-        found = re.search(r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+        found = re.search(
+            r"release ([\d.]+)", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        )
         release = found.group(1) if found else None
     commit = os.environ.get("SOLAR_KERNELS_COMMIT")
     if commit is None and shutil.which("git") and (ROOT / ".git").exists():
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"date": datetime.date.today().isoformat(), "commit": commit or "unknown", "triton": triton.__version__,
-            "torch": torch.__version__, "nvcc": release or "none"}
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": commit or "unknown",
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "nvcc": release or "none",
+    }
 
 
 def markdown(report: dict) -> str:
     """The short table of the SOLAR bf16 launches (sm_90 / sm_90a)."""
     env = report["environment"]
-    lines = ["# Compiled code of the kernels at SOLAR shapes (bf16, 16K tokens), sm_90", "",
-             f"{env['date']}, commit {env['commit']}, triton {env['triton']}, nvcc {env['nvcc']}; "
-             f"`python tools/compile_for_gpu.py 90 80 --out benchmarks/results`. Occupancy from registers, threads "
-             f"and shared memory; waves on {SMS} SMs.", "",
-             "128-bit ld counts LDG.E.128 and LDGSTS.128 (cp.async into shared memory, the prefetch of a software-"
-             "pipelined loop), the latter also shown apart.", "",
-             "| backend | kernel | case | threads | registers | stack | 128-bit ld/st (SASS) | of which cp.async | fp64 | "
-             "resident/SM | occupancy | programs | waves |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Compiled code of the kernels at SOLAR shapes (bf16, 16K tokens), sm_90",
+        "",
+        f"{env['date']}, commit {env['commit']}, triton {env['triton']}, nvcc {env['nvcc']}; "
+        f"`python tools/compile_for_gpu.py 90 80 --out benchmarks/results`. Occupancy from registers, threads "
+        f"and shared memory; waves on {SMS} SMs.",
+        "",
+        "128-bit ld counts LDG.E.128 and LDGSTS.128 (cp.async into shared memory, the prefetch of a software-"
+        "pipelined loop), the latter also shown apart.",
+        "",
+        "| backend | kernel | case | threads | registers | stack | 128-bit ld/st (SASS) | of which cp.async | fp64 | "
+        "resident/SM | occupancy | programs | waves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["variants"]:
         if not row["solar"] or row["arch"] not in ("sm_90", "sm_90a"):
             continue
         waves = f"{row['waves']:.2f}" if row.get("waves") is not None else "–"
         occupancy = f"{row['occupancy']:.0%}" if row.get("occupancy") is not None else "–"
-        lines.append(f"| {row['backend']} | {row['kernel']} | {row['case']} | {row['threads']} | {row['registers']} | "
-                     f"{row['stack_bytes']} | {row['ldg128']} / {row['stg128']} | {row['ldgsts128']} | {row['fp64']} | "
-                     f"{row.get('resident_per_sm', '–')} | {occupancy} | {row['programs']} | {waves} |")
+        lines.append(
+            f"| {row['backend']} | {row['kernel']} | {row['case']} | {row['threads']} | {row['registers']} | "
+            f"{row['stack_bytes']} | {row['ldg128']} / {row['stg128']} | {row['ldgsts128']} | {row['fp64']} | "
+            f"{row.get('resident_per_sm', '–')} | {occupancy} | {row['programs']} | {waves} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -426,11 +481,17 @@ def main(argv=None) -> int:
     if not args.no_cuda:
         variants += compile_cuda()
     for v in variants:
-        print(f"{v.arch} {v.kernel} *{v.dtype} {v.case} {v.config}: REG:{v.registers} STACK:{v.stack_bytes} "
-              f"LDG128:{v.ldg128} (LDGSTS128:{v.ldgsts128}) STG128:{v.stg128} FP64:{v.fp64}")
+        print(
+            f"{v.arch} {v.kernel} *{v.dtype} {v.case} {v.config}: REG:{v.registers} STACK:{v.stack_bytes} "
+            f"LDG128:{v.ldg128} (LDGSTS128:{v.ldgsts128}) STG128:{v.stg128} FP64:{v.fp64}"
+        )
     print(f"compiled {len(variants)} kernel variants in {time.time() - start:.1f} s")
-    report = {"environment": _versions(), "sms": SMS, "triton_kernels": triton_kernels,
-              "variants": [v.as_dict() for v in variants]}
+    report = {
+        "environment": _versions(),
+        "sms": SMS,
+        "triton_kernels": triton_kernels,
+        "variants": [v.as_dict() for v in variants],
+    }
     text = json.dumps(report, indent=2, default=str) + "\n"
     if args.json:
         Path(args.json).write_text(text)

@@ -11,6 +11,7 @@ the script turns caching off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) before CUDA star
 Prints one line per case and exits non-zero when a result is off (a relative error against the
 op's *_ref above a loose bound); memcheck itself reports any illegal access.
 """
+
 from __future__ import annotations
 
 import os
@@ -88,39 +89,65 @@ def cases(dtype):
     for width in (123, 4096, 65536):  # odd (scalar), vector, past the register cache
         rows = 3 if width == 65536 else 5
         x, r, w = rand(rows, width, dtype=dtype), rand(rows, width, dtype=dtype), rand(width, dtype=dtype)
-        ok &= through_api(f"rms_norm d={width}", dtype, lambda x, w: sk.rms_norm(x, w, 1e-5, backend="cuda"),
-                          lambda x, w: sk.rms_norm_ref(x, w, 1e-5), [x, w])
-        ok &= through_api(f"rms_norm+residual d={width}", dtype,
-                          lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend="cuda"),
-                          lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r), [x, r, w])
+        ok &= through_api(
+            f"rms_norm d={width}",
+            dtype,
+            lambda x, w: sk.rms_norm(x, w, 1e-5, backend="cuda"),
+            lambda x, w: sk.rms_norm_ref(x, w, 1e-5),
+            [x, w],
+        )
+        ok &= through_api(
+            f"rms_norm+residual d={width}",
+            dtype,
+            lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend="cuda"),
+            lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r),
+            [x, r, w],
+        )
 
     for head_dim in (6, 128):
         q, k = rand(2, 4, 9, head_dim, dtype=dtype), rand(2, 2, 9, head_dim, dtype=dtype)
         cos, sin = rand(2, 9, head_dim, dtype=torch.float32), rand(2, 9, head_dim, dtype=torch.float32)
-        ok &= through_api(f"apply_rotary D={head_dim}", dtype,
-                          lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
-                          lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin), [q, k])
+        ok &= through_api(
+            f"apply_rotary D={head_dim}",
+            dtype,
+            lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
+            lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin),
+            [q, k],
+        )
     q_bthd = rand(2, 9, 4, 128, dtype=dtype)
-    ok &= through_api("apply_rotary [B, T, H, D] view", dtype,
-                      lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
-                      lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin), [q_bthd.transpose(1, 2), k])
+    ok &= through_api(
+        "apply_rotary [B, T, H, D] view",
+        dtype,
+        lambda q, k, cos=cos, sin=sin: sk.apply_rotary(q, k, cos, sin, backend="cuda"),
+        lambda q, k, cos=cos, sin=sin: sk.apply_rotary_ref(q, k, cos, sin),
+        [q_bthd.transpose(1, 2), k],
+    )
 
     for width in (123, 14336):
         gate, up = rand(5, width, dtype=dtype, scale=3), rand(5, width, dtype=dtype)
-        ok &= through_api(f"swiglu I={width}", dtype, lambda g, u: sk.swiglu(g, u, backend="cuda"), sk.swiglu_ref,
-                          [gate, up])
+        ok &= through_api(
+            f"swiglu I={width}", dtype, lambda g, u: sk.swiglu(g, u, backend="cuda"), sk.swiglu_ref, [gate, up]
+        )
     ok &= registry_cases(dtype)
 
     for vocab in (4097, 32000):
         hidden, weight = rand(3, 7, 64, dtype=dtype), rand(vocab, 64, dtype=dtype, scale=0.2)
         labels = torch.randint(0, vocab, (3, 7), device=DEVICE)
         labels[0, :3] = -100
-        ok &= through_api(f"linear_logprobs V={vocab}", dtype,
-                          lambda h, w, labels=labels: sk.linear_logprobs(h, w, labels, chunk_size=8, backend="cuda"),
-                          lambda h, w, labels=labels: sk.linear_logprobs_ref(h, w, labels), [hidden, weight])
-        ok &= through_api(f"linear_cross_entropy V={vocab}", dtype,
-                          lambda h, w, labels=labels: sk.linear_cross_entropy(h, w, labels, chunk_size=8, backend="cuda"),
-                          lambda h, w, labels=labels: sk.linear_cross_entropy_ref(h, w, labels), [hidden, weight])
+        ok &= through_api(
+            f"linear_logprobs V={vocab}",
+            dtype,
+            lambda h, w, labels=labels: sk.linear_logprobs(h, w, labels, chunk_size=8, backend="cuda"),
+            lambda h, w, labels=labels: sk.linear_logprobs_ref(h, w, labels),
+            [hidden, weight],
+        )
+        ok &= through_api(
+            f"linear_cross_entropy V={vocab}",
+            dtype,
+            lambda h, w, labels=labels: sk.linear_cross_entropy(h, w, labels, chunk_size=8, backend="cuda"),
+            lambda h, w, labels=labels: sk.linear_cross_entropy_ref(h, w, labels),
+            [hidden, weight],
+        )
     logits = shifted(6, 1001, dtype=dtype)
     labels = torch.tensor([0, -100, 1000, 1001, 5, -3], device=DEVICE)  # two out of range: NaN rows
     logp, lse = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)

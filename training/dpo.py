@@ -1,4 +1,5 @@
 """`torchrun ... -m training.dpo --config FILE [--section.key=value ...]` (same as `solar dpo`)."""
+
 from __future__ import annotations
 
 import sys

@@ -28,8 +28,9 @@ _LOGITS_PER_CHUNK = 1 << 24
 
 
 @torch.no_grad()
-def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     ignore_index: int = -100) -> dict[str, torch.Tensor]:
+def token_statistics(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> dict[str, torch.Tensor]:
     """Per-token ``entropy``, ``is_top1`` and ``mean_logit`` of ``hidden @ weight.T`` ([B, T] each,
     fp32, 0 where ``labels == ignore_index``), as TRL 1.16's fused LM head computes them.
 
@@ -44,14 +45,16 @@ def token_statistics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     rows = max(1, _LOGITS_PER_CHUNK // weight.shape[0])
     entropy, top1, mean = [], [], []
     for start in range(0, flat.shape[0], rows):
-        logits = F.linear(flat[start:start + rows], weight.detach()).float()  # [rows, V]
+        logits = F.linear(flat[start : start + rows], weight.detach()).float()  # [rows, V]
         logp = torch.log_softmax(logits, dim=-1)
         entropy.append(-(logp.exp() * logp).sum(-1))
-        top1.append(logits.argmax(-1) == targets[start:start + rows])  # argmax: the first maximum
+        top1.append(logits.argmax(-1) == targets[start : start + rows])  # argmax: the first maximum
         mean.append(logits.mean(-1))
     keep = (targets != ignore_index).float()
-    return {name: (torch.cat(parts).float() * keep).view(labels.shape)
-            for name, parts in (("entropy", entropy), ("is_top1", top1), ("mean_logit", mean))}
+    return {
+        name: (torch.cat(parts).float() * keep).view(labels.shape)
+        for name, parts in (("entropy", entropy), ("is_top1", top1), ("mean_logit", mean))
+    }
 
 
 class LanguageModeling(nn.Module):
@@ -74,8 +77,9 @@ class LanguageModeling(nn.Module):
 
     def forward(self, input_ids, labels, position_ids=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hidden = self.model(input_ids, position_ids=position_ids if self.packed else None, return_hidden=True)
-        loss = sk.linear_cross_entropy(hidden, self.model.lm_head.weight, labels, reduction="sum",
-                                       backend=self.model.config.backend)
+        loss = sk.linear_cross_entropy(
+            hidden, self.model.lm_head.weight, labels, reduction="sum", backend=self.model.config.backend
+        )
         stats = token_statistics(hidden, self.model.lm_head.weight, labels)  # over the trained tokens
         return loss, {"mean_token_accuracy": stats["is_top1"].sum(), "entropy": stats["entropy"].sum()}
 
@@ -97,8 +101,16 @@ class DirectPreference(nn.Module):
     token counts. Metrics carry TRL 1.x's names and meanings, summed over pairs.
     """
 
-    def __init__(self, model: CausalLM, *, beta: float, loss_type: str | list[str], label_smoothing: float,
-                 loss_weights: list[float] | None = None, discopop_tau: float = 0.05):
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        beta: float,
+        loss_type: str | list[str],
+        label_smoothing: float,
+        loss_weights: list[float] | None = None,
+        discopop_tau: float = 0.05,
+    ):
         super().__init__()
         self.model = model
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
@@ -119,10 +131,18 @@ class DirectPreference(nn.Module):
         chosen, rejected = logps[:pairs], logps[pairs:]
         lengths = (labels != -100).sum(dim=1)  # completion tokens per row [2B]
         loss, chosen_rewards, rejected_rewards = sk.dpo_loss(
-            chosen, rejected, reference_logps[:pairs].to(chosen.dtype), reference_logps[pairs:].to(chosen.dtype),
-            beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-            loss_weights=self.loss_weights, chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:],
-            discopop_tau=self.discopop_tau)
+            chosen,
+            rejected,
+            reference_logps[:pairs].to(chosen.dtype),
+            reference_logps[pairs:].to(chosen.dtype),
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            loss_weights=self.loss_weights,
+            chosen_lengths=lengths[:pairs],
+            rejected_lengths=lengths[pairs:],
+            discopop_tau=self.discopop_tau,
+        )
         metrics = {
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),

@@ -28,8 +28,14 @@ import torch
 class KahanAdamW(torch.optim.Optimizer):
     """Decoupled-weight-decay Adam (AdamW) with Kahan-compensated parameter updates."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         if not lr >= 0:
             raise ValueError(f"KahanAdamW: lr must be >= 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -75,8 +81,8 @@ class KahanAdamW(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(eps)
-                wanted = (exp_avg / denom).mul_(-lr / (1 - beta1 ** step))  # fp32 [param.shape]
+                denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps)
+                wanted = (exp_avg / denom).mul_(-lr / (1 - beta1**step))  # fp32 [param.shape]
                 before = param.float()
                 if weight_decay:
                     wanted.add_(before, alpha=-lr * weight_decay)

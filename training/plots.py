@@ -81,8 +81,9 @@ def save(drawn, png: Path, dpi: int = 100) -> Path:
     return png
 
 
-def _smoothed_line(ax, xs: Sequence[float], ys: Sequence[float], name: str, *, color: str | None = None,
-                   label: str | None = None):
+def _smoothed_line(
+    ax, xs: Sequence[float], ys: Sequence[float], name: str, *, color: str | None = None, label: str | None = None
+):
     """The raw curve faint, its EMA bold in the same colour; the EMA carries the legend label."""
     (raw,) = ax.plot(xs, ys, color=color, alpha=RAW_ALPHA, linewidth=0.8, label="_nolegend_")
     raw.set_gid(f"{name}/raw")
@@ -123,8 +124,15 @@ def loss_figure(records: Sequence[Mapping[str, float]], title: str):
     _smoothed_line(ax, steps, [r["loss"] for r in records], "loss", label="training loss")
     evaluated = [r for r in records if "eval/loss" in r]
     if evaluated:
-        (line,) = ax.plot([r["step"] for r in evaluated], [r["eval/loss"] for r in evaluated], color="tab:orange",
-                          marker="o", markersize=4, linewidth=1.4, label="held-out loss")
+        (line,) = ax.plot(
+            [r["step"] for r in evaluated],
+            [r["eval/loss"] for r in evaluated],
+            color="tab:orange",
+            marker="o",
+            markersize=4,
+            linewidth=1.4,
+            label="held-out loss",
+        )
         line.set_gid("eval/loss")
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("step")
@@ -132,8 +140,14 @@ def loss_figure(records: Sequence[Mapping[str, float]], title: str):
     ax.set_title(title)
     if any("lr" in r for r in records):
         lr_axis = ax.twinx()
-        (line,) = lr_axis.plot(steps, [r.get("lr", math.nan) for r in records], color="gray", alpha=0.6,
-                               linestyle="--", label="learning rate")
+        (line,) = lr_axis.plot(
+            steps,
+            [r.get("lr", math.nan) for r in records],
+            color="gray",
+            alpha=0.6,
+            linestyle="--",
+            label="learning rate",
+        )
         line.set_gid("lr")
         lr_axis.set_ylabel("learning rate")
     return drawn
@@ -174,8 +188,17 @@ def _chain(ax, named: Sequence[tuple[str, Sequence[Mapping[str, float]]]], bound
     for x in xs[1:]:
         if x:
             ax.axvline(x[0] - 0.5, color="gray", linestyle=":", linewidth=1)
-            ax.text(x[0], 0.02, f" {boundary_label}", transform=ax.get_xaxis_transform(), rotation=90,
-                    ha="left", va="bottom", fontsize=7, color="gray")
+            ax.text(
+                x[0],
+                0.02,
+                f" {boundary_label}",
+                transform=ax.get_xaxis_transform(),
+                rotation=90,
+                ha="left",
+                va="bottom",
+                fontsize=7,
+                color="gray",
+            )
 
 
 def demo_loss_figure(stages: Mapping[str, Sequence[Mapping[str, float]]]):
@@ -185,9 +208,14 @@ def demo_loss_figure(stages: Mapping[str, Sequence[Mapping[str, float]]]):
     if drawn is None:
         return None
     pretraining, sft, preference = drawn.subplots(1, 3)
-    _chain(pretraining, [("base (4 layers)", stages["base pretraining"]),
-                         ("up-scaled (6 layers), continued", stages["continued pretraining"])],
-           "depth up-scaling")
+    _chain(
+        pretraining,
+        [
+            ("base (4 layers)", stages["base pretraining"]),
+            ("up-scaled (6 layers), continued", stages["continued pretraining"]),
+        ],
+        "depth up-scaling",
+    )
     pretraining.set_title("pretraining: base, then after depth up-scaling")
     pretraining.set_ylabel("training loss (next token)")
     _smoothed_line(sft, [r["step"] for r in stages["SFT"]], [r["loss"] for r in stages["SFT"]], "SFT")
@@ -230,8 +258,11 @@ def accuracy_figure(accuracy: Mapping[str, float], title: str, ylabel: str, *, c
     return drawn
 
 
-def demo_figures(stages: Mapping[str, Sequence[Mapping[str, float]]], answer_accuracy: Mapping[str, float],
-                 preference_accuracy: Mapping[str, float]) -> dict[str, Any]:
+def demo_figures(
+    stages: Mapping[str, Sequence[Mapping[str, float]]],
+    answer_accuracy: Mapping[str, float],
+    preference_accuracy: Mapping[str, float],
+) -> dict[str, Any]:
     """{file name: Figure} for the demo's report, in ``DEMO_PLOTS`` order; {} without matplotlib."""
     losses = demo_loss_figure(stages)
     if losses is None:  # no matplotlib: warned once, nothing drawn
@@ -239,14 +270,20 @@ def demo_figures(stages: Mapping[str, Sequence[Mapping[str, float]]], answer_acc
     return {
         "losses.png": losses,
         "answer_accuracy.png": accuracy_figure(
-            answer_accuracy, "held-out answer accuracy (greedy, final-answer line)", "answers right"),
+            answer_accuracy, "held-out answer accuracy (greedy, final-answer line)", "answers right"
+        ),
         "preference_accuracy.png": accuracy_figure(
-            preference_accuracy, "held-out preference accuracy", "pairs with chosen more likely", chance=0.5),
+            preference_accuracy, "held-out preference accuracy", "pairs with chosen more likely", chance=0.5
+        ),
     }
 
 
-def save_demo_plots(out: Path, stages: Mapping[str, Sequence[Mapping[str, float]]],
-                    answer_accuracy: Mapping[str, float], preference_accuracy: Mapping[str, float]) -> list[str]:
+def save_demo_plots(
+    out: Path,
+    stages: Mapping[str, Sequence[Mapping[str, float]]],
+    answer_accuracy: Mapping[str, float],
+    preference_accuracy: Mapping[str, float],
+) -> list[str]:
     """Write the demo's PNGs into ``out``; their file names (none without matplotlib)."""
     figures = demo_figures(stages, answer_accuracy, preference_accuracy)
     for name, drawn in figures.items():

@@ -1,4 +1,5 @@
 """`torchrun ... -m training.pretrain --config FILE [--section.key=value ...]` (same as `solar pretrain`)."""
+
 from __future__ import annotations
 
 import sys

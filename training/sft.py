@@ -1,4 +1,5 @@
 """`torchrun ... -m training.sft --config FILE [--section.key=value ...]` (same as `solar sft`)."""
+
 from __future__ import annotations
 
 import sys

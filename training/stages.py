@@ -63,12 +63,20 @@ def build_model(config: Config, device: torch.device, tokenizer) -> CausalLM:
     if config.model.checkpoint:
         model = load_pretrained(config.model.checkpoint, device=device, dtype=dtype, backend=config.model.backend)
         if model.config.vocab_size < len(tokenizer):
-            raise ValueError(f"model: the checkpoint's vocabulary ({model.config.vocab_size}) is smaller than the "
-                             f"tokenizer's ({len(tokenizer)})")
+            raise ValueError(
+                f"model: the checkpoint's vocabulary ({model.config.vocab_size}) is smaller than the "
+                f"tokenizer's ({len(tokenizer)})"
+            )
         return model
-    model_config = preset(config.model.preset, backend=config.model.backend, vocab_size=len(tokenizer),
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max(config.data.seq_len, 512))
+    model_config = preset(
+        config.model.preset,
+        backend=config.model.backend,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=max(config.data.seq_len, 512),
+    )
     return CausalLM.from_config(model_config, device=device, dtype=dtype)
 
 
@@ -120,16 +128,28 @@ def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_ou
     if stage == "pretrain":
         examples = list(data_lib.pretrain_rows(records, tokenizer, config.data.seq_len, text_field=text_field))
     else:
-        examples = data_lib.sft_examples(records, tokenizer, config.data.seq_len,
-                                         prompt_format=config.data.prompt_format,
-                                         completion_only=config.data.completion_only)
+        examples = data_lib.sft_examples(
+            records,
+            tokenizer,
+            config.data.seq_len,
+            prompt_format=config.data.prompt_format,
+            completion_only=config.data.completion_only,
+        )
         if config.data.packing:
             count = len(examples)
-            examples = data_lib.pack_examples(examples, config.data.seq_len, pad_id=tokenizer.pad_token_id,
-                                              strategy=config.data.packing_strategy)
-            logger.info("%s: packed %d%s examples into %d rows of %d tokens (%s): packing efficiency %.1f%%",
-                        stage, count, " held-out" if held_out else "", len(examples), config.data.seq_len,
-                        config.data.packing_strategy, 100 * data_lib.packing_efficiency(examples))
+            examples = data_lib.pack_examples(
+                examples, config.data.seq_len, pad_id=tokenizer.pad_token_id, strategy=config.data.packing_strategy
+            )
+            logger.info(
+                "%s: packed %d%s examples into %d rows of %d tokens (%s): packing efficiency %.1f%%",
+                stage,
+                count,
+                " held-out" if held_out else "",
+                len(examples),
+                config.data.seq_len,
+                config.data.packing_strategy,
+                100 * data_lib.packing_efficiency(examples),
+            )
     if not examples:
         split = "held-out" if held_out else "training"
         raise ValueError(f"{stage}: the data gave no {split} rows (fewer tokens than data.seq_len?)")
@@ -142,8 +162,14 @@ def preference_examples(source, config: Config, tokenizer, *, held_out: bool = F
     if records is None:
         return None
     where = config.data.eval_path if held_out and config.data.eval_path else source
-    return data_lib.dpo_examples(records, tokenizer, config.data.seq_len, config.data.max_prompt_length,
-                                 prompt_format=config.data.prompt_format, source=where)
+    return data_lib.dpo_examples(
+        records,
+        tokenizer,
+        config.data.seq_len,
+        config.data.max_prompt_length,
+        prompt_format=config.data.prompt_format,
+        source=where,
+    )
 
 
 def evaluation_batches(examples: list[dict] | None, collate, config: Config, rank: int, world: int):
@@ -156,8 +182,16 @@ def evaluation_batches(examples: list[dict] | None, collate, config: Config, ran
     count = min(config.train.eval_steps, passes) if config.train.eval_steps else passes
 
     def batches():
-        stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=0, shuffle=False,
-                                      rank=rank, world_size=world, drop_last=False)
+        stream = data_lib.BatchStream(
+            examples,
+            config.train.batch_size,
+            collate,
+            seed=0,
+            shuffle=False,
+            rank=rank,
+            world_size=world,
+            drop_last=False,
+        )
         return itertools.islice(iter(stream), count)
 
     return batches
@@ -170,19 +204,21 @@ def _with_reference(examples: list[dict], objective, batch_size: int, pad_id: in
     out = []
     with torch.no_grad(), (compute or contextlib.nullcontext)():
         for i in range(0, len(examples), size):
-            chunk = examples[i:i + size]
+            chunk = examples[i : i + size]
             batch = data_lib.collate_dpo(chunk, pad_id)
             logps = objective(batch["input_ids"].to(device), batch["labels"].to(device)).float().cpu()
             for j, example in enumerate(chunk):
-                out.append({**example, "reference_chosen": float(logps[j]),
-                            "reference_rejected": float(logps[len(chunk) + j])})
+                out.append(
+                    {**example, "reference_chosen": float(logps[j]), "reference_rejected": float(logps[len(chunk) + j])}
+                )
     return out
 
 
 def collate_preferences(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = data_lib.collate_dpo(examples, pad_id)
-    batch["reference_logps"] = torch.tensor([e["reference_chosen"] for e in examples]
-                                            + [e["reference_rejected"] for e in examples], dtype=torch.float32)
+    batch["reference_logps"] = torch.tensor(
+        [e["reference_chosen"] for e in examples] + [e["reference_rejected"] for e in examples], dtype=torch.float32
+    )
     return batch
 
 
@@ -209,9 +245,14 @@ def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, r
             if not side_files.is_dir():
                 tokenizer.save_pretrained(saved)
                 side_files = Path(saved)
-            write_pretrained(tensors, model_config, path, force=True, side_files_from=side_files,
-                             dtype=parameter_dtype(config) if config.train.export_dtype == "auto"
-                             else config.train.export_dtype)
+            write_pretrained(
+                tensors,
+                model_config,
+                path,
+                force=True,
+                side_files_from=side_files,
+                dtype=parameter_dtype(config) if config.train.export_dtype == "auto" else config.train.export_dtype,
+            )
     barrier()
 
 
@@ -238,21 +279,36 @@ def run_stage(stage: str, config: Config) -> dict[str, object]:
         objective = LanguageModeling(model, packed=stage == "pretrain" or config.data.packing)
         runs = [(stage, examples, held_out, lambda ex: data_lib.collate_lm(ex, pad_id), output_dir)]
     else:
-        objective = DirectPreference(model, beta=config.dpo.beta, loss_type=config.dpo.loss_type,
-                                     label_smoothing=config.dpo.label_smoothing,
-                                     loss_weights=config.dpo.loss_weights, discopop_tau=config.dpo.discopop_tau)
+        objective = DirectPreference(
+            model,
+            beta=config.dpo.beta,
+            loss_type=config.dpo.loss_type,
+            label_smoothing=config.dpo.label_smoothing,
+            loss_weights=config.dpo.loss_weights,
+            discopop_tau=config.dpo.discopop_tau,
+        )
         sources = config.dpo.stages or [config.data.train]
         chunks = [preference_examples(source, config, tokenizer) for source in sources]
         shared = preference_examples(None, config, tokenizer, held_out=True) if config.data.eval_path else None
-        held_outs = [shared if config.data.eval_path else preference_examples(source, config, tokenizer, held_out=True)
-                     for source in sources]
-        runs = [(f"dpo-stage{i + 1}" if len(chunks) > 1 else "dpo", chunk, held_outs[i],
-                 lambda ex: collate_preferences(ex, pad_id), output_dir / f"stage{i + 1}" if len(chunks) > 1 else output_dir)
-                for i, chunk in enumerate(chunks)]
+        held_outs = [
+            shared if config.data.eval_path else preference_examples(source, config, tokenizer, held_out=True)
+            for source in sources
+        ]
+        runs = [
+            (
+                f"dpo-stage{i + 1}" if len(chunks) > 1 else "dpo",
+                chunk,
+                held_outs[i],
+                lambda ex: collate_preferences(ex, pad_id),
+                output_dir / f"stage{i + 1}" if len(chunks) > 1 else output_dir,
+            )
+            for i, chunk in enumerate(chunks)
+        ]
     objective = parallelize(objective, model.model.layers, config, world, device)
     if stage == "dpo" and config.dpo.order_by_accuracy and len(runs) > 1:
-        accuracy = [preference_accuracy(objective, run[1], pad_id, config.train.batch_size, device, compute)
-                    for run in runs]
+        accuracy = [
+            preference_accuracy(objective, run[1], pad_id, config.train.batch_size, device, compute) for run in runs
+        ]
         order = sorted(range(len(runs)), key=lambda i: -accuracy[i])  # easy (high accuracy) first
         logger.info("sDPO: initial preference accuracy per stage %s; training order %s", accuracy, order)
         runs = [runs[i] for i in order]
@@ -265,13 +321,24 @@ def run_stage(stage: str, config: Config) -> dict[str, object]:
         if callable(examples):  # streamed rows, read in order and never held in memory
             stream = data_lib.StreamingBatches(examples, config.train.batch_size, collate, rank=rank, world_size=world)
         else:
-            stream = data_lib.BatchStream(examples, config.train.batch_size, collate, seed=config.train.seed,
-                                          rank=rank, world_size=world)
+            stream = data_lib.BatchStream(
+                examples, config.train.batch_size, collate, seed=config.train.seed, rank=rank, world_size=world
+            )
         # no reference to the trainer outlives its run: its optimizer state is freed before the next
         # stage's reference pass and the export
-        histories[name] = Trainer(config, objective, objective.count, stream, rank=rank, world=world, device=device,
-                                  flops_per_token=flops_per_token_fn(model.config), output_dir=stage_dir, name=name,
-                                  evaluation=evaluation_batches(held_out, collate, config, rank, world)).run()
+        histories[name] = Trainer(
+            config,
+            objective,
+            objective.count,
+            stream,
+            rank=rank,
+            world=world,
+            device=device,
+            flops_per_token=flops_per_token_fn(model.config),
+            output_dir=stage_dir,
+            name=name,
+            evaluation=evaluation_batches(held_out, collate, config, rank, world),
+        ).run()
     if config.train.export:
         export(config, objective, model.config, output_dir / "final", rank, tokenizer)
     return histories
@@ -285,8 +352,7 @@ def resume_command(stage: str, argv: Sequence[str]) -> str:
     """The command line that continues this run: the same arguments, ``--train.resume=true``."""
     kept = [a for a in argv if not a.startswith(("--train.resume=", "--train.overwrite="))]
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    launcher = (f"torchrun --nproc_per_node {local_world} -m training.{stage}" if local_world > 1
-                else f"solar {stage}")
+    launcher = f"torchrun --nproc_per_node {local_world} -m training.{stage}" if local_world > 1 else f"solar {stage}"
     return " ".join([launcher, *(shlex.quote(a) for a in kept), "--train.resume=true"])
 
 
@@ -308,8 +374,9 @@ def main(stage: str | None = None, argv: Sequence[str] | None = None) -> int:
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog=f"solar {stage or '<stage>'}",
-                                     description="Train a stage; overrides look like --optim.lr=1e-5")
+    parser = argparse.ArgumentParser(
+        prog=f"solar {stage or '<stage>'}", description="Train a stage; overrides look like --optim.lr=1e-5"
+    )
     if stage is None:
         parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--config", help="YAML/JSON config (training/configs/)")

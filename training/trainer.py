@@ -83,6 +83,7 @@ class CheckpointUnusable(Exception):
 
 # ----------------------------------------------------------------------------- processes
 
+
 def setup_distributed(device_setting: str = "auto"):
     """(rank, world_size, device); initializes the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -90,8 +91,10 @@ def setup_distributed(device_setting: str = "auto"):
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device_setting == "auto" else device_setting.startswith("cuda")
     if device_setting.startswith("cuda:") and world > 1:
-        raise ValueError(f"train.device={device_setting} names one GPU, but {world} processes were started; "
-                         f"expected cuda or auto (each process takes cuda:LOCAL_RANK)")
+        raise ValueError(
+            f"train.device={device_setting} names one GPU, but {world} processes were started; "
+            f"expected cuda or auto (each process takes cuda:LOCAL_RANK)"
+        )
     if use_cuda:  # one process: the GPU named (cuda:N), else cuda:LOCAL_RANK
         index = int(device_setting.split(":")[1]) if device_setting.startswith("cuda:") else local_rank
         device = torch.device("cuda", index)
@@ -117,6 +120,7 @@ def barrier() -> None:
 
 # ----------------------------------------------------------------------------- output directory
 
+
 def previous_run(directory: Path) -> list[Path]:
     """What an earlier run left in ``directory`` (and its sDPO ``stage*/`` folders); empty if none."""
     directory = Path(directory)
@@ -137,8 +141,10 @@ def prepare_output_dir(directory: Path, *, resume: bool, overwrite: bool, rank: 
         return
     names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
     if not overwrite:
-        raise ValueError(f"train.output_dir {directory} already holds a run ({names}); continue it with "
-                         f"--train.resume=true, replace it with --train.overwrite=true, or choose another output_dir")
+        raise ValueError(
+            f"train.output_dir {directory} already holds a run ({names}); continue it with "
+            f"--train.resume=true, replace it with --train.overwrite=true, or choose another output_dir"
+        )
     if rank == 0:
         for path in found:
             _remove(path)
@@ -155,12 +161,15 @@ def _remove(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- precision
 
+
 def parameter_dtype(config: Config) -> torch.dtype:
     """The dtype the optimizer's parameters are stored in: fp32 masters unless bf16_kahan."""
     return torch.float32 if config.optim.master_weights == "fp32" else parse_dtype(config.model.dtype)
 
 
-def compute_context(config: Config, world: int, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def compute_context(
+    config: Config, world: int, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
     """The context a forward runs in: autocast to model.dtype over fp32 parameters on one process
     (several processes cast through FSDP2's policy instead); nothing when they already agree."""
     compute = parse_dtype(config.model.dtype)
@@ -185,11 +194,20 @@ def make_optimizer(config: Config, params, device: torch.device) -> torch.optim.
 
 # ----------------------------------------------------------------------------- parallelism
 
+
 def _matmul_ops() -> set:
     aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-             "_flash_attention_forward", "_efficient_attention_forward")
+    names = (
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
     return {getattr(aten, name).default for name in names if hasattr(aten, name)}
 
 
@@ -213,12 +231,15 @@ def checkpoint_block(block: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode == "selective":
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-        return checkpoint_wrapper(block, context_fn=functools.partial(create_selective_checkpoint_contexts,
-                                                                      _keep_matmul_outputs))
+        return checkpoint_wrapper(
+            block, context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)
+        )
     raise ValueError(f"activation checkpointing must be full or selective, got {mode!r}")
 
 
-def parallelize(objective: torch.nn.Module, blocks, config: Config, world: int, device: torch.device) -> torch.nn.Module:
+def parallelize(
+    objective: torch.nn.Module, blocks, config: Config, world: int, device: torch.device
+) -> torch.nn.Module:
     """Activation checkpointing, torch.compile and FSDP2, applied per block from outside the model."""
     mode = config.train.activation_checkpointing
     for index, block in enumerate(blocks):
@@ -240,6 +261,7 @@ def parallelize(objective: torch.nn.Module, blocks, config: Config, world: int, 
 
 # ----------------------------------------------------------------------------- schedule
 
+
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     """Linear warmup to 1 over ``warmup`` steps, then constant, linear or cosine decay to min_ratio."""
     if warmup and step < warmup:
@@ -255,8 +277,14 @@ def lr_multiplier(step: int, total: int, warmup: int, schedule: str, min_ratio: 
 # ----------------------------------------------------------------------------- checkpoints
 
 # Besides torch.distributed.checkpoint's own classes and torch dtypes: none of these runs code.
-_METADATA_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
-                     ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -264,9 +292,11 @@ class _MetadataUnpickler(pickle.Unpickler):
     file is made of, so a crafted one cannot run code."""
 
     def find_class(self, module: str, name: str):
-        allowed = (module.startswith("torch.distributed.checkpoint.")
-                   or (module, name) in _METADATA_GLOBALS
-                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in _METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
         return super().find_class(module, name)
@@ -324,8 +354,9 @@ class Checkpointer:
         (partial / f"rank{self.rank}.json").write_text(json.dumps(plain))
         torch.save(tensors, partial / f"rank{self.rank}.tensors.pt")
         if self.rank == 0:
-            (partial / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                              "num_tokens": num_tokens}))
+            (partial / "trainer.json").write_text(
+                json.dumps({"step": step, "scheduler": scheduler.state_dict(), "num_tokens": num_tokens})
+            )
         barrier()
         if self.rank == 0:
             if final.exists():  # an earlier run's, or one that resume found unusable: set aside, then dropped
@@ -335,7 +366,7 @@ class Checkpointer:
                 _remove(stale)
             else:
                 os.replace(partial, final)
-            for old in self.complete()[:-self.keep_last] if self.keep_last > 0 else []:
+            for old in self.complete()[: -self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
@@ -353,12 +384,25 @@ class Checkpointer:
         try:
             tensors = torch.load(tensor_file, weights_only=True, map_location="cpu")
         except Exception as error:  # noqa: BLE001 - any reason: the file is not a plain tensor file
-            raise CheckpointUnusable(f"{tensor_file} does not load as plain tensors (weights_only=True): "
-                                     f"{_first_line(error)}") from None
+            raise CheckpointUnusable(
+                f"{tensor_file} does not load as plain tensors (weights_only=True): {_first_line(error)}"
+            ) from None
         trainer_state, plain = texts[trainer_file], texts[plain_file]
-        problems = [(trainer_file, key) for key in ("step", "scheduler") if not isinstance(trainer_state, dict) or key not in trainer_state]
-        problems += [(plain_file, key) for key in ("stream", "python_rng", "numpy_rng") if not isinstance(plain, dict) or key not in plain]
-        problems += [(tensor_file, key) for key in ("torch_rng", "numpy_keys") if not isinstance(tensors, dict) or key not in tensors]
+        problems = [
+            (trainer_file, key)
+            for key in ("step", "scheduler")
+            if not isinstance(trainer_state, dict) or key not in trainer_state
+        ]
+        problems += [
+            (plain_file, key)
+            for key in ("stream", "python_rng", "numpy_rng")
+            if not isinstance(plain, dict) or key not in plain
+        ]
+        problems += [
+            (tensor_file, key)
+            for key in ("torch_rng", "numpy_keys")
+            if not isinstance(tensors, dict) or key not in tensors
+        ]
         if problems:
             file, key = problems[0]
             raise CheckpointUnusable(f"{file} has no {key!r} (written by another version of the trainer?)")
@@ -386,7 +430,11 @@ class Checkpointer:
             dcp.load(state, storage_reader=_safe_reader(path))
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             detail = [line for line in str(error).splitlines() if line.strip()][-1].strip()
-            hint = " (a checkpoint of another model shape?)" if "size" in detail.lower() or "mismatch" in detail.lower() else ""
+            hint = (
+                " (a checkpoint of another model shape?)"
+                if "size" in detail.lower() or "mismatch" in detail.lower()
+                else ""
+            )
             raise CheckpointUnusable(f"{path}: it does not fit this model{hint}: {detail}") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         scheduler.load_state_dict(trainer_state["scheduler"])
@@ -401,9 +449,16 @@ def _rank_state(stream) -> tuple[dict, dict]:
 
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = numpy.random.get_state()
-    plain = {"stream": stream.state_dict(), "python_rng": [version, list(internal), gauss],
-             "numpy_rng": {"name": name, "position": int(position), "has_gauss": int(has_gauss),
-                           "cached_gaussian": float(cached)}}
+    plain = {
+        "stream": stream.state_dict(),
+        "python_rng": [version, list(internal), gauss],
+        "numpy_rng": {
+            "name": name,
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
     tensors = {"torch_rng": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(numpy.int64))}
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -416,8 +471,15 @@ def _set_rng_state(plain: dict, tensors: dict) -> None:
     version, internal, gauss = plain["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     state = plain["numpy_rng"]
-    numpy.random.set_state((state["name"], tensors["numpy_keys"].numpy().astype(numpy.uint32), state["position"],
-                            state["has_gauss"], state["cached_gaussian"]))
+    numpy.random.set_state(
+        (
+            state["name"],
+            tensors["numpy_keys"].numpy().astype(numpy.uint32),
+            state["position"],
+            state["has_gauss"],
+            state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(tensors["torch_rng"])
     if "cuda_rng" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(tensors["cuda_rng"])
@@ -434,6 +496,7 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 @dataclass
 class _StepResult:
@@ -456,10 +519,21 @@ class Trainer:
     they are evaluated every ``train.eval_every`` steps and after the last step.
     """
 
-    def __init__(self, config: Config, objective: torch.nn.Module, count: Callable[[dict], object], stream,
-                 *, rank: int, world: int, device: torch.device, flops_per_token: Callable[[int], float],
-                 output_dir: Path | None = None, name: str = "train",
-                 evaluation: Callable[[], object] | None = None):
+    def __init__(
+        self,
+        config: Config,
+        objective: torch.nn.Module,
+        count: Callable[[dict], object],
+        stream,
+        *,
+        rank: int,
+        world: int,
+        device: torch.device,
+        flops_per_token: Callable[[int], float],
+        output_dir: Path | None = None,
+        name: str = "train",
+        evaluation: Callable[[], object] | None = None,
+    ):
         self.config, self.objective, self.count, self.stream = config, objective, count, stream
         self.rank, self.world, self.device = rank, world, device
         self.flops_per_token = flops_per_token
@@ -471,14 +545,17 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.params, device)
         self._grad_norms: list[torch.Tensor] | None = None  # step_in_backward's, while run() runs
         if config.optim.step_in_backward and world > 1:
-            raise ValueError(f"config: optim.step_in_backward runs on one process (FSDP2 reduces gradients after "
-                             f"backward), got {world} processes")
+            raise ValueError(
+                f"config: optim.step_in_backward runs on one process (FSDP2 reduces gradients after "
+                f"backward), got {world} processes"
+            )
         self.autocast = compute_context(config, world, device)
         optim = config.optim
         steps = config.train.steps
         warmup = optim.warmup_steps or int(optim.warmup_ratio * steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, steps, warmup, optim.schedule, optim.min_lr_ratio))
+            self.optimizer, lambda s: lr_multiplier(s, steps, warmup, optim.schedule, optim.min_lr_ratio)
+        )
         self.checkpointer = Checkpointer(self.output_dir / "checkpoints", config.train.keep_last, rank)
         self.history: list[dict[str, float]] = []
         self.metric_names: list[str] | None = None
@@ -516,9 +593,20 @@ class Trainer:
             extras = " ".join(f"{k}={v:.4g}" for k, v in record.items() if "/" in k)
             mfu = f" mfu={record['mfu']:.1%}" if record.get("mfu") is not None else ""
             memory = f" mem={record['peak_mem_gb']:.1f}GB" if record.get("peak_mem_gb") is not None else ""
-            logger.info("%s step %d/%d loss=%.4f lr=%.3g grad_norm=%.3g tokens/s=%.0f tflops=%.3g%s%s %s",
-                        self.name, record["step"], self.config.train.steps, record["loss"], record["lr"],
-                        record["grad_norm"], record["tokens_per_s"], record["tflops"], mfu, memory, extras)
+            logger.info(
+                "%s step %d/%d loss=%.4f lr=%.3g grad_norm=%.3g tokens/s=%.0f tflops=%.3g%s%s %s",
+                self.name,
+                record["step"],
+                self.config.train.steps,
+                record["loss"],
+                record["lr"],
+                record["grad_norm"],
+                record["tokens_per_s"],
+                record["tflops"],
+                mfu,
+                memory,
+                extras,
+            )
 
     def _resume(self) -> int:
         """Load the newest usable checkpoint (falling back past unusable ones); the step it ends."""
@@ -529,15 +617,17 @@ class Trainer:
                 step = self.checkpointer.load(path, self.objective, self.optimizer, self.scheduler, self.stream)
             except CheckpointUnusable as error:
                 problems.append(str(error))
-                logger.warning("%s: checkpoint %s is unusable (%s); falling back to the one before it",
-                               self.name, path.name, error)
+                logger.warning(
+                    "%s: checkpoint %s is unusable (%s); falling back to the one before it", self.name, path.name, error
+                )
                 continue
             logger.info("%s: resumed from %s at step %d", self.name, path, step)
             self.num_tokens = json.loads((path / "trainer.json").read_text()).get("num_tokens", 0)
             return step
         if candidates:
-            raise TrainingError(f"cannot resume from any checkpoint in {self.checkpointer.directory}: "
-                                + "; ".join(problems))
+            raise TrainingError(
+                f"cannot resume from any checkpoint in {self.checkpointer.directory}: " + "; ".join(problems)
+            )
         logger.info("%s: no checkpoint in %s; starting at step 0", self.name, self.checkpointer.directory)
         return 0
 
@@ -557,8 +647,10 @@ class Trainer:
                 if number == len(lines):
                     logger.warning("%s: dropped the half-written last line of %s", self.name, path)
                     break
-                raise TrainingError(f"cannot resume: {path} line {number} is not a metrics record "
-                                    f"({line[:60]!r}); fix or delete that line") from None
+                raise TrainingError(
+                    f"cannot resume: {path} line {number} is not a metrics record "
+                    f"({line[:60]!r}); fix or delete that line"
+                ) from None
             if step <= start_step:
                 kept.append(line + "\n")
         temporary = path.with_name(path.name + ".tmp")
@@ -568,8 +660,10 @@ class Trainer:
     def run(self) -> list[dict[str, float]]:
         config = self.config
         if not config.train.resume and (found := previous_run(self.output_dir)):
-            raise TrainingError(f"{self.name}: {self.output_dir} already holds a run ({', '.join(p.name for p in found)}); "
-                                f"set train.resume or train.overwrite")
+            raise TrainingError(
+                f"{self.name}: {self.output_dir} already holds a run ({', '.join(p.name for p in found)}); "
+                f"set train.resume or train.overwrite"
+            )
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -589,14 +683,18 @@ class Trainer:
                 self._train_step(step, batches)
                 last = step == config.train.steps
                 saving = bool(config.train.save_every) and step % config.train.save_every == 0 and not last
-                evaluating = self.evaluation is not None and bool(config.train.eval_every) and (
-                    step % config.train.eval_every == 0 or last)
+                evaluating = (
+                    self.evaluation is not None
+                    and bool(config.train.eval_every)
+                    and (step % config.train.eval_every == 0 or last)
+                )
                 evaluated = {step: self.evaluate()} if evaluating else None
                 if step % config.train.log_every == 0 or last or saving or evaluating:
                     self._flush(evaluated)
                 if saving:
-                    self.checkpointer.save(step, self.objective, self.optimizer, self.scheduler, self.stream,
-                                           self.num_tokens)
+                    self.checkpointer.save(
+                        step, self.objective, self.optimizer, self.scheduler, self.stream, self.num_tokens
+                    )
         except KeyboardInterrupt:
             self._flush()  # the steps that finished are kept in metrics.jsonl
             raise TrainingInterrupted(self.name, step, self.checkpointer.latest()) from None
@@ -614,8 +712,10 @@ class Trainer:
     def _train_step(self, step: int, batches) -> None:
         """One optimizer step; nothing here waits for the device (the results stay tensors)."""
         config = self.config
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
-                 for _ in range(config.train.grad_accum)]
+        micro = [
+            {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+            for _ in range(config.train.grad_accum)
+        ]
         counts = [torch.as_tensor(self.count(batch), dtype=torch.float32, device=self.device) for batch in micro]
         items = all_reduce_sum(torch.stack(counts).sum())
         scale = self.world / items.clamp(min=1.0)
@@ -629,8 +729,11 @@ class Trainer:
             self.metric_names = list(totals.metrics)
         lr = self.scheduler.get_last_lr()[0]
         if self._grad_norms is not None:  # step_in_backward: every parameter was updated in backward
-            grad_norm = torch.linalg.vector_norm(torch.stack(self._grad_norms)) if self._grad_norms else \
-                torch.zeros((), device=self.device)
+            grad_norm = (
+                torch.linalg.vector_norm(torch.stack(self._grad_norms))
+                if self._grad_norms
+                else torch.zeros((), device=self.device)
+            )
             self._grad_norms.clear()
         else:
             clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
@@ -641,9 +744,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         sums = all_reduce_sum(totals.vector(self.metric_names))
         self.scheduler.step()
-        self._pending.append(_StepResult(step, lr, torch.cat([sums, grad_norm.detach().double().reshape(1)]),
-                                         sum(batch["input_ids"].numel() for batch in micro),
-                                         micro[0]["input_ids"].shape[-1]))
+        self._pending.append(
+            _StepResult(
+                step,
+                lr,
+                torch.cat([sums, grad_norm.detach().double().reshape(1)]),
+                sum(batch["input_ids"].numel() for batch in micro),
+                micro[0]["input_ids"].shape[-1],
+            )
+        )
         if self._bar is not None:
             self._bar.update(1)
 
@@ -666,7 +775,9 @@ class Trainer:
         names = list(totals.metrics)
         values = all_reduce_sum(totals.vector(names)).tolist()  # waits for the device
         means = _Totals.means(values, names)
-        record = {f"eval/{key}": value for key, value in means.items() if key not in ("num_tokens", "packing_efficiency")}
+        record = {
+            f"eval/{key}": value for key, value in means.items() if key not in ("num_tokens", "packing_efficiency")
+        }
         logger.info("%s eval: %s", self.name, " ".join(f"{k}={v:.4g}" for k, v in record.items()))
         return record
 
@@ -689,16 +800,27 @@ class Trainer:
             means = _Totals.means(sums, self.metric_names)
             loss = means.pop("loss")
             if not math.isfinite(loss):
-                raise TrainingError(f"{self.name}: loss is {loss} at step {result.step}; stopped without saving. "
-                                    f"Last good checkpoint: {self.checkpointer.latest() or 'none'}")
+                raise TrainingError(
+                    f"{self.name}: loss is {loss} at step {result.step}; stopped without saving. "
+                    f"Last good checkpoint: {self.checkpointer.latest() or 'none'}"
+                )
             self.num_tokens += int(means.pop("num_tokens"))
             tokens_per_s = result.tokens * self.world / seconds
             tflops = self.flops_per_token(result.seq_len) * tokens_per_s / 1e12
-            record = {"step": result.step, "loss": loss, "lr": result.lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "tflops": tflops,
-                      "mfu": tflops / self.world / self.peak_tflops if self.peak_tflops else None,
-                      "peak_mem_gb": peak, "seconds": seconds, "num_tokens": self.num_tokens, **means,
-                      **(evaluated or {}).get(result.step, {})}
+            record = {
+                "step": result.step,
+                "loss": loss,
+                "lr": result.lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "tflops": tflops,
+                "mfu": tflops / self.world / self.peak_tflops if self.peak_tflops else None,
+                "peak_mem_gb": peak,
+                "seconds": seconds,
+                "num_tokens": self.num_tokens,
+                **means,
+                **(evaluated or {}).get(result.step, {}),
+            }
             self._log(record)
 
 
@@ -736,9 +858,15 @@ class _Totals:
     def vector(self, names: list[str]) -> torch.Tensor:
         """[items, loss, tokens, token slots, sum and count of each of ``names``] (float64, on the device)."""
         pairs = [part for name in names for part in self.metrics[name]]
-        return torch.stack([self.items, self.loss, self.tokens, self.slots, *(torch.as_tensor(p, dtype=torch.float64,
-                                                                                   device=self.items.device)
-                                                                   for p in pairs)])
+        return torch.stack(
+            [
+                self.items,
+                self.loss,
+                self.tokens,
+                self.slots,
+                *(torch.as_tensor(p, dtype=torch.float64, device=self.items.device) for p in pairs),
+            ]
+        )
 
     @staticmethod
     def means(values: list[float], names: list[str]) -> dict[str, float]:

@@ -34,8 +34,20 @@ from .registry import METHODS, MergeMethod, Parameter, get_method, register
 from .slerp import SLERP_DOT_THRESHOLD, slerp
 from .task_arithmetic import ties_merge
 
-__all__ = ["METHODS", "MergeMethod", "Parameter", "SLERP_DOT_THRESHOLD", "get_method", "linear_merge", "merge",
-           "merge_from_yaml", "merge_kwargs", "register", "slerp", "ties_merge"]
+__all__ = [
+    "METHODS",
+    "MergeMethod",
+    "Parameter",
+    "SLERP_DOT_THRESHOLD",
+    "get_method",
+    "linear_merge",
+    "merge",
+    "merge_from_yaml",
+    "merge_kwargs",
+    "register",
+    "slerp",
+    "ties_merge",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,31 +56,47 @@ def merge_kwargs(recipe: Recipe) -> dict:
     """merge()'s keyword arguments for a parsed YAML (all but dst and the output options)."""
     where = recipe.path
     if recipe.merge_method == "passthrough":
-        raise ValueError(f"{where}: merge_method 'passthrough' stacks layers, which is depth up-scaling here: "
-                         f"run `solar upscale --config {where}`")
+        raise ValueError(
+            f"{where}: merge_method 'passthrough' stacks layers, which is depth up-scaling here: "
+            f"run `solar upscale --config {where}`"
+        )
     get_method(recipe.merge_method)
     slice_parameters = None
     if recipe.models is not None:
         sources = recipe.models
     else:
         if len(recipe.slices) != 1:
-            raise ValueError(f"{where}: slices: only one slice spanning all layers (a whole-model merge) is supported "
-                             f"for {recipe.merge_method}, got {len(recipe.slices)} slices; to stack layers use "
-                             f"merge_method: passthrough with `solar upscale --config`")
+            raise ValueError(
+                f"{where}: slices: only one slice spanning all layers (a whole-model merge) is supported "
+                f"for {recipe.merge_method}, got {len(recipe.slices)} slices; to stack layers use "
+                f"merge_method: passthrough with `solar upscale --config`"
+            )
         sources, slice_parameters = recipe.slices[0].sources, recipe.slices[0].parameters
         from ..checkpoint import CheckpointReader
 
         for i, source in enumerate(sources):
             layers = CheckpointReader(source.model).config.get("num_hidden_layers")
             if list(source.layer_range) != [0, layers]:
-                raise ValueError(f"{where}: slices[0].sources[{i}]: layer_range {list(source.layer_range)} is not "
-                                 f"supported: only whole-model merges are, i.e. [0, {layers}] for {source.model} "
-                                 f"({layers} layers)")
-    return dict(models=[s.model for s in sources], method=recipe.merge_method, base_model=recipe.base_model,
-                parameters=recipe.parameters, slice_parameters=slice_parameters,
-                model_parameters=[s.parameters for s in sources], dtype=recipe.dtype, out_dtype=recipe.out_dtype,
-                compute_dtype=recipe.compute_dtype, tokenizer_source=recipe.tokenizer_source,
-                pad_to_multiple_of=recipe.pad_to_multiple_of, tokens=recipe.tokens, recipe=recipe.text)
+                raise ValueError(
+                    f"{where}: slices[0].sources[{i}]: layer_range {list(source.layer_range)} is not "
+                    f"supported: only whole-model merges are, i.e. [0, {layers}] for {source.model} "
+                    f"({layers} layers)"
+                )
+    return dict(
+        models=[s.model for s in sources],
+        method=recipe.merge_method,
+        base_model=recipe.base_model,
+        parameters=recipe.parameters,
+        slice_parameters=slice_parameters,
+        model_parameters=[s.parameters for s in sources],
+        dtype=recipe.dtype,
+        out_dtype=recipe.out_dtype,
+        compute_dtype=recipe.compute_dtype,
+        tokenizer_source=recipe.tokenizer_source,
+        pad_to_multiple_of=recipe.pad_to_multiple_of,
+        tokens=recipe.tokens,
+        recipe=recipe.text,
+    )
 
 
 def merge_from_yaml(
@@ -93,5 +121,12 @@ def merge_from_yaml(
             if kwargs[key] is not None and str(kwargs[key]) != str(value):
                 logger.info("%s %s (given) overrides %s from %s", key, value, kwargs[key], recipe.path)
             kwargs[key] = value
-    return merge(dst=dst, force=force, max_shard_size=max_shard_size, progress=progress, seed=seed,
-                 allow_crimes=allow_crimes, **kwargs)
+    return merge(
+        dst=dst,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        seed=seed,
+        allow_crimes=allow_crimes,
+        **kwargs,
+    )

@@ -44,8 +44,18 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-TOP_KEYS = ("merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "compute_dtype",
-            "tokenizer_source", "tokenizer")
+TOP_KEYS = (
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "compute_dtype",
+    "tokenizer_source",
+    "tokenizer",
+)
 TOKENIZER_KEYS = ("source", "pad_to_multiple_of", "tokens")
 # mergekit keys this package does not implement, and what to do instead.
 REFUSED_KEYS = {
@@ -55,8 +65,10 @@ REFUSED_KEYS = {
 SLICE_KEYS = ("sources", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODEL_KEYS = ("model", "parameters")
-SLICE_REFUSED = {"base_model": "a per-slice base_model is not supported; give base_model at the top level",
-                 "residual_weight": "residual_weight is not supported"}
+SLICE_REFUSED = {
+    "base_model": "a per-slice base_model is not supported; give base_model at the top level",
+    "residual_weight": "residual_weight is not supported",
+}
 
 
 @dataclass
@@ -104,8 +116,9 @@ def _keys(where: str, data, allowed: tuple[str, ...], refused: dict[str, str] | 
     return data
 
 
-def _entries(path: Path, data: dict, key: str, allowed: tuple[str, ...],
-             refused: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
+def _entries(
+    path: Path, data: dict, key: str, allowed: tuple[str, ...], refused: dict[str, str] | None = None
+) -> Iterator[tuple[str, dict]]:
     """(where, entry) for each entry of the list ``data[key]``, each entry's keys checked as it is
     reached (so the errors come in the file's order)."""
     entries = data[key]
@@ -123,19 +136,28 @@ def resolve_model(where: str, model, yaml_directory: Path | None = None) -> Path
     if not isinstance(model, str) or not model:
         raise ValueError(f"{where}: a model must be a checkpoint directory path, got {model!r}")
     if "+" in model and not Path(model).expanduser().is_dir():
-        raise ValueError(f"{where}: model {model!r}: LoRA references (model+lora) are not supported; merge the "
-                         f"adapter into the model first")
+        raise ValueError(
+            f"{where}: model {model!r}: LoRA references (model+lora) are not supported; merge the "
+            f"adapter into the model first"
+        )
     resolved = Path(model).expanduser()
     beside = yaml_directory / resolved if yaml_directory is not None and not resolved.is_absolute() else None
     if not resolved.is_dir() and beside is not None and beside.is_dir():
-        logger.warning("%s: model %r is not in the working directory; using %s beside the YAML file (mergekit "
-                       "reads relative paths from the working directory only)", where, model, beside)
+        logger.warning(
+            "%s: model %r is not in the working directory; using %s beside the YAML file (mergekit "
+            "reads relative paths from the working directory only)",
+            where,
+            model,
+            beside,
+        )
         return beside
     if not resolved.is_dir():
-        raise ValueError(f"{where}: model {model!r} resolves to {resolved.absolute()}, which is not a directory "
-                         f"(relative paths are taken from the working directory, as mergekit does); only local "
-                         f"checkpoint directories are read (download Hub models first, e.g. "
-                         f"`huggingface-cli download {model} --local-dir DIR`)")
+        raise ValueError(
+            f"{where}: model {model!r} resolves to {resolved.absolute()}, which is not a directory "
+            f"(relative paths are taken from the working directory, as mergekit does); only local "
+            f"checkpoint directories are read (download Hub models first, e.g. "
+            f"`huggingface-cli download {model} --local-dir DIR`)"
+        )
     return resolved
 
 
@@ -167,11 +189,15 @@ def read_recipe(config_path) -> Recipe:
     method = data.get("merge_method")
     if not isinstance(method, str):
         raise ValueError(f"{path}: merge_method must name a merge method, got {method!r}")
-    recipe = Recipe(path=path, text=text, merge_method=method,
-                    parameters=_parameters(f"{path}: parameters", data.get("parameters")),
-                    dtype=_dtype(f"{path}: dtype", data.get("dtype")),
-                    out_dtype=_dtype(f"{path}: out_dtype", data.get("out_dtype")),
-                    compute_dtype=_dtype(f"{path}: compute_dtype", data.get("compute_dtype")))
+    recipe = Recipe(
+        path=path,
+        text=text,
+        merge_method=method,
+        parameters=_parameters(f"{path}: parameters", data.get("parameters")),
+        dtype=_dtype(f"{path}: dtype", data.get("dtype")),
+        out_dtype=_dtype(f"{path}: out_dtype", data.get("out_dtype")),
+        compute_dtype=_dtype(f"{path}: compute_dtype", data.get("compute_dtype")),
+    )
     source = data.get("tokenizer_source")
     if data.get("tokenizer") is not None:
         if source is not None:
@@ -185,20 +211,30 @@ def read_recipe(config_path) -> Recipe:
         if block.get("tokens") is not None:
             from .tokenizer import parse_tokens
 
-            recipe.tokens = parse_tokens(f"{path}: tokenizer: tokens", block["tokens"],
-                                         lambda where, model: resolve_model(where, model, path.parent))
+            recipe.tokens = parse_tokens(
+                f"{path}: tokenizer: tokens",
+                block["tokens"],
+                lambda where, model: resolve_model(where, model, path.parent),
+            )
     if source is not None:
-        recipe.tokenizer_source = source if source in ("base", "union") else resolve_model(
-            f"{path}: tokenizer_source", source, path.parent)
+        recipe.tokenizer_source = (
+            source if source in ("base", "union") else resolve_model(f"{path}: tokenizer_source", source, path.parent)
+        )
     if data.get("base_model") is not None:
         recipe.base_model = resolve_model(f"{path}: base_model", data["base_model"], path.parent)
     if ("models" in data) == ("slices" in data) or not (data.get("models") or data.get("slices")):
-        raise ValueError(f"{path}: give exactly one of models or slices (a non-empty list), got "
-                         f"{'both' if 'models' in data and 'slices' in data else 'neither'}")
+        raise ValueError(
+            f"{path}: give exactly one of models or slices (a non-empty list), got "
+            f"{'both' if 'models' in data and 'slices' in data else 'neither'}"
+        )
     if data.get("models"):
-        recipe.models = [Source(resolve_model(where, entry.get("model"), path.parent),
-                                parameters=_parameters(where, entry.get("parameters")))
-                         for where, entry in _entries(path, data, "models", MODEL_KEYS)]
+        recipe.models = [
+            Source(
+                resolve_model(where, entry.get("model"), path.parent),
+                parameters=_parameters(where, entry.get("parameters")),
+            )
+            for where, entry in _entries(path, data, "models", MODEL_KEYS)
+        ]
     else:
         recipe.slices = []
         for where, layer_slice in _entries(path, data, "slices", SLICE_KEYS, SLICE_REFUSED):
@@ -210,10 +246,18 @@ def read_recipe(config_path) -> Recipe:
                 source_where = f"{where}.sources[{i}]"
                 source = _keys(source_where, source, SOURCE_KEYS)
                 layer_range = source.get("layer_range")
-                if not (isinstance(layer_range, list) and len(layer_range) == 2
-                        and all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)):
+                if not (
+                    isinstance(layer_range, list)
+                    and len(layer_range) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+                ):
                     raise ValueError(f"{source_where}: layer_range must be [start, end], got {layer_range!r}")
-                parsed.append(Source(resolve_model(source_where, source.get("model"), path.parent), tuple(layer_range),
-                                     _parameters(source_where, source.get("parameters"))))
+                parsed.append(
+                    Source(
+                        resolve_model(source_where, source.get("model"), path.parent),
+                        tuple(layer_range),
+                        _parameters(source_where, source.get("parameters")),
+                    )
+                )
             recipe.slices.append(LayerSlice(parsed, _parameters(where, layer_slice.get("parameters"))))
     return recipe

@@ -67,17 +67,22 @@ def check_architectures(readers: Sequence[CheckpointReader], allow_crimes: bool)
     for reader in readers[1:]:
         for key in ARCHITECTURE_KEYS:
             if reader.config.get(key) != first.config.get(key):
-                message = (f"models of different architectures: {key} {first.config.get(key)!r} in {first.path} vs "
-                           f"{reader.config.get(key)!r} in {reader.path}")
+                message = (
+                    f"models of different architectures: {key} {first.config.get(key)!r} in {first.path} vs "
+                    f"{reader.config.get(key)!r} in {reader.path}"
+                )
                 if not allow_crimes:
-                    raise ValueError(f"{message}; pass allow_crimes=True / --allow-crimes to merge them anyway "
-                                     f"(as mergekit's --allow-crimes)")
+                    raise ValueError(
+                        f"{message}; pass allow_crimes=True / --allow-crimes to merge them anyway "
+                        f"(as mergekit's --allow-crimes)"
+                    )
                 logger.warning("%s (allowed: allow_crimes)", message)
                 return
 
 
-def _check_same_tensors(reference: CheckpointReader, others: Sequence[CheckpointReader],
-                        any_rows: Sequence[str] = ()) -> None:
+def _check_same_tensors(
+    reference: CheckpointReader, others: Sequence[CheckpointReader], any_rows: Sequence[str] = ()
+) -> None:
     """Every source has the reference's tensor names, shapes (any row count for the tensors in
     ``any_rows``) and float-ness (headers only)."""
     names = reference.names()
@@ -87,8 +92,11 @@ def _check_same_tensors(reference: CheckpointReader, others: Sequence[Checkpoint
         for name in names:
             if name not in reader:
                 raise CheckpointError(f"model {reader.path} has no tensor {name!r}, which {reference.path} has")
-            if (reader.shape(name) != reference.shape(name) if name not in any_rows
-                    else tuple(reader.shape(name))[1:] != tuple(reference.shape(name))[1:]):
+            if (
+                reader.shape(name) != reference.shape(name)
+                if name not in any_rows
+                else tuple(reader.shape(name))[1:] != tuple(reference.shape(name))[1:]
+            ):
                 raise CheckpointError(
                     f"model {reader.path}: tensor {name!r} has shape {list(reader.shape(name))}, "
                     f"expected {list(reference.shape(name))} as in {reference.path}"
@@ -100,8 +108,9 @@ def _check_same_tensors(reference: CheckpointReader, others: Sequence[Checkpoint
                 )
         extra = [name for name in reader.names() if name not in reference]
         if extra:
-            raise CheckpointError(f"model {reader.path} has tensor {extra[0]!r}, which {reference.path} lacks "
-                                  f"({len(extra)} such tensors)")
+            raise CheckpointError(
+                f"model {reader.path} has tensor {extra[0]!r}, which {reference.path} lacks ({len(extra)} such tensors)"
+            )
 
 
 def _check_levels(method: MergeMethod, parameters, slice_parameters, model_parameters, count: int):
@@ -112,9 +121,13 @@ def _check_levels(method: MergeMethod, parameters, slice_parameters, model_param
     if model_parameters is None:
         model_parameters = [None] * count
     if isinstance(model_parameters, Mapping) or len(model_parameters) != count:
-        raise ValueError(f"model_parameters must be one mapping (or None) per model ({count}), got {model_parameters!r}")
-    per_model = [check_parameters(f"models[{i}] parameters", level, method.tensor_parameter_names(), method.name)
-                 for i, level in enumerate(model_parameters)]
+        raise ValueError(
+            f"model_parameters must be one mapping (or None) per model ({count}), got {model_parameters!r}"
+        )
+    per_model = [
+        check_parameters(f"models[{i}] parameters", level, method.tensor_parameter_names(), method.name)
+        for i, level in enumerate(model_parameters)
+    ]
     return top, in_slice, per_model
 
 
@@ -122,8 +135,13 @@ def _legacy_parameters(method: MergeMethod, count: int, weights, t, density, nor
     """merge()'s keyword arguments as a top-level dict and per-model dicts (only those given)."""
     top: dict = {}
     per_model: list[dict] = [{} for _ in range(count)]
-    given = {"weights": weights is not None, "t": t is not None, "density": density is not None,
-             "normalize": normalize is not None, "lambda_": lambda_ is not None}
+    given = {
+        "weights": weights is not None,
+        "t": t is not None,
+        "density": density is not None,
+        "normalize": normalize is not None,
+        "lambda_": lambda_ is not None,
+    }
     owner = {"weights": "weight", "t": "t", "density": "density", "normalize": "normalize", "lambda_": "lambda"}
     names = method.parameter_names() + method.tensor_parameter_names()
     for argument, is_given in given.items():
@@ -200,26 +218,33 @@ def merge(
     resolved = [m.resolve() for m in models]
     for i, model in enumerate(resolved):
         if model in resolved[:i]:
-            logger.warning("model %s is listed twice: each entry is merged as a model of its own (mergekit keeps "
-                           "one entry per model)", models[i])
+            logger.warning(
+                "model %s is listed twice: each entry is merged as a model of its own (mergekit keeps "
+                "one entry per model)",
+                models[i],
+            )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if base_model is not None:
         base_model = Path(base_model)
         if spec.base_model == "none":
-            raise ValueError(f"base_model does not apply to {method} merges (every listed model is merged), "
-                             f"got {str(base_model)!r}")
+            raise ValueError(
+                f"base_model does not apply to {method} merges (every listed model is merged), got {str(base_model)!r}"
+            )
     elif spec.base_model == "required":
         raise ValueError(f"method {method!r} needs base_model (the model the task vectors are taken from), got None")
 
     # The base listed among the models is the base (mergekit); per-model values given for it are dropped.
     shorthand_count = len(models)
     if model_parameters is not None and (isinstance(model_parameters, Mapping) or len(model_parameters) != len(models)):
-        raise ValueError(f"model_parameters must be one mapping (or None) per model ({len(models)}), "
-                         f"got {model_parameters!r}")
+        raise ValueError(
+            f"model_parameters must be one mapping (or None) per model ({len(models)}), got {model_parameters!r}"
+        )
     legacy_top, legacy_per_model = _legacy_parameters(spec, shorthand_count, weights, t, density, normalize, lambda_)
     model_levels = list(model_parameters) if model_parameters is not None else [None] * len(models)
-    model_levels = [{**(legacy or {}), **(given or {})} or None for legacy, given in zip(legacy_per_model, model_levels)]
+    model_levels = [
+        {**(legacy or {}), **(given or {})} or None for legacy, given in zip(legacy_per_model, model_levels)
+    ]
     if base_model is None and spec.base_model == "first":
         base_model = models[0]  # slerp: the first model is the t = 0 end
         models, model_levels = models[1:], model_levels[1:]
@@ -228,12 +253,12 @@ def merge(
         models, model_levels = [models[i] for i in keep], [model_levels[i] for i in keep]
     count = len(models)
     if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
-        wanted = (f"exactly {spec.min_models}" if spec.min_models == spec.max_models
-                  else f"{spec.min_models} or more")
+        wanted = f"exactly {spec.min_models}" if spec.min_models == spec.max_models else f"{spec.min_models} or more"
         besides = f" besides the base model {base_model}" if base_model is not None else ""
         raise ValueError(f"{method} merges {wanted} model(s){besides}, got {count}: {[str(m) for m in models]}")
-    top, in_slice, per_model = _check_levels(spec, {**legacy_top, **(parameters or {})}, slice_parameters,
-                                             model_levels, count)
+    top, in_slice, per_model = _check_levels(
+        spec, {**legacy_top, **(parameters or {})}, slice_parameters, model_levels, count
+    )
 
     load_dtype = parse_dtype(dtype)
     store_dtype = parse_dtype(out_dtype)
@@ -250,8 +275,9 @@ def merge(
     check_architectures([reference, *readers], allow_crimes)
     for option, value in (("pad_to_multiple_of", pad_to_multiple_of), ("tokens", tokens)):
         if value is not None and tokenizer_source is None:
-            raise ValueError(f"{option} applies with tokenizer_source only, got {option} {value!r} and no "
-                             f"tokenizer_source")
+            raise ValueError(
+                f"{option} applies with tokenizer_source only, got {option} {value!r} and no tokenizer_source"
+            )
     vocabulary_names = [n for n in VOCABULARY_TENSORS if n in reference] if tokenizer_source is not None else []
     _check_same_tensors(reference, readers, vocabulary_names)
     names = reference.names()
@@ -259,8 +285,9 @@ def merge(
     side_files_from = reference.path
     vocabulary: TokenizerPlan | None = None
     if tokenizer_source is not None:
-        vocabulary = tokenizer_plan("tokenizer_source", tokenizer_source, every_reader, base_model,
-                                    pad_to_multiple_of, tokens)
+        vocabulary = tokenizer_plan(
+            "tokenizer_source", tokenizer_source, every_reader, base_model, pad_to_multiple_of, tokens
+        )
         vocabulary.row_sources([r.path for r in every_reader], base_model)  # tokens: rules checked now
         side_files_from = vocabulary.donor
 
@@ -274,8 +301,9 @@ def merge(
         for p in spec.parameters:
             value = resolve(p.name, (in_slice, top), name, position, p.default)
             if value is REQUIRED:
-                raise ValueError(f"{method} needs parameter {p.name} for tensor {name} (give parameters: "
-                                 f"{{{p.name}: ...}})")
+                raise ValueError(
+                    f"{method} needs parameter {p.name} for tensor {name} (give parameters: {{{p.name}: ...}})"
+                )
             values[p.name] = p.check(f"tensor {name}", value)
         model_values = []
         for i, own in enumerate(per_model):
@@ -287,8 +315,10 @@ def merge(
                 entry[p.name] = p.check(f"model {models[i]}, tensor {name}", value)
             model_values.append(entry)
         if spec.name == "linear" and values["normalize"] and sum(e["weight"] for e in model_values) == 0:
-            raise ValueError(f"linear: the weights of tensor {name} sum to 0, which normalize: true divides by; "
-                             f"got {[e['weight'] for e in model_values]}")
+            raise ValueError(
+                f"linear: the weights of tensor {name} sum to 0, which normalize: true divides by; "
+                f"got {[e['weight'] for e in model_values]}"
+            )
         plan[name] = (values, model_values)
 
     def stored_dtype(name: str, computed: torch.dtype) -> torch.dtype:
@@ -315,8 +345,15 @@ def merge(
         set_config_dtype(config, store_dtype or load_dtype)
     if vocabulary is not None:
         config["vocab_size"] = vocabulary.rows
-    logger.info("%s merge of %s%s into %s (%d tensors, %.2f GB)", method, ", ".join(map(str, models)),
-                f" on base {base_model}" if base is not None else "", dst, len(names), expected_bytes / 1e9)
+    logger.info(
+        "%s merge of %s%s into %s (%d tensors, %.2f GB)",
+        method,
+        ", ".join(map(str, models)),
+        f" on base {base_model}" if base is not None else "",
+        dst,
+        len(names),
+        expected_bytes / 1e9,
+    )
 
     def merged_tensor(name: str) -> torch.Tensor:
         if not reference.dtype(name).is_floating_point:
@@ -334,9 +371,10 @@ def merge(
         tensors = [load(reader) for reader in readers]
         base_tensor = load(base) if base is not None else None
         if name in vocabulary_names:  # rows in the output vocabulary, as mergekit (base last, as it lists it)
-            rebuilt = vocabulary.rebuild([*tensors, *([base_tensor] if base is not None else [])],
-                                         [r.path for r in every_reader], base_model)
-            tensors, base_tensor = rebuilt[:len(tensors)], (rebuilt[-1] if base is not None else None)
+            rebuilt = vocabulary.rebuild(
+                [*tensors, *([base_tensor] if base is not None else [])], [r.path for r in every_reader], base_model
+            )
+            tensors, base_tensor = rebuilt[: len(tensors)], (rebuilt[-1] if base is not None else None)
         merged = spec.combine(base_tensor, tensors, values, model_values, generator)
         return merged.to(stored_dtype(name, computed_dtype(name)))
 
@@ -347,20 +385,49 @@ def merge(
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc=f"{method} merge", unit="tensor")
-    card_recipe = recipe or _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype,
-                                    tokenizer_source, pad_to_multiple_of, tokens)
+    card_recipe = recipe or _recipe(
+        method,
+        models,
+        base_model,
+        top,
+        per_model,
+        dtype,
+        out_dtype,
+        compute_dtype,
+        tokenizer_source,
+        pad_to_multiple_of,
+        tokens,
+    )
     copied = write_hf_directory(
-        dst, ((name, merged_tensor(name)) for name in iterator), config,
-        config_source=str(reference.path / "config.json"), side_files_from=side_files_from,
-        max_shard_size=max_shard_size, force=force, expected_bytes=expected_bytes, tool="merge",
-        finish=lambda tmp: _finish(tmp, vocabulary, lambda: write_card(
-            tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=card_recipe)))
+        dst,
+        ((name, merged_tensor(name)) for name in iterator),
+        config,
+        config_source=str(reference.path / "config.json"),
+        side_files_from=side_files_from,
+        max_shard_size=max_shard_size,
+        force=force,
+        expected_bytes=expected_bytes,
+        tool="merge",
+        finish=lambda tmp: _finish(
+            tmp,
+            vocabulary,
+            lambda: write_card(
+                tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=card_recipe
+            ),
+        ),
+    )
     logger.info("wrote %s: config.json, README.md%s", dst, "".join(f", {name}" for name in copied))
     return dst
 
 
-def tokenizer_plan(where: str, tokenizer_source, readers: Sequence[CheckpointReader], base_model: PathLike | None,
-                   pad_to_multiple_of: int | None, tokens: Mapping | None = None) -> TokenizerPlan:
+def tokenizer_plan(
+    where: str,
+    tokenizer_source,
+    readers: Sequence[CheckpointReader],
+    base_model: PathLike | None,
+    pad_to_multiple_of: int | None,
+    tokens: Mapping | None = None,
+) -> TokenizerPlan:
     """``tokenizer.plan_tokenizer`` for checkpoints (their config vocab_size and embedding rows)."""
     embedding = VOCABULARY_TENSORS[0]
     sizes = {r.path.resolve(): r.config.get("vocab_size") for r in readers}
@@ -368,11 +435,21 @@ def tokenizer_plan(where: str, tokenizer_source, readers: Sequence[CheckpointRea
     for reader in readers:
         for name in VOCABULARY_TENSORS[1:]:
             if name in reader and embedding in reader and reader.shape(name)[0] != reader.shape(embedding)[0]:
-                raise ValueError(f"{where}: {reader.path}: {name} has {reader.shape(name)[0]} rows but {embedding} "
-                                 f"{reader.shape(embedding)[0]}; expected one row per token in both")
+                raise ValueError(
+                    f"{where}: {reader.path}: {name} has {reader.shape(name)[0]} rows but {embedding} "
+                    f"{reader.shape(embedding)[0]}; expected one row per token in both"
+                )
     models = [r.path for r in readers if base_model is None or r.path.resolve() != Path(base_model).resolve()]
-    return plan_tokenizer(where, tokenizer_source, models, Path(base_model) if base_model is not None else None,
-                          sizes, rows, pad_to_multiple_of, dict(tokens) if tokens is not None else None)
+    return plan_tokenizer(
+        where,
+        tokenizer_source,
+        models,
+        Path(base_model) if base_model is not None else None,
+        sizes,
+        rows,
+        pad_to_multiple_of,
+        dict(tokens) if tokens is not None else None,
+    )
 
 
 def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
@@ -381,24 +458,44 @@ def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
     card()
 
 
-def _recipe(method, models, base_model, top, per_model, dtype, out_dtype, compute_dtype, tokenizer_source,
-            pad_to_multiple_of=None, tokens=None) -> str:
+def _recipe(
+    method,
+    models,
+    base_model,
+    top,
+    per_model,
+    dtype,
+    out_dtype,
+    compute_dtype,
+    tokenizer_source,
+    pad_to_multiple_of=None,
+    tokens=None,
+) -> str:
     """A mergekit-style YAML recipe for a merge given as arguments."""
     import yaml
 
     def plain(value):
-        return [dict(filter=f, value=v) if f is not None else dict(value=v) for f, v in value] \
-            if isinstance(value, tuple) else value
+        return (
+            [dict(filter=f, value=v) if f is not None else dict(value=v) for f, v in value]
+            if isinstance(value, tuple)
+            else value
+        )
 
     recipe: dict = {"merge_method": method}
     if base_model is not None:
         recipe["base_model"] = str(base_model)
-    recipe["models"] = [{"model": str(m), **({"parameters": {k: plain(v) for k, v in p.items()}} if p else {})}
-                        for m, p in zip(models, per_model)]
+    recipe["models"] = [
+        {"model": str(m), **({"parameters": {k: plain(v) for k, v in p.items()}} if p else {})}
+        for m, p in zip(models, per_model)
+    ]
     if top:
         recipe["parameters"] = {k: plain(v) for k, v in top.items()}
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype), ("compute_dtype", compute_dtype),
-                       ("tokenizer_source", tokenizer_source)):
+    for key, value in (
+        ("dtype", dtype),
+        ("out_dtype", out_dtype),
+        ("compute_dtype", compute_dtype),
+        ("tokenizer_source", tokenizer_source),
+    ):
         if value is not None:
             recipe[key] = str(value).replace("torch.", "")
     if pad_to_multiple_of is not None or tokens:  # mergekit's tokenizer: block instead of tokenizer_source

@@ -29,8 +29,9 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], norm
     """sum_i w_i * tensors[i] (divided by sum_i w_i when ``normalize``), accumulated in fp32 (fp64
     for fp64 tensors) in the models' order, returned in the first tensor's dtype."""
     if len(tensors) == 0 or len(tensors) != len(weights):
-        raise ValueError(f"linear_merge: expected one weight per tensor, got {len(weights)} weights "
-                         f"for {len(tensors)} tensors")
+        raise ValueError(
+            f"linear_merge: expected one weight per tensor, got {len(weights)} weights for {len(tensors)} tensors"
+        )
     _check_same_shapes("linear_merge", tensors)
     first = tensors[0]
     accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -50,11 +51,13 @@ def _combine(base, tensors, params, model_params, generator):
     return linear_merge(tensors, [p["weight"] for p in model_params], params["normalize"])
 
 
-LINEAR = register(MergeMethod(
-    name="linear",
-    summary="weighted average of the models",
-    combine=_combine,
-    parameters=(Parameter("normalize", True, kind="bool"),),
-    tensor_parameters=(Parameter("weight", 1.0),),
-    reference="https://arxiv.org/abs/2203.05482",
-))
+LINEAR = register(
+    MergeMethod(
+        name="linear",
+        summary="weighted average of the models",
+        combine=_combine,
+        parameters=(Parameter("normalize", True, kind="bool"),),
+        tensor_parameters=(Parameter("weight", 1.0),),
+        reference="https://arxiv.org/abs/2203.05482",
+    )
+)

@@ -27,15 +27,18 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     offsets = [w - base_rows for w in model_rows]
     cosines = []
     for i, left in enumerate(offsets):
-        for right in offsets[i + 1:]:
+        for right in offsets[i + 1 :]:
             norms = torch.norm(left, dim=-1) * torch.norm(right, dim=-1)
             cosines.append(((left * right).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cosine = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     count = len(model_rows)
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
-    t = torch.where(singular, torch.zeros_like(cosine),
-                    (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator))
+    t = torch.where(
+        singular,
+        torch.zeros_like(cosine),
+        (count * cosine) / torch.where(singular, torch.ones_like(denominator), denominator),
+    )
     average = sum(model_rows) / count
     return (t * average + (1 - t) * base_rows).reshape(shape)
 
@@ -44,12 +47,14 @@ def _combine(base, tensors, params, model_params, generator):
     return model_stock(base, tensors, params["filter_wise"])
 
 
-MODEL_STOCK = register(MergeMethod(
-    name="model_stock",
-    summary="interpolate base and average by the task vectors' agreement",
-    combine=_combine,
-    parameters=(Parameter("filter_wise", False, kind="bool"),),
-    base_model="required",
-    min_models=2,
-    reference="https://arxiv.org/abs/2403.19522",
-))
+MODEL_STOCK = register(
+    MergeMethod(
+        name="model_stock",
+        summary="interpolate base and average by the task vectors' agreement",
+        combine=_combine,
+        parameters=(Parameter("filter_wise", False, kind="bool"),),
+        base_model="required",
+        min_models=2,
+        reference="https://arxiv.org/abs/2403.19522",
+    )
+)

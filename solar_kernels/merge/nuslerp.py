@@ -19,8 +19,9 @@ def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=eps)
 
 
-def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, *, row_wise: bool = False, flatten: bool = True,
-            eps: float = 1e-8) -> torch.Tensor:
+def nuslerp(
+    t: float, a: torch.Tensor, b: torch.Tensor, *, row_wise: bool = False, flatten: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     shape = a.shape
     if flatten:
         a, b = a.reshape(-1), b.reshape(-1)
@@ -46,13 +47,15 @@ def _combine(base, tensors, params, model_params, generator):
     return base + nuslerp(t, tensors[0] - base, tensors[1] - base, **options)
 
 
-NUSLERP = register(MergeMethod(
-    name="nuslerp",
-    summary="spherical interpolation by weights, of the models or of their task vectors",
-    combine=_combine,
-    parameters=(Parameter("nuslerp_row_wise", False, kind="bool"), Parameter("nuslerp_flatten", True, kind="bool")),
-    tensor_parameters=(Parameter("weight", 1.0),),
-    base_model="optional",
-    min_models=2,
-    max_models=2,
-))
+NUSLERP = register(
+    MergeMethod(
+        name="nuslerp",
+        summary="spherical interpolation by weights, of the models or of their task vectors",
+        combine=_combine,
+        parameters=(Parameter("nuslerp_row_wise", False, kind="bool"), Parameter("nuslerp_flatten", True, kind="bool")),
+        tensor_parameters=(Parameter("weight", 1.0),),
+        base_model="optional",
+        min_models=2,
+        max_models=2,
+    )
+)

@@ -42,8 +42,10 @@ def check_setting(where: str, value) -> Setting:
             return list(value)
         if all(isinstance(v, Mapping) for v in value):
             return tuple(_check_filter(f"{where}[{i}]", entry) for i, entry in enumerate(value))
-    raise ValueError(f"{where}: expected a number, a gradient (a non-empty list of numbers) or a list of "
-                     f"{{filter: ..., value: ...}} entries, got {value!r}")
+    raise ValueError(
+        f"{where}: expected a number, a gradient (a non-empty list of numbers) or a list of "
+        f"{{filter: ..., value: ...}} entries, got {value!r}"
+    )
 
 
 def check_parameters(where: str, level, allowed: Sequence[str], method: str) -> dict[str, Setting]:
@@ -70,8 +72,11 @@ def _check_filter(where: str, entry: Mapping) -> tuple[str | None, Setting]:
     if name_filter is not None and not isinstance(name_filter, str):
         raise ValueError(f"{where}: filter must be a piece of a tensor name (a string), got {name_filter!r}")
     value = entry["value"]
-    if not (isinstance(value, bool) or is_finite_number(value)
-            or (isinstance(value, list) and value and all(is_finite_number(v) for v in value))):
+    if not (
+        isinstance(value, bool)
+        or is_finite_number(value)
+        or (isinstance(value, list) and value and all(is_finite_number(v) for v in value))
+    ):
         raise ValueError(f"{where}: value must be a number or a gradient (a list of numbers), got {value!r}")
     return name_filter, value
 

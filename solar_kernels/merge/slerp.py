@@ -42,17 +42,24 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     chunks = range(0, flat_a.shape[1], _CHUNK_ELEMENTS)
 
     def chunk(x: torch.Tensor, start: int) -> torch.Tensor:
-        return x[:, start:start + _CHUNK_ELEMENTS].to(work)
+        return x[:, start : start + _CHUNK_ELEMENTS].to(work)
 
     # |a| as the norm of the chunks' norms, then the dot product of the normalized vectors.
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(chunk(flat_a, s), dim=1, keepdim=True)
-                                                   for s in chunks]), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(chunk(flat_b, s), dim=1, keepdim=True)
-                                                   for s in chunks]), dim=0)
+    norm_a = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(chunk(flat_a, s), dim=1, keepdim=True) for s in chunks]), dim=0
+    )
+    norm_b = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(chunk(flat_b, s), dim=1, keepdim=True) for s in chunks]), dim=0
+    )
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = torch.stack([(chunk(flat_a, s) / norm_a * (chunk(flat_b, s) / norm_b)).sum(dim=1, keepdim=True)
-                       for s in chunks]).sum(dim=0).clamp(-1, 1)
+    dot = (
+        torch.stack(
+            [(chunk(flat_a, s) / norm_a * (chunk(flat_b, s) / norm_b)).sum(dim=1, keepdim=True) for s in chunks]
+        )
+        .sum(dim=0)
+        .clamp(-1, 1)
+    )
     parallel = dot.abs() > SLERP_DOT_THRESHOLD
     omega = torch.acos(torch.where(parallel, 0, dot))
     sin_omega = torch.sin(omega)
@@ -60,7 +67,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     coefficient_b = torch.where(parallel, factor, torch.sin(factor * omega) / sin_omega)
     merged = torch.empty_like(flat_a)
     for s in chunks:
-        merged[:, s:s + _CHUNK_ELEMENTS] = coefficient_a * chunk(flat_a, s) + coefficient_b * chunk(flat_b, s)
+        merged[:, s : s + _CHUNK_ELEMENTS] = coefficient_a * chunk(flat_a, s) + coefficient_b * chunk(flat_b, s)
     return merged.reshape(a.shape)
 
 
@@ -68,13 +75,15 @@ def _combine(base, tensors, params, model_params, generator):
     return slerp(base, tensors[0], params["t"])
 
 
-SLERP = register(MergeMethod(
-    name="slerp",
-    summary="spherical interpolation between two models",
-    combine=_combine,
-    parameters=(Parameter("t", allowed=fraction(low_open=False), expected="in [0, 1] (0 gives the base model)"),),
-    base_model="first",
-    min_models=1,
-    max_models=1,
-    reference="https://en.wikipedia.org/wiki/Slerp",
-))
+SLERP = register(
+    MergeMethod(
+        name="slerp",
+        summary="spherical interpolation between two models",
+        combine=_combine,
+        parameters=(Parameter("t", allowed=fraction(low_open=False), expected="in [0, 1] (0 gives the base model)"),),
+        base_model="first",
+        min_models=1,
+        max_models=1,
+        reference="https://en.wikipedia.org/wiki/Slerp",
+    )
+)

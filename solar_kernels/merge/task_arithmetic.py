@@ -65,7 +65,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
         magnitude = magnitude.float()
     order = torch.sort(magnitude, descending=False).indices
     mask = torch.zeros(numel, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom:bottom + keep]] = 1
+    mask[order[bottom : bottom + keep]] = 1
     return mask.reshape_as(delta)
 
 
@@ -81,8 +81,10 @@ def bernoulli_sparsify(delta: torch.Tensor, density: float, rescale: bool, gener
 
 def della_sparsify(delta: torch.Tensor, density: float, epsilon: float, rescale: bool, generator) -> torch.Tensor:
     if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"della: epsilon must keep density +/- epsilon inside (0, 1), got density {density!r} "
-                         f"and epsilon {epsilon!r}")
+        raise ValueError(
+            f"della: epsilon must keep density +/- epsilon inside (0, 1), got density {density!r} "
+            f"and epsilon {epsilon!r}"
+        )
     work = _work_dtype(delta)
     shape = delta.shape
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # ranks are taken along each row
@@ -136,8 +138,10 @@ def ties_merge(base, tensors, weights, density, normalize: bool = True, lambda_:
     one per tensor; sign election; disjoint mean), in base's dtype."""
     densities = [density] * len(tensors) if isinstance(density, (int, float)) else list(density)
     if not tensors or len(weights) != len(tensors) or len(densities) != len(tensors):
-        raise ValueError(f"ties_merge: expected one weight and one density per tensor, got {len(tensors)} tensors, "
-                         f"{len(weights)} weights, {len(densities)} densities")
+        raise ValueError(
+            f"ties_merge: expected one weight and one density per tensor, got {len(tensors)} tensors, "
+            f"{len(weights)} weights, {len(densities)} densities"
+        )
     for d in densities:
         if not 0.0 < d <= 1.0:
             raise ValueError(f"ties_merge: density must be in (0, 1], got {d!r}")
@@ -145,8 +149,9 @@ def ties_merge(base, tensors, weights, density, normalize: bool = True, lambda_:
     def trim(i, delta):
         return delta if densities[i] >= 1 else rescaled(delta, magnitude_mask(delta, densities[i]), False)
 
-    return task_vector_merge(base, list(tensors), list(weights), sparsify=trim, consensus=True,
-                             normalize=normalize, lambda_=lambda_)
+    return task_vector_merge(
+        base, list(tensors), list(weights), sparsify=trim, consensus=True, normalize=normalize, lambda_=lambda_
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,15 +162,19 @@ _WEIGHT = Parameter("weight", 1.0)
 _DENSITY = Parameter("density", 1.0, allowed=fraction(), expected="in (0, 1] (the fraction of each task vector kept)")
 
 
-def _family(name: str, summary: str, sparsification: str | None, consensus: bool, normalize: bool,
-            rescale: bool, reference: str) -> MergeMethod:
+def _family(
+    name: str, summary: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool, reference: str
+) -> MergeMethod:
     tensor_parameters = [_WEIGHT] + ([_DENSITY] if sparsification else [])
     if sparsification == "magnitude_outliers":
         tensor_parameters.append(Parameter("gamma", 0.01, allowed=fraction(low_open=False), expected="in [0, 1]"))
     if sparsification == "della_magprune":
         tensor_parameters.append(Parameter("epsilon", 0.15, allowed=lambda v: 0 <= v < 1, expected="in [0, 1)"))
-    parameters = [Parameter("normalize", normalize, kind="bool"), Parameter("lambda", 1.0),
-                  Parameter("int8_mask", False, kind="bool")]  # int8_mask: mergekit's mask storage, same result
+    parameters = [
+        Parameter("normalize", normalize, kind="bool"),
+        Parameter("lambda", 1.0),
+        Parameter("int8_mask", False, kind="bool"),
+    ]  # int8_mask: mergekit's mask storage, same result
     if sparsification:
         parameters.append(Parameter("rescale", rescale, kind="bool"))
 
@@ -183,30 +192,100 @@ def _family(name: str, summary: str, sparsification: str | None, consensus: bool
                 return bernoulli_sparsify(delta, density, params["rescale"], generator)
             return della_sparsify(delta, density, p["epsilon"], params["rescale"], generator)
 
-        return task_vector_merge(base, tensors, [p["weight"] for p in model_params],
-                                 sparsify=sparsify if sparsification else None, consensus=consensus,
-                                 normalize=params["normalize"], lambda_=params["lambda"])
+        return task_vector_merge(
+            base,
+            tensors,
+            [p["weight"] for p in model_params],
+            sparsify=sparsify if sparsification else None,
+            consensus=consensus,
+            normalize=params["normalize"],
+            lambda_=params["lambda"],
+        )
 
-    return register(MergeMethod(
-        name=name, summary=summary, combine=combine, parameters=tuple(parameters),
-        tensor_parameters=tuple(tensor_parameters), base_model="required", min_models=1,
-        random=sparsification in ("random", "della_magprune"), reference=reference,
-    ))
+    return register(
+        MergeMethod(
+            name=name,
+            summary=summary,
+            combine=combine,
+            parameters=tuple(parameters),
+            tensor_parameters=tuple(tensor_parameters),
+            base_model="required",
+            min_models=1,
+            random=sparsification in ("random", "della_magprune"),
+            reference=reference,
+        )
+    )
 
 
-TASK_ARITHMETIC = _family("task_arithmetic", "base + weighted sum of task vectors", None, False, False, False,
-                          "https://arxiv.org/abs/2212.04089")
-TIES = _family("ties", "trimmed task vectors, sign election, disjoint mean", "magnitude", True, True, False,
-               "https://arxiv.org/abs/2306.01708")
-DARE_TIES = _family("dare_ties", "random drop and rescale, sign election", "random", True, False, True,
-                    "https://arxiv.org/abs/2311.03099")
-DARE_LINEAR = _family("dare_linear", "random drop and rescale, weighted sum", "random", False, False, True,
-                      "https://arxiv.org/abs/2311.03099")
-BREADCRUMBS = _family("breadcrumbs", "drop outliers and small entries, weighted sum", "magnitude_outliers", False,
-                      False, False, "https://arxiv.org/abs/2312.06795")
-BREADCRUMBS_TIES = _family("breadcrumbs_ties", "breadcrumbs with sign election", "magnitude_outliers", True, False,
-                           False, "https://arxiv.org/abs/2312.06795")
-DELLA = _family("della", "magnitude-ranked random drop and rescale, sign election", "della_magprune", True, True,
-                True, "https://arxiv.org/abs/2406.11617")
-DELLA_LINEAR = _family("della_linear", "della without sign election", "della_magprune", False, False, True,
-                       "https://arxiv.org/abs/2406.11617")
+TASK_ARITHMETIC = _family(
+    "task_arithmetic",
+    "base + weighted sum of task vectors",
+    None,
+    False,
+    False,
+    False,
+    "https://arxiv.org/abs/2212.04089",
+)
+TIES = _family(
+    "ties",
+    "trimmed task vectors, sign election, disjoint mean",
+    "magnitude",
+    True,
+    True,
+    False,
+    "https://arxiv.org/abs/2306.01708",
+)
+DARE_TIES = _family(
+    "dare_ties",
+    "random drop and rescale, sign election",
+    "random",
+    True,
+    False,
+    True,
+    "https://arxiv.org/abs/2311.03099",
+)
+DARE_LINEAR = _family(
+    "dare_linear",
+    "random drop and rescale, weighted sum",
+    "random",
+    False,
+    False,
+    True,
+    "https://arxiv.org/abs/2311.03099",
+)
+BREADCRUMBS = _family(
+    "breadcrumbs",
+    "drop outliers and small entries, weighted sum",
+    "magnitude_outliers",
+    False,
+    False,
+    False,
+    "https://arxiv.org/abs/2312.06795",
+)
+BREADCRUMBS_TIES = _family(
+    "breadcrumbs_ties",
+    "breadcrumbs with sign election",
+    "magnitude_outliers",
+    True,
+    False,
+    False,
+    "https://arxiv.org/abs/2312.06795",
+)
+DELLA = _family(
+    "della",
+    "magnitude-ranked random drop and rescale, sign election",
+    "della_magprune",
+    True,
+    True,
+    True,
+    "https://arxiv.org/abs/2406.11617",
+)
+DELLA_LINEAR = _family(
+    "della_linear",
+    "della without sign election",
+    "della_magprune",
+    False,
+    False,
+    True,
+    "https://arxiv.org/abs/2406.11617",
+)

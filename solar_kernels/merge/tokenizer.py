@@ -73,8 +73,9 @@ def read_vocabulary(where: str, model: Path, vocab_size: int | None = None) -> V
     """``model``'s vocabulary; every id must be below ``vocab_size`` (config.json's) when given."""
     path = Path(model) / TOKENIZER_FILE
     if not path.is_file():
-        raise ValueError(f"{where}: every model needs a tokenizer.json (to build the output vocabulary); "
-                         f"{model} has none")
+        raise ValueError(
+            f"{where}: every model needs a tokenizer.json (to build the output vocabulary); {model} has none"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         vocab = data["model"]["vocab"]
@@ -92,8 +93,10 @@ def read_vocabulary(where: str, model: Path, vocab_size: int | None = None) -> V
     if vocab_size is not None:
         beyond = sorted(i for i in tokens.values() if i >= vocab_size)
         if beyond:
-            raise ValueError(f"{where}: {path} has {len(beyond)} token ids at or past the model's vocab_size "
-                             f"{vocab_size} (first {beyond[0]}); expected every id below vocab_size")
+            raise ValueError(
+                f"{where}: {path} has {len(beyond)} token ids at or past the model's vocab_size "
+                f"{vocab_size} (first {beyond[0]}); expected every id below vocab_size"
+            )
     return Vocabulary(Path(model), data, tokens, plain, added)
 
 
@@ -128,8 +131,9 @@ def parse_tokens(where: str, raw, resolve) -> dict[str, TokenSource]:
     for token, entry in raw.items():
         here = f"{where}[{token!r}]"
         if not isinstance(token, str) or not isinstance(entry, dict) or set(entry) - {"source", "force"}:
-            raise ValueError(f"{here}: expected a token (a string) mapped to {{source: ..., force: ...}}, got "
-                             f"{token!r}: {entry!r}")
+            raise ValueError(
+                f"{here}: expected a token (a string) mapped to {{source: ..., force: ...}}, got {token!r}: {entry!r}"
+            )
         force = entry.get("force", False)
         if not isinstance(force, bool):
             raise ValueError(f"{here}: force must be true or false, got {force!r}")
@@ -140,16 +144,31 @@ def parse_tokens(where: str, raw, resolve) -> dict[str, TokenSource]:
             parsed[token] = TokenSource("model", resolve(f"{here}: source", source), force=force)
         elif isinstance(source, dict) and source.get("kind") == "zero" and set(source) == {"kind"}:
             parsed[token] = TokenSource("zero", force=force)
-        elif (isinstance(source, dict) and source.get("kind") == "model_token"
-              and set(source) - {"kind"} in ({"model", "token"}, {"model", "token_id"})
-              and (isinstance(source.get("token"), str)
-                   or (isinstance(source.get("token_id"), int) and not isinstance(source.get("token_id"), bool)
-                       and source["token_id"] >= 0))):
-            parsed[token] = TokenSource("model_token", resolve(f"{here}: source", source["model"]),
-                                        source.get("token"), source.get("token_id"), force)
+        elif (
+            isinstance(source, dict)
+            and source.get("kind") == "model_token"
+            and set(source) - {"kind"} in ({"model", "token"}, {"model", "token_id"})
+            and (
+                isinstance(source.get("token"), str)
+                or (
+                    isinstance(source.get("token_id"), int)
+                    and not isinstance(source.get("token_id"), bool)
+                    and source["token_id"] >= 0
+                )
+            )
+        ):
+            parsed[token] = TokenSource(
+                "model_token",
+                resolve(f"{here}: source", source["model"]),
+                source.get("token"),
+                source.get("token_id"),
+                force,
+            )
         else:
-            raise ValueError(f"{here}: source must be a model path, {{kind: zero}} or {{kind: model_token, model: "
-                             f"PATH, token: TOKEN}} (or token_id: N instead of token), got {source!r}")
+            raise ValueError(
+                f"{here}: source must be a model path, {{kind: zero}} or {{kind: model_token, model: "
+                f"PATH, token: TOKEN}} (or token_id: N instead of token), got {source!r}"
+            )
     return parsed
 
 
@@ -158,8 +177,11 @@ def token_source_yaml(rule: TokenSource) -> dict:
     if rule.kind == "model":
         source = str(rule.model)
     elif rule.kind == "model_token":
-        source = {"kind": "model_token", "model": str(rule.model),
-                  **({"token": rule.token} if rule.token is not None else {"token_id": rule.token_id})}
+        source = {
+            "kind": "model_token",
+            "model": str(rule.model),
+            **({"token": rule.token} if rule.token is not None else {"token_id": rule.token_id}),
+        }
     else:
         source = {"kind": "zero"} if rule.kind == "zero" else None
     return {"source": source, **({"force": True} if rule.force else {})}
@@ -211,13 +233,17 @@ class TokenizerPlan:
             elif rule.kind is None:
                 lacking = [str(models[i]) for i, p in enumerate(order) if p[token_id] < 0]
                 reason = "force: true is set" if rule.force else f"{', '.join(lacking)} lack(s) the token"
-                raise ValueError(f"{where}: a source is needed ({reason}), got none; give source: a model path, "
-                                 f"{{kind: zero}} or {{kind: model_token, ...}}")
+                raise ValueError(
+                    f"{where}: a source is needed ({reason}), got none; give source: a model path, "
+                    f"{{kind: zero}} or {{kind: model_token, ...}}"
+                )
             else:
                 key = rule.model.resolve()
                 if key not in keys:
-                    raise ValueError(f"{where}: source model {rule.model} is not among the models of this tensor "
-                                     f"({', '.join(map(str, models))})")
+                    raise ValueError(
+                        f"{where}: source model {rule.model} is not among the models of this tensor "
+                        f"({', '.join(map(str, models))})"
+                    )
                 if rule.kind == "model":
                     if self.permutations[key][token_id] < 0:
                         raise ValueError(f"{where}: source model {rule.model} has no token {token!r}")
@@ -228,13 +254,13 @@ class TokenizerPlan:
                     if row is None:
                         raise ValueError(f"{where}: source model {rule.model} has no token {rule.token!r}")
                     if limit is not None and row >= limit:
-                        raise ValueError(f"{where}: token_id must be below the {limit} rows of {rule.model}, "
-                                         f"got {row}")
+                        raise ValueError(f"{where}: token_id must be below the {limit} rows of {rule.model}, got {row}")
                     sources[token_id] = ("row", keys.index(key), row)
         return sources
 
-    def rebuild(self, tensors: Sequence[torch.Tensor], models: Sequence[Path],
-                base_model: Path | None) -> list[torch.Tensor]:
+    def rebuild(
+        self, tensors: Sequence[torch.Tensor], models: Sequence[Path], base_model: Path | None
+    ) -> list[torch.Tensor]:
         """The models' vocabulary tensors (rows first; ``tensors[i]`` is ``models[i]``'s) in the output
         vocabulary, as mergekit's ``PermutedVocabulary``; ``base_model`` is the base when it is merged."""
         keys = [Path(m).resolve() for m in models]
@@ -245,8 +271,10 @@ class TokenizerPlan:
         shape = tuple(tensors[0].shape[1:])
         for model, tensor in zip(models, tensors):
             if tuple(tensor.shape[1:]) != shape:
-                raise ValueError(f"tokenizer_source: {model}: a vocabulary tensor has rows of shape "
-                                 f"{list(tensor.shape[1:])}, expected {list(shape)} as in {models[0]}")
+                raise ValueError(
+                    f"tokenizer_source: {model}: a vocabulary tensor has rows of shape "
+                    f"{list(tensor.shape[1:])}, expected {list(shape)} as in {models[0]}"
+                )
         ids = [torch.tensor(self.permutations[key], dtype=torch.long) for key in keys]
         defaults: dict[int, torch.Tensor] = {}
         for token_id, (kind, *where) in self.row_sources(models, base_model).items():
@@ -328,20 +356,28 @@ def _union(base: Vocabulary, others: Sequence[Vocabulary]) -> tuple[dict[str, in
     return vocab, new_added
 
 
-def plan_tokenizer(where: str, tokenizer_source, models: Sequence[Path], base_model: Path | None,
-                   vocab_sizes: dict[Path, int | None], rows: dict[Path, int | None],
-                   pad_to_multiple_of: int | None = None, tokens: dict[str, TokenSource] | None = None) -> TokenizerPlan:
+def plan_tokenizer(
+    where: str,
+    tokenizer_source,
+    models: Sequence[Path],
+    base_model: Path | None,
+    vocab_sizes: dict[Path, int | None],
+    rows: dict[Path, int | None],
+    pad_to_multiple_of: int | None = None,
+    tokens: dict[str, TokenSource] | None = None,
+) -> TokenizerPlan:
     """The output vocabulary and every model's permutation, all checked; else a one-line ValueError.
     ``vocab_sizes``/``rows`` give each model's (and the base's) config vocab_size and embedding rows."""
     if tokenizer_source == "base":
         if base_model is None:
             raise ValueError(f"{where}: base needs base_model")
-    elif tokenizer_source != "union" and not (isinstance(tokenizer_source, (str, Path))
-                                              and Path(tokenizer_source).is_dir()):
-        raise ValueError(f"{where} must be base, union or a local model directory, got "
-                         f"{tokenizer_source!r}")
-    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool)
-                                           or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+    elif tokenizer_source != "union" and not (
+        isinstance(tokenizer_source, (str, Path)) and Path(tokenizer_source).is_dir()
+    ):
+        raise ValueError(f"{where} must be base, union or a local model directory, got {tokenizer_source!r}")
+    if pad_to_multiple_of is not None and (
+        isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
+    ):
         raise ValueError(f"{where}: pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
     inputs = list(dict.fromkeys(Path(m) for m in ([base_model] if base_model is not None else []) + list(models)))
     vocabularies: dict[Path, Vocabulary] = {}
@@ -349,8 +385,10 @@ def plan_tokenizer(where: str, tokenizer_source, models: Sequence[Path], base_mo
         key = model.resolve()
         size, count = vocab_sizes.get(key), rows.get(key)
         if size is not None and count is not None and count != size:
-            raise ValueError(f"{where}: {model} has {count} embedding rows but config.json vocab_size {size}; "
-                             f"expected as many rows as vocab_size")
+            raise ValueError(
+                f"{where}: {model} has {count} embedding rows but config.json vocab_size {size}; "
+                f"expected as many rows as vocab_size"
+            )
         vocabularies.setdefault(key, read_vocabulary(where, model, size if size is not None else count))
     first = vocabularies[inputs[0].resolve()]  # the base model, else the first model
     new_added: list[dict] = []
@@ -366,32 +404,55 @@ def plan_tokenizer(where: str, tokenizer_source, models: Sequence[Path], base_mo
     for token in tokens:  # mergekit adds every token the tokens: block names
         if token not in vocab:
             if tokenizer_source == "base":
-                raise ValueError(f"{where}: tokenizer: tokens: {token!r} is not in the base vocabulary; adding tokens "
-                                 f"to source: base is not supported (mergekit 0.1.5 fails on it), use source: union")
+                raise ValueError(
+                    f"{where}: tokenizer: tokens: {token!r} is not in the base vocabulary; adding tokens "
+                    f"to source: base is not supported (mergekit 0.1.5 fails on it), use source: union"
+                )
             new_added.append({"id": len(vocab), "content": token, **PLAIN_FLAGS})
             vocab[token] = len(vocab)
     tokenizer_json = None
     if new_added:
         donor_data = first.data if donor == first.path else read_vocabulary(where, donor).data
         tokenizer_json = json.loads(json.dumps(donor_data))
-        tokenizer_json["added_tokens"] = sorted([*(tokenizer_json.get("added_tokens") or []), *new_added],
-                                                key=lambda entry: entry["id"])
+        tokenizer_json["added_tokens"] = sorted(
+            [*(tokenizer_json.get("added_tokens") or []), *new_added], key=lambda entry: entry["id"]
+        )
     ids = sorted(vocab.values())
     if ids != list(range(len(ids))):
-        raise ValueError(f"{where}: the output vocabulary ({donor / TOKENIZER_FILE}) has ids "
-                         f"{ids[0]}..{ids[-1]} for {len(ids)} tokens; expected every id from 0 to {len(ids) - 1}")
+        raise ValueError(
+            f"{where}: the output vocabulary ({donor / TOKENIZER_FILE}) has ids "
+            f"{ids[0]}..{ids[-1]} for {len(ids)} tokens; expected every id from 0 to {len(ids) - 1}"
+        )
     by_id = sorted(vocab, key=lambda token: vocab[token])
     permutations = {key: [v.tokens.get(token, -1) for token in by_id] for key, v in vocabularies.items()}
     size = len(vocab)
     if pad_to_multiple_of and size % pad_to_multiple_of:
         size += pad_to_multiple_of - size % pad_to_multiple_of
     missing = {str(v.path): sum(p < 0 for p in permutations[key]) for key, v in vocabularies.items()}
-    logger.info("tokenizer_source %s: %d tokens (%d rows) from %s; tokens each model lacks: %s", tokenizer_source,
-                len(vocab), size, donor, missing)
-    plan = TokenizerPlan(tokenizer_source, donor, vocab, size, permutations, new_added, tokenizer_json, tokens,
-                         {key: v.tokens for key, v in vocabularies.items()}, dict(rows))
+    logger.info(
+        "tokenizer_source %s: %d tokens (%d rows) from %s; tokens each model lacks: %s",
+        tokenizer_source,
+        len(vocab),
+        size,
+        donor,
+        missing,
+    )
+    plan = TokenizerPlan(
+        tokenizer_source,
+        donor,
+        vocab,
+        size,
+        permutations,
+        new_added,
+        tokenizer_json,
+        tokens,
+        {key: v.tokens for key, v in vocabularies.items()},
+        dict(rows),
+    )
     for token, rule in tokens.items():
         if rule.model is not None and rule.model.resolve() not in vocabularies:
-            raise ValueError(f"{where}: tokenizer: tokens[{token!r}]: source model {rule.model} is not one of the "
-                             f"models merged ({', '.join(str(m) for m in inputs)})")
+            raise ValueError(
+                f"{where}: tokenizer: tokens[{token!r}]: source model {rule.model} is not one of the "
+                f"models merged ({', '.join(str(m) for m in inputs)})"
+            )
     return plan

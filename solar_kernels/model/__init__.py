@@ -1,4 +1,5 @@
 """The lean Llama/Mistral model: config, decoder, attention paths, generation, Hugging Face checkpoint interop."""
+
 from __future__ import annotations
 
 from .attention import ATTENTION_PATHS, choose_attention_path
@@ -7,5 +8,15 @@ from .generate import generate
 from .hf import load_pretrained, save_pretrained
 from .transformer import CausalLM, KVCache
 
-__all__ = ["ATTENTION_PATHS", "PRESETS", "CausalLM", "KVCache", "ModelConfig", "choose_attention_path", "generate",
-           "load_pretrained", "preset", "save_pretrained"]
+__all__ = [
+    "ATTENTION_PATHS",
+    "PRESETS",
+    "CausalLM",
+    "KVCache",
+    "ModelConfig",
+    "choose_attention_path",
+    "generate",
+    "load_pretrained",
+    "preset",
+    "save_pretrained",
+]

@@ -190,19 +190,27 @@ def build_attention_mask(
     window = sliding_window if sliding_window is not None and key_len > sliding_window else None
     if not documents and key_padding is None and window is None and key_len == query_len:
         return None
-    return allowed_keys((key_len - query_len, key_len), (0, key_len), batch, device,
-                        document=document_ids(position_ids) if documents else None,
-                        key_padding=key_padding, sliding_window=window)
+    return allowed_keys(
+        (key_len - query_len, key_len),
+        (0, key_len),
+        batch,
+        device,
+        document=document_ids(position_ids) if documents else None,
+        key_padding=key_padding,
+        sliding_window=window,
+    )
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Plain SDPA with the whole mask (causal when None): q [B, H, T, D], k, v [B, Hkv, S, D]."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
-def document_bounds(position_ids: torch.Tensor | None, batch: int, tokens: int,
-                    device: torch.device) -> tuple[torch.Tensor, int]:
+def document_bounds(
+    position_ids: torch.Tensor | None, batch: int, tokens: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
     """(cu_seqlens [N + 1] int32 on ``device``, max_seqlen) of the documents in the flattened B * T
     tokens; every row starts a document. Without position_ids each row is one document (no sync);
     with them, one device-to-host copy of the start flags is the forward's only sync."""
@@ -255,8 +263,7 @@ def plan_attention(
         raise ValueError(f"plan_attention: path must be one of {ATTENTION_PATHS}, got {path!r}")
     elif not _supports(path, **situation):
         raise ValueError(f"plan_attention: path {path!r} cannot run {situation}")
-    plan = AttentionPlan(path, tokens, key_len, past, window,
-                         input_pos=torch.arange(past, key_len, device=device))
+    plan = AttentionPlan(path, tokens, key_len, past, window, input_pos=torch.arange(past, key_len, device=device))
     document = document_ids(position_ids) if packed else None
     if path in _VARLEN_PATHS:
         if cu_seqlens is None:
@@ -269,15 +276,21 @@ def plan_attention(
             q1 = min(tokens, q0 + QUERY_CHUNK)
             k0 = max(0, past + q0 - window + 1) if window is not None else 0  # the first query's window
             k1 = past + q1  # causal: nothing after the chunk's last query
-            mask = allowed_keys((past + q0, past + q1), (k0, k1), batch, device, document=document,
-                                key_padding=key_padding, sliding_window=window)
+            mask = allowed_keys(
+                (past + q0, past + q1),
+                (k0, k1),
+                batch,
+                device,
+                document=document,
+                key_padding=key_padding,
+                sliding_window=window,
+            )
             plan.chunks.append((q0, q1, k0, k1, mask))
     logger.debug("attention path %s for B=%d T=%d past=%d", path, batch, tokens, past)
     return plan
 
 
-def _block_mask(batch: int, tokens: int, device: torch.device, document: torch.Tensor | None,
-                window: int | None):
+def _block_mask(batch: int, tokens: int, device: torch.device, document: torch.Tensor | None, window: int | None):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def document_causal(b, h, q_idx, kv_idx):
@@ -288,8 +301,9 @@ def _block_mask(batch: int, tokens: int, device: torch.device, document: torch.T
             keep = keep & (q_idx - kv_idx < window)
         return keep
 
-    return create_block_mask(document_causal, batch if document is not None else None, None, tokens, tokens,
-                             device=device)
+    return create_block_mask(
+        document_causal, batch if document is not None else None, None, tokens, tokens, device=device
+    )
 
 
 @functools.cache
@@ -311,8 +325,17 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPl
     if plan.path == "flash_attn_varlen":
         from flash_attn import flash_attn_varlen_func
 
-        out = flash_attn_varlen_func(rows(q), rows(k), rows(v), cu, cu, longest, longest, causal=True,
-                                     window_size=window if plan.sliding_window is not None else (-1, -1))
+        out = flash_attn_varlen_func(
+            rows(q),
+            rows(k),
+            rows(v),
+            cu,
+            cu,
+            longest,
+            longest,
+            causal=True,
+            window_size=window if plan.sliding_window is not None else (-1, -1),
+        )
     else:
         kwargs: dict[str, Any] = {}
         if "enable_gqa" in _TORCH_VARLEN_PARAMS:
@@ -330,14 +353,17 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPl
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
     """Attention of q [B, H, T, D] over k, v [B, Hkv, >= S, D] (a cache's slots past S are
     ignored) along ``plan``; returns [B, H, T, D], possibly a transposed view."""
-    k, v = k[:, :, :plan.key_len], v[:, :, :plan.key_len]
+    k, v = k[:, :, : plan.key_len], v[:, :, : plan.key_len]
     gqa = k.shape[1] != q.shape[1]
     if plan.path == "sdpa_causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if plan.path == "sdpa_mask":
-        outs = [F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask,
-                                               enable_gqa=gqa)
-                for q0, q1, k0, k1, mask in plan.chunks]
+        outs = [
+            F.scaled_dot_product_attention(
+                q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, enable_gqa=gqa
+            )
+            for q0, q1, k0, k1, mask in plan.chunks
+        ]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if plan.path == "flex":
         return _flex_attention(q.is_cuda)(q, k, v, block_mask=plan.block_mask, enable_gqa=gqa)

@@ -123,8 +123,11 @@ class ModelConfig:
         hf = copy.deepcopy(hf)
         keys = tuple(sorted(hf))
         model_type = hf.get("model_type", "llama")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in hf]
+        missing = [
+            k
+            for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+            if k not in hf
+        ]
         if missing:
             raise ValueError(f"from_hf_config: config.json lacks {', '.join(missing)}")
         rope = hf.pop("rope_parameters", None) or {}
@@ -188,8 +191,13 @@ class ModelConfig:
         }
         if self.model_type == "mistral":
             modeled["sliding_window"] = self.sliding_window
-        hf_defaults = {"head_dim": self.hidden_size // self.num_heads, "attention_bias": False,
-                       "mlp_bias": False, "pad_token_id": None, "tie_word_embeddings": False}
+        hf_defaults = {
+            "head_dim": self.hidden_size // self.num_heads,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "pad_token_id": None,
+            "tie_word_embeddings": False,
+        }
         for key, value in modeled.items():
             if key == "architectures" and not fresh and key not in self.hf_keys:
                 continue  # a bare config.json (no model saved with it) has none
@@ -204,15 +212,48 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=4, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5),
-    "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-                              num_heads=32, num_kv_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "mistral-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                              num_heads=32, num_kv_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                              sliding_window=4096, model_type="mistral"),
-    "solar-10.7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=48,
-                               num_heads=32, num_kv_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "tiny": ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+    ),
+    "llama-2-7b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
+    "mistral-7b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        sliding_window=4096,
+        model_type="mistral",
+    ),
+    "solar-10.7b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=8,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 

@@ -14,8 +14,14 @@ import torch
 from .transformer import CausalLM, KVCache
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: argmax when temperature is 0, else a filtered sample."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -53,8 +59,9 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"generate: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got "
-                         f"{temperature}, {top_k}, {top_p}")
+        raise ValueError(
+            f"generate: need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -62,8 +69,8 @@ def generate(
     ids = torch.full((batch, longest), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((batch, longest + max_new_tokens), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is aligned
-        ids[row, longest - len(prompt):] = torch.tensor(list(prompt), device=device)
-        mask[row, longest - len(prompt):longest] = 1
+        ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        mask[row, longest - len(prompt) : longest] = 1
     cache = KVCache(model.config, batch, longest + max_new_tokens, device=device, dtype=dtype)
     logits = model(ids, attention_mask=mask[:, :longest], cache=cache)[:, -1]
     outputs: list[list[int]] = [[] for _ in range(batch)]
@@ -78,5 +85,5 @@ def generate(
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         mask[:, longest + step] = 1
-        logits = model(next_ids[:, None], attention_mask=mask[:, :longest + step + 1], cache=cache)[:, -1]
+        logits = model(next_ids[:, None], attention_mask=mask[:, : longest + step + 1], cache=cache)[:, -1]
     return outputs

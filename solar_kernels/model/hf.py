@@ -54,11 +54,15 @@ def load_pretrained(
     for name in sorted(expected):
         shape = tuple(params[name].shape)
         if reader.shape(name) != shape:
-            raise CheckpointError(f"{reader.path}: tensor {name!r} has shape {reader.shape(name)}, the config implies {shape}")
+            raise CheckpointError(
+                f"{reader.path}: tensor {name!r} has shape {reader.shape(name)}, the config implies {shape}"
+            )
     for name in sorted(expected):
         tensor = reader.get(name).to(device=device, dtype=target_dtype or reader.dtype(name))
         module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=params[name].requires_grad))
+        setattr(
+            model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=params[name].requires_grad)
+        )
     model.tie_weights()
     return model
 
@@ -75,8 +79,15 @@ def save_pretrained(
     """Write ``model`` as a Hugging Face directory at ``path`` (atomically; refuses an existing
     ``path`` unless ``force``). ``side_files_from`` copies tokenizer files from another checkpoint."""
     tensors = dict(model.named_parameters())
-    return write_pretrained(tensors, model.config, path, max_shard_size=max_shard_size, dtype=dtype, force=force,
-                            side_files_from=side_files_from)
+    return write_pretrained(
+        tensors,
+        model.config,
+        path,
+        max_shard_size=max_shard_size,
+        dtype=dtype,
+        force=force,
+        side_files_from=side_files_from,
+    )
 
 
 def write_pretrained(
@@ -97,6 +108,7 @@ def write_pretrained(
     out_dtype = target_dtype or next(iter(tensors.values())).dtype
     expected_bytes = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
     hf_config = set_config_dtype(config.to_hf_config(), out_dtype)
+
     def default_generation_config(tmp: Path) -> None:
         if not (tmp / "generation_config.json").exists():
             generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
@@ -104,8 +116,16 @@ def write_pretrained(
                 generation["pad_token_id"] = config.pad_token_id
             write_json(tmp / "generation_config.json", generation)
 
-    write_hf_directory(path, ((name, tensor.detach().to(out_dtype)) for name, tensor in tensors.items()), hf_config,
-                       config_source="the model's config", side_files_from=side_files_from,
-                       max_shard_size=max_shard_size, force=force, expected_bytes=expected_bytes,
-                       tool="save_pretrained", finish=default_generation_config)
+    write_hf_directory(
+        path,
+        ((name, tensor.detach().to(out_dtype)) for name, tensor in tensors.items()),
+        hf_config,
+        config_source="the model's config",
+        side_files_from=side_files_from,
+        max_shard_size=max_shard_size,
+        force=force,
+        expected_bytes=expected_bytes,
+        tool="save_pretrained",
+        finish=default_generation_config,
+    )
     return Path(path)

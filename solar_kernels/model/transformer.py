@@ -45,8 +45,17 @@ from .attention import (
 )
 from .config import ModelConfig
 
-__all__ = ["HAS_FLASH_ATTN", "Attention", "Block", "CausalLM", "Decoder", "KVCache", "LayerKVCache",
-           "RotaryEmbedding", "build_attention_mask"]
+__all__ = [
+    "HAS_FLASH_ATTN",
+    "Attention",
+    "Block",
+    "CausalLM",
+    "Decoder",
+    "KVCache",
+    "LayerKVCache",
+    "RotaryEmbedding",
+    "build_attention_mask",
+]
 
 
 class RotaryEmbedding(nn.Module):
@@ -64,7 +73,7 @@ class RotaryEmbedding(nn.Module):
 
     def frequencies(self, device) -> torch.Tensor:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta ** exponent)
+        return 1.0 / (self.theta**exponent)
 
     def reset_buffers(self) -> None:
         self.inv_freq = self.frequencies(self.inv_freq.device)
@@ -80,8 +89,7 @@ class RotaryEmbedding(nn.Module):
 class LayerKVCache(nn.Module):
     """One layer's keys and values [B, Hkv, max_length, D], written at the slots a forward names."""
 
-    def __init__(self, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int, *, device=None,
-                 dtype=None):
+    def __init__(self, batch_size: int, num_kv_heads: int, max_length: int, head_dim: int, *, device=None, dtype=None):
         super().__init__()
         shape = (batch_size, num_kv_heads, max_length, head_dim)
         self.register_buffer("keys", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
@@ -234,33 +242,54 @@ class CausalLM(nn.Module):
             if past + tokens > cache.max_length:
                 raise ValueError(f"CausalLM: {past} cached + {tokens} new tokens exceed the cache's {cache.max_length}")
         if position_ids is not None and tuple(position_ids.shape) != (batch, tokens):
-            raise ValueError(f"CausalLM: position_ids must be [B, T] = {(batch, tokens)}, got {tuple(position_ids.shape)}")
+            raise ValueError(
+                f"CausalLM: position_ids must be [B, T] = {(batch, tokens)}, got {tuple(position_ids.shape)}"
+            )
         if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + tokens):
             raise ValueError(
                 f"CausalLM: attention_mask must be [B, cached + new] = {(batch, past + tokens)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
         if (cu_seqlens is None) != (max_seqlen is None):
-            raise ValueError("CausalLM: pass cu_seqlens and max_seqlen together, got only "
-                             + ("cu_seqlens" if max_seqlen is None else "max_seqlen"))
+            raise ValueError(
+                "CausalLM: pass cu_seqlens and max_seqlen together, got only "
+                + ("cu_seqlens" if max_seqlen is None else "max_seqlen")
+            )
         if cu_seqlens is not None:
-            _check_cu_seqlens(cu_seqlens, max_seqlen, position_ids, batch, tokens, input_ids.device,
-                              packed=position_ids is not None and attention_mask is None and past == 0)
+            _check_cu_seqlens(
+                cu_seqlens,
+                max_seqlen,
+                position_ids,
+                batch,
+                tokens,
+                input_ids.device,
+                packed=position_ids is not None and attention_mask is None and past == 0,
+            )
         return past
 
-    def attention_path(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                       attention_mask: torch.Tensor | None = None, *, cache: KVCache | None = None) -> str:
+    def attention_path(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> str:
         """The attention path a forward with these inputs takes (nothing is computed)."""
         past = self._check_inputs(input_ids, position_ids, attention_mask, cache, None, None)
         window = self.config.sliding_window
         return choose_attention_path(
-            device_type=input_ids.device.type, dtype=self._compute_dtype(input_ids.device),
-            packed=position_ids is not None and past == 0, padded=attention_mask is not None,
-            windowed=window is not None and past + input_ids.shape[1] > window, cached=past > 0,
+            device_type=input_ids.device.type,
+            dtype=self._compute_dtype(input_ids.device),
+            packed=position_ids is not None and past == 0,
+            padded=attention_mask is not None,
+            windowed=window is not None and past + input_ids.shape[1] > window,
+            cached=past > 0,
         )
 
-    def prepare(self, input_ids, position_ids=None, attention_mask=None, cache=None, cu_seqlens=None,
-                max_seqlen=None) -> tuple[torch.Tensor, torch.Tensor, AttentionPlan]:
+    def prepare(
+        self, input_ids, position_ids=None, attention_mask=None, cache=None, cu_seqlens=None, max_seqlen=None
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionPlan]:
         """Everything the blocks share, once per forward: RoPE cos/sin [B, T, hd] and the attention plan."""
         past = self._check_inputs(input_ids, position_ids, attention_mask, cache, cu_seqlens, max_seqlen)
         batch, tokens = input_ids.shape
@@ -271,9 +300,18 @@ class CausalLM(nn.Module):
             else:
                 positions = torch.arange(past, past + tokens, device=input_ids.device).expand(batch, tokens)
         cos, sin = self.model.rotary_emb(positions)
-        plan = plan_attention(batch, tokens, input_ids.device, self._compute_dtype(input_ids.device), past=past,
-                              position_ids=position_ids, key_padding=attention_mask,
-                              sliding_window=self.config.sliding_window, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        plan = plan_attention(
+            batch,
+            tokens,
+            input_ids.device,
+            self._compute_dtype(input_ids.device),
+            past=past,
+            position_ids=position_ids,
+            key_padding=attention_mask,
+            sliding_window=self.config.sliding_window,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+        )
         return cos, sin, plan
 
     def forward(
@@ -310,16 +348,29 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
 
-def _check_cu_seqlens(cu_seqlens, max_seqlen, position_ids, batch: int, tokens: int, device: torch.device, *,
-                      packed: bool) -> None:
+def _check_cu_seqlens(
+    cu_seqlens, max_seqlen, position_ids, batch: int, tokens: int, device: torch.device, *, packed: bool
+) -> None:
     if not packed:
-        raise ValueError("CausalLM: cu_seqlens and max_seqlen describe packed rows: they need position_ids, "
-                         "and no attention_mask or cached tokens")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-            or cu_seqlens.dtype != torch.int32 or cu_seqlens.device != device:
-        got = (f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)} on {cu_seqlens.device}"
-               if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__)
-        raise ValueError(f"CausalLM: cu_seqlens must be a 1-D int32 tensor of N + 1 >= 2 offsets on {device}, got {got}")
+        raise ValueError(
+            "CausalLM: cu_seqlens and max_seqlen describe packed rows: they need position_ids, "
+            "and no attention_mask or cached tokens"
+        )
+    if (
+        not isinstance(cu_seqlens, torch.Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.numel() < 2
+        or cu_seqlens.dtype != torch.int32
+        or cu_seqlens.device != device
+    ):
+        got = (
+            f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)} on {cu_seqlens.device}"
+            if isinstance(cu_seqlens, torch.Tensor)
+            else type(cu_seqlens).__name__
+        )
+        raise ValueError(
+            f"CausalLM: cu_seqlens must be a 1-D int32 tensor of N + 1 >= 2 offsets on {device}, got {got}"
+        )
     if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or not 1 <= max_seqlen <= tokens:
         raise ValueError(f"CausalLM: max_seqlen must be an int in [1, T = {tokens}], got {max_seqlen!r}")
     if cu_seqlens.device.type != "cpu":

@@ -1,4 +1,5 @@
 """The fused kernels, one op per file; each file holds its ``*_ref`` PyTorch reference."""
+
 from __future__ import annotations
 
 from .cross_entropy import CrossEntropyOutput, cross_entropy, cross_entropy_ref

@@ -26,6 +26,7 @@ def cast_to(x, dtype: tl.constexpr):
             x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
 
+
 # Under the interpreter every program runs as Python: fewer, larger programs keep the tests fast.
 _CPU_PROGRAMS = 4
 

@@ -155,8 +155,9 @@ class Kernel:
             self.triton(*inputs, *outputs, **options)
         return outputs
 
-    def choose(self, backend: str, rows: int, width: int, device: torch.device, *, cuda_runs: bool = True,
-               lacking: str = "") -> str:
+    def choose(
+        self, backend: str, rows: int, width: int, device: torch.device, *, cuda_runs: bool = True, lacking: str = ""
+    ) -> str:
         """The implementation a launch over rows x width runs: ``backend`` itself, or for "auto" this
         GPU's choice for the shape class; Triton where the CUDA twin does not run the launch
         (``cuda_runs`` False: an option it lacks, named by ``lacking`` where the record says which),
@@ -164,11 +165,15 @@ class Kernel:
         runs for a launch only one backend has)."""
         if not cuda_runs:
             if backend == "cuda" and lacking:
-                raise ValueError(f"{self.family}: {lacking} is implemented by the 'torch', 'triton' backends only, "
-                                 f"got backend='cuda'")
+                raise ValueError(
+                    f"{self.family}: {lacking} is implemented by the 'torch', 'triton' backends only, "
+                    f"got backend='cuda'"
+                )
             if backend == "cuda":
-                raise ValueError(f"{self.name}: the CUDA kernel does not implement this launch's options, "
-                                 f"got backend='cuda' (use 'triton' or 'auto')")
+                raise ValueError(
+                    f"{self.name}: the CUDA kernel does not implement this launch's options, "
+                    f"got backend='cuda' (use 'triton' or 'auto')"
+                )
             return "triton"
         return pick(backend, self.name, rows, width, device)
 
@@ -214,11 +219,15 @@ def register(kernel: Kernel) -> Kernel:
     """Add a record (an op file calls this at import); a second record of one name is an error."""
     known = KERNELS.get(kernel.name)
     if known is not None and known.family != kernel.family:  # a reloaded op file replaces its own
-        raise ValueError(f"kernel registry: {kernel.name!r} is registered by {known.family} already, "
-                         f"got a second record from {kernel.family}")
+        raise ValueError(
+            f"kernel registry: {kernel.name!r} is registered by {known.family} already, "
+            f"got a second record from {kernel.family}"
+        )
     if kernel.triton is None or kernel.example is None:
-        raise ValueError(f"kernel registry: {kernel.name!r} needs a Triton launcher and example inputs, "
-                         f"got triton={kernel.triton!r}, example={kernel.example!r}")
+        raise ValueError(
+            f"kernel registry: {kernel.name!r} needs a Triton launcher and example inputs, "
+            f"got triton={kernel.triton!r}, example={kernel.example!r}"
+        )
     KERNELS[kernel.name] = kernel
     return kernel
 
@@ -274,4 +283,3 @@ def elementwise(name: str, family: str, triton: Callable[..., None], *, inputs: 
 def _check_count(name: str, tensors: tuple, expected: int) -> None:
     if len(tensors) != expected:
         raise TypeError(f"{name}: expected {expected} input tensors, got {len(tensors)}")
-

@@ -117,15 +117,22 @@ def cross_entropy_ref(
             loss = ce.sum() / torch.where(count > 0, weight_total, 1.0) + z_total
         accuracy = correct.sum() / count
     dtype = _loss_dtype(logits)
-    return ce_result(loss.to(dtype), z_total.detach().to(dtype), accuracy.detach(), return_z_loss,
-                     return_token_accuracy)
+    return ce_result(
+        loss.to(dtype), z_total.detach().to(dtype), accuracy.detach(), return_z_loss, return_token_accuracy
+    )
 
 
 @torch.library.custom_op("solar_kernels::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, backend: str,
-    class_weight: torch.Tensor | None, label_smoothing: float, lse_square_scale: float,
-    softcap: float | None, want_accuracy: bool,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    want_accuracy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row ce_t, zl_t, correct flag and log-sum-exp, fp32 [N]; the logits are only read."""
     rows, vocab = logits.shape
@@ -136,8 +143,9 @@ def _cross_entropy_fwd_op(
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     _logprobs_rows(implementation, source, labels, logp, lse, lse, ignore_index, True, False, options)
-    ce, z_loss, correct = ce_row_outputs(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
-                                         lse_square_scale, vocab, want_accuracy)
+    ce, z_loss, correct = ce_row_outputs(
+        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab, want_accuracy
+    )
     return ce, z_loss, correct, lse
 
 
@@ -148,9 +156,16 @@ def _(logits, labels, ignore_index, backend, class_weight, label_smoothing, lse_
 
 @torch.library.custom_op("solar_kernels::cross_entropy_bwd", mutates_args=())
 def _cross_entropy_bwd_op(
-    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, ignore_index: int,
-    backend: str, softcap: float | None, class_weight: torch.Tensor | None,
-    grad_smooth: torch.Tensor | None, grad_z: torch.Tensor | None,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+    softcap: float | None,
+    class_weight: torch.Tensor | None,
+    grad_smooth: torch.Tensor | None,
+    grad_z: torch.Tensor | None,
 ) -> torch.Tensor:
     """d loss / d logits [N, V] in the logits' dtype: a copy of the logits, overwritten by the row
     step from the saved log-sum-exp and the per-row coefficients (``ce_gradient``)."""
@@ -177,10 +192,29 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_ce, grad_z, *_unused):
     logits, labels, lse, class_weight = ctx.saved_tensors
-    grad, options = ce_gradient(labels, ctx.ignore_index, class_weight, ctx.label_smoothing, ctx.lse_square_scale,
-                                ctx.softcap, logits.shape[1], grad_ce.float(), grad_z.float())
-    dlogits = _cross_entropy_bwd_op(logits, labels, lse, grad, ctx.ignore_index, ctx.backend, options.softcap,
-                                    options.class_weight, options.grad_smooth, options.grad_z)
+    grad, options = ce_gradient(
+        labels,
+        ctx.ignore_index,
+        class_weight,
+        ctx.label_smoothing,
+        ctx.lse_square_scale,
+        ctx.softcap,
+        logits.shape[1],
+        grad_ce.float(),
+        grad_z.float(),
+    )
+    dlogits = _cross_entropy_bwd_op(
+        logits,
+        labels,
+        lse,
+        grad,
+        ctx.ignore_index,
+        ctx.backend,
+        options.softcap,
+        options.class_weight,
+        options.grad_smooth,
+        options.grad_z,
+    )
     return dlogits, *([None] * 8)
 
 
@@ -209,12 +243,30 @@ def cross_entropy(
     vocab = logits.shape[1]
     _check_label_values(op, labels, vocab, ignore_index)
     label_smoothing, lse_square_scale, softcap, class_weight, resolved = check_ce_call(
-        op, reduction, label_smoothing, lse_square_scale, softcap, weight, return_z_loss, return_token_accuracy,
-        vocab, logits.device, "weight", backend)
+        op,
+        reduction,
+        label_smoothing,
+        lse_square_scale,
+        softcap,
+        weight,
+        return_z_loss,
+        return_token_accuracy,
+        vocab,
+        logits.device,
+        "weight",
+        backend,
+    )
     rows = as_rows(logits, vocab)
     ce, z_loss, correct, _ = _cross_entropy_fwd_op(
-        rows, labels.contiguous(), ignore_index, resolved, class_weight, label_smoothing, lse_square_scale,
-        softcap, return_token_accuracy,
+        rows,
+        labels.contiguous(),
+        ignore_index,
+        resolved,
+        class_weight,
+        label_smoothing,
+        lse_square_scale,
+        softcap,
+        return_token_accuracy,
     )
     dtype = _loss_dtype(logits)
     if reduction == "none":

@@ -86,14 +86,31 @@ from .._checks import (
 
 OP = "dpo_loss"
 LOSS_TYPES = (
-    "sigmoid", "cdpo", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
+    "sigmoid",
+    "cdpo",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "sft",
 )
 # Loss types that read label_smoothing; exo_pair needs it positive.
 SMOOTHED_TYPES = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
 # Loss types that need the completion token counts, and which of them.
-_NEEDS_LENGTHS = {"ipo": ("chosen_lengths", "rejected_lengths"),
-                  "sigmoid_norm": ("chosen_lengths", "rejected_lengths"), "sft": ("chosen_lengths",)}
+_NEEDS_LENGTHS = {
+    "ipo": ("chosen_lengths", "rejected_lengths"),
+    "sigmoid_norm": ("chosen_lengths", "rejected_lengths"),
+    "sft": ("chosen_lengths",),
+}
 _RENAMED = {"aot_pair": "aot_unpaired"}
 
 
@@ -101,8 +118,9 @@ def _smoothed_sigmoid(logits: torch.Tensor, eps: float) -> torch.Tensor:
     return -F.logsigmoid(logits) * (1 - eps) - F.logsigmoid(-logits) * eps
 
 
-def _per_pair_loss(loss_type, pc, pr, rc, rr, c, r, beta, eps, chosen_lengths, rejected_lengths,
-                   discopop_tau, bco_delta) -> torch.Tensor:
+def _per_pair_loss(
+    loss_type, pc, pr, rc, rr, c, r, beta, eps, chosen_lengths, rejected_lengths, discopop_tau, bco_delta
+) -> torch.Tensor:
     """Per-pair losses [B] of one type (sft: its batch value, a 0-d tensor)."""
     h = c - r
     if loss_type == "sigmoid":
@@ -120,8 +138,9 @@ def _per_pair_loss(loss_type, pc, pr, rc, rr, c, r, beta, eps, chosen_lengths, r
     if loss_type == "exo_pair":
         logits = beta * h
         q_chosen, q_rejected = torch.sigmoid(logits), torch.sigmoid(-logits)
-        return (q_chosen * (F.logsigmoid(logits) - math.log1p(-eps))
-                + q_rejected * (F.logsigmoid(-logits) - math.log(eps)))
+        return q_chosen * (F.logsigmoid(logits) - math.log1p(-eps)) + q_rejected * (
+            F.logsigmoid(-logits) - math.log(eps)
+        )
     if loss_type == "nca_pair":
         return -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
     if loss_type == "bco_pair":
@@ -164,16 +183,20 @@ def check_loss_options(
         raise ValueError(f"{OP}: loss_type must be a loss type name or a non-empty list of them, got {loss_type!r}")
     for one_type in loss_types:
         if one_type in _RENAMED:
-            raise ValueError(f"{OP}: loss_type {one_type!r} is TRL 0.x's name; TRL 1.x and this op call the same "
-                             f"loss {_RENAMED[one_type]!r}")
+            raise ValueError(
+                f"{OP}: loss_type {one_type!r} is TRL 0.x's name; TRL 1.x and this op call the same "
+                f"loss {_RENAMED[one_type]!r}"
+            )
         if one_type not in LOSS_TYPES:
             raise ValueError(f"{OP}: loss_type must be one of {LOSS_TYPES}, got {one_type!r}")
     if loss_weights is not None:
         if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
             raise ValueError(f"{OP}: loss_weights must be a list of floats, got {loss_weights!r}")
         if len(loss_weights) != len(loss_types):
-            raise ValueError(f"{OP}: loss_weights has {len(loss_weights)} entries, expected {len(loss_types)} "
-                             f"(one per loss_type {loss_types})")
+            raise ValueError(
+                f"{OP}: loss_weights has {len(loss_weights)} entries, expected {len(loss_types)} "
+                f"(one per loss_type {loss_types})"
+            )
         if not all(is_finite_number(w) for w in loss_weights):
             raise ValueError(f"{OP}: loss_weights must be finite floats, got {list(loss_weights)!r}")
 
@@ -182,21 +205,39 @@ def check_loss_options(
     if not is_finite_number(label_smoothing) or not 0 <= label_smoothing < 0.5:
         raise ValueError(f"{OP}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and "sigmoid" in loss_types:
-        raise ValueError(f"{OP}: loss_type 'sigmoid' ignores label_smoothing (TRL >= 0.29); for conservative DPO "
-                         f"use loss_type='cdpo', got label_smoothing={label_smoothing!r}")
+        raise ValueError(
+            f"{OP}: loss_type 'sigmoid' ignores label_smoothing (TRL >= 0.29); for conservative DPO "
+            f"use loss_type='cdpo', got label_smoothing={label_smoothing!r}"
+        )
     if label_smoothing and not set(loss_types) & set(SMOOTHED_TYPES):
-        raise ValueError(f"{OP}: label_smoothing is used by the {', '.join(SMOOTHED_TYPES)} losses only, "
-                         f"got label_smoothing={label_smoothing!r} with loss_type={loss_type!r}")
+        raise ValueError(
+            f"{OP}: label_smoothing is used by the {', '.join(SMOOTHED_TYPES)} losses only, "
+            f"got label_smoothing={label_smoothing!r} with loss_type={loss_type!r}"
+        )
     if "exo_pair" in loss_types and not label_smoothing > 0:
-        raise ValueError(f"{OP}: loss_type 'exo_pair' needs label_smoothing in (0, 0.5) (the EXO paper uses 1e-3), "
-                         f"got {label_smoothing!r}")
+        raise ValueError(
+            f"{OP}: loss_type 'exo_pair' needs label_smoothing in (0, 0.5) (the EXO paper uses 1e-3), "
+            f"got {label_smoothing!r}"
+        )
     if not is_finite_number(discopop_tau) or not discopop_tau > 0:
         raise ValueError(f"{OP}: discopop_tau must be a positive float, got {discopop_tau!r}")
     return loss_types
 
 
-def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
-                label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta):
+def _check_args(
+    policy_chosen,
+    policy_rejected,
+    reference_chosen,
+    reference_rejected,
+    beta,
+    loss_type,
+    label_smoothing,
+    loss_weights,
+    chosen_lengths,
+    rejected_lengths,
+    discopop_tau,
+    bco_delta,
+):
     named = {
         "policy_chosen": policy_chosen,
         "policy_rejected": policy_rejected,
@@ -212,8 +253,10 @@ def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_reje
     loss_types = check_loss_options(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
     if isinstance(bco_delta, torch.Tensor):
         if bco_delta.dim() != 0 or not bco_delta.dtype.is_floating_point:
-            raise ValueError(f"{OP}: bco_delta must be a float or a 0-d float tensor, got a {bco_delta.dtype} "
-                             f"tensor of shape {tuple(bco_delta.shape)}")
+            raise ValueError(
+                f"{OP}: bco_delta must be a float or a 0-d float tensor, got a {bco_delta.dtype} "
+                f"tensor of shape {tuple(bco_delta.shape)}"
+            )
         check_same_device(OP, "policy_chosen", policy_chosen, bco_delta=bco_delta)
     elif not is_finite_number(bco_delta):
         raise ValueError(f"{OP}: bco_delta must be a finite float, got {bco_delta!r}")
@@ -222,8 +265,10 @@ def _check_args(policy_chosen, policy_rejected, reference_chosen, reference_reje
     for one_type in loss_types:
         for name in _NEEDS_LENGTHS.get(one_type, ()):
             if lengths[name] is None:
-                raise ValueError(f"{OP}: loss_type {one_type!r} needs {name} (completion token counts [B]) "
-                                 f"with summed log-probs, got None")
+                raise ValueError(
+                    f"{OP}: loss_type {one_type!r} needs {name} (completion token counts [B]) "
+                    f"with summed log-probs, got None"
+                )
     for name, tensor in lengths.items():
         if tensor is None:
             continue
@@ -255,16 +300,43 @@ def dpo_loss(
     ``chosen_lengths`` / ``rejected_lengths``: completion token counts [B], needed by ipo and
     sigmoid_norm (both) and sft (chosen). ``bco_delta``: the reward shift of bco_pair (0 = TRL 1.x).
     """
-    loss_types = _check_args(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, loss_type,
-                             label_smoothing, loss_weights, chosen_lengths, rejected_lengths, discopop_tau, bco_delta)
+    loss_types = _check_args(
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        beta,
+        loss_type,
+        label_smoothing,
+        loss_weights,
+        chosen_lengths,
+        rejected_lengths,
+        discopop_tau,
+        bco_delta,
+    )
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     chosen_logratio = policy_chosen - reference_chosen
     rejected_logratio = policy_rejected - reference_rejected
     loss = None
     for one_type, weight in zip(loss_types, weights):
-        term = _per_pair_loss(one_type, policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                              chosen_logratio, rejected_logratio, beta, label_smoothing, chosen_lengths,
-                              rejected_lengths, discopop_tau, bco_delta).mean() * weight
+        term = (
+            _per_pair_loss(
+                one_type,
+                policy_chosen,
+                policy_rejected,
+                reference_chosen,
+                reference_rejected,
+                chosen_logratio,
+                rejected_logratio,
+                beta,
+                label_smoothing,
+                chosen_lengths,
+                rejected_lengths,
+                discopop_tau,
+                bco_delta,
+            ).mean()
+            * weight
+        )
         loss = term if loss is None else loss + term
     return loss, (beta * chosen_logratio).detach(), (beta * rejected_logratio).detach()
 

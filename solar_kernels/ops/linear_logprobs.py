@@ -194,10 +194,22 @@ def _tanh(x):
 
 @triton.jit
 def _logprobs_kernel(
-    Z, LABELS, LOGP, LSE, GRAD,
-    CLASS_WEIGHT, CLASS_WEIGHT_SUM, SMOOTH_OUT, CORRECT, GRAD_SMOOTH, GRAD_Z,
-    stride_z_row, stride_grad_row,
-    n_vocab, ignore_index, softcap,
+    Z,
+    LABELS,
+    LOGP,
+    LSE,
+    GRAD,
+    CLASS_WEIGHT,
+    CLASS_WEIGHT_SUM,
+    SMOOTH_OUT,
+    CORRECT,
+    GRAD_SMOOTH,
+    GRAD_Z,
+    stride_z_row,
+    stride_grad_row,
+    n_vocab,
+    ignore_index,
+    softcap,
     COMPUTE_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -317,17 +329,30 @@ class RowOptions:
             return t[start:end] if t is not None else None
 
         return dataclasses.replace(
-            self, smooth_sum=part(self.smooth_sum), correct=part(self.correct),
-            grad_smooth=part(self.grad_smooth), grad_z=part(self.grad_z),
+            self,
+            smooth_sum=part(self.smooth_sum),
+            correct=part(self.correct),
+            grad_smooth=part(self.grad_smooth),
+            grad_z=part(self.grad_z),
         )
 
     @classmethod
-    def for_gradient(cls, softcap: float | None, class_weight: torch.Tensor | None,
-                     grad_smooth: torch.Tensor | None, grad_z: torch.Tensor | None) -> RowOptions:
+    def for_gradient(
+        cls,
+        softcap: float | None,
+        class_weight: torch.Tensor | None,
+        grad_smooth: torch.Tensor | None,
+        grad_z: torch.Tensor | None,
+    ) -> RowOptions:
         """The options of a gradient pass, from a backward custom op's flat arguments (a schema has
         no place for a dataclass)."""
-        return cls(softcap=softcap, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
-                   class_weight_sum=class_weight.sum() if class_weight is not None else None)
+        return cls(
+            softcap=softcap,
+            class_weight=class_weight,
+            grad_smooth=grad_smooth,
+            grad_z=grad_z,
+            class_weight_sum=class_weight.sum() if class_weight is not None else None,
+        )
 
     @property
     def plain(self) -> bool:
@@ -401,8 +426,18 @@ def _logprobs_rows(backend, logits, labels, logp, lse, grad, ignore_index, compu
     if backend == "torch":
         _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options)
         return
-    LOGPROBS.launch(backend, logits, labels, logp, lse, grad, ignore_index=ignore_index, compute_lse=compute_lse,
-                    write_grad=write_grad, options=options)
+    LOGPROBS.launch(
+        backend,
+        logits,
+        labels,
+        logp,
+        lse,
+        grad,
+        ignore_index=ignore_index,
+        compute_lse=compute_lse,
+        write_grad=write_grad,
+        options=options,
+    )
 
 
 def _logprobs_triton(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options=_PLAIN):
@@ -414,15 +449,30 @@ def _logprobs_triton(logits, labels, logp, lse, grad, ignore_index, compute_lse,
         return t if t is not None else dummy
 
     _logprobs_kernel[(logits.shape[0],)](
-        logits, labels, logp, lse, grad,
-        ptr(options.class_weight), ptr(options.class_weight_sum), ptr(options.smooth_sum), ptr(options.correct),
-        ptr(options.grad_smooth), ptr(options.grad_z),
-        logits.stride(0), grad.stride(0),
-        vocab, ignore_index, options.softcap if options.softcap is not None else 1.0,
-        COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad,
-        SOFTCAP=options.softcap is not None, HAS_CLASS_WEIGHT=options.class_weight is not None,
-        SMOOTH_SUM=options.smooth_sum is not None, SMOOTH_GRAD=options.grad_smooth is not None,
-        Z_LOSS=options.grad_z is not None, ACCURACY=options.correct is not None,
+        logits,
+        labels,
+        logp,
+        lse,
+        grad,
+        ptr(options.class_weight),
+        ptr(options.class_weight_sum),
+        ptr(options.smooth_sum),
+        ptr(options.correct),
+        ptr(options.grad_smooth),
+        ptr(options.grad_z),
+        logits.stride(0),
+        grad.stride(0),
+        vocab,
+        ignore_index,
+        options.softcap if options.softcap is not None else 1.0,
+        COMPUTE_LSE=compute_lse,
+        WRITE_GRAD=write_grad,
+        SOFTCAP=options.softcap is not None,
+        HAS_CLASS_WEIGHT=options.class_weight is not None,
+        SMOOTH_SUM=options.smooth_sum is not None,
+        SMOOTH_GRAD=options.grad_smooth is not None,
+        Z_LOSS=options.grad_z is not None,
+        ACCURACY=options.correct is not None,
         BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)),
         num_warps=8,
     )
@@ -440,15 +490,25 @@ def _logprobs_example(rows: int, width: int, dtype: torch.dtype, device, make=to
 # (csrc/logprobs.cu, logprobs_host.cpp) is torch.ops.solar_kernels_C.logprobs_ and runs the plain
 # step only. Variants: the cross-entropy forward (lse and gradient in one pass, what auto times), the
 # log-probs forward (lse only) and backward (gradient from the saved lse).
-LOGPROBS = register(Kernel(
-    "logprobs", "linear_logprobs", triton=_logprobs_triton, outputs=lambda *inputs: (),
-    rows_width=lambda logits, *rest: rows_width(logits), example=_logprobs_example,
-    variants=tuple({"ignore_index": -100, "compute_lse": lse, "write_grad": grad}
-                   for lse, grad in ((True, True), (True, False), (False, True))),
-    cuda_name="logprobs_", cuda_runs=lambda *inputs, options=_PLAIN, **rest: options.plain,
-    cuda_options=("ignore_index", "compute_lse", "write_grad"), in_place=(0, 2, 3),
-    shape_of=lambda config, tokens: (default_chunk_rows(tokens, config.vocab_size), config.vocab_size),
-))
+LOGPROBS = register(
+    Kernel(
+        "logprobs",
+        "linear_logprobs",
+        triton=_logprobs_triton,
+        outputs=lambda *inputs: (),
+        rows_width=lambda logits, *rest: rows_width(logits),
+        example=_logprobs_example,
+        variants=tuple(
+            {"ignore_index": -100, "compute_lse": lse, "write_grad": grad}
+            for lse, grad in ((True, True), (True, False), (False, True))
+        ),
+        cuda_name="logprobs_",
+        cuda_runs=lambda *inputs, options=_PLAIN, **rest: options.plain,
+        cuda_options=("ignore_index", "compute_lse", "write_grad"),
+        in_place=(0, 2, 3),
+        shape_of=lambda config, tokens: (default_chunk_rows(tokens, config.vocab_size), config.vocab_size),
+    )
+)
 
 
 def row_backend(backend: str, rows: int, vocab: int, device: torch.device, options: RowOptions) -> str:
@@ -544,8 +604,16 @@ def _chunked_pass(
             hidden_chunk = hidden[start:end]
             logits = torch.nn.functional.linear(hidden_chunk, weight, bias)  # [C, V], hidden dtype
             _logprobs_rows(
-                implementation, logits, labels[start:end], logp[start:end], lse[start:end], grad_arg[start:end],
-                ignore_index, compute_lse, write_grad, options.rows(start, end),
+                implementation,
+                logits,
+                labels[start:end],
+                logp[start:end],
+                lse[start:end],
+                grad_arg[start:end],
+                ignore_index,
+                compute_lse,
+                write_grad,
+                options.rows(start, end),
             )
             if not write_grad:
                 continue
@@ -569,7 +637,11 @@ def fake_row_outputs(like: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]
 
 
 def _fake_gradients(
-    hidden: torch.Tensor, weight: torch.Tensor, need_dhidden: bool, need_dweight: bool, need_dbias: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
     accumulator_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fake's (dhidden, dweight, dbias) as the real op returns them: contiguous, shaped like hidden,
@@ -583,8 +655,13 @@ def _fake_gradients(
 
 @torch.library.custom_op("solar_kernels::linear_logprobs_fwd", mutates_args=())
 def _logprobs_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    ignore_index: int, chunk_rows: int, backend: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend)
     return logp, lse
@@ -597,17 +674,38 @@ def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
 
 @torch.library.custom_op("solar_kernels::linear_logprobs_bwd", mutates_args=())
 def _logprobs_bwd_op(
-    grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, chunk_rows: int,
-    need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
-    softcap: float | None = None, class_weight: torch.Tensor | None = None,
-    grad_smooth: torch.Tensor | None = None, grad_z: torch.Tensor | None = None,
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str,
+    softcap: float | None = None,
+    class_weight: torch.Tensor | None = None,
+    grad_smooth: torch.Tensor | None = None,
+    grad_z: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The trailing arguments are the cross-entropy options of the row step (RowOptions).
     options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
-        hidden, weight, bias, labels, ignore_index, chunk_rows, lse=lse, grad=grad,
-        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        chunk_rows,
+        lse=lse,
+        grad=grad,
+        need_dhidden=need_dhidden,
+        need_dweight=need_dweight,
+        need_dbias=need_dbias,
+        backend=backend,
         options=options,
     )
     # The final cast of the fp32 accumulators (the upstream grad is already in every row's g).
@@ -617,8 +715,24 @@ def _logprobs_bwd_op(
 
 
 @_logprobs_bwd_op.register_fake
-def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias,
-      backend, softcap=None, class_weight=None, grad_smooth=None, grad_z=None):
+def _(
+    grad,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    ignore_index,
+    chunk_rows,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    backend,
+    softcap=None,
+    class_weight=None,
+    grad_smooth=None,
+    grad_z=None,
+):
     return _fake_gradients(hidden, weight, need_dhidden, need_dweight, need_dbias, weight.dtype)
 
 
@@ -637,9 +751,22 @@ def _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_in
     need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     need_dbias = need_dbias and ctx.has_bias
     dhidden, dweight, dbias = _logprobs_bwd_op(
-        grad, hidden, weight, bias, labels, lse, ctx.ignore_index, ctx.chunk_rows,
-        need_dhidden, need_dweight, need_dbias, ctx.backend,
-        options.softcap, options.class_weight, options.grad_smooth, options.grad_z,
+        grad,
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        ctx.ignore_index,
+        ctx.chunk_rows,
+        need_dhidden,
+        need_dweight,
+        need_dbias,
+        ctx.backend,
+        options.softcap,
+        options.class_weight,
+        options.grad_smooth,
+        options.grad_z,
     )
     return (
         dhidden if need_dhidden else None,
@@ -673,9 +800,15 @@ def _per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def ce_gradient(
-    labels: torch.Tensor, ignore_index: int, class_weight: torch.Tensor | None, label_smoothing: float,
-    lse_square_scale: float, softcap: float | None, vocab: int,
-    grad_ce: torch.Tensor, grad_z: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    vocab: int,
+    grad_ce: torch.Tensor,
+    grad_z: torch.Tensor,
 ) -> tuple[torch.Tensor, RowOptions]:
     """The per-row gradient arguments of the row step for d loss / d ce_t = ``grad_ce`` and
     d loss / d zloss_t = ``grad_z`` (each [N] or a scalar): g = -(1 - s) w_y grad_ce, h = s / V grad_ce,
@@ -693,8 +826,12 @@ def ce_gradient(
 
 
 def ce_forward_options(
-    rows: int, device: torch.device, class_weight: torch.Tensor | None, label_smoothing: float,
-    softcap: float | None, want_accuracy: bool,
+    rows: int,
+    device: torch.device,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    softcap: float | None,
+    want_accuracy: bool,
 ) -> RowOptions:
     """The row step's options for a forward pass, with its per-row outputs allocated."""
     return RowOptions(
@@ -706,8 +843,15 @@ def ce_forward_options(
 
 
 def ce_token_losses(
-    logp: torch.Tensor, lse: torch.Tensor, options: RowOptions, labels: torch.Tensor, ignore_index: int,
-    class_weight: torch.Tensor | None, label_smoothing: float, lse_square_scale: float, vocab: int,
+    logp: torch.Tensor,
+    lse: torch.Tensor,
+    options: RowOptions,
+    labels: torch.Tensor,
+    ignore_index: int,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    lse_square_scale: float,
+    vocab: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row cross-entropy ce_t and z-loss (None when its scale is 0), fp32 [N], from a forward
     pass's log-probs, log-sum-exps and smoothing sums; 0 on ignored rows."""
@@ -720,20 +864,31 @@ def ce_token_losses(
 
 
 def ce_row_outputs(
-    logp: torch.Tensor, lse: torch.Tensor, options: RowOptions, labels: torch.Tensor, ignore_index: int,
-    class_weight: torch.Tensor | None, label_smoothing: float, lse_square_scale: float, vocab: int,
+    logp: torch.Tensor,
+    lse: torch.Tensor,
+    options: RowOptions,
+    labels: torch.Tensor,
+    ignore_index: int,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    lse_square_scale: float,
+    vocab: int,
     want_accuracy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_t, zl_t, correct), fp32 [N], as the per-row custom ops return them (``ce_token_losses``;
     the z-loss and the accuracy flags are zeros when off: a custom op returns tensors)."""
-    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
-                                 lse_square_scale, vocab)
+    ce, z_loss = ce_token_losses(
+        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab
+    )
     z_loss = z_loss if z_loss is not None else torch.zeros_like(ce)
     return ce, z_loss, options.correct if want_accuracy else torch.zeros_like(ce)
 
 
 def ce_scales(
-    labels: torch.Tensor, ignore_index: int, class_weight: torch.Tensor | None, reduction: str,
+    labels: torch.Tensor,
+    ignore_index: int,
+    class_weight: torch.Tensor | None,
+    reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(non-ignored count, scale of the summed ce_t, scale of the summed z-loss), fp32 scalars: for
     "mean" 1 / sum of w_y (the count without class weights) and 1 / count, 1 and 1 for "sum"; a
@@ -748,11 +903,22 @@ def ce_scales(
 
 @torch.library.custom_op("solar_kernels::linear_cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    ignore_index: int, reduction: str, chunk_rows: int,
-    need_dhidden: bool, need_dweight: bool, need_dbias: bool, backend: str,
-    class_weight: torch.Tensor | None = None, label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-    softcap: float | None = None, want_accuracy: bool = False,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    chunk_rows: int,
+    need_dhidden: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    backend: str,
+    class_weight: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    want_accuracy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scalar loss, z-loss and token accuracy and, when asked, the loss's gradients (computed now,
     scaled by the upstream grad later): dhidden in the hidden dtype, dweight and dbias as fp32
@@ -763,26 +929,59 @@ def _cross_entropy_fwd_op(
     options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
     grad = None
     if wants_grad:
-        grad, grad_options = ce_gradient(labels, ignore_index, class_weight, label_smoothing, lse_square_scale,
-                                         softcap, vocab, scale_ce, scale_z)
+        grad, grad_options = ce_gradient(
+            labels, ignore_index, class_weight, label_smoothing, lse_square_scale, softcap, vocab, scale_ce, scale_z
+        )
         options = dataclasses.replace(grad_options, smooth_sum=options.smooth_sum, correct=options.correct)
     logp, lse, (dhidden, dweight, dbias) = _chunked_pass(
-        hidden, weight, bias, labels, ignore_index, chunk_rows, grad=grad,
-        need_dhidden=need_dhidden, need_dweight=need_dweight, need_dbias=need_dbias, backend=backend,
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        chunk_rows,
+        grad=grad,
+        need_dhidden=need_dhidden,
+        need_dweight=need_dweight,
+        need_dbias=need_dbias,
+        backend=backend,
         options=options,
     )
-    ce, z_loss = ce_token_losses(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
-                                 lse_square_scale, vocab)
+    ce, z_loss = ce_token_losses(
+        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab
+    )
     loss = ce.sum() * scale_ce
     z_total = z_loss.sum() * scale_z if z_loss is not None else torch.zeros_like(loss)
     accuracy = options.correct.sum() / count if want_accuracy else torch.zeros_like(loss)
-    return (loss + z_total, z_total, accuracy,
-            _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight))
+    return (
+        loss + z_total,
+        z_total,
+        accuracy,
+        _or_empty(dhidden, hidden),
+        _or_empty(dweight, weight),
+        _or_empty(dbias, weight),
+    )
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias,
-      backend, class_weight=None, label_smoothing=0.0, lse_square_scale=0.0, softcap=None, want_accuracy=False):
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    reduction,
+    chunk_rows,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    backend,
+    class_weight=None,
+    label_smoothing=0.0,
+    lse_square_scale=0.0,
+    softcap=None,
+    want_accuracy=False,
+):
     scalars = tuple(hidden.new_empty((), dtype=torch.float32) for _ in range(3))  # loss, z-loss, accuracy
     return *scalars, *_fake_gradients(hidden, weight, need_dhidden, need_dweight, need_dbias, torch.float32)
 
@@ -809,7 +1008,19 @@ def _cross_entropy_backward(ctx, grad_loss, *_unused):
         dhidden * grad_loss if need_dhidden else None,
         _scale_and_cast(dweight, grad_loss, ctx.weight_dtype) if need_dweight else None,
         _scale_and_cast(dbias, grad_loss, ctx.weight_dtype) if need_dbias else None,
-        None, None, None, None, None, None, None, None, None, None, None, None, None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
@@ -820,30 +1031,65 @@ torch.library.register_autograd(
 
 @torch.library.custom_op("solar_kernels::linear_cross_entropy_tokens_fwd", mutates_args=())
 def _cross_entropy_tokens_fwd_op(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-    ignore_index: int, chunk_rows: int, backend: str, class_weight: torch.Tensor | None,
-    label_smoothing: float, lse_square_scale: float, softcap: float | None, want_accuracy: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    chunk_rows: int,
+    backend: str,
+    class_weight: torch.Tensor | None,
+    label_smoothing: float,
+    lse_square_scale: float,
+    softcap: float | None,
+    want_accuracy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token loss (cross-entropy plus z-loss), z-loss, correct flag and log-sum-exp, fp32 [N];
     the gradients come in backward, from the saved log-sum-exp (4 matmuls in all, as log-probs)."""
     vocab = weight.shape[0]
     options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
-    logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend,
-                                 options=options)
-    ce, z_loss, correct = ce_row_outputs(logp, lse, options, labels, ignore_index, class_weight, label_smoothing,
-                                         lse_square_scale, vocab, want_accuracy)
+    logp, lse, _ = _chunked_pass(
+        hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend, options=options
+    )
+    ce, z_loss, correct = ce_row_outputs(
+        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab, want_accuracy
+    )
     return ce + z_loss, z_loss, correct, lse
 
 
 @_cross_entropy_tokens_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend, class_weight, label_smoothing,
-      lse_square_scale, softcap, want_accuracy):
+def _(
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    chunk_rows,
+    backend,
+    class_weight,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    want_accuracy,
+):
     return fake_row_outputs(hidden, 4)
 
 
 def _cross_entropy_tokens_setup_context(ctx, inputs, output):
-    (hidden, weight, bias, labels, ignore_index, chunk_rows, backend, class_weight, label_smoothing,
-     lse_square_scale, softcap, _) = inputs
+    (
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        chunk_rows,
+        backend,
+        class_weight,
+        label_smoothing,
+        lse_square_scale,
+        softcap,
+        _,
+    ) = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[3], class_weight)
     ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
     ctx.label_smoothing, ctx.lse_square_scale, ctx.softcap = label_smoothing, lse_square_scale, softcap
@@ -854,16 +1100,25 @@ def _cross_entropy_tokens_setup_context(ctx, inputs, output):
 def _cross_entropy_tokens_backward(ctx, grad_loss, *_unused):
     hidden, weight, bias, labels, lse, class_weight = ctx.saved_tensors
     grad_loss = grad_loss.float()
-    grad, options = ce_gradient(labels, ctx.ignore_index, class_weight, ctx.label_smoothing, ctx.lse_square_scale,
-                                ctx.softcap, weight.shape[0], grad_loss, grad_loss)
+    grad, options = ce_gradient(
+        labels,
+        ctx.ignore_index,
+        class_weight,
+        ctx.label_smoothing,
+        ctx.lse_square_scale,
+        ctx.softcap,
+        weight.shape[0],
+        grad_loss,
+        grad_loss,
+    )
     return _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_inputs=9, options=options)
 
 
 torch.library.register_autograd(
-    "solar_kernels::linear_cross_entropy_tokens_fwd", _cross_entropy_tokens_backward,
+    "solar_kernels::linear_cross_entropy_tokens_fwd",
+    _cross_entropy_tokens_backward,
     setup_context=_cross_entropy_tokens_setup_context,
 )
-
 
 
 def _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size, hidden_ndims=(2, 3)):
@@ -875,8 +1130,7 @@ def _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size, 
     check_same_device_dtype(op, "hidden", hidden, weight=weight, bias=bias)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
-            f"{op}: weight must be [V, d] with d = {hidden.shape[-1]} (hidden.shape[-1]), "
-            f"got {tuple(weight.shape)}"
+            f"{op}: weight must be [V, d] with d = {hidden.shape[-1]} (hidden.shape[-1]), got {tuple(weight.shape)}"
         )
     if bias is not None:
         check_float_tensor(op, "bias", bias, ndims=(1,))
@@ -945,8 +1199,9 @@ def linear_logprobs(
 
     0 where ``labels == ignore_index``. ``chunk_size`` (rows per chunk) overrides the default.
     """
-    return _token_logprobs("linear_logprobs", hidden, weight, labels, bias, ignore_index, chunk_size, backend,
-                           hidden_ndims=(2, 3))
+    return _token_logprobs(
+        "linear_logprobs", hidden, weight, labels, bias, ignore_index, chunk_size, backend, hidden_ndims=(2, 3)
+    )
 
 
 @dataclasses.dataclass
@@ -961,8 +1216,16 @@ class CrossEntropyOutput:
 
 
 def check_ce_options(
-    op: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss, return_token_accuracy,
-    vocab: int, device: torch.device, weight_name: str,
+    op: str,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    class_weight,
+    return_z_loss,
+    return_token_accuracy,
+    vocab: int,
+    device: torch.device,
+    weight_name: str,
 ) -> tuple[float, float, float | None, torch.Tensor | None]:
     """The cross-entropy options, checked before any work: (label_smoothing, lse_square_scale,
     softcap) as floats and the class weights as a contiguous fp32 [V] tensor (or None)."""
@@ -1007,17 +1270,31 @@ def backend_for_options(op: str, resolved: str, requested: str | None, active: l
 def active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy, weight_name):
     """The names of the options that are on, as the user spelled them."""
     names = []
-    for name, on in (("label_smoothing", label_smoothing > 0), ("lse_square_scale", lse_square_scale != 0),
-                     ("softcap", softcap is not None), (weight_name, class_weight is not None),
-                     ("return_token_accuracy", return_token_accuracy)):
+    for name, on in (
+        ("label_smoothing", label_smoothing > 0),
+        ("lse_square_scale", lse_square_scale != 0),
+        ("softcap", softcap is not None),
+        (weight_name, class_weight is not None),
+        ("return_token_accuracy", return_token_accuracy),
+    ):
         if on:
             names.append(name)
     return names
 
 
 def check_ce_call(
-    op: str, reduction: str, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss,
-    return_token_accuracy, vocab: int, device: torch.device, weight_name: str, backend: str | None,
+    op: str,
+    reduction: str,
+    label_smoothing,
+    lse_square_scale,
+    softcap,
+    class_weight,
+    return_z_loss,
+    return_token_accuracy,
+    vocab: int,
+    device: torch.device,
+    weight_name: str,
+    backend: str | None,
 ) -> tuple[float, float, float | None, torch.Tensor | None, str]:
     """The cross-entropy ops' checks after their tensor checks, before any work: ``reduction``, the
     options (``check_ce_options``, as returned there) and the backend that has them (resolved, then
@@ -1026,11 +1303,21 @@ def check_ce_call(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     label_smoothing, lse_square_scale, softcap, class_weight = check_ce_options(
-        op, label_smoothing, lse_square_scale, softcap, class_weight, return_z_loss, return_token_accuracy,
-        vocab, device, weight_name)
+        op,
+        label_smoothing,
+        lse_square_scale,
+        softcap,
+        class_weight,
+        return_z_loss,
+        return_token_accuracy,
+        vocab,
+        device,
+        weight_name,
+    )
     resolved = resolve_backend(op, backend, device)
-    active = active_ce_options(label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy,
-                               weight_name)
+    active = active_ce_options(
+        label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy, weight_name
+    )
     return label_smoothing, lse_square_scale, softcap, class_weight, backend_for_options(op, resolved, backend, active)
 
 
@@ -1069,23 +1356,60 @@ def linear_cross_entropy(
     op = "linear_cross_entropy"
     hidden, weight, bias = _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size)
     label_smoothing, lse_square_scale, softcap, class_weight, resolved = check_ce_call(
-        op, reduction, label_smoothing, lse_square_scale, softcap, ce_weight, return_z_loss, return_token_accuracy,
-        weight.shape[0], hidden.device, "ce_weight", backend)
+        op,
+        reduction,
+        label_smoothing,
+        lse_square_scale,
+        softcap,
+        ce_weight,
+        return_z_loss,
+        return_token_accuracy,
+        weight.shape[0],
+        hidden.device,
+        "ce_weight",
+        backend,
+    )
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
     if reduction == "none":
         loss, z_loss, correct, _ = _cross_entropy_tokens_fwd_op(
-            hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved, class_weight,
-            label_smoothing, lse_square_scale, softcap, return_token_accuracy,
+            hidden2d,
+            weight,
+            bias,
+            labels1d,
+            ignore_index,
+            chunk_rows,
+            resolved,
+            class_weight,
+            label_smoothing,
+            lse_square_scale,
+            softcap,
+            return_token_accuracy,
         )
-        return ce_result(loss.view(labels.shape), z_loss.view(labels.shape), correct.view(labels.shape),
-                         return_z_loss, return_token_accuracy)
+        return ce_result(
+            loss.view(labels.shape),
+            z_loss.view(labels.shape),
+            correct.view(labels.shape),
+            return_z_loss,
+            return_token_accuracy,
+        )
     grad_on = torch.is_grad_enabled()
     loss, z_loss, accuracy, *_ = _cross_entropy_fwd_op(
-        hidden2d, weight, bias, labels1d, ignore_index, reduction, chunk_rows,
+        hidden2d,
+        weight,
+        bias,
+        labels1d,
+        ignore_index,
+        reduction,
+        chunk_rows,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
-        resolved, class_weight, label_smoothing, lse_square_scale, softcap, return_token_accuracy,
+        resolved,
+        class_weight,
+        label_smoothing,
+        lse_square_scale,
+        softcap,
+        return_token_accuracy,
     )
     return ce_result(loss, z_loss, accuracy, return_z_loss, return_token_accuracy)
 
@@ -1106,6 +1430,7 @@ def sequence_logprobs(
     Only tokens whose label is not ``ignore_index`` count (prompt tokens carry -100 in DPO); a row
     with none gives 0.
     """
-    logp = _token_logprobs("sequence_logprobs", hidden, weight, labels, bias, ignore_index, chunk_size, backend,
-                           hidden_ndims=(3,))
+    logp = _token_logprobs(
+        "sequence_logprobs", hidden, weight, labels, bias, ignore_index, chunk_size, backend, hidden_ndims=(3,)
+    )
     return _per_sequence(logp, labels, ignore_index, average)

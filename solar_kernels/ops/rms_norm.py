@@ -165,8 +165,19 @@ def _rstd(sum_sq, n_cols, eps, X_DTYPE: tl.constexpr, MODE: tl.constexpr):
 
 
 @triton.jit
-def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, offset,
-                  NORMED_DTYPE: tl.constexpr, HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr):
+def _store_normed(
+    x,
+    rstd,
+    W,
+    y_rows,
+    cols,
+    mask,
+    n_cols,
+    offset,
+    NORMED_DTYPE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    MODE: tl.constexpr,
+):
     """y = (offset + weight) * normed for one tile, rounded to y's dtype (x's, or wider under
     autocast). llama: normed = (x * rstd).to(x dtype), the product in fp32, as Hugging Face rounds
     it; gemma: all fp32; none: each op rounded to its eager dtype (offset + weight in weight's)."""
@@ -183,9 +194,20 @@ def _store_normed(x, rstd, W, y_rows, cols, mask, n_cols, offset,
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    X, RES, W, Y, H, RSTD,
-    stride_x_row, stride_res_row, stride_y_row, stride_h_row,
-    n_rows, n_cols, eps, offset,
+    X,
+    RES,
+    W,
+    Y,
+    H,
+    RSTD,
+    stride_x_row,
+    stride_res_row,
+    stride_y_row,
+    stride_h_row,
+    n_rows,
+    n_cols,
+    eps,
+    offset,
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     MODE: tl.constexpr,
@@ -228,9 +250,21 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, X, W, RSTD, DH, DX, DW_PARTIAL,
-    stride_dy_row, stride_x_row, stride_dh_row, stride_dx_row,
-    n_rows, n_cols, rows_per_program, offset,
+    DY,
+    X,
+    W,
+    RSTD,
+    DH,
+    DX,
+    DW_PARTIAL,
+    stride_dy_row,
+    stride_x_row,
+    stride_dh_row,
+    stride_dx_row,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    offset,
     HAS_DH: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -328,7 +362,13 @@ def _column_sum(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     block_n = triton.next_power_of_2(triton.cdiv(n_cols, 4)) if TRITON_INTERPRETED else _SUM_BLOCK_N
     block_r = triton.next_power_of_2(n_partials) if TRITON_INTERPRETED else _SUM_BLOCK_R
     _column_sum_kernel[(triton.cdiv(n_cols, block_n),)](
-        partial, out, n_partials, n_cols, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4,
+        partial,
+        out,
+        n_partials,
+        n_cols,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        num_warps=4,
     )
     return out
 
@@ -356,11 +396,26 @@ def _rms_norm_fwd_triton(x, weight, residual, y, h, rstd, eps, offset=0.0, casti
     res = residual if residual is not None else x
     h = h if h is not None else y  # not written without a residual
     _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-        x, res, weight if weight is not None else x, y, h, rstd,
-        x.stride(0), res.stride(0), y.stride(0), h.stride(0),
-        n_rows, n_cols, eps, offset,
-        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, MODE=_MODE_CODES[casting_mode],
-        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
+        x,
+        res,
+        weight if weight is not None else x,
+        y,
+        h,
+        rstd,
+        x.stride(0),
+        res.stride(0),
+        y.stride(0),
+        h.stride(0),
+        n_rows,
+        n_cols,
+        eps,
+        offset,
+        HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None,
+        MODE=_MODE_CODES[casting_mode],
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        SINGLE_TILE=single_tile,
         num_warps=warps_for(block_m * block_d),
     )
 
@@ -379,11 +434,26 @@ def _rms_norm_bwd_triton(dy, h, weight, rstd, dh, dx, dweight, offset=0.0) -> No
     dw_partial = alloc((programs, n_cols) if has_weight else (1,), dtype=torch.float32, device=h.device)
     dh_rows = dh if dh is not None else dy
     _rms_norm_bwd_kernel[(programs,)](
-        dy, h, weight if has_weight else h, rstd, dh_rows, dx, dw_partial,
-        dy.stride(0), h.stride(0), dh_rows.stride(0), dx.stride(0),
-        n_rows, n_cols, rows_per_program, offset,
-        HAS_DH=dh is not None, HAS_WEIGHT=has_weight,
-        BLOCK_M=block_m, BLOCK_D=block_d, SINGLE_TILE=single_tile,
+        dy,
+        h,
+        weight if has_weight else h,
+        rstd,
+        dh_rows,
+        dx,
+        dw_partial,
+        dy.stride(0),
+        h.stride(0),
+        dh_rows.stride(0),
+        dx.stride(0),
+        n_rows,
+        n_cols,
+        rows_per_program,
+        offset,
+        HAS_DH=dh is not None,
+        HAS_WEIGHT=has_weight,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        SINGLE_TILE=single_tile,
         NUM_STAGES=_bwd_stages(block_m * block_d, dy, h, *([dh] if dh is not None else [])),
         num_warps=warps_for(block_m * block_d, _BWD_ELEMENTS_PER_THREAD),
     )
@@ -431,17 +501,35 @@ def _compile_launches(backward: bool):
             x, w, rstd = make(n, d, dtype=dtype), make(d, dtype=dtype), make(n, dtype=torch.float32)
             for residual in (None, make(n, d, dtype=dtype)):
                 label = f"rms_norm{'+residual' if residual is not None else ''} {kind} d={d}"
-                found.append((label, solar, (x, x, w, rstd, residual) if backward else (x, w, residual),
-                              {} if backward else {"eps": 1e-5}))
+                found.append(
+                    (
+                        label,
+                        solar,
+                        (x, x, w, rstd, residual) if backward else (x, w, residual),
+                        {} if backward else {"eps": 1e-5},
+                    )
+                )
         if dtype == torch.bfloat16:
             x, w32 = make(rows, width, dtype=dtype), make(width, dtype=torch.float32)
             rstd = make(rows, dtype=torch.float32)
             if backward:
-                found.append((f"rms_norm bwd d={width} fp32 dy, fp32 weight", True,
-                              (make(rows, width, dtype=torch.float32), x, w32, rstd, None), {}))
+                found.append(
+                    (
+                        f"rms_norm bwd d={width} fp32 dy, fp32 weight",
+                        True,
+                        (make(rows, width, dtype=torch.float32), x, w32, rstd, None),
+                        {},
+                    )
+                )
             else:
-                found.append((f"rms_norm fwd d={width} fp32 weight -> fp32 y", True, (x, w32, None),
-                              {"eps": 1e-5, "promote": True}))
+                found.append(
+                    (
+                        f"rms_norm fwd d={width} fp32 weight -> fp32 y",
+                        True,
+                        (x, w32, None),
+                        {"eps": 1e-5, "promote": True},
+                    )
+                )
         return found
 
     return launches
@@ -461,36 +549,64 @@ def _non_default_option(weight, offset=0.0, casting_mode="llama") -> str:
 # (x, weight, residual) -> (y, h, rstd) and (dy, h, weight, rstd, dh) -> (dx, dweight), over rows
 # [N, d]; the CUDA ops (csrc/rms_norm.cu, rms_norm_host.cpp) implement the llama mode with a weight
 # and no offset, y in x's dtype (dy in h's), and take eps only.
-RMS_NORM_FWD = register(Kernel(
-    "rms_norm_fwd", "rms_norm", triton=_rms_norm_fwd_triton, rows_width=lambda x, *rest: rows_width(x),
-    example=_fwd_example, allocator=_fwd_outputs, allocate_options=("promote",), variants=({"eps": 1e-5},),
-    cuda_options=("eps",),
-    cuda_lacks=lambda x, weight, residual, offset=0.0, casting_mode="llama", **_: _non_default_option(
-        weight, offset, casting_mode),
-    cuda_takes=lambda x, weight, residual, y, h, rstd: y.dtype == x.dtype,
-    compile_launches=_compile_launches(backward=False),
-))
-RMS_NORM_BWD = register(Kernel(
-    "rms_norm_bwd", "rms_norm", triton=_rms_norm_bwd_triton, rows_width=lambda dy, h, *rest: rows_width(h),
-    example=_bwd_example, allocator=_bwd_outputs, cuda_options=(),
-    cuda_lacks=lambda dy, h, weight, rstd, dh, offset=0.0: _non_default_option(weight, offset),
-    cuda_takes=lambda dy, h, weight, rstd, dh, dx, dweight: dy.dtype == h.dtype,
-    compile_launches=_compile_launches(backward=True),
-))
+RMS_NORM_FWD = register(
+    Kernel(
+        "rms_norm_fwd",
+        "rms_norm",
+        triton=_rms_norm_fwd_triton,
+        rows_width=lambda x, *rest: rows_width(x),
+        example=_fwd_example,
+        allocator=_fwd_outputs,
+        allocate_options=("promote",),
+        variants=({"eps": 1e-5},),
+        cuda_options=("eps",),
+        cuda_lacks=lambda x, weight, residual, offset=0.0, casting_mode="llama", **_: _non_default_option(
+            weight, offset, casting_mode
+        ),
+        cuda_takes=lambda x, weight, residual, y, h, rstd: y.dtype == x.dtype,
+        compile_launches=_compile_launches(backward=False),
+    )
+)
+RMS_NORM_BWD = register(
+    Kernel(
+        "rms_norm_bwd",
+        "rms_norm",
+        triton=_rms_norm_bwd_triton,
+        rows_width=lambda dy, h, *rest: rows_width(h),
+        example=_bwd_example,
+        allocator=_bwd_outputs,
+        cuda_options=(),
+        cuda_lacks=lambda dy, h, weight, rstd, dh, offset=0.0: _non_default_option(weight, offset),
+        cuda_takes=lambda dy, h, weight, rstd, dh, dx, dweight: dy.dtype == h.dtype,
+        compile_launches=_compile_launches(backward=True),
+    )
+)
 
 
 @torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, backend: str,
-    promote: bool = False, offset: float = 0.0, casting_mode: str = "llama",
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    backend: str,
+    promote: bool = False,
+    offset: float = 0.0,
+    casting_mode: str = "llama",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, rstd) shaped like x, x, [rows]; h is empty without residual. ``backend`` is
     "triton", "cuda" or "auto" (decided per launch, forward and backward apart). ``promote``: y in
     the promotion of x's and weight's dtypes (autocast), else in x's."""
     n_cols = x.shape[-1]
     y, h, rstd = RMS_NORM_FWD.launch(
-        backend, as_rows(x, n_cols), weight, as_rows(residual, n_cols) if residual is not None else None,
-        eps=eps, offset=offset, casting_mode=casting_mode, promote=promote,
+        backend,
+        as_rows(x, n_cols),
+        weight,
+        as_rows(residual, n_cols) if residual is not None else None,
+        eps=eps,
+        offset=offset,
+        casting_mode=casting_mode,
+        promote=promote,
     )
     return y.view(x.shape), (h.view(x.shape) if h is not None else x.new_empty(0)), rstd
 
@@ -503,14 +619,24 @@ def _(x, weight, residual, eps, backend, promote=False, offset=0.0, casting_mode
 
 @torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(
-    dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, dh: torch.Tensor | None,
-    backend: str, offset: float = 0.0,
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    dh: torch.Tensor | None,
+    backend: str,
+    offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is empty without a weight (a custom op returns tensors only)."""
     n_cols = h.shape[-1]
     dx, dw = RMS_NORM_BWD.launch(
-        backend, as_rows(dy, n_cols), as_rows(h, n_cols), weight, rstd,
-        as_rows(dh, n_cols) if dh is not None else None, offset=offset,
+        backend,
+        as_rows(dy, n_cols),
+        as_rows(h, n_cols),
+        weight,
+        rstd,
+        as_rows(dh, n_cols) if dh is not None else None,
+        offset=offset,
     )
     return dx.view(h.shape), (dw if dw is not None else h.new_empty(0))
 
@@ -535,7 +661,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dh, _drstd):
     normalized_input, weight, rstd = ctx.saved_tensors
     dx, dw = _rms_norm_bwd_op(
-        dy, normalized_input, weight, rstd, dh if ctx.has_residual else None, ctx.backend, ctx.offset,
+        dy,
+        normalized_input,
+        weight,
+        rstd,
+        dh if ctx.has_residual else None,
+        ctx.backend,
+        ctx.offset,
     )
     return dx, (dw if ctx.has_weight else None), (dx if ctx.has_residual else None), None, None, None, None, None
 
@@ -548,9 +680,7 @@ def _check_args(x, weight, residual, eps, offset, casting_mode):
     if weight is not None:
         check_float_tensor(OP, "weight", weight, ndims=(1,))
         if weight.shape[0] != x.shape[-1]:
-            raise ValueError(
-                f"{OP}: weight has {weight.shape[0]} elements, expected {x.shape[-1]} (x.shape[-1])"
-            )
+            raise ValueError(f"{OP}: weight has {weight.shape[0]} elements, expected {x.shape[-1]} (x.shape[-1])")
         check_same_device(OP, "x", x, weight=weight)
     if residual is not None:
         check_float_tensor(OP, "residual", residual)
@@ -559,7 +689,9 @@ def _check_args(x, weight, residual, eps, offset, casting_mode):
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{OP}: eps must be a non-negative float, got {eps!r}")
     if casting_mode not in CASTING_MODES:
-        raise ValueError(f"{OP}: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}")
+        raise ValueError(
+            f"{OP}: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}"
+        )
     if not is_finite_number(offset):
         raise ValueError(f"{OP}: offset must be a finite float, got {offset!r}")
     if weight is None and offset != 0:
@@ -619,15 +751,27 @@ class RMSNorm(torch.nn.Module):
     ``forward(x)`` returns y; ``forward(x, residual)`` returns ``(y, x + residual)``.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, offset: float = 0.0, casting_mode: str = "llama",
-                 elementwise_affine: bool = True, backend: str | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        *,
+        offset: float = 0.0,
+        casting_mode: str = "llama",
+        elementwise_affine: bool = True,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if casting_mode not in CASTING_MODES:
             raise ValueError(
                 f"RMSNorm: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}"
             )
         if not elementwise_affine and offset != 0:
-            raise ValueError(f"RMSNorm: offset={offset!r} scales by (offset + weight) and needs elementwise_affine=True")
+            raise ValueError(
+                f"RMSNorm: offset={offset!r} scales by (offset + weight) and needs elementwise_affine=True"
+            )
         if elementwise_affine:
             self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
         else:
@@ -639,8 +783,15 @@ class RMSNorm(torch.nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return rms_norm(x, self.weight, self.variance_epsilon, residual=residual, offset=self.offset,
-                        casting_mode=self.casting_mode, backend=self.backend)
+        return rms_norm(
+            x,
+            self.weight,
+            self.variance_epsilon,
+            residual=residual,
+            offset=self.offset,
+            casting_mode=self.casting_mode,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
         options = "" if self.weight is not None else ", elementwise_affine=False"
@@ -655,5 +806,14 @@ def _op_inputs(rows: int, width: int, dtype: torch.dtype, device, make=torch.ran
 
 
 # Rows are d = hidden_size wide.
-register_op(Op("rms_norm", rms_norm, rms_norm_ref, (RMS_NORM_FWD, RMS_NORM_BWD), width="d",
-               width_of=lambda config: config.hidden_size, inputs=_op_inputs))
+register_op(
+    Op(
+        "rms_norm",
+        rms_norm,
+        rms_norm_ref,
+        (RMS_NORM_FWD, RMS_NORM_BWD),
+        width="d",
+        width_of=lambda config: config.hidden_size,
+        inputs=_op_inputs,
+    )
+)

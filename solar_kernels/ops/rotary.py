@@ -73,10 +73,27 @@ def apply_rotary_ref(
 
 @triton.jit
 def _rotate_heads(
-    X, OUT, stride_x_b, stride_x_h, stride_x_t, stride_x_d,
-    stride_o_b, stride_o_h, stride_o_t, stride_o_d,
-    batch, tokens, half_cols, mask, n_heads, half,
-    cos1, cos2, sin1, sin2, NUM_STAGES: tl.constexpr,
+    X,
+    OUT,
+    stride_x_b,
+    stride_x_h,
+    stride_x_t,
+    stride_x_d,
+    stride_o_b,
+    stride_o_h,
+    stride_o_t,
+    stride_o_d,
+    batch,
+    tokens,
+    half_cols,
+    mask,
+    n_heads,
+    half,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    NUM_STAGES: tl.constexpr,
 ):
     x_base = X + batch * stride_x_b + tokens[:, None] * stride_x_t + half_cols[None, :] * stride_x_d
     o_base = OUT + batch * stride_o_b + tokens[:, None] * stride_o_t + half_cols[None, :] * stride_o_d
@@ -93,14 +110,38 @@ def _rotate_heads(
 
 @triton.jit
 def _rotary_kernel(
-    Q, K, COS, SIN, QO, KO,
-    stride_q_b, stride_q_h, stride_q_t, stride_q_d,
-    stride_k_b, stride_k_h, stride_k_t, stride_k_d,
-    stride_qo_b, stride_qo_h, stride_qo_t, stride_qo_d,
-    stride_ko_b, stride_ko_h, stride_ko_t, stride_ko_d,
-    stride_cos_b, stride_cos_t, stride_cos_d,
-    stride_sin_b, stride_sin_t, stride_sin_d,
-    n_tokens, n_heads_q, n_heads_k, half,
+    Q,
+    K,
+    COS,
+    SIN,
+    QO,
+    KO,
+    stride_q_b,
+    stride_q_h,
+    stride_q_t,
+    stride_q_d,
+    stride_k_b,
+    stride_k_h,
+    stride_k_t,
+    stride_k_d,
+    stride_qo_b,
+    stride_qo_h,
+    stride_qo_t,
+    stride_qo_d,
+    stride_ko_b,
+    stride_ko_h,
+    stride_ko_t,
+    stride_ko_d,
+    stride_cos_b,
+    stride_cos_t,
+    stride_cos_d,
+    stride_sin_b,
+    stride_sin_t,
+    stride_sin_d,
+    n_tokens,
+    n_heads_q,
+    n_heads_k,
+    half,
     BACKWARD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -123,12 +164,52 @@ def _rotary_kernel(
     else:
         sin1 = sin_lo
         sin2 = sin_hi
-    _rotate_heads(Q, QO, stride_q_b, stride_q_h, stride_q_t, stride_q_d,
-                  stride_qo_b, stride_qo_h, stride_qo_t, stride_qo_d,
-                  batch, tokens, half_cols, mask, n_heads_q, half, cos1, cos2, sin1, sin2, NUM_STAGES)
-    _rotate_heads(K, KO, stride_k_b, stride_k_h, stride_k_t, stride_k_d,
-                  stride_ko_b, stride_ko_h, stride_ko_t, stride_ko_d,
-                  batch, tokens, half_cols, mask, n_heads_k, half, cos1, cos2, sin1, sin2, NUM_STAGES)
+    _rotate_heads(
+        Q,
+        QO,
+        stride_q_b,
+        stride_q_h,
+        stride_q_t,
+        stride_q_d,
+        stride_qo_b,
+        stride_qo_h,
+        stride_qo_t,
+        stride_qo_d,
+        batch,
+        tokens,
+        half_cols,
+        mask,
+        n_heads_q,
+        half,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        NUM_STAGES,
+    )
+    _rotate_heads(
+        K,
+        KO,
+        stride_k_b,
+        stride_k_h,
+        stride_k_t,
+        stride_k_d,
+        stride_ko_b,
+        stride_ko_h,
+        stride_ko_t,
+        stride_ko_d,
+        batch,
+        tokens,
+        half_cols,
+        mask,
+        n_heads_k,
+        half,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        NUM_STAGES,
+    )
 
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
@@ -151,11 +232,26 @@ def _rotary_triton(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None
     block_t = max(1, min(64, _TILE_ELEMENTS // block_half, triton.next_power_of_2(n_tokens)))
     grid = (triton.cdiv(n_tokens, block_t), batch)
     _rotary_kernel[grid](
-        q, k, cos, sin, q_out, k_out,
-        *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
-        *_batched_strides(cos), *_batched_strides(sin),
-        n_tokens, n_heads_q, k.shape[1], half,
-        BACKWARD=backward, BLOCK_T=block_t, BLOCK_HALF=block_half, NUM_STAGES=_STAGES,
+        q,
+        k,
+        cos,
+        sin,
+        q_out,
+        k_out,
+        *q.stride(),
+        *k.stride(),
+        *q_out.stride(),
+        *k_out.stride(),
+        *_batched_strides(cos),
+        *_batched_strides(sin),
+        n_tokens,
+        n_heads_q,
+        k.shape[1],
+        half,
+        BACKWARD=backward,
+        BLOCK_T=block_t,
+        BLOCK_HALF=block_half,
+        NUM_STAGES=_STAGES,
         num_warps=4,
     )
 
@@ -184,9 +280,17 @@ def _rotary_example(rows: int, width: int, dtype: torch.dtype, device, make=torc
 
 # (q, k, cos, sin) -> (q', k') in q's and k's layouts; the CUDA op (csrc/rotary.cu, rotary_host.cpp)
 # takes backward after the outputs.
-ROTARY = register(Kernel("rotary", "rotary", triton=_rotary_triton, rows_width=_rotary_rows_width,
-                         example=_rotary_example, allocator=_rotary_outputs,
-                         variants=({"backward": False}, {"backward": True})))
+ROTARY = register(
+    Kernel(
+        "rotary",
+        "rotary",
+        triton=_rotary_triton,
+        rows_width=_rotary_rows_width,
+        example=_rotary_example,
+        allocator=_rotary_outputs,
+        variants=({"backward": False}, {"backward": True}),
+    )
+)
 
 
 @torch.library.custom_op("solar_kernels::apply_rotary", mutates_args=())
@@ -260,5 +364,14 @@ def apply_rotary(
     return _rotary_op(q, k, cos, sin, False, resolved)
 
 
-register_op(Op("apply_rotary", apply_rotary, apply_rotary_ref, (ROTARY,), width="qkv_size",
-               width_of=lambda config: (config.num_heads + config.num_kv_heads) * config.head_dim, grad_inputs=2))
+register_op(
+    Op(
+        "apply_rotary",
+        apply_rotary,
+        apply_rotary_ref,
+        (ROTARY,),
+        width="qkv_size",
+        width_of=lambda config: (config.num_heads + config.num_kv_heads) * config.head_dim,
+        grad_inputs=2,
+    )
+)

@@ -66,8 +66,9 @@ def _store(PTR, rows, cols, stride_row, mask, value):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, stride_g_row, stride_u_row, stride_y_row, n_rows, n_cols,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _swiglu_fwd_kernel(
+    G, U, Y, stride_g_row, stride_u_row, stride_y_row, n_rows, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     rows, cols, mask = _row_tile(n_rows, n_cols, BLOCK_M, BLOCK_N)
     g = _load(G, rows, cols, stride_g_row, mask)
     _store(Y, rows, cols, stride_y_row, mask, g * tl.sigmoid(g) * _load(U, rows, cols, stride_u_row, mask))
@@ -75,9 +76,18 @@ def _swiglu_fwd_kernel(G, U, Y, stride_g_row, stride_u_row, stride_y_row, n_rows
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY, G, U, DG, DU,
-    stride_dy_row, stride_g_row, stride_u_row, stride_dg_row, stride_du_row,
-    n_rows, n_cols,
+    DY,
+    G,
+    U,
+    DG,
+    DU,
+    stride_dy_row,
+    stride_g_row,
+    stride_u_row,
+    stride_dg_row,
+    stride_du_row,
+    n_rows,
+    n_cols,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -104,8 +114,17 @@ def _swiglu_fwd_triton(gate, up, y):
     n_rows, n_cols = gate.shape
     block_m, block_n, grid = _blocks(n_rows, n_cols)
     _swiglu_fwd_kernel[grid](
-        gate, up, y, gate.stride(0), up.stride(0), y.stride(0), n_rows, n_cols,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
+        gate,
+        up,
+        y,
+        gate.stride(0),
+        up.stride(0),
+        y.stride(0),
+        n_rows,
+        n_cols,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps_for(block_m * block_n),
     )
 
 
@@ -114,10 +133,21 @@ def _swiglu_bwd_triton(dy, gate, up, dgate, dup):
     n_rows, n_cols = gate.shape
     block_m, block_n, grid = _blocks(n_rows, n_cols)
     _swiglu_bwd_kernel[grid](
-        dy, gate, up, dgate, dup,
-        dy.stride(0), gate.stride(0), up.stride(0), dgate.stride(0), dup.stride(0),
-        n_rows, n_cols,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps_for(block_m * block_n),
+        dy,
+        gate,
+        up,
+        dgate,
+        dup,
+        dy.stride(0),
+        gate.stride(0),
+        up.stride(0),
+        dgate.stride(0),
+        dup.stride(0),
+        n_rows,
+        n_cols,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps_for(block_m * block_n),
     )
 
 
@@ -185,8 +215,16 @@ class SwiGLU(torch.nn.Module):
     Parameter names match Hugging Face's ``LlamaMLP``, so its state dict loads unchanged.
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, *,
-                 backend: str | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        *,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)

@@ -81,9 +81,15 @@ def varlen_reference(q, k, v, cu_seqlens, max_seqlen, left: int):
     for a, b in zip(offsets, offsets[1:]):
         i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
         allowed = (j <= i) & ((i - j <= left) if left >= 0 else True)
-        outs.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                                   v[a:b].transpose(0, 1), attn_mask=allowed,
-                                                   enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1),
+                k[a:b].transpose(0, 1),
+                v[a:b].transpose(0, 1),
+                attn_mask=allowed,
+                enable_gqa=k.shape[1] != q.shape[1],
+            ).transpose(0, 1)
+        )
     return torch.cat(outs)
 
 
@@ -141,16 +147,29 @@ CASES = [
     (dict(device_type="cuda", dtype=torch.bfloat16, packed=True), dict(has_flash_attn=True), "flash_attn_varlen"),
     (dict(device_type="cuda", dtype=torch.float16, windowed=True), dict(has_flash_attn=True), "flash_attn_varlen"),
     (dict(device_type="cuda", dtype=torch.bfloat16, packed=True), dict(has_flash_attn=False), "torch_varlen"),
-    (dict(device_type="cuda", dtype=torch.bfloat16, packed=True, windowed=True),
-     dict(has_flash_attn=False, has_torch_varlen_windows=False), "flex"),
-    (dict(device_type="cuda", dtype=torch.bfloat16, packed=True, windowed=True),
-     dict(has_flash_attn=False, has_torch_varlen_windows=True), "torch_varlen"),
+    (
+        dict(device_type="cuda", dtype=torch.bfloat16, packed=True, windowed=True),
+        dict(has_flash_attn=False, has_torch_varlen_windows=False),
+        "flex",
+    ),
+    (
+        dict(device_type="cuda", dtype=torch.bfloat16, packed=True, windowed=True),
+        dict(has_flash_attn=False, has_torch_varlen_windows=True),
+        "torch_varlen",
+    ),
     (dict(device_type="cuda", dtype=torch.float32, packed=True), dict(has_flash_attn=True), "flex"),
-    (dict(device_type="cuda", dtype=torch.bfloat16, packed=True), dict(has_flash_attn=False, has_torch_varlen=False),
-     "flex"),
+    (
+        dict(device_type="cuda", dtype=torch.bfloat16, packed=True),
+        dict(has_flash_attn=False, has_torch_varlen=False),
+        "flex",
+    ),
     (dict(device_type="cuda", dtype=torch.float32, packed=True), dict(has_flex=False), "sdpa_mask"),
     (dict(device_type="cuda", dtype=torch.bfloat16, packed=True, padded=True), dict(has_flash_attn=True), "sdpa_mask"),
-    (dict(device_type="cuda", dtype=torch.bfloat16, cached=True, windowed=True), dict(has_flash_attn=True), "sdpa_mask"),
+    (
+        dict(device_type="cuda", dtype=torch.bfloat16, cached=True, windowed=True),
+        dict(has_flash_attn=True),
+        "sdpa_mask",
+    ),
 ]
 
 
@@ -202,6 +221,7 @@ def test_forced_path_must_fit_the_situation():
 
 # ----------------------------------------------------------------------------- paths vs the dense reference
 
+
 @pytest.mark.parametrize("window", [None, 37])
 def test_dense_chunks_match_reference_forward_and_backward(window):
     q, k, v = qkv(requires_grad=True)
@@ -209,8 +229,9 @@ def test_dense_chunks_match_reference_forward_and_backward(window):
     plan = plan_attention(2, 300, CPU, torch.float32, position_ids=positions, sliding_window=window)
     assert plan.path == "sdpa_mask" and len(plan.chunks) == 3
     got = attend(q, k, v, plan)
-    expected = attention_ref(q, k, v, build_attention_mask(2, 300, 300, CPU, position_ids=positions,
-                                                           sliding_window=window))
+    expected = attention_ref(
+        q, k, v, build_attention_mask(2, 300, 300, CPU, position_ids=positions, sliding_window=window)
+    )
     assert rel_err(got, expected) <= 1e-6
     grad = torch.randn_like(got)
     ours = torch.autograd.grad(got, (q, k, v), grad)
@@ -251,8 +272,9 @@ def test_flex_attention_on_cpu_matches_reference(window):
     with torch.no_grad():
         plan = plan_attention(2, 300, CPU, torch.float32, position_ids=positions, sliding_window=window, path="flex")
         got = attend(q, k, v, plan)
-        expected = attention_ref(q, k, v, build_attention_mask(2, 300, 300, CPU, position_ids=positions,
-                                                               sliding_window=window))
+        expected = attention_ref(
+            q, k, v, build_attention_mask(2, 300, 300, CPU, position_ids=positions, sliding_window=window)
+        )
     assert rel_err(got, expected) <= 1e-5
 
 
@@ -274,8 +296,9 @@ def test_varlen_glue_matches_reference(monkeypatch, kernel, window):
     plan = plan_attention(2, 300, CPU, torch.float32, position_ids=positions, sliding_window=window, path=path)
     assert plan.cu_seqlens.tolist() == [0, 130, 131, 191, 300, 305, 505, 600] and plan.max_seqlen == 200
     got = attend(q, k, v, plan)
-    expected = attention_ref(q, k, v, build_attention_mask(2, 300, 300, CPU, position_ids=positions,
-                                                           sliding_window=window))
+    expected = attention_ref(
+        q, k, v, build_attention_mask(2, 300, 300, CPU, position_ids=positions, sliding_window=window)
+    )
     assert rel_err(got, expected) <= 1e-6
     assert len(calls) == 1
     grad = torch.randn_like(got)
@@ -301,6 +324,7 @@ def test_document_bounds():
 
 # ----------------------------------------------------------------------------- through the model
 
+
 def mistral(window=5):
     return CausalLM.from_config(preset("tiny", backend="torch", sliding_window=window, model_type="mistral")).eval()
 
@@ -313,7 +337,7 @@ def test_mistral_window_with_packing_equals_documents_alone():
         packed = model(torch.cat(docs, dim=1), position_ids=packed_positions([lengths]))
         offset = 0
         for doc in docs:
-            torch.testing.assert_close(packed[:, offset:offset + doc.shape[1]], model(doc), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(packed[:, offset : offset + doc.shape[1]], model(doc), rtol=1e-5, atol=1e-5)
             offset += doc.shape[1]
         no_window = CausalLM.from_config(preset("tiny", backend="torch")).eval()
         no_window.load_state_dict(model.state_dict())
@@ -402,7 +426,9 @@ def test_bad_packing_arguments():
         model(ids, position_ids=positions, cu_seqlens=torch.tensor([0, 2, 6, 12]), max_seqlen=6)
     with pytest.raises(ValueError, match=r"max_seqlen must be an int in \[1, T = 6\], got 7"):
         model(ids, position_ids=positions, cu_seqlens=torch.tensor([0, 2, 6, 12], dtype=torch.int32), max_seqlen=7)
-    with pytest.raises(ValueError, match=r"must describe position_ids' documents \(\[0, 2, 6, 12\], 6\), got \[0, 3, 6, 12\]"):
+    with pytest.raises(
+        ValueError, match=r"must describe position_ids' documents \(\[0, 2, 6, 12\], 6\), got \[0, 3, 6, 12\]"
+    ):
         model(ids, position_ids=positions, cu_seqlens=torch.tensor([0, 3, 6, 12], dtype=torch.int32), max_seqlen=6)
     with pytest.raises(ValueError, match="need position_ids, and no attention_mask"):
         model(ids, cu_seqlens=torch.tensor([0, 6, 12], dtype=torch.int32), max_seqlen=6)
@@ -410,13 +436,16 @@ def test_bad_packing_arguments():
 
 # ----------------------------------------------------------------------------- on a GPU
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["torch_varlen", "flex", "flash_attn_varlen"])
 @pytest.mark.parametrize("window", [None, 6])
 def test_gpu_paths_match_the_dense_path(monkeypatch, path, window):
     if path == "flash_attn_varlen" and not attention.HAS_FLASH_ATTN:
         pytest.skip("flash-attn is not installed")
-    if path == "torch_varlen" and not (attention.HAS_TORCH_VARLEN and (window is None or attention.torch_varlen_windows())):
+    if path == "torch_varlen" and not (
+        attention.HAS_TORCH_VARLEN and (window is None or attention.torch_varlen_windows())
+    ):
         pytest.skip(f"torch {torch.__version__} has no varlen_attn for this case")
     model = CausalLM.from_config(preset("tiny", sliding_window=window), device="cuda", dtype=torch.bfloat16).eval()
     ids = torch.randint(0, 512, (2, 200), device="cuda")

@@ -18,12 +18,28 @@ def test_solar_preset_matches_the_published_model():
 
 
 SOLAR_CONFIG_JSON = {  # upstage/SOLAR-10.7B-v1.0 config.json, as published (transformers 4.35)
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-    "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 48,
-    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float16",
-    "transformers_version": "4.35.2", "use_cache": False, "vocab_size": 32000,
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 4096,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 48,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.35.2",
+    "use_cache": False,
+    "vocab_size": 32000,
 }
 
 
@@ -70,8 +86,10 @@ def test_fresh_config_loads_in_transformers():
         ({**SOLAR_CONFIG_JSON, "num_key_value_heads": 5}, r"num_heads \(32\) must be a multiple of num_kv_heads \(5\)"),
         ({**SOLAR_CONFIG_JSON, "num_hidden_layers": "4"}, r"key 'num_hidden_layers': expected int, got str \('4'\)"),
         ({**SOLAR_CONFIG_JSON, "rms_norm_eps": None}, r"key 'rms_norm_eps': expected int or float, got null"),
-        ({**SOLAR_CONFIG_JSON, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
-         "unsupported architecture GPT2LMHeadModel; expected LlamaForCausalLM or MistralForCausalLM"),
+        (
+            {**SOLAR_CONFIG_JSON, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+            "unsupported architecture GPT2LMHeadModel; expected LlamaForCausalLM or MistralForCausalLM",
+        ),
         ([SOLAR_CONFIG_JSON], r"config.json: expected a JSON object \{\.\.\.\}, got a JSON list"),
     ],
 )

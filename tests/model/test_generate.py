@@ -28,7 +28,7 @@ def test_greedy_matches_uncached_argmax(model, device):
     with torch.no_grad():
         for _ in range(5):
             ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
-    assert out == ids[len(prompt):]
+    assert out == ids[len(prompt) :]
 
 
 def test_stops_at_eos(model):
@@ -60,9 +60,18 @@ def test_sampling_filters():
 
 
 def test_seeded_sampling_is_reproducible(model):
-    runs = [generate(model, [[1, 2, 3]], 8, temperature=0.9, top_p=0.9, eos_token_id=-1,
-                     generator=torch.Generator(device=next(model.parameters()).device).manual_seed(11))
-            for _ in range(2)]
+    runs = [
+        generate(
+            model,
+            [[1, 2, 3]],
+            8,
+            temperature=0.9,
+            top_p=0.9,
+            eos_token_id=-1,
+            generator=torch.Generator(device=next(model.parameters()).device).manual_seed(11),
+        )
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 

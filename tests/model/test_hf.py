@@ -128,7 +128,9 @@ def test_checkpoint_of_another_shape(hf_checkpoint):
     config = json.loads((path / "config.json").read_text())
     config["intermediate_size"] = 64
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"down_proj.weight. has shape \(48, 100\), the config implies \(48, 64\)"):
+    with pytest.raises(
+        CheckpointError, match=r"down_proj.weight. has shape \(48, 100\), the config implies \(48, 64\)"
+    ):
         load_pretrained(path)
 
 
@@ -144,12 +146,16 @@ def test_config_json_checked_on_load(hf_checkpoint):
     path, _ = hf_checkpoint
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "3"}))
-    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: key 'num_hidden_layers': expected int, "
-                                              rf"got str \('3'\)$"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{path / 'config.json'}: key 'num_hidden_layers': expected int, "
+        rf"got str \('3'\)$",
+    ):
         load_pretrained(path)
     (path / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
-    with pytest.raises(ValueError, match="unsupported architecture Qwen2ForCausalLM; expected LlamaForCausalLM or "
-                                         "MistralForCausalLM"):
+    with pytest.raises(
+        ValueError, match="unsupported architecture Qwen2ForCausalLM; expected LlamaForCausalLM or MistralForCausalLM"
+    ):
         load_pretrained(path)
 
 

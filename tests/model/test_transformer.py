@@ -112,7 +112,7 @@ def test_cached_and_uncached_logits_agree(device):
     with torch.no_grad():
         full = model(ids)
         first = model(ids[:, :6], cache=cache)
-        steps = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
+        steps = [model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)]
     torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.length == 10
 
@@ -142,7 +142,11 @@ def test_residual_adds_are_fused_into_the_norms(device):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func.overloadpacket.__name__ == "add" and isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 5, 64):
+            if (
+                func.overloadpacket.__name__ == "add"
+                and isinstance(out, torch.Tensor)
+                and tuple(out.shape) == (2, 5, 64)
+            ):
                 StreamAdds.count += 1
             return out
 
@@ -187,7 +191,7 @@ def test_cache_writes_at_positions_and_never_reads_unfilled_slots(device):
     with torch.no_grad():
         full = model(ids)
         first = model(ids[:, :4], cache=cache)
-        steps = [model(ids[:, t:t + 1], cache=cache) for t in range(4, 7)]
+        steps = [model(ids[:, t : t + 1], cache=cache) for t in range(4, 7)]
     torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
     assert cache.layers[0].keys[:, :, :7].isfinite().all() and cache.layers[0].keys[:, :, 7:].isnan().all()
 

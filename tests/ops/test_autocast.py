@@ -3,6 +3,7 @@ and TRL run ``bf16=True``: forward and every gradient against the op's ``*_ref``
 autocast (both judged against float64), outputs in the reference's dtype, each gradient in its
 leaf's dtype, on every backend; backward outside the autocast region (the Trainer's way) and inside.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -62,9 +63,14 @@ def test_rms_norm(x_dtype, device, any_backend, backward_inside):
     """LlamaRMSNorm under autocast: fp32 math; a bf16 x with an fp32 weight gives an fp32 y, as HF's."""
     x = torch.randn(3, 7, 123, device=device).to(x_dtype)
     weight = 1 + 0.3 * torch.randn(123, device=device)
-    outs = check(lambda x, w: sk.rms_norm(x, w, 1e-5, backend=any_backend),
-                 lambda x, w: rms_norm_ref(x, w, 1e-5), [x, weight], device,
-                 floor_dtype=x_dtype, backward_inside=backward_inside)
+    outs = check(
+        lambda x, w: sk.rms_norm(x, w, 1e-5, backend=any_backend),
+        lambda x, w: rms_norm_ref(x, w, 1e-5),
+        [x, weight],
+        device,
+        floor_dtype=x_dtype,
+        backward_inside=backward_inside,
+    )
     assert outs[0].dtype == torch.float32
 
 
@@ -74,9 +80,14 @@ def test_rms_norm_fused_residual(x_dtype, device, any_backend, backward_inside):
     x = torch.randn(9, 123, device=device).to(x_dtype)
     residual = 4 * torch.randn(9, 123, device=device)
     weight = 1 + 0.3 * torch.randn(123, device=device)
-    outs = check(lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=any_backend),
-                 lambda x, r, w: rms_norm_ref(x, w, 1e-5, residual=r), [x, residual, weight], device,
-                 floor_dtype=x_dtype, backward_inside=backward_inside)
+    outs = check(
+        lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=any_backend),
+        lambda x, r, w: rms_norm_ref(x, w, 1e-5, residual=r),
+        [x, residual, weight],
+        device,
+        floor_dtype=x_dtype,
+        backward_inside=backward_inside,
+    )
     assert [o.dtype for o in outs] == [torch.float32, torch.float32]
 
 
@@ -104,14 +115,24 @@ def test_rms_norm_gemma_and_none_modes_keep_h_dtype(casting_mode, device, any_ba
     weight = 0.3 * torch.randn(123, device=device)
     options = dict(offset=1.0, casting_mode=casting_mode)
     any_backend = "auto" if any_backend == "cuda" else any_backend  # the CUDA twin lacks them: auto takes Triton
-    outs = check(lambda x, w: sk.rms_norm(x, w, 1e-5, backend=any_backend, **options),
-                 lambda x, w: rms_norm_ref(x, w, 1e-5, **options), [x, weight], device,
-                 floor_dtype=torch.bfloat16, backward_inside=backward_inside)
+    outs = check(
+        lambda x, w: sk.rms_norm(x, w, 1e-5, backend=any_backend, **options),
+        lambda x, w: rms_norm_ref(x, w, 1e-5, **options),
+        [x, weight],
+        device,
+        floor_dtype=torch.bfloat16,
+        backward_inside=backward_inside,
+    )
     assert outs[0].dtype == torch.bfloat16
     residual = 4 * torch.randn(3, 7, 123, device=device)
-    outs = check(lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=any_backend, **options),
-                 lambda x, r, w: rms_norm_ref(x, w, 1e-5, residual=r, **options), [x, residual, weight], device,
-                 floor_dtype=torch.bfloat16, backward_inside=backward_inside)
+    outs = check(
+        lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=any_backend, **options),
+        lambda x, r, w: rms_norm_ref(x, w, 1e-5, residual=r, **options),
+        [x, residual, weight],
+        device,
+        floor_dtype=torch.bfloat16,
+        backward_inside=backward_inside,
+    )
     assert [o.dtype for o in outs] == [torch.float32, torch.float32]
 
 
@@ -136,9 +157,14 @@ def test_apply_rotary(qk_dtype, device, any_backend, backward_inside):
     q = torch.randn(2, 4, 7, 34, device=device).to(qk_dtype)
     k = torch.randn(2, 2, 7, 34, device=device).to(qk_dtype)
     cos, sin = rope_tables(torch.arange(7, device=device) * 37, 34)
-    outs = check(lambda q, k: sk.apply_rotary(q, k, cos, sin, backend=any_backend),
-                 lambda q, k: apply_rotary_ref(q, k, cos, sin), [q, k], device,
-                 floor_dtype=qk_dtype, backward_inside=backward_inside)
+    outs = check(
+        lambda q, k: sk.apply_rotary(q, k, cos, sin, backend=any_backend),
+        lambda q, k: apply_rotary_ref(q, k, cos, sin),
+        [q, k],
+        device,
+        floor_dtype=qk_dtype,
+        backward_inside=backward_inside,
+    )
     assert [o.dtype for o in outs] == [qk_dtype, qk_dtype]
 
 
@@ -146,8 +172,14 @@ def test_apply_rotary(qk_dtype, device, any_backend, backward_inside):
 def test_swiglu(dtype, device, any_backend, backward_inside):
     gate = (3 * torch.randn(5, 123, device=device)).to(dtype)
     up = torch.randn(5, 123, device=device).to(dtype)
-    outs = check(lambda g, u: sk.swiglu(g, u, backend=any_backend), swiglu_ref, [gate, up], device,
-                 floor_dtype=dtype, backward_inside=backward_inside)
+    outs = check(
+        lambda g, u: sk.swiglu(g, u, backend=any_backend),
+        swiglu_ref,
+        [gate, up],
+        device,
+        floor_dtype=dtype,
+        backward_inside=backward_inside,
+    )
     assert outs[0].dtype == dtype
 
 
@@ -161,31 +193,50 @@ def _lm_head_inputs(device, hidden_dtype, shape=(3, 11), d=40, vocab=257):
 
 
 def _ce_options(device):
-    return dict(label_smoothing=0.1, lse_square_scale=1e-3, softcap=6.0,
-                ce_weight=torch.linspace(0.5, 1.5, 257, device=device))
+    return dict(
+        label_smoothing=0.1, lse_square_scale=1e-3, softcap=6.0, ce_weight=torch.linspace(0.5, 1.5, 257, device=device)
+    )
 
 
 LM_HEAD_CASES = {
-    "logprobs": (lambda b: lambda h, w, y, bias: sk.linear_logprobs(h, w, y, bias=bias, chunk_size=8, backend=b),
-                 lambda h, w, y, bias: linear_logprobs_ref(h, w, y, bias)),
-    "cross_entropy_mean": (lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, chunk_size=8, backend=b),
-                           lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias)),
-    "cross_entropy_sum": (lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, reduction="sum", backend=b),
-                          lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="sum")),
-    "cross_entropy_none": (lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, reduction="none", backend=b),
-                           lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="none")),
+    "logprobs": (
+        lambda b: lambda h, w, y, bias: sk.linear_logprobs(h, w, y, bias=bias, chunk_size=8, backend=b),
+        lambda h, w, y, bias: linear_logprobs_ref(h, w, y, bias),
+    ),
+    "cross_entropy_mean": (
+        lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, chunk_size=8, backend=b),
+        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias),
+    ),
+    "cross_entropy_sum": (
+        lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, reduction="sum", backend=b),
+        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="sum"),
+    ),
+    "cross_entropy_none": (
+        lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(h, w, y, bias=bias, reduction="none", backend=b),
+        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="none"),
+    ),
     # The cross-entropy options (Liger's), class weights in fp32 whatever the autocast dtype; the
     # CUDA run takes them through "auto" (the CUDA kernel has none).
     "cross_entropy_options_mean": (
-        lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(
-            h, w, y, bias=bias, chunk_size=8, backend=b if b != "cuda" else "auto", **_ce_options(h.device)),
-        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, **_ce_options(h.device))),
+        lambda b: (
+            lambda h, w, y, bias: sk.linear_cross_entropy(
+                h, w, y, bias=bias, chunk_size=8, backend=b if b != "cuda" else "auto", **_ce_options(h.device)
+            )
+        ),
+        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, **_ce_options(h.device)),
+    ),
     "cross_entropy_options_none": (
-        lambda b: lambda h, w, y, bias: sk.linear_cross_entropy(
-            h, w, y, bias=bias, reduction="none", backend=b if b != "cuda" else "auto", **_ce_options(h.device)),
-        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="none", **_ce_options(h.device))),
-    "sequence": (lambda b: lambda h, w, y, bias: sk.sequence_logprobs(h, w, y, bias=bias, average=True, backend=b),
-                 lambda h, w, y, bias: sequence_logprobs_ref(h, w, y, bias, average=True)),
+        lambda b: (
+            lambda h, w, y, bias: sk.linear_cross_entropy(
+                h, w, y, bias=bias, reduction="none", backend=b if b != "cuda" else "auto", **_ce_options(h.device)
+            )
+        ),
+        lambda h, w, y, bias: linear_cross_entropy_ref(h, w, y, bias, reduction="none", **_ce_options(h.device)),
+    ),
+    "sequence": (
+        lambda b: lambda h, w, y, bias: sk.sequence_logprobs(h, w, y, bias=bias, average=True, backend=b),
+        lambda h, w, y, bias: sequence_logprobs_ref(h, w, y, bias, average=True),
+    ),
 }
 
 
@@ -197,8 +248,13 @@ def test_lm_head_ops(which, hidden_dtype, device, any_backend, backward_inside):
     hidden, weight, bias, labels = _lm_head_inputs(device, hidden_dtype)
     make_ours, ref = LM_HEAD_CASES[which]
     ours = make_ours(any_backend)
-    outs = check(lambda h, w, b: ours(h, w, labels, b), lambda h, w, b: ref(h, w, labels, b),
-                 [hidden, weight, bias], device, backward_inside=backward_inside)
+    outs = check(
+        lambda h, w, b: ours(h, w, labels, b),
+        lambda h, w, b: ref(h, w, labels, b),
+        [hidden, weight, bias],
+        device,
+        backward_inside=backward_inside,
+    )
     assert outs[0].dtype == torch.float32
 
 
@@ -208,7 +264,8 @@ def test_lm_head_ops_cast_like_linear(device, any_backend):
     with torch.autocast(device.type, dtype=AMP):
         ours = sk.linear_cross_entropy(hidden, weight, labels, backend=any_backend)
         expected = torch.nn.functional.cross_entropy(
-            torch.nn.functional.linear(hidden, weight).float(), labels, ignore_index=IGNORE)
+            torch.nn.functional.linear(hidden, weight).float(), labels, ignore_index=IGNORE
+        )
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     # and differs from the fp32 loss by bf16 rounding: the matmul really ran in bf16
     assert (ours - torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=IGNORE)).abs() > 1e-6
@@ -221,8 +278,9 @@ def test_logits_cross_entropy_under_autocast(device, any_backend):
     labels = torch.randint(0, 77, (13,), device=device)
     labels[:3] = IGNORE
     with torch.autocast(device.type, dtype=AMP):
-        ours = sk.cross_entropy(logits, labels, label_smoothing=0.1,
-                                backend=any_backend if any_backend != "cuda" else "auto")  # CUDA has no options
+        ours = sk.cross_entropy(
+            logits, labels, label_smoothing=0.1, backend=any_backend if any_backend != "cuda" else "auto"
+        )  # CUDA has no options
         expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, label_smoothing=0.1)
     assert ours.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """cross_entropy (logits level) and linear_cross_entropy's options against Liger-Kernel 0.8.5's
 own outputs (tests/fixtures/liger/cross_entropy.safetensors), against torch.nn.functional's
 cross-entropy, and against a float64 computation; plus the refusals and bad-input errors."""
+
 from __future__ import annotations
 
 import importlib
@@ -52,25 +53,35 @@ def _liger_call(options, tensors, backend):
 
         def fn(z):
             return sk.cross_entropy(z, labels, weight=ce_weight, reduction=reduction, backend=backend, **kwargs)
+
         names = ["dlogits"]
     else:
         leaves = [tensors["hidden"], tensors["weight"]] + ([tensors["bias"]] if "bias" in tensors else [])
-        names = ["dhidden", "dweight", "dbias"][:len(leaves)]
+        names = ["dhidden", "dweight", "dbias"][: len(leaves)]
 
         def fn(h, w, b=None):
-            return sk.linear_cross_entropy(h, w, labels, bias=b, ce_weight=ce_weight, reduction=reduction,
-                                           backend=backend, **kwargs)
+            return sk.linear_cross_entropy(
+                h, w, labels, bias=b, ce_weight=ce_weight, reduction=reduction, backend=backend, **kwargs
+            )
+
     return fn, leaves, names
 
 
 def _exact_liger_case(options, tensors):
     """float64 loss and gradients of a fixture case, for judging both sides."""
     kwargs = {k: v for k, v in options["options"].items() if k in OPTION_NAMES}
-    leaves = [t.double().requires_grad_() for t in (
-        [tensors["logits"]] if options["op"] == "ce"
-        else [tensors["hidden"], tensors["weight"]] + ([tensors["bias"]] if "bias" in tensors else []))]
+    leaves = [
+        t.double().requires_grad_()
+        for t in (
+            [tensors["logits"]]
+            if options["op"] == "ce"
+            else [tensors["hidden"], tensors["weight"]] + ([tensors["bias"]] if "bias" in tensors else [])
+        )
+    ]
     logits64 = leaves[0] if options["op"] == "ce" else torch.nn.functional.linear(*leaves)
-    loss = exact_cross_entropy(logits64, tensors["labels"], options["reduction"], weight=tensors.get("ce_weight"), **kwargs)
+    loss = exact_cross_entropy(
+        logits64, tensors["labels"], options["reduction"], weight=tensors.get("ce_weight"), **kwargs
+    )
     return loss.detach(), torch.autograd.grad(loss, leaves, tensors["upstream"].double())
 
 
@@ -117,9 +128,11 @@ def test_liger_fixture_covers_every_option():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("torch_options", [{}, {"label_smoothing": 0.15}, {"weight": True},
-                                           {"weight": True, "label_smoothing": 0.3}],
-                         ids=["plain", "smooth", "weight", "weight_smooth"])
+@pytest.mark.parametrize(
+    "torch_options",
+    [{}, {"label_smoothing": 0.15}, {"weight": True}, {"weight": True, "label_smoothing": 0.3}],
+    ids=["plain", "smooth", "weight", "weight_smooth"],
+)
 def test_matches_torch_cross_entropy(torch_options, reduction, device, any_backend):
     """fp32: the loss and d/d logits of F.cross_entropy itself, on non-contiguous logits."""
     logits, labels = make_logits(19, 201, torch.float32, device)
@@ -129,11 +142,14 @@ def test_matches_torch_cross_entropy(torch_options, reduction, device, any_backe
         options["weight"] = torch.rand(201, device=device) + 0.2
     upstream = torch.randn(labels.shape if reduction == "none" else (), device=device)
     backend = options_backend(any_backend)
-    out, grads = grads_of(lambda z: sk.cross_entropy(z, labels, reduction=reduction, backend=backend, **options),
-                          [logits], upstream)
+    out, grads = grads_of(
+        lambda z: sk.cross_entropy(z, labels, reduction=reduction, backend=backend, **options), [logits], upstream
+    )
     expected, expected_grads = grads_of(
         lambda z: torch.nn.functional.cross_entropy(z, labels, ignore_index=IGNORE, reduction=reduction, **options),
-        [logits], upstream)
+        [logits],
+        upstream,
+    )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], expected_grads[0], rtol=1e-5, atol=1e-7)
 
@@ -150,7 +166,9 @@ def test_every_dtype_against_float64(shape, dtype, device, any_backend):
     backend = options_backend(any_backend)
     out, grads = grads_of(lambda z: sk.cross_entropy(z, labels, backend=backend, **options), [logits], upstream)
     eager, eager_grads = grads_of(lambda z: cross_entropy_ref(z, labels, **options), [logits], upstream)
-    loss64, grads64 = grads_of(lambda z: exact_cross_entropy(z, labels, **options), [logits.double()], upstream.double())
+    loss64, grads64 = grads_of(
+        lambda z: exact_cross_entropy(z, labels, **options), [logits.double()], upstream.double()
+    )
     assert out.dtype == dtype and grads[0].dtype == dtype
     assert_close("loss", out, eager, loss64, dtype)
     assert_close("dlogits", grads[0], eager_grads[0], grads64[0], dtype)
@@ -160,16 +178,21 @@ def test_every_dtype_against_float64(shape, dtype, device, any_backend):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_each_option_alone(option, reduction, device, any_backend):
     logits, labels = make_logits(11, 77, torch.float32, device)
-    options = {"label_smoothing": dict(label_smoothing=0.25),
-               "lse_square_scale": dict(lse_square_scale=0.05, return_z_loss=True),
-               "softcap": dict(softcap=2.0), "weight": dict(weight=torch.rand(77, device=device)),
-               "accuracy": dict(return_token_accuracy=True)}[option]
+    options = {
+        "label_smoothing": dict(label_smoothing=0.25),
+        "lse_square_scale": dict(lse_square_scale=0.05, return_z_loss=True),
+        "softcap": dict(softcap=2.0),
+        "weight": dict(weight=torch.rand(77, device=device)),
+        "accuracy": dict(return_token_accuracy=True),
+    }[option]
     upstream = torch.randn(labels.shape if reduction == "none" else (), device=device)
     backend = options_backend(any_backend)
-    out, grads = grads_of(lambda z: sk.cross_entropy(z, labels, reduction=reduction, backend=backend, **options),
-                          [logits], upstream)
-    ref, ref_grads = grads_of(lambda z: cross_entropy_ref(z, labels, reduction=reduction, **options), [logits],
-                              upstream)
+    out, grads = grads_of(
+        lambda z: sk.cross_entropy(z, labels, reduction=reduction, backend=backend, **options), [logits], upstream
+    )
+    ref, ref_grads = grads_of(
+        lambda z: cross_entropy_ref(z, labels, reduction=reduction, **options), [logits], upstream
+    )
     torch.testing.assert_close(loss_of(out), loss_of(ref), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-5, atol=1e-7)
     if option == "lse_square_scale":
@@ -191,8 +214,9 @@ def test_accuracy_takes_the_first_largest_logit(device, any_backend):
     logits[1, 4500] = 2.0  # in the second tile
     logits[2, [10, 4999]] = 1.0
     labels = torch.tensor([7, 4500, 10], device=device)
-    out = sk.cross_entropy(logits, labels, reduction="none", return_token_accuracy=True,
-                           backend=options_backend(any_backend))
+    out = sk.cross_entropy(
+        logits, labels, reduction="none", return_token_accuracy=True, backend=options_backend(any_backend)
+    )
     assert out.token_accuracy.tolist() == [0.0, 1.0, 1.0]
 
 
@@ -201,8 +225,15 @@ def test_all_ignored_and_zero_weights(device, any_backend):
     logits, labels = make_logits(5, 30, torch.float32, device)
     labels.fill_(IGNORE)
     z = logits.clone().requires_grad_()
-    out = sk.cross_entropy(z, labels, label_smoothing=0.1, lse_square_scale=0.1, return_z_loss=True,
-                           return_token_accuracy=True, backend=options_backend(any_backend))
+    out = sk.cross_entropy(
+        z,
+        labels,
+        label_smoothing=0.1,
+        lse_square_scale=0.1,
+        return_z_loss=True,
+        return_token_accuracy=True,
+        backend=options_backend(any_backend),
+    )
     out.loss.backward()
     assert out.loss.item() == 0.0 and out.z_loss.item() == 0.0 and torch.isnan(out.token_accuracy)
     assert torch.count_nonzero(z.grad) == 0
@@ -223,8 +254,16 @@ def test_torch_compile_fullgraph(device, any_backend):
     weight = torch.rand(40, device=device)
 
     def f(z):
-        out = sk.cross_entropy(z, labels, label_smoothing=0.1, softcap=5.0, weight=weight, lse_square_scale=1e-2,
-                               return_z_loss=True, backend=options_backend(any_backend))
+        out = sk.cross_entropy(
+            z,
+            labels,
+            label_smoothing=0.1,
+            softcap=5.0,
+            weight=weight,
+            lse_square_scale=1e-2,
+            return_z_loss=True,
+            backend=options_backend(any_backend),
+        )
         return out.loss * 2 + out.z_loss
 
     assert_compiles_like_eager(f, logits.clone().requires_grad_())
@@ -263,8 +302,11 @@ def test_refusal_comes_before_any_work(op, monkeypatch):
     monkeypatch.setattr(module, "resolve_backend", lambda *args: "cuda")  # both resolve in check_ce_call
     monkeypatch.setattr(module, "_logprobs_rows", lambda *a, **k: pytest.fail("a kernel ran"))
     monkeypatch.setattr(target, "_logprobs_rows", lambda *a, **k: pytest.fail("a kernel ran"), raising=False)
-    args = (torch.randn(4, 10), torch.randint(0, 10, (4,))) if op == "cross_entropy" else (
-        torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)))
+    args = (
+        (torch.randn(4, 10), torch.randint(0, 10, (4,)))
+        if op == "cross_entropy"
+        else (torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,)))
+    )
     with pytest.raises(RuntimeError, match="return_token_accuracy not implemented by backend 'cuda'"):
         getattr(sk, op)(*args, return_token_accuracy=True, backend="cuda")
 
@@ -294,10 +336,22 @@ def _bad(op, **overrides):
         (dict(softcap=float("inf")), ValueError, "softcap must be None or a finite float > 0, got inf"),
         (dict(return_z_loss="yes"), TypeError, "return_z_loss must be True or False, got 'yes'"),
         (dict(return_token_accuracy=1), TypeError, "return_token_accuracy must be True or False, got 1"),
-        (dict(class_weight=torch.rand(19)), ValueError, r"weight has shape \(19,\), expected \(20,\) \(one weight per class\)"),
-        (dict(class_weight=torch.ones(20, dtype=torch.long)), TypeError, "weight must be float32, float16, bfloat16 or float64, got torch.int64"),
+        (
+            dict(class_weight=torch.rand(19)),
+            ValueError,
+            r"weight has shape \(19,\), expected \(20,\) \(one weight per class\)",
+        ),
+        (
+            dict(class_weight=torch.ones(20, dtype=torch.long)),
+            TypeError,
+            "weight must be float32, float16, bfloat16 or float64, got torch.int64",
+        ),
         (dict(class_weight=torch.rand(20, device="meta")), ValueError, "weight is on meta, expected cpu"),
-        (dict(class_weight=torch.rand(20, requires_grad=True)), ValueError, "weight requires grad, expected a constant"),
+        (
+            dict(class_weight=torch.rand(20, requires_grad=True)),
+            ValueError,
+            "weight requires grad, expected a constant",
+        ),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
     ],
 )
@@ -311,8 +365,16 @@ def test_bad_options(op, overrides, error, message):
     "overrides, error, message",
     [
         (dict(logits=torch.randn(2, 3, 20)), ValueError, "logits must have 2 dimensions, got 3"),
-        (dict(logits=torch.randn(6, 20).double()), TypeError, "logits must be float32, float16 or bfloat16, got torch.float64"),
-        (dict(labels=torch.randint(0, 20, (5,))), ValueError, r"labels has shape \(5,\), expected \(6,\) \(logits.shape\[0\]\)"),
+        (
+            dict(logits=torch.randn(6, 20).double()),
+            TypeError,
+            "logits must be float32, float16 or bfloat16, got torch.float64",
+        ),
+        (
+            dict(labels=torch.randint(0, 20, (5,))),
+            ValueError,
+            r"labels has shape \(5,\), expected \(6,\) \(logits.shape\[0\]\)",
+        ),
         (dict(labels=torch.rand(6)), TypeError, "labels must be int64 or int32, got torch.float32"),
         (dict(labels=torch.tensor([0, 1, 2, 20, 4, 5])), ValueError, r"labels\[3\] = 20 is outside \[0, 20\)"),
         (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
@@ -331,5 +393,6 @@ def test_cuda_backend_on_gpu():
     torch.testing.assert_close(sk.cross_entropy(logits, labels, backend="cuda"), cross_entropy_ref(logits, labels))
     with pytest.raises(RuntimeError, match="softcap not implemented by backend 'cuda'"):
         sk.cross_entropy(logits, labels, softcap=3.0, backend="cuda")
-    torch.testing.assert_close(sk.cross_entropy(logits, labels, softcap=3.0, backend="auto"),
-                               cross_entropy_ref(logits, labels, softcap=3.0))
+    torch.testing.assert_close(
+        sk.cross_entropy(logits, labels, softcap=3.0, backend="auto"), cross_entropy_ref(logits, labels, softcap=3.0)
+    )

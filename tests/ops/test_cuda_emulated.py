@@ -15,6 +15,7 @@ cannot check: speed, register use, memory ordering beyond barriers, and the host
 themselves (tests/ops/test_cuda_ops.py does on a GPU; their argument checks are tested in
 tests/ops/test_cuda_build.py).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,8 +44,14 @@ MAX_ROW_TENSORS = int(re.search(r"kMaxRowTensors = (\d+);", (ROOT / "csrc" / "la
 class Rows(ctypes.Structure):
     """csrc/launch.h's Rows: the argument block of the elementwise launchers."""
 
-    _fields_ = [("data", ctypes.c_void_p * MAX_ROW_TENSORS), ("stride", ctypes.c_int64 * MAX_ROW_TENSORS),
-                ("count", ctypes.c_int32), ("n_rows", ctypes.c_int64), ("n_cols", ctypes.c_int64)]
+    _fields_ = [
+        ("data", ctypes.c_void_p * MAX_ROW_TENSORS),
+        ("stride", ctypes.c_int64 * MAX_ROW_TENSORS),
+        ("count", ctypes.c_int32),
+        ("n_rows", ctypes.c_int64),
+        ("n_cols", ctypes.c_int64),
+    ]
+
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernels")
 
@@ -63,8 +70,19 @@ def lib(tmp_path_factory):
         rewritten = build / (source.stem + ".cpp")
         rewritten.write_text(text)
         objects.append(build / (source.stem + ".o"))
-        command = ["g++", "-std=c++20", "-O1", "-fPIC", "-pthread", "-c", str(rewritten), "-o", str(objects[-1]),
-                   f"-I{EMULATOR}", f"-I{ROOT / 'csrc'}"]
+        command = [
+            "g++",
+            "-std=c++20",
+            "-O1",
+            "-fPIC",
+            "-pthread",
+            "-c",
+            str(rewritten),
+            "-o",
+            str(objects[-1]),
+            f"-I{EMULATOR}",
+            f"-I{ROOT / 'csrc'}",
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, f"{source.name}:\n{result.stderr[-5000:]}"
     library = build / "emulated_kernels.so"
@@ -100,10 +118,27 @@ class EmulatedOps:
     def rms_norm_fwd(self, x, weight, residual, y, h, rstd, eps):
         """The out-variant rms_norm_fwd: y, h (given with a residual) and rstd written."""
         w = side_input(weight, x.dtype).contiguous()
-        check(self.lib.emu_rms_norm_fwd(
-            CODES[x.dtype], int(w.dtype != x.dtype), ptr(x), ptr(residual), ptr(w), ptr(y), ptr(h), ptr(rstd),
-            *i64(x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
-                 h.stride(0) if h is not None else 0, *x.shape), ctypes.c_float(eps)), "rms_norm_fwd")
+        check(
+            self.lib.emu_rms_norm_fwd(
+                CODES[x.dtype],
+                int(w.dtype != x.dtype),
+                ptr(x),
+                ptr(residual),
+                ptr(w),
+                ptr(y),
+                ptr(h),
+                ptr(rstd),
+                *i64(
+                    x.stride(0),
+                    residual.stride(0) if residual is not None else 0,
+                    y.stride(0),
+                    h.stride(0) if h is not None else 0,
+                    *x.shape,
+                ),
+                ctypes.c_float(eps),
+            ),
+            "rms_norm_fwd",
+        )
 
     def rms_norm_bwd(self, dy, h, weight, rstd, dh, dx, dweight):
         """The out-variant rms_norm_bwd: dx and dweight written, through the host function's
@@ -115,8 +150,22 @@ class EmulatedOps:
         partial = torch.full((blocks, h.shape[1]), float("nan"))
         direct = dweight.dtype == w.dtype and dweight.is_contiguous()
         out = dweight if direct else torch.empty(h.shape[1], dtype=w.dtype)
-        check(self.lib.emu_rms_norm_bwd(*types, ptr(dy), ptr(h), ptr(w), ptr(rstd.contiguous()), ptr(dh), ptr(dx),
-                                        ptr(partial), ctypes.c_int64(blocks), ptr(out), *strides), "rms_norm_bwd")
+        check(
+            self.lib.emu_rms_norm_bwd(
+                *types,
+                ptr(dy),
+                ptr(h),
+                ptr(w),
+                ptr(rstd.contiguous()),
+                ptr(dh),
+                ptr(dx),
+                ptr(partial),
+                ctypes.c_int64(blocks),
+                ptr(out),
+                *strides,
+            ),
+            "rms_norm_bwd",
+        )
         if not direct:
             dweight.copy_(out)
 
@@ -133,10 +182,22 @@ class EmulatedOps:
             return [0, *s] if t.dim() == 2 else s
 
         flat = strides(q) + strides(k) + strides(q_out) + strides(k_out) + table(cos) + table(sin)
-        check(self.lib.emu_rotary(
-            CODES[q.dtype], int(cos.dtype != q.dtype), ptr(q), ptr(k), ptr(cos), ptr(sin), ptr(q_out), ptr(k_out),
-            (ctypes.c_int64 * len(flat))(*flat), *i64(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3] // 2),
-            int(backward)), "rotary")
+        check(
+            self.lib.emu_rotary(
+                CODES[q.dtype],
+                int(cos.dtype != q.dtype),
+                ptr(q),
+                ptr(k),
+                ptr(cos),
+                ptr(sin),
+                ptr(q_out),
+                ptr(k_out),
+                (ctypes.c_int64 * len(flat))(*flat),
+                *i64(q.shape[0], q.shape[2], q.shape[1], k.shape[1], q.shape[3] // 2),
+                int(backward),
+            ),
+            "rotary",
+        )
 
     def out_variant(self, name):
         """torch.ops.solar_kernels_C.<name> of an out-variant elementwise op: its launcher solar_<name>,
@@ -152,10 +213,21 @@ class EmulatedOps:
         return run
 
     def logprobs_(self, logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad):
-        check(self.lib.emu_logprobs(
-            CODES[logits.dtype], int(labels.dtype == torch.int64), ptr(logits), ptr(labels), ptr(logp), ptr(lse),
-            ptr(grad), *i64(logits.stride(0), labels.stride(0), grad.stride(0), *logits.shape, ignore_index),
-            int(compute_lse), int(write_grad)), "logprobs_")
+        check(
+            self.lib.emu_logprobs(
+                CODES[logits.dtype],
+                int(labels.dtype == torch.int64),
+                ptr(logits),
+                ptr(labels),
+                ptr(logp),
+                ptr(lse),
+                ptr(grad),
+                *i64(logits.stride(0), labels.stride(0), grad.stride(0), *logits.shape, ignore_index),
+                int(compute_lse),
+                int(write_grad),
+            ),
+            "logprobs_",
+        )
 
 
 @pytest.fixture
@@ -169,8 +241,9 @@ def emulated(lib, monkeypatch):
         name = kernel.cuda_op_name
         monkeypatch.setattr(namespace, name, getattr(ops, name, None) or ops.out_variant(name), raising=False)
     real = backend.unavailable_reason
-    monkeypatch.setattr(backend, "unavailable_reason",
-                        lambda name, device: None if name == "cuda" else real(name, device))
+    monkeypatch.setattr(
+        backend, "unavailable_reason", lambda name, device: None if name == "cuda" else real(name, device)
+    )
     return ops
 
 
@@ -185,10 +258,14 @@ def test_rms_norm(emulated, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_rms_norm_strided_misaligned_and_mixed(emulated, dtype):
     d = 123
-    x = torch.randn(17, 2 * d + 5).to(dtype)[:, 3:3 + d]  # row-strided view
+    x = torch.randn(17, 2 * d + 5).to(dtype)[:, 3 : 3 + d]  # row-strided view
     check_rms_norm(x, torch.randn(2 * d).to(dtype)[::2], backend="cuda")
-    check_rms_norm(misaligned(9, 1024, dtype=dtype), misaligned(1024, dtype=dtype), misaligned(9, 1024, dtype=dtype),
-                   backend="cuda")
+    check_rms_norm(
+        misaligned(9, 1024, dtype=dtype),
+        misaligned(1024, dtype=dtype),
+        misaligned(9, 1024, dtype=dtype),
+        backend="cuda",
+    )
     check_rms_norm(torch.randn(4, 256).to(dtype), torch.randn(256), backend="cuda")  # fp32 weight
     check_rms_norm(torch.randn(4, 256).to(torch.bfloat16), torch.randn(256).half(), backend="cuda")  # widened
 
@@ -199,9 +276,18 @@ def test_rms_norm_backward_on_many_rows_per_block(emulated):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("batch, heads_q, heads_k, tokens, head_dim",
-                         [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 4, 2, 5, 128), (1, 3, 3, 13, 6),
-                          (2, 3, 2, 5, 16), (1, 2, 5, 7, 8), (1, 1, 9, 3, 6)])  # any Hq, Hkv (HF allows it)
+@pytest.mark.parametrize(
+    "batch, heads_q, heads_k, tokens, head_dim",
+    [
+        (1, 1, 1, 1, 2),
+        (2, 4, 2, 7, 34),
+        (2, 4, 2, 5, 128),
+        (1, 3, 3, 13, 6),
+        (2, 3, 2, 5, 16),
+        (1, 2, 5, 7, 8),
+        (1, 1, 9, 3, 6),
+    ],
+)  # any Hq, Hkv (HF allows it)
 def test_rotary(emulated, batch, heads_q, heads_k, tokens, head_dim, dtype):
     q = torch.randn(batch, heads_q, tokens, head_dim).to(dtype)
     k = torch.randn(batch, heads_k, tokens, head_dim).to(dtype)
@@ -221,9 +307,13 @@ def test_rotary_layouts_tables_and_misaligned(emulated, dtype):
     general = torch.randn(5, 8), torch.randn(5, 8)  # halves differ: the backward must be the transpose
     check_rotary(torch.randn(1, 2, 5, 8).to(dtype), torch.randn(1, 1, 5, 8).to(dtype), *general, backend="cuda")
     table = rope_tables(torch.arange(7), 64, dtype=dtype)
-    check_rotary(misaligned(1, 4, 7, 64, dtype=dtype), misaligned(1, 2, 7, 64, dtype=dtype),
-                 misaligned(7, 64, dtype=dtype).copy_(table[0]), misaligned(7, 64, dtype=dtype).copy_(table[1]),
-                 backend="cuda")
+    check_rotary(
+        misaligned(1, 4, 7, 64, dtype=dtype),
+        misaligned(1, 2, 7, 64, dtype=dtype),
+        misaligned(7, 64, dtype=dtype).copy_(table[0]),
+        misaligned(7, 64, dtype=dtype).copy_(table[1]),
+        backend="cuda",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -292,7 +382,9 @@ def test_swiglu_halves_and_misaligned(emulated, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("tokens_shape, d, vocab", [((37,), 64, 512), ((2, 9), 33, 123), ((6,), 16, 32000), ((3, 4), 24, 4097)])
+@pytest.mark.parametrize(
+    "tokens_shape, d, vocab", [((37,), 64, 512), ((2, 9), 33, 123), ((6,), 16, 32000), ((3, 4), 24, 4097)]
+)
 def test_logprobs(emulated, tokens_shape, d, vocab, dtype):
     check_logprobs(*make(tokens_shape, d, vocab, dtype, "cpu", bias=True), backend="cuda")
 

@@ -3,6 +3,7 @@ backends through the ``kernel_backend`` fixture): ``torch.library.opcheck`` on e
 against Triton on the same inputs, misaligned inputs (the scalar fallback), bad input raising a
 RuntimeError that names the op (and no illegal access after it), and the auto backend measuring,
 storing and reusing its choices."""
+
 from __future__ import annotations
 
 import functools
@@ -51,6 +52,7 @@ def rms_bwd_args(dy, h, weight, rstd, dh=None):
 
 # ---- opcheck (bf16: each opcheck traces and compiles; the other dtypes run in the op tests) -------
 
+
 def test_opcheck_cuda_ops(ops, dtype=torch.bfloat16):
     x, r = rand(37, 4096, dtype=dtype), rand(37, 4096, dtype=dtype)
     for weight in (rand(4096, dtype=dtype), rand(4096, dtype=torch.float32)):
@@ -66,15 +68,18 @@ def test_opcheck_cuda_ops(ops, dtype=torch.bfloat16):
         torch.library.opcheck(ops.rotary, (q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), backward))
     gate, up = rand(13, 2 * 1000, dtype=dtype).chunk(2, dim=-1)
     torch.library.opcheck(ops.swiglu_fwd, (gate, up, torch.empty_like(gate)))
-    torch.library.opcheck(ops.swiglu_bwd, (rand(13, 1000, dtype=dtype), gate, up, rand(13, 1000, dtype=dtype),
-                                           rand(13, 1000, dtype=dtype)))
+    torch.library.opcheck(
+        ops.swiglu_bwd,
+        (rand(13, 1000, dtype=dtype), gate, up, rand(13, 1000, dtype=dtype), rand(13, 1000, dtype=dtype)),
+    )
     labels = torch.randint(0, 3000, (11,), device="cuda")
     labels[::3] = -100
     for compute_lse, write_grad in ((True, False), (True, True), (False, True)):
         logits = rand(11, 3000, dtype=dtype)
         logp, lse = torch.empty(11, device="cuda"), torch.logsumexp(logits.float(), -1)
-        torch.library.opcheck(ops.logprobs_, (logits, labels, logp, lse, torch.randn(11, device="cuda"), -100,
-                                              compute_lse, write_grad))
+        torch.library.opcheck(
+            ops.logprobs_, (logits, labels, logp, lse, torch.randn(11, device="cuda"), -100, compute_lse, write_grad)
+        )
 
 
 def test_opcheck_python_ops_on_cuda(ops, dtype=torch.bfloat16):
@@ -91,11 +96,13 @@ def test_opcheck_python_ops_on_cuda(ops, dtype=torch.bfloat16):
     hidden, weight = rand(20, 64, dtype=dtype).requires_grad_(), rand(500, 64, dtype=dtype, scale=0.2).requires_grad_()
     labels = torch.randint(0, 500, (20,), device="cuda")
     torch.library.opcheck(lib.linear_logprobs_fwd, (hidden, weight, None, labels, -100, 8, "cuda"))
-    torch.library.opcheck(lib.linear_cross_entropy_fwd,
-                          (hidden, weight, None, labels, -100, "mean", 8, True, True, False, "cuda"))
+    torch.library.opcheck(
+        lib.linear_cross_entropy_fwd, (hidden, weight, None, labels, -100, "mean", 8, True, True, False, "cuda")
+    )
 
 
 # ---- CUDA against Triton --------------------------------------------------------------------------
+
 
 def both_backends(fn, inputs, upstream):
     """(outputs, grads) of fn(backend, *leaves) for backends "cuda" and "triton" on the same inputs."""
@@ -118,7 +125,9 @@ def assert_cuda_matches_triton(fn, inputs, exact_fn, upstream):
     exact_grads = torch.autograd.grad(exact_outs, exact_inputs, [u.double() for u in upstream])
     dtype = inputs[0].dtype
     (cuda_outs, cuda_grads), (triton_outs, triton_grads) = results["cuda"], results["triton"]
-    for i, (c, t, e) in enumerate(zip(cuda_outs + cuda_grads, triton_outs + triton_grads, exact_outs + list(exact_grads))):
+    for i, (c, t, e) in enumerate(
+        zip(cuda_outs + cuda_grads, triton_outs + triton_grads, exact_outs + list(exact_grads))
+    ):
         assert c.dtype == t.dtype and c.shape == t.shape
         assert_close(f"result {i}", c, t, e, dtype)
 
@@ -130,22 +139,29 @@ def test_cuda_matches_triton_at_solar_widths(ops, dtype):
     x, r, w = rand(512, 4096, dtype=dtype), rand(512, 4096, dtype=dtype), rand(4096, dtype=dtype)
     upstream = [rand(512, 4096, dtype=dtype), rand(512, 4096, dtype=dtype)]
     assert_cuda_matches_triton(
-        lambda b, x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=b), [x, r, w],
-        lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r), upstream,
+        lambda b, x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend=b),
+        [x, r, w],
+        lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r),
+        upstream,
     )
     q, k = rand(2, 32, 256, 128, dtype=dtype), rand(2, 8, 256, 128, dtype=dtype)
     cos, sin = rope_tables(torch.arange(256, device="cuda"), 128)
     assert_cuda_matches_triton(
-        lambda b, q, k: sk.apply_rotary(q, k, cos, sin, backend=b), [q, k],
-        lambda q, k: sk.apply_rotary_ref(q, k, cos.double(), sin.double()), [torch.randn_like(q), torch.randn_like(k)],
+        lambda b, q, k: sk.apply_rotary(q, k, cos, sin, backend=b),
+        [q, k],
+        lambda q, k: sk.apply_rotary_ref(q, k, cos.double(), sin.double()),
+        [torch.randn_like(q), torch.randn_like(k)],
     )
     gate, up = rand(512, 14336, dtype=dtype, scale=3), rand(512, 14336, dtype=dtype)
-    assert_cuda_matches_triton(lambda b, g, u: sk.swiglu(g, u, backend=b), [gate, up], sk.swiglu_ref,
-                               [torch.randn_like(gate)])
+    assert_cuda_matches_triton(
+        lambda b, g, u: sk.swiglu(g, u, backend=b), [gate, up], sk.swiglu_ref, [torch.randn_like(gate)]
+    )
     hidden, weight, _, labels = make((256,), 4096, 32000, dtype, "cuda")
     assert_cuda_matches_triton(
-        lambda b, h, w: sk.linear_logprobs(h, w, labels, backend=b), [hidden, weight],
-        lambda h, w: sk.linear_logprobs_ref(h, w, labels), [torch.randn(256, device="cuda")],
+        lambda b, h, w: sk.linear_logprobs(h, w, labels, backend=b),
+        [hidden, weight],
+        lambda h, w: sk.linear_logprobs_ref(h, w, labels),
+        [torch.randn(256, device="cuda")],
     )
 
 
@@ -167,8 +183,13 @@ def test_logprobs_kernel_is_a_drop_in_for_the_triton_kernel(ops, dtype, vocab):
         results[backend] = (logp, lse, z, z2)
     for cuda, triton in zip(results["cuda"], results["triton"]):
         assert torch.equal(torch.isnan(cuda), torch.isnan(triton))
-        torch.testing.assert_close(cuda, triton, equal_nan=True, rtol=2e-2 if dtype != torch.float32 else 1e-5,
-                                   atol=1e-2 if dtype != torch.float32 else 1e-5)
+        torch.testing.assert_close(
+            cuda,
+            triton,
+            equal_nan=True,
+            rtol=2e-2 if dtype != torch.float32 else 1e-5,
+            atol=1e-2 if dtype != torch.float32 else 1e-5,
+        )
     logp, lse, z, _ = results["cuda"]
     assert torch.isnan(logp[[3, 7]]).all() and (logp[::5] == 0).all() and (lse[::5] == 0).all()
     assert (z[::5] == 0).all() and torch.isnan(z[[3, 7]]).all()
@@ -177,6 +198,7 @@ def test_logprobs_kernel_is_a_drop_in_for_the_triton_kernel(ops, dtype, vocab):
 
 
 # ---- the scalar fallback -----------------------------------------------------------------------------
+
 
 def misaligned_leaf(shape, dtype, scale=1.0):
     """(leaf buffer, view of it): the view starts one element in, so it is not 16-byte aligned and
@@ -213,16 +235,29 @@ def check_misaligned(ours, reference, shapes, dtype, scales=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_misaligned_inputs_take_the_scalar_path(ops, dtype):
     d = 4096
-    check_misaligned(lambda x, w: sk.rms_norm(x, w, 1e-5, backend="cuda"),
-                     lambda x, w: sk.rms_norm_ref(x, w, 1e-5), [(9, d), (d,)], dtype)
-    check_misaligned(lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend="cuda"),
-                     lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r), [(9, d), (9, d), (d,)], dtype)
+    check_misaligned(
+        lambda x, w: sk.rms_norm(x, w, 1e-5, backend="cuda"),
+        lambda x, w: sk.rms_norm_ref(x, w, 1e-5),
+        [(9, d), (d,)],
+        dtype,
+    )
+    check_misaligned(
+        lambda x, r, w: sk.rms_norm(x, w, 1e-5, residual=r, backend="cuda"),
+        lambda x, r, w: sk.rms_norm_ref(x, w, 1e-5, r),
+        [(9, d), (9, d), (d,)],
+        dtype,
+    )
     cos, sin = rope_tables(torch.arange(11, device="cuda"), 128, dtype=dtype)
     cos_shifted, sin_shifted = misaligned(11, 128, dtype=dtype).copy_(cos), misaligned(11, 128, dtype=dtype).copy_(sin)
-    check_misaligned(lambda q, k: sk.apply_rotary(q, k, cos_shifted, sin_shifted, backend="cuda"),
-                     lambda q, k: sk.apply_rotary_ref(q, k, cos, sin), [(2, 4, 11, 128), (2, 2, 11, 128)], dtype)
-    check_misaligned(lambda g, u: sk.swiglu(g, u, backend="cuda"), sk.swiglu_ref, [(7, 14336), (7, 14336)], dtype,
-                     scales=[3.0, 1.0])
+    check_misaligned(
+        lambda q, k: sk.apply_rotary(q, k, cos_shifted, sin_shifted, backend="cuda"),
+        lambda q, k: sk.apply_rotary_ref(q, k, cos, sin),
+        [(2, 4, 11, 128), (2, 2, 11, 128)],
+        dtype,
+    )
+    check_misaligned(
+        lambda g, u: sk.swiglu(g, u, backend="cuda"), sk.swiglu_ref, [(7, 14336), (7, 14336)], dtype, scales=[3.0, 1.0]
+    )
     hidden, weight, _, labels = make((19,), 64, 4097, dtype, "cuda")  # V % 8 != 0: the logits' scalar rows
     check_logprobs(hidden, weight, None, labels, backend="cuda")
 
@@ -270,35 +305,94 @@ def test_many_rows_and_tokens(ops):
 # ---- bad input ----------------------------------------------------------------------------------
 
 BAD = [
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*rms_fwd_args(rand(4, 8), torch.randn(8))),
-     "weight is on cpu, expected cuda:0"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*rms_fwd_args(torch.ones(4, 8, dtype=torch.int32, device="cuda"),
-                                                                rand(8))),
-     "x must be float32, float16 or bfloat16, got Int"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(8, 4).t(), rand(8), None, rand(4, 8), None, rand(4).float(), 1e-5),
-     "x must have unit stride"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(*rms_fwd_args(rand(4, 8), rand(9))), "weight has 9 elements, expected 8"),
-    ("rms_norm_fwd", lambda ops: ops.rms_norm_fwd(rand(4, 8), rand(8), rand(4, 8), rand(4, 8), rand(4, 8).cpu(),
-                                                  rand(4).float(), 1e-5), "h is on cpu, expected cuda:0"),
-    ("rms_norm_bwd", lambda ops: ops.rms_norm_bwd(*rms_bwd_args(rand(4, 8), rand(4, 8), rand(8),
-                                                                torch.rand(3, device="cuda"))),
-     r"rstd has shape \[3\], expected \[4\]"),
-    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(6, 8), rand(5, 8), rand(1, 2, 5, 8),
-                                      rand(1, 1, 5, 8), False), "cos must be"),
-    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8).cpu(), rand(5, 8), rand(5, 8), rand(1, 2, 5, 8),
-                                      rand(1, 1, 5, 8), False), "k is on cpu"),
-    ("rotary", lambda ops: ops.rotary(rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(5, 8), rand(5, 8), rand(1, 2, 5, 8),
-                                      rand(1, 2, 5, 8), False), r"k_out has shape \[1, 2, 5, 8\], expected \[1, 1, 5, 8\]"),
-    ("swiglu_fwd", lambda ops: ops.swiglu_fwd(rand(3, 8), rand(3, 8, dtype=torch.float16), rand(3, 8)),
-     "up has dtype Half, expected BFloat16"),
-    ("swiglu_fwd", lambda ops: ops.swiglu_fwd(rand(3, 8), rand(3, 8), rand(3, 8).cpu()), "y is on cpu, expected cuda:0"),
-    ("swiglu_bwd", lambda ops: ops.swiglu_bwd(rand(3, 8), rand(3, 8), rand(3, 8), rand(3, 8), rand(3, 7)),
-     r"dup has shape \[3, 7\], expected \[3, 8\]"),
-    ("logprobs_", lambda ops: ops.logprobs_(rand(4, 10), torch.zeros(4, device="cuda"), *(torch.zeros(4, device="cuda"),) * 3,
-                                            -100, True, True), "labels must be int64 or int32, got Float"),
-    ("logprobs_", lambda ops: ops.logprobs_(rand(4, 10), torch.zeros(4, dtype=torch.long, device="cuda"),
-                                            torch.zeros(3, device="cuda"), *(torch.zeros(4, device="cuda"),) * 2, -100, True, True),
-     r"logp has shape \[3\], expected \[4\]"),
+    (
+        "rms_norm_fwd",
+        lambda ops: ops.rms_norm_fwd(*rms_fwd_args(rand(4, 8), torch.randn(8))),
+        "weight is on cpu, expected cuda:0",
+    ),
+    (
+        "rms_norm_fwd",
+        lambda ops: ops.rms_norm_fwd(*rms_fwd_args(torch.ones(4, 8, dtype=torch.int32, device="cuda"), rand(8))),
+        "x must be float32, float16 or bfloat16, got Int",
+    ),
+    (
+        "rms_norm_fwd",
+        lambda ops: ops.rms_norm_fwd(rand(8, 4).t(), rand(8), None, rand(4, 8), None, rand(4).float(), 1e-5),
+        "x must have unit stride",
+    ),
+    (
+        "rms_norm_fwd",
+        lambda ops: ops.rms_norm_fwd(*rms_fwd_args(rand(4, 8), rand(9))),
+        "weight has 9 elements, expected 8",
+    ),
+    (
+        "rms_norm_fwd",
+        lambda ops: ops.rms_norm_fwd(
+            rand(4, 8), rand(8), rand(4, 8), rand(4, 8), rand(4, 8).cpu(), rand(4).float(), 1e-5
+        ),
+        "h is on cpu, expected cuda:0",
+    ),
+    (
+        "rms_norm_bwd",
+        lambda ops: ops.rms_norm_bwd(*rms_bwd_args(rand(4, 8), rand(4, 8), rand(8), torch.rand(3, device="cuda"))),
+        r"rstd has shape \[3\], expected \[4\]",
+    ),
+    (
+        "rotary",
+        lambda ops: ops.rotary(
+            rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(6, 8), rand(5, 8), rand(1, 2, 5, 8), rand(1, 1, 5, 8), False
+        ),
+        "cos must be",
+    ),
+    (
+        "rotary",
+        lambda ops: ops.rotary(
+            rand(1, 2, 5, 8), rand(1, 1, 5, 8).cpu(), rand(5, 8), rand(5, 8), rand(1, 2, 5, 8), rand(1, 1, 5, 8), False
+        ),
+        "k is on cpu",
+    ),
+    (
+        "rotary",
+        lambda ops: ops.rotary(
+            rand(1, 2, 5, 8), rand(1, 1, 5, 8), rand(5, 8), rand(5, 8), rand(1, 2, 5, 8), rand(1, 2, 5, 8), False
+        ),
+        r"k_out has shape \[1, 2, 5, 8\], expected \[1, 1, 5, 8\]",
+    ),
+    (
+        "swiglu_fwd",
+        lambda ops: ops.swiglu_fwd(rand(3, 8), rand(3, 8, dtype=torch.float16), rand(3, 8)),
+        "up has dtype Half, expected BFloat16",
+    ),
+    (
+        "swiglu_fwd",
+        lambda ops: ops.swiglu_fwd(rand(3, 8), rand(3, 8), rand(3, 8).cpu()),
+        "y is on cpu, expected cuda:0",
+    ),
+    (
+        "swiglu_bwd",
+        lambda ops: ops.swiglu_bwd(rand(3, 8), rand(3, 8), rand(3, 8), rand(3, 8), rand(3, 7)),
+        r"dup has shape \[3, 7\], expected \[3, 8\]",
+    ),
+    (
+        "logprobs_",
+        lambda ops: ops.logprobs_(
+            rand(4, 10), torch.zeros(4, device="cuda"), *(torch.zeros(4, device="cuda"),) * 3, -100, True, True
+        ),
+        "labels must be int64 or int32, got Float",
+    ),
+    (
+        "logprobs_",
+        lambda ops: ops.logprobs_(
+            rand(4, 10),
+            torch.zeros(4, dtype=torch.long, device="cuda"),
+            torch.zeros(3, device="cuda"),
+            *(torch.zeros(4, device="cuda"),) * 2,
+            -100,
+            True,
+            True,
+        ),
+        r"logp has shape \[3\], expected \[4\]",
+    ),
 ]
 
 
@@ -318,6 +412,7 @@ def test_public_api_checks_before_the_cuda_kernels(ops):
 
 
 # ---- auto ---------------------------------------------------------------------------------------------
+
 
 def test_every_kernel_can_be_timed_on_both_backends(ops):
     """The auto table's measurement runs each registered kernel on each backend (a failure there

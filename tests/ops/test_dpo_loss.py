@@ -37,8 +37,9 @@ def exact_losses(pc, pr, rc, rr, beta, loss_type, eps):
 def test_loss_and_rewards(loss_type, beta, eps):
     pc, pr, rc, rr = (torch.randn(7, dtype=torch.float64) * 20 - 50 for _ in range(4))
     ones = torch.ones(7, dtype=torch.long)  # ipo averages per token: one token each keeps SPEC's formula
-    loss, chosen, rejected = sk.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
-                                         chosen_lengths=ones, rejected_lengths=ones)
+    loss, chosen, rejected = sk.dpo_loss(
+        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps, chosen_lengths=ones, rejected_lengths=ones
+    )
     assert loss.item() == pytest.approx(exact_losses(pc, pr, rc, rr, beta, loss_type, eps), rel=1e-12)
     torch.testing.assert_close(chosen, beta * (pc - rc))
     torch.testing.assert_close(rejected, beta * (pr - rr))
@@ -50,8 +51,13 @@ def test_gradient_flows_to_policy_only(loss_type):
     pc, pr = (torch.randn(5, requires_grad=True) for _ in range(2))
     rc, rr = torch.randn(5), torch.randn(5)
     lengths = torch.full((5,), 3)
-    kwargs = dict(beta=0.2, loss_type=loss_type, label_smoothing=0.1 if loss_type in ("cdpo", "robust") else 0.0,
-                  chosen_lengths=lengths, rejected_lengths=lengths)
+    kwargs = dict(
+        beta=0.2,
+        loss_type=loss_type,
+        label_smoothing=0.1 if loss_type in ("cdpo", "robust") else 0.0,
+        chosen_lengths=lengths,
+        rejected_lengths=lengths,
+    )
     loss, _, _ = sk.dpo_loss(pc, pr, rc, rr, **kwargs)
     loss.backward()
     # d loss / d pi_c = -d loss / d pi_r for every pair-level loss of h = (pc - rc) - (pr - rr)
@@ -87,25 +93,51 @@ def _inputs():
         (dict(loss_type="kto"), ValueError, "loss_type must be one of .*got 'kto'"),
         (dict(beta=0.0), ValueError, "beta must be a positive float, got 0.0"),
         (dict(label_smoothing=0.5), ValueError, r"label_smoothing must be in \[0, 0.5\), got 0.5"),
-        (dict(loss_type="ipo", label_smoothing=0.1), ValueError, "used by the cdpo, robust, exo_pair, aot, aot_unpaired losses only"),
-        (dict(label_smoothing=0.1), ValueError, "'sigmoid' ignores label_smoothing .*use loss_type='cdpo', got label_smoothing=0.1"),
+        (
+            dict(loss_type="ipo", label_smoothing=0.1),
+            ValueError,
+            "used by the cdpo, robust, exo_pair, aot, aot_unpaired losses only",
+        ),
+        (
+            dict(label_smoothing=0.1),
+            ValueError,
+            "'sigmoid' ignores label_smoothing .*use loss_type='cdpo', got label_smoothing=0.1",
+        ),
         (dict(loss_type=["hinge", "sigmoid"], label_smoothing=0.1), ValueError, "use loss_type='cdpo'"),
         (dict(loss_type="aot_pair"), ValueError, "'aot_pair' is TRL 0.x's name; .* 'aot_unpaired'"),
         (dict(loss_type=["sigmoid", "kto"]), ValueError, "loss_type must be one of .*got 'kto'"),
         (dict(loss_type=[]), ValueError, "loss_type must be a loss type name or a non-empty list of them, got \\[\\]"),
-        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), ValueError,
-         r"loss_weights has 1 entries, expected 2 \(one per loss_type \['sigmoid', 'sft'\]\)"),
+        (
+            dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]),
+            ValueError,
+            r"loss_weights has 1 entries, expected 2 \(one per loss_type \['sigmoid', 'sft'\]\)",
+        ),
         (dict(loss_weights=[float("nan")]), ValueError, r"loss_weights must be finite floats, got \[nan\]"),
         (dict(loss_weights=0.5), ValueError, "loss_weights must be a list of floats, got 0.5"),
         (dict(loss_type="ipo"), ValueError, r"'ipo' needs chosen_lengths \(completion token counts \[B\]\).*got None"),
-        (dict(loss_type="sigmoid_norm", chosen_lengths=torch.ones(4)), ValueError, "'sigmoid_norm' needs rejected_lengths"),
+        (
+            dict(loss_type="sigmoid_norm", chosen_lengths=torch.ones(4)),
+            ValueError,
+            "'sigmoid_norm' needs rejected_lengths",
+        ),
         (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), ValueError, "'sft' needs chosen_lengths"),
-        (dict(loss_type="sft", chosen_lengths=torch.ones(3)), ValueError,
-         r"chosen_lengths has shape \(3,\), expected \(4,\)"),
-        (dict(loss_type="sft", chosen_lengths=[1, 2, 3, 4]), TypeError, "chosen_lengths must be a tensor of token counts"),
+        (
+            dict(loss_type="sft", chosen_lengths=torch.ones(3)),
+            ValueError,
+            r"chosen_lengths has shape \(3,\), expected \(4,\)",
+        ),
+        (
+            dict(loss_type="sft", chosen_lengths=[1, 2, 3, 4]),
+            TypeError,
+            "chosen_lengths must be a tensor of token counts",
+        ),
         (dict(loss_type="exo_pair"), ValueError, r"'exo_pair' needs label_smoothing in \(0, 0.5\).*got 0.0"),
         (dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau must be a positive float, got 0.0"),
-        (dict(loss_type="bco_pair", bco_delta=torch.zeros(2)), ValueError, "bco_delta must be a float or a 0-d float tensor"),
+        (
+            dict(loss_type="bco_pair", bco_delta=torch.zeros(2)),
+            ValueError,
+            "bco_delta must be a float or a 0-d float tensor",
+        ),
         (dict(loss_type="bco_pair", bco_delta=float("inf")), ValueError, "bco_delta must be a finite float, got inf"),
         (dict(backend="torch"), TypeError, "unexpected keyword argument 'backend'"),
     ],
@@ -121,7 +153,9 @@ def test_bad_tensors():
         sk.dpo_loss(a, b, c, torch.randn(3))
     with pytest.raises(TypeError, match="policy_rejected has dtype torch.float64, expected torch.float32"):
         sk.dpo_loss(a, b.double(), c, d)
-    with pytest.raises(TypeError, match="reference_chosen must be float32, float16, bfloat16 or float64, got torch.int64"):
+    with pytest.raises(
+        TypeError, match="reference_chosen must be float32, float16, bfloat16 or float64, got torch.int64"
+    ):
         sk.dpo_loss(a, b, torch.ones(4, dtype=torch.long), d)
     with pytest.raises(ValueError, match="policy_chosen must not be empty"):
         sk.dpo_loss(*(torch.randn(0) for _ in range(4)))
@@ -153,8 +187,9 @@ def test_loss_weights_combine_the_means():
     lengths_c, lengths_r = torch.randint(1, 30, (6,)), torch.randint(1, 30, (6,))
     common = dict(beta=0.2, chosen_lengths=lengths_c, rejected_lengths=lengths_r)
     alone = {t: sk.dpo_loss(pc, pr, rc, rr, loss_type=t, **common)[0].item() for t in ("nca_pair", "ipo", "sft")}
-    combined, chosen, rejected = sk.dpo_loss(pc, pr, rc, rr, loss_type=["nca_pair", "ipo", "sft"],
-                                             loss_weights=[0.25, 2.0, -1.5], **common)
+    combined, chosen, rejected = sk.dpo_loss(
+        pc, pr, rc, rr, loss_type=["nca_pair", "ipo", "sft"], loss_weights=[0.25, 2.0, -1.5], **common
+    )
     expected = 0.25 * alone["nca_pair"] + 2.0 * alone["ipo"] - 1.5 * alone["sft"]
     assert combined.item() == pytest.approx(expected, rel=1e-12)
     unweighted = sk.dpo_loss(pc, pr, rc, rr, loss_type=["nca_pair", "ipo"], **common)[0]
@@ -178,12 +213,18 @@ def test_bco_delta_shifts_both_rewards():
     """TRL 0.x's bco_pair: both rewards minus a running mean, carried here by the caller."""
     pc, pr, rc, rr = (torch.randn(5, dtype=torch.float64) * 10 for _ in range(4))
     beta, delta = 0.1, 0.37
-    expected = sum(-logsigmoid64(beta * (a - c) - delta) - logsigmoid64(-(beta * (b - d) - delta))
-                   for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 5
+    expected = (
+        sum(
+            -logsigmoid64(beta * (a - c) - delta) - logsigmoid64(-(beta * (b - d) - delta))
+            for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())
+        )
+        / 5
+    )
     shifted = sk.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair", bco_delta=delta)[0]
     assert shifted.item() == pytest.approx(expected, rel=1e-12)
-    as_tensor = sk.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="bco_pair",
-                            bco_delta=torch.tensor(delta, dtype=torch.float64))[0]
+    as_tensor = sk.dpo_loss(
+        pc, pr, rc, rr, beta=beta, loss_type="bco_pair", bco_delta=torch.tensor(delta, dtype=torch.float64)
+    )[0]
     assert as_tensor.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -201,10 +242,24 @@ def test_check_loss_options_without_tensors():
 
 def test_lengths_any_real_dtype_same_device():
     pc, pr, rc, rr = (torch.randn(4, dtype=torch.float64) for _ in range(4))
-    as_int = sk.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=torch.tensor([1, 2, 3, 4]),
-                         rejected_lengths=torch.tensor([4, 3, 2, 1]))[0]
-    as_float = sk.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=torch.tensor([1.0, 2.0, 3.0, 4.0]),
-                           rejected_lengths=torch.tensor([4.0, 3.0, 2.0, 1.0]))[0]
+    as_int = sk.dpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type="ipo",
+        chosen_lengths=torch.tensor([1, 2, 3, 4]),
+        rejected_lengths=torch.tensor([4, 3, 2, 1]),
+    )[0]
+    as_float = sk.dpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type="ipo",
+        chosen_lengths=torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        rejected_lengths=torch.tensor([4.0, 3.0, 2.0, 1.0]),
+    )[0]
     assert as_int.item() == as_float.item()
     with pytest.raises(TypeError, match="rejected_lengths must be a tensor of token counts .*got torch.bool"):
         sk.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(4) > 0)

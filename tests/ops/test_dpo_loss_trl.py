@@ -30,11 +30,18 @@ def _our_loss(case, dtype):
     policy_chosen = _tensor(case["policy_chosen"], dtype, requires_grad=True)
     policy_rejected = _tensor(case["policy_rejected"], dtype, requires_grad=True)
     loss, chosen_rewards, rejected_rewards = sk.dpo_loss(
-        policy_chosen, policy_rejected, _tensor(case["reference_chosen"], dtype),
-        _tensor(case["reference_rejected"], dtype), beta=case["beta"], loss_type=case["loss_type"],
-        label_smoothing=case["label_smoothing"], loss_weights=case["loss_weights"],
-        chosen_lengths=torch.tensor(case["chosen_lengths"]), rejected_lengths=torch.tensor(case["rejected_lengths"]),
-        discopop_tau=case["discopop_tau"])
+        policy_chosen,
+        policy_rejected,
+        _tensor(case["reference_chosen"], dtype),
+        _tensor(case["reference_rejected"], dtype),
+        beta=case["beta"],
+        loss_type=case["loss_type"],
+        label_smoothing=case["label_smoothing"],
+        loss_weights=case["loss_weights"],
+        chosen_lengths=torch.tensor(case["chosen_lengths"]),
+        rejected_lengths=torch.tensor(case["rejected_lengths"]),
+        discopop_tau=case["discopop_tau"],
+    )
     loss.backward()
     # sft alone never reads the rejected log-probs: no gradient reaches them (TRL's is 0 there)
     grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (policy_chosen, policy_rejected)]
@@ -56,17 +63,28 @@ def test_matches_trl(name, dtype):
     assert loss.dtype == dtype
     rtol, atol = RTOL[dtype], ATOL[dtype]
     torch.testing.assert_close(loss.double(), torch.tensor(case["loss"], dtype=torch.float64), rtol=rtol, atol=atol)
-    for ours, key in ((chosen_rewards, "chosen_rewards"), (rejected_rewards, "rejected_rewards"),
-                      (grad_chosen, "grad_policy_chosen"), (grad_rejected, "grad_policy_rejected")):
-        torch.testing.assert_close(ours.double(), torch.tensor(case[key], dtype=torch.float64), rtol=rtol, atol=atol,
-                                   msg=lambda m, key=key: f"{name} {key}: {m}")
+    for ours, key in (
+        (chosen_rewards, "chosen_rewards"),
+        (rejected_rewards, "rejected_rewards"),
+        (grad_chosen, "grad_policy_chosen"),
+        (grad_rejected, "grad_policy_rejected"),
+    ):
+        torch.testing.assert_close(
+            ours.double(),
+            torch.tensor(case[key], dtype=torch.float64),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, key=key: f"{name} {key}: {m}",
+        )
 
 
 def test_cdpo_is_trl_028_sigmoid_with_label_smoothing():
     """cdpo = TRL <= 0.28's smoothed sigmoid; at eps = 0 it is TRL 1.16's sigmoid on the same pairs."""
     case = CASES["sigmoid"]
-    inputs = [_tensor(case[k], torch.float64) for k in
-              ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")]
+    inputs = [
+        _tensor(case[k], torch.float64)
+        for k in ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected")
+    ]
     plain = sk.dpo_loss(*inputs, beta=case["beta"], loss_type="cdpo")[0]
     assert plain.item() == pytest.approx(case["loss"], rel=1e-12)
     smoothed = sk.dpo_loss(*inputs, beta=case["beta"], loss_type="cdpo", label_smoothing=0.2)[0]

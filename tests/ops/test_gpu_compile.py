@@ -54,10 +54,18 @@ FEW_STORES_BY_DESIGN = {("triton", "_column_sum_kernel")}
 # Where the compiled code misses an expectation today: (backend, kernel, case, check) -> what it
 # is. A miss that is fixed fails test_known_misses_are_still_misses, so this table stays true.
 KNOWN_MISSES = {
-    ("cuda", "rms_norm_bwd_kernel", "rms_norm_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 8, false>", "registers"):
-        "96 registers: 2 blocks of 256 per SM for a grid of 4 per SM (2 waves)",
-    ("cuda", "rms_norm_bwd_kernel", "rms_norm_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 8, true>", "registers"):
-        "99 registers: 2 blocks of 256 per SM for a grid of 4 per SM (2 waves)",
+    (
+        "cuda",
+        "rms_norm_bwd_kernel",
+        "rms_norm_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 8, false>",
+        "registers",
+    ): "96 registers: 2 blocks of 256 per SM for a grid of 4 per SM (2 waves)",
+    (
+        "cuda",
+        "rms_norm_bwd_kernel",
+        "rms_norm_bwd_kernel<__nv_bfloat16, __nv_bfloat16, 8, true>",
+        "registers",
+    ): "99 registers: 2 blocks of 256 per SM for a grid of 4 per SM (2 waves)",
 }
 
 
@@ -146,7 +154,11 @@ def test_rms_norm_backward_keeps_eight_rows_in_flight_per_sm(report):
     shapes: 8 rows of dy + x (128 KB in flight), 6 rows where a row moves 24 KB (dh added, or the
     promoted autocast case's fp32 dy: 144 KB); the grid is one wave. Before: 2 rows (1 per program)."""
     rows = {r["case"]: r for r in _rows(report, "_rms_norm_bwd_kernel")}
-    minimum = {"rms_norm bwd d=4096": 8, "rms_norm+residual bwd d=4096": 6, "rms_norm bwd d=4096 fp32 dy, fp32 weight": 6}
+    minimum = {
+        "rms_norm bwd d=4096": 8,
+        "rms_norm+residual bwd d=4096": 6,
+        "rms_norm bwd d=4096 fp32 dy, fp32 weight": 6,
+    }
     assert set(rows) == set(minimum), sorted(rows)
     for case, r in rows.items():
         ahead = r["config"]["NUM_STAGES"] - 1
@@ -180,8 +192,20 @@ def test_promoted_rms_norm_cases_are_compiled(report):
 
 def test_no_spills_local_memory_or_fp64_anywhere(report):
     """Every compiled variant (all dtypes, wide rows, scalar paths, both architectures)."""
-    bad = [(v["backend"], v["arch"], v["kernel"], v["dtype"], v["case"], v["stack_bytes"], v["local_instructions"], v["fp64"])
-           for v in report["variants"] if v["stack_bytes"] or v["local_instructions"] or v["fp64"]]
+    bad = [
+        (
+            v["backend"],
+            v["arch"],
+            v["kernel"],
+            v["dtype"],
+            v["case"],
+            v["stack_bytes"],
+            v["local_instructions"],
+            v["fp64"],
+        )
+        for v in report["variants"]
+        if v["stack_bytes"] or v["local_instructions"] or v["fp64"]
+    ]
     assert not bad, bad
 
 

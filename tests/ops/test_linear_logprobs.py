@@ -72,7 +72,9 @@ def test_all_tokens_ignored(device, any_backend):
         assert torch.count_nonzero(grad) == 0
     loss = sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend)
     assert loss.item() == 0.0
-    assert sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend=any_backend).abs().sum() == 0
+    assert (
+        sk.sequence_logprobs(h.view(3, 3, 16), w, labels.view(3, 3), average=True, backend=any_backend).abs().sum() == 0
+    )
 
 
 def test_ignored_tokens_get_exactly_zero_gradient(device, any_backend):
@@ -100,7 +102,12 @@ def test_cross_entropy(reduction, dtype, device, any_backend):
     check(
         lambda h, w, y, b: sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, backend=any_backend),
         lambda h, w, y, b: linear_cross_entropy_ref(h, w, y, b, reduction=reduction),
-        exact, hidden, weight, bias, labels, upstream,
+        exact,
+        hidden,
+        weight,
+        bias,
+        labels,
+        upstream,
     )
 
 
@@ -126,8 +133,14 @@ def _ce_options(name, vocab, device):
         "zloss": dict(lse_square_scale=1e-2, return_z_loss=True),
         "softcap": dict(softcap=3.0),
         "accuracy": dict(return_token_accuracy=True),
-        "all": dict(ce_weight=weight, label_smoothing=0.1, lse_square_scale=1e-2, softcap=4.0,
-                    return_z_loss=True, return_token_accuracy=True),
+        "all": dict(
+            ce_weight=weight,
+            label_smoothing=0.1,
+            lse_square_scale=1e-2,
+            softcap=4.0,
+            return_z_loss=True,
+            return_token_accuracy=True,
+        ),
     }[name]
 
 
@@ -137,8 +150,10 @@ def _exact_ce(reduction, options):
 
     def fn(h, w, y, b):
         logits = h @ w.t() + (b if b is not None else 0)
-        return exact_cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction,
-                                   **options).reshape(y.shape if reduction == "none" else ())
+        return exact_cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction, **options).reshape(
+            y.shape if reduction == "none" else ()
+        )
+
     return fn
 
 
@@ -149,10 +164,18 @@ def _loss(out):
 def check_cross_entropy_options(hidden, weight, bias, labels, reduction, options, backend, **kwargs):
     upstream = torch.randn(labels.shape if reduction == "none" else (), device=hidden.device)
     check(
-        lambda h, w, y, b: _loss(sk.linear_cross_entropy(h, w, y, bias=b, reduction=reduction,
-                                                         backend=options_backend(backend), **options, **kwargs)),
+        lambda h, w, y, b: _loss(
+            sk.linear_cross_entropy(
+                h, w, y, bias=b, reduction=reduction, backend=options_backend(backend), **options, **kwargs
+            )
+        ),
         lambda h, w, y, b: _loss(linear_cross_entropy_ref(h, w, y, b, reduction=reduction, **options)),
-        _exact_ce(reduction, options), hidden, weight, bias, labels, upstream,
+        _exact_ce(reduction, options),
+        hidden,
+        weight,
+        bias,
+        labels,
+        upstream,
     )
 
 
@@ -161,8 +184,9 @@ def check_cross_entropy_options(hidden, weight, bias, labels, reduction, options
 def test_cross_entropy_each_option(option, reduction, device, any_backend):
     """Liger's options one at a time: loss and every gradient against float64 (fp32)."""
     hidden, weight, bias, labels = make((29,), 24, 131, torch.float32, device, bias=True)
-    check_cross_entropy_options(hidden, weight, bias, labels, reduction, _ce_options(option, 131, device),
-                                any_backend, chunk_size=8)
+    check_cross_entropy_options(
+        hidden, weight, bias, labels, reduction, _ce_options(option, 131, device), any_backend, chunk_size=8
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -170,8 +194,9 @@ def test_cross_entropy_each_option(option, reduction, device, any_backend):
 def test_cross_entropy_all_options(reduction, dtype, device, any_backend):
     """Every option at once, [B, T, d] hidden, odd sizes, each dtype: within 2x eager's error."""
     hidden, weight, bias, labels = make((3, 7), 33, 257, dtype, device, bias=True)
-    check_cross_entropy_options(hidden, weight, bias, labels, reduction, _ce_options("all", 257, device),
-                                any_backend, chunk_size=5)
+    check_cross_entropy_options(
+        hidden, weight, bias, labels, reduction, _ce_options("all", 257, device), any_backend, chunk_size=5
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -196,7 +221,9 @@ def test_cross_entropy_options_partial_grads(reduction, device, any_backend):
     for wants in ("weight", "hidden"):
         h = hidden.clone().requires_grad_(wants == "hidden")
         w = weight.clone().requires_grad_(wants == "weight")
-        out = sk.linear_cross_entropy(h, w, labels, reduction=reduction, backend=options_backend(any_backend), **options)
+        out = sk.linear_cross_entropy(
+            h, w, labels, reduction=reduction, backend=options_backend(any_backend), **options
+        )
         (grad,) = torch.autograd.grad(out.loss, [w if wants == "weight" else h], upstream)
         h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         ref = linear_cross_entropy_ref(h2, w2, labels, reduction=reduction, **options)
@@ -209,12 +236,21 @@ def test_cross_entropy_output_type(device, any_backend):
     hidden, weight, _, labels = make((3, 5), 8, 30, torch.float32, device)
     plain = sk.linear_cross_entropy(hidden, weight, labels, backend=any_backend)
     assert isinstance(plain, torch.Tensor) and plain.shape == ()
-    out = sk.linear_cross_entropy(hidden, weight, labels, reduction="none", lse_square_scale=0.1,
-                                  return_z_loss=True, return_token_accuracy=True, backend=options_backend(any_backend))
+    out = sk.linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        reduction="none",
+        lse_square_scale=0.1,
+        return_z_loss=True,
+        return_token_accuracy=True,
+        backend=options_backend(any_backend),
+    )
     assert isinstance(out, sk.CrossEntropyOutput)
     assert out.loss.shape == out.z_loss.shape == out.token_accuracy.shape == (3, 5)
-    only_z = sk.linear_cross_entropy(hidden, weight, labels, lse_square_scale=0.1, return_z_loss=True,
-                                     backend=options_backend(any_backend))
+    only_z = sk.linear_cross_entropy(
+        hidden, weight, labels, lse_square_scale=0.1, return_z_loss=True, backend=options_backend(any_backend)
+    )
     assert only_z.token_accuracy is None and only_z.z_loss.shape == ()
     torch.testing.assert_close(only_z.loss - only_z.z_loss, plain)
 
@@ -233,7 +269,12 @@ def test_sequence_logprobs(average, dtype, device, any_backend):
     check(
         lambda h, w, y, b: sk.sequence_logprobs(h, w, y, average=average, backend=any_backend),
         lambda h, w, y, b: sequence_logprobs_ref(h, w, y, b, average=average),
-        exact, hidden, weight, None, labels, torch.randn(4, device=device),
+        exact,
+        hidden,
+        weight,
+        None,
+        labels,
+        torch.randn(4, device=device),
     )
 
 
@@ -274,8 +315,9 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("which", ["logprobs", "cross_entropy", "sequence", "cross_entropy_options",
-                                   "cross_entropy_options_none"])
+@pytest.mark.parametrize(
+    "which", ["logprobs", "cross_entropy", "sequence", "cross_entropy_options", "cross_entropy_options_none"]
+)
 def test_full_logits_never_exist(which, dtype, device, any_backend):
     n_tokens, d, vocab = 48, 8, 1000  # N * V dwarfs every legitimate tensor (weight is V * d)
     hidden, weight, bias, labels = make((n_tokens,), d, vocab, dtype, device, bias=True)
@@ -288,9 +330,15 @@ def test_full_logits_never_exist(which, dtype, device, any_backend):
             out = sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend)
         elif which.startswith("cross_entropy_options"):
             reduction = "none" if which.endswith("none") else "mean"
-            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction,
-                                          backend=options_backend(any_backend),
-                                          **_ce_options("all", vocab, device)).loss.sum()
+            out = sk.linear_cross_entropy(
+                h,
+                w,
+                labels,
+                bias=b,
+                reduction=reduction,
+                backend=options_backend(any_backend),
+                **_ce_options("all", vocab, device),
+            ).loss.sum()
         else:
             out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=any_backend).sum()
         out.backward()
@@ -350,7 +398,8 @@ def test_cross_entropy_scales_and_casts_dweight_once(device, any_backend):
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     (sk.linear_cross_entropy(h, w, labels, bias=b, chunk_size=8, backend=any_backend) * 0.37).backward()
     *_, dweight, dbias = module._cross_entropy_fwd_op(
-        hidden, weight, bias, labels, IGNORE, "mean", 8, True, True, True, any_backend)
+        hidden, weight, bias, labels, IGNORE, "mean", 8, True, True, True, any_backend
+    )
     assert dweight.dtype == torch.float32 and dbias.dtype == torch.float32
     assert torch.equal(w.grad, (dweight * 0.37).to(torch.bfloat16))
     assert torch.equal(b.grad, (dbias * 0.37).to(torch.bfloat16))
@@ -385,7 +434,9 @@ def test_torch_rows_follow_the_triton_kernel(dtype, device):
         rows(*args, z_again, labels, lse, lse.clone(), grad, IGNORE, False, True)  # gradient from the saved lse
         results[name] = (logp, lse, z, z_again)
     for ours, kernel in zip(results["torch"], results["triton"]):
-        torch.testing.assert_close(ours, kernel, equal_nan=True, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)))
+        torch.testing.assert_close(
+            ours, kernel, equal_nan=True, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3))
+        )
     logp, lse, z, z_again = results["torch"]
     assert torch.isnan(logp[[3, 5]]).all() and torch.isfinite(logp[[0, 1, 2, 4, 6, 7, 8]]).all()
     assert (logp[[1, 6]] == 0).all() and (lse[[1, 6]] == 0).all()
@@ -408,11 +459,19 @@ def test_torch_rows_follow_the_triton_kernel_with_options(weighted, dtype, devic
     grad, grad_smooth, grad_z = (torch.randn(rows, device=device) for _ in range(3))
     results = {}
     for name in ("torch", "triton"):
-        forward = module.RowOptions(softcap=5.0, class_weight=class_weight,
-                                    smooth_sum=torch.full((rows,), 7.0, device=device),
-                                    correct=torch.full((rows,), 7.0, device=device))
-        backward = module.RowOptions(softcap=5.0, class_weight=class_weight, grad_smooth=grad_smooth, grad_z=grad_z,
-                                     class_weight_sum=class_weight.sum() if weighted else None)
+        forward = module.RowOptions(
+            softcap=5.0,
+            class_weight=class_weight,
+            smooth_sum=torch.full((rows,), 7.0, device=device),
+            correct=torch.full((rows,), 7.0, device=device),
+        )
+        backward = module.RowOptions(
+            softcap=5.0,
+            class_weight=class_weight,
+            grad_smooth=grad_smooth,
+            grad_z=grad_z,
+            class_weight_sum=class_weight.sum() if weighted else None,
+        )
         z, logp, lse = logits.clone(), torch.zeros(rows, device=device), torch.zeros(rows, device=device)
         module._logprobs_rows(name, z, labels, logp, lse, grad, IGNORE, True, False, forward)
         dz = logits.clone()
@@ -443,18 +502,34 @@ def test_custom_op_fakes_match_the_real_outputs(dtype):
     class_weight = torch.rand(40) + 0.5
     torch.library.opcheck(ops.linear_logprobs_fwd, (*leaves, labels, IGNORE, 4, "torch"))
     logp, lse = ops.linear_logprobs_fwd(hidden, weight, bias, labels, IGNORE, 4, "torch")
-    torch.library.opcheck(ops.linear_cross_entropy_tokens_fwd,
-                          (*leaves, labels, IGNORE, 4, "torch", class_weight, 0.1, 1e-3, 3.0, True))
+    torch.library.opcheck(
+        ops.linear_cross_entropy_tokens_fwd, (*leaves, labels, IGNORE, 4, "torch", class_weight, 0.1, 1e-3, 3.0, True)
+    )
     for need in ((True, True, True), (False, True, False), (True, False, True)):
-        torch.library.opcheck(ops.linear_logprobs_bwd,
-                              (torch.randn(9), hidden, weight, bias, labels, lse, IGNORE, 4, *need, "torch"))
-        torch.library.opcheck(ops.linear_cross_entropy_fwd,
-                              (hidden, weight, bias, labels, IGNORE, "mean", 4, *need, "torch", class_weight, 0.1,
-                               1e-3, 3.0, True))
+        torch.library.opcheck(
+            ops.linear_logprobs_bwd, (torch.randn(9), hidden, weight, bias, labels, lse, IGNORE, 4, *need, "torch")
+        )
+        torch.library.opcheck(
+            ops.linear_cross_entropy_fwd,
+            (hidden, weight, bias, labels, IGNORE, "mean", 4, *need, "torch", class_weight, 0.1, 1e-3, 3.0, True),
+        )
     logits = torch.randn(9, 40, dtype=dtype, requires_grad=True)
     torch.library.opcheck(ops.cross_entropy_fwd, (logits, labels, IGNORE, "torch", class_weight, 0.1, 1e-3, 3.0, True))
-    torch.library.opcheck(ops.cross_entropy_bwd, (logits.detach(), labels, lse, torch.randn(9), IGNORE, "torch", 3.0,
-                                                   class_weight, torch.rand(9), torch.rand(9)))
+    torch.library.opcheck(
+        ops.cross_entropy_bwd,
+        (
+            logits.detach(),
+            labels,
+            lse,
+            torch.randn(9),
+            IGNORE,
+            "torch",
+            3.0,
+            class_weight,
+            torch.rand(9),
+            torch.rand(9),
+        ),
+    )
 
 
 def test_default_chunk_rows_rule():
@@ -480,8 +555,9 @@ def test_torch_compile_fullgraph(which, device, any_backend):
         if which == "sequence":
             return sk.sequence_logprobs(h, w, labels, bias=b, average=True, backend=any_backend).pow(2).sum()
         if which.startswith("options"):
-            out = sk.linear_cross_entropy(h, w, labels, bias=b, reduction=which[8:],
-                                          backend=options_backend(any_backend), **options)
+            out = sk.linear_cross_entropy(
+                h, w, labels, bias=b, reduction=which[8:], backend=options_backend(any_backend), **options
+            )
             return (out.loss * 1.5).sum() + out.z_loss.sum()
         return sk.linear_cross_entropy(h, w, labels, bias=b, backend=any_backend) * 1.5
 
@@ -500,12 +576,20 @@ def _args(**overrides):
     [
         (dict(hidden=torch.randn(6)), ValueError, "hidden must have 2 or 3 dimensions, got 1"),
         (dict(weight=torch.randn(20, 9)), ValueError, r"weight must be \[V, d\] with d = 8 .* got \(20, 9\)"),
-        (dict(weight=torch.randn(20, 8, dtype=torch.bfloat16)), TypeError, "weight has dtype torch.bfloat16, expected torch.float32"),
+        (
+            dict(weight=torch.randn(20, 8, dtype=torch.bfloat16)),
+            TypeError,
+            "weight has dtype torch.bfloat16, expected torch.float32",
+        ),
         (dict(labels=torch.randint(0, 20, (5,))), ValueError, r"labels has shape \(5,\), expected \(6,\)"),
         (dict(labels=torch.rand(6)), TypeError, "labels must be int64 or int32, got torch.float32"),
         (dict(labels=torch.tensor([0, 1, 2, 20, 4, 5])), ValueError, r"labels\[3\] = 20 is outside \[0, 20\)"),
         (dict(labels=torch.tensor([0, 1, -1, 2, 4, 5])), ValueError, r"labels\[2\] = -1 is outside"),
-        (dict(hidden=torch.randn(0, 8), labels=torch.zeros(0, dtype=torch.long)), ValueError, "hidden must not be empty"),
+        (
+            dict(hidden=torch.randn(0, 8), labels=torch.zeros(0, dtype=torch.long)),
+            ValueError,
+            "hidden must not be empty",
+        ),
         (dict(labels=torch.randint(0, 20, (6,), device="meta")), ValueError, "labels is on meta"),
         (dict(bias=torch.randn(19)), ValueError, r"bias has shape \(19,\), expected \(20,\)"),
         (dict(ignore_index=None), TypeError, "ignore_index must be an int"),
@@ -535,8 +619,9 @@ def test_out_of_range_label_checked_before_any_work(device, monkeypatch, any_bac
     monkeypatch.setattr(module, "_chunked_pass", lambda *a, **k: calls.append(1))
     labels = torch.tensor([3, IGNORE, 99])
     with pytest.raises(ValueError, match=r"labels\[2\] = 99"):
-        sk.linear_logprobs(torch.randn(3, 4, device=device), torch.randn(10, 4, device=device),
-                           labels.to(device), backend=any_backend)
+        sk.linear_logprobs(
+            torch.randn(3, 4, device=device), torch.randn(10, 4, device=device), labels.to(device), backend=any_backend
+        )
     assert not calls
 
 

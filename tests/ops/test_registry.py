@@ -182,8 +182,14 @@ def test_rms_norm_fakes_follow_the_records(residual):
     res = torch.randn(2, 3, 16, requires_grad=True) if residual else None
     torch.library.opcheck(torch.ops.solar_kernels.rms_norm_fwd, (x, weight, res, 1e-5, "triton"))
     _, h, rstd = torch.ops.solar_kernels.rms_norm_fwd(x.detach(), weight.detach(), res, 1e-5, "triton")
-    args = (torch.randn(2, 3, 16), h.detach() if residual else x.detach(), weight.detach(), rstd,
-            torch.randn(2, 3, 16) if residual else None, "triton")
+    args = (
+        torch.randn(2, 3, 16),
+        h.detach() if residual else x.detach(),
+        weight.detach(),
+        rstd,
+        torch.randn(2, 3, 16) if residual else None,
+        "triton",
+    )
     torch.library.opcheck(torch.ops.solar_kernels.rms_norm_bwd, args)
 
 
@@ -213,8 +219,9 @@ def test_a_launch_the_cuda_twin_lacks_runs_triton_on_auto_and_is_refused_by_name
     assert cuda_choice["logprobs"].calls == []  # Triton ran it: the soft-capped log-probs
     module._logprobs_rows_torch(*expected, -100, True, False, options)
     torch.testing.assert_close(chunk[2:4], expected[2:4])
-    with pytest.raises(ValueError, match="logprobs: the CUDA kernel does not implement this launch's options, "
-                                         "got backend='cuda'"):
+    with pytest.raises(
+        ValueError, match="logprobs: the CUDA kernel does not implement this launch's options, got backend='cuda'"
+    ):
         module._logprobs_rows("cuda", *chunk, -100, True, False, options)
     assert module.row_backend("auto", 4, 30, torch.device("cpu"), options) == "triton"
     assert module.row_backend("auto", 4, 30, torch.device("cpu"), module.RowOptions()) == "cuda"

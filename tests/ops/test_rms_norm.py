@@ -119,7 +119,11 @@ def test_torch_compile_fullgraph(options, device, kernel_backend, option_backend
 @pytest.mark.parametrize(
     "make, error, message",
     [
-        (lambda: (torch.ones(4, 8, dtype=torch.int64), torch.randn(8)), TypeError, "x must be float32, float16 or bfloat16, got torch.int64"),
+        (
+            lambda: (torch.ones(4, 8, dtype=torch.int64), torch.randn(8)),
+            TypeError,
+            "x must be float32, float16 or bfloat16, got torch.int64",
+        ),
         (lambda: (torch.randn(4, 8), torch.randn(7)), ValueError, "weight has 7 elements, expected 8"),
         (lambda: (torch.randn(4, 8), torch.randn(2, 8)), ValueError, "weight must have 1 dimensions, got 2"),
         (lambda: (torch.randn(0, 8), torch.randn(8)), ValueError, "x must not be empty"),
@@ -161,8 +165,11 @@ def test_dweight_column_sum_is_one_kernel_in_weight_dtype(shape, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("casting_mode", MODES)
 @pytest.mark.parametrize("offset", [0.0, 1.0], ids=["offset0", "offset1"])
-@pytest.mark.parametrize("shape, with_residual", [((3, 7, 123), False), ((5, 123), True), ((2, 9001), True)],
-                         ids=["3d", "residual", "wide_residual"])
+@pytest.mark.parametrize(
+    "shape, with_residual",
+    [((3, 7, 123), False), ((5, 123), True), ((2, 9001), True)],
+    ids=["3d", "residual", "wide_residual"],
+)
 def test_casting_modes_and_offset(shape, with_residual, offset, casting_mode, dtype, device, option_backend):
     """Liger's casting modes and Gemma's ``offset + weight``: forward and every gradient against the
     reference (which spells out each mode's roundings) and float64; 9001 columns take the
@@ -254,8 +261,9 @@ def test_matches_liger(case, backend, device):
     assert (weight is not None) == options["has_weight"]
 
     def ours_fn(x, w):
-        return sk.rms_norm(x, w, options["eps"], offset=options["offset"], casting_mode=options["casting_mode"],
-                           backend=backend)
+        return sk.rms_norm(
+            x, w, options["eps"], offset=options["offset"], casting_mode=options["casting_mode"], backend=backend
+        )
 
     y, _, grads = run(ours_fn, x, weight, dy)
     y64, _, dx64, dw64 = exact_rms_norm(x, weight, dy, offset=options["offset"], eps=options["eps"])
@@ -268,8 +276,12 @@ def test_matches_liger(case, backend, device):
 
 @pytest.mark.parametrize(
     "options, named",
-    [(dict(casting_mode="gemma"), "casting_mode='gemma'"), (dict(casting_mode="none"), "casting_mode='none'"),
-     (dict(offset=1.0), "offset=1.0"), (dict(weight=None), "weight=None")],
+    [
+        (dict(casting_mode="gemma"), "casting_mode='gemma'"),
+        (dict(casting_mode="none"), "casting_mode='none'"),
+        (dict(offset=1.0), "offset=1.0"),
+        (dict(weight=None), "weight=None"),
+    ],
 )
 def test_cuda_backend_refuses_options_it_lacks(options, named, monkeypatch):
     """The CUDA twin implements the llama mode with a weight and no offset: naming it for anything
@@ -309,10 +321,15 @@ def test_auto_routes_options_away_from_cuda(monkeypatch):
     gpu = torch.device("cuda")
     monkeypatch.setattr(backend, "unavailable_reason", lambda name, device: None)
     assert backend.resolve_backend("rms_norm", "auto", gpu) == "auto"
-    assert backend.resolve_backend("rms_norm", None, gpu, implemented=("torch", "triton"), option="offset=1.0") == "triton"
+    assert (
+        backend.resolve_backend("rms_norm", None, gpu, implemented=("torch", "triton"), option="offset=1.0") == "triton"
+    )
     monkeypatch.setattr(backend, "unavailable_reason", lambda name, device: "absent" if name == "triton" else None)
     assert backend.resolve_backend("rms_norm", "auto", gpu) == "cuda"
-    assert backend.resolve_backend("rms_norm", "auto", gpu, implemented=("torch", "triton"), option="weight=None") == "torch"
+    assert (
+        backend.resolve_backend("rms_norm", "auto", gpu, implemented=("torch", "triton"), option="weight=None")
+        == "torch"
+    )
     monkeypatch.undo()
     # rms_norm declares what each call needs.
     seen = []
@@ -336,7 +353,10 @@ def test_auto_routes_options_away_from_cuda(monkeypatch):
         (dict(casting_mode="mistral"), "casting_mode must be one of 'llama', 'gemma', 'none', got 'mistral'"),
         (dict(offset=float("nan")), "offset must be a finite float, got nan"),
         (dict(offset="1"), "offset must be a finite float, got '1'"),
-        (dict(weight=None, offset=1.0), r"offset=1.0 scales by \(offset \+ weight\) and needs a weight, got weight=None"),
+        (
+            dict(weight=None, offset=1.0),
+            r"offset=1.0 scales by \(offset \+ weight\) and needs a weight, got weight=None",
+        ),
     ],
 )
 def test_bad_options(kwargs, message):
@@ -371,4 +391,8 @@ def test_solar_shapes_on_gpu(dtype, kernel_backend):
     check(x, w, backend=kernel_backend)
     check(x, w, r, backend=kernel_backend)
     for d in (1024, 16384, 65536):
-        check(torch.randn(64, d, dtype=dtype, device="cuda"), torch.randn(d, dtype=dtype, device="cuda"), backend=kernel_backend)
+        check(
+            torch.randn(64, d, dtype=dtype, device="cuda"),
+            torch.randn(d, dtype=dtype, device="cuda"),
+            backend=kernel_backend,
+        )

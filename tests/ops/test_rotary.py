@@ -17,10 +17,20 @@ LIGER = {name: case for name, case in load_cases("norm_rotary.safetensors").item
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize(
     "batch, heads_q, heads_k, tokens, head_dim",
-    [(1, 1, 1, 1, 2), (2, 4, 2, 7, 34), (2, 32, 8, 5, 128), (1, 3, 3, 13, 6),
-     # Any head counts, as HF's elementwise apply_rotary_pos_emb takes (were refused: "multiple"):
-     # Hq not a multiple of Hkv, Hkv > Hq, a single q or k head.
-     (2, 3, 2, 5, 16), (1, 2, 5, 7, 8), (2, 1, 3, 3, 34), (1, 5, 1, 6, 6), (1, 1, 4, 9, 10), (1, 7, 3, 4, 2)],
+    [
+        (1, 1, 1, 1, 2),
+        (2, 4, 2, 7, 34),
+        (2, 32, 8, 5, 128),
+        (1, 3, 3, 13, 6),
+        # Any head counts, as HF's elementwise apply_rotary_pos_emb takes (were refused: "multiple"):
+        # Hq not a multiple of Hkv, Hkv > Hq, a single q or k head.
+        (2, 3, 2, 5, 16),
+        (1, 2, 5, 7, 8),
+        (2, 1, 3, 3, 34),
+        (1, 5, 1, 6, 6),
+        (1, 1, 4, 9, 10),
+        (1, 7, 3, 4, 2),
+    ],
 )
 def test_matches_reference(batch, heads_q, heads_k, tokens, head_dim, dtype, device, kernel_backend):
     q = torch.randn(batch, heads_q, tokens, head_dim, dtype=dtype, device=device)
@@ -166,14 +176,30 @@ def _inputs(**overrides):
     "overrides, error, message",
     [
         (dict(q=torch.randn(4, 5, 8)), ValueError, "q must have 4 dimensions, got 3"),
-        (dict(q=torch.randn(2, 4, 5, 7), k=torch.randn(2, 2, 5, 7), cos=torch.randn(5, 7), sin=torch.randn(5, 7)), ValueError, "head_dim must be even"),
+        (
+            dict(q=torch.randn(2, 4, 5, 7), k=torch.randn(2, 2, 5, 7), cos=torch.randn(5, 7), sin=torch.randn(5, 7)),
+            ValueError,
+            "head_dim must be even",
+        ),
         (dict(k=torch.randn(2, 2, 6, 8)), ValueError, r"k must be \[B, Hkv, T, D\]"),
-        (dict(cos=torch.randn(6, 8)), ValueError, r"cos must be \[T, D\] = \(5, 8\) or \[B, T, D\] = \(2, 5, 8\) \(B may be 1\), got \(6, 8\)"),
+        (
+            dict(cos=torch.randn(6, 8)),
+            ValueError,
+            r"cos must be \[T, D\] = \(5, 8\) or \[B, T, D\] = \(2, 5, 8\) \(B may be 1\), got \(6, 8\)",
+        ),
         (dict(sin=torch.randn(1, 5, 8, 1)), ValueError, "sin must have 2 or 3 dimensions, got 4"),
-        (dict(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)), TypeError, "k has dtype torch.float16, expected torch.float32"),
+        (
+            dict(k=torch.randn(2, 2, 5, 8, dtype=torch.float16)),
+            TypeError,
+            "k has dtype torch.float16, expected torch.float32",
+        ),
         (dict(q=torch.ones(2, 4, 5, 8, dtype=torch.long)), TypeError, "q must be float32"),
         (dict(cos=torch.randn(5, 8, device="meta")), ValueError, "cos is on meta"),
-        (dict(q=torch.randn(2, 4, 0, 8), k=torch.randn(2, 2, 0, 8), cos=torch.randn(0, 8), sin=torch.randn(0, 8)), ValueError, "q must not be empty"),
+        (
+            dict(q=torch.randn(2, 4, 0, 8), k=torch.randn(2, 2, 0, 8), cos=torch.randn(0, 8), sin=torch.randn(0, 8)),
+            ValueError,
+            "q must not be empty",
+        ),
     ],
 )
 def test_bad_input(overrides, error, message):

@@ -45,7 +45,9 @@ def test_module_matches_transformers_llama_mlp(device, kernel_backend):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    config = LlamaConfig(hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu")
+    config = LlamaConfig(
+        hidden_size=48, intermediate_size=80, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu"
+    )
     hf = LlamaMLP(config).to(device)
     ours = sk.SwiGLU(48, 80, backend=kernel_backend, device=device)
     ours.load_state_dict(hf.state_dict())
@@ -66,9 +68,19 @@ def test_torch_compile_fullgraph(device, kernel_backend):
 @pytest.mark.parametrize(
     "gate, up, error, message",
     [
-        (torch.ones(3, 4, dtype=torch.int32), torch.ones(3, 4, dtype=torch.int32), TypeError, "gate must be float32, float16 or bfloat16, got torch.int32"),
+        (
+            torch.ones(3, 4, dtype=torch.int32),
+            torch.ones(3, 4, dtype=torch.int32),
+            TypeError,
+            "gate must be float32, float16 or bfloat16, got torch.int32",
+        ),
         (torch.randn(3, 4), torch.randn(3, 5), ValueError, r"up has shape \(3, 5\), expected \(3, 4\)"),
-        (torch.randn(3, 4), torch.randn(3, 4, dtype=torch.bfloat16), TypeError, "up has dtype torch.bfloat16, expected torch.float32"),
+        (
+            torch.randn(3, 4),
+            torch.randn(3, 4, dtype=torch.bfloat16),
+            TypeError,
+            "up has dtype torch.bfloat16, expected torch.float32",
+        ),
         (torch.randn(3, 4), torch.randn(3, 4, device="meta"), ValueError, "up is on meta, expected cpu"),
         (torch.randn(3, 0), torch.randn(3, 0), ValueError, "gate must not be empty"),
     ],

@@ -15,15 +15,25 @@ CONFIGS = Path(__file__).resolve().parents[2] / "training" / "configs"
 def test_file_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {preset: tiny, tokenizer: tok}\ntrain: {steps: 10, batch_size: 4}\noptim: {lr: 1.0e-3}\n")
-    config = load_config(path, ["--optim.lr=3e-4", "--train.grad_accum=2", "--dpo.stages=[a.jsonl, b.jsonl]",
-                                "--train.resume=true"])
+    config = load_config(
+        path, ["--optim.lr=3e-4", "--train.grad_accum=2", "--dpo.stages=[a.jsonl, b.jsonl]", "--train.resume=true"]
+    )
     assert config.optim.lr == 3e-4 and config.train.steps == 10 and config.train.grad_accum == 2
     assert config.dpo.stages == ["a.jsonl", "b.jsonl"] and config.train.resume is True
     assert config.optim.betas == [0.9, 0.95]  # default kept
 
 
-@pytest.mark.parametrize("name", ["tiny_pretrain", "tiny_sft", "tiny_sdpo", "solar_10.7b_pretrain_8gpu",
-                                  "solar_10.7b_sft_8gpu", "solar_10.7b_sdpo_8gpu"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny_pretrain",
+        "tiny_sft",
+        "tiny_sdpo",
+        "solar_10.7b_pretrain_8gpu",
+        "solar_10.7b_sft_8gpu",
+        "solar_10.7b_sdpo_8gpu",
+    ],
+)
 def test_example_configs_load(name, tmp_path, monkeypatch):
     import yaml
 
@@ -75,8 +85,14 @@ def test_example_configs_load(name, tmp_path, monkeypatch):
         (["--train.eval_steps=-3"], r"train.eval_steps must be >= 0, got -3$"),
         (["--data.eval_fraction=1"], r"data.eval_fraction must be in \[0, 1\) \(0: no split\), got 1.0$"),
         (["--data.eval_fraction=-0.5"], r"data.eval_fraction must be in \[0, 1\) \(0: no split\), got -0.5$"),
-        (["--train.eval_every=10"], r"train.eval_every=10 needs a held-out split; set data.eval_path or data.eval_fraction$"),
-        (["--data.eval_path=e.jsonl", "--data.eval_fraction=0.1"], r"give one of data.eval_path and data.eval_fraction"),
+        (
+            ["--train.eval_every=10"],
+            r"train.eval_every=10 needs a held-out split; set data.eval_path or data.eval_fraction$",
+        ),
+        (
+            ["--data.eval_path=e.jsonl", "--data.eval_fraction=0.1"],
+            r"give one of data.eval_path and data.eval_fraction",
+        ),
         (["--data.streaming=true", "--data.eval_fraction=0.1"], r"eval_fraction cannot split a streamed dataset"),
     ],
 )
@@ -102,7 +118,9 @@ def test_missing_file():
 def test_schedule_shapes():
     warm = [lr_multiplier(s, 100, 10, "cosine", 0.1) for s in range(100)]
     assert warm[0] == pytest.approx(0.1) and warm[9] == pytest.approx(1.0)
-    assert warm[10] == pytest.approx(1.0) and warm[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert warm[10] == pytest.approx(1.0) and warm[-1] == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90))
+    )
     assert all(a >= b for a, b in zip(warm[10:], warm[11:]))  # decays monotonically
     linear = [lr_multiplier(s, 20, 0, "linear", 0.0) for s in range(21)]
     assert linear[0] == 1.0 and linear[10] == pytest.approx(0.5) and linear[20] == pytest.approx(0.0)
@@ -147,8 +165,10 @@ def test_cuda_device_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("cuda", "cuda:0"):
         message = one_line_error(None, ["--model.preset=tiny", f"--train.device={device}"])
-        assert message == (f"config: train.device={device!r} but no CUDA GPU is available "
-                           f"(torch.cuda.is_available() is False); use auto or cpu")
+        assert message == (
+            f"config: train.device={device!r} but no CUDA GPU is available "
+            f"(torch.cuda.is_available() is False); use auto or cpu"
+        )
     for device in ("auto", "cpu"):
         assert load_config(None, ["--model.preset=tiny", f"--train.device={device}"]).train.device == device
 
@@ -165,16 +185,20 @@ def test_cuda_device_index_must_exist(monkeypatch):
 
 def test_missing_model_folders(tmp_path):
     assert one_line_error(None, ["--model.checkpoint=/nonexistent"]) == (
-        "config: model.checkpoint: no such directory /nonexistent")
+        "config: model.checkpoint: no such directory /nonexistent"
+    )
     # A checkpoint is read by solar_kernels' own loader: local folders only, so a hub-like name is refused too.
     assert one_line_error(None, ["--model.checkpoint=upstage/SOLAR-10.7B-v1.0"]) == (
-        "config: model.checkpoint: no such directory upstage/SOLAR-10.7B-v1.0")
+        "config: model.checkpoint: no such directory upstage/SOLAR-10.7B-v1.0"
+    )
     (tmp_path / "weights.safetensors").write_bytes(b"")
     assert one_line_error(None, [f"--model.checkpoint={tmp_path / 'weights.safetensors'}"]) == (
-        f"config: model.checkpoint: {tmp_path / 'weights.safetensors'} is a file, expected a directory")
+        f"config: model.checkpoint: {tmp_path / 'weights.safetensors'} is a file, expected a directory"
+    )
     for tokenizer in ("/nonexistent", "./tok", "runs/demo/tokenizer", "../tok"):
         assert one_line_error(None, ["--model.preset=tiny", f"--model.tokenizer={tokenizer}"]) == (
-            f"config: model.tokenizer: no such directory {tokenizer}")
+            f"config: model.tokenizer: no such directory {tokenizer}"
+        )
 
 
 def test_tokenizer_may_be_a_hub_name_or_a_folder(tmp_path):
@@ -200,12 +224,12 @@ def model_dir(tmp_path):
 @pytest.mark.parametrize(
     "output_dir, relation",
     [
-        ("{runs}/sft", "is"),                      # the natural slip: the previous stage's output_dir again
-        ("{runs}/other/../sft", "is"),             # ".." resolved
-        ("{link}", "is"),                          # a symlink to runs/sft resolved
-        ("{runs}/sft/final", "is inside"),         # final inside the model folder
+        ("{runs}/sft", "is"),  # the natural slip: the previous stage's output_dir again
+        ("{runs}/other/../sft", "is"),  # ".." resolved
+        ("{link}", "is"),  # a symlink to runs/sft resolved
+        ("{runs}/sft/final", "is inside"),  # final inside the model folder
         ("{runs}/sft/final/nested", "is inside"),
-        ("{runs}", "contains"),                    # runs/final holds the model (runs/final/base)
+        ("{runs}", "contains"),  # runs/final holds the model (runs/final/base)
     ],
 )
 def test_export_refuses_to_overwrite_the_input_model(tmp_path, model_dir, output_dir, relation):
@@ -229,6 +253,12 @@ def test_export_refuses_to_overwrite_the_tokenizer(tmp_path, model_dir):
     tokenizer.mkdir(parents=True)
     overrides = ["--model.preset=tiny", f"--model.tokenizer={tokenizer}", f"--train.output_dir={tmp_path / 'tok'}"]
     assert f"model.tokenizer ({tokenizer.resolve()})" in one_line_error(None, overrides)
-    fine = load_config(None, [f"--model.checkpoint={model_dir}", f"--model.tokenizer={tokenizer}",
-                              f"--train.output_dir={tmp_path / 'runs' / 'next'}"])
+    fine = load_config(
+        None,
+        [
+            f"--model.checkpoint={model_dir}",
+            f"--model.tokenizer={tokenizer}",
+            f"--train.output_dir={tmp_path / 'runs' / 'next'}",
+        ],
+    )
     assert fine.train.output_dir == str(tmp_path / "runs" / "next")

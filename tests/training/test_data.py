@@ -3,6 +3,7 @@
 Everything runs on the CPU with a byte-level BPE trained here on a small corpus (no download).
 The label convention under test: ``labels[t]`` is ``input_ids[t+1]`` or -100 (already shifted).
 """
+
 from __future__ import annotations
 
 import functools
@@ -126,8 +127,7 @@ def test_tokenizer_special_ids_and_reload(tokenizer_dir, tokenizer):
 
 @pytest.mark.parametrize(
     "text",
-    ["hello world", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "symbols: ~!@#$%^&*()_+{}|<>?`",
-     "Zq9!x"],
+    ["hello world", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "symbols: ~!@#$%^&*()_+{}|<>?`", "Zq9!x"],
 )
 def test_tokenizer_round_trip(tokenizer, text):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
@@ -518,11 +518,17 @@ def test_dpo_message_formats(tokenizer):
     strings = {"prompt": "What is 1 + 1?", "chosen": "2.", "rejected": "3."}
     user = {"role": "user", "content": "What is 1 + 1?"}
     layouts = [
-        {"prompt": [user], "chosen": {"role": "assistant", "content": "2."},
-         "rejected": [{"role": "assistant", "content": "3."}]},
+        {
+            "prompt": [user],
+            "chosen": {"role": "assistant", "content": "2."},
+            "rejected": [{"role": "assistant", "content": "3."}],
+        },
         # UltraFeedback-binarized: chosen and rejected repeat the prompt's messages.
-        {"prompt": "What is 1 + 1?", "chosen": [user, {"role": "assistant", "content": "2."}],
-         "rejected": [user, {"role": "assistant", "content": "3."}]},
+        {
+            "prompt": "What is 1 + 1?",
+            "chosen": [user, {"role": "assistant", "content": "2."}],
+            "rejected": [user, {"role": "assistant", "content": "3."}],
+        },
     ]
     reference = dpo_examples([strings], tokenizer, 64, 32)
     for record in layouts:
@@ -717,8 +723,10 @@ def test_bfd_fills_rows_better_than_greedy_and_never_splits():
     greedy = pack_examples(examples, 10, pad_id=0, strategy="greedy")
     bfd = pack_examples(examples, 10, pad_id=0, strategy="bfd")
     assert [len(_real(row)) for row in greedy] == [6, 9, 5] and packing_efficiency(greedy) == 20 / 30
-    assert [_real(row) for row in bfd] == [examples[0]["input_ids"] + examples[2]["input_ids"],
-                                           examples[1]["input_ids"] + examples[3]["input_ids"]]
+    assert [_real(row) for row in bfd] == [
+        examples[0]["input_ids"] + examples[2]["input_ids"],
+        examples[1]["input_ids"] + examples[3]["input_ids"],
+    ]
     assert packing_efficiency(bfd) == 1.0
     # every example whole, once, with its labels, and fewer rows than greedy on a bigger mix
     mixed = [_toy_example(1000 * k, n) for k, n in enumerate([9, 2, 7, 3, 8, 1, 5, 6, 4, 4, 2, 9])]

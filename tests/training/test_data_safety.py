@@ -139,7 +139,9 @@ def test_checkpoint_config_auto_map_never_prompts_or_runs(workspace, tmp_path, a
     # plain config and the tokenizer files load as they are.
     marker = tmp_path / "code-ran"
     folder = _tokenizer_with_code(workspace, tmp_path, marker)
-    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig"}})
+    )
     tokenizer = load_tokenizer(folder)
     assert tokenizer.eos_token_id == load_tokenizer(workspace / "tokenizer").eos_token_id
     assert answer_yes == [] and "[y/N]" not in capsys.readouterr().out

@@ -82,7 +82,11 @@ def test_write_data_writes_every_file_the_tiny_configs_read(tmp_path, capsys):
     named = []
     for config in sorted(CONFIGS.glob("tiny_*.yaml")):
         sections = yaml.safe_load(config.read_text())
-        paths = [sections["model"].get("tokenizer"), sections["data"].get("train"), *sections.get("dpo", {}).get("stages", [])]
+        paths = [
+            sections["model"].get("tokenizer"),
+            sections["data"].get("train"),
+            *sections.get("dpo", {}).get("stages", []),
+        ]
         named += [p for p in paths if p and p.startswith("runs/tiny-data/")]
     assert len(named) == 5, named  # tokenizer, corpus, SFT, and both sDPO stages
     for path in named:
@@ -141,13 +145,17 @@ def test_quick_demo(quick_run, capsys):
 def test_toy_runs_the_synthetic_recipe_and_the_default_the_real_one(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append(("toy", out, kw)) or _report(tmp_path))
-    monkeypatch.setattr(demo_real, "run_real_demo", lambda out, **kw: calls.append(("real", out, kw)) or _report(tmp_path))
+    monkeypatch.setattr(
+        demo_real, "run_real_demo", lambda out, **kw: calls.append(("real", out, kw)) or _report(tmp_path)
+    )
     assert main(["demo", "--toy", "--out", str(tmp_path / "a")]) == 0
     assert main(["demo", "--quick", "--out", str(tmp_path / "b")]) == 0
     assert main(["demo", "--out", str(tmp_path / "c"), "--cache", str(tmp_path / "cache")]) == 0
-    assert calls == [("toy", tmp_path / "a", dict(quick=False, seed=0, force=False)),
-                     ("toy", tmp_path / "b", dict(quick=True, seed=0, force=False)),
-                     ("real", tmp_path / "c", dict(cache=tmp_path / "cache", seed=0, force=False))]
+    assert calls == [
+        ("toy", tmp_path / "a", dict(quick=False, seed=0, force=False)),
+        ("toy", tmp_path / "b", dict(quick=True, seed=0, force=False)),
+        ("real", tmp_path / "c", dict(cache=tmp_path / "cache", seed=0, force=False)),
+    ]
 
 
 def _report(folder: Path) -> Path:
@@ -165,8 +173,9 @@ def test_readme_demo_section_is_generated_from_the_committed_report():
     title = block.splitlines()[0]
     assert " — " in title, f"the README's demo block starts with {title!r}, not a title with a note: {STALE}"
     note = title.split(" — ", 1)[1]
-    assert block == demo.readme_section(COMMITTED_REPORT.read_text(), note), \
+    assert block == demo.readme_section(COMMITTED_REPORT.read_text(), note), (
         f"README.md's demo section is not docs/demo/report.md's: {STALE}"
+    )
 
 
 def test_publish_copies_the_run_and_rewrites_only_the_readme_block(quick_run, tmp_path):

@@ -3,6 +3,7 @@
 Every generated answer is checked against an independent evaluation of its problem: the prompt is
 parsed back into numbers and the arithmetic is redone here.
 """
+
 from __future__ import annotations
 
 import ast
@@ -44,9 +45,7 @@ def _expected_answer(prompt: str) -> int:
         return _evaluate(match.group(1))
     if match := re.fullmatch(r"\w+ has (\d+) (\w+) and gets (\d+) more\. How many \2 does \w+ have now\?", prompt):
         return int(match.group(1)) + int(match.group(3))
-    if match := re.fullmatch(
-        r"\w+ has (\d+) (\w+) and gives away (\d+)\. How many \2 does \w+ have left\?", prompt
-    ):
+    if match := re.fullmatch(r"\w+ has (\d+) (\w+) and gives away (\d+)\. How many \2 does \w+ have left\?", prompt):
         return int(match.group(1)) - int(match.group(3))
     if match := re.fullmatch(
         r"\w+ has (\d+) (\w+) and buys (\d+) \w+ of (\d+) \2\. How many \2 does \w+ have\?", prompt
@@ -102,8 +101,14 @@ def test_math_records_are_deterministic():
 def test_all_problem_forms_appear():
     prompts = [r["prompt"] for r in math_sft_records(200, seed=1)]
     forms = [
-        r"^What is \d+ \+ \d+\?$", r"^What is \d+ - \d+\?$", r"^What is \d+ \* \d+\?$", r"gets \d+ more",
-        r"gives away", r"buys", r"gives each", r"^What is \d+ \+ \d+ - \d+\?$",
+        r"^What is \d+ \+ \d+\?$",
+        r"^What is \d+ - \d+\?$",
+        r"^What is \d+ \* \d+\?$",
+        r"gets \d+ more",
+        r"gives away",
+        r"buys",
+        r"gives each",
+        r"^What is \d+ \+ \d+ - \d+\?$",
         r"^What is \(\d+ \+ \d+\) \* \d+\?$",
     ]
     for form in forms:
@@ -181,8 +186,7 @@ def test_stdlib_corpus_rules(tmp_path, monkeypatch):
     long = "This docstring is long enough to be kept as a document of the corpus; it explains a thing."
     files = {
         "b.py": (
-            f'"""{long}\n\n    Second   paragraph."""\n\n'
-            f'def f():\n    """{long} (f)"""\n\nclass C:\n    """short"""\n'
+            f'"""{long}\n\n    Second   paragraph."""\n\ndef f():\n    """{long} (f)"""\n\nclass C:\n    """short"""\n'
         ),
         "a.py": f'"""{long} (a)"""\n\nasync def g():\n    """{long}\n\n    Second   paragraph."""\n',
         "broken.py": f'"""{long} (broken)"""\ndef (:\n',

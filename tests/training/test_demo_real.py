@@ -20,17 +20,35 @@ from training import demo, demo_real, demo_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_REPORT = ROOT / "docs" / "demo" / "report.md"
-TINY_SIZES = dict(seq=24, cpt=2, cpt_batch=2, eval_every=1, sft=2, sft_batch=2, sft_seq=48, dpo=1,
-                  dpo_batch=2, dpo_seq=48, dpo_lr=3e-5, pref_held_out=2, gen_tokens=3, sweep=(0, 1), drop=1, chat_held_out=3,
-                  docs_held_out={"prose": 2, "verse": 1})
+TINY_SIZES = dict(
+    seq=24,
+    cpt=2,
+    cpt_batch=2,
+    eval_every=1,
+    sft=2,
+    sft_batch=2,
+    sft_seq=48,
+    dpo=1,
+    dpo_batch=2,
+    dpo_seq=48,
+    dpo_lr=3e-5,
+    pref_held_out=2,
+    gen_tokens=3,
+    sweep=(0, 1),
+    drop=1,
+    chat_held_out=3,
+    docs_held_out={"prose": 2, "verse": 1},
+)
 WORDS = "the king river light answer garden number window letter morning question stone".split()
 
 
 def _sources() -> demo_real.TextSources:
     prose = [" ".join(WORDS[(k + j) % len(WORDS)] for j in range(30)) + "." for k in range(8)]
-    verse = [f"Book {k}\n\n" + " ".join(WORDS[::-1][k % 5:]) for k in range(4)]
-    chat = [demo_text.ChatPair(f"What is {w}?", f"A {w} is a {WORDS[(k + 3) % len(WORDS)]}.", "ab"[k % 2])
-            for k, w in enumerate(WORDS)]
+    verse = [f"Book {k}\n\n" + " ".join(WORDS[::-1][k % 5 :]) for k in range(4)]
+    chat = [
+        demo_text.ChatPair(f"What is {w}?", f"A {w} is a {WORDS[(k + 3) % len(WORDS)]}.", "ab"[k % 2])
+        for k, w in enumerate(WORDS)
+    ]
     return demo_real.TextSources({"prose": prose, "verse": verse}, chat, {"test text": "made in the test"})
 
 
@@ -51,8 +69,9 @@ def real_run(gguf_file, tmp_path_factory):
     torch.set_num_threads(1)  # tiny matrices: one thread (a shared CI machine's spare cores do not help)
     root = tmp_path_factory.mktemp("real")
     try:
-        report = demo_real.run_real_demo(root / "demo", gguf=gguf_file, cache=root / "cache" / "tiny",
-                                         sources=_sources(), sizes=TINY_SIZES)
+        report = demo_real.run_real_demo(
+            root / "demo", gguf=gguf_file, cache=root / "cache" / "tiny", sources=_sources(), sizes=TINY_SIZES
+        )
     finally:
         monkeypatch.undo()
         torch.set_num_threads(threads)
@@ -87,7 +106,8 @@ def test_real_recipe_on_a_stand_in(real_run):
     for name in ("heldout_loss.png", "stage_losses.png", "preference_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert report.read_text() == demo_real.render_real_report(
-        results, ["heldout_loss.png", "stage_losses.png", "preference_accuracy.png"])
+        results, ["heldout_loss.png", "stage_losses.png", "preference_accuracy.png"]
+    )
 
 
 def test_held_out_documents_are_never_trained_on(real_run):
@@ -168,8 +188,9 @@ def test_committed_report_is_a_real_run_in_todays_format(real_run):
     # the stand-in has other m values, sources and prompts' replies; compare the parts the code fixes
     keep = lambda lines: [x for x in lines if not x.startswith(("| test text", "| prose", "| verse"))]  # noqa: E731
     assert keep(real_report_structure(committed))[:8] == keep(real_report_structure(made))[:8]
-    assert [x for x in real_report_structure(committed) if x.startswith(("#", "!["))] == \
-        [x for x in real_report_structure(made) if x.startswith(("#", "!["))]
+    assert [x for x in real_report_structure(committed) if x.startswith(("#", "!["))] == [
+        x for x in real_report_structure(made) if x.startswith(("#", "!["))
+    ]
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", committed)
     assert all((COMMITTED_REPORT.parent / name).is_file() for name in images)
     assert sorted(p.name for p in COMMITTED_REPORT.parent.glob("*.png")) == sorted(images)

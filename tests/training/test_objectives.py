@@ -71,8 +71,9 @@ def test_dpo_token_metrics_match_trl():
     input_ids = torch.tensor(case["input_ids"])
     completion = torch.tensor(case["completion_mask"])
     labels = shifted(input_ids.masked_fill(completion == 0, -100))
-    objective = DirectPreference(FixedHidden(torch.tensor(case["hidden"])), beta=case["beta"], loss_type="sigmoid",
-                                 label_smoothing=0.0)
+    objective = DirectPreference(
+        FixedHidden(torch.tensor(case["hidden"])), beta=case["beta"], loss_type="sigmoid", label_smoothing=0.0
+    )
     with torch.no_grad():
         loss_sum, metrics = objective(input_ids, labels, torch.tensor(case["reference_logps"]))
     pairs = DirectPreference.count({"input_ids": input_ids})
@@ -84,8 +85,12 @@ def test_dpo_token_metrics_match_trl():
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert float(metrics[name] / pairs) == pytest.approx(trl[name], rel=1e-5), name
     totals = _Totals(torch.device("cpu"))
-    totals.add({"input_ids": input_ids, "attention_mask": torch.tensor(case["attention_mask"])},
-               torch.tensor(float(pairs)), loss_sum, metrics)
+    totals.add(
+        {"input_ids": input_ids, "attention_mask": torch.tensor(case["attention_mask"])},
+        torch.tensor(float(pairs)),
+        loss_sum,
+        metrics,
+    )
     means = _Totals.means(totals.vector(list(metrics)).tolist(), list(metrics))
     assert means["num_tokens"] == trl["num_tokens"]
     assert means["mean_token_accuracy"] == pytest.approx(trl["mean_token_accuracy"], abs=1e-7)
@@ -97,7 +102,8 @@ def test_token_statistics_chunks_give_the_same_numbers(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 11, WEIGHT.shape[1], generator=generator)
     labels = torch.randint(-1, WEIGHT.shape[0], (3, 11), generator=generator).masked_fill_(
-        torch.rand(3, 11, generator=generator) < 0.3, -100)
+        torch.rand(3, 11, generator=generator) < 0.3, -100
+    )
     whole = token_statistics(hidden, WEIGHT, labels)
     monkeypatch.setattr(objectives, "_LOGITS_PER_CHUNK", 4 * WEIGHT.shape[0])  # 4 rows per chunk
     chunked = token_statistics(hidden, WEIGHT, labels)

@@ -13,7 +13,9 @@ from training import plots
 
 def _history(steps: int, start: float, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"step": s, "loss": start / (1 + 0.1 * s) + rng.uniform(-0.3, 0.3), "lr": 1e-3} for s in range(1, steps + 1)]
+    return [
+        {"step": s, "loss": start / (1 + 0.1 * s) + rng.uniform(-0.3, 0.3), "lr": 1e-3} for s in range(1, steps + 1)
+    ]
 
 
 def _lines(figure) -> dict[str, object]:
@@ -31,9 +33,11 @@ def test_ema_is_debiased_and_follows_the_recurrence():
         accumulated = weight * accumulated + (1 - weight) * value
         assert smoothed[t - 1] == pytest.approx(accumulated / (1 - weight**t))
     assert plots.ema(values, 0.0) == pytest.approx(values)
+
     # smoothing reduces the step-to-step variation of a noisy curve
     def roughness(xs):
         return sum(abs(a - b) for a, b in zip(xs, xs[1:]))
+
     assert roughness(smoothed) < 0.5 * roughness(values)
 
 
@@ -58,9 +62,14 @@ def test_chained_puts_each_stage_after_the_previous_one():
 
 
 def _demo_stages() -> dict[str, list[dict]]:
-    return {"base pretraining": _history(30, 7, 0), "continued pretraining": _history(12, 4, 1),
-            "SFT": _history(40, 5, 2), "sDPO dpo-stage1": _history(8, 0.7, 3), "sDPO dpo-stage2": _history(8, 0.7, 4),
-            "DPO (all pairs)": _history(16, 0.7, 5)}
+    return {
+        "base pretraining": _history(30, 7, 0),
+        "continued pretraining": _history(12, 4, 1),
+        "SFT": _history(40, 5, 2),
+        "sDPO dpo-stage1": _history(8, 0.7, 3),
+        "sDPO dpo-stage2": _history(8, 0.7, 4),
+        "DPO (all pairs)": _history(16, 0.7, 5),
+    }
 
 
 def test_demo_loss_figure_draws_sdpo_stage_2_after_stage_1_and_labels_every_axis():

@@ -33,13 +33,24 @@ def tied_checkpoint(workspace, tmp_path_factory):
     return path
 
 
-def config_for(workspace, checkpoint: Path, out: Path, *, step_in_backward: bool, dtype: str = "float32",
-               master_weights: str = "fp32", checkpointing: str = "none", **train):
-    values = pretrain_config(workspace, out, steps=3, batch_size=2, export=False, activation_checkpointing=checkpointing,
-                             **train)
+def config_for(
+    workspace,
+    checkpoint: Path,
+    out: Path,
+    *,
+    step_in_backward: bool,
+    dtype: str = "float32",
+    master_weights: str = "fp32",
+    checkpointing: str = "none",
+    **train,
+):
+    values = pretrain_config(
+        workspace, out, steps=3, batch_size=2, export=False, activation_checkpointing=checkpointing, **train
+    )
     values["model"] = {"checkpoint": str(checkpoint), "dtype": dtype, "backend": "torch"}
-    values["optim"].update(grad_clip=0.0, weight_decay=0.1, master_weights=master_weights,
-                           step_in_backward=step_in_backward)
+    values["optim"].update(
+        grad_clip=0.0, weight_decay=0.1, master_weights=master_weights, step_in_backward=step_in_backward
+    )
     return load_config(write_config(Path(str(out) + ".yaml"), **values))
 
 
@@ -52,19 +63,39 @@ def make_trainer(config, workspace, out: Path, name: str):
     objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
     examples = stages.language_modeling_examples("pretrain", config, tokenizer)
     stream = data_lib.BatchStream(examples, 2, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3)
-    return model, Trainer(config, objective, objective.count, stream, rank=0, world=1, device=device,
-                          flops_per_token=flops_per_token_fn(model.config), output_dir=out, name=name)
+    return model, Trainer(
+        config,
+        objective,
+        objective.count,
+        stream,
+        rank=0,
+        world=1,
+        device=device,
+        flops_per_token=flops_per_token_fn(model.config),
+        output_dir=out,
+        name=name,
+    )
 
 
-@pytest.mark.parametrize("mode", [("float32", "fp32", "none"), ("bfloat16", "fp32", "full"),
-                                  ("bfloat16", "bf16_kahan", "selective")], ids=["fp32", "autocast_full_ac", "kahan"])
+@pytest.mark.parametrize(
+    "mode",
+    [("float32", "fp32", "none"), ("bfloat16", "fp32", "full"), ("bfloat16", "bf16_kahan", "selective")],
+    ids=["fp32", "autocast_full_ac", "kahan"],
+)
 def test_the_same_weights_and_grad_norms_as_the_ordinary_step(workspace, tied_checkpoint, tmp_path, mode):
     dtype, master_weights, checkpointing = mode
     runs = {}
     for in_backward in (False, True):
         out = tmp_path / f"run_{in_backward}"
-        config = config_for(workspace, tied_checkpoint, out, step_in_backward=in_backward, dtype=dtype,
-                            master_weights=master_weights, checkpointing=checkpointing)
+        config = config_for(
+            workspace,
+            tied_checkpoint,
+            out,
+            step_in_backward=in_backward,
+            dtype=dtype,
+            master_weights=master_weights,
+            checkpointing=checkpointing,
+        )
         model, trainer = make_trainer(config, workspace, out, "in_backward" if in_backward else "ordinary")
         initial = [p.detach().clone() for p in model.parameters()]
         history = trainer.run()
@@ -78,7 +109,8 @@ def test_the_same_weights_and_grad_norms_as_the_ordinary_step(workspace, tied_ch
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert [r["loss"] for r in in_backward_history] == [r["loss"] for r in ordinary_history]
     assert [r["grad_norm"] for r in in_backward_history] == pytest.approx(
-        [r["grad_norm"] for r in ordinary_history], rel=1e-6)
+        [r["grad_norm"] for r in ordinary_history], rel=1e-6
+    )
 
 
 def test_no_step_holds_two_gradients(workspace, tied_checkpoint, tmp_path):
@@ -88,7 +120,8 @@ def test_no_step_holds_two_gradients(workspace, tied_checkpoint, tmp_path):
     seen = []
     for param in model.parameters():  # registered first, so it runs just before the trainer's step
         param.register_post_accumulate_grad_hook(
-            lambda _: seen.append(sum(p.grad is not None for p in model.parameters())))
+            lambda _: seen.append(sum(p.grad is not None for p in model.parameters()))
+        )
     trainer.run()
     assert seen == [1] * (3 * len(list(model.parameters())))
 
@@ -102,18 +135,31 @@ def test_a_second_run_on_the_same_model_steps_once_per_gradient(workspace, tied_
         model, first = make_trainer(config, workspace, out / "one", "first")
         first.run()
         objective = first.objective
-        second = Trainer(config, objective, objective.count, first.stream, rank=0, world=1, device=torch.device("cpu"),
-                         flops_per_token=first.flops_per_token, output_dir=out / "two", name="second")
+        second = Trainer(
+            config,
+            objective,
+            objective.count,
+            first.stream,
+            rank=0,
+            world=1,
+            device=torch.device("cpu"),
+            flops_per_token=first.flops_per_token,
+            output_dir=out / "two",
+            name="second",
+        )
         second.run()
         finals[in_backward] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(finals[False], finals[True]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ({"optim": {"grad_clip": 1.0}}, "needs optim.grad_clip=0 and train.grad_accum=1, got grad_clip=1.0"),
-    ({"train": {"grad_accum": 2}}, "got grad_clip=0.0 and grad_accum=2"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"optim": {"grad_clip": 1.0}}, "needs optim.grad_clip=0 and train.grad_accum=1, got grad_clip=1.0"),
+        ({"train": {"grad_accum": 2}}, "got grad_clip=0.0 and grad_accum=2"),
+    ],
+)
 def test_settings_that_need_every_gradient_are_refused(workspace, tied_checkpoint, tmp_path, setting, message):
     values = pretrain_config(workspace, tmp_path / "run", grad_accum=setting.get("train", {}).get("grad_accum", 1))
     values["optim"].update({"grad_clip": 0.0, "step_in_backward": True, **setting.get("optim", {})})
@@ -125,16 +171,28 @@ def test_more_than_one_process_is_refused(workspace, tied_checkpoint, tmp_path):
     config = config_for(workspace, tied_checkpoint, tmp_path / "run", step_in_backward=True)
     model, trainer = make_trainer(config, workspace, tmp_path / "run", "one")
     with pytest.raises(ValueError, match="step_in_backward runs on one process.*got 2 processes"):
-        Trainer(config, trainer.objective, trainer.count, trainer.stream, rank=0, world=2, device=torch.device("cpu"),
-                flops_per_token=trainer.flops_per_token, output_dir=tmp_path / "two")
+        Trainer(
+            config,
+            trainer.objective,
+            trainer.count,
+            trainer.stream,
+            rank=0,
+            world=2,
+            device=torch.device("cpu"),
+            flops_per_token=trainer.flops_per_token,
+            output_dir=tmp_path / "two",
+        )
 
 
-@pytest.mark.parametrize("dtype, master_weights, export_dtype, expected", [
-    ("bfloat16", "fp32", "auto", torch.float32),  # fp32 masters are exported as they are
-    ("bfloat16", "bf16_kahan", "auto", torch.bfloat16),
-    ("bfloat16", "fp32", "bfloat16", torch.bfloat16),
-    ("float32", "fp32", "float16", torch.float16),
-])
+@pytest.mark.parametrize(
+    "dtype, master_weights, export_dtype, expected",
+    [
+        ("bfloat16", "fp32", "auto", torch.float32),  # fp32 masters are exported as they are
+        ("bfloat16", "bf16_kahan", "auto", torch.bfloat16),
+        ("bfloat16", "fp32", "bfloat16", torch.bfloat16),
+        ("float32", "fp32", "float16", torch.float16),
+    ],
+)
 def test_export_dtype(workspace, tied_checkpoint, tmp_path, dtype, master_weights, export_dtype, expected):
     values = pretrain_config(workspace, tmp_path / "run", steps=2, batch_size=2, export=True, export_dtype=export_dtype)
     values["model"] = {"checkpoint": str(tied_checkpoint), "dtype": dtype, "backend": "torch"}
@@ -153,9 +211,16 @@ def test_a_bad_export_dtype_is_refused(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing, cache", [("none", True), ("full", False), ("selective", False)])
-def test_autocast_keeps_no_weight_copies_under_activation_checkpointing(workspace, tied_checkpoint, tmp_path,
-                                                                       checkpointing, cache):
-    config = config_for(workspace, tied_checkpoint, tmp_path / "run", step_in_backward=False, dtype="bfloat16",
-                        checkpointing=checkpointing)
+def test_autocast_keeps_no_weight_copies_under_activation_checkpointing(
+    workspace, tied_checkpoint, tmp_path, checkpointing, cache
+):
+    config = config_for(
+        workspace,
+        tied_checkpoint,
+        tmp_path / "run",
+        step_in_backward=False,
+        dtype="bfloat16",
+        checkpointing=checkpointing,
+    )
     with compute_context(config, 1, torch.device("cpu"))():
         assert torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled() == cache

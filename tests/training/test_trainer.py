@@ -1,5 +1,6 @@
 """The trainer on the CPU: stages run and export, determinism, exact resume after a killed
 process, a crash during a save, NaN handling, and 2 processes (gloo, FSDP2) == 1 process."""
+
 from __future__ import annotations
 
 import json
@@ -42,15 +43,23 @@ def test_deterministic_on_cpu(workspace, tmp_path):
 
 def _stage_process(config_path, extra=()):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
-    return subprocess.Popen([sys.executable, "-m", "training.pretrain", "--config", str(config_path), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.pretrain", "--config", str(config_path), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_resume_after_a_killed_process_matches_an_uninterrupted_run(workspace, tmp_path):
     steps = 24  # long enough that the kill always lands mid-run
     run_pretrain(workspace, tmp_path / "straight", steps=steps, export=False)
-    config = write_config(tmp_path / "killed.yaml", **pretrain_config(workspace, tmp_path / "killed", steps=steps,
-                                                                     save_every=2, export=False))
+    config = write_config(
+        tmp_path / "killed.yaml",
+        **pretrain_config(workspace, tmp_path / "killed", steps=steps, save_every=2, export=False),
+    )
     process = _stage_process(config)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.time() + 120
@@ -118,9 +127,26 @@ def test_two_processes_match_one(workspace, tmp_path):
     double["data"]["eval_fraction"] = 0.2
     config = write_config(tmp_path / "two.yaml", **double)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 1000), "-m", "training.pretrain", "--config", str(config)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "training.pretrain",
+            "--config",
+            str(config),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     one_eval, two_eval = _eval_records(tmp_path / "one"), _eval_records(tmp_path / "two")
@@ -207,14 +233,18 @@ def test_setup_distributed_takes_the_gpu_named(monkeypatch):
 
 
 def _eval_records(out):
-    return {r["step"]: r for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
-            if "eval/loss" in r}
+    return {
+        r["step"]: r
+        for r in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+        if "eval/loss" in r
+    }
 
 
 def test_eval_loop_logs_the_held_out_loss_every_eval_every_steps_and_at_the_end(workspace, tmp_path):
     out = tmp_path / "run"
-    path = write_config(tmp_path / "run.yaml", **pretrain_config(workspace, out, steps=5, eval_every=2, eval_steps=1,
-                                                                  export=True))
+    path = write_config(
+        tmp_path / "run.yaml", **pretrain_config(workspace, out, steps=5, eval_every=2, eval_steps=1, export=True)
+    )
     config = load_config(path, ["--data.eval_fraction=0.2"])
     run_stage("pretrain", config)
     evaluated = _eval_records(out)

@@ -24,18 +24,25 @@ from training.optim import KahanAdamW
 from training.tokenizer import load_tokenizer
 from training.trainer import Trainer, compute_context, parallelize, seed_everything
 
-MODES = {"fp32": ("float32", "fp32"), "autocast": ("bfloat16", "fp32"), "kahan": ("bfloat16", "bf16_kahan"),
-         "plain_bf16": ("bfloat16", "fp32")}
+MODES = {
+    "fp32": ("float32", "fp32"),
+    "autocast": ("bfloat16", "fp32"),
+    "kahan": ("bfloat16", "bf16_kahan"),
+    "plain_bf16": ("bfloat16", "fp32"),
+}
 
 
 def tiny_config(workspace, out: Path, mode: str, lr: float, steps: int, batch_size: int = 4):
     dtype, master_weights = MODES[mode]
-    return load_config(write_config(
-        Path(str(out) + ".yaml"),
-        model={"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": dtype, "backend": "torch"},
-        data={"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
-        optim={"lr": lr, "schedule": "constant", "master_weights": master_weights},
-        train={"steps": steps, "batch_size": batch_size, "output_dir": str(out), "seed": 3, "export": False}))
+    return load_config(
+        write_config(
+            Path(str(out) + ".yaml"),
+            model={"preset": "tiny", "tokenizer": str(workspace / "tokenizer"), "dtype": dtype, "backend": "torch"},
+            data={"train": str(workspace / "corpus.jsonl"), "seq_len": 48},
+            optim={"lr": lr, "schedule": "constant", "master_weights": master_weights},
+            train={"steps": steps, "batch_size": batch_size, "output_dir": str(out), "seed": 3, "export": False},
+        )
+    )
 
 
 def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int, batch_size: int = 4):
@@ -54,9 +61,21 @@ def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int, batch_
     initial = [p.detach().clone() for p in model.parameters()]
     objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
     examples = stages.language_modeling_examples("pretrain", config, tokenizer)
-    stream = data_lib.BatchStream(examples, batch_size, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3)
-    trainer = Trainer(config, objective, objective.count, stream, rank=0, world=1, device=device,
-                      flops_per_token=flops_per_token_fn(model.config), output_dir=out, name=mode)
+    stream = data_lib.BatchStream(
+        examples, batch_size, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3
+    )
+    trainer = Trainer(
+        config,
+        objective,
+        objective.count,
+        stream,
+        rank=0,
+        world=1,
+        device=device,
+        flops_per_token=flops_per_token_fn(model.config),
+        output_dir=out,
+        name=mode,
+    )
     history = trainer.run()
     return initial, [p.detach().clone() for p in model.parameters()], history, trainer
 
@@ -93,8 +112,7 @@ def test_kahan_updates_sum_to_the_fp32_ones(workspace, tmp_path, lr):
     """bf16 weight + compensation carries the whole update: it moved as far as fp32's did."""
     initial, fp32_final, _, _ = train_tiny(workspace, tmp_path / "fp32", "fp32", lr=lr, steps=10)
     start, final, _, trainer = train_tiny(workspace, tmp_path / "kahan", "kahan", lr=lr, steps=10)
-    effective = [p.float() + trainer.optimizer.state[q]["compensation"].float()
-                 for p, q in zip(final, trainer.params)]
+    effective = [p.float() + trainer.optimizer.state[q]["compensation"].float() for p, q in zip(final, trainer.params)]
     assert changed_fraction([s.float() for s in start], effective) >= changed_fraction(initial, fp32_final) - 0.05
     moved_fp32 = sum(float((b - a).abs().sum()) for a, b in zip(initial, fp32_final))
     moved_kahan = sum(float((b - a.float()).abs().sum()) for a, b in zip(start, effective))
@@ -102,10 +120,12 @@ def test_kahan_updates_sum_to_the_fp32_ones(workspace, tmp_path, lr):
 
 
 def test_bf16_losses_track_fp32_over_50_steps(workspace, tmp_path):
-    runs = {mode: [r["loss"] for r in train_tiny(workspace, tmp_path / mode, mode, lr=1e-3, steps=50, batch_size=2)[2]]
-            for mode in ("fp32", "autocast", "kahan")}
+    runs = {
+        mode: [r["loss"] for r in train_tiny(workspace, tmp_path / mode, mode, lr=1e-3, steps=50, batch_size=2)[2]]
+        for mode in ("fp32", "autocast", "kahan")
+    }
     assert runs["fp32"][-1] < runs["fp32"][0] - 0.5  # it learns, so tracking means something
-    bf16_eps = 2.0 ** -8
+    bf16_eps = 2.0**-8
     for mode in ("autocast", "kahan"):
         gaps = [abs(a - b) / b for a, b in zip(runs[mode], runs["fp32"])]
         # bf16 rounds every matmul input to 2^-8 relative: allow a few of those on the loss, per step
@@ -128,11 +148,28 @@ def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
 
     stages.run_stage("pretrain", load_config(config(tmp_path / "one", 4)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + (os.getpid() + 7) % 1000), "-m", "training.pretrain", "--config",
-                           str(config(tmp_path / "two", 2))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + (os.getpid() + 7) % 1000),
+            "-m",
+            "training.pretrain",
+            "--config",
+            str(config(tmp_path / "two", 2)),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=4 * 2.0 ** -8)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=4 * 2.0**-8)
     one, two = load_pretrained(tmp_path / "one" / "final"), load_pretrained(tmp_path / "two" / "final")
     assert one.model.embed_tokens.weight.dtype == two.model.embed_tokens.weight.dtype == torch.float32
 

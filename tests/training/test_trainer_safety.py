@@ -32,7 +32,9 @@ def test_an_output_dir_holding_a_run_is_refused_before_the_model_is_built(worksp
         raise AssertionError("the model was built although the output_dir check should have stopped the run")
 
     monkeypatch.setattr(stages, "build_model", no_model)
-    with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl, .*--train.resume=true.*--train.overwrite=true"):
+    with pytest.raises(
+        ValueError, match=r"already holds a run \(metrics.jsonl, .*--train.resume=true.*--train.overwrite=true"
+    ):
         run_pretrain(workspace, tmp_path / "run", steps=2, export=False)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before  # the old run is untouched
 
@@ -59,7 +61,9 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one_and_is_replaced(wor
         history = run_pretrain(workspace, tmp_path / "run", steps=6, save_every=2, export=False, resume=True)
     assert [r["step"] for r in history] == [3, 4, 5, 6]
     assert losses(tmp_path / "run") == straight  # resumed exactly from step 2
-    assert any("step-00000004 is unusable" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    assert any(
+        "step-00000004 is unusable" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records
+    )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]  # re-saved in place
 
 
@@ -106,8 +110,9 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(workspace, tmp_path, c
 def test_ctrl_c_prints_the_checkpoint_and_the_resume_command(workspace, tmp_path, monkeypatch, capsys):
     import training.objectives as objectives
 
-    config = write_config(tmp_path / "c.yaml", **pretrain_config(workspace, tmp_path / "run", steps=8, save_every=2,
-                                                                 export=False))
+    config = write_config(
+        tmp_path / "c.yaml", **pretrain_config(workspace, tmp_path / "run", steps=8, save_every=2, export=False)
+    )
     forward, calls = objectives.LanguageModeling.forward, {"n": 0}
 
     def interrupted(self, *args, **kwargs):
@@ -132,8 +137,9 @@ def test_main_reports_bad_input_in_one_line(workspace, tmp_path, capsys):
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n  preset: tiny\n")
     assert stages.main("pretrain", ["--config", str(tmp_path / "broken.yaml")]) == 2
     (tmp_path / "a_file").write_text("")
-    config = write_config(tmp_path / "c.yaml", **pretrain_config(workspace, tmp_path / "a_file" / "run", steps=2,
-                                                                 export=False))
+    config = write_config(
+        tmp_path / "c.yaml", **pretrain_config(workspace, tmp_path / "a_file" / "run", steps=2, export=False)
+    )
     assert stages.main("pretrain", ["--config", str(config)]) == 2  # output_dir under a file: an OSError
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("solar pretrain: error: ") for line in err), err

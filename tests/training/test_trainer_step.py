@@ -21,8 +21,15 @@ aten = torch.ops.aten
 # aten ops that copy a value to the host (on a GPU: wait for the device), and the Python methods
 # that do (on the CPU they may not reach a syncing aten op, so they are counted where they are called).
 SYNCING_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.is_nonzero.default, aten.equal.default}
-SYNCING_METHODS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu,
-                   torch.Tensor.numpy, torch.Tensor.__int__, torch.Tensor.__float__}
+SYNCING_METHODS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+}
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,12 +108,15 @@ def test_a_non_logging_step_never_waits_for_the_device(workspace, tmp_path, monk
     import training.stages as stages
 
     # pretraining rows are packed (position_ids, document masks); SFT rows by default are not
-    monkeypatch.setattr(stages, "LanguageModeling",
-                        lambda model, packed: LanguageModeling(model, packed=stage_shape == "packed"))
+    monkeypatch.setattr(
+        stages, "LanguageModeling", lambda model, packed: LanguageModeling(model, packed=stage_shape == "packed")
+    )
     run_pretrain(workspace, tmp_path / "run", steps=6, log_every=3, export=False, grad_accum=2)
     assert sorted(probes) == [1, 2, 4, 5]
     for step, probe in probes.items():
-        ours = sorted({f"{func} in {path}:{name}" for func, (path, name) in probe.calls if (path, name) not in ELSEWHERE})
+        ours = sorted(
+            {f"{func} in {path}:{name}" for func, (path, name) in probe.calls if (path, name) not in ELSEWHERE}
+        )
         assert ours == [], f"step {step}: host syncs at " + "; ".join(ours)
 
 
@@ -142,12 +152,16 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(mode, every)
 
 def test_selective_checkpointing_in_a_run_matches_no_checkpointing(workspace, tmp_path):
     run_pretrain(workspace, tmp_path / "plain", steps=3, export=False)
-    run_pretrain(workspace, tmp_path / "selective", steps=3, export=False, activation_checkpointing="selective", ac_every=2)
+    run_pretrain(
+        workspace, tmp_path / "selective", steps=3, export=False, activation_checkpointing="selective", ac_every=2
+    )
     assert losses(tmp_path / "selective") == losses(tmp_path / "plain")
 
 
-@pytest.mark.parametrize("value, message", [("some", "train.activation_checkpointing must be none, full, selective"),
-                                            (0, "train.ac_every must be >= 1")])
+@pytest.mark.parametrize(
+    "value, message",
+    [("some", "train.activation_checkpointing must be none, full, selective"), (0, "train.ac_every must be >= 1")],
+)
 def test_bad_activation_checkpointing_settings(value, message):
     key = "activation_checkpointing" if isinstance(value, str) else "ac_every"
     with pytest.raises(ValueError, match=message):

@@ -30,8 +30,9 @@ def collate_lm(examples, pad_id) -> dict[str, torch.Tensor]:
             )
         mask = list(example["attention_mask"]) if "attention_mask" in example else [1] * len(input_ids)
         if len(mask) != len(input_ids):
-            raise ValueError(f"collate_lm: example {index} has {len(mask)} attention_mask values for "
-                             f"{len(input_ids)} tokens")
+            raise ValueError(
+                f"collate_lm: example {index} has {len(mask)} attention_mask values for {len(input_ids)} tokens"
+            )
         rows.append((input_ids, labels, positions, mask))
     return _padded(rows, pad_id)
 
@@ -187,8 +188,15 @@ class StreamingBatches:
     exact, and it costs one pass over the skipped rows (tokenization included) at resume.
     """
 
-    def __init__(self, rows: Callable[[], Iterator[dict]], batch_size: int, collate: Callable[[list[dict]], dict],
-                 *, rank=0, world_size=1):
+    def __init__(
+        self,
+        rows: Callable[[], Iterator[dict]],
+        batch_size: int,
+        collate: Callable[[list[dict]], dict],
+        *,
+        rank=0,
+        world_size=1,
+    ):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
                 f"StreamingBatches: batch_size={batch_size}, rank={rank}, world_size={world_size}; expected "
@@ -215,7 +223,7 @@ class StreamingBatches:
                     continue
                 produced = True
                 self.index = number + 1
-                yield self.collate(batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+                yield self.collate(batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size])
             if not produced and self.index == 0:
                 raise ValueError("StreamingBatches: the stream gave fewer rows than one global batch")
             self.epoch, self.index = self.epoch + 1, 0

@@ -58,9 +58,7 @@ def _check_turns(messages: list[dict], index: int, field: str, caller: str, *, l
 
 def _string_field(record, index: int, field: str, caller: str, expected: str) -> str:
     if field not in record:
-        raise ValueError(
-            f"{caller}: record {index} has no {field!r} field (has {sorted(record)}); expected {expected}"
-        )
+        raise ValueError(f"{caller}: record {index} has no {field!r} field (has {sorted(record)}); expected {expected}")
     value = record[field]
     if not isinstance(value, str):
         raise ValueError(f"{caller}: record {index} field {field!r} is {type(value).__name__}, expected str")

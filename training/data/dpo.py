@@ -92,7 +92,11 @@ def dpo_examples(
         logger.warning(
             "%s: dropped %d of %d pairs%s whose chosen and rejected are identical (as text, or after "
             "tokenization and truncation to max_length=%d): they carry no preference",
-            caller, identical, total, where, max_length,
+            caller,
+            identical,
+            total,
+            where,
+            max_length,
         )
     if not examples:
         if not total:

@@ -101,10 +101,10 @@ def _wrapped(pieces: list[tuple[list[int], list[int]]], seq_len: int):
         start = 0
         while start < len(input_ids):
             take = min(seq_len - used, len(input_ids) - start)
-            piece_labels = labels[start:start + take]
+            piece_labels = labels[start : start + take]
             if start + take < len(input_ids):
                 piece_labels = piece_labels[:-1] + [IGNORE_INDEX]  # its target went to the next row
-            row.append((input_ids[start:start + take], piece_labels))
+            row.append((input_ids[start : start + take], piece_labels))
             start, used = start + take, used + take
             if used == seq_len:
                 yield row
@@ -119,10 +119,12 @@ def _packed_row(pieces: list[tuple[list[int], list[int]]], seq_len: int, pad_id:
     labels = [label for _, labs in pieces for label in labs]
     position_ids = [position for ids, _ in pieces for position in range(len(ids))]
     n, last = len(input_ids), position_ids[-1]
-    return {"input_ids": input_ids + [pad_id] * (seq_len - n),
-            "labels": labels + [IGNORE_INDEX] * (seq_len - n),
-            "position_ids": position_ids + list(range(last + 1, last + 1 + seq_len - n)),
-            "attention_mask": [1] * n + [0] * (seq_len - n)}
+    return {
+        "input_ids": input_ids + [pad_id] * (seq_len - n),
+        "labels": labels + [IGNORE_INDEX] * (seq_len - n),
+        "position_ids": position_ids + list(range(last + 1, last + 1 + seq_len - n)),
+        "attention_mask": [1] * n + [0] * (seq_len - n),
+    }
 
 
 def packing_efficiency(rows: list[dict]) -> float:

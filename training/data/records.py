@@ -90,9 +90,11 @@ def split_records(records, fraction: float, seed: int):
     n = len(records)
     held = max(1, round(fraction * n))
     if not 0 < fraction < 1 or held >= n:
-        raise ValueError(f"split_records: holding out {fraction} of {n} records leaves "
-                         f"{n - held if 0 < fraction < 1 else 'no'} to train on; expected a fraction in (0, 1) "
-                         f"that leaves at least one record on each side")
+        raise ValueError(
+            f"split_records: holding out {fraction} of {n} records leaves "
+            f"{n - held if 0 < fraction < 1 else 'no'} to train on; expected a fraction in (0, 1) "
+            f"that leaves at least one record on each side"
+        )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     held_out = set(order[:held])
     train = [i for i in range(n) if i not in held_out]
@@ -156,9 +158,7 @@ def _local_files_of_path(path: str) -> list[str]:
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS)
         if not files:
-            raise ValueError(
-                f"load_records: directory {path!r} holds no .json/.jsonl/.parquet/.txt files"
-            )
+            raise ValueError(f"load_records: directory {path!r} holds no .json/.jsonl/.parquet/.txt files")
         return files
     if not os.path.isfile(path):
         raise ValueError(f"load_records: no such file or directory: {path!r}")

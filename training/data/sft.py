@@ -92,10 +92,11 @@ def sft_examples(
     if dropped:
         logger.warning(
             "%s: dropped %d of %d examples with no answer token within max_length=%d",
-            caller, dropped, total, max_length,
+            caller,
+            dropped,
+            total,
+            max_length,
         )
     if not examples:
-        raise ValueError(
-            f"{caller}: no example left ({total} records, {dropped} dropped by max_length={max_length})"
-        )
+        raise ValueError(f"{caller}: no example left ({total} records, {dropped} dropped by max_length={max_length})")
     return examples
