@@ -1,5 +1,6 @@
 # Set-up and entry points. Everything installs into .venv in the checkout from pinned versions.
-#   make test   - create .venv if missing, install the pinned test environment and the package, run pytest
+#   make test   - create .venv if missing, install the pinned test environment and the package, then
+#                 ruff check, ruff format --check (pyproject.toml) and pytest
 #   make demo   - set up, then the whole SOLAR recipe on SmolLM2-135M and real text (solar demo; about 15 minutes
 #                 on a 2-core CPU); solar demo --toy: the synthetic recipe on a random model
 #   make demo-report - make demo, then its report into docs/demo/ and the README (solar demo --publish)
@@ -30,6 +31,8 @@ $(STAMP): requirements/test.txt setup.py pyproject.toml $(wildcard csrc/*)
 	touch $@
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(CPU_TRITON) $(PY) -m pytest -q
 
 demo: $(STAMP)

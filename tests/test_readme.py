@@ -135,3 +135,15 @@ def test_readme_commands_run_as_written(tmp_path):
     final = tmp_path / "runs" / "tiny-sdpo" / "final"
     assert (final / "config.json").is_file() and list(final.glob("*.safetensors"))
     assert (tmp_path / "runs" / "tiny-upscaled" / "config.json").is_file()
+
+
+def test_make_test_lints_with_the_pinned_ruff_before_pytest():
+    """``make test`` runs ruff check, then ruff format --check, then pytest; pre-commit's ruff is the pinned one."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE)
+    assert recipe, "the Makefile has no test target with a recipe"
+    steps = [line.split("$(PY) -m ", 1)[-1] for line in recipe.group(1).splitlines()]
+    assert steps == ["ruff check .", "ruff format --check .", "pytest -q"], steps
+    pinned = re.search(r"^ruff==(\S+)$", (ROOT / "requirements" / "test.txt").read_text(encoding="utf-8"), re.MULTILINE)
+    hook = re.search(r"astral-sh/ruff-pre-commit\n\s+rev: v(\S+)", (ROOT / ".pre-commit-config.yaml").read_text())
+    assert pinned and hook and hook.group(1) == pinned.group(1), (pinned, hook)
