@@ -350,7 +350,7 @@ def return_freed_memory() -> bool:
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process and its children (Linux reports KiB)."""
+    """Peak resident memory of this process and its children in GiB (Linux reports KiB)."""
     return (
         max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
         / 2**20
@@ -608,7 +608,7 @@ def run_real_demo(
     report = out / "report.md"
     report.write_text(render_real_report(results, written))
     logger.info(
-        "solar demo finished in %.0f s (peak RSS %.2f GB): %s",
+        "solar demo finished in %.0f s (peak RSS %.2f GiB): %s",
         max(progress.seconds.values()),
         results["peak_rss_gb"],
         report,
@@ -728,7 +728,11 @@ def render_real_report(results: dict, plot_names: list[str]) -> str:
         "|---|---|",
     ]
     lines += [f"| {name} | {licence} |" for name, licence in results["licences"].items()]
-    lines += ["", f"Wall time: {max(results['seconds'].values()):.0f} s; peak RSS {results['peak_rss_gb']:.2f} GB.", ""]
+    lines += [
+        "",
+        f"Wall time: {max(results['seconds'].values()):.0f} s; peak RSS {results['peak_rss_gb']:.2f} GiB ({results['peak_rss_gb'] * 2**30 / 1e9:.2f} GB).",
+        "",
+    ]
     lines += [f"![{name}]({name})" for name in plot_names]
     return "\n".join(lines) + "\n"
 
