@@ -52,22 +52,22 @@ logger = logging.getLogger(__name__)
 
 SIZES = {
     # seq: tokens per row; cpt: steps x batch rows; held-out: one excerpt of about seq tokens per source.
-    # Sized for 15 minutes and 4 GB on a 2-core CPU (the report says the measured wall time and peak):
-    # 16 CPT steps of 2 x 512 tokens (3 rows a step peaked 0.15 GB higher), 8 SFT steps of 4 x 256,
-    # sDPO 2 x 6 and DPO 12 steps of 4 pairs at lr 3e-5.
+    # Sized for about 15 minutes and under 4 GB on a 2-core CPU (the report gives the measured wall
+    # time and peak): 12 CPT steps of 2 x 512 tokens (3 rows a step peaked 0.15 GB higher), 6 SFT steps
+    # of 4 x 256, sDPO 2 x 4 and DPO 8 steps of 4 pairs at lr 3e-5, 32 held-out pairs.
     "full": dict(
         seq=512,
-        cpt=16,
+        cpt=12,
         cpt_batch=2,
-        eval_every=4,
-        sft=8,
+        eval_every=3,
+        sft=6,
         sft_batch=4,
         sft_seq=256,
-        dpo=6,
+        dpo=4,
         dpo_batch=4,
         dpo_seq=128,
         dpo_lr=3e-5,
-        pref_held_out=48,
+        pref_held_out=32,
         gen_tokens=24,
         sweep=(0, 3, 6, 10),
         drop=6,
@@ -498,7 +498,7 @@ def run_real_demo(
     # max_examples: the trainer computes the reference log-probs of every pair it reads, once, before
     # each stage; only the pairs the steps use are read
     # eval_path: after each stage, TRL's eval rewards/accuracies on the held-out pairs against that
-    # stage's reference (sDPO stage 2: the model after stage 1); max_examples caps both files (48 pairs)
+    # stage's reference (sDPO stage 2: the model after stage 1); max_examples caps both files (32 pairs)
     dpo_data = dict(
         seq_len=sizes["dpo_seq"],
         max_prompt_length=sizes["dpo_seq"] // 2,

@@ -23,8 +23,9 @@ from torch import nn
 import solar_kernels as sk
 from solar_kernels.model import CausalLM
 
-# Rows of logits per chunk of the metrics pass: about 2**24 logits (64 MB in fp32) at a time.
-_LOGITS_PER_CHUNK = 1 << 24
+# Rows of logits per chunk of the metrics pass: about 2**22 logits (16 MB in fp32) at a time (its
+# softmax and entropy temporaries are a few chunks at a time: a small part of a CPU step's peak).
+_LOGITS_PER_CHUNK = 1 << 22
 
 
 @torch.no_grad()
