@@ -134,20 +134,17 @@ def cases(dtype):
         hidden, weight = rand(3, 7, 64, dtype=dtype), rand(vocab, 64, dtype=dtype, scale=0.2)
         labels = torch.randint(0, vocab, (3, 7), device=DEVICE)
         labels[0, :3] = -100
-        ok &= through_api(
-            f"linear_logprobs V={vocab}",
-            dtype,
-            lambda h, w, labels=labels: sk.linear_logprobs(h, w, labels, chunk_size=8, backend="cuda"),
-            lambda h, w, labels=labels: sk.linear_logprobs_ref(h, w, labels),
-            [hidden, weight],
-        )
-        ok &= through_api(
-            f"linear_cross_entropy V={vocab}",
-            dtype,
-            lambda h, w, labels=labels: sk.linear_cross_entropy(h, w, labels, chunk_size=8, backend="cuda"),
-            lambda h, w, labels=labels: sk.linear_cross_entropy_ref(h, w, labels),
-            [hidden, weight],
-        )
+        for name, op, ref in (
+            ("linear_logprobs", sk.linear_logprobs, sk.linear_logprobs_ref),
+            ("linear_cross_entropy", sk.linear_cross_entropy, sk.linear_cross_entropy_ref),
+        ):
+            ok &= through_api(
+                f"{name} V={vocab}",
+                dtype,
+                lambda h, w, labels=labels, op=op: op(h, w, labels, chunk_size=8, backend="cuda"),
+                lambda h, w, labels=labels, ref=ref: ref(h, w, labels),
+                [hidden, weight],
+            )
     logits = shifted(6, 1001, dtype=dtype)
     labels = torch.tensor([0, -100, 1000, 1001, 5, -3], device=DEVICE)  # two out of range: NaN rows
     logp, lse = torch.empty(6, device=DEVICE), torch.empty(6, device=DEVICE)
