@@ -109,46 +109,30 @@ def _blocks(n_rows: int, n_cols: int) -> tuple[int, int, tuple]:
     return block_m, block_n, grid
 
 
-def _swiglu_fwd_triton(gate, up, y):
-    """y = silu(gate) * up, written into y; all [N, I] rows."""
-    n_rows, n_cols = gate.shape
+def _launch_rows(kernel, *tensors):
+    """``kernel`` over [N, I] ``tensors`` of one shape, which it takes in this order followed by
+    their row strides, then (n_rows, n_cols) and the block sizes of ``_blocks``."""
+    n_rows, n_cols = tensors[0].shape
     block_m, block_n, grid = _blocks(n_rows, n_cols)
-    _swiglu_fwd_kernel[grid](
-        gate,
-        up,
-        y,
-        gate.stride(0),
-        up.stride(0),
-        y.stride(0),
+    kernel[grid](
+        *tensors,
+        *(t.stride(0) for t in tensors),
         n_rows,
         n_cols,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         num_warps=warps_for(block_m * block_n),
     )
+
+
+def _swiglu_fwd_triton(gate, up, y):
+    """y = silu(gate) * up, written into y; all [N, I] rows."""
+    _launch_rows(_swiglu_fwd_kernel, gate, up, y)
 
 
 def _swiglu_bwd_triton(dy, gate, up, dgate, dup):
     """dgate and dup, written into them; all [N, I] rows."""
-    n_rows, n_cols = gate.shape
-    block_m, block_n, grid = _blocks(n_rows, n_cols)
-    _swiglu_bwd_kernel[grid](
-        dy,
-        gate,
-        up,
-        dgate,
-        dup,
-        dy.stride(0),
-        gate.stride(0),
-        up.stride(0),
-        dgate.stride(0),
-        dup.stride(0),
-        n_rows,
-        n_cols,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=warps_for(block_m * block_n),
-    )
+    _launch_rows(_swiglu_bwd_kernel, dy, gate, up, dgate, dup)
 
 
 # (gate, up) -> y and (dy, gate, up) -> (dgate, dup), each like gate; CUDA ops in csrc/swiglu.cu.
