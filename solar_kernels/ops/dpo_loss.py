@@ -224,20 +224,8 @@ def check_loss_options(
     return loss_types
 
 
-def _check_args(
-    policy_chosen,
-    policy_rejected,
-    reference_chosen,
-    reference_rejected,
-    beta,
-    loss_type,
-    label_smoothing,
-    loss_weights,
-    chosen_lengths,
-    rejected_lengths,
-    discopop_tau,
-    bco_delta,
-):
+def _check_log_probs(policy_chosen, policy_rejected, reference_chosen, reference_rejected):
+    """The four log-prob tensors: float, one shape, dtype and device."""
     named = {
         "policy_chosen": policy_chosen,
         "policy_rejected": policy_rejected,
@@ -250,7 +238,10 @@ def _check_args(
     check_same_device_dtype(OP, "policy_chosen", policy_chosen, **others)
     for name, tensor in others.items():
         check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
-    loss_types = check_loss_options(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
+
+
+def _check_bco_delta(policy_chosen, bco_delta):
+    """bco_delta: a finite float or a 0-d float tensor on the inputs' device."""
     if isinstance(bco_delta, torch.Tensor):
         if bco_delta.dim() != 0 or not bco_delta.dtype.is_floating_point:
             raise ValueError(
@@ -261,6 +252,10 @@ def _check_args(
     elif not is_finite_number(bco_delta):
         raise ValueError(f"{OP}: bco_delta must be a finite float, got {bco_delta!r}")
 
+
+def _check_lengths(policy_chosen, loss_types, chosen_lengths, rejected_lengths):
+    """The completion token counts: present where a loss type needs them, [B] real tensors on the
+    inputs' device."""
     lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
     for one_type in loss_types:
         for name in _NEEDS_LENGTHS.get(one_type, ()):
@@ -277,7 +272,6 @@ def _check_args(
             raise TypeError(f"{OP}: {name} must be a tensor of token counts (integer or float), got {given}")
         check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
         check_same_device(OP, "policy_chosen", policy_chosen, **{name: tensor})
-    return loss_types
 
 
 def dpo_loss(
@@ -300,20 +294,10 @@ def dpo_loss(
     ``chosen_lengths`` / ``rejected_lengths``: completion token counts [B], needed by ipo and
     sigmoid_norm (both) and sft (chosen). ``bco_delta``: the reward shift of bco_pair (0 = TRL 1.x).
     """
-    loss_types = _check_args(
-        policy_chosen,
-        policy_rejected,
-        reference_chosen,
-        reference_rejected,
-        beta,
-        loss_type,
-        label_smoothing,
-        loss_weights,
-        chosen_lengths,
-        rejected_lengths,
-        discopop_tau,
-        bco_delta,
-    )
+    _check_log_probs(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    loss_types = check_loss_options(beta, loss_type, label_smoothing, loss_weights, discopop_tau)
+    _check_bco_delta(policy_chosen, bco_delta)
+    _check_lengths(policy_chosen, loss_types, chosen_lengths, rejected_lengths)
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     chosen_logratio = policy_chosen - reference_chosen
     rejected_logratio = policy_rejected - reference_rejected
