@@ -59,6 +59,7 @@ from .linear_logprobs import (
     ce_result,
     ce_row_outputs,
     ce_scales,
+    ce_token_losses,
     check_ce_call,
     check_labels,
     fake_row_outputs,
@@ -143,14 +144,14 @@ def _cross_entropy_fwd_op(
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(logp)
     _logprobs_rows(implementation, source, labels, logp, lse, lse, ignore_index, True, False, options)
-    ce, z_loss, correct = ce_row_outputs(
-        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab, want_accuracy
+    ce, z_loss = ce_token_losses(
+        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab
     )
-    return ce, z_loss, correct, lse
+    return *ce_row_outputs(ce, z_loss, options.correct), lse
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(logits, labels, ignore_index, backend, class_weight, label_smoothing, lse_square_scale, softcap, want_accuracy):
+def _(logits, *_):
     return fake_row_outputs(logits, 4)
 
 
@@ -178,7 +179,7 @@ def _cross_entropy_bwd_op(
 
 
 @_cross_entropy_bwd_op.register_fake
-def _(logits, labels, lse, grad, ignore_index, backend, softcap, class_weight, grad_smooth, grad_z):
+def _(logits, *_):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -186,34 +187,17 @@ def _setup_context(ctx, inputs, output):
     logits, labels, ignore_index, backend, class_weight, label_smoothing, lse_square_scale, softcap, _ = inputs
     ctx.save_for_backward(logits, labels, output[3], class_weight)
     ctx.ignore_index, ctx.backend = ignore_index, backend
-    ctx.label_smoothing, ctx.lse_square_scale, ctx.softcap = label_smoothing, lse_square_scale, softcap
+    ctx.ce_options = (label_smoothing, lse_square_scale, softcap)  # ce_gradient's, in its order
     ctx.mark_non_differentiable(output[2], output[3])
 
 
 def _backward(ctx, grad_ce, grad_z, *_unused):
     logits, labels, lse, class_weight = ctx.saved_tensors
     grad, options = ce_gradient(
-        labels,
-        ctx.ignore_index,
-        class_weight,
-        ctx.label_smoothing,
-        ctx.lse_square_scale,
-        ctx.softcap,
-        logits.shape[1],
-        grad_ce.float(),
-        grad_z.float(),
+        labels, ctx.ignore_index, class_weight, *ctx.ce_options, logits.shape[1], grad_ce.float(), grad_z.float()
     )
     dlogits = _cross_entropy_bwd_op(
-        logits,
-        labels,
-        lse,
-        grad,
-        ctx.ignore_index,
-        ctx.backend,
-        options.softcap,
-        options.class_weight,
-        options.grad_smooth,
-        options.grad_z,
+        logits, labels, lse, grad, ctx.ignore_index, ctx.backend, *options.gradient_arguments()
     )
     return dlogits, *([None] * 8)
 

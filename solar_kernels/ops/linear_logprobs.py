@@ -354,6 +354,11 @@ class RowOptions:
             class_weight_sum=class_weight.sum() if class_weight is not None else None,
         )
 
+    def gradient_arguments(self) -> tuple[float | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(softcap, class_weight, grad_smooth, grad_z): the flat arguments of a backward custom op
+        that ``for_gradient`` turns back into these options."""
+        return self.softcap, self.class_weight, self.grad_smooth, self.grad_z
+
     @property
     def plain(self) -> bool:
         """No option is on: the per-row step of the log-probs (the CUDA kernel's only mode)."""
@@ -569,20 +574,18 @@ def _chunked_pass(
     *,
     lse: torch.Tensor | None = None,
     grad: torch.Tensor | None = None,
-    need_dhidden: bool = False,
-    need_dweight: bool = False,
-    need_dbias: bool = False,
+    needs: tuple[bool, bool, bool] = (False, False, False),
     backend: str = "triton",
     options: RowOptions = _PLAIN,
 ):
     """One pass over token chunks of hidden [N, d] and labels [N].
 
     Without ``lse`` it computes logp and lse [N] (fp32). With ``grad`` (d loss / d logp, [N] or
-    expanded) it also returns the gradients that were asked for (None otherwise): dhidden in the
-    hidden dtype, dweight and dbias as their fp32 accumulators, for the caller's final scale-and-cast.
-    ``backend`` runs the per-row step: "torch", "triton", "cuda" or "auto" (decided once for this
-    pass's chunk shape). ``options`` are the cross-entropy options of the per-row step, over all N
-    rows (its outputs are filled). Autocast is off inside: the caller has chosen the dtypes.
+    expanded) it also returns the gradients ``needs`` asks for, in the order (dhidden, dweight, dbias)
+    (None otherwise): dhidden in the hidden dtype, dweight and dbias as their fp32 accumulators, for
+    the caller's final scale-and-cast. ``backend`` runs the per-row step: "torch", "triton", "cuda"
+    or "auto" (decided once for this pass's chunk shape). ``options`` are the cross-entropy options
+    of the per-row step, over all N rows (its outputs are filled). Autocast is off inside: the caller has chosen the dtypes.
     """
     n_rows = hidden.shape[0]
     vocab = weight.shape[0]
@@ -593,6 +596,7 @@ def _chunked_pass(
     else:
         logp = lse  # not written: COMPUTE_LSE is off
     write_grad = grad is not None
+    need_dhidden, need_dweight, need_dbias = needs
     dhidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dhidden else None
     dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dweight else None
     dbias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_dbias else None
@@ -631,21 +635,20 @@ def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else like.new_empty(0)
 
 
+# A custom op's fake (``register_fake``) names its leading arguments up to the last one it shapes its
+# outputs from and takes the rest as ``*_``: the dispatcher passes them all positionally.
 def fake_row_outputs(like: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """A fake's ``count`` per-row outputs: fp32 [like.shape[0]] each, on ``like``'s device."""
     return tuple(like.new_empty(like.shape[0], dtype=torch.float32) for _ in range(count))
 
 
 def _fake_gradients(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    need_dhidden: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    accumulator_dtype: torch.dtype,
+    hidden: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool, bool], accumulator_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fake's (dhidden, dweight, dbias) as the real op returns them: contiguous, shaped like hidden,
-    weight and [V] when asked for (dweight and dbias in ``accumulator_dtype``), empty otherwise."""
+    weight and [V] where ``needs`` asks for them (dweight and dbias in ``accumulator_dtype``), empty
+    otherwise."""
+    need_dhidden, need_dweight, need_dbias = needs
     return (
         torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dhidden else hidden.new_empty(0),
         weight.new_empty(weight.shape, dtype=accumulator_dtype) if need_dweight else weight.new_empty(0),
@@ -668,7 +671,7 @@ def _logprobs_fwd_op(
 
 
 @_logprobs_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
+def _(hidden, *_):
     return fake_row_outputs(hidden, 2)
 
 
@@ -693,6 +696,7 @@ def _logprobs_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The trailing arguments are the cross-entropy options of the row step (RowOptions).
     options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
+    needs = (need_dhidden, need_dweight, need_dbias)
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
         hidden,
         weight,
@@ -702,9 +706,7 @@ def _logprobs_bwd_op(
         chunk_rows,
         lse=lse,
         grad=grad,
-        need_dhidden=need_dhidden,
-        need_dweight=need_dweight,
-        need_dbias=need_dbias,
+        needs=needs,
         backend=backend,
         options=options,
     )
@@ -715,32 +717,22 @@ def _logprobs_bwd_op(
 
 
 @_logprobs_bwd_op.register_fake
-def _(
-    grad,
-    hidden,
-    weight,
-    bias,
-    labels,
-    lse,
-    ignore_index,
-    chunk_rows,
-    need_dhidden,
-    need_dweight,
-    need_dbias,
-    backend,
-    softcap=None,
-    class_weight=None,
-    grad_smooth=None,
-    grad_z=None,
-):
-    return _fake_gradients(hidden, weight, need_dhidden, need_dweight, need_dbias, weight.dtype)
+def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias, *_):
+    return _fake_gradients(hidden, weight, (need_dhidden, need_dweight, need_dbias), weight.dtype)
+
+
+def _save_per_token(ctx, inputs, lse, *more_tensors):
+    """What ``_per_token_backward`` reads, saved by a per-token forward's setup_context: the leading
+    inputs (hidden, weight, bias, labels, ignore_index, chunk_rows, backend) every per-token op takes
+    first, its log-sum-exp, then ``more_tensors``."""
+    hidden, weight, bias, labels, ignore_index, chunk_rows, backend = inputs[:7]
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, *more_tensors)
+    ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
+    ctx.has_bias = bias is not None
 
 
 def _logprobs_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, chunk_rows, backend = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
-    ctx.has_bias = bias is not None
+    _save_per_token(ctx, inputs, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
@@ -763,10 +755,7 @@ def _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_in
         need_dweight,
         need_dbias,
         ctx.backend,
-        options.softcap,
-        options.class_weight,
-        options.grad_smooth,
-        options.grad_z,
+        *options.gradient_arguments(),
     )
     return (
         dhidden if need_dhidden else None,
@@ -864,24 +853,13 @@ def ce_token_losses(
 
 
 def ce_row_outputs(
-    logp: torch.Tensor,
-    lse: torch.Tensor,
-    options: RowOptions,
-    labels: torch.Tensor,
-    ignore_index: int,
-    class_weight: torch.Tensor | None,
-    label_smoothing: float,
-    lse_square_scale: float,
-    vocab: int,
-    want_accuracy: bool,
+    ce: torch.Tensor, z_loss: torch.Tensor | None, correct: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ce_t, zl_t, correct), fp32 [N], as the per-row custom ops return them (``ce_token_losses``;
-    the z-loss and the accuracy flags are zeros when off: a custom op returns tensors)."""
-    ce, z_loss = ce_token_losses(
-        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab
-    )
+    """(ce_t, zl_t, correct), fp32 [N], as the per-row custom ops return them: ``ce_token_losses``'s
+    two and the forward options' accuracy flags, zeros for either when off (a custom op returns
+    tensors, each its own: outputs must not alias)."""
     z_loss = z_loss if z_loss is not None else torch.zeros_like(ce)
-    return ce, z_loss, options.correct if want_accuracy else torch.zeros_like(ce)
+    return ce, z_loss, correct if correct is not None else torch.zeros_like(ce)
 
 
 def ce_scales(
@@ -925,27 +903,16 @@ def _cross_entropy_fwd_op(
     accumulators, cast once in backward. z-loss and accuracy are 0 when not asked for."""
     vocab = weight.shape[0]
     count, scale_ce, scale_z = ce_scales(labels, ignore_index, class_weight, reduction)
-    wants_grad = need_dhidden or need_dweight or need_dbias
+    needs = (need_dhidden, need_dweight, need_dbias)
     options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
     grad = None
-    if wants_grad:
+    if any(needs):
         grad, grad_options = ce_gradient(
             labels, ignore_index, class_weight, label_smoothing, lse_square_scale, softcap, vocab, scale_ce, scale_z
         )
         options = dataclasses.replace(grad_options, smooth_sum=options.smooth_sum, correct=options.correct)
     logp, lse, (dhidden, dweight, dbias) = _chunked_pass(
-        hidden,
-        weight,
-        bias,
-        labels,
-        ignore_index,
-        chunk_rows,
-        grad=grad,
-        need_dhidden=need_dhidden,
-        need_dweight=need_dweight,
-        need_dbias=need_dbias,
-        backend=backend,
-        options=options,
+        hidden, weight, bias, labels, ignore_index, chunk_rows, grad=grad, needs=needs, backend=backend, options=options
     )
     ce, z_loss = ce_token_losses(
         logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab
@@ -964,26 +931,9 @@ def _cross_entropy_fwd_op(
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    labels,
-    ignore_index,
-    reduction,
-    chunk_rows,
-    need_dhidden,
-    need_dweight,
-    need_dbias,
-    backend,
-    class_weight=None,
-    label_smoothing=0.0,
-    lse_square_scale=0.0,
-    softcap=None,
-    want_accuracy=False,
-):
+def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias, *_):
     scalars = tuple(hidden.new_empty((), dtype=torch.float32) for _ in range(3))  # loss, z-loss, accuracy
-    return *scalars, *_fake_gradients(hidden, weight, need_dhidden, need_dweight, need_dbias, torch.float32)
+    return *scalars, *_fake_gradients(hidden, weight, (need_dhidden, need_dweight, need_dbias), torch.float32)
 
 
 def _cross_entropy_setup_context(ctx, inputs, output):
@@ -1008,19 +958,7 @@ def _cross_entropy_backward(ctx, grad_loss, *_unused):
         dhidden * grad_loss if need_dhidden else None,
         _scale_and_cast(dweight, grad_loss, ctx.weight_dtype) if need_dweight else None,
         _scale_and_cast(dbias, grad_loss, ctx.weight_dtype) if need_dbias else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
+        *([None] * 13),  # the op's other inputs
     )
 
 
@@ -1051,49 +989,22 @@ def _cross_entropy_tokens_fwd_op(
     logp, lse, _ = _chunked_pass(
         hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend, options=options
     )
-    ce, z_loss, correct = ce_row_outputs(
-        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab, want_accuracy
+    ce, z_loss = ce_token_losses(
+        logp, lse, options, labels, ignore_index, class_weight, label_smoothing, lse_square_scale, vocab
     )
+    ce, z_loss, correct = ce_row_outputs(ce, z_loss, options.correct)
     return ce + z_loss, z_loss, correct, lse
 
 
 @_cross_entropy_tokens_fwd_op.register_fake
-def _(
-    hidden,
-    weight,
-    bias,
-    labels,
-    ignore_index,
-    chunk_rows,
-    backend,
-    class_weight,
-    label_smoothing,
-    lse_square_scale,
-    softcap,
-    want_accuracy,
-):
+def _(hidden, *_):
     return fake_row_outputs(hidden, 4)
 
 
 def _cross_entropy_tokens_setup_context(ctx, inputs, output):
-    (
-        hidden,
-        weight,
-        bias,
-        labels,
-        ignore_index,
-        chunk_rows,
-        backend,
-        class_weight,
-        label_smoothing,
-        lse_square_scale,
-        softcap,
-        _,
-    ) = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[3], class_weight)
-    ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
-    ctx.label_smoothing, ctx.lse_square_scale, ctx.softcap = label_smoothing, lse_square_scale, softcap
-    ctx.has_bias = bias is not None
+    class_weight, label_smoothing, lse_square_scale, softcap, _ = inputs[7:]
+    _save_per_token(ctx, inputs, output[3], class_weight)
+    ctx.ce_options = (label_smoothing, lse_square_scale, softcap)  # ce_gradient's, in its order
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -1101,15 +1012,7 @@ def _cross_entropy_tokens_backward(ctx, grad_loss, *_unused):
     hidden, weight, bias, labels, lse, class_weight = ctx.saved_tensors
     grad_loss = grad_loss.float()
     grad, options = ce_gradient(
-        labels,
-        ctx.ignore_index,
-        class_weight,
-        ctx.label_smoothing,
-        ctx.lse_square_scale,
-        ctx.softcap,
-        weight.shape[0],
-        grad_loss,
-        grad_loss,
+        labels, ctx.ignore_index, class_weight, *ctx.ce_options, weight.shape[0], grad_loss, grad_loss
     )
     return _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_inputs=9, options=options)
 
@@ -1215,40 +1118,19 @@ class CrossEntropyOutput:
     token_accuracy: torch.Tensor | None = None
 
 
-def check_ce_options(
-    op: str,
-    label_smoothing,
-    lse_square_scale,
-    softcap,
-    class_weight,
-    return_z_loss,
-    return_token_accuracy,
-    vocab: int,
-    device: torch.device,
-    weight_name: str,
-) -> tuple[float, float, float | None, torch.Tensor | None]:
-    """The cross-entropy options, checked before any work: (label_smoothing, lse_square_scale,
-    softcap) as floats and the class weights as a contiguous fp32 [V] tensor (or None)."""
-    if not is_finite_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not is_finite_number(lse_square_scale) or lse_square_scale < 0:
-        raise ValueError(f"{op}: lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
-    if softcap is not None and (not is_finite_number(softcap) or softcap <= 0):
-        raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
-    for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{op}: {name} must be True or False, got {flag!r}")
-    if class_weight is not None:
-        check_float_tensor(op, weight_name, class_weight, ndims=(1,), dtypes=(*FLOAT_DTYPES, torch.float64))
-        check_shape(op, weight_name, class_weight, (vocab,), "one weight per class")
-        check_same_device(op, "the logits", torch.empty(0, device=device), **{weight_name: class_weight})
-        if class_weight.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"{op}: {weight_name} requires grad, expected a constant: class weights get no gradient "
-                "(as in torch.nn.functional.cross_entropy and Liger-Kernel); pass it detached"
-            )
-        class_weight = class_weight.detach().to(torch.float32).contiguous()
-    return float(label_smoothing), float(lse_square_scale), None if softcap is None else float(softcap), class_weight
+def _check_class_weight(op: str, weight_name: str, class_weight, vocab: int, device: torch.device):
+    """The class weights (``weight_name`` in ``op``) as a contiguous fp32 [V] tensor, or None."""
+    if class_weight is None:
+        return None
+    check_float_tensor(op, weight_name, class_weight, ndims=(1,), dtypes=(*FLOAT_DTYPES, torch.float64))
+    check_shape(op, weight_name, class_weight, (vocab,), "one weight per class")
+    check_same_device(op, "the logits", torch.empty(0, device=device), **{weight_name: class_weight})
+    if class_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: {weight_name} requires grad, expected a constant: class weights get no gradient "
+            "(as in torch.nn.functional.cross_entropy and Liger-Kernel); pass it detached"
+        )
+    return class_weight.detach().to(torch.float32).contiguous()
 
 
 def backend_for_options(op: str, resolved: str, requested: str | None, active: list[str]) -> str:
@@ -1296,24 +1178,24 @@ def check_ce_call(
     weight_name: str,
     backend: str | None,
 ) -> tuple[float, float, float | None, torch.Tensor | None, str]:
-    """The cross-entropy ops' checks after their tensor checks, before any work: ``reduction``, the
-    options (``check_ce_options``, as returned there) and the backend that has them (resolved, then
-    ``backend_for_options``), which comes last in the tuple. ``weight_name``: the class weights'
-    argument name in ``op``."""
+    """The cross-entropy ops' checks after their tensor checks, before any work: ``reduction`` and
+    the options, returned as (label_smoothing, lse_square_scale, softcap) floats, the class weights
+    as a contiguous fp32 [V] tensor (or None), and last the backend that has them (resolved, then
+    ``backend_for_options``). ``weight_name``: the class weights' argument name in ``op``."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    label_smoothing, lse_square_scale, softcap, class_weight = check_ce_options(
-        op,
-        label_smoothing,
-        lse_square_scale,
-        softcap,
-        class_weight,
-        return_z_loss,
-        return_token_accuracy,
-        vocab,
-        device,
-        weight_name,
-    )
+    if not is_finite_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not is_finite_number(lse_square_scale) or lse_square_scale < 0:
+        raise ValueError(f"{op}: lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
+    if softcap is not None and (not is_finite_number(softcap) or softcap <= 0):
+        raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
+    for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {flag!r}")
+    class_weight = _check_class_weight(op, weight_name, class_weight, vocab, device)
+    label_smoothing, lse_square_scale = float(label_smoothing), float(lse_square_scale)
+    softcap = None if softcap is None else float(softcap)
     resolved = resolve_backend(op, backend, device)
     active = active_ce_options(
         label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy, weight_name
