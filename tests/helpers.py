@@ -1,22 +1,27 @@
 """Helpers shared by several test modules: import them from here, never from another test module.
 
-Tiny Hugging Face checkpoints (``hf_tiny_config``, ``make_checkpoint``, ``tensors``), a shard writer
-that fails on demand (``break_shard_writer``), tensors that start one element into their buffer
-(``misaligned``), which sends the CUDA kernels down their scalar path, and a tiny random Llama written
-as a GGUF file (``write_tiny_gguf``, with a byte-level BPE trained on ``CORPUS``) and converted to a
-Hugging Face directory (``tiny_checkpoint``). For the trainer's tests: a config file writer
-(``write_config``), a small pretraining config (``pretrain_config``), a pretraining run through the
-stage runner (``run_pretrain``) and its logged losses (``losses``). For the kernel tests
-(tests/ops): each op's float64 form, run and check against eager torch (``exact_*``, ``run_*``,
-``check_*``), ``rope_tables``, ``make_lm_head``, ``options_backend`` and ``IGNORE``. Optional
-packages (transformers, gguf, tokenizers, yaml) and the ops are imported by the helpers that need
-them, when called.
+Tiny Hugging Face checkpoints (``HF_TINY``, ``hf_tiny_config``, ``make_checkpoint``, ``tensors``), a
+shard writer that fails on demand (``break_shard_writer``), tensors that start one element into their
+buffer (``misaligned``), which sends the CUDA kernels down their scalar path, and a tiny random Llama
+written as a GGUF file (``write_tiny_gguf``, with a byte-level BPE trained on ``CORPUS``) and converted
+to a Hugging Face directory (``tiny_checkpoint``). A command run in the repository that must succeed
+(``run_checked``). For the trainer's tests: a config file writer (``write_config``), a small
+pretraining config (``pretrain_config``), a pretraining run through the stage runner
+(``run_pretrain``) or on two processes (``run_pretrain_on_two_processes``), its logged losses
+(``losses``), a CPU trainer (``cpu_trainer``) and one of a model on its pretraining data
+(``lm_trainer``). For the kernel tests (tests/ops): each op's float64 form, run and check against
+eager torch (``exact_*``, ``run_*``, ``check_*``), ``rope_tables``, ``make_lm_head``,
+``options_backend`` and ``IGNORE``. Optional packages (transformers, gguf, tokenizers, yaml), the
+training package and the ops are imported by the helpers that need them, when called.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +33,27 @@ from solar_kernels.checkpoint import CheckpointReader
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
+# hf_tiny_config's sizes, as transformers names them (tests/test_patch.py builds its other kinds on them).
+HF_TINY = dict(
+    vocab_size=101,
+    hidden_size=48,
+    intermediate_size=100,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def hf_tiny_config(kind: str, **overrides):
     """A small, odd-sized transformers config (``kind`` "llama" or "mistral"): GQA, three layers,
-    head_dim 12."""
+    head_dim 12 (``HF_TINY``, then ``overrides``)."""
     from transformers import LlamaConfig, MistralConfig
 
-    common = dict(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=100,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    common.update(overrides)
+    common = {**HF_TINY, **overrides}
     if kind == "mistral":
         return MistralConfig(sliding_window=common.pop("sliding_window", 5), **common)
     return LlamaConfig(**common)
@@ -131,6 +139,62 @@ def run_pretrain(workspace: Path, out: Path, **train):
 
     path = write_config(Path(str(out) + ".yaml"), **pretrain_config(workspace, out, **train))
     return run_stage("pretrain", load_config(path))["pretrain"]
+
+
+def run_checked(command: list[str], *, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs ``command`` in the repository (10 minutes at most) with the environment variables ``unset``
+    removed; fails the test with the end of its output unless it exits 0. Returns the finished process."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def run_pretrain_on_two_processes(config: Path, port_offset: int = 0) -> None:
+    """``training.pretrain --config config`` on 2 processes by torch.distributed.run (gloo on the CPU),
+    TRITON_INTERPRET unset, through ``run_checked``. The rendezvous port comes from the test process's
+    pid (plus ``port_offset``), so that tests running at once do not collide."""
+    port = 29500 + (os.getpid() + port_offset) % 1000
+    run_checked(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+        + ["-m", "training.pretrain", "--config", str(config)],
+        unset=("TRITON_INTERPRET",),
+    )
+
+
+def lm_trainer(config, model, tokenizer, out: Path, name: str, *, batch_size: int = 2):
+    """A ``cpu_trainer`` of ``model`` (a CausalLM) on ``config``'s pretraining examples, packed,
+    ``batch_size`` rows a batch in a stream seeded 3, writing to ``out`` under ``name``."""
+    from training import data as data_lib
+    from training import stages
+    from training.objectives import LanguageModeling, flops_per_token_fn
+    from training.trainer import parallelize
+
+    objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, torch.device("cpu"))
+    examples = stages.language_modeling_examples("pretrain", config, tokenizer)
+    stream = data_lib.BatchStream(
+        examples, batch_size, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3
+    )
+    return cpu_trainer(config, objective, stream, flops_per_token_fn(model.config), out, name)
+
+
+def cpu_trainer(config, objective, stream, flops_per_token, out: Path, name: str = "train", *, world: int = 1):
+    """A ``Trainer`` of ``objective`` (its ``count`` counts a batch's items) over ``stream`` on the CPU,
+    as rank 0 of ``world`` processes, writing to ``out`` under ``name``."""
+    from training.trainer import Trainer
+
+    return Trainer(
+        config,
+        objective,
+        objective.count,
+        stream,
+        rank=0,
+        world=world,
+        device=torch.device("cpu"),
+        flops_per_token=flops_per_token,
+        output_dir=out,
+        name=name,
+    )
 
 
 # ----------------------------------------------------------------------------- a tiny GGUF model

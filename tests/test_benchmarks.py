@@ -7,12 +7,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_checked
 
 
 @pytest.fixture(scope="module")
@@ -288,14 +287,8 @@ def test_gpu_check_rehearsal_runs_every_step_and_builds_the_report(tmp_path):
 
 
 def test_pytest_benchmark_file_runs():
-    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    done = subprocess.run(
+    done = run_checked(
         [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        unset=("PYTEST_ADDOPTS",),
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout

@@ -14,7 +14,7 @@ import torch
 
 import solar_kernels as sk
 from solar_kernels.patch import unpatch_hf_model
-from tests.helpers import hf_tiny_config
+from tests.helpers import HF_TINY, hf_tiny_config
 from tests.tolerances import assert_close
 
 KINDS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
@@ -23,27 +23,13 @@ LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 
 
 def _config(kind: str, **overrides):
-    """hf_tiny_config's sizes (hidden 48, 4 query and 2 kv heads of 12, 3 layers, vocab 101) for
-    every kind; the sliding windows (4) are shorter than the test sequences."""
+    """hf_tiny_config's sizes (``HF_TINY``: hidden 48, 4 query and 2 kv heads of 12, 3 layers, vocab
+    101) for every kind; the sliding windows (4) are shorter than the test sequences."""
     from transformers import Gemma2Config, Gemma3TextConfig, Qwen2Config, Qwen3Config
 
     if kind in ("llama", "mistral"):
         return hf_tiny_config(kind, **overrides)
-    common = dict(
-        vocab_size=101,
-        hidden_size=48,
-        intermediate_size=100,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        sliding_window=4,
-        layer_types=LAYER_TYPES,
-    )
+    common = dict(HF_TINY, pad_token_id=0, sliding_window=4, layer_types=LAYER_TYPES)
     if kind == "qwen2":  # q/k/v biases always; YaRN scales cos/sin by its attention factor
         yarn = dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=64, rope_theta=10000.0)
         return Qwen2Config(**{**common, "use_sliding_window": True, "rope_parameters": yarn, **overrides})

@@ -14,13 +14,11 @@ import torch
 
 from solar_kernels.model import CausalLM, load_pretrained, preset
 from solar_kernels.model.hf import write_pretrained
-from tests.helpers import pretrain_config, write_config
-from training import data as data_lib
+from tests.helpers import cpu_trainer, lm_trainer, pretrain_config, write_config
 from training import stages
 from training.config import load_config
-from training.objectives import LanguageModeling, flops_per_token_fn
 from training.tokenizer import load_tokenizer
-from training.trainer import Trainer, compute_context, parallelize, seed_everything
+from training.trainer import compute_context, seed_everything
 
 
 @pytest.fixture(scope="module")
@@ -56,25 +54,10 @@ def config_for(
 
 def make_trainer(config, workspace, out: Path, name: str):
     """A trainer over the tiny corpus; the model is built from the config's checkpoint with a fixed seed."""
-    device = torch.device("cpu")
     tokenizer = load_tokenizer(workspace / "tokenizer")
     seed_everything(3)
-    model = stages.build_model(config, device, tokenizer)
-    objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
-    examples = stages.language_modeling_examples("pretrain", config, tokenizer)
-    stream = data_lib.BatchStream(examples, 2, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3)
-    return model, Trainer(
-        config,
-        objective,
-        objective.count,
-        stream,
-        rank=0,
-        world=1,
-        device=device,
-        flops_per_token=flops_per_token_fn(model.config),
-        output_dir=out,
-        name=name,
-    )
+    model = stages.build_model(config, torch.device("cpu"), tokenizer)
+    return model, lm_trainer(config, model, tokenizer, out, name)
 
 
 @pytest.mark.parametrize(
@@ -134,19 +117,7 @@ def test_a_second_run_on_the_same_model_steps_once_per_gradient(workspace, tied_
         config = config_for(workspace, tied_checkpoint, out, step_in_backward=in_backward)
         model, first = make_trainer(config, workspace, out / "one", "first")
         first.run()
-        objective = first.objective
-        second = Trainer(
-            config,
-            objective,
-            objective.count,
-            first.stream,
-            rank=0,
-            world=1,
-            device=torch.device("cpu"),
-            flops_per_token=first.flops_per_token,
-            output_dir=out / "two",
-            name="second",
-        )
+        second = cpu_trainer(config, first.objective, first.stream, first.flops_per_token, out / "two", "second")
         second.run()
         finals[in_backward] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(finals[False], finals[True]):
@@ -171,17 +142,7 @@ def test_more_than_one_process_is_refused(workspace, tied_checkpoint, tmp_path):
     config = config_for(workspace, tied_checkpoint, tmp_path / "run", step_in_backward=True)
     model, trainer = make_trainer(config, workspace, tmp_path / "run", "one")
     with pytest.raises(ValueError, match="step_in_backward runs on one process.*got 2 processes"):
-        Trainer(
-            config,
-            trainer.objective,
-            trainer.count,
-            trainer.stream,
-            rank=0,
-            world=2,
-            device=torch.device("cpu"),
-            flops_per_token=trainer.flops_per_token,
-            output_dir=tmp_path / "two",
-        )
+        cpu_trainer(config, trainer.objective, trainer.stream, trainer.flops_per_token, tmp_path / "two", world=2)
 
 
 @pytest.mark.parametrize(

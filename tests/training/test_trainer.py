@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from solar_kernels.model import load_pretrained
-from tests.helpers import ROOT, losses, pretrain_config, run_pretrain, write_config
+from tests.helpers import ROOT, losses, pretrain_config, run_pretrain, run_pretrain_on_two_processes, write_config
 from tests.tolerances import rel_err
 from training.config import load_config
 from training.stages import run_stage
@@ -126,28 +126,7 @@ def test_two_processes_match_one(workspace, tmp_path):
     double = pretrain_config(workspace, tmp_path / "two", steps=4, batch_size=2, export=True, eval_every=2)
     double["data"]["eval_fraction"] = 0.2
     config = write_config(tmp_path / "two.yaml", **double)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(29500 + os.getpid() % 1000),
-            "-m",
-            "training.pretrain",
-            "--config",
-            str(config),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_pretrain_on_two_processes(config)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
     one_eval, two_eval = _eval_records(tmp_path / "one"), _eval_records(tmp_path / "two")
     assert sorted(two_eval) == sorted(one_eval) == [2, 4]

@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, losses, pretrain_config, write_config
-from training import data as data_lib
+from tests.helpers import lm_trainer, losses, pretrain_config, run_pretrain_on_two_processes, write_config
 from training import stages
 from training.config import load_config
-from training.objectives import LanguageModeling, flops_per_token_fn
 from training.optim import KahanAdamW
 from training.tokenizer import load_tokenizer
-from training.trainer import Trainer, compute_context, parallelize, seed_everything
+from training.trainer import compute_context, seed_everything
 
 MODES = {
     "fp32": ("float32", "fp32"),
@@ -59,23 +57,7 @@ def train_tiny(workspace, out: Path, mode: str, *, lr: float, steps: int, batch_
         for param, start in zip(model.parameters(), reference.parameters()):
             param.copy_(start)
     initial = [p.detach().clone() for p in model.parameters()]
-    objective = parallelize(LanguageModeling(model, packed=True), model.model.layers, config, 1, device)
-    examples = stages.language_modeling_examples("pretrain", config, tokenizer)
-    stream = data_lib.BatchStream(
-        examples, batch_size, lambda ex: data_lib.collate_lm(ex, tokenizer.pad_token_id), seed=3
-    )
-    trainer = Trainer(
-        config,
-        objective,
-        objective.count,
-        stream,
-        rank=0,
-        world=1,
-        device=device,
-        flops_per_token=flops_per_token_fn(model.config),
-        output_dir=out,
-        name=mode,
-    )
+    trainer = lm_trainer(config, model, tokenizer, out, mode, batch_size=batch_size)
     history = trainer.run()
     return initial, [p.detach().clone() for p in model.parameters()], history, trainer
 
@@ -135,10 +117,6 @@ def test_bf16_losses_track_fp32_over_50_steps(workspace, tmp_path):
 def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
     """World 2 on gloo: fp32 masters sharded by FSDP2, gathered in bf16 by its MixedPrecisionPolicy,
     against one process under autocast; both export the fp32 masters (train.export_dtype auto)."""
-    import os
-    import subprocess
-    import sys
-
     from solar_kernels.model import load_pretrained
 
     def config(out, batch_size):
@@ -147,28 +125,7 @@ def test_two_processes_with_bf16_compute_track_one(workspace, tmp_path):
         return write_config(Path(str(out) + ".yaml"), **values)
 
     stages.run_stage("pretrain", load_config(config(tmp_path / "one", 4)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(29500 + (os.getpid() + 7) % 1000),
-            "-m",
-            "training.pretrain",
-            "--config",
-            str(config(tmp_path / "two", 2)),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_pretrain_on_two_processes(config(tmp_path / "two", 2), port_offset=7)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=4 * 2.0**-8)
     one, two = load_pretrained(tmp_path / "one" / "final"), load_pretrained(tmp_path / "two" / "final")
     assert one.model.embed_tokens.weight.dtype == two.model.embed_tokens.weight.dtype == torch.float32
