@@ -242,25 +242,13 @@ def test_check_loss_options_without_tensors():
 
 def test_lengths_any_real_dtype_same_device():
     pc, pr, rc, rr = (torch.randn(4, dtype=torch.float64) for _ in range(4))
-    as_int = sk.dpo_loss(
-        pc,
-        pr,
-        rc,
-        rr,
-        loss_type="ipo",
-        chosen_lengths=torch.tensor([1, 2, 3, 4]),
-        rejected_lengths=torch.tensor([4, 3, 2, 1]),
-    )[0]
-    as_float = sk.dpo_loss(
-        pc,
-        pr,
-        rc,
-        rr,
-        loss_type="ipo",
-        chosen_lengths=torch.tensor([1.0, 2.0, 3.0, 4.0]),
-        rejected_lengths=torch.tensor([4.0, 3.0, 2.0, 1.0]),
-    )[0]
-    assert as_int.item() == as_float.item()
+
+    def ipo_loss(lengths_dtype):
+        chosen = torch.tensor([1, 2, 3, 4], dtype=lengths_dtype)
+        rejected = torch.tensor([4, 3, 2, 1], dtype=lengths_dtype)
+        return sk.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=chosen, rejected_lengths=rejected)[0]
+
+    assert ipo_loss(torch.int64).item() == ipo_loss(torch.float32).item()
     with pytest.raises(TypeError, match="rejected_lengths must be a tensor of token counts .*got torch.bool"):
         sk.dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=torch.ones(4), rejected_lengths=torch.ones(4) > 0)
     with pytest.raises(ValueError, match="chosen_lengths is on meta, expected cpu"):
