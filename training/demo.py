@@ -436,7 +436,7 @@ def render_report(results: dict, plot_names: list[str]) -> str:
 
 # Sections of the report the README's block leaves out (they stay in docs/demo/report.md): the README
 # keeps the numbers and the first plot, the report keeps everything.
-README_OMITS = ("Stages", "Generations", "Data")
+README_OMITS = ("Held-out loss during", "Stages", "Generations", "Data")  # the curve: the first plot
 
 
 def readme_section(report: str, note: str, image_prefix: str = "docs/demo/") -> str:
