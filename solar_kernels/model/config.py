@@ -211,50 +211,34 @@ class ModelConfig:
         return out
 
 
+def _preset_row(
+    vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, positions: int, **fields
+) -> ModelConfig:
+    """One row of PRESETS: its sizes in the table's column order, rms_norm_eps 1e-5 (every preset's,
+    as published), then any other field by name."""
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        max_position_embeddings=positions,
+        rms_norm_eps=1e-5,
+        **fields,
+    )
+
+
+# fmt: off
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=176,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-    ),
-    "llama-2-7b": ModelConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-    ),
-    "mistral-7b": ModelConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-5,
-        sliding_window=4096,
-        model_type="mistral",
-    ),
-    "solar-10.7b": ModelConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=48,
-        num_heads=32,
-        num_kv_heads=8,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-    ),
+    #                           vocab  hidden  intermediate  layers  heads  kv heads  positions
+    "tiny":        _preset_row(   512,     64,          176,      4,     4,        2,       512),
+    "llama-2-7b":  _preset_row( 32000,   4096,        11008,     32,    32,       32,      4096),
+    "mistral-7b":  _preset_row( 32000,   4096,        14336,     32,    32,        8,     32768,
+                               sliding_window=4096, model_type="mistral"),
+    "solar-10.7b": _preset_row( 32000,   4096,        14336,     48,    32,        8,      4096),
 }
+# fmt: on
 
 
 def preset(name: str, **overrides) -> ModelConfig:
