@@ -391,12 +391,12 @@ def merge(
         base_model,
         top,
         per_model,
-        dtype,
-        out_dtype,
-        compute_dtype,
-        tokenizer_source,
-        pad_to_multiple_of,
-        tokens,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        compute_dtype=compute_dtype,
+        tokenizer_source=tokenizer_source,
+        pad_to_multiple_of=pad_to_multiple_of,
+        tokens=tokens,
     )
     copied = write_hf_directory(
         dst,
@@ -458,20 +458,10 @@ def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
     card()
 
 
-def _recipe(
-    method,
-    models,
-    base_model,
-    top,
-    per_model,
-    dtype,
-    out_dtype,
-    compute_dtype,
-    tokenizer_source,
-    pad_to_multiple_of=None,
-    tokens=None,
-) -> str:
-    """A mergekit-style YAML recipe for a merge given as arguments."""
+def _recipe(method, models, base_model, top, per_model, *, pad_to_multiple_of=None, tokens=None, **options) -> str:
+    """A mergekit-style YAML recipe for a merge given as arguments; each of ``options`` (dtype,
+    out_dtype, compute_dtype, tokenizer_source) that is not None is written under its name, in the
+    order given."""
     import yaml
 
     def plain(value):
@@ -490,12 +480,7 @@ def _recipe(
     ]
     if top:
         recipe["parameters"] = {k: plain(v) for k, v in top.items()}
-    for key, value in (
-        ("dtype", dtype),
-        ("out_dtype", out_dtype),
-        ("compute_dtype", compute_dtype),
-        ("tokenizer_source", tokenizer_source),
-    ):
+    for key, value in options.items():
         if value is not None:
             recipe[key] = str(value).replace("torch.", "")
     if pad_to_multiple_of is not None or tokens:  # mergekit's tokenizer: block instead of tokenizer_source
