@@ -33,7 +33,8 @@ from solar_kernels.checkpoint import CheckpointReader
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
-# hf_tiny_config's sizes, as transformers names them (tests/test_patch.py builds its other kinds on them).
+# hf_tiny_config's sizes, as transformers names them (tests/test_patch.py builds its other kinds on them,
+# tests/test_merge.py a smaller Llama).
 HF_TINY = dict(
     vocab_size=101,
     hidden_size=48,

@@ -16,18 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from solar_kernels.checkpoint import CheckpointError, read_header
 from solar_kernels.merge import SLERP_DOT_THRESHOLD, linear_merge, merge, merge_from_yaml, slerp, ties_merge
-from tests.helpers import break_shard_writer
+from tests.helpers import HF_TINY, break_shard_writer
 
 transformers = pytest.importorskip("transformers")
 
+# hf_tiny_config's model (HF_TINY: 4 query and 2 key/value heads), narrower and shorter: small checkpoints to merge.
 TINY = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
+    HF_TINY, vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2, max_position_embeddings=64
 )
 
 
