@@ -50,7 +50,10 @@ from .._checks import check_float_tensor
 from ._autocast import autocast_on
 from ._common import as_rows
 from .linear_logprobs import (
+    FORWARD_OPTIONS_SCHEMA,
+    GRADIENT_OPTIONS_SCHEMA,
     CrossEntropyOutput,
+    ForwardOptions,
     RowOptions,
     _check_label_values,
     _logprobs_rows,
@@ -123,19 +126,17 @@ def cross_entropy_ref(
     )
 
 
-@torch.library.custom_op("solar_kernels::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd_op(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    backend: str,
-    class_weight: torch.Tensor | None,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-    want_accuracy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "solar_kernels::cross_entropy_fwd",
+    mutates_args=(),
+    schema=(
+        f"(Tensor logits, Tensor labels, SymInt ignore_index, str backend, {FORWARD_OPTIONS_SCHEMA}) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _cross_entropy_fwd_op(logits, labels, ignore_index, backend, *ce_options):
     """Per-row ce_t, zl_t, correct flag and log-sum-exp, fp32 [N]; the logits are only read."""
+    class_weight, label_smoothing, lse_square_scale, softcap, want_accuracy = ForwardOptions(*ce_options)
     rows, vocab = logits.shape
     options = ce_forward_options(rows, logits.device, class_weight, label_smoothing, softcap, want_accuracy)
     implementation = row_backend(backend, rows, vocab, logits.device, options)
@@ -155,22 +156,18 @@ def _(logits, *_):
     return fake_row_outputs(logits, 4)
 
 
-@torch.library.custom_op("solar_kernels::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd_op(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
-    ignore_index: int,
-    backend: str,
-    softcap: float | None,
-    class_weight: torch.Tensor | None,
-    grad_smooth: torch.Tensor | None,
-    grad_z: torch.Tensor | None,
-) -> torch.Tensor:
+@torch.library.custom_op(
+    "solar_kernels::cross_entropy_bwd",
+    mutates_args=(),
+    schema=(
+        "(Tensor logits, Tensor labels, Tensor lse, Tensor grad, SymInt ignore_index, str backend, "
+        f"{GRADIENT_OPTIONS_SCHEMA}) -> Tensor"
+    ),
+)
+def _cross_entropy_bwd_op(logits, labels, lse, grad, ignore_index, backend, *gradient_options):
     """d loss / d logits [N, V] in the logits' dtype: a copy of the logits, overwritten by the row
     step from the saved log-sum-exp and the per-row coefficients (``ce_gradient``)."""
-    options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
+    options = RowOptions.for_gradient(*gradient_options)
     rows, vocab = logits.shape
     dlogits = logits.clone(memory_format=torch.contiguous_format)
     implementation = row_backend(backend, rows, vocab, logits.device, options)

@@ -90,6 +90,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -339,13 +340,14 @@ class RowOptions:
     @classmethod
     def for_gradient(
         cls,
-        softcap: float | None,
-        class_weight: torch.Tensor | None,
-        grad_smooth: torch.Tensor | None,
-        grad_z: torch.Tensor | None,
+        softcap: float | None = None,
+        class_weight: torch.Tensor | None = None,
+        grad_smooth: torch.Tensor | None = None,
+        grad_z: torch.Tensor | None = None,
     ) -> RowOptions:
         """The options of a gradient pass, from a backward custom op's flat arguments (a schema has
-        no place for a dataclass)."""
+        no place for a dataclass; the dispatcher leaves out trailing ones that are None, their
+        default in GRADIENT_OPTIONS_SCHEMA)."""
         return cls(
             softcap=softcap,
             class_weight=class_weight,
@@ -366,6 +368,32 @@ class RowOptions:
 
 
 _PLAIN = RowOptions()
+
+# The custom ops' schemas are built from the pieces they share: the LM head's tensors, which every op
+# over hidden states takes first (``_chunked_pass``'s order), the gradients a pass computes, and the
+# row step's cross-entropy options, in a forward op's order and in ``RowOptions.gradient_arguments``'
+# (a backward op's). An option left at its default is off.
+LM_HEAD_SCHEMA = "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels"
+_NEEDS_SCHEMA = "bool need_dhidden, bool need_dweight, bool need_dbias"
+FORWARD_OPTIONS_SCHEMA = (
+    "Tensor? class_weight=None, float label_smoothing=0., float lse_square_scale=0., float? softcap=None, "
+    "bool want_accuracy=False"
+)
+GRADIENT_OPTIONS_SCHEMA = (
+    "float? softcap=None, Tensor? class_weight=None, Tensor? grad_smooth=None, Tensor? grad_z=None"
+)
+
+
+class ForwardOptions(NamedTuple):
+    """A forward op's cross-entropy options, its trailing arguments (FORWARD_OPTIONS_SCHEMA: the same
+    order and defaults). The dispatcher leaves out trailing arguments equal to their defaults, so the
+    op reads them through this, ``ForwardOptions(*options)``."""
+
+    class_weight: torch.Tensor | None = None
+    label_smoothing: float = 0.0
+    lse_square_scale: float = 0.0
+    softcap: float | None = None
+    want_accuracy: bool = False
 
 
 def _logprobs_rows_torch(logits, labels, logp, lse, grad, ignore_index, compute_lse, write_grad, options=_PLAIN):
@@ -656,16 +684,13 @@ def _fake_gradients(
     )
 
 
-@torch.library.custom_op("solar_kernels::linear_logprobs_fwd", mutates_args=())
-def _logprobs_fwd_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    chunk_rows: int,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "solar_kernels::linear_logprobs_fwd",
+    mutates_args=(),
+    schema=f"({LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend) -> (Tensor, Tensor)",
+)
+def _logprobs_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
+    """Per-row log-probs and log-sum-exps, fp32 [N]."""
     logp, lse, _ = _chunked_pass(hidden, weight, bias, labels, ignore_index, chunk_rows, backend=backend)
     return logp, lse
 
@@ -675,27 +700,31 @@ def _(hidden, *_):
     return fake_row_outputs(hidden, 2)
 
 
-@torch.library.custom_op("solar_kernels::linear_logprobs_bwd", mutates_args=())
+@torch.library.custom_op(
+    "solar_kernels::linear_logprobs_bwd",
+    mutates_args=(),
+    schema=(
+        f"(Tensor grad, {LM_HEAD_SCHEMA}, Tensor lse, SymInt ignore_index, SymInt chunk_rows, {_NEEDS_SCHEMA}, "
+        f"str backend, {GRADIENT_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)"
+    ),
+)
 def _logprobs_bwd_op(
-    grad: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    chunk_rows: int,
-    need_dhidden: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    backend: str,
-    softcap: float | None = None,
-    class_weight: torch.Tensor | None = None,
-    grad_smooth: torch.Tensor | None = None,
-    grad_z: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # The trailing arguments are the cross-entropy options of the row step (RowOptions).
-    options = RowOptions.for_gradient(softcap, class_weight, grad_smooth, grad_z)
+    grad,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    ignore_index,
+    chunk_rows,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    backend,
+    *gradient_options,
+):
+    """(dhidden, dweight, dbias) in their inputs' dtypes, each empty where not asked for."""
+    options = RowOptions.for_gradient(*gradient_options)
     needs = (need_dhidden, need_dweight, need_dbias)
     _, _, (dhidden, dweight, dbias) = _chunked_pass(
         hidden,
@@ -736,19 +765,16 @@ def _logprobs_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_inputs, options=_PLAIN):
+def _per_token_backward(ctx, grad, n_other_inputs, options=_PLAIN):
     """The backward of a per-token forward (log-probs, per-token cross-entropy): ``_logprobs_bwd_op``
     from the saved log-sum-exp, for the gradients autograd asks for; None for the ``n_other_inputs``
     inputs after (hidden, weight, bias)."""
     need_dhidden, need_dweight, need_dbias = ctx.needs_input_grad[:3]
     need_dbias = need_dbias and ctx.has_bias
+    lm_head_and_lse = ctx.saved_tensors[:5]  # (hidden, weight, bias, labels, lse), as _save_per_token saves them
     dhidden, dweight, dbias = _logprobs_bwd_op(
         grad,
-        hidden,
-        weight,
-        bias,
-        labels,
-        lse,
+        *lm_head_and_lse,
         ctx.ignore_index,
         ctx.chunk_rows,
         need_dhidden,
@@ -766,7 +792,7 @@ def _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_in
 
 
 def _logprobs_backward(ctx, grad_logp, _grad_lse):
-    return _per_token_backward(ctx, grad_logp, *ctx.saved_tensors, n_other_inputs=4)
+    return _per_token_backward(ctx, grad_logp, n_other_inputs=4)
 
 
 torch.library.register_autograd(
@@ -879,28 +905,32 @@ def ce_scales(
     return count, 1.0 / torch.where(count > 0, weight_total, 1.0), 1.0 / count.clamp_min(1)
 
 
-@torch.library.custom_op("solar_kernels::linear_cross_entropy_fwd", mutates_args=())
+@torch.library.custom_op(
+    "solar_kernels::linear_cross_entropy_fwd",
+    mutates_args=(),
+    schema=(
+        f"({LM_HEAD_SCHEMA}, SymInt ignore_index, str reduction, SymInt chunk_rows, {_NEEDS_SCHEMA}, str backend, "
+        f"{FORWARD_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
 def _cross_entropy_fwd_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    chunk_rows: int,
-    need_dhidden: bool,
-    need_dweight: bool,
-    need_dbias: bool,
-    backend: str,
-    class_weight: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    softcap: float | None = None,
-    want_accuracy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden,
+    weight,
+    bias,
+    labels,
+    ignore_index,
+    reduction,
+    chunk_rows,
+    need_dhidden,
+    need_dweight,
+    need_dbias,
+    backend,
+    *ce_options,
+):
     """Scalar loss, z-loss and token accuracy and, when asked, the loss's gradients (computed now,
     scaled by the upstream grad later): dhidden in the hidden dtype, dweight and dbias as fp32
     accumulators, cast once in backward. z-loss and accuracy are 0 when not asked for."""
+    class_weight, label_smoothing, lse_square_scale, softcap, want_accuracy = ForwardOptions(*ce_options)
     vocab = weight.shape[0]
     count, scale_ce, scale_z = ce_scales(labels, ignore_index, class_weight, reduction)
     needs = (need_dhidden, need_dweight, need_dbias)
@@ -967,23 +997,18 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.custom_op("solar_kernels::linear_cross_entropy_tokens_fwd", mutates_args=())
-def _cross_entropy_tokens_fwd_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    chunk_rows: int,
-    backend: str,
-    class_weight: torch.Tensor | None,
-    label_smoothing: float,
-    lse_square_scale: float,
-    softcap: float | None,
-    want_accuracy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "solar_kernels::linear_cross_entropy_tokens_fwd",
+    mutates_args=(),
+    schema=(
+        f"({LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend, {FORWARD_OPTIONS_SCHEMA}) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _cross_entropy_tokens_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows, backend, *ce_options):
     """Per-token loss (cross-entropy plus z-loss), z-loss, correct flag and log-sum-exp, fp32 [N];
     the gradients come in backward, from the saved log-sum-exp (4 matmuls in all, as log-probs)."""
+    class_weight, label_smoothing, lse_square_scale, softcap, want_accuracy = ForwardOptions(*ce_options)
     vocab = weight.shape[0]
     options = ce_forward_options(hidden.shape[0], hidden.device, class_weight, label_smoothing, softcap, want_accuracy)
     logp, lse, _ = _chunked_pass(
@@ -1009,12 +1034,12 @@ def _cross_entropy_tokens_setup_context(ctx, inputs, output):
 
 
 def _cross_entropy_tokens_backward(ctx, grad_loss, *_unused):
-    hidden, weight, bias, labels, lse, class_weight = ctx.saved_tensors
+    _, weight, _, labels, _, class_weight = ctx.saved_tensors  # _save_per_token's, class weights last
     grad_loss = grad_loss.float()
     grad, options = ce_gradient(
         labels, ctx.ignore_index, class_weight, *ctx.ce_options, weight.shape[0], grad_loss, grad_loss
     )
-    return _per_token_backward(ctx, grad, hidden, weight, bias, labels, lse, n_other_inputs=9, options=options)
+    return _per_token_backward(ctx, grad, n_other_inputs=9, options=options)
 
 
 torch.library.register_autograd(
