@@ -223,7 +223,7 @@ def cross_entropy(
     check_labels(op, labels, ignore_index, "logits", logits, (logits.shape[0],), "logits.shape[0]")
     vocab = logits.shape[1]
     _check_label_values(op, labels, vocab, ignore_index)
-    label_smoothing, lse_square_scale, softcap, class_weight, resolved = check_ce_call(
+    ce_options, resolved = check_ce_call(
         op,
         reduction,
         label_smoothing,
@@ -238,22 +238,12 @@ def cross_entropy(
         backend,
     )
     rows = as_rows(logits, vocab)
-    ce, z_loss, correct, _ = _cross_entropy_fwd_op(
-        rows,
-        labels.contiguous(),
-        ignore_index,
-        resolved,
-        class_weight,
-        label_smoothing,
-        lse_square_scale,
-        softcap,
-        return_token_accuracy,
-    )
+    ce, z_loss, correct, _ = _cross_entropy_fwd_op(rows, labels.contiguous(), ignore_index, resolved, *ce_options)
     dtype = _loss_dtype(logits)
     if reduction == "none":
         loss, z_total, accuracy = ce + z_loss, z_loss, correct
     else:
-        count, scale_ce, scale_z = ce_scales(labels, ignore_index, class_weight, reduction)
+        count, scale_ce, scale_z = ce_scales(labels, ignore_index, ce_options.class_weight, reduction)
         z_total = z_loss.sum() * scale_z
         loss = ce.sum() * scale_ce + z_total
         accuracy = correct.sum() / count

@@ -1202,10 +1202,11 @@ def check_ce_call(
     device: torch.device,
     weight_name: str,
     backend: str | None,
-) -> tuple[float, float, float | None, torch.Tensor | None, str]:
+) -> tuple[ForwardOptions, str]:
     """The cross-entropy ops' checks after their tensor checks, before any work: ``reduction`` and
-    the options, returned as (label_smoothing, lse_square_scale, softcap) floats, the class weights
-    as a contiguous fp32 [V] tensor (or None), and last the backend that has them (resolved, then
+    the options, returned as the forward ops' options (the class weights as a contiguous fp32 [V]
+    tensor or None, label_smoothing, lse_square_scale and softcap as floats, want_accuracy from
+    ``return_token_accuracy``), then the backend that has them (resolved, then
     ``backend_for_options``). ``weight_name``: the class weights' argument name in ``op``."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -1225,7 +1226,8 @@ def check_ce_call(
     active = active_ce_options(
         label_smoothing, lse_square_scale, softcap, class_weight, return_token_accuracy, weight_name
     )
-    return label_smoothing, lse_square_scale, softcap, class_weight, backend_for_options(op, resolved, backend, active)
+    options = ForwardOptions(class_weight, label_smoothing, lse_square_scale, softcap, return_token_accuracy)
+    return options, backend_for_options(op, resolved, backend, active)
 
 
 def ce_result(loss, z_loss, accuracy, return_z_loss: bool, return_token_accuracy: bool):
@@ -1262,7 +1264,7 @@ def linear_cross_entropy(
     """
     op = "linear_cross_entropy"
     hidden, weight, bias = _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size)
-    label_smoothing, lse_square_scale, softcap, class_weight, resolved = check_ce_call(
+    ce_options, resolved = check_ce_call(
         op,
         reduction,
         label_smoothing,
@@ -1279,18 +1281,7 @@ def linear_cross_entropy(
     hidden2d, labels1d, chunk_rows = _flat_inputs(hidden, labels, weight, chunk_size)
     if reduction == "none":
         loss, z_loss, correct, _ = _cross_entropy_tokens_fwd_op(
-            hidden2d,
-            weight,
-            bias,
-            labels1d,
-            ignore_index,
-            chunk_rows,
-            resolved,
-            class_weight,
-            label_smoothing,
-            lse_square_scale,
-            softcap,
-            return_token_accuracy,
+            hidden2d, weight, bias, labels1d, ignore_index, chunk_rows, resolved, *ce_options
         )
         return ce_result(
             loss.view(labels.shape),
@@ -1312,11 +1303,7 @@ def linear_cross_entropy(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
         resolved,
-        class_weight,
-        label_smoothing,
-        lse_square_scale,
-        softcap,
-        return_token_accuracy,
+        *ce_options,
     )
     return ce_result(loss, z_loss, accuracy, return_z_loss, return_token_accuracy)
 
