@@ -373,7 +373,7 @@ _PLAIN = RowOptions()
 # over hidden states takes first (``_chunked_pass``'s order), the gradients a pass computes, and the
 # row step's cross-entropy options, in a forward op's order and in ``RowOptions.gradient_arguments``'
 # (a backward op's). An option left at its default is off.
-LM_HEAD_SCHEMA = "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels"
+_LM_HEAD_SCHEMA = "Tensor hidden, Tensor weight, Tensor? bias, Tensor labels"
 _NEEDS_SCHEMA = "bool need_dhidden, bool need_dweight, bool need_dbias"
 FORWARD_OPTIONS_SCHEMA = (
     "Tensor? class_weight=None, float label_smoothing=0., float lse_square_scale=0., float? softcap=None, "
@@ -687,7 +687,7 @@ def _fake_gradients(
 @torch.library.custom_op(
     "solar_kernels::linear_logprobs_fwd",
     mutates_args=(),
-    schema=f"({LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend) -> (Tensor, Tensor)",
+    schema=f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend) -> (Tensor, Tensor)",
 )
 def _logprobs_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
     """Per-row log-probs and log-sum-exps, fp32 [N]."""
@@ -704,7 +704,7 @@ def _(hidden, *_):
     "solar_kernels::linear_logprobs_bwd",
     mutates_args=(),
     schema=(
-        f"(Tensor grad, {LM_HEAD_SCHEMA}, Tensor lse, SymInt ignore_index, SymInt chunk_rows, {_NEEDS_SCHEMA}, "
+        f"(Tensor grad, {_LM_HEAD_SCHEMA}, Tensor lse, SymInt ignore_index, SymInt chunk_rows, {_NEEDS_SCHEMA}, "
         f"str backend, {GRADIENT_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)"
     ),
 )
@@ -909,7 +909,7 @@ def ce_scales(
     "solar_kernels::linear_cross_entropy_fwd",
     mutates_args=(),
     schema=(
-        f"({LM_HEAD_SCHEMA}, SymInt ignore_index, str reduction, SymInt chunk_rows, {_NEEDS_SCHEMA}, str backend, "
+        f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, str reduction, SymInt chunk_rows, {_NEEDS_SCHEMA}, str backend, "
         f"{FORWARD_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )
@@ -1001,7 +1001,7 @@ torch.library.register_autograd(
     "solar_kernels::linear_cross_entropy_tokens_fwd",
     mutates_args=(),
     schema=(
-        f"({LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend, {FORWARD_OPTIONS_SCHEMA}) "
+        f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend, {FORWARD_OPTIONS_SCHEMA}) "
         "-> (Tensor, Tensor, Tensor, Tensor)"
     ),
 )
