@@ -89,12 +89,12 @@ def _rotate_heads(
     mask,
     n_heads,
     half,
-    cos1,
-    cos2,
-    sin1,
-    sin2,
+    rotation,
     NUM_STAGES: tl.constexpr,
 ):
+    """Every head of X [B, H, T, D] at this program's tokens, rotated by ``rotation`` (the tile's
+    (cos1, cos2, sin1, sin2), loaded once for q and k), into OUT."""
+    cos1, cos2, sin1, sin2 = rotation
     x_base = X + batch * stride_x_b + tokens[:, None] * stride_x_t + half_cols[None, :] * stride_x_d
     o_base = OUT + batch * stride_o_b + tokens[:, None] * stride_o_t + half_cols[None, :] * stride_o_d
     # Software-pipelined over heads: the next NUM_STAGES - 1 heads' halves are copied in (cp.async)
@@ -164,6 +164,7 @@ def _rotary_kernel(
     else:
         sin1 = sin_lo
         sin2 = sin_hi
+    rotation = (cos1, cos2, sin1, sin2)
     _rotate_heads(
         Q,
         QO,
@@ -181,10 +182,7 @@ def _rotary_kernel(
         mask,
         n_heads_q,
         half,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
+        rotation,
         NUM_STAGES,
     )
     _rotate_heads(
@@ -204,10 +202,7 @@ def _rotary_kernel(
         mask,
         n_heads_k,
         half,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
+        rotation,
         NUM_STAGES,
     )
 
