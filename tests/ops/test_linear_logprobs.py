@@ -342,7 +342,7 @@ def test_full_logits_never_exist(which, dtype, device, any_backend):
         else:
             out = sk.sequence_logprobs(h.view(6, 8, d), w, labels.view(6, 8), bias=b, backend=any_backend).sum()
         out.backward()
-    chunk = default_chunk_rows(n_tokens, vocab)
+    chunk = default_chunk_rows(n_tokens, vocab, torch.device(device).type)
     assert chunk * vocab in recorder.sizes, "the recorder must see the chunk's logits (else it sees nothing)"
     assert any(name.startswith("solar_kernels::") for name in recorder.custom_ops)
     assert recorder.largest < n_tokens * vocab // 2, f"a tensor of {recorder.largest} elements exists"
@@ -403,6 +403,24 @@ def test_cross_entropy_scales_and_casts_dweight_once(device, any_backend):
     assert dweight.dtype == torch.float32 and dbias.dtype == torch.float32
     assert torch.equal(w.grad, (dweight * 0.37).to(torch.bfloat16))
     assert torch.equal(b.grad, (dbias * 0.37).to(torch.bfloat16))
+
+
+def test_cross_entropy_fp32_dweight_is_handed_over_without_a_copy(device, any_backend):
+    """fp32 weights: backward scales the forward's dweight accumulator in place and hands it on, so
+    no second [V, d] buffer is made; a second backward through the same forward is refused."""
+    hidden, weight, _, labels = make((30,), 16, 90, torch.float32, device)
+    w, w_ref = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = sk.linear_cross_entropy(hidden, w, labels, chunk_size=8, backend=any_backend) * 0.37
+    recorder = _LargestAllocation()
+    with recorder:
+        loss.backward()
+    assert (tuple(weight.shape), torch.float32) not in recorder.outputs
+    (sk.linear_cross_entropy_ref(hidden, w_ref, labels) * 0.37).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    again = sk.linear_cross_entropy(hidden, w, labels, chunk_size=8, backend=any_backend)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second backward through the same forward"):
+        again.backward()
 
 
 def test_cross_entropy_differentiable_backward(device, any_backend):
@@ -538,6 +556,9 @@ def test_default_chunk_rows_rule():
     assert default_chunk_rows(16384, 128256) == 2048  # logits capped at 2**28 elements
     assert default_chunk_rows(16384, 152064) == 1728  # ... in whole 64-row tiles
     assert default_chunk_rows(2048, 49152) == 960  # fewer than half of the tokens
+    assert default_chunk_rows(1022, 49152, "cpu") == 85  # the CPU's cap: 2**22 logits
+    assert default_chunk_rows(16384, 32000, "cpu") == 128
+    assert default_chunk_rows(16384, 32000, "cuda") == 4096
     for rows in (1, 2, 3, 10, 1000):
         chunk = default_chunk_rows(rows, 10)
         assert chunk >= 1 and (rows < 3 or chunk * 2 < rows)
