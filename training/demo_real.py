@@ -47,6 +47,7 @@ from solar_kernels.upscale import Slice, depth_upscale
 
 from . import demo_data, demo_text, plots
 from .stages import run_stage
+from .trainer import libc_function
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +337,7 @@ def return_freed_memory() -> bool:
     after they are freed and the process's RSS keeps the high-water mark of every phase; a fixed
     128 KiB threshold (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_=131072`` sets)
     cut the CPT stage's peak RSS by 0.5 GB here. False where the C library has no ``mallopt``."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc_function("mallopt")
     M_MMAP_THRESHOLD = -3
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
 

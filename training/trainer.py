@@ -182,6 +182,26 @@ def compute_context(
     return functools.partial(torch.autocast, device_type=device.type, dtype=compute, cache_enabled=not checkpointing)
 
 
+@functools.cache
+def libc_function(name: str):
+    """The C library's function ``name`` through ctypes, or None where there is none (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def release_freed_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim(0)``). A CPU step frees
+    small blocks between ones that stay (the first step makes Adam's state of the small parameters),
+    and those pages otherwise stay resident: 0.08 GB at 198 M parameters. False where there is none."""
+    trim = libc_function("malloc_trim")
+    return trim is not None and trim(0) in (0, 1)
+
+
 def make_optimizer(config: Config, params, device: torch.device) -> torch.optim.Optimizer:
     optim = config.optim
     kwargs = {"lr": optim.lr, "betas": tuple(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
@@ -755,6 +775,8 @@ class Trainer:
         )
         if self._bar is not None:
             self._bar.update(1)
+        if self.device.type == "cpu":
+            release_freed_heap()
 
     def evaluate(self) -> dict[str, float]:
         """``eval/<name>`` of the held-out batches, in eval mode without gradients, reduced over every

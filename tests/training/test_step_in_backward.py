@@ -185,3 +185,16 @@ def test_autocast_keeps_no_weight_copies_under_activation_checkpointing(
     )
     with compute_context(config, 1, torch.device("cpu"))():
         assert torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled() == cache
+
+
+def test_each_cpu_step_hands_the_freed_heap_back(workspace, tied_checkpoint, tmp_path, monkeypatch):
+    """On the CPU every step ends with ``release_freed_heap`` (glibc's malloc_trim), which runs here."""
+    from training import trainer as trainer_module
+
+    assert trainer_module.release_freed_heap() is True  # glibc: the function exists and runs
+    calls = []
+    monkeypatch.setattr(trainer_module, "release_freed_heap", lambda: calls.append(1) or True)
+    config = config_for(workspace, tied_checkpoint, tmp_path / "run", step_in_backward=True)
+    _, trainer = make_trainer(config, workspace, tmp_path / "run", "trim")
+    trainer.run()
+    assert len(calls) == config.train.steps
