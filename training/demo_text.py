@@ -156,12 +156,18 @@ def chat_pairs(path: Path) -> list[ChatPair]:
     return pairs
 
 
+# The rejected answer is drawn from this many candidates closest to the chosen answer's length.
+LENGTH_MATCHES = 5
+
+
 def preference_pairs(
     pairs: list[ChatPair], seed: int, *, same_topic: bool, pool: list[ChatPair] | None = None
 ) -> list[dict]:
     """``{"prompt", "chosen", "rejected"}`` per pair: chosen = its own response, rejected = the response
     of another pair of ``pool`` (default ``pairs``; drawn with ``seed``) of the same topic
-    (``same_topic``: the harder pairs) or of another topic. Pairs without a candidate are dropped."""
+    (``same_topic``: the harder pairs) or of another topic, of about the chosen's length: drawn from
+    the ``LENGTH_MATCHES`` candidates closest to it in characters, so that a summed log-prob cannot
+    prefer an answer for being shorter. Pairs without a candidate are dropped."""
     rng = random.Random(seed)
     by_topic: dict[str, list[str]] = {}
     for other in pairs if pool is None else pool:
@@ -174,5 +180,6 @@ def preference_pairs(
             candidates = [r for topic, responses in by_topic.items() if topic != pair.topic for r in responses]
         candidates = [r for r in candidates if r != pair.response]
         if candidates:
-            records.append({"prompt": pair.prompt, "chosen": pair.response, "rejected": rng.choice(candidates)})
+            closest = sorted(candidates, key=lambda r: (abs(len(r) - len(pair.response)), r))[:LENGTH_MATCHES]
+            records.append({"prompt": pair.prompt, "chosen": pair.response, "rejected": rng.choice(closest)})
     return records

@@ -218,6 +218,19 @@ def test_real_text_readers_on_the_pinned_archives():
     by_response = {p.response: p.topic for p in pairs[:200]}
     topic = {p.prompt: p.topic for p in pairs[:200]}
     assert all(by_response[h["rejected"]] == topic[h["prompt"]] for h in hard)
+    # the rejected answers are about as long as the chosen ones (built from the closest lengths)
+    easy = demo_text.preference_pairs(pairs, 0, same_topic=False)
+    gaps = sorted(abs(len(e["rejected"]) - len(e["chosen"])) / len(e["chosen"]) for e in easy)
+    assert gaps[len(gaps) // 2] < 0.1, gaps[len(gaps) // 2]
+
+
+def test_preference_pairs_draw_the_rejected_answer_from_the_closest_lengths():
+    pair = demo_text.ChatPair
+    pairs = [pair("q", "a" * 40, "t1")] + [pair(f"p{n}", "b" * n, "t2") for n in (5, 38, 39, 41, 42, 43, 90, 400)]
+    for seed in range(20):
+        (first, *_) = demo_text.preference_pairs(pairs, seed, same_topic=False)
+        assert first["chosen"] == "a" * 40
+        assert len(first["rejected"]) in (38, 39, 41, 42, 43)  # the LENGTH_MATCHES = 5 closest
 
 
 def test_a_changed_archive_is_refused(tmp_path):
