@@ -47,7 +47,7 @@ from solar_kernels.upscale import Slice, depth_upscale
 
 from . import demo_data, demo_text, plots
 from .stages import run_stage
-from .trainer import libc_function
+from .trainer import libc_function, release_freed_heap
 
 logger = logging.getLogger(__name__)
 
@@ -302,21 +302,26 @@ def held_out_loss(model_dir: Path, windows: list[list[int]]) -> float:
     return nll / tokens
 
 
+# Generations and preference scores run on bf16 weights: 40% less time than fp32 here (the SFT model's
+# 32 held-out pairs: 13.8 s against 22.9 s, the same accuracy); held-out losses stay fp32.
+SCORING_DTYPE = torch.bfloat16
+
+
 def preference_accuracy(model_dir: Path, pairs: list[dict], *, chat: bool) -> float:
     """Share of held-out pairs whose chosen answer has the higher summed log-prob under the checkpoint
-    (``solar_kernels.evaluate.preference_scores``); ``chat``: the prompt as one user turn under the
-    checkpoint's chat template, else the prompt text as it is."""
+    (``solar_kernels.evaluate.preference_scores``, bf16 weights); ``chat``: the prompt as one user
+    turn under the checkpoint's chat template, else the prompt text as it is."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_pretrained(model_dir, dtype=SCORING_DTYPE).eval()
     accuracy, _ = evaluate.preference_scores(model, evaluate.preference_requests(tokenizer, pairs, chat=chat))
     return accuracy
 
 
 @torch.no_grad()
 def generations(model_dir: Path, prompts: tuple[str, ...], max_new_tokens: int) -> list[str]:
-    """Greedy replies to each prompt under the checkpoint's chat template."""
+    """Greedy replies to each prompt under the checkpoint's chat template (bf16 weights)."""
     tokenizer = load_tokenizer(model_dir)
-    model = load_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_pretrained(model_dir, dtype=SCORING_DTYPE).eval()
     eos = end_of_sequence_ids(model_dir, tokenizer, model.config)
     replies = []
     for prompt in prompts:
@@ -358,6 +363,7 @@ class Progress:
         self.seconds: dict[str, float] = {}
 
     def stage(self, name: str) -> None:
+        release_freed_heap()  # what the last stage freed between blocks that stay goes back to the system
         elapsed = time.perf_counter() - self.started
         total = sum(self.weights.values())
         eta = f", about {elapsed / self.done * (total - self.done):.0f} s left" if self.done else ""
