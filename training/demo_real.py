@@ -10,7 +10,7 @@
    docstrings (``training.demo_text``), with the held-out loss every ``eval_every`` steps.
 4. SFT on chatterbot-corpus prompt -> response pairs under the model's own chat template.
 5. sDPO in two stages (easy pairs, whose rejected answer comes from another topic, then hard pairs,
-   from the same topic) and plain DPO on both at once; the reference log-probs are computed once per
+   from the same topic; either of about the chosen answer's length) and plain DPO on both at once; the reference log-probs are computed once per
    stage by the trainer, so no second model is held in memory.
 6. A linear merge (0.5, 0.5) of the sDPO and DPO models.
 7. ``report.md``: every number measured in the run, generations for the same prompts after every
@@ -721,7 +721,8 @@ def render_real_report(results: dict, plot_names: list[str]) -> str:
     lines += [
         "",
         "Preference pairs: chosen = the chatterbot-corpus pair's own reply; rejected = the reply to another "
-        "prompt (easy: another topic file, hard: the same topic file).",
+        "prompt (easy: another topic file, hard: the same topic file) of about the same length (one of the "
+        f"{demo_text.LENGTH_MATCHES} closest in characters).",
         "",
         "| source | licence |",
         "|---|---|",
