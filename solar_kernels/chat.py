@@ -57,6 +57,33 @@ class Sampling:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
+# tokenizer_config.json's tokenizer_class values that name transformers' generic fast tokenizer
+# (TokenizersBackend is its name in transformers 5; PreTrainedTokenizerFast an alias of it)
+PLAIN_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def auto_tokenizer_class(path: str | Path) -> type:
+    """The transformers class that loads the tokenizer in ``path``: ``PreTrainedTokenizerFast`` for a
+    plain fast tokenizer (a tokenizer.json, and tokenizer_config.json's tokenizer_class one of
+    ``PLAIN_FAST_TOKENIZERS``: what solar convert writes), the class AutoTokenizer picks for it,
+    imported without AutoTokenizer's import of every model's modules (they pull in torch._dynamo,
+    scikit-learn, SciPy and pandas: 0.30 GiB resident for the rest of the process); else
+    ``AutoTokenizer``. ImportError without transformers."""
+    path = Path(path)
+    try:
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        tokenizer_config = None  # AutoTokenizer reads (and reports) whatever is there
+    plain = isinstance(tokenizer_config, dict) and tokenizer_config.get("tokenizer_class") in PLAIN_FAST_TOKENIZERS
+    if plain and (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
 def load_tokenizer(path: str | Path):
     """The checkpoint's tokenizer, never running code the directory names (one-line errors)."""
     path = Path(path)
@@ -74,11 +101,11 @@ def load_tokenizer(path: str | Path):
                 f"expected a tokenizer transformers loads with its own classes"
             )
     try:
-        from transformers import AutoTokenizer
+        tokenizer_class = auto_tokenizer_class(path)
     except ImportError as error:
         raise CheckpointError(f"loading a tokenizer needs transformers (pip install transformers): {error}") from None
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return tokenizer_class.from_pretrained(str(path), trust_remote_code=False)
     except Exception as error:  # transformers and tokenizers raise many types for a broken file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"{path}: the tokenizer does not load ({type(error).__name__}: {first_line})") from None

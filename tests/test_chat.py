@@ -195,3 +195,38 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny, capsys):
     del config["chat_template"]
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     assert "has no chat template" in error_of("chat", [str(no_template)], stdin="hi\n")
+
+
+def test_a_plain_fast_tokenizer_loads_without_autotokenizer_and_gives_its_ids(tiny, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path, reference, _ = tiny
+    assert chat.auto_tokenizer_class(path) is PreTrainedTokenizerFast  # solar convert writes the plain class
+    text = "Hello world 12345, <|im_end|> again"
+    loaded = chat.load_tokenizer(path)
+    assert type(loaded) is type(reference)  # the class AutoTokenizer picks for it
+    assert loaded(text).input_ids == reference(text).input_ids
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.chat_template) == (
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.chat_template,
+    )
+    # another tokenizer_class (or none) still goes through AutoTokenizer
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    assert chat.auto_tokenizer_class(other) is AutoTokenizer
+    (other / "tokenizer_config.json").unlink()
+    assert chat.auto_tokenizer_class(other) is AutoTokenizer
+    # the point of it: none of the modules AutoTokenizer imports (0.30 GiB resident) come with it
+    script = (
+        "import sys; from solar_kernels.chat import load_tokenizer; load_tokenizer(sys.argv[1]); "
+        "print(sorted(m for m in ('sklearn', 'transformers.models.auto', 'transformers.generation') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
+
+from solar_kernels.chat import auto_tokenizer_class
 
 from .config import read_yaml_or_json
 
@@ -77,7 +79,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir) -> PreTr
 
 
 def load_tokenizer(path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer with ``transformers.AutoTokenizer`` from a directory (or a cached hub name).
+    """Load a tokenizer with ``transformers.AutoTokenizer`` from a directory (or a cached hub name;
+    a plain fast tokenizer through its class directly, ``solar_kernels.chat.auto_tokenizer_class``).
 
     Raises ``ValueError`` when the directory holds no tokenizer files or loading fails. A tokenizer
     without a pad token (Llama, SOLAR, Mistral ship none) gets ``pad = unk`` (or eos when there is
@@ -101,7 +104,7 @@ def load_tokenizer(path) -> PreTrainedTokenizerFast:
     elif os.path.exists(path_str):
         raise ValueError(f"load_tokenizer: {path_str!r} is a file; expected a tokenizer directory")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path_str, trust_remote_code=False)
+        tokenizer = auto_tokenizer_class(path_str).from_pretrained(path_str, trust_remote_code=False)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())  # transformers' messages span several lines
         raise ValueError(
