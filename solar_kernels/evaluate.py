@@ -276,12 +276,17 @@ def preference_requests(
     return requests
 
 
+def preference_margins(model, requests: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 4) -> list[float]:
+    """Per pair of ``preference_requests``: summed log-prob of the chosen minus the rejected completion."""
+    scores = [logprob for logprob, _ in continuation_logprobs(model, requests, batch_size=batch_size)]
+    return [chosen - rejected for chosen, rejected in zip(scores[0::2], scores[1::2])]
+
+
 def preference_scores(
     model, requests: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 4
 ) -> tuple[float, float]:
     """(accuracy, mean margin) from ``preference_requests``: chosen beats rejected strictly."""
-    scores = [logprob for logprob, _ in continuation_logprobs(model, requests, batch_size=batch_size)]
-    margins = [chosen - rejected for chosen, rejected in zip(scores[0::2], scores[1::2])]
+    margins = preference_margins(model, requests, batch_size=batch_size)
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 

@@ -129,6 +129,10 @@ def test_preference_accuracy_and_margin_equal_transformers_log_probs(tiny, tmp_p
     assert result["preference_accuracy"] == sum(m > 0 for m in margins) / 5
     assert sum(m > 0 for m in margins[:2] + margins[3:]) == 2  # the mirrored pairs: one right, one wrong
     assert result["reward_margin"] == pytest.approx(sum(margins) / 5, rel=1e-4, abs=1e-4)
+    # the per-pair margins behind both numbers (what solar demo compares against the SFT model's)
+    model = model_hf.load_pretrained(path, dtype=torch.float32).eval()
+    ours = evaluate.preference_margins(model, evaluate.preference_requests(tokenizer, pairs), batch_size=2)
+    assert ours == pytest.approx(margins, rel=1e-4, abs=1e-4)
 
 
 def test_chat_puts_prompts_under_the_chat_template(tiny, tmp_path):

@@ -267,7 +267,8 @@ def write_real_data(folder: Path, sources: TextSources, sizes: dict, seed: int) 
         sft=write_jsonl(folder / "sft.jsonl", [{"prompt": p.prompt, "response": p.response} for p in train_chat]),
         easy=write_jsonl(folder / "pref_easy.jsonl", easy),
         hard=write_jsonl(folder / "pref_hard.jsonl", hard),
-        all_pairs=write_jsonl(folder / "pref_all.jsonl", easy + hard),
+        # easy and hard alternate, so that plain DPO's first 2k pairs are sDPO's k easy and k hard ones
+        all_pairs=write_jsonl(folder / "pref_all.jsonl", [p for both in zip(easy, hard) for p in both]),
         held_out_pairs=held_pairs,
         held_out_pairs_file=write_jsonl(folder / "pref_held_out.jsonl", held_pairs),
         counts={
@@ -296,14 +297,24 @@ def held_out_loss(model_dir: Path, windows: list[list[int]]) -> float:
 SCORING_DTYPE = torch.bfloat16
 
 
-def preference_accuracy(model_dir: Path, pairs: list[dict], *, chat: bool) -> float:
-    """Share of held-out pairs whose chosen answer has the higher summed log-prob under the checkpoint
-    (``solar_kernels.evaluate.preference_scores``, bf16 weights); ``chat``: the prompt as one user
-    turn under the checkpoint's chat template, else the prompt text as it is."""
+def preference_margins(model_dir: Path, pairs: list[dict], *, chat: bool) -> list[float]:
+    """Per held-out pair, the chosen answer's summed log-prob minus the rejected one's under the
+    checkpoint (``solar_kernels.evaluate.preference_margins``, bf16 weights); ``chat``: the prompt as
+    one user turn under the checkpoint's chat template, else the prompt text as it is."""
     tokenizer = load_tokenizer(model_dir)
     model = load_pretrained(model_dir, dtype=SCORING_DTYPE).eval()
-    accuracy, _ = evaluate.preference_scores(model, evaluate.preference_requests(tokenizer, pairs, chat=chat))
-    return accuracy
+    return evaluate.preference_margins(model, evaluate.preference_requests(tokenizer, pairs, chat=chat))
+
+
+def preference_accuracy(margins: list[float]) -> float:
+    """The share of pairs whose chosen answer is strictly more likely (margin > 0)."""
+    return sum(m > 0 for m in margins) / len(margins)
+
+
+def reward_accuracy(margins: list[float], reference: list[float]) -> float:
+    """TRL's ``rewards/accuracies`` against ``reference``: the share of pairs whose chosen answer gained
+    more log-prob than the rejected one (beta * (policy - reference) log-ratios; beta > 0 drops out)."""
+    return sum(m > r for m, r in zip(margins, reference, strict=True)) / len(margins)
 
 
 @torch.no_grad()
@@ -344,6 +355,14 @@ def peak_rss_gb() -> float:
     )
 
 
+def rss_gb() -> float:
+    """Resident memory of this process now, in GiB (Linux; 0.0 where /proc is missing)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Progress:
     """One line per stage with the elapsed time and an ETA from the planned share of the work done."""
 
@@ -357,12 +376,13 @@ class Progress:
         total = sum(self.weights.values())
         eta = f", about {elapsed / self.done * (total - self.done):.0f} s left" if self.done else ""
         logger.info(
-            "solar demo [%d/%d] %s (%.0f s so far%s; peak RSS %.2f GiB)",
+            "solar demo [%d/%d] %s (%.0f s so far%s; RSS %.2f GiB, peak %.2f GiB)",
             list(self.weights).index(name) + 1,
             len(self.weights),
             name,
             elapsed,
             eta,
+            rss_gb(),
             peak_rss_gb(),
         )
 
@@ -484,24 +504,18 @@ def run_real_demo(
         model=dict(checkpoint=str(out / "sft" / "final"), **COMMON), optim=dict(optim, lr=sizes["dpo_lr"])
     )
     # max_examples: the trainer computes the reference log-probs of every pair it reads, once, before
-    # each stage; only the pairs the steps use are read
-    # eval_path: after each stage, TRL's eval rewards/accuracies on the held-out pairs against that
-    # stage's reference (sDPO stage 2: the model after stage 1); max_examples caps both files (32 pairs)
+    # each stage; only the pairs the steps use are read (each sDPO stage: k pairs of its file; plain
+    # DPO: the first 2k of pref_all.jsonl, the same easy and hard pairs). No trainer eval: the held-out
+    # pairs are scored once per model at the end, and DPO's reward accuracy comes from those scores.
+    pairs_per_stage = sizes["dpo"] * sizes["dpo_batch"]
     dpo_data = dict(
         seq_len=sizes["dpo_seq"],
         max_prompt_length=sizes["dpo_seq"] // 2,
         prompt_format="chat_template",
-        max_examples=2 * sizes["dpo"] * sizes["dpo_batch"],
-        eval_path=str(data.held_out_pairs_file),
+        max_examples=pairs_per_stage,
     )
     dpo_train = dict(
-        steps=sizes["dpo"],
-        batch_size=sizes["dpo_batch"],
-        seed=seed + 2,
-        log_every=1,
-        eval_every=sizes["dpo"] * 2,
-        eval_steps=0,
-        activation_checkpointing="full",
+        steps=sizes["dpo"], batch_size=sizes["dpo_batch"], seed=seed + 2, log_every=1, activation_checkpointing="full"
     )
     histories = {
         f"sDPO {k}": v
@@ -519,7 +533,7 @@ def run_real_demo(
         "dpo",
         _config(
             **dpo_common,
-            data=dict(dpo_data, train=str(data.all_pairs)),
+            data=dict(dpo_data, train=str(data.all_pairs), max_examples=2 * pairs_per_stage),
             dpo=dict(beta=0.1),
             train=dict(dpo_train, steps=2 * sizes["dpo"], output_dir=str(out / "dpo")),
         ),
@@ -541,8 +555,8 @@ def run_real_demo(
         "merged": out / "merged",
     }
     replies = {name: generations(path, PROMPTS, sizes["gen_tokens"]) for name, path in models.items()}
-    preference = {
-        name: preference_accuracy(models[name], data.held_out_pairs, chat=True)
+    margins = {
+        name: preference_margins(models[name], data.held_out_pairs, chat=True)
         for name in ("SFT", "DPO", "sDPO", "merged")
     }
     progress.finished("evaluation")
@@ -562,13 +576,9 @@ def run_real_demo(
             for r in cpt_history
             if "eval/loss" in r
         ],
-        "preference_accuracy": preference,
+        "preference_accuracy": {name: preference_accuracy(v) for name, v in margins.items()},
         "generations": replies,
-        "reward_accuracy": {
-            name: h[-1]["eval/rewards/accuracies"]
-            for name, h in histories.items()
-            if "eval/rewards/accuracies" in h[-1]
-        },
+        "reward_accuracy": {name: reward_accuracy(margins[name], margins["SFT"]) for name in ("DPO", "sDPO", "merged")},
         "prompts": list(PROMPTS),
         "data": data.counts,
         "licences": sources.licences,
@@ -687,11 +697,11 @@ def render_real_report(results: dict, plot_names: list[str]) -> str:
     if results.get("reward_accuracy"):
         lines += [
             "",
-            "DPO's own held-out measure (TRL's eval `rewards/accuracies`): the share of the same pairs whose "
-            "chosen reply gained more log-probability than the rejected one against the stage's reference "
-            "(the model the stage started from).",
+            "DPO's own held-out measure (TRL's `rewards/accuracies` with the SFT model as the reference): the "
+            "share of the same pairs whose chosen reply gained more log-probability than the rejected one "
+            "since SFT (for sDPO over both stages).",
             "",
-            "| stage | reward accuracy |",
+            "| model | reward accuracy |",
             "|---|---|",
         ]
         lines += [f"| {name} | {value:.1%} |" for name, value in results["reward_accuracy"].items()]

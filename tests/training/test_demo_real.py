@@ -98,10 +98,10 @@ def test_real_recipe_on_a_stand_in(real_run):
     assert all(len(replies) == len(demo_real.PROMPTS) for replies in results["generations"].values())
     assert set(results["preference_accuracy"]) == {"SFT", "DPO", "sDPO", "merged"}
     assert set(results["stages"]) == {"CPT", "SFT", "sDPO dpo-stage1", "sDPO dpo-stage2", "DPO"}
-    # every DPO stage evaluated the held-out pairs against its own reference (TRL's eval rewards/accuracies)
-    assert set(results["reward_accuracy"]) == {"sDPO dpo-stage1", "sDPO dpo-stage2", "DPO"}
+    # TRL's rewards/accuracies of each preference-tuned model on the held-out pairs, SFT as the reference
+    assert set(results["reward_accuracy"]) == {"DPO", "sDPO", "merged"}
     assert all(0 <= value <= 1 for value in results["reward_accuracy"].values())
-    assert "| sDPO dpo-stage2 | " in report.read_text()
+    assert "| sDPO dpo-stage2 | " in report.read_text() and "| merged | " in report.read_text()
     assert 0 < results["peak_rss_gb"] < 64
     for name in ("heldout_loss.png", "stage_losses.png", "preference_accuracy.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
@@ -120,7 +120,17 @@ def test_held_out_documents_are_never_trained_on(real_run):
     sft_prompts = {r["prompt"] for r in read("sft.jsonl")}
     pairs = read("pref_all.jsonl")
     assert pairs and all(p["chosen"] != p["rejected"] and p["prompt"] in sft_prompts for p in pairs)
+    # plain DPO's file alternates sDPO's two, so its first 2k pairs are the k easy and k hard ones
+    easy, hard = read("pref_easy.jsonl"), read("pref_hard.jsonl")
+    assert pairs[0::2] == easy[: len(pairs[0::2])] and pairs[1::2] == hard[: len(pairs[1::2])]
+    assert len(pairs) == 2 * min(len(easy), len(hard))
     assert len(sft_prompts) == len(WORDS) - TINY_SIZES["chat_held_out"]
+
+
+def test_reward_accuracy_is_the_share_of_pairs_whose_margin_grew():
+    assert demo_real.reward_accuracy([1.0, -0.5, 0.2, 3.0], [0.5, -1.0, 0.2, 4.0]) == 0.5  # ties do not count
+    with pytest.raises(ValueError):
+        demo_real.reward_accuracy([1.0], [0.5, 0.2])
 
 
 def test_the_cache_is_reused_and_a_corrupt_one_refused(real_run, gguf_file, tmp_path):
