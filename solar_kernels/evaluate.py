@@ -2,11 +2,12 @@
 
 Loss. Every document (a ``.txt`` file is one document; a ``.jsonl``/``.json``/``.parquet`` row is one,
 its ``--text-field``) is tokenized without special tokens and followed by the tokenizer's eos, as
-in continued pretraining; the documents are joined into one token stream (cut after
-``--max-tokens`` tokens) and split into non-overlapping windows of ``--seq-len`` tokens, the last
-one shorter (dropped when under 2 tokens). Each window is an independent sequence (positions from
-0): its token t >= 1 is scored given tokens 0..t-1 of the same window; its first token is context
-only, as in a plain LM loss. The loss is the token-weighted mean negative log-likelihood over all
+in continued pretraining; each document is split on its own into non-overlapping windows of
+``--seq-len`` tokens, its last one shorter (dropped when under 2 tokens), so no window holds two
+documents (``--max-tokens`` caps the tokens taken, the documents' in order). Each window is an
+independent sequence (positions from 0): its token t >= 1 is scored given tokens 0..t-1 of the same
+window; its first token is context only, as in a plain LM loss. The trainer's held-out loss in
+continued pretraining scores the same windows (``training/data/pretraining.py::held_out_rows``). The loss is the token-weighted mean negative log-likelihood over all
 scored tokens (nats), computed by the fused ``linear_cross_entropy`` on the model's final hidden
 states (the logits are never materialized), and the perplexity is ``exp(loss)``.
 
@@ -135,31 +136,37 @@ def read_pairs(path: str | Path) -> list[dict[str, str]]:
 
 
 def encoded_documents(tokenizer, texts: Sequence[str], batch_size: int = 256) -> Iterator[list[int]]:
-    """Token ids of each text (no special tokens), tokenized lazily in batches: a ``--max-tokens``
-    cut stops the tokenizing too."""
+    """Token ids of each text that is not blank, as continued pretraining tokenizes documents (no
+    special tokens added; a special token's string in the text stays text), tokenized lazily in
+    batches: a ``--max-tokens`` cut stops the tokenizing too."""
+    texts = [text for text in texts if text.strip()]
     for start in range(0, len(texts), batch_size):
-        yield from (
-            list(ids) for ids in tokenizer(list(texts[start : start + batch_size]), add_special_tokens=False).input_ids
+        encoded = tokenizer(
+            list(texts[start : start + batch_size]), add_special_tokens=False, split_special_tokens=True
         )
+        yield from (list(ids) for ids in encoded.input_ids)
 
 
 def token_windows(
     documents: Iterable[list[int]], seq_len: int, eos_id: int | None, max_tokens: int | None = None
 ) -> list[list[int]]:
-    """The documents (each followed by ``eos_id`` when there is one) as one stream, cut after
-    ``max_tokens`` tokens, in non-overlapping windows of ``seq_len`` (the last may be shorter; one
-    under 2 tokens scores nothing and is dropped)."""
+    """Each document (followed by ``eos_id`` when there is one) in non-overlapping windows of
+    ``seq_len`` tokens, its last window shorter: no window spans two documents, so none reads
+    another document as context or predicts a document's first token from the one before. At most
+    ``max_tokens`` tokens are taken (the documents' in order, the last one cut); a window under 2
+    tokens scores nothing and is dropped."""
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (one context token and one scored token), got {seq_len}")
-    stream: list[int] = []
+    windows: list[list[int]] = []
+    taken = 0
     for document in documents:
-        stream.extend(document)
-        if eos_id is not None:
-            stream.append(eos_id)
-        if max_tokens is not None and len(stream) >= max_tokens:
+        tokens = list(document) + ([eos_id] if eos_id is not None else [])
+        if max_tokens is not None:
+            tokens = tokens[: max_tokens - taken]
+        taken += len(tokens)
+        windows += [tokens[start : start + seq_len] for start in range(0, len(tokens), seq_len)]
+        if max_tokens is not None and taken >= max_tokens:
             break
-    stream = stream[:max_tokens]
-    windows = [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
     return [window for window in windows if len(window) >= 2]
 
 

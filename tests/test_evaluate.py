@@ -83,11 +83,13 @@ def test_loss_equals_transformers_labels_loss_over_the_same_windows(tiny, tmp_pa
         [str(path), "--text", str(data), "--text-field", "body", "--seq-len", "16", "--batch-size", "3"],
         tmp_path / "result.json",
     )
-    stream = [t for text in DOCUMENTS for t in tokenizer(text, add_special_tokens=False).input_ids + [2]]
-    windows = [stream[i : i + 16] for i in range(0, len(stream), 16)]
-    assert len(windows[-1]) not in (1, 16), "the stream should end in a partial window"
+    # each document (and its eos) in windows of its own: none crosses into the next document
+    documents = [tokenizer(text, add_special_tokens=False).input_ids + [2] for text in DOCUMENTS]
+    windows = [doc[i : i + 16] for doc in documents for i in range(0, len(doc), 16)]
+    assert any(len(doc) > 16 for doc in documents), "a document should need more than one window"
+    assert all(len(w) >= 2 for w in windows) and len({len(w) for w in windows}) > 1
     loss, count = _hf_window_loss(hf_model, windows)
-    assert result["tokens"] == count == len(stream) - len(windows)  # the first token of each window is not scored
+    assert result["tokens"] == count == sum(map(len, documents)) - len(windows)  # each window's first token: context
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
     assert result["checkpoint"] == str(path) and result["pairs"] is None and result["seconds"] > 0
@@ -100,12 +102,15 @@ def test_text_folder_of_txt_documents_with_max_tokens(tiny, tmp_path):
     (folder / "a.txt").write_text(DOCUMENTS[0] + "\n" + DOCUMENTS[1])  # one file, one document
     (folder / "more" / "b.txt").write_text(DOCUMENTS[2])
     (folder / "notes.md").write_text("not a text file of the dataset")
-    result = _run([str(path), "--text", str(folder), "--seq-len", "8", "--max-tokens", "30"], tmp_path / "r.json")
+    result = _run([str(path), "--text", str(folder), "--seq-len", "8", "--max-tokens", "90"], tmp_path / "r.json")
     texts = [DOCUMENTS[0] + "\n" + DOCUMENTS[1], DOCUMENTS[2]]
-    stream = [t for text in texts for t in tokenizer(text, add_special_tokens=False).input_ids + [2]][:30]
-    windows = [stream[i : i + 8] for i in range(0, 30, 8)]
+    documents = [tokenizer(text, add_special_tokens=False).input_ids + [2] for text in texts]
+    first, second = documents[0], documents[1][: 90 - len(documents[0])]  # 90 tokens in all, the last document cut
+    assert len(first) < 90 and 2 <= len(second) < len(documents[1])
+    windows = [doc[i : i + 8] for doc in (first, second) for i in range(0, len(doc), 8)]
+    windows = [w for w in windows if len(w) >= 2]
     loss, count = _hf_window_loss(hf_model, windows)
-    assert result["tokens"] == count == 30 - 4
+    assert result["tokens"] == count == sum(len(w) - 1 for w in windows)
     assert result["loss"] == pytest.approx(loss, rel=1e-4)
 
 
@@ -222,11 +227,13 @@ def test_chat_without_a_template_is_refused_before_the_model_loads(tiny, tmp_pat
     assert "no chat template" in capsys.readouterr().err
 
 
-def test_windows_cut_the_stream_and_drop_a_last_single_token():
+def test_windows_cut_each_document_and_drop_a_single_token():
     documents = [[5, 6, 7], [8, 9]]
-    assert evaluate.token_windows(documents, 3, 2) == [[5, 6, 7], [2, 8, 9]]  # the final lone eos scores nothing
-    assert evaluate.token_windows(documents, 4, None, max_tokens=4) == [[5, 6, 7, 8]]
-    assert evaluate.token_windows(documents, 2, 2, max_tokens=5) == [[5, 6], [7, 2]]
+    assert evaluate.token_windows(documents, 3, 2) == [[5, 6, 7], [8, 9, 2]]  # the first's lone eos scores nothing
+    assert evaluate.token_windows(documents, 4, 2) == [[5, 6, 7, 2], [8, 9, 2]]
+    assert evaluate.token_windows(documents, 4, None, max_tokens=5) == [[5, 6, 7], [8, 9]]
+    assert evaluate.token_windows(documents, 4, None, max_tokens=4) == [[5, 6, 7]]  # [8] alone scores nothing
+    assert evaluate.token_windows(documents, 2, 2, max_tokens=5) == [[5, 6], [7, 2]]  # the second cut to [8]
 
 
 def test_parquet_and_json_array_read_like_jsonl(tiny, tmp_path):

@@ -125,7 +125,9 @@ def language_modeling_examples(stage: str, config: Config, tokenizer, *, held_ou
     records = split_records(config.data.train, config, held_out=held_out, text_field=text_field)
     if records is None:
         return None
-    if stage == "pretrain":
+    if stage == "pretrain" and held_out:  # solar eval's windows: the curve and solar eval read the same loss
+        examples = data_lib.held_out_rows(records, tokenizer, config.data.seq_len, text_field=text_field)
+    elif stage == "pretrain":
         examples = list(data_lib.pretrain_rows(records, tokenizer, config.data.seq_len, text_field=text_field))
     else:
         examples = data_lib.sft_examples(

@@ -255,3 +255,27 @@ def test_resume_gives_the_same_eval_numbers(workspace, tmp_path):
     assert sorted(again) == sorted(first) == [2, 4, 6]
     assert [again[s]["eval/loss"] for s in (2, 4, 6)] == [first[s]["eval/loss"] for s in (2, 4, 6)]
     assert again[6]["num_tokens"] == first[6]["num_tokens"] == 6 * 4 * 48  # restored from the checkpoint
+
+
+def test_the_pretraining_eval_is_solar_evals_held_out_loss(workspace, tmp_path):
+    """The trainer's held-out loss in continued pretraining is solar eval's (solar_kernels.evaluate):
+    the same windows, each document on its own, the last partial window kept (fp32 model: equal)."""
+    from solar_kernels import evaluate
+    from training.stages import split_records
+    from training.tokenizer import load_tokenizer
+
+    out = tmp_path / "run"
+    settings = dict(steps=2, eval_every=2, eval_steps=0, export=True)
+    path = write_config(tmp_path / "run.yaml", **pretrain_config(workspace, out, **settings))
+    config = load_config(path, ["--data.eval_fraction=0.2"])
+    run_stage("pretrain", config)
+    logged = _eval_records(out)[2]["eval/loss"]
+    tokenizer = load_tokenizer(str(workspace / "tokenizer"))
+    texts = [r["text"] for r in split_records(config.data.train, config, held_out=True, text_field="text")]
+    windows = evaluate.token_windows(
+        evaluate.encoded_documents(tokenizer, texts), config.data.seq_len, tokenizer.eos_token_id
+    )
+    assert len({len(w) for w in windows}) > 1, "some document should end in a partial window"
+    nll, count = evaluate.heldout_nll(load_pretrained(out / "final").eval(), windows, batch_size=3)
+    # fp32 both; the trainer's batches are padded packed rows, solar eval's plain causal ones (3e-5 apart)
+    assert logged == pytest.approx(nll / count, rel=1e-4)

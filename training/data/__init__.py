@@ -28,7 +28,7 @@ bos: documents are separated by eos and by the position restart.
 The pipeline's parts, one module each (every public name is importable from ``training.data``):
 
 - ``records``: ``load_records``, ``split_records``.
-- ``pretraining``: ``pretrain_rows``.
+- ``pretraining``: ``pretrain_rows``, ``held_out_rows``.
 - ``conversations``: the SOLAR prompt format (``solar_prompt``, the headers) and the chat-template path.
 - ``sft``: ``sft_examples``; ``packing``: ``pack_examples``, ``packing_efficiency``.
 - ``dpo``: ``dpo_examples``.
@@ -42,7 +42,7 @@ from .batches import BatchStream, StreamingBatches, collate_dpo, collate_lm, num
 from .conversations import ASSISTANT_HEADER, SYSTEM_HEADER, USER_HEADER, solar_prompt
 from .dpo import dpo_examples
 from .packing import pack_examples, packing_efficiency
-from .pretraining import pretrain_rows
+from .pretraining import held_out_rows, pretrain_rows
 from .records import load_records, split_records
 from .sft import sft_examples
 from .tokens import IGNORE_INDEX
@@ -57,6 +57,7 @@ __all__ = [
     "collate_dpo",
     "collate_lm",
     "dpo_examples",
+    "held_out_rows",
     "load_records",
     "num_tokens",
     "pack_examples",

@@ -1,8 +1,11 @@
-"""Pretraining rows: documents tokenized, joined by eos and cut into rows of exactly ``seq_len`` tokens."""
+"""Pretraining rows: documents tokenized, joined by eos and cut into rows of exactly ``seq_len`` tokens;
+held-out rows: each document in windows of its own, the ones ``solar eval`` scores."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+
+from solar_kernels.evaluate import token_windows
 
 from .tokens import IGNORE_INDEX, _encode, _required_token_id
 
@@ -40,6 +43,20 @@ def pretrain_rows(records, tokenizer, seq_len, *, text_field="text") -> Iterator
         if start > 1 << 16:  # drop the emitted prefix now and then, not per row (quadratic)
             del stream[:start]
             start = 0
+
+
+def held_out_rows(records, tokenizer, seq_len, *, text_field="text") -> list[dict]:
+    """The held-out rows of continued pretraining: the windows ``solar eval`` scores
+    (``solar_kernels.evaluate.token_windows``), so the trainer's held-out loss is its loss (up to
+    autocast). Each document, followed by eos, is cut on its own into windows of ``seq_len`` tokens,
+    its last one shorter (dropped under 2 tokens); ``labels`` and ``position_ids`` as in
+    ``pretrain_rows``. Packed rows (``pretrain_rows``) would score other tokens: they drop the
+    stream's final partial row, and a document cut by a row boundary loses its context there."""
+    eos = _required_token_id(tokenizer, "eos", "held_out_rows")
+    if seq_len < 2:
+        raise ValueError(f"held_out_rows: seq_len={seq_len}, expected at least 2")
+    windows = token_windows(_tokenized_documents(records, tokenizer, text_field), seq_len, eos)
+    return [{"input_ids": w, "labels": w[1:] + [IGNORE_INDEX], "position_ids": list(range(len(w)))} for w in windows]
 
 
 def _pretrain_row(input_ids: list[int], eos: int) -> dict:
