@@ -256,7 +256,7 @@ def test_max_tokens_stops_the_tokenizing():
     calls = []
 
     class Tokenizer:
-        def __call__(self, texts, add_special_tokens):
+        def __call__(self, texts, add_special_tokens, split_special_tokens):
             calls.append(list(texts))
             return argparse.Namespace(input_ids=[[7, 8, 9] for _ in texts])
 
