@@ -7,8 +7,8 @@ in continued pretraining; each document is split on its own into non-overlapping
 documents (``--max-tokens`` caps the tokens taken, the documents' in order). Each window is an
 independent sequence (positions from 0): its token t >= 1 is scored given tokens 0..t-1 of the same
 window; its first token is context only, as in a plain LM loss. The trainer's held-out loss in
-continued pretraining scores the same windows (``training/data/pretraining.py::held_out_rows``). The loss is the token-weighted mean negative log-likelihood over all
-scored tokens (nats), computed by the fused ``linear_cross_entropy`` on the model's final hidden
+continued pretraining scores the same windows (``training/data/pretraining.py::held_out_rows``).
+The loss is the token-weighted mean negative log-likelihood over all scored tokens (nats), computed by the fused ``linear_cross_entropy`` on the model's final hidden
 states (the logits are never materialized), and the perplexity is ``exp(loss)``.
 
 Preference accuracy. Each line of a ``--pairs`` file is ``{"prompt", "chosen", "rejected"}``
@@ -289,12 +289,17 @@ def preference_margins(model, requests: Sequence[tuple[list[int], list[int]]], *
     return [chosen - rejected for chosen, rejected in zip(scores[0::2], scores[1::2])]
 
 
+def preference_accuracy(margins: Sequence[float]) -> float:
+    """The share of pairs whose chosen completion is strictly more likely (margin > 0; a tie is wrong)."""
+    return sum(m > 0 for m in margins) / len(margins)
+
+
 def preference_scores(
     model, requests: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 4
 ) -> tuple[float, float]:
     """(accuracy, mean margin) from ``preference_requests``: chosen beats rejected strictly."""
     margins = preference_margins(model, requests, batch_size=batch_size)
-    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+    return preference_accuracy(margins), sum(margins) / len(margins)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -59,7 +59,7 @@ from . import data as data_lib
 from . import demo_data, plots
 from .config import Config, validate
 from .demo_cli import MARKER, build_parser
-from .demo_real import STAGE_OUTPUTS, held_out_loss, preference_accuracy, preference_margins
+from .demo_real import STAGE_OUTPUTS, held_out_loss, preference_margins
 from .demo_real import write_jsonl as _write_jsonl
 from .stages import run_stage
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -339,7 +339,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, force: bool = Fal
         accuracy[name] = answer_accuracy(path, eval_problems, tokenizer)
     solar_pairs = [dict(pair, prompt=data_lib.solar_prompt(pair["prompt"])) for pair in eval_pairs]
     preference = {
-        name: preference_accuracy(preference_margins(path, solar_pairs, chat=False))
+        name: evaluate.preference_accuracy(preference_margins(path, solar_pairs, chat=False))
         for name, path in (
             ("SFT", out / "sft" / "final"),
             ("sDPO", out / "sdpo" / "final"),

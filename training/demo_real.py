@@ -310,11 +310,6 @@ def preference_margins(model_dir: Path, pairs: list[dict], *, chat: bool) -> lis
     return evaluate.preference_margins(model, evaluate.preference_requests(tokenizer, pairs, chat=chat))
 
 
-def preference_accuracy(margins: list[float]) -> float:
-    """The share of pairs whose chosen answer is strictly more likely (margin > 0)."""
-    return sum(m > 0 for m in margins) / len(margins)
-
-
 def reward_accuracy(margins: list[float], reference: list[float]) -> float:
     """TRL's ``rewards/accuracies`` against ``reference``: the share of pairs whose chosen answer gained
     more log-prob than the rejected one (beta * (policy - reference) log-ratios; beta > 0 drops out)."""
@@ -580,7 +575,7 @@ def run_real_demo(
             for r in cpt_history
             if "eval/loss" in r
         ],
-        "preference_accuracy": {name: preference_accuracy(v) for name, v in margins.items()},
+        "preference_accuracy": {name: evaluate.preference_accuracy(v) for name, v in margins.items()},
         "generations": replies,
         "reward_accuracy": {name: reward_accuracy(margins[name], margins["SFT"]) for name in ("DPO", "sDPO", "merged")},
         "prompts": list(PROMPTS),
