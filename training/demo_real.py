@@ -27,11 +27,13 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import multiprocessing
 import os
 import random
 import resource
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -346,6 +348,26 @@ def return_freed_memory() -> bool:
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1
 
 
+def _stage_process_setup(level: int, threads: int) -> None:
+    """A stage process's set-up: the parent's log level and thread count, freed memory returned."""
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    return_freed_memory()
+
+
+def run_stage_apart(stage: str, config) -> dict[str, object]:
+    """``run_stage`` in a fresh process (spawned, so nothing of this one's heap is shared).
+
+    Each stage's model, optimizer state and data libraries go back to the system when it ends,
+    instead of staying under the next stage's peak: run in this process, the DPO stage started
+    from 1.08 GiB resident (what CPT and SFT left) and peaked at 3.78 GiB; alone, from 0.67 GiB,
+    at 3.49. The stage's exceptions reach the caller as they were raised."""
+    spawn = multiprocessing.get_context("spawn")
+    setup = (logging.getLogger().getEffectiveLevel(), torch.get_num_threads())
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=_stage_process_setup, initargs=setup) as pool:
+        return pool.submit(run_stage, stage, config).result()
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process and its children in GiB (Linux reports KiB)."""
     return (
@@ -477,7 +499,7 @@ def run_real_demo(
             activation_checkpointing="full",
         ),
     )
-    cpt_history = run_stage("pretrain", cpt)["pretrain"]
+    cpt_history = run_stage_apart("pretrain", cpt)["pretrain"]
     losses["CPT"] = held_out_loss(out / "cpt" / "final", windows)
     progress.finished("CPT")
 
@@ -495,7 +517,7 @@ def run_real_demo(
             activation_checkpointing="full",
         ),
     )
-    sft_history = run_stage("sft", sft)["sft"]
+    sft_history = run_stage_apart("sft", sft)["sft"]
     progress.finished("SFT")
 
     progress.stage("DPO")
@@ -518,7 +540,7 @@ def run_real_demo(
     )
     histories = {
         f"sDPO {k}": v
-        for k, v in run_stage(
+        for k, v in run_stage_apart(
             "dpo",
             _config(
                 **dpo_common,
@@ -528,7 +550,7 @@ def run_real_demo(
             ),
         ).items()
     }
-    histories["DPO"] = run_stage(
+    histories["DPO"] = run_stage_apart(
         "dpo",
         _config(
             **dpo_common,

@@ -135,6 +135,13 @@ def test_reward_accuracy_is_the_share_of_pairs_whose_margin_grew():
         demo_real.reward_accuracy([1.0], [0.5, 0.2])
 
 
+def test_a_stage_process_raises_its_error_in_the_caller():
+    from training.config import Config
+
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        demo_real.run_stage_apart("nope", Config())
+
+
 def test_the_cache_is_reused_and_a_corrupt_one_refused(real_run, gguf_file, tmp_path):
     cache = real_run[0] / "cache" / "tiny"
     marker = json.loads((cache / demo_real.CACHE_MARKER).read_text())
