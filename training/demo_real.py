@@ -361,7 +361,9 @@ def run_stage_apart(stage: str, config) -> dict[str, object]:
     Each stage's model, optimizer state and data libraries go back to the system when it ends,
     instead of staying under the next stage's peak: run in this process, the DPO stage started
     from 1.08 GiB resident (what CPT and SFT left) and peaked at 3.78 GiB; alone, from 0.67 GiB,
-    at 3.49. The stage's exceptions reach the caller as they were raised."""
+    at 3.49. The stage's exceptions reach the caller as they were raised. As with any spawned
+    process, a script that calls this runs its top level again in the child unless that sits under
+    ``if __name__ == "__main__":`` (``solar demo`` does)."""
     spawn = multiprocessing.get_context("spawn")
     setup = (logging.getLogger().getEffectiveLevel(), torch.get_num_threads())
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=_stage_process_setup, initargs=setup) as pool:
