@@ -160,17 +160,15 @@ def chat_pairs(path: Path) -> list[ChatPair]:
 LENGTH_MATCHES = 5
 
 
-def preference_pairs(
-    pairs: list[ChatPair], seed: int, *, same_topic: bool, pool: list[ChatPair] | None = None
-) -> list[dict]:
+def preference_pairs(pairs: list[ChatPair], seed: int, *, same_topic: bool) -> list[dict]:
     """``{"prompt", "chosen", "rejected"}`` per pair: chosen = its own response, rejected = the response
-    of another pair of ``pool`` (default ``pairs``; drawn with ``seed``) of the same topic
+    of another of ``pairs`` (drawn with ``seed``) of the same topic
     (``same_topic``: the harder pairs) or of another topic, of about the chosen's length: drawn from
     the ``LENGTH_MATCHES`` candidates closest to it in characters, so that a summed log-prob cannot
     prefer an answer for being shorter. Pairs without a candidate are dropped."""
     rng = random.Random(seed)
     by_topic: dict[str, list[str]] = {}
-    for other in pairs if pool is None else pool:
+    for other in pairs:
         by_topic.setdefault(other.topic, []).append(other.response)
     records = []
     for pair in pairs:

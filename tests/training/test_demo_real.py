@@ -38,7 +38,7 @@ TINY_SIZES = dict(
     gen_tokens=3,
     sweep=(0, 1),
     drop=1,
-    chat_held_out=3,
+    chat_held_out=6,
     docs_held_out={"prose": 2, "verse": 1},
 )
 WORDS = "the king river light answer garden number window letter morning question stone".split()
@@ -127,6 +127,12 @@ def test_held_out_documents_are_never_trained_on(real_run):
     assert pairs[0::2] == easy[: len(pairs[0::2])] and pairs[1::2] == hard[: len(pairs[1::2])]
     assert len(pairs) == 2 * min(len(easy), len(hard))
     assert len(sft_prompts) == len(WORDS) - TINY_SIZES["chat_held_out"]
+    # neither reply of a held-out pair was trained on (SFT responses are every training pair's chosen)
+    held_pairs = read("pref_held_out.jsonl")
+    sft_responses = {r["response"] for r in read("sft.jsonl")}
+    assert len(held_pairs) == TINY_SIZES["pref_held_out"]
+    assert all(p["prompt"] not in sft_prompts for p in held_pairs)
+    assert all(p["chosen"] not in sft_responses and p["rejected"] not in sft_responses for p in held_pairs)
 
 
 def test_reward_accuracy_is_the_share_of_pairs_whose_margin_grew():
