@@ -1,6 +1,7 @@
 // What the host functions (*_host.cpp) share: argument checks whose RuntimeError names the op and
-// the problem, the dtype dispatch onto CUDA's types, and the launch check. Lean torch headers only
-// (no torch/extension.h, no ATen/cuda/CUDAContext.h): each host file compiles in a few seconds.
+// the problem, the dtype dispatch onto CUDA's types, binding tensors into launch.h's argument blocks
+// and the launch check. Lean torch headers only (no torch/extension.h, no ATen/cuda/CUDAContext.h):
+// each host file compiles in a few seconds.
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+
+#include "launch.h"
 
 namespace solar {
 
@@ -155,6 +158,43 @@ void bind(P*& field, const at::Tensor& t) {
 template <typename P>
 void bind(P*& field, const std::optional<at::Tensor>& t) {
   field = t.has_value() ? static_cast<P*>(t->data_ptr()) : nullptr;
+}
+
+// The same, with the stride field that goes with the pointer set from the same tensor in the same
+// call, so a field is never paired with another tensor's strides. A row stride is t.stride(0) as it
+// is; an absent optional tensor is nullptr with row stride 0.
+template <typename P>
+void bind(P*& field, int64_t& row_stride, const at::Tensor& t) {
+  bind(field, t);
+  row_stride = t.stride(0);
+}
+
+template <typename P>
+void bind(P*& field, int64_t& row_stride, const std::optional<at::Tensor>& t) {
+  bind(field, t);
+  row_stride = t.has_value() ? t->stride(0) : 0;
+}
+
+// A dim of size 1 is never stepped along: stride 0 there, so it cannot block the vector path.
+inline int64_t stride_of(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
+
+// Rotary's q, k and their outputs [B, H, T, D]: every dim's stride.
+template <typename P>
+void bind(P*& field, Strides4& strides, const at::Tensor& t) {
+  bind(field, t);
+  strides = {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2), stride_of(t, 3)};
+}
+
+// Rotary's cos and sin tables: [T, D] and [1, T, D] are shared by the batch (batch stride 0);
+// [B, T, D] has one per row.
+template <typename P>
+void bind(P*& field, Strides3& strides, const at::Tensor& t) {
+  bind(field, t);
+  if (t.dim() == 2) {
+    strides = {0, stride_of(t, 0), stride_of(t, 1)};
+  } else {
+    strides = {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
+  }
 }
 
 }  // namespace solar

@@ -29,14 +29,11 @@ void logprobs_(const at::Tensor& logits, const at::Tensor& labels, const at::Ten
     auto launch = [&](auto label_tag) {
       using L = typename decltype(label_tag)::type;
       Logprobs<T, L> p{};
-      bind(p.logits, logits);
-      bind(p.labels, labels);
+      bind(p.logits, p.stride_logits, logits);
+      bind(p.labels, p.stride_labels, labels);
       bind(p.logp, logp);
       bind(p.lse, lse);
-      bind(p.grad, grad);
-      p.stride_logits = logits.stride(0);
-      p.stride_labels = labels.stride(0);
-      p.stride_grad = grad.stride(0);
+      bind(p.grad, p.stride_grad, grad);
       p.n_rows = logits.size(0);
       p.n_vocab = logits.size(1);
       p.ignore_index = ignore_index;

@@ -24,6 +24,18 @@ at::Tensor side_weight(const char* op, const at::Tensor& weight, const char* row
   return w;
 }
 
+// The fields the forward's and the backward's argument blocks share: the rows that are normalized
+// (x; h in the backward) with their row stride and the sizes, the weight as side_weight gives it,
+// and rstd (written by the forward, read by the backward).
+template <typename P>
+void bind_normalized(P& p, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& rstd) {
+  bind(p.x, p.stride_x, x);
+  bind(p.weight, weight);
+  bind(p.rstd, rstd);
+  p.n_rows = x.size(0);
+  p.n_cols = x.size(1);
+}
+
 }  // namespace
 
 void rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
@@ -43,18 +55,10 @@ void rms_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const std::opti
 
   const c10::cuda::CUDAGuard guard(x.device());
   with_params<RmsNormFwd>(op, x.scalar_type(), w.scalar_type(), [&](auto& p) {
-    bind(p.x, x);
-    bind(p.residual, residual);
-    bind(p.weight, w);
-    bind(p.y, y);
-    bind(p.h, h);
-    bind(p.rstd, rstd);
-    p.stride_x = x.stride(0);
-    p.stride_residual = residual.has_value() ? residual->stride(0) : 0;
-    p.stride_y = y.stride(0);
-    p.stride_h = h.has_value() ? h->stride(0) : 0;
-    p.n_rows = x.size(0);
-    p.n_cols = x.size(1);
+    bind_normalized(p, x, w, rstd);
+    bind(p.residual, p.stride_residual, residual);
+    bind(p.y, p.stride_y, y);
+    bind(p.h, p.stride_h, h);
     p.eps = static_cast<float>(eps);
     check_launch(op, launch_rms_norm_fwd(p, c10::cuda::getCurrentCUDAStream()));
   });
@@ -83,19 +87,11 @@ void rms_norm_bwd(const at::Tensor& dy, const at::Tensor& h, const at::Tensor& w
   const bool direct = dweight.scalar_type() == w.scalar_type() && dweight.is_contiguous();
   const at::Tensor dw = direct ? dweight : at::empty({h.size(1)}, w.options());
   with_params<RmsNormBwd>(op, h.scalar_type(), w.scalar_type(), [&](auto& p) {
-    bind(p.dy, dy);
-    bind(p.x, h);
-    bind(p.weight, w);
-    bind(p.rstd, rstd_c);
-    bind(p.dh, dh);
-    bind(p.dx, dx);
+    bind_normalized(p, h, w, rstd_c);
+    bind(p.dy, p.stride_dy, dy);
+    bind(p.dh, p.stride_dh, dh);
+    bind(p.dx, p.stride_dx, dx);
     bind(p.dweight, dw);
-    p.stride_dy = dy.stride(0);
-    p.stride_x = h.stride(0);
-    p.stride_dh = dh.has_value() ? dh->stride(0) : 0;
-    p.stride_dx = dx.stride(0);
-    p.n_rows = h.size(0);
-    p.n_cols = h.size(1);
     // One fp32 row of dweight partial sums per block, reduced in a fixed order (no atomics).
     p.blocks = rms_norm_bwd_blocks(p);
     const at::Tensor partial = at::empty({p.blocks, h.size(1)}, h.options().dtype(at::kFloat));

@@ -9,17 +9,6 @@
 namespace solar {
 namespace {
 
-// A dim of size 1 is never stepped along: stride 0 there, so it cannot block the vector path.
-int64_t stride_of(const at::Tensor& t, int64_t dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); }
-
-Strides4 strides4(const at::Tensor& t) { return {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2), stride_of(t, 3)}; }
-
-// [T, D] and [1, T, D] tables are shared by the batch (batch stride 0); [B, T, D] has one per row.
-Strides3 strides3(const at::Tensor& t) {
-  if (t.dim() == 2) return {0, stride_of(t, 0), stride_of(t, 1)};
-  return {stride_of(t, 0), stride_of(t, 1), stride_of(t, 2)};
-}
-
 void check_table(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   check_same_device(op, name, t, "q", q);
   check_float(op, name, t);
@@ -70,18 +59,12 @@ void rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, con
   check_element_aligned(op, "sin", sin_t);
 
   with_params<Rotary>(op, q.scalar_type(), cos_t.scalar_type(), [&](auto& p) {
-    bind(p.q, q);
-    bind(p.k, k);
-    bind(p.cos, cos_t);
-    bind(p.sin, sin_t);
-    bind(p.q_out, q_out);
-    bind(p.k_out, k_out);
-    p.q_stride = strides4(q);
-    p.k_stride = strides4(k);
-    p.q_out_stride = strides4(q_out);
-    p.k_out_stride = strides4(k_out);
-    p.cos_stride = strides3(cos_t);
-    p.sin_stride = strides3(sin_t);
+    bind(p.q, p.q_stride, q);
+    bind(p.k, p.k_stride, k);
+    bind(p.cos, p.cos_stride, cos_t);
+    bind(p.sin, p.sin_stride, sin_t);
+    bind(p.q_out, p.q_out_stride, q_out);
+    bind(p.k_out, p.k_out_stride, k_out);
     p.batch = q.size(0);
     p.n_tokens = q.size(2);
     p.n_heads_q = q.size(1);

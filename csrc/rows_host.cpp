@@ -54,10 +54,7 @@ void rows_op(RowsLauncher launcher, const c10::OperatorHandle& handle, torch::ji
 
   const c10::cuda::CUDAGuard guard(first.device());
   Rows rows{};
-  for (size_t i = 0; i < count; ++i) {
-    rows.data[i] = tensors[i].data_ptr();
-    rows.stride[i] = tensors[i].stride(0);
-  }
+  for (size_t i = 0; i < count; ++i) bind(rows.data[i], rows.stride[i], tensors[i]);
   rows.count = static_cast<int32_t>(count);
   rows.n_rows = first.size(0);
   rows.n_cols = first.size(1);
