@@ -267,15 +267,8 @@ class CausalLM(nn.Module):
             )
         return past
 
-    def attention_path(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        cache: KVCache | None = None,
-    ) -> str:
-        """The attention path a forward with these inputs takes (nothing is computed)."""
+    def attention_path(self, input_ids, position_ids=None, attention_mask=None, *, cache=None) -> str:
+        """The attention path ``forward`` takes with these of its inputs (nothing is computed)."""
         past = self._check_inputs(input_ids, position_ids, attention_mask, cache, None, None)
         window = self.config.sliding_window
         return choose_attention_path(

@@ -14,8 +14,9 @@ public:
        FWD = register(elementwise("<op>_fwd", "<op>", _<op>_fwd_triton, inputs=2, outputs=1))
        BWD = register(elementwise("<op>_bwd", "<op>", _<op>_bwd_triton, inputs=3, outputs=2))
 
-   then the ``torch.library`` custom ops, whose real implementation is ``FWD.launch(backend,
-   *rows)`` and whose fake is ``FWD.allocate(*inputs)`` (the contract), the public function (its
+   then the ``torch.library`` custom ops (``@custom_op("<op>_fwd", fake=...)``), whose real
+   implementation is ``FWD.launch(backend, *rows)`` and whose fake is ``FWD.allocate(*inputs)``
+   (the contract), the public function (its
    argument checks, one-line errors, before any work) and ``register_op(Op(name, fn, ref, (FWD,
    BWD), width="intermediate_size"))``, which lets the self-check, the benchmarks, the GPU-compile
    tool and the emulated-CUDA test run it (``width`` names the ModelConfig field a row is as wide as).
@@ -235,6 +236,20 @@ def register(kernel: Kernel) -> Kernel:
 def register_op(op: Op) -> Op:
     OPS[op.name] = op
     return op
+
+
+def custom_op(name: str, fake: Callable, schema: str | None = None) -> Callable:
+    """Decorator: the function as the pure custom op ``torch.ops.solar_kernels.<name>`` (it mutates
+    none of its inputs), with ``fake`` as its fake implementation (the output shapes and dtypes that
+    FakeTensor tracing and torch.compile see). ``schema`` ("(arguments) -> outputs") where the
+    function's annotations cannot give it (``*options`` arguments)."""
+
+    def define(function: Callable) -> torch.library.CustomOpDef:
+        op = torch.library.custom_op(f"solar_kernels::{name}", function, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        return op
+
+    return define
 
 
 def kernels() -> list[Kernel]:

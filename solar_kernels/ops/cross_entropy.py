@@ -49,6 +49,7 @@ import torch
 from .._checks import check_float_tensor
 from ._autocast import autocast_on
 from ._common import as_rows
+from ._registry import custom_op
 from .linear_logprobs import (
     FORWARD_OPTIONS_SCHEMA,
     GRADIENT_OPTIONS_SCHEMA,
@@ -80,19 +81,19 @@ def _loss_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def cross_entropy_ref(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
+    logits,
+    labels,
     *,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    lse_square_scale: float = 0.0,
-    return_z_loss: bool = False,
-    softcap: float | None = None,
-    weight: torch.Tensor | None = None,
-    return_token_accuracy: bool = False,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    lse_square_scale=0.0,
+    return_z_loss=False,
+    softcap=None,
+    weight=None,
+    return_token_accuracy=False,
 ):
-    """The module docstring's math in plain PyTorch, on logits [..., V] and labels [...]: full
+    """``cross_entropy`` (its arguments, less ``backend``): the module docstring's math in plain PyTorch, on logits [..., V] and labels [...]: full
     fp32 log-softmax, results in the logits' dtype."""
     z = logits.float()
     if softcap is not None:
@@ -126,13 +127,11 @@ def cross_entropy_ref(
     )
 
 
-@torch.library.custom_op(
-    "solar_kernels::cross_entropy_fwd",
-    mutates_args=(),
-    schema=(
-        f"(Tensor logits, Tensor labels, SymInt ignore_index, str backend, {FORWARD_OPTIONS_SCHEMA}) "
-        "-> (Tensor, Tensor, Tensor, Tensor)"
-    ),
+@custom_op(
+    "cross_entropy_fwd",
+    lambda logits, *_: fake_row_outputs(logits, 4),
+    f"(Tensor logits, Tensor labels, SymInt ignore_index, str backend, {FORWARD_OPTIONS_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _cross_entropy_fwd_op(logits, labels, ignore_index, backend, *ce_options):
     """Per-row ce_t, zl_t, correct flag and log-sum-exp, fp32 [N]; the logits are only read."""
@@ -151,18 +150,11 @@ def _cross_entropy_fwd_op(logits, labels, ignore_index, backend, *ce_options):
     return *ce_row_outputs(ce, z_loss, options.correct), lse
 
 
-@_cross_entropy_fwd_op.register_fake
-def _(logits, *_):
-    return fake_row_outputs(logits, 4)
-
-
-@torch.library.custom_op(
-    "solar_kernels::cross_entropy_bwd",
-    mutates_args=(),
-    schema=(
-        "(Tensor logits, Tensor labels, Tensor lse, Tensor grad, SymInt ignore_index, str backend, "
-        f"{GRADIENT_OPTIONS_SCHEMA}) -> Tensor"
-    ),
+@custom_op(
+    "cross_entropy_bwd",
+    lambda logits, *_: torch.empty_like(logits, memory_format=torch.contiguous_format),
+    "(Tensor logits, Tensor labels, Tensor lse, Tensor grad, SymInt ignore_index, str backend, "
+    f"{GRADIENT_OPTIONS_SCHEMA}) -> Tensor",
 )
 def _cross_entropy_bwd_op(logits, labels, lse, grad, ignore_index, backend, *gradient_options):
     """d loss / d logits [N, V] in the logits' dtype: a copy of the logits, overwritten by the row
@@ -173,11 +165,6 @@ def _cross_entropy_bwd_op(logits, labels, lse, grad, ignore_index, backend, *gra
     implementation = row_backend(backend, rows, vocab, logits.device, options)
     _logprobs_rows(implementation, dlogits, labels, lse, lse, grad, ignore_index, False, True, options)
     return dlogits
-
-
-@_cross_entropy_bwd_op.register_fake
-def _(logits, *_):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):

@@ -75,14 +75,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import (
-    FLOAT_DTYPES,
-    check_float_tensor,
-    check_same_device,
-    check_same_device_dtype,
-    check_shape,
-    is_finite_number,
-)
+from .. import _checks
 
 OP = "dpo_loss"
 LOSS_TYPES = (
@@ -197,12 +190,12 @@ def check_loss_options(
                 f"{OP}: loss_weights has {len(loss_weights)} entries, expected {len(loss_types)} "
                 f"(one per loss_type {loss_types})"
             )
-        if not all(is_finite_number(w) for w in loss_weights):
+        if not all(_checks.is_finite_number(w) for w in loss_weights):
             raise ValueError(f"{OP}: loss_weights must be finite floats, got {list(loss_weights)!r}")
 
-    if not is_finite_number(beta) or not beta > 0:
+    if not _checks.is_finite_number(beta) or not beta > 0:
         raise ValueError(f"{OP}: beta must be a positive float, got {beta!r}")
-    if not is_finite_number(label_smoothing) or not 0 <= label_smoothing < 0.5:
+    if not _checks.is_finite_number(label_smoothing) or not 0 <= label_smoothing < 0.5:
         raise ValueError(f"{OP}: label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if label_smoothing and "sigmoid" in loss_types:
         raise ValueError(
@@ -219,7 +212,7 @@ def check_loss_options(
             f"{OP}: loss_type 'exo_pair' needs label_smoothing in (0, 0.5) (the EXO paper uses 1e-3), "
             f"got {label_smoothing!r}"
         )
-    if not is_finite_number(discopop_tau) or not discopop_tau > 0:
+    if not _checks.is_finite_number(discopop_tau) or not discopop_tau > 0:
         raise ValueError(f"{OP}: discopop_tau must be a positive float, got {discopop_tau!r}")
     return loss_types
 
@@ -233,11 +226,11 @@ def _check_log_probs(policy_chosen, policy_rejected, reference_chosen, reference
         "reference_rejected": reference_rejected,
     }
     for name, tensor in named.items():
-        check_float_tensor(OP, name, tensor, dtypes=(*FLOAT_DTYPES, torch.float64))
+        _checks.check_float_tensor(OP, name, tensor, dtypes=(*_checks.FLOAT_DTYPES, torch.float64))
     others = dict(list(named.items())[1:])
-    check_same_device_dtype(OP, "policy_chosen", policy_chosen, **others)
+    _checks.check_same_device_dtype(OP, "policy_chosen", policy_chosen, **others)
     for name, tensor in others.items():
-        check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
+        _checks.check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
 
 
 def _check_bco_delta(policy_chosen, bco_delta):
@@ -248,8 +241,8 @@ def _check_bco_delta(policy_chosen, bco_delta):
                 f"{OP}: bco_delta must be a float or a 0-d float tensor, got a {bco_delta.dtype} "
                 f"tensor of shape {tuple(bco_delta.shape)}"
             )
-        check_same_device(OP, "policy_chosen", policy_chosen, bco_delta=bco_delta)
-    elif not is_finite_number(bco_delta):
+        _checks.check_same_device(OP, "policy_chosen", policy_chosen, bco_delta=bco_delta)
+    elif not _checks.is_finite_number(bco_delta):
         raise ValueError(f"{OP}: bco_delta must be a finite float, got {bco_delta!r}")
 
 
@@ -270,8 +263,8 @@ def _check_lengths(policy_chosen, loss_types, chosen_lengths, rejected_lengths):
         if not isinstance(tensor, torch.Tensor) or tensor.dtype in (torch.bool, torch.complex64, torch.complex128):
             given = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise TypeError(f"{OP}: {name} must be a tensor of token counts (integer or float), got {given}")
-        check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
-        check_same_device(OP, "policy_chosen", policy_chosen, **{name: tensor})
+        _checks.check_shape(OP, name, tensor, tuple(policy_chosen.shape), "policy_chosen.shape")
+        _checks.check_same_device(OP, "policy_chosen", policy_chosen, **{name: tensor})
 
 
 def dpo_loss(

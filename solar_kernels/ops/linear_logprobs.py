@@ -99,18 +99,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from .._backend import BACKEND_ENV_VAR, resolve_backend
-from .._checks import (
-    FLOAT_DTYPES,
-    check_float_tensor,
-    check_same_device,
-    check_same_device_dtype,
-    check_shape,
-    is_finite_number,
-)
 from ._autocast import autocast_disabled, cast_like_linear
 from ._common import as_rows, cast_to
-from ._registry import Kernel, register, rows_width
+from ._registry import Kernel, custom_op, register, rows_width
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +118,9 @@ _MAX_CHUNK_LOGITS = 2**28
 _MAX_CHUNK_LOGITS_CPU = 2**22
 
 
-def linear_logprobs_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
-    """Plain PyTorch log-probs: full logits in the hidden dtype, upcast to fp32 (as HF does)."""
+def linear_logprobs_ref(hidden, weight, labels, bias=None, ignore_index=-100) -> torch.Tensor:
+    """``linear_logprobs`` (its arguments, positional) in plain PyTorch: full logits in the hidden
+    dtype, upcast to fp32 (as HF does)."""
     logits = _full_logits(hidden, weight, bias)
     valid = labels != ignore_index
     picked = logits.log_softmax(-1).gather(-1, torch.where(valid, labels, 0).long().unsqueeze(-1))
@@ -153,16 +141,8 @@ def _per_sequence(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int, a
     return total
 
 
-def linear_cross_entropy_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    **options,
-):
-    """``cross_entropy_ref`` of the full logits in the hidden dtype, upcast to fp32 (as HF does);
+def linear_cross_entropy_ref(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean", **options):
+    """``linear_cross_entropy`` (its arguments) as ``cross_entropy_ref`` of the full logits in the hidden dtype, upcast to fp32 (as HF does);
     ``options`` are its options, with the class weights as ``ce_weight``. "mean" divides by the
     non-ignored count (the sum of their class weights), 0 if none."""
     from .cross_entropy import cross_entropy_ref  # that module builds on this one
@@ -173,15 +153,8 @@ def linear_cross_entropy_ref(
     return cross_entropy_ref(logits, labels, ignore_index=ignore_index, reduction=reduction, **options)
 
 
-def sequence_logprobs_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    average: bool = False,
-) -> torch.Tensor:
-    """Per-row sum (or mean) of ``linear_logprobs_ref`` over non-ignored tokens; [B, T] -> [B]."""
+def sequence_logprobs_ref(hidden, weight, labels, bias=None, ignore_index=-100, average=False) -> torch.Tensor:
+    """``sequence_logprobs`` (its arguments): the per-row sum (or mean) of ``linear_logprobs_ref`` over non-ignored tokens; [B, T] -> [B]."""
     return _per_sequence(linear_logprobs_ref(hidden, weight, labels, bias, ignore_index), labels, ignore_index, average)
 
 
@@ -669,7 +642,7 @@ def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else like.new_empty(0)
 
 
-# A custom op's fake (``register_fake``) names its leading arguments up to the last one it shapes its
+# A custom op's fake (``custom_op``'s ``fake``) names its leading arguments up to the last one it shapes its
 # outputs from and takes the rest as ``*_``: the dispatcher passes them all positionally.
 def fake_row_outputs(like: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """A fake's ``count`` per-row outputs: fp32 [like.shape[0]] each, on ``like``'s device."""
@@ -690,10 +663,10 @@ def _fake_gradients(
     )
 
 
-@torch.library.custom_op(
-    "solar_kernels::linear_logprobs_fwd",
-    mutates_args=(),
-    schema=f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend) -> (Tensor, Tensor)",
+@custom_op(
+    "linear_logprobs_fwd",
+    lambda hidden, *_: fake_row_outputs(hidden, 2),
+    f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend) -> (Tensor, Tensor)",
 )
 def _logprobs_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows, backend):
     """Per-row log-probs and log-sum-exps, fp32 [N]."""
@@ -701,18 +674,17 @@ def _logprobs_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows, bac
     return logp, lse
 
 
-@_logprobs_fwd_op.register_fake
-def _(hidden, *_):
-    return fake_row_outputs(hidden, 2)
+def _logprobs_bwd_fake(
+    grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias, *_
+):
+    return _fake_gradients(hidden, weight, (need_dhidden, need_dweight, need_dbias), weight.dtype)
 
 
-@torch.library.custom_op(
-    "solar_kernels::linear_logprobs_bwd",
-    mutates_args=(),
-    schema=(
-        f"(Tensor grad, {_LM_HEAD_SCHEMA}, Tensor lse, SymInt ignore_index, SymInt chunk_rows, {_NEEDS_SCHEMA}, "
-        f"str backend, {GRADIENT_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)"
-    ),
+@custom_op(
+    "linear_logprobs_bwd",
+    _logprobs_bwd_fake,
+    f"(Tensor grad, {_LM_HEAD_SCHEMA}, Tensor lse, SymInt ignore_index, SymInt chunk_rows, {_NEEDS_SCHEMA}, "
+    f"str backend, {GRADIENT_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor)",
 )
 def _logprobs_bwd_op(
     grad,
@@ -749,11 +721,6 @@ def _logprobs_bwd_op(
     dweight = dweight.to(weight.dtype) if dweight is not None else None
     dbias = dbias.to(weight.dtype) if dbias is not None else None
     return _or_empty(dhidden, hidden), _or_empty(dweight, weight), _or_empty(dbias, weight)
-
-
-@_logprobs_bwd_op.register_fake
-def _(grad, hidden, weight, bias, labels, lse, ignore_index, chunk_rows, need_dhidden, need_dweight, need_dbias, *_):
-    return _fake_gradients(hidden, weight, (need_dhidden, need_dweight, need_dbias), weight.dtype)
 
 
 def _save_per_token(ctx, inputs, lse, *more_tensors):
@@ -911,13 +878,18 @@ def ce_scales(
     return count, 1.0 / torch.where(count > 0, weight_total, 1.0), 1.0 / count.clamp_min(1)
 
 
-@torch.library.custom_op(
-    "solar_kernels::linear_cross_entropy_fwd",
-    mutates_args=(),
-    schema=(
-        f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, str reduction, SymInt chunk_rows, {_NEEDS_SCHEMA}, str backend, "
-        f"{FORWARD_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
-    ),
+def _cross_entropy_fwd_fake(
+    hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias, *_
+):
+    scalars = tuple(hidden.new_empty((), dtype=torch.float32) for _ in range(3))  # loss, z-loss, accuracy
+    return *scalars, *_fake_gradients(hidden, weight, (need_dhidden, need_dweight, need_dbias), torch.float32)
+
+
+@custom_op(
+    "linear_cross_entropy_fwd",
+    _cross_entropy_fwd_fake,
+    f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, str reduction, SymInt chunk_rows, {_NEEDS_SCHEMA}, str backend, "
+    f"{FORWARD_OPTIONS_SCHEMA}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def _cross_entropy_fwd_op(
     hidden,
@@ -966,12 +938,6 @@ def _cross_entropy_fwd_op(
     )
 
 
-@_cross_entropy_fwd_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, reduction, chunk_rows, need_dhidden, need_dweight, need_dbias, *_):
-    scalars = tuple(hidden.new_empty((), dtype=torch.float32) for _ in range(3))  # loss, z-loss, accuracy
-    return *scalars, *_fake_gradients(hidden, weight, (need_dhidden, need_dweight, need_dbias), torch.float32)
-
-
 def _cross_entropy_setup_context(ctx, inputs, output):
     _, z_loss, accuracy, dhidden, dweight, dbias = output
     ctx.save_for_backward(dhidden, dweight, dbias)
@@ -1007,13 +973,11 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.custom_op(
-    "solar_kernels::linear_cross_entropy_tokens_fwd",
-    mutates_args=(),
-    schema=(
-        f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend, {FORWARD_OPTIONS_SCHEMA}) "
-        "-> (Tensor, Tensor, Tensor, Tensor)"
-    ),
+@custom_op(
+    "linear_cross_entropy_tokens_fwd",
+    lambda hidden, *_: fake_row_outputs(hidden, 4),
+    f"({_LM_HEAD_SCHEMA}, SymInt ignore_index, SymInt chunk_rows, str backend, {FORWARD_OPTIONS_SCHEMA}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
 )
 def _cross_entropy_tokens_fwd_op(hidden, weight, bias, labels, ignore_index, chunk_rows, backend, *ce_options):
     """Per-token loss (cross-entropy plus z-loss), z-loss, correct flag and log-sum-exp, fp32 [N];
@@ -1029,11 +993,6 @@ def _cross_entropy_tokens_fwd_op(hidden, weight, bias, labels, ignore_index, chu
     )
     ce, z_loss, correct = ce_row_outputs(ce, z_loss, options.correct)
     return ce + z_loss, z_loss, correct, lse
-
-
-@_cross_entropy_tokens_fwd_op.register_fake
-def _(hidden, *_):
-    return fake_row_outputs(hidden, 4)
 
 
 def _cross_entropy_tokens_setup_context(ctx, inputs, output):
@@ -1063,16 +1022,16 @@ def _cast_and_check(op, hidden, weight, labels, bias, ignore_index, chunk_size, 
     """(hidden, weight, bias) in the dtype autocast gives ``F.linear`` (``cast_like_linear``), after
     every check of the LM-head ops' shared arguments: nothing runs on bad input."""
     hidden, weight, bias = cast_like_linear(hidden, weight, bias)
-    check_float_tensor(op, "hidden", hidden, ndims=hidden_ndims)
-    check_float_tensor(op, "weight", weight, ndims=(2,))
-    check_same_device_dtype(op, "hidden", hidden, weight=weight, bias=bias)
+    _checks.check_float_tensor(op, "hidden", hidden, ndims=hidden_ndims)
+    _checks.check_float_tensor(op, "weight", weight, ndims=(2,))
+    _checks.check_same_device_dtype(op, "hidden", hidden, weight=weight, bias=bias)
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"{op}: weight must be [V, d] with d = {hidden.shape[-1]} (hidden.shape[-1]), got {tuple(weight.shape)}"
         )
     if bias is not None:
-        check_float_tensor(op, "bias", bias, ndims=(1,))
-        check_shape(op, "bias", bias, (weight.shape[0],), "weight.shape[0]")
+        _checks.check_float_tensor(op, "bias", bias, ndims=(1,))
+        _checks.check_shape(op, "bias", bias, (weight.shape[0],), "weight.shape[0]")
     check_labels(op, labels, ignore_index, "hidden", hidden, tuple(hidden.shape[:-1]), "hidden.shape[:-1]")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -1086,8 +1045,8 @@ def check_labels(op, labels, ignore_index, reference_name, reference, shape, why
         raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
-    check_same_device(op, reference_name, reference, labels=labels)
-    check_shape(op, "labels", labels, shape, why)
+    _checks.check_same_device(op, reference_name, reference, labels=labels)
+    _checks.check_shape(op, "labels", labels, shape, why)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
 
@@ -1157,9 +1116,9 @@ def _check_class_weight(op: str, weight_name: str, class_weight, vocab: int, dev
     """The class weights (``weight_name`` in ``op``) as a contiguous fp32 [V] tensor, or None."""
     if class_weight is None:
         return None
-    check_float_tensor(op, weight_name, class_weight, ndims=(1,), dtypes=(*FLOAT_DTYPES, torch.float64))
-    check_shape(op, weight_name, class_weight, (vocab,), "one weight per class")
-    check_same_device(op, "the logits", torch.empty(0, device=device), **{weight_name: class_weight})
+    _checks.check_float_tensor(op, weight_name, class_weight, ndims=(1,), dtypes=(*_checks.FLOAT_DTYPES, torch.float64))
+    _checks.check_shape(op, weight_name, class_weight, (vocab,), "one weight per class")
+    _checks.check_same_device(op, "the logits", torch.empty(0, device=device), **{weight_name: class_weight})
     if class_weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             f"{op}: {weight_name} requires grad, expected a constant: class weights get no gradient "
@@ -1220,11 +1179,11 @@ def check_ce_call(
     ``backend_for_options``). ``weight_name``: the class weights' argument name in ``op``."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not is_finite_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+    if not _checks.is_finite_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not is_finite_number(lse_square_scale) or lse_square_scale < 0:
+    if not _checks.is_finite_number(lse_square_scale) or lse_square_scale < 0:
         raise ValueError(f"{op}: lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
-    if softcap is not None and (not is_finite_number(softcap) or softcap <= 0):
+    if softcap is not None and (not _checks.is_finite_number(softcap) or softcap <= 0):
         raise ValueError(f"{op}: softcap must be None or a finite float > 0, got {softcap!r}")
     for name, flag in (("return_z_loss", return_z_loss), ("return_token_accuracy", return_token_accuracy)):
         if not isinstance(flag, bool):

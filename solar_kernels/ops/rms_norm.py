@@ -64,18 +64,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from .._backend import BACKENDS, TRITON_INTERPRETED, resolve_backend
-from .._checks import (
-    FLOAT_DTYPES,
-    check_float_tensor,
-    check_same_device,
-    check_same_device_dtype,
-    check_shape,
-    is_finite_number,
-)
 from ._autocast import autocast_on
 from ._common import as_rows, cast_to, persistent_programs, warps_for
-from ._registry import Kernel, Op, register, register_op, rows_width
+from ._registry import Kernel, Op, custom_op, register, register_op, rows_width
 
 OP = "rms_norm"
 CASTING_MODES = ("llama", "gemma", "none")
@@ -100,15 +93,9 @@ _SUM_BLOCK_R = 64
 
 
 def rms_norm_ref(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    eps: float = 1e-6,
-    residual: torch.Tensor | None = None,
-    *,
-    offset: float = 0.0,
-    casting_mode: str = "llama",
+    x, weight, eps=1e-6, residual=None, *, offset=0.0, casting_mode="llama"
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch RMSNorm: the semantics every backend matches, per casting mode (module
+    """``rms_norm`` (its arguments, ``residual`` also positional) in plain PyTorch: the semantics every backend matches, per casting mode (module
     docstring). Under autocast the llama mode keeps Hugging Face's ``weight * normed`` type
     promotion; otherwise, and in the other modes, y is in h's dtype."""
     h = x + residual if residual is not None else x
@@ -583,7 +570,12 @@ RMS_NORM_BWD = register(
 )
 
 
-@torch.library.custom_op("solar_kernels::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_fake(x, weight, residual, eps, backend, promote=False, offset=0.0, casting_mode="llama"):
+    y, h, rstd = RMS_NORM_FWD.allocate(x, weight, residual, promote=promote)
+    return y, (h if h is not None else x.new_empty(0)), rstd
+
+
+@custom_op("rms_norm_fwd", fake=_rms_norm_fwd_fake)
 def _rms_norm_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -611,13 +603,12 @@ def _rms_norm_fwd_op(
     return y.view(x.shape), (h.view(x.shape) if h is not None else x.new_empty(0)), rstd
 
 
-@_rms_norm_fwd_op.register_fake
-def _(x, weight, residual, eps, backend, promote=False, offset=0.0, casting_mode="llama"):
-    y, h, rstd = RMS_NORM_FWD.allocate(x, weight, residual, promote=promote)
-    return y, (h if h is not None else x.new_empty(0)), rstd
+def _rms_norm_bwd_fake(dy, h, weight, rstd, dh, backend, offset=0.0):
+    dx, dw = RMS_NORM_BWD.allocate(dy, h, weight, rstd, dh)
+    return dx, (dw if dw is not None else h.new_empty(0))
 
 
-@torch.library.custom_op("solar_kernels::rms_norm_bwd", mutates_args=())
+@custom_op("rms_norm_bwd", fake=_rms_norm_bwd_fake)
 def _rms_norm_bwd_op(
     dy: torch.Tensor,
     h: torch.Tensor,
@@ -639,12 +630,6 @@ def _rms_norm_bwd_op(
         offset=offset,
     )
     return dx.view(h.shape), (dw if dw is not None else h.new_empty(0))
-
-
-@_rms_norm_bwd_op.register_fake
-def _(dy, h, weight, rstd, dh, backend, offset=0.0):
-    dx, dw = RMS_NORM_BWD.allocate(dy, h, weight, rstd, dh)
-    return dx, (dw if dw is not None else h.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -676,23 +661,23 @@ torch.library.register_autograd("solar_kernels::rms_norm_fwd", _backward, setup_
 
 
 def _check_args(x, weight, residual, eps, offset, casting_mode):
-    check_float_tensor(OP, "x", x)
+    _checks.check_float_tensor(OP, "x", x)
     if weight is not None:
-        check_float_tensor(OP, "weight", weight, ndims=(1,))
+        _checks.check_float_tensor(OP, "weight", weight, ndims=(1,))
         if weight.shape[0] != x.shape[-1]:
             raise ValueError(f"{OP}: weight has {weight.shape[0]} elements, expected {x.shape[-1]} (x.shape[-1])")
-        check_same_device(OP, "x", x, weight=weight)
+        _checks.check_same_device(OP, "x", x, weight=weight)
     if residual is not None:
-        check_float_tensor(OP, "residual", residual)
-        check_same_device_dtype(OP, "x", x, residual=residual)
-        check_shape(OP, "residual", residual, tuple(x.shape), "x.shape")
+        _checks.check_float_tensor(OP, "residual", residual)
+        _checks.check_same_device_dtype(OP, "x", x, residual=residual)
+        _checks.check_shape(OP, "residual", residual, tuple(x.shape), "x.shape")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
         raise ValueError(f"{OP}: eps must be a non-negative float, got {eps!r}")
     if casting_mode not in CASTING_MODES:
         raise ValueError(
             f"{OP}: casting_mode must be one of {', '.join(map(repr, CASTING_MODES))}, got {casting_mode!r}"
         )
-    if not is_finite_number(offset):
+    if not _checks.is_finite_number(offset):
         raise ValueError(f"{OP}: offset must be a finite float, got {offset!r}")
     if weight is None and offset != 0:
         # Liger ignores offset without a weight; y = normed * (offset + weight) needs one.
@@ -736,7 +721,7 @@ def _promote_residual(x, residual):
     bf16 branch output meets the fp32 residual stream); the cast is recorded by autograd."""
     if not isinstance(residual, torch.Tensor) or residual.dtype == x.dtype:
         return x, residual
-    if x.dtype not in FLOAT_DTYPES or residual.dtype not in FLOAT_DTYPES:
+    if x.dtype not in _checks.FLOAT_DTYPES or residual.dtype not in _checks.FLOAT_DTYPES:
         return x, residual  # for the argument checks to reject
     common = torch.promote_types(x.dtype, residual.dtype)
     return x.to(common), residual.to(common)

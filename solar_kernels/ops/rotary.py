@@ -47,7 +47,7 @@ import triton.language as tl
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device, check_same_device_dtype
 from ._common import cast_to
-from ._registry import Kernel, Op, register, register_op
+from ._registry import Kernel, Op, custom_op, register, register_op
 
 OP = "apply_rotary"
 # Token rows per program: cos/sin for BLOCK_T tokens are loaded once and reused for every head.
@@ -288,16 +288,11 @@ ROTARY = register(
 )
 
 
-@torch.library.custom_op("solar_kernels::apply_rotary", mutates_args=())
+@custom_op("apply_rotary", fake=lambda q, k, cos, sin, backward, backend: ROTARY.allocate(q, k, cos, sin))
 def _rotary_op(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return ROTARY.launch(backend, q, k, cos, sin, backward=backward)
-
-
-@_rotary_op.register_fake
-def _(q, k, cos, sin, backward, backend):
-    return ROTARY.allocate(q, k, cos, sin)
 
 
 def _setup_context(ctx, inputs, output):

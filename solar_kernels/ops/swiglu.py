@@ -31,7 +31,7 @@ import triton.language as tl
 from .._backend import resolve_backend
 from .._checks import check_float_tensor, check_same_device_dtype, check_shape
 from ._common import as_rows, cast_to, warps_for
-from ._registry import Op, elementwise, register, register_op
+from ._registry import Op, custom_op, elementwise, register, register_op
 
 OP = "swiglu"
 # Elements per program: 4096 bf16 values of each input per program (8 KB), 16 per thread at 8 warps.
@@ -140,30 +140,20 @@ SWIGLU_FWD = register(elementwise("swiglu_fwd", "swiglu", _swiglu_fwd_triton, in
 SWIGLU_BWD = register(elementwise("swiglu_bwd", "swiglu", _swiglu_bwd_triton, inputs=3, outputs=2))
 
 
-@torch.library.custom_op("solar_kernels::swiglu_fwd", mutates_args=())
+@custom_op("swiglu_fwd", fake=lambda gate, up, backend: SWIGLU_FWD.allocate(gate, up)[0])
 def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
     n_cols = gate.shape[-1]
     (y,) = SWIGLU_FWD.launch(backend, as_rows(gate, n_cols), as_rows(up, n_cols))
     return y.view(gate.shape)
 
 
-@_swiglu_fwd_op.register_fake
-def _(gate, up, backend):
-    return SWIGLU_FWD.allocate(gate, up)[0]
-
-
-@torch.library.custom_op("solar_kernels::swiglu_bwd", mutates_args=())
+@custom_op("swiglu_bwd", fake=lambda dy, gate, up, backend: SWIGLU_BWD.allocate(dy, gate, up))
 def _swiglu_bwd_op(
     dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n_cols = gate.shape[-1]
     dg, du = SWIGLU_BWD.launch(backend, as_rows(dy, n_cols), as_rows(gate, n_cols), as_rows(up, n_cols))
     return dg.view(gate.shape), du.view(gate.shape)
-
-
-@_swiglu_bwd_op.register_fake
-def _(dy, gate, up, backend):
-    return SWIGLU_BWD.allocate(dy, gate, up)
 
 
 def _setup_context(ctx, inputs, output):
