@@ -32,7 +32,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -102,6 +102,9 @@ CONFIG_KEY_TYPES: dict[str, tuple] = {
 # config.json / tokenizer_config.json key naming Python classes transformers downloads and runs
 # (with trust_remote_code=True). Never written into an output.
 REMOTE_CODE_KEY = "auto_map"
+PathLike = str | os.PathLike
+# A decoder layer's tensor name: the layer index, then the name inside the layer.
+LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # Written into every temporary output directory; names the run that owns it.
 PARTIAL_MARKER = ".solar_kernels-partial.json"
 _PARTIAL_KIND = "solar_kernels partial output"
@@ -527,31 +530,24 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def write_hf_directory(
-    dst: str | os.PathLike,
+def write_hf_files(
+    tmp: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
     config: dict,
     *,
     config_source: str = "config.json",
     side_files_from: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
-    force: bool = False,
-    expected_bytes: int = 0,
-    tool: str = "solar_kernels",
-    finish: Callable[[Path], None] | None = None,
 ) -> list[str]:
-    """The one Hugging Face directory writer (save_pretrained, merge, upscale): inside
-    ``output_directory(dst)``, the side files of ``side_files_from`` (tokenizer, generation
-    config), config.json (``write_config``: never ``auto_map``), the ``(name, tensor)`` pairs in
-    order through ``ShardWriter``, then ``finish(tmp)`` for extra files (a model card). Returns the
-    side files copied."""
-    with output_directory(dst, force=force, expected_bytes=expected_bytes, tool=tool) as tmp:
-        copied = copy_side_files(Path(side_files_from), tmp) if side_files_from is not None else []
-        write_config(tmp, config, source=config_source)
-        writer = ShardWriter(tmp, max_shard_size)
-        for name, tensor in tensors:
-            writer.add(name, tensor)
-        writer.finish()
-        if finish is not None:
-            finish(tmp)
+    """The one Hugging Face checkpoint writer (save_pretrained, merge, upscale), into the directory
+    ``output_directory`` yields: the side files of ``side_files_from`` (tokenizer, generation
+    config), config.json (``write_config``: never ``auto_map``), then the ``(name, tensor)`` pairs in
+    order through ``ShardWriter``. The caller adds its extra files (a model card) in the same
+    ``with`` block. Returns the side files copied."""
+    copied = copy_side_files(Path(side_files_from), tmp) if side_files_from is not None else []
+    write_config(tmp, config, source=config_source)
+    writer = ShardWriter(tmp, max_shard_size)
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    writer.finish()
     return copied

@@ -414,10 +414,7 @@ def convert_gguf(
     expected_bytes = sum(torch.Size(shapes[name]).numel() for name, _ in plan) * element
     with output_directory(dst, force=force, expected_bytes=expected_bytes, tool="convert_gguf") as tmp:
         write_config(tmp, set_config_dtype(config.to_hf_config(), out_dtype), source=str(src))
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-        if config.pad_token_id is not None:
-            generation["pad_token_id"] = config.pad_token_id
-        write_json(tmp / "generation_config.json", generation)
+        write_json(tmp / "generation_config.json", config.generation_config())
         write_tokenizer(reader, src, tmp, config)
         writer = ShardWriter(tmp, max_shard_size)
         for name, tensor in plan:

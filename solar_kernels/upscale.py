@@ -38,8 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,20 +45,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    CheckpointReader,
-    check_destination,
-    parse_dtype,
-    set_config_dtype,
-    write_hf_directory,
-)
+from . import checkpoint
+from .checkpoint import LAYER_NAME, CheckpointError, CheckpointReader, PathLike
 from .model.config import check_architecture
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # mergekit passthrough's one parameter: a factor every tensor is multiplied by (None: unchanged).
 PASSTHROUGH_PARAMETERS = ("scale",)
 # config.json fields that must agree between checkpoints whose layers are stacked.
@@ -205,7 +195,7 @@ def _layer_tensors(reader: CheckpointReader) -> dict[int, dict[str, str]]:
     """{layer: {suffix: tensor name}} for a checkpoint's decoder layers."""
     layers: dict[int, dict[str, str]] = {}
     for name in reader.names():
-        match = _LAYER.match(name)
+        match = LAYER_NAME.match(name)
         if match:
             layers.setdefault(int(match.group(1)), {})[match.group(2)] = name
     return layers
@@ -278,15 +268,15 @@ def depth_upscale(
     from .merge.settings import resolve
 
     start_time = time.perf_counter()
-    load_dtype = parse_dtype(dtype)
-    store_dtype = parse_dtype(out_dtype)
+    load_dtype = checkpoint.parse_dtype(dtype)
+    store_dtype = checkpoint.parse_dtype(out_dtype)
     if slices is None and src is None:
         raise ValueError("depth_upscale: give src (with drop) or slices")
     if slices is not None and not slices:
         raise ValueError("depth_upscale: the slice plan is empty")
     parameters = _passthrough_parameters("depth_upscale: parameters", parameters)
     sources = [src] if slices is None else [s.source for s in slices]
-    check_destination(dst, sources + ([base_model] if base_model is not None else []))
+    checkpoint.check_destination(dst, sources + ([base_model] if base_model is not None else []))
     if slices is None:
         base = _open(src)
         slices = drop_plan(src, base.config.get("num_hidden_layers", 0), drop)
@@ -342,7 +332,7 @@ def depth_upscale(
         return value
 
     plan: list[tuple[str, CheckpointReader, str, float | None]] = []
-    outside_layers = [n for n in first.names() if not _LAYER.match(n)]
+    outside_layers = [n for n in first.names() if not LAYER_NAME.match(n)]
     head_from_last = {"model.norm.weight", "lm_head.weight", "lm_head.bias"}
     for name in outside_layers:
         if name not in head_from_last:
@@ -380,7 +370,7 @@ def depth_upscale(
     if vocabulary is not None:
         config["vocab_size"] = vocabulary.rows
     if store_dtype or load_dtype:
-        set_config_dtype(config, store_dtype or load_dtype)
+        checkpoint.set_config_dtype(config, store_dtype or load_dtype)
     iterator = plan
     if progress:
         from tqdm import tqdm
@@ -402,8 +392,11 @@ def depth_upscale(
             yield out_name, tensor
 
     card_recipe = recipe or _recipe(slices, dtype, out_dtype)
-
-    def finish(tmp: Path) -> None:
+    with checkpoint.output_directory(dst, force=force, expected_bytes=expected, tool="depth_upscale") as tmp:
+        source = str(config_reader.path / "config.json")
+        checkpoint.write_hf_files(
+            tmp, written(), config, config_source=source, side_files_from=side_files_from, max_shard_size=max_shard_size
+        )
         if vocabulary is not None:
             vocabulary.write(tmp)  # the union's tokenizer.json, over the copied one
         write_card(
@@ -414,19 +407,6 @@ def depth_upscale(
             base_model=Path(base_model) if base_model is not None else None,
             recipe=card_recipe,
         )
-
-    write_hf_directory(
-        dst,
-        written(),
-        config,
-        config_source=str(config_reader.path / "config.json"),
-        side_files_from=side_files_from,
-        max_shard_size=max_shard_size,
-        force=force,
-        expected_bytes=expected,
-        tool="depth_upscale",
-        finish=finish,
-    )
     seconds = time.perf_counter() - start_time
     logger.info(
         "depth_upscale: %d -> %d layers, %.2f GB in %.1f s",

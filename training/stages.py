@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from solar_kernels import evaluate
 from solar_kernels.model import CausalLM, load_pretrained, preset
-from solar_kernels.model.hf import write_pretrained
+from solar_kernels.model.hf import save_pretrained
 
 from . import data as data_lib
 from .config import Config, load_config
@@ -224,13 +225,13 @@ def collate_preferences(examples: list[dict], pad_id: int) -> dict[str, torch.Te
     return batch
 
 
-def preference_accuracy(objective, examples: list[dict], pad_id: int, batch_size: int, device, compute=None) -> float:
-    """Share of pairs whose chosen response has the higher log-prob (as the objective computes it)."""
+def _initial_accuracy(objective, examples: list[dict], pad_id: int, batch_size: int, device, compute=None) -> float:
+    """``evaluate.preference_accuracy`` of the model before training, from the objective's log-probs."""
     scored = _with_reference(examples, objective, batch_size, pad_id, device, compute)
-    return sum(e["reference_chosen"] > e["reference_rejected"] for e in scored) / len(scored)
+    return evaluate.preference_accuracy([e["reference_chosen"] - e["reference_rejected"] for e in scored])
 
 
-def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, rank: int, tokenizer) -> None:
+def export(config: Config, wrapped: torch.nn.Module, model, path: Path, rank: int, tokenizer) -> None:
     """Gather the full state dict (from every shard) and write a Hugging Face directory on rank 0, in
     ``train.export_dtype`` ("auto": the dtype the optimizer kept the weights in, so fp32 masters are
     not rounded to the compute dtype), with the tokenizer's files (copied from its folder, or saved
@@ -247,10 +248,10 @@ def export(config: Config, wrapped: torch.nn.Module, model_config, path: Path, r
             if not side_files.is_dir():
                 tokenizer.save_pretrained(saved)
                 side_files = Path(saved)
-            write_pretrained(
-                tensors,
-                model_config,
+            save_pretrained(
+                model,
                 path,
+                state_dict=tensors,
                 force=True,
                 side_files_from=side_files,
                 dtype=parameter_dtype(config) if config.train.export_dtype == "auto" else config.train.export_dtype,
@@ -309,7 +310,7 @@ def run_stage(stage: str, config: Config) -> dict[str, object]:
     objective = parallelize(objective, model.model.layers, config, world, device)
     if stage == "dpo" and config.dpo.order_by_accuracy and len(runs) > 1:
         accuracy = [
-            preference_accuracy(objective, run[1], pad_id, config.train.batch_size, device, compute) for run in runs
+            _initial_accuracy(objective, run[1], pad_id, config.train.batch_size, device, compute) for run in runs
         ]
         order = sorted(range(len(runs)), key=lambda i: -accuracy[i])  # easy (high accuracy) first
         logger.info("sDPO: initial preference accuracy per stage %s; training order %s", accuracy, order)
@@ -342,7 +343,7 @@ def run_stage(stage: str, config: Config) -> dict[str, object]:
             evaluation=evaluation_batches(held_out, collate, config, rank, world),
         ).run()
     if config.train.export:
-        export(config, objective, model.config, output_dir / "final", rank, tokenizer)
+        export(config, objective, model, output_dir / "final", rank, tokenizer)
     return histories
 
 

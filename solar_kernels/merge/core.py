@@ -6,7 +6,7 @@ written. The merge then reads one tensor name from every source (``CheckpointRea
 combines them and hands the result to ``ShardWriter``, which holds at most one output shard
 (``max_shard_size``) in memory: peak memory is about one shard plus a few copies of the largest
 tensor per source; a whole model is never loaded. The output is built in a temporary directory
-beside ``dst`` and renamed into place when complete (``checkpoint.write_hf_directory``).
+beside ``dst`` and renamed into place when complete (``checkpoint.output_directory``).
 
 Dtypes, as mergekit: ``dtype`` is the dtype every source tensor is cast to on reading and the
 method computes in (None: the sources' dtypes promoted, so bf16 with fp32 is fp32); the output is stored in ``out_dtype``, else in the
@@ -23,20 +23,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import (
+    LAYER_NAME,
     CheckpointError,
     CheckpointReader,
+    PathLike,
     check_destination,
+    output_directory,
     parse_dtype,
     parse_size,
     set_config_dtype,
-    write_hf_directory,
+    write_hf_files,
 )
 from . import linear, model_stock, nuslerp, slerp, task_arithmetic  # noqa: F401  (each registers its methods)
 from .card import write_card
@@ -46,8 +48,6 @@ from .tokenizer import VOCABULARY_TENSORS, TokenizerPlan, plan_tokenizer, token_
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # config.json fields two models must share to be merged without --allow-crimes.
 ARCHITECTURE_KEYS = ("model_type", "architectures")
 
@@ -55,7 +55,7 @@ ARCHITECTURE_KEYS = ("model_type", "architectures")
 def layer_position(name: str, num_layers: int) -> float:
     """mergekit's t for a tensor: i / (n - 1) for a tensor of decoder layer i of n (1 when n == 1),
     0 for tensors outside the layers."""
-    match = _LAYER.match(name)
+    match = LAYER_NAME.match(name)
     if not match:
         return 0.0
     return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
@@ -398,24 +398,15 @@ def merge(
         pad_to_multiple_of=pad_to_multiple_of,
         tokens=tokens,
     )
-    copied = write_hf_directory(
-        dst,
-        ((name, merged_tensor(name)) for name in iterator),
-        config,
-        config_source=str(reference.path / "config.json"),
-        side_files_from=side_files_from,
-        max_shard_size=max_shard_size,
-        force=force,
-        expected_bytes=expected_bytes,
-        tool="merge",
-        finish=lambda tmp: _finish(
-            tmp,
-            vocabulary,
-            lambda: write_card(
-                tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=card_recipe
-            ),
-        ),
-    )
+    with output_directory(dst, force=force, expected_bytes=expected_bytes, tool="merge") as tmp:
+        tensors = ((name, merged_tensor(name)) for name in iterator)
+        source = str(reference.path / "config.json")
+        copied = write_hf_files(
+            tmp, tensors, config, config_source=source, side_files_from=side_files_from, max_shard_size=max_shard_size
+        )
+        if vocabulary is not None:
+            vocabulary.write(tmp)
+        write_card(tmp, name=dst.name, method=method, models=models, base_model=base_model, recipe=card_recipe)
     logger.info("wrote %s: config.json, README.md%s", dst, "".join(f", {name}" for name in copied))
     return dst
 
@@ -450,12 +441,6 @@ def tokenizer_plan(
         pad_to_multiple_of,
         dict(tokens) if tokens is not None else None,
     )
-
-
-def _finish(tmp: Path, vocabulary: TokenizerPlan | None, card) -> None:
-    if vocabulary is not None:
-        vocabulary.write(tmp)
-    card()
 
 
 def _recipe(method, models, base_model, top, per_model, *, pad_to_multiple_of=None, tokens=None, **options) -> str:

@@ -163,6 +163,13 @@ class ModelConfig:
         taken.update(overrides)
         return cls(**taken, hf_extra=hf, hf_keys=keys)
 
+    def generation_config(self) -> dict[str, int]:
+        """The ``generation_config.json`` dict written where no checkpoint gives one: the special ids."""
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        if self.pad_token_id is not None:
+            generation["pad_token_id"] = self.pad_token_id
+        return generation
+
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` dict for this config; for one read by ``from_hf_config`` and not
         changed, exactly the dict it was read from."""

@@ -17,9 +17,10 @@ import torch
 from ..checkpoint import (
     CheckpointError,
     CheckpointReader,
+    output_directory,
     parse_dtype,
     set_config_dtype,
-    write_hf_directory,
+    write_hf_files,
     write_json,
 )
 from .config import ModelConfig
@@ -71,61 +72,34 @@ def save_pretrained(
     model: CausalLM,
     path: str | os.PathLike,
     *,
+    state_dict: dict[str, torch.Tensor] | None = None,
     max_shard_size: int | str = "5GB",
     dtype: str | torch.dtype | None = None,
     force: bool = False,
     side_files_from: str | os.PathLike | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory at ``path`` (atomically; refuses an existing
-    ``path`` unless ``force``). ``side_files_from`` copies tokenizer files from another checkpoint."""
-    tensors = dict(model.named_parameters())
-    return write_pretrained(
-        tensors,
-        model.config,
-        path,
-        max_shard_size=max_shard_size,
-        dtype=dtype,
-        force=force,
-        side_files_from=side_files_from,
-    )
-
-
-def write_pretrained(
-    tensors: dict[str, torch.Tensor],
-    config: ModelConfig,
-    path: str | os.PathLike,
-    *,
-    max_shard_size: int | str = "5GB",
-    dtype: str | torch.dtype | None = None,
-    force: bool = False,
-    side_files_from: str | os.PathLike | None = None,
-) -> Path:
-    """``save_pretrained`` for a state dict (e.g. gathered from an FSDP-sharded model) in HF names."""
+    ``path`` unless ``force``). ``state_dict`` (HF names), as in transformers, is written instead of
+    the model's parameters: a full state dict gathered from an FSDP-sharded model, whose own
+    parameters are shards; the model then gives only its config. ``side_files_from`` copies
+    tokenizer files from another checkpoint."""
+    config = model.config
     target_dtype = parse_dtype(dtype)
-    tensors = dict(tensors)
+    tensors = dict(model.named_parameters() if state_dict is None else state_dict)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     out_dtype = target_dtype or next(iter(tensors.values())).dtype
     expected_bytes = sum(t.numel() for t in tensors.values()) * torch.empty((), dtype=out_dtype).element_size()
     hf_config = set_config_dtype(config.to_hf_config(), out_dtype)
-
-    def default_generation_config(tmp: Path) -> None:
-        if not (tmp / "generation_config.json").exists():
-            generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-            if config.pad_token_id is not None:
-                generation["pad_token_id"] = config.pad_token_id
-            write_json(tmp / "generation_config.json", generation)
-
-    write_hf_directory(
-        path,
-        ((name, tensor.detach().to(out_dtype)) for name, tensor in tensors.items()),
-        hf_config,
-        config_source="the model's config",
-        side_files_from=side_files_from,
-        max_shard_size=max_shard_size,
-        force=force,
-        expected_bytes=expected_bytes,
-        tool="save_pretrained",
-        finish=default_generation_config,
-    )
+    with output_directory(path, force=force, expected_bytes=expected_bytes, tool="save_pretrained") as tmp:
+        write_hf_files(
+            tmp,
+            ((name, tensor.detach().to(out_dtype)) for name, tensor in tensors.items()),
+            hf_config,
+            config_source="the model's config",
+            side_files_from=side_files_from,
+            max_shard_size=max_shard_size,
+        )
+        if not (tmp / "generation_config.json").exists():  # side_files_from had none
+            write_json(tmp / "generation_config.json", config.generation_config())
     return Path(path)

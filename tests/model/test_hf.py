@@ -62,6 +62,22 @@ def test_tied_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(loaded.lm_head.weight, model.model.embed_tokens.weight)
 
 
+def test_a_given_state_dict_is_written_instead_of_the_parameters(tmp_path):
+    """save_pretrained(state_dict=...), as the trainer's export passes the full state dict gathered
+    from FSDP shards: those tensors (the tied LM head dropped), the model's config, no parameter of
+    the model itself."""
+    model = CausalLM.from_config(preset("tiny", num_layers=1, tie_word_embeddings=True))
+    state = {name: torch.randn_like(tensor) for name, tensor in model.state_dict().items()}
+    assert "lm_head.weight" in state
+    save_pretrained(model, tmp_path / "given", state_dict=state, dtype="bfloat16")
+    reader = CheckpointReader(tmp_path / "given")
+    assert sorted(reader.names()) == sorted(name for name in state if name != "lm_head.weight")
+    for name in reader.names():
+        assert torch.equal(reader.get(name), state[name].to(torch.bfloat16)), name
+        assert not torch.equal(reader.get(name), model.state_dict()[name].to(torch.bfloat16)), name
+    assert json.loads((tmp_path / "given" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
 def test_existing_destination_is_refused(tmp_path):
     model = CausalLM.from_config(preset("tiny", num_layers=1))
     (tmp_path / "dst").mkdir()

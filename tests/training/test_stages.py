@@ -243,7 +243,7 @@ def test_export_saves_a_tokenizer_loaded_by_hub_name(workspace, base_model, tmp_
     )
     model = load_pretrained(base_model, backend="torch")
     tokenizer = load_tokenizer(workspace / "tokenizer")  # stands in for the one fetched by hub name
-    export(config, LanguageModeling(model, packed=False), model.config, tmp_path / "final", 0, tokenizer)
+    export(config, LanguageModeling(model, packed=False), model, tmp_path / "final", 0, tokenizer)
     assert (tmp_path / "final" / "tokenizer.json").is_file()
     assert load_tokenizer(tmp_path / "final").encode("2 + 2 = 4") == tokenizer.encode("2 + 2 = 4")
     assert load_pretrained(tmp_path / "final").config.num_layers == model.config.num_layers

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from solar_kernels.model import CausalLM, load_pretrained, preset
-from solar_kernels.model.hf import write_pretrained
+from solar_kernels.model.hf import save_pretrained
 from tests.helpers import cpu_trainer, lm_trainer, pretrain_config, write_config
 from training import stages
 from training.config import load_config
@@ -27,7 +27,7 @@ def tied_checkpoint(workspace, tmp_path_factory):
     seed_everything(5)
     model = CausalLM.from_config(preset("tiny", tie_word_embeddings=True))
     path = tmp_path_factory.mktemp("tied") / "model"
-    write_pretrained(model.state_dict(), model.config, path, side_files_from=workspace / "tokenizer")
+    save_pretrained(model, path, state_dict=model.state_dict(), side_files_from=workspace / "tokenizer")
     return path
 
 
