@@ -48,6 +48,17 @@ MERGE_PLAN_OPTIONS = {
     "base_model": "--base-model",
     "density": "--density",
 }
+# merge options that apply with --config as well (argparse dests, named as merge() and merge_from_yaml name them).
+MERGE_RUN_OPTIONS = (
+    "max_shard_size",
+    "force",
+    "progress",
+    "dtype",
+    "out_dtype",
+    "compute_dtype",
+    "seed",
+    "allow_crimes",
+)
 
 
 def _upscale(args) -> None:
@@ -75,16 +86,7 @@ def _upscale(args) -> None:
 def _merge(args) -> None:
     from .merge import merge, merge_from_yaml
 
-    common = dict(
-        max_shard_size=args.max_shard_size,
-        force=args.force,
-        progress=args.progress,
-        dtype=args.dtype,
-        out_dtype=args.out_dtype,
-        compute_dtype=args.compute_dtype,
-        seed=args.random_seed,
-        allow_crimes=args.allow_crimes,
-    )
+    common = {name: getattr(args, name) for name in MERGE_RUN_OPTIONS}
     if args.config:
         if args.models:
             raise ValueError("give either --config or --models, not both")
@@ -283,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the merge math only, e.g. float32 for exact fp32 math on "
         "unrounded sources (default: --dtype, as mergekit)",
     )
-    mg.add_argument("--random-seed", type=int, default=0, help="seed of the dare/della random masks (default 0)")
+    mg.add_argument(
+        "--random-seed", dest="seed", type=int, default=0, help="seed of the dare/della random masks (default 0)"
+    )
     mg.add_argument(
         "--allow-crimes",
         action="store_true",

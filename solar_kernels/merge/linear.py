@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .registry import MergeMethod, Parameter, register
+from .registry import Parameter, merge_method
 
 
 def _check_same_shapes(op: str, tensors: Sequence[torch.Tensor]) -> None:
@@ -47,17 +47,12 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], norm
     return merged.to(first.dtype)
 
 
+@merge_method(
+    name="linear",
+    summary="weighted average of the models",
+    parameters=(Parameter("normalize", True, kind="bool"),),
+    tensor_parameters=(Parameter("weight", 1.0),),
+    reference="https://arxiv.org/abs/2203.05482",
+)
 def _combine(base, tensors, params, model_params, generator):
     return linear_merge(tensors, [p["weight"] for p in model_params], params["normalize"])
-
-
-LINEAR = register(
-    MergeMethod(
-        name="linear",
-        summary="weighted average of the models",
-        combine=_combine,
-        parameters=(Parameter("normalize", True, kind="bool"),),
-        tensor_parameters=(Parameter("weight", 1.0),),
-        reference="https://arxiv.org/abs/2203.05482",
-    )
-)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import MergeMethod, Parameter, register
+from .registry import Parameter, merge_method
 
 
 def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -43,18 +43,13 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], filter_wise: bo
     return (t * average + (1 - t) * base_rows).reshape(shape)
 
 
+@merge_method(
+    name="model_stock",
+    summary="interpolate base and average by the task vectors' agreement",
+    parameters=(Parameter("filter_wise", False, kind="bool"),),
+    base_model="required",
+    min_models=2,
+    reference="https://arxiv.org/abs/2403.19522",
+)
 def _combine(base, tensors, params, model_params, generator):
     return model_stock(base, tensors, params["filter_wise"])
-
-
-MODEL_STOCK = register(
-    MergeMethod(
-        name="model_stock",
-        summary="interpolate base and average by the task vectors' agreement",
-        combine=_combine,
-        parameters=(Parameter("filter_wise", False, kind="bool"),),
-        base_model="required",
-        min_models=2,
-        reference="https://arxiv.org/abs/2403.19522",
-    )
-)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import MergeMethod, Parameter, register
+from .registry import Parameter, merge_method
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -37,6 +37,15 @@ def nuslerp(
     return merged.reshape(shape)
 
 
+@merge_method(
+    name="nuslerp",
+    summary="spherical interpolation by weights, of the models or of their task vectors",
+    parameters=(Parameter("nuslerp_row_wise", False, kind="bool"), Parameter("nuslerp_flatten", True, kind="bool")),
+    tensor_parameters=(Parameter("weight", 1.0),),
+    base_model="optional",
+    min_models=2,
+    max_models=2,
+)
 def _combine(base, tensors, params, model_params, generator):
     weights = [p["weight"] for p in model_params]
     total = sum(weights)
@@ -45,17 +54,3 @@ def _combine(base, tensors, params, model_params, generator):
     if base is None:
         return nuslerp(t, tensors[0], tensors[1], **options)
     return base + nuslerp(t, tensors[0] - base, tensors[1] - base, **options)
-
-
-NUSLERP = register(
-    MergeMethod(
-        name="nuslerp",
-        summary="spherical interpolation by weights, of the models or of their task vectors",
-        combine=_combine,
-        parameters=(Parameter("nuslerp_row_wise", False, kind="bool"), Parameter("nuslerp_flatten", True, kind="bool")),
-        tensor_parameters=(Parameter("weight", 1.0),),
-        base_model="optional",
-        min_models=2,
-        max_models=2,
-    )
-)

@@ -1,7 +1,8 @@
 """The merge methods, each declaring its parameters and defaults (as mergekit's ``MergeMethod``).
 
 A method is one ``MergeMethod`` passed to ``register`` from its own module (``linear.py``,
-``slerp.py``, ``task_arithmetic.py``, ...): its name, the parameters that take one value for all
+``slerp.py``, ``task_arithmetic.py``, ...; a module with one method declares it with the
+``@merge_method(name=..., ...)`` decorator on its ``combine`` function): its name, the parameters that take one value for all
 models (``parameters``) and those that take one value per model (``tensor_parameters``), whether it
 needs a base model, and ``combine``, the per-tensor function:
 
@@ -82,6 +83,17 @@ def register(method: MergeMethod) -> MergeMethod:
         raise ValueError(f"merge method {method.name!r} is registered twice")
     METHODS[method.name] = method
     return method
+
+
+def merge_method(**fields) -> Callable[[Callable], Callable]:
+    """Decorator of a method's ``combine`` function: registers ``MergeMethod(combine=<the function>,
+    **fields)`` and returns the function as it is."""
+
+    def add(combine: Callable) -> Callable:
+        register(MergeMethod(combine=combine, **fields))
+        return combine
+
+    return add
 
 
 def get_method(name) -> MergeMethod:

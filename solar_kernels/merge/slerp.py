@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .linear import _check_same_shapes
-from .registry import MergeMethod, Parameter, fraction, register
+from .registry import Parameter, fraction, merge_method
 
 # Above this |cos(angle)| slerp falls back to linear interpolation: mergekit's DOT_THRESHOLD.
 SLERP_DOT_THRESHOLD = 0.9995
@@ -71,19 +71,14 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torc
     return merged.reshape(a.shape)
 
 
+@merge_method(
+    name="slerp",
+    summary="spherical interpolation between two models",
+    parameters=(Parameter("t", allowed=fraction(low_open=False), expected="in [0, 1] (0 gives the base model)"),),
+    base_model="first",
+    min_models=1,
+    max_models=1,
+    reference="https://en.wikipedia.org/wiki/Slerp",
+)
 def _combine(base, tensors, params, model_params, generator):
     return slerp(base, tensors[0], params["t"])
-
-
-SLERP = register(
-    MergeMethod(
-        name="slerp",
-        summary="spherical interpolation between two models",
-        combine=_combine,
-        parameters=(Parameter("t", allowed=fraction(low_open=False), expected="in [0, 1] (0 gives the base model)"),),
-        base_model="first",
-        min_models=1,
-        max_models=1,
-        reference="https://en.wikipedia.org/wiki/Slerp",
-    )
-)
