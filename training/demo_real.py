@@ -63,7 +63,7 @@ class DemoSizes:
     seq: int = 512  # CPT tokens per row, and the held-out windows' length
     cpt: int = 12  # CPT steps
     cpt_batch: int = 2  # rows per CPT step (3 peaked 0.15 GB higher)
-    # CPT lr: the exported model's held-out loss after 12 steps is 3.730, against 3.967 at 3e-5 and 3.711 at 2e-4
+    # the exported model's held-out loss after 12 steps: 3.730, against 3.967 at 3e-5 and 3.711 at 2e-4
     cpt_lr: float = 1e-4
     eval_every: int = 3  # CPT steps between held-out evaluations (the curve's points)
     sft: int = 12  # SFT steps (6 at 2e-5 left "The great, great, great, ..." for "Who wrote Hamlet?")

@@ -2,9 +2,9 @@
 
 A method is one ``MergeMethod`` passed to ``register`` from its own module (``linear.py``,
 ``slerp.py``, ``task_arithmetic.py``, ...; a module with one method declares it with the
-``@merge_method(name=..., ...)`` decorator on its ``combine`` function): its name, the parameters that take one value for all
-models (``parameters``) and those that take one value per model (``tensor_parameters``), whether it
-needs a base model, and ``combine``, the per-tensor function:
+``@merge_method(name=..., ...)`` decorator on its ``combine`` function): its name, the parameters
+that take one value for all models (``parameters``) and those that take one value per model
+(``tensor_parameters``), whether it needs a base model, and ``combine``, the per-tensor function:
 
     combine(base, tensors, params, model_params, generator) -> merged tensor
 

@@ -93,8 +93,8 @@ def cross_entropy_ref(
     weight=None,
     return_token_accuracy=False,
 ):
-    """``cross_entropy`` (its arguments, less ``backend``): the module docstring's math in plain PyTorch, on logits [..., V] and labels [...]: full
-    fp32 log-softmax, results in the logits' dtype."""
+    """``cross_entropy`` (its arguments, less ``backend``): the module docstring's math in plain
+    PyTorch, on logits [..., V] and labels [...]: full fp32 log-softmax, results in the logits' dtype."""
     z = logits.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)

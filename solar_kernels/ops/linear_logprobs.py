@@ -142,9 +142,9 @@ def _per_sequence(logp: torch.Tensor, labels: torch.Tensor, ignore_index: int, a
 
 
 def linear_cross_entropy_ref(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean", **options):
-    """``linear_cross_entropy`` (its arguments) as ``cross_entropy_ref`` of the full logits in the hidden dtype, upcast to fp32 (as HF does);
-    ``options`` are its options, with the class weights as ``ce_weight``. "mean" divides by the
-    non-ignored count (the sum of their class weights), 0 if none."""
+    """``linear_cross_entropy`` (its arguments) as ``cross_entropy_ref`` of the full logits in the
+    hidden dtype, upcast to fp32 (as HF does); ``options`` are its options, with the class weights as
+    ``ce_weight``. "mean" divides by the non-ignored count (the sum of their class weights), 0 if none."""
     from .cross_entropy import cross_entropy_ref  # that module builds on this one
 
     if "ce_weight" in options:
@@ -154,7 +154,8 @@ def linear_cross_entropy_ref(hidden, weight, labels, bias=None, ignore_index=-10
 
 
 def sequence_logprobs_ref(hidden, weight, labels, bias=None, ignore_index=-100, average=False) -> torch.Tensor:
-    """``sequence_logprobs`` (its arguments): the per-row sum (or mean) of ``linear_logprobs_ref`` over non-ignored tokens; [B, T] -> [B]."""
+    """``sequence_logprobs`` (its arguments): the per-row sum (or mean) of ``linear_logprobs_ref``
+    over non-ignored tokens; [B, T] -> [B]."""
     return _per_sequence(linear_logprobs_ref(hidden, weight, labels, bias, ignore_index), labels, ignore_index, average)
 
 
@@ -642,8 +643,8 @@ def _or_empty(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return tensor if tensor is not None else like.new_empty(0)
 
 
-# A custom op's fake (``custom_op``'s ``fake``) names its leading arguments up to the last one it shapes its
-# outputs from and takes the rest as ``*_``: the dispatcher passes them all positionally.
+# A custom op's fake (``custom_op``'s ``fake``) names its leading arguments up to the last one it
+# shapes its outputs from and takes the rest as ``*_``: the dispatcher passes them all positionally.
 def fake_row_outputs(like: torch.Tensor, count: int) -> tuple[torch.Tensor, ...]:
     """A fake's ``count`` per-row outputs: fp32 [like.shape[0]] each, on ``like``'s device."""
     return tuple(like.new_empty(like.shape[0], dtype=torch.float32) for _ in range(count))

@@ -95,9 +95,10 @@ _SUM_BLOCK_R = 64
 def rms_norm_ref(
     x, weight, eps=1e-6, residual=None, *, offset=0.0, casting_mode="llama"
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``rms_norm`` (its arguments, ``residual`` also positional) in plain PyTorch: the semantics every backend matches, per casting mode (module
-    docstring). Under autocast the llama mode keeps Hugging Face's ``weight * normed`` type
-    promotion; otherwise, and in the other modes, y is in h's dtype."""
+    """``rms_norm`` (its arguments, ``residual`` also positional) in plain PyTorch: the semantics
+    every backend matches, per casting mode (module docstring). Under autocast the llama mode keeps
+    Hugging Face's ``weight * normed`` type promotion; otherwise, and in the other modes, y is in
+    h's dtype."""
     h = x + residual if residual is not None else x
     if casting_mode == "none":
         # Every op in h's dtype (weight + offset in weight's), as eager code on bf16 tensors runs.
